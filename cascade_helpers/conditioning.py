@@ -1,0 +1,79 @@
+"""Text and image conditioning, computed the way the official code computes it.
+
+Stage C is conditioned on three CLIP inputs: ``clip_text`` (the text encoder's last hidden state,
+before its final layer norm, for prompts padded to 77 tokens), ``clip_text_pooled`` (the projected
+pooled embedding, B×1×1280) and ``clip_img`` (a CLIP ViT-L/14 image embedding, B×1×768, zeros when
+there is no image). Stage B uses ``clip_text_pooled`` only.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from .loading import Prior
+
+
+@dataclass
+class TextEmbeddings:
+    hidden: torch.Tensor  # B×77×D, last hidden state
+    pooled: torch.Tensor  # B×1×P, projected pooled embedding
+
+    def repeat(self, n: int) -> TextEmbeddings:
+        return TextEmbeddings(self.hidden.repeat_interleave(n, 0), self.pooled.repeat_interleave(n, 0))
+
+
+class PromptTruncatedWarning(UserWarning):
+    """The prompt is longer than CLIP's 77 tokens; the end was cut off."""
+
+
+def _warn_if_truncated(tokenizer, prompts: list[str]) -> None:
+    limit = tokenizer.model_max_length
+    for prompt in prompts:
+        ids = tokenizer(prompt, truncation=False).input_ids
+        if len(ids) > limit:
+            dropped = tokenizer.decode(ids[limit - 1 : -1])
+            warnings.warn(
+                f"the prompt is {len(ids)} tokens long and CLIP reads {limit}: this part is ignored: {dropped!r}",
+                PromptTruncatedWarning,
+                stacklevel=3,
+            )
+
+
+@torch.no_grad()
+def encode_text(prior: Prior, prompts: str | list[str]) -> TextEmbeddings:
+    """Prompts → Stage C/B text conditioning (float32, on the prior's device)."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    _warn_if_truncated(prior.tokenizer, prompts)
+    tokens = prior.tokenizer(
+        prompts, truncation=True, padding="max_length", max_length=prior.tokenizer.model_max_length, return_tensors="pt"
+    ).to(prior.device)
+    output = prior.text_encoder(**tokens, output_hidden_states=True)
+    return TextEmbeddings(output.hidden_states[-1].float(), output.text_embeds.unsqueeze(1).float())
+
+
+def clip_image_input(prior: Prior, images: torch.Tensor) -> torch.Tensor:
+    """B×3×H×W in [0, 1] → the image encoder's input: bicubic resize of the short side, centre crop,
+    CLIP normalization (the official ``clip_preprocess``, with sizes from ``feature_extractor/``)."""
+    settings = prior.clip_image
+    resized = TF.resize(images, settings.resize, interpolation=InterpolationMode.BICUBIC, antialias=True)
+    return TF.normalize(TF.center_crop(resized, list(settings.crop)), settings.mean, settings.std)
+
+
+@torch.no_grad()
+def encode_image_clip(prior: Prior, images: torch.Tensor) -> torch.Tensor:
+    """B×3×H×W pictures → ``clip_img`` conditioning (B×1×E, float32)."""
+    if prior.image_encoder is None:
+        raise ValueError("this prior was loaded without its image encoder: use load_prior(..., image_encoder=True)")
+    pixels = clip_image_input(prior, images.to(prior.device)).to(prior.dtype)
+    return prior.image_encoder(pixel_values=pixels).image_embeds.unsqueeze(1).float()
+
+
+def no_image(prior: Prior, batch: int) -> torch.Tensor:
+    """``clip_img`` for "no image": zeros, as the official model always receives all three inputs
+    (diffusers would otherwise silently drop the text sequence too)."""
+    return torch.zeros(batch, 1, prior.unet.config.clip_image_in_channels, device=prior.device)

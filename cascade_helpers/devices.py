@@ -1,0 +1,119 @@
+"""Where the models run and in which precision, and how they share a small GPU.
+
+Three memory modes, as in diffusers:
+
+- ``"gpu"``: every model lives on the GPU. Fastest; needs the most memory.
+- ``"model_offload"``: big models (text encoder, UNets, image encoder) wait in CPU RAM and move to
+  the GPU when called, sending the previously active one back. Small ones (previewer, EfficientNet,
+  Stage A) stay on the GPU. One big model on the GPU at a time: Stage C big fits in ~10 GB in bf16.
+- ``"sequential_offload"``: weights stream to the GPU layer by layer (accelerate's ``cpu_offload``).
+  Slowest, smallest footprint.
+
+Precision: Stage C in float16 overflows and produces NaNs (black images); we refuse it unless the
+caller insists. bfloat16 where the GPU supports it, float32 otherwise.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Literal
+
+import torch
+from torch import nn
+
+MemoryMode = Literal["gpu", "model_offload", "sequential_offload"]
+MEMORY_MODES: tuple[str, ...] = ("gpu", "model_offload", "sequential_offload")
+
+_DTYPE_NAMES: dict[str, torch.dtype] = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+
+class UnsupportedPrecisionError(ValueError):
+    """A precision the model is known to break in."""
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """The device to compute on: the caller's choice, else CUDA, else Apple MPS, else CPU."""
+    if device is not None:
+        device = torch.device(device)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+    elif torch.backends.mps.is_available():
+        device = torch.device("mps")
+    else:
+        device = torch.device("cpu")
+    if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" must compare equal
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def pick_dtype(
+    dtype: str | torch.dtype | None, device: torch.device, *, stage: str = "Stage C", allow_float16: bool = False
+) -> torch.dtype:
+    """Resolve a dtype name, choose a default for the device, and refuse float16 for Stage C."""
+    if dtype is None:
+        bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16_ok else torch.float32
+    if isinstance(dtype, str):
+        if dtype not in _DTYPE_NAMES:
+            raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(_DTYPE_NAMES)}")
+        dtype = _DTYPE_NAMES[dtype]
+    if dtype == torch.float16 and stage == "Stage C" and not allow_float16:
+        raise UnsupportedPrecisionError(
+            "Stage C overflows in float16: activations exceed float16's range and the images come out "
+            "black (NaN). Use dtype=torch.bfloat16 (GPUs since Ampere) or torch.float32; pass "
+            "allow_float16=True only to reproduce the problem."
+        )
+    if dtype not in (torch.bfloat16, torch.float32, torch.float16):
+        raise ValueError(f"unsupported dtype {dtype}: use torch.bfloat16 or torch.float32")
+    return dtype
+
+
+class _ModelOffload:
+    """Keeps at most one of the registered big models on the GPU: a model moves there when it is
+    called and sends the others back to the CPU. One group per process, so the prior's and the
+    decoder's models take turns too."""
+
+    def __init__(self) -> None:
+        self._models: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+    def add(self, model: nn.Module, device: torch.device) -> None:
+        model.to("cpu")
+        self._models.add(model)
+        model.register_forward_pre_hook(lambda module, args: self._activate(module, device))
+
+    def _activate(self, model: nn.Module, device: torch.device) -> None:
+        if next(model.parameters()).device == device:
+            return
+        for other in self._models:
+            if other is not model and next(other.parameters()).device.type != "cpu":
+                other.to("cpu")
+        model.to(device)
+
+
+_MODEL_OFFLOAD = _ModelOffload()
+
+
+def place(model: nn.Module, device: torch.device, memory: MemoryMode = "gpu", *, small: bool = False) -> nn.Module:
+    """Put ``model`` on ``device`` the way ``memory`` says. ``small`` models always stay on the device.
+
+    The bundles in :mod:`cascade_helpers.loading` remember the execution device: with offloading a
+    model's own ``.device`` says "cpu" (or "meta") between calls.
+    """
+    if memory not in MEMORY_MODES:
+        raise ValueError(f"unknown memory mode {memory!r}: use one of {', '.join(MEMORY_MODES)}")
+    if device.type == "cpu" or memory == "gpu" or small:
+        return model.to(device)
+    if memory == "model_offload":
+        _MODEL_OFFLOAD.add(model, device)
+        return model
+    from accelerate import cpu_offload
+
+    cpu_offload(model, execution_device=device)
+    return model

@@ -1,0 +1,206 @@
+"""The one registry of model files: where each lives on the Hub, where it lands locally, how big it is
+and what needs it.
+
+``download_models.sh``, the loader, the README table and every "file missing" error read this
+module, so a file name is written exactly once. Local paths mirror the Hub paths, which is what
+``huggingface_hub`` leaves in ``--models-dir`` and what the official configs expect for the
+top-level single files (``models/stage_c_bf16.safetensors`` ...).
+
+Sizes are the published ones (decimal units); downloads verify files against the Hub's sha256,
+these numbers are only for ``--dry-run`` totals and the free-disk check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+Size = Literal["big", "lite"]
+Precision = Literal["bf16", "fp32"]
+
+REPO_DECODER = "stabilityai/stable-cascade"
+REPO_PRIOR = "stabilityai/stable-cascade-prior"
+REPO_LORA = "dome272/stable-cascade"
+
+LICENSE_NOTE = (
+    "The Stable Cascade weights are released under Stability AI's non-commercial research licence "
+    "(https://huggingface.co/stabilityai/stable-cascade/blob/main/LICENSE): read it before you use them."
+)
+
+MB = 1_000_000
+GB = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """One file (or, for ``folder=True``, one folder of small files) of the released weights."""
+
+    path: str  # relative to the models folder, identical to the path inside ``repo``
+    repo: str
+    size: int  # published size in bytes
+    needed_by: str
+    group: Literal["essential", "stage_b", "stage_c", "controlnet", "lora"]
+    stage_size: Size | None = None  # big / lite for Stage B and C files
+    precision: Precision | None = None  # for files that exist in bf16 and fp32 forms
+    folder: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _single(size: Size, precision: Precision, stage: Literal["b", "c"], nbytes: int) -> ModelFile:
+    lite = "_lite" if size == "lite" else ""
+    bf16 = "_bf16" if precision == "bf16" else ""
+    needed_by = (
+        "text-to-image (Stage C, the prior)" if stage == "c" else "decoding Stage C latents (Stage B, the decoder)"
+    )
+    return ModelFile(
+        path=f"stage_{stage}{lite}{bf16}.safetensors",
+        repo=REPO_DECODER,
+        size=nbytes,
+        needed_by=needed_by,
+        group=f"stage_{stage}",
+        stage_size=size,
+        precision=precision,
+    )
+
+
+#: Stage C / Stage B single files by size, then precision: ``STAGE_C["lite"]["bf16"]``
+STAGE_C: dict[Size, dict[Precision, ModelFile]] = {
+    "big": {"fp32": _single("big", "fp32", "c", int(14.4 * GB)), "bf16": _single("big", "bf16", "c", int(7.18 * GB))},
+    "lite": {"fp32": _single("lite", "fp32", "c", int(4.12 * GB)), "bf16": _single("lite", "bf16", "c", int(2.06 * GB))},
+}
+STAGE_B: dict[Size, dict[Precision, ModelFile]] = {
+    "big": {"fp32": _single("big", "fp32", "b", int(6.25 * GB)), "bf16": _single("big", "bf16", "b", int(3.13 * GB))},
+    "lite": {"fp32": _single("lite", "fp32", "b", int(2.8 * GB)), "bf16": _single("lite", "bf16", "b", int(1.4 * GB))},
+}
+
+STAGE_A = ModelFile("stage_a.safetensors", REPO_DECODER, int(73.7 * MB), "decoding to pixels (Stage A)", "essential")
+EFFNET = ModelFile(
+    "effnet_encoder.safetensors",
+    REPO_DECODER,
+    int(81.5 * MB),
+    "encoding images to Stage C latents (image-to-image, reconstruction, LoRA training, super-resolution)",
+    "essential",
+)
+PREVIEWER = ModelFile("previewer.safetensors", REPO_DECODER, int(16 * MB), "live previews of Stage C latents", "essential")
+TOKENIZER = ModelFile("tokenizer", REPO_DECODER, int(4 * MB), "text conditioning (CLIP tokenizer)", "essential", folder=True)
+TEXT_ENCODER_CONFIG = ModelFile("text_encoder/config.json", REPO_DECODER, 1_000, "text conditioning", "essential")
+TEXT_ENCODER: dict[Precision, ModelFile] = {
+    "bf16": ModelFile(
+        "text_encoder/model.bf16.safetensors", REPO_DECODER, int(1.39 * GB),
+        "text conditioning (CLIP ViT-bigG/14 text tower)", "essential", precision="bf16",
+    ),
+    "fp32": ModelFile(
+        "text_encoder/model.safetensors", REPO_DECODER, int(2.78 * GB),
+        "text conditioning (CLIP ViT-bigG/14 text tower)", "essential", precision="fp32",
+    ),
+}
+IMAGE_ENCODER_CONFIG = ModelFile("image_encoder/config.json", REPO_PRIOR, 1_000, "image variation", "essential")
+IMAGE_ENCODER: dict[Precision, ModelFile] = {
+    "bf16": ModelFile(
+        "image_encoder/model.bf16.safetensors", REPO_PRIOR, int(608 * MB),
+        "image variation (CLIP ViT-L/14 vision tower)", "essential", precision="bf16",
+    ),
+    "fp32": ModelFile(
+        "image_encoder/model.safetensors", REPO_PRIOR, int(1.22 * GB),
+        "image variation (CLIP ViT-L/14 vision tower)", "essential", precision="fp32",
+    ),
+}
+FEATURE_EXTRACTOR = ModelFile(
+    "feature_extractor/preprocessor_config.json", REPO_PRIOR, 1_000,
+    "image variation (CLIP image preprocessing: size, crop, mean, std)", "essential",
+)
+
+CONTROLNETS: dict[str, ModelFile] = {
+    "canny": ModelFile("controlnet/canny.safetensors", REPO_DECODER, int(218 * MB), "ControlNet: canny edges", "controlnet"),
+    "inpainting": ModelFile(
+        "controlnet/inpainting.safetensors", REPO_DECODER, int(218 * MB), "ControlNet: inpainting / outpainting", "controlnet"
+    ),
+    "super_resolution": ModelFile(
+        "controlnet/super_resolution.safetensors", REPO_DECODER, int(814 * MB), "ControlNet: super-resolution", "controlnet"
+    ),
+}
+LORA_FERNANDO = ModelFile(
+    "lora_fernando_10k.safetensors", REPO_LORA, int(12.6 * MB),
+    "the official example LoRA ([fernando], a dog) for the big Stage C", "lora",
+)
+
+
+def stage_c_file(size: Size, precision: Precision) -> ModelFile:
+    return STAGE_C[size][precision]
+
+
+def stage_b_file(size: Size, precision: Precision) -> ModelFile:
+    return STAGE_B[size][precision]
+
+
+def essential_files(precision: Precision) -> list[ModelFile]:
+    """What ``essential`` fetches: the official three plus the CLIP parts our notebooks need offline."""
+    return [
+        EFFNET,
+        STAGE_A,
+        PREVIEWER,
+        TEXT_ENCODER_CONFIG,
+        TEXT_ENCODER[precision],
+        TOKENIZER,
+        IMAGE_ENCODER_CONFIG,
+        IMAGE_ENCODER[precision],
+        FEATURE_EXTRACTOR,
+    ]
+
+
+def all_files() -> list[ModelFile]:
+    """Every file in the registry, each once (README table, tests)."""
+    files = [f for stage in (STAGE_C, STAGE_B) for by_precision in stage.values() for f in by_precision.values()]
+    for precision in ("bf16", "fp32"):
+        files += [f for f in essential_files(precision) if f not in files]
+    return files + [*CONTROLNETS.values(), LORA_FERNANDO]
+
+
+# --- the command that fetches a set of files -------------------------------------------------------
+
+VARIANT_WORDS = ("big-big", "big-small", "small-big", "small-small")
+PRECISION_WORDS: dict[Precision, str] = {"bf16": "bfloat16", "fp32": "float32"}
+_SIZE_WORD: dict[Size, str] = {"big": "big", "lite": "small"}
+
+
+def variant_word(stage_b: Size, stage_c: Size) -> str:
+    """The official variant word: Stage B size first, then Stage C size (``lite`` is called small)."""
+    return f"{_SIZE_WORD[stage_b]}-{_SIZE_WORD[stage_c]}"
+
+
+def download_command(files: Iterable[ModelFile], stage_b: Size | None = None, stage_c: Size | None = None) -> str:
+    """The shortest ``bash download_models.sh ...`` line that fetches ``files``.
+
+    ``stage_b`` / ``stage_c`` say which size the caller uses for the stage the files do not name,
+    so a missing Stage C file suggests a variant word that keeps the user's Stage B.
+    """
+    files = list(files)
+    words: list[str] = []
+    if any(f.group == "essential" for f in files):
+        words.append("essential")
+    b_sizes = {f.stage_size for f in files if f.group == "stage_b"}
+    c_sizes = {f.stage_size for f in files if f.group == "stage_c"}
+    if b_sizes or c_sizes:
+        b = next(iter(b_sizes)) if b_sizes else (stage_b or next(iter(c_sizes)))
+        c = next(iter(c_sizes)) if c_sizes else (stage_c or b)
+        words.append(variant_word(b, c))
+    if any(f.group == "controlnet" for f in files):
+        words.append("controlnet")
+    if any(f.group == "lora" for f in files):
+        words.append("lora")
+    precisions = {f.precision for f in files if f.precision}
+    if precisions == {"fp32"}:
+        words.append(PRECISION_WORDS["fp32"])
+    elif precisions:
+        words.append(PRECISION_WORDS["bf16"])
+    return "bash download_models.sh " + " ".join(words)
+
+
+def human_size(nbytes: int) -> str:
+    if nbytes >= GB:
+        return f"{nbytes / GB:.2f} GB"
+    return f"{nbytes / MB:.1f} MB" if nbytes >= MB else f"{nbytes / 1000:.0f} kB"

@@ -1,0 +1,293 @@
+"""Text-to-image, image variation and image-to-image: Stage C, then Stage B, then Stage A.
+
+Each stage is a plain function over the loaded models (:func:`generate_stage_c`,
+:func:`generate_stage_b`, :func:`decode_stage_a`); :func:`text_to_image` and friends chain them and
+return the pictures together with the latents of every stage, so a notebook can show, save or
+re-decode any of them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import PIL.Image
+import torch
+
+from .conditioning import TextEmbeddings, encode_image_clip, encode_text, no_image
+from .effnet import preprocess as effnet_preprocess
+from .images import ImageInput, batch_images, to_pil
+from .loading import Decoder, Prior
+from .sampling import (
+    OFFICIAL_DECODER,
+    OFFICIAL_PRIOR,
+    StageSettings,
+    StepCallback,
+    diffuse,
+    initial_noise,
+    sample,
+    unet_denoiser,
+)
+
+STAGE_C_COMPRESSION = 42.67  # image side / Stage C latent side (1024 → 24)
+STAGE_A_COMPRESSION = 4  # image side / Stage B latent side (1024 → 256)
+SIDE_STEP, SIDE_MIN, SIDE_MAX = 128, 512, 2048
+MAX_IMAGES = 16
+
+
+@dataclass
+class Generation:
+    """Pictures and everything needed to reproduce or re-decode them."""
+
+    images: list[PIL.Image.Image]
+    stage_c_latents: torch.Tensor  # B×16×h×w, float32, CPU
+    stage_b_latents: torch.Tensor  # B×4×H/4×W/4, float32, CPU
+    settings: dict = field(default_factory=dict)  # prompt, seed, steps ... (saved in PNG metadata)
+
+
+def check_size(height: int, width: int) -> None:
+    """Sizes the models were trained for: multiples of 128 from 512 to 2048 per side."""
+    for name, side in (("height", height), ("width", width)):
+        if not (isinstance(side, int) and SIDE_MIN <= side <= SIDE_MAX and side % SIDE_STEP == 0):
+            raise ValueError(
+                f"{name}={side!r}: use a multiple of {SIDE_STEP} from {SIDE_MIN} to {SIDE_MAX} "
+                f"(e.g. 1024, 1152, 1536); any aspect ratio works"
+            )
+
+
+def stage_c_shape(height: int, width: int, batch: int) -> tuple[int, int, int, int]:
+    return (batch, 16, math.ceil(height / STAGE_C_COMPRESSION), math.ceil(width / STAGE_C_COMPRESSION))
+
+
+def stage_b_shape(height: int, width: int, batch: int) -> tuple[int, int, int, int]:
+    return (batch, 4, math.ceil(height / STAGE_A_COMPRESSION), math.ceil(width / STAGE_A_COMPRESSION))
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+def _check_count(num_images: int) -> None:
+    if not (isinstance(num_images, int) and 1 <= num_images <= MAX_IMAGES):
+        raise ValueError(f"num_images must be from 1 to {MAX_IMAGES}, not {num_images!r}")
+
+
+# --- the stages --------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def generate_stage_c(
+    prior: Prior,
+    text: TextEmbeddings,
+    negative: TextEmbeddings,
+    shape: tuple[int, ...],
+    settings: StageSettings = OFFICIAL_PRIOR,
+    *,
+    generator: torch.Generator | None = None,
+    image_embeds: torch.Tensor | None = None,
+    x_init: torch.Tensor | None = None,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Sample Stage C latents (B×16×h×w) for text (and optionally CLIP image) conditioning."""
+    batch = shape[0]
+    zeros = no_image(prior, batch)
+    cond = {
+        "clip_text": text.hidden,
+        "clip_text_pooled": text.pooled,
+        "clip_img": zeros if image_embeds is None else image_embeds.to(prior.device),
+    }
+    uncond = {"clip_text": negative.hidden, "clip_text_pooled": negative.pooled, "clip_img": zeros}
+    return sample(
+        unet_denoiser(prior.unet, prior.dtype), shape, cond, uncond, settings,
+        device=prior.device, generator=generator, x_init=x_init, callback=callback, progress="Stage C",
+    )
+
+
+@torch.no_grad()
+def generate_stage_b(
+    decoder: Decoder,
+    stage_c_latents: torch.Tensor,
+    pooled: torch.Tensor,
+    negative_pooled: torch.Tensor,
+    image_size: tuple[int, int],
+    settings: StageSettings = OFFICIAL_DECODER,
+    *,
+    generator: torch.Generator | None = None,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Sample Stage A latents (B×4×H/4×W/4) from Stage C latents and the pooled prompt embedding;
+    the unconditional branch gets zeros for the Stage C latents, as in the official code."""
+    latents = stage_c_latents.to(decoder.device)
+    cond = {"effnet": latents, "clip_text_pooled": pooled.to(decoder.device)}
+    uncond = {"effnet": torch.zeros_like(latents), "clip_text_pooled": negative_pooled.to(decoder.device)}
+    shape = stage_b_shape(*image_size, latents.shape[0])
+    return sample(
+        unet_denoiser(decoder.unet, decoder.dtype), shape, cond, uncond, settings,
+        device=decoder.device, generator=generator, callback=callback, progress="Stage B",
+    )
+
+
+@torch.no_grad()
+def decode_stage_a(decoder: Decoder, latents: torch.Tensor) -> torch.Tensor:
+    """Stage A latents → pictures (B×3×H×W in [0, 1], float32, CPU)."""
+    vqgan = decoder.vqgan
+    scaled = latents.to(decoder.device, torch.float32) * vqgan.config.scale_factor
+    return vqgan.decode(scaled).sample.clamp(0, 1).float().cpu()
+
+
+@torch.no_grad()
+def encode_stage_c(prior: Prior, images: torch.Tensor) -> torch.Tensor:
+    """Pictures (B×3×H×W in [0, 1]) → Stage C latents with the EfficientNet encoder (float32)."""
+    if prior.effnet is None:
+        raise ValueError("this prior was loaded without the EfficientNet encoder: use load_prior(..., effnet=True)")
+    return prior.effnet(effnet_preprocess(images.to(prior.device, torch.float32))).float()
+
+
+# --- whole generations -------------------------------------------------------------------------------
+
+
+def _run(
+    prior: Prior,
+    decoder: Decoder,
+    prompt: str,
+    negative_prompt: str,
+    height: int,
+    width: int,
+    num_images: int,
+    seed: int,
+    prior_settings: StageSettings,
+    decoder_settings: StageSettings,
+    *,
+    image_embeds: torch.Tensor | None = None,
+    stage_c_latents: torch.Tensor | None = None,
+    x_init: torch.Tensor | None = None,
+    callback: StepCallback | None = None,
+    extra: dict | None = None,
+) -> Generation:
+    check_size(height, width)
+    _check_count(num_images)
+    generator = _generator(seed)
+    text = encode_text(prior, prompt).repeat(num_images)
+    negative = encode_text(prior, negative_prompt).repeat(num_images)
+    if stage_c_latents is None:
+        stage_c_latents = generate_stage_c(
+            prior, text, negative, stage_c_shape(height, width, num_images), prior_settings,
+            generator=generator, image_embeds=image_embeds, x_init=x_init, callback=callback,
+        )
+    stage_b_latents = generate_stage_b(
+        decoder, stage_c_latents, text.pooled, negative.pooled, (height, width), decoder_settings, generator=generator
+    )
+    images = decode_stage_a(decoder, stage_b_latents)
+    settings = {
+        "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "height": height, "width": width,
+        "prior": _settings_dict(prior_settings), "decoder": _settings_dict(decoder_settings),
+        "prior_variant": prior.architecture, "decoder_variant": decoder.architecture, **(extra or {}),
+    }
+    return Generation(to_pil(images), stage_c_latents.cpu(), stage_b_latents.cpu(), settings)
+
+
+def _settings_dict(settings: StageSettings) -> dict:
+    return {k: getattr(settings, k) for k in ("steps", "guidance", "shift", "guidance_rescale", "sampler", "t_start")}
+
+
+def text_to_image(
+    prior: Prior,
+    decoder: Decoder,
+    prompt: str,
+    negative_prompt: str = "",
+    *,
+    height: int = 1024,
+    width: int = 1024,
+    num_images: int = 1,
+    seed: int = 0,
+    prior_settings: StageSettings = OFFICIAL_PRIOR,
+    decoder_settings: StageSettings = OFFICIAL_DECODER,
+    callback: StepCallback | None = None,
+) -> Generation:
+    """Pictures from a prompt. ``callback(step, denoised, sample)`` runs after each Stage C step."""
+    return _run(
+        prior, decoder, prompt, negative_prompt, height, width, num_images, seed,
+        prior_settings, decoder_settings, callback=callback,
+    )
+
+
+def image_variation(
+    prior: Prior,
+    decoder: Decoder,
+    image: ImageInput,
+    prompt: str = "",
+    negative_prompt: str = "",
+    *,
+    height: int = 1024,
+    width: int = 1024,
+    num_images: int = 1,
+    seed: int = 0,
+    prior_settings: StageSettings = OFFICIAL_PRIOR,
+    decoder_settings: StageSettings = OFFICIAL_DECODER,
+    callback: StepCallback | None = None,
+) -> Generation:
+    """Variations of a picture: Stage C conditioned on its CLIP image embedding (a prompt is optional)."""
+    clip_images = batch_images(image, height, width)
+    embeds = encode_image_clip(prior, clip_images).repeat_interleave(num_images, 0)
+    return _run(
+        prior, decoder, prompt, negative_prompt, height, width, num_images, seed,
+        prior_settings, decoder_settings, image_embeds=embeds, callback=callback,
+    )
+
+
+def image_to_image(
+    prior: Prior,
+    decoder: Decoder,
+    image: ImageInput,
+    prompt: str,
+    negative_prompt: str = "",
+    *,
+    strength: float = 0.8,
+    height: int = 1024,
+    width: int = 1024,
+    num_images: int = 1,
+    seed: int = 0,
+    prior_settings: StageSettings = OFFICIAL_PRIOR,
+    decoder_settings: StageSettings = OFFICIAL_DECODER,
+    callback: StepCallback | None = None,
+) -> Generation:
+    """Repaint a picture guided by a prompt. ``strength`` is the noise level the picture's Stage C
+    latents are taken to before denoising (official example: 0.8): 0 keeps the picture's encoding
+    as it is, 1 ignores the picture entirely; Stage C runs ``int(steps × strength)`` steps."""
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1] (0 keeps the picture, 1 ignores it), not {strength}")
+    check_size(height, width)
+    extra = {"strength": strength}
+    if strength == 1.0:
+        return _run(
+            prior, decoder, prompt, negative_prompt, height, width, num_images, seed,
+            prior_settings, decoder_settings, callback=callback, extra=extra,
+        )
+    encoded = encode_stage_c(prior, batch_images(image, height, width)).repeat_interleave(num_images, 0)
+    steps = int(prior_settings.steps * strength)
+    if steps == 0:  # nothing to denoise: decode the picture's own latents
+        return _run(
+            prior, decoder, prompt, negative_prompt, height, width, num_images, seed,
+            prior_settings, decoder_settings, stage_c_latents=encoded, extra=extra,
+        )
+    # the official example noises with the unshifted schedule, then samples with the usual shift
+    noise = initial_noise(encoded.shape, _generator(seed + 1), prior.device)
+    x_init = diffuse(encoded, strength, noise)
+    return _run(
+        prior, decoder, prompt, negative_prompt, height, width, num_images, seed,
+        prior_settings.with_(t_start=strength, steps=steps), decoder_settings,
+        x_init=x_init, callback=callback, extra=extra,
+    )
+
+
+def demo_picture(models_dir: str | Path, variant_b: str = "big", variant_c: str = "big") -> Path:
+    """Load the models in ``models_dir`` and save one 512² picture next to them (install check)."""
+    from .loading import load_decoder, load_prior
+
+    prior = load_prior(models_dir, variant_c, image_encoder=False, effnet=False)
+    decoder = load_decoder(models_dir, variant_b)
+    result = text_to_image(prior, decoder, "a photo of a red cat", height=512, width=512, seed=0)
+    path = Path(models_dir).parent / "tiny_demo.png"
+    result.images[0].save(path)
+    return path

@@ -1,0 +1,409 @@
+"""Load Stable Cascade from a local ``models/`` folder (offline) or from the Hub.
+
+A local folder is laid out as ``download_models.sh`` leaves it: the official single files
+(``stage_c_bf16.safetensors`` ...) plus the CLIP text encoder, tokenizer and image encoder in their
+``transformers`` folders. Loading it never opens a network connection: the UNet configs ship in
+this package (``cascade_helpers/configs``), so diffusers' ``from_single_file`` has nothing to look
+up.
+
+Before reading any weights every file is checked: missing files are reported together with the
+exact download command, an interrupted download is recognized from the safetensors header, and a
+file that holds the wrong model (a Stage B in Stage C's slot, a lite checkpoint where big was asked
+for) is named as such.
+
+A Hub repo id (``stabilityai/stable-cascade-prior`` / ``stabilityai/stable-cascade``) loads the
+diffusers folders instead, for users with internet access.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from . import files
+from .checkpoints import (
+    KIND_NAMES,
+    Architecture,
+    CheckpointInfo,
+    TruncatedCheckpointError,
+    WrongCheckpointError,
+    config_dir,
+    describe,
+    match_architecture,
+    read_header,
+    stage_a_from_official,
+)
+from .devices import MemoryMode, pick_device, pick_dtype, place
+from .effnet import EfficientNetEncoder
+from .files import ModelFile, Precision, Size
+from .previewer import Previewer
+
+logger = logging.getLogger(__name__)
+
+SIZES: tuple[str, ...] = ("big", "lite")
+
+
+class MissingModelFileError(FileNotFoundError):
+    """Model files are not in the models folder; the message holds the command that fetches them."""
+
+
+@dataclass(frozen=True)
+class ClipImageSettings:
+    """How the CLIP image encoder wants its input (read from ``feature_extractor/``)."""
+
+    resize: int
+    crop: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+@dataclass
+class Prior:
+    """Stage C and what conditions it. ``device``/``dtype`` are where and how it computes: with
+    offloading the models' own ``.device`` says "cpu" between calls."""
+
+    unet: nn.Module
+    text_encoder: nn.Module
+    tokenizer: object
+    device: torch.device
+    dtype: torch.dtype
+    architecture: Architecture
+    image_encoder: nn.Module | None = None
+    clip_image: ClipImageSettings | None = None
+    effnet: EfficientNetEncoder | None = None
+    previewer: Previewer | None = None
+    files: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class Decoder:
+    """Stage B (latent diffusion up to Stage A's 4-channel latents) and Stage A (to pixels)."""
+
+    unet: nn.Module
+    vqgan: nn.Module
+    device: torch.device
+    dtype: torch.dtype
+    architecture: Architecture
+    files: list[Path] = field(default_factory=list)
+
+
+# --- checks ------------------------------------------------------------------------------------------
+
+
+def _present(models_dir: Path, file: ModelFile) -> bool:
+    path = models_dir / file.path
+    if file.folder:
+        return path.is_dir() and any(path.iterdir())
+    return path.is_file()
+
+
+def choose_precision_file(models_dir: Path, candidates: dict[Precision, ModelFile], dtype: torch.dtype) -> ModelFile:
+    """The file form matching ``dtype`` if present, else the other form (cast on load). When neither
+    is there, the bf16 form: the download script's default, and half the download."""
+    wanted: Precision = "fp32" if dtype == torch.float32 else "bf16"
+    other: Precision = "bf16" if wanted == "fp32" else "fp32"
+    for precision in (wanted, other):
+        if _present(models_dir, candidates[precision]):
+            return candidates[precision]
+    return candidates["bf16"]
+
+
+def size_present(models_dir: Path, stage: dict[Size, dict[Precision, ModelFile]]) -> Size | None:
+    """Which size of a stage the folder already holds, to suggest a variant word that keeps it."""
+    for size, by_precision in stage.items():
+        if any(_present(models_dir, f) for f in by_precision.values()):
+            return size
+    return None
+
+
+def check_present(models_dir: Path, needed: list[ModelFile], stage_b: Size | None = None, stage_c: Size | None = None) -> None:
+    """Raise one error naming every missing file and the command that fetches them all."""
+    missing = [f for f in needed if not _present(models_dir, f)]
+    if not missing:
+        return
+    lines = "\n".join(f"  - {models_dir / f.path}  ({f.needed_by}, {files.human_size(f.size)})" for f in missing)
+    raise MissingModelFileError(
+        f"{len(missing)} model file(s) missing from {models_dir}/:\n{lines}\n"
+        f"Fetch them with:\n  {files.download_command(missing, stage_b=stage_b, stage_c=stage_c)}"
+        + (f" --models-dir {models_dir}" if models_dir.resolve() != Path("models").resolve() else "")
+        + f"\n{files.LICENSE_NOTE}"
+    )
+
+
+def inspect_file(path: Path, kind: str, size: Size | None, fetch_command: str) -> tuple[CheckpointInfo, Architecture | None]:
+    """Header checks: complete, the right model, the right size. Tiny test weights fit any size slot."""
+    try:
+        info = read_header(path)
+    except TruncatedCheckpointError as error:
+        raise TruncatedCheckpointError(f"{error}.\nRe-run the download, it resumes:\n  {fetch_command}") from None
+    expected = f"{KIND_NAMES[kind]}" + (f" {size}" if size else "")
+    if info.kind != kind:
+        raise WrongCheckpointError(
+            f"{path} holds {describe(info)}, but this slot needs a {expected} checkpoint. "
+            f"Did files get renamed? Fetch the right one with:\n  {fetch_command}"
+        )
+    architecture = match_architecture(info) if size or kind == "stage_a" else None
+    if (size or kind == "stage_a") and architecture is None:
+        raise WrongCheckpointError(
+            f"{path} is a {KIND_NAMES[kind]} checkpoint with shapes we do not know (fine-tuned with another "
+            f"architecture, or damaged). Fetch the released one with:\n  {fetch_command}"
+        )
+    if size and architecture not in (size, "tiny"):
+        raise WrongCheckpointError(
+            f"{path} holds a {KIND_NAMES[kind]} {architecture} checkpoint, but variant={size!r} was asked for. "
+            f"Pass variant={architecture!r}, or fetch the {size} one with:\n  {fetch_command}"
+        )
+    if architecture == "tiny":
+        logger.info("%s holds tiny random test weights: pictures will be noise", path)
+    return info, architecture
+
+
+# --- building blocks ---------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    """diffusers logs a harmless 'modules kept in float32: []' notice on every single-file load."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
+def load_unet_single_file(path: Path, kind: str, architecture: Architecture, dtype: torch.dtype) -> nn.Module:
+    """An official Stage B/C file → diffusers ``StableCascadeUNet``, with our shipped config (offline)."""
+    from .upstream import StableCascadeUNet
+
+    with _quiet_diffusers():
+        unet = StableCascadeUNet.from_single_file(
+            str(path), config=str(config_dir(kind, architecture)), torch_dtype=dtype, local_files_only=True
+        )
+    return unet.eval().requires_grad_(False)
+
+
+def load_stage_a(path: Path, architecture: Architecture) -> nn.Module:
+    """Official ``stage_a.safetensors`` → diffusers ``PaellaVQModel`` (float32: it is small, and the
+    official code never casts it)."""
+    from accelerate import init_empty_weights
+
+    from .upstream import PaellaVQModel
+
+    with init_empty_weights():
+        vqgan = PaellaVQModel.from_config(PaellaVQModel.load_config(config_dir("stage_a", architecture)))
+    state = {k: v.float() for k, v in stage_a_from_official(load_file(str(path))).items()}
+    vqgan.load_state_dict(state, strict=True, assign=True)
+    return vqgan.eval().requires_grad_(False)
+
+
+def load_strict(module: nn.Module, path: Path) -> nn.Module:
+    """Load an official single file into one of our modules; every key must match."""
+    module.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()}, strict=True)
+    return module.eval().requires_grad_(False)
+
+
+def _transformers_variant(file: ModelFile) -> str | None:
+    return "bf16" if file.precision == "bf16" else None
+
+
+def read_clip_image_settings(folder: Path) -> ClipImageSettings:
+    config = json.loads((folder / "preprocessor_config.json").read_text())
+    size = config.get("size", {})
+    crop = config.get("crop_size", {})
+    resize = size.get("shortest_edge", size.get("height", 224)) if isinstance(size, dict) else int(size)
+    crop_hw = (crop.get("height", resize), crop.get("width", resize)) if isinstance(crop, dict) else (crop, crop)
+    return ClipImageSettings(resize, crop_hw, tuple(config["image_mean"]), tuple(config["image_std"]))
+
+
+def _is_local(source: str | Path) -> bool:
+    return Path(source).is_dir() or not (isinstance(source, str) and source.count("/") == 1)
+
+
+def _check_size(variant: str) -> Size:
+    if variant not in SIZES:
+        raise ValueError(f"variant must be 'big' or 'lite', not {variant!r}")
+    return variant
+
+
+# --- the prior ---------------------------------------------------------------------------------------
+
+
+def load_prior(
+    source: str | Path = "models",
+    variant: Size = "big",
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    memory: MemoryMode = "gpu",
+    image_encoder: bool = True,
+    effnet: bool = True,
+    previewer: bool = True,
+    allow_float16: bool = False,
+) -> Prior:
+    """Stage C with its text encoder and tokenizer, and optionally the CLIP image encoder (image
+    variation), the EfficientNet encoder (image-to-image) and the previewer (live previews).
+
+    ``source`` is a models folder (offline) or the Hub repo ``stabilityai/stable-cascade-prior``.
+    ``dtype`` defaults to bfloat16 on GPUs that support it, else float32; float16 is refused (NaNs).
+    """
+    variant = _check_size(variant)
+    device = pick_device(device)
+    dtype = pick_dtype(dtype, device, stage="Stage C", allow_float16=allow_float16)
+    if not _is_local(source):
+        return _load_prior_from_hub(str(source), variant, dtype, device, memory, image_encoder, effnet, previewer)
+    models_dir = Path(source)
+    stage_c = choose_precision_file(models_dir, files.STAGE_C[variant], dtype)
+    text_weights = choose_precision_file(models_dir, files.TEXT_ENCODER, dtype)
+    needed = [stage_c, files.TEXT_ENCODER_CONFIG, text_weights, files.TOKENIZER]
+    if image_encoder:
+        image_weights = choose_precision_file(models_dir, files.IMAGE_ENCODER, dtype)
+        needed += [files.IMAGE_ENCODER_CONFIG, image_weights, files.FEATURE_EXTRACTOR]
+    needed += [files.EFFNET] if effnet else []
+    needed += [files.PREVIEWER] if previewer else []
+    stage_b = size_present(models_dir, files.STAGE_B)
+    check_present(models_dir, needed, stage_b=stage_b, stage_c=variant)
+
+    command = files.download_command([stage_c], stage_b=stage_b, stage_c=variant)
+    _, architecture = inspect_file(models_dir / stage_c.path, "stage_c", variant, command)
+    essential_command = files.download_command([files.EFFNET])
+    for optional, file, kind in ((effnet, files.EFFNET, "effnet"), (previewer, files.PREVIEWER, "previewer")):
+        if optional:
+            inspect_file(models_dir / file.path, kind, None, essential_command)
+
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
+
+    unet = place(load_unet_single_file(models_dir / stage_c.path, "stage_c", architecture, dtype), device, memory)
+    text_encoder = CLIPTextModelWithProjection.from_pretrained(
+        models_dir / "text_encoder", variant=_transformers_variant(text_weights), dtype=dtype, local_files_only=True
+    )
+    prior = Prior(
+        unet=unet,
+        text_encoder=place(text_encoder.eval().requires_grad_(False), device, memory),
+        tokenizer=CLIPTokenizer.from_pretrained(models_dir / files.TOKENIZER.path, local_files_only=True),
+        device=device,
+        dtype=dtype,
+        architecture=architecture,
+        files=[models_dir / f.path for f in needed],
+    )
+    if image_encoder:
+        vision = CLIPVisionModelWithProjection.from_pretrained(
+            models_dir / "image_encoder", variant=_transformers_variant(image_weights), dtype=dtype, local_files_only=True
+        )
+        prior.image_encoder = place(vision.eval().requires_grad_(False), device, memory)
+        prior.clip_image = read_clip_image_settings(models_dir / "feature_extractor")
+    if effnet:
+        prior.effnet = place(load_strict(EfficientNetEncoder(), models_dir / files.EFFNET.path), device, memory, small=True)
+    if previewer:
+        prior.previewer = place(load_strict(Previewer(), models_dir / files.PREVIEWER.path), device, memory, small=True)
+    return prior
+
+
+def _hub_file(repo: str, file: ModelFile) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(repo, file.path))
+
+
+def _load_prior_from_hub(repo, variant, dtype, device, memory, image_encoder, effnet, previewer) -> Prior:
+    """The diffusers folders of ``stabilityai/stable-cascade-prior``; EfficientNet and previewer come
+    as the official single files from ``stabilityai/stable-cascade`` (the prior repo has none)."""
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
+
+    from .upstream import StableCascadeUNet
+
+    hub_variant = "bf16" if dtype == torch.bfloat16 else None
+    subfolder = "prior" if variant == "big" else "prior_lite"
+    unet = StableCascadeUNet.from_pretrained(repo, subfolder=subfolder, variant=hub_variant, torch_dtype=dtype)
+    text_encoder = CLIPTextModelWithProjection.from_pretrained(repo, subfolder="text_encoder", variant=hub_variant, dtype=dtype)
+    prior = Prior(
+        unet=place(unet.eval().requires_grad_(False), device, memory),
+        text_encoder=place(text_encoder.eval().requires_grad_(False), device, memory),
+        tokenizer=CLIPTokenizer.from_pretrained(repo, subfolder="tokenizer"),
+        device=device,
+        dtype=dtype,
+        architecture=variant,
+    )
+    if image_encoder:
+        from huggingface_hub import snapshot_download
+
+        vision = CLIPVisionModelWithProjection.from_pretrained(repo, subfolder="image_encoder", variant=hub_variant, dtype=dtype)
+        prior.image_encoder = place(vision.eval().requires_grad_(False), device, memory)
+        local = Path(snapshot_download(repo, allow_patterns=[files.FEATURE_EXTRACTOR.path]))
+        prior.clip_image = read_clip_image_settings(local / "feature_extractor")
+    if effnet:
+        path = _hub_file(files.REPO_DECODER, files.EFFNET)
+        prior.effnet = place(load_strict(EfficientNetEncoder(), path), device, memory, small=True)
+    if previewer:
+        path = _hub_file(files.REPO_DECODER, files.PREVIEWER)
+        prior.previewer = place(load_strict(Previewer(), path), device, memory, small=True)
+    return prior
+
+
+# --- the decoder -------------------------------------------------------------------------------------
+
+
+def load_decoder(
+    source: str | Path = "models",
+    variant: Size = "big",
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    memory: MemoryMode = "gpu",
+) -> Decoder:
+    """Stage B (``variant`` big or lite) and Stage A. The decoder needs no text encoder of its own:
+    it is conditioned on the pooled prompt embedding the prior's text encoder already computed.
+
+    ``source`` is a models folder (offline) or the Hub repo ``stabilityai/stable-cascade``.
+    """
+    variant = _check_size(variant)
+    device = pick_device(device)
+    dtype = pick_dtype(dtype, device, stage="Stage B")
+    if not _is_local(source):
+        return _load_decoder_from_hub(str(source), variant, dtype, device, memory)
+    models_dir = Path(source)
+    stage_b = choose_precision_file(models_dir, files.STAGE_B[variant], dtype)
+    stage_c = size_present(models_dir, files.STAGE_C)
+    check_present(models_dir, [stage_b, files.STAGE_A], stage_b=variant, stage_c=stage_c)
+    _, architecture = inspect_file(
+        models_dir / stage_b.path, "stage_b", variant, files.download_command([stage_b], stage_b=variant, stage_c=stage_c)
+    )
+    _, stage_a_architecture = inspect_file(
+        models_dir / files.STAGE_A.path, "stage_a", None, files.download_command([files.STAGE_A])
+    )
+    unet = load_unet_single_file(models_dir / stage_b.path, "stage_b", architecture, dtype)
+    vqgan = load_stage_a(models_dir / files.STAGE_A.path, stage_a_architecture)
+    return Decoder(
+        unet=place(unet, device, memory),
+        vqgan=place(vqgan, device, memory, small=True),
+        device=device,
+        dtype=dtype,
+        architecture=architecture,
+        files=[models_dir / stage_b.path, models_dir / files.STAGE_A.path],
+    )
+
+
+def _load_decoder_from_hub(repo, variant, dtype, device, memory) -> Decoder:
+    from .upstream import PaellaVQModel, StableCascadeUNet
+
+    hub_variant = "bf16" if dtype == torch.bfloat16 else None
+    subfolder = "decoder" if variant == "big" else "decoder_lite"
+    unet = StableCascadeUNet.from_pretrained(repo, subfolder=subfolder, variant=hub_variant, torch_dtype=dtype)
+    vqgan = PaellaVQModel.from_pretrained(repo, subfolder="vqgan", torch_dtype=torch.float32)
+    return Decoder(
+        unet=place(unet.eval().requires_grad_(False), device, memory),
+        vqgan=place(vqgan.eval().requires_grad_(False), device, memory, small=True),
+        device=device,
+        dtype=dtype,
+        architecture=variant,
+    )

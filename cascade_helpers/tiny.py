@@ -1,0 +1,218 @@
+"""Write a complete ``models/`` folder of tiny random models, in the formats of the real downloads.
+
+Every file the loader reads is here under its real name and in its real format: the official
+single files with the official key names (Stage C and B with ``attn.in_proj_weight``, Stage A with
+its ``vquantizer.codebook``), the EfficientNet encoder and previewer at full size (they are small),
+and the CLIP text encoder, tokenizer and image encoder saved the way ``transformers`` saves the real
+ones. Tests, CI and the notebooks load them through the same code as the real weights; only the
+shapes are smaller. A text-to-image run on them takes seconds on a CPU.
+
+The weights are random: pictures made with them are noise. They prove an install works before a
+20 GB download, nothing more.
+
+Command line::
+
+    python -m cascade_helpers.tiny --demo       # write outputs/tiny_models and make one picture
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from . import files
+from .checkpoints import config_dir, stage_a_to_official, unet_to_official
+from .effnet import EfficientNetEncoder
+from .files import Precision, Size
+from .previewer import Previewer
+
+DEFAULT_TINY_DIR = Path("outputs/tiny_models")
+
+# Sizes of the tiny CLIP models; the tiny UNet configs in cascade_helpers/configs/*_tiny match them.
+TEXT_HIDDEN = 32  # also the pooled/projected size
+IMAGE_EMBED = 24
+IMAGE_SIZE = 32
+# Words the tiny tokenizer knows whole (others fall back to characters): what the notebooks and
+# tests prompt with, plus "dog"/"dogs" for the official LoRA token initialization (^dog</w>).
+TINY_WORDS = (
+    "a photo of the an and in on with painting astronaut riding horse red green blue cat dog dogs "
+    "fernando person rodent knight city night mountain lake house sunset portrait"
+).split()
+
+_DTYPES: dict[Precision, torch.dtype] = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _save_official(state: dict[str, torch.Tensor], path: Path, dtype: torch.dtype | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    save_file(tensors, str(path))
+
+
+def _tiny_unet(kind: str, seed: int):
+    from .upstream import StableCascadeUNet
+
+    torch.manual_seed(seed)
+    return StableCascadeUNet.from_config(StableCascadeUNet.load_config(config_dir(kind, "tiny")))
+
+
+def write_stage_c(models_dir: Path, size: Size, precision: Precision, seed: int = 0) -> Path:
+    path = models_dir / files.stage_c_file(size, precision).path
+    _save_official(unet_to_official(_tiny_unet("stage_c", seed).state_dict(), "stage_c"), path, _DTYPES[precision])
+    return path
+
+
+def write_stage_b(models_dir: Path, size: Size, precision: Precision, seed: int = 1) -> Path:
+    path = models_dir / files.stage_b_file(size, precision).path
+    _save_official(unet_to_official(_tiny_unet("stage_b", seed).state_dict(), "stage_b"), path, _DTYPES[precision])
+    return path
+
+
+def write_stage_a(models_dir: Path, seed: int = 2) -> Path:
+    from .upstream import PaellaVQModel
+
+    torch.manual_seed(seed)
+    vqgan = PaellaVQModel.from_config(PaellaVQModel.load_config(config_dir("stage_a", "tiny")))
+    path = models_dir / files.STAGE_A.path
+    _save_official(stage_a_to_official(vqgan.state_dict()), path)
+    return path
+
+
+def write_effnet(models_dir: Path, seed: int = 3) -> Path:
+    """Full-size encoder (81 MB, as released) with random weights."""
+    torch.manual_seed(seed)
+    encoder = EfficientNetEncoder()
+    path = models_dir / files.EFFNET.path
+    _save_official(encoder.state_dict(), path)
+    return path
+
+
+def write_previewer(models_dir: Path, seed: int = 4) -> Path:
+    torch.manual_seed(seed)
+    path = models_dir / files.PREVIEWER.path
+    _save_official(Previewer().state_dict(), path)
+    return path
+
+
+def _byte_alphabet() -> list[str]:
+    """CLIP's byte-to-unicode alphabet: the 256 symbols its byte-level BPE starts from."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    codes, extra = printable[:], 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in codes]
+
+
+def write_tokenizer(models_dir: Path) -> Path:
+    """A CLIP BPE tokenizer with the real one's layout: byte symbols, byte symbols + ``</w>``, merges,
+    then ``<|startoftext|>`` and ``<|endoftext|>`` as the highest ids; pads with ``!`` like bigG's."""
+    from transformers import CLIPTokenizer
+
+    alphabet = _byte_alphabet()
+    tokens = alphabet + [c + "</w>" for c in alphabet]
+    merges: list[str] = []
+    for word in TINY_WORDS:
+        prefix = word[0]
+        for i, char in enumerate(word[1:], start=1):
+            piece = char + ("</w>" if i == len(word) - 1 else "")
+            merged = prefix + piece
+            if merged not in tokens:
+                merges.append(f"{prefix} {piece}")
+                tokens.append(merged)
+            prefix = merged
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    folder = models_dir / files.TOKENIZER.path
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tokenizer = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), pad_token="!")
+    tokenizer.model_max_length = 77
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_text_encoder(models_dir: Path, precision: Precision, vocab_size: int, seed: int = 5) -> Path:
+    """A tiny ``CLIPTextModelWithProjection`` with bigG's quirks: eos_token_id=2 (pooling at the highest
+    token id), gelu, 77 positions."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=TEXT_HIDDEN, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu", projection_dim=TEXT_HIDDEN,
+        bos_token_id=0, eos_token_id=2, pad_token_id=1,
+    )
+    model = CLIPTextModelWithProjection(config).to(_DTYPES[precision])
+    folder = models_dir / "text_encoder"
+    model.save_pretrained(folder, variant="bf16" if precision == "bf16" else None)
+    return folder
+
+
+def write_image_encoder(models_dir: Path, precision: Precision, seed: int = 6) -> Path:
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        image_size=IMAGE_SIZE, patch_size=8, projection_dim=IMAGE_EMBED,
+    )
+    model = CLIPVisionModelWithProjection(config).to(_DTYPES[precision])
+    folder = models_dir / "image_encoder"
+    model.save_pretrained(folder, variant="bf16" if precision == "bf16" else None)
+    processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    processor.save_pretrained(models_dir / "feature_extractor")
+    return folder
+
+
+def write_tiny_models(
+    models_dir: str | Path = DEFAULT_TINY_DIR,
+    *,
+    stage_c: Size = "big",
+    stage_b: Size = "big",
+    precision: Precision = "bf16",
+    seed: int = 0,
+) -> Path:
+    """Write the files ``bash download_models.sh essential <variant> <precision>`` would fetch, tiny.
+
+    ``stage_c``/``stage_b`` choose only the file names (big or lite); the weights are always the tiny
+    architecture, which the loader accepts in either slot.
+    """
+    models_dir = Path(models_dir)
+    write_stage_c(models_dir, stage_c, precision, seed)
+    write_stage_b(models_dir, stage_b, precision, seed + 1)
+    write_stage_a(models_dir, seed + 2)
+    write_effnet(models_dir, seed + 3)
+    write_previewer(models_dir, seed + 4)
+    tokenizer_dir = write_tokenizer(models_dir)
+    vocab_size = len(json.loads((tokenizer_dir / "vocab.json").read_text()))
+    write_text_encoder(models_dir, precision, vocab_size, seed + 5)
+    write_image_encoder(models_dir, precision, seed + 6)
+    return models_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models-dir", type=Path, default=DEFAULT_TINY_DIR)
+    parser.add_argument("--variant", choices=files.VARIANT_WORDS, default="big-big")
+    parser.add_argument("--precision", choices=tuple(files.PRECISION_WORDS.values()), default="bfloat16")
+    parser.add_argument("--demo", action="store_true", help="then generate one (random-weights) picture with them")
+    args = parser.parse_args(argv)
+    stage_b, stage_c = (("big" if w == "big" else "lite") for w in args.variant.split("-"))
+    precision = next(p for p, word in files.PRECISION_WORDS.items() if word == args.precision)
+    folder = write_tiny_models(args.models_dir, stage_c=stage_c, stage_b=stage_b, precision=precision)
+    print(f"tiny random models written to {folder}/")
+    if args.demo:
+        from .generation import demo_picture
+
+        path = demo_picture(folder, variant_b=stage_b, variant_c=stage_c)
+        print(f"picture from RANDOM tiny weights (noise, not art) saved to {path}: your install works")
+
+
+if __name__ == "__main__":
+    main()
