@@ -1,0 +1,45 @@
+"""Test session set-up shared by the unit tests and the notebook runs (nbval).
+
+The notebooks read their parameters from environment variables (real defaults for users). Here we
+point them at a tiny random ``models/`` folder written afresh each session by the package itself, and
+at few steps, so CI runs every notebook top to bottom in seconds, through the real loading code.
+Notebook kernels inherit this process's environment.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+TINY_DIR = Path(__file__).parent / "outputs" / "ci_tiny_models"
+
+# What CI gives every notebook (each notebook documents the variables it reads).
+NOTEBOOK_ENV = {
+    "CASCADE_MODELS_DIR": str(TINY_DIR),
+    "CASCADE_OUTPUT_DIR": str(TINY_DIR.parent / "ci_notebook_outputs"),
+    "CASCADE_PRIOR_STEPS": "3",
+    "CASCADE_DECODER_STEPS": "2",
+    "CASCADE_NUM_IMAGES": "2",
+    "CASCADE_TRAIN_STEPS": "4",
+    "CASCADE_CI": "1",
+    "HF_HUB_OFFLINE": "1",
+    "MPLBACKEND": "Agg",
+}
+
+
+def _collecting_notebooks(config: pytest.Config) -> bool:
+    """nbval is on and the run includes notebooks (no paths given means the testpaths, which do)."""
+    nbval = config.getoption("--nbval", default=False) or config.getoption("--nbval-lax", default=False)
+    paths = [str(Path(a.split("::")[0]).resolve()) for a in config.args]
+    notebooks = str(Path(__file__).parent / "notebooks")
+    return bool(nbval) and (not config.args or any(p.startswith(notebooks) or notebooks.startswith(p) for p in paths))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if _collecting_notebooks(config) and not os.environ.get("PYTEST_XDIST_WORKER"):
+        from cascade_helpers.tiny import write_tiny_models
+
+        write_tiny_models(TINY_DIR)  # fresh every session: the writer may have changed
+        os.environ.update(NOTEBOOK_ENV)

@@ -1,0 +1,38 @@
+"""Fixtures: tiny model folders written by the package, shared across a test session."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from cascade_helpers.tiny import write_tiny_models
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> Path:
+    """A complete tiny models/ folder: big-big names, bf16 files (the download script's defaults)."""
+    return write_tiny_models(tmp_path_factory.mktemp("tiny") / "models")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_models):
+    """(prior, decoder) loaded from the tiny folder in float32 on the CPU."""
+    from cascade_helpers.loading import load_decoder, load_prior
+
+    prior = load_prior(tiny_models, "big", dtype="fp32", device="cpu")
+    decoder = load_decoder(tiny_models, "big", dtype="fp32", device="cpu")
+    return prior, decoder
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Fail any attempt to open a network connection (loopback included) while the test runs."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network connection attempted: {args[1:]}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
