@@ -34,7 +34,9 @@ def _collecting_notebooks(config: pytest.Config) -> bool:
     nbval = config.getoption("--nbval", default=False) or config.getoption("--nbval-lax", default=False)
     paths = [str(Path(a.split("::")[0]).resolve()) for a in config.args]
     notebooks = str(Path(__file__).parent / "notebooks")
-    return bool(nbval) and (not config.args or any(p.startswith(notebooks) or notebooks.startswith(p) for p in paths))
+    return bool(nbval) and (
+        not config.args or any(p.startswith(notebooks) or notebooks.startswith(p) for p in paths)
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:

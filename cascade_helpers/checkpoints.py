@@ -61,6 +61,9 @@ CONFIG_DIRS: dict[tuple[str, Architecture], str] = {
 }
 
 
+_MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit; real headers are < 1 MB
+
+
 class CheckpointError(ValueError):
     """A model file is unreadable, incomplete, or holds something else than its slot needs."""
 
@@ -104,6 +107,8 @@ def read_header(path: str | os.PathLike) -> CheckpointInfo:
         if len(prefix) < 8:
             raise TruncatedCheckpointError(f"{path} is {size} bytes long: too short to be a safetensors file")
         (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > _MAX_HEADER_BYTES:  # e.g. an HTML error page saved under the file's name
+            raise CheckpointError(f"{path} is not a safetensors file (it starts with {prefix[:8]!r})")
         if header_len > size - 8:
             raise TruncatedCheckpointError(
                 f"{path} is cut short ({size} bytes): its header alone should take {header_len} bytes"
@@ -161,7 +166,7 @@ def official_shapes(kind: str, architecture: Architecture) -> dict[str, tuple[in
 def match_architecture(info: CheckpointInfo) -> Architecture | None:
     """The known architecture whose official key set and shapes equal the file's, if any."""
     found = {key: t.shape for key, t in info.tensors.items()}
-    for (kind, architecture) in CONFIG_DIRS:
+    for kind, architecture in CONFIG_DIRS:
         if kind == info.kind and official_shapes(kind, architecture) == found:
             return architecture
     return None

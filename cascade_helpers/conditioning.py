@@ -50,7 +50,11 @@ def encode_text(prior: Prior, prompts: str | list[str]) -> TextEmbeddings:
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     _warn_if_truncated(prior.tokenizer, prompts)
     tokens = prior.tokenizer(
-        prompts, truncation=True, padding="max_length", max_length=prior.tokenizer.model_max_length, return_tensors="pt"
+        prompts,
+        truncation=True,
+        padding="max_length",
+        max_length=prior.tokenizer.model_max_length,
+        return_tensors="pt",
     ).to(prior.device)
     output = prior.text_encoder(**tokens, output_hidden_states=True)
     return TextEmbeddings(output.hidden_states[-1].float(), output.text_embeds.unsqueeze(1).float())
@@ -68,7 +72,9 @@ def clip_image_input(prior: Prior, images: torch.Tensor) -> torch.Tensor:
 def encode_image_clip(prior: Prior, images: torch.Tensor) -> torch.Tensor:
     """B×3×H×W pictures → ``clip_img`` conditioning (B×1×E, float32)."""
     if prior.image_encoder is None:
-        raise ValueError("this prior was loaded without its image encoder: use load_prior(..., image_encoder=True)")
+        raise ValueError(
+            "this prior was loaded without its image encoder: use load_prior(..., image_encoder=True)"
+        )
     pixels = clip_image_input(prior, images.to(prior.device)).to(prior.dtype)
     return prior.image_encoder(pixel_values=pixels).image_embeds.unsqueeze(1).float()
 

@@ -54,7 +54,11 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
 
 
 def pick_dtype(
-    dtype: str | torch.dtype | None, device: torch.device, *, stage: str = "Stage C", allow_float16: bool = False
+    dtype: str | torch.dtype | None,
+    device: torch.device,
+    *,
+    stage: str = "Stage C",
+    allow_float16: bool = False,
 ) -> torch.dtype:
     """Resolve a dtype name, choose a default for the device, and refuse float16 for Stage C."""
     if dtype is None:
@@ -100,7 +104,9 @@ class _ModelOffload:
 _MODEL_OFFLOAD = _ModelOffload()
 
 
-def place(model: nn.Module, device: torch.device, memory: MemoryMode = "gpu", *, small: bool = False) -> nn.Module:
+def place(
+    model: nn.Module, device: torch.device, memory: MemoryMode = "gpu", *, small: bool = False
+) -> nn.Module:
     """Put ``model`` on ``device`` the way ``memory`` says. ``small`` models always stay on the device.
 
     The bundles in :mod:`cascade_helpers.loading` remember the execution device: with offloading a

@@ -54,7 +54,9 @@ def _single(size: Size, precision: Precision, stage: Literal["b", "c"], nbytes: 
     lite = "_lite" if size == "lite" else ""
     bf16 = "_bf16" if precision == "bf16" else ""
     needed_by = (
-        "text-to-image (Stage C, the prior)" if stage == "c" else "decoding Stage C latents (Stage B, the decoder)"
+        "text-to-image (Stage C, the prior)"
+        if stage == "c"
+        else "decoding Stage C latents (Stage B, the decoder)"
     )
     return ModelFile(
         path=f"stage_{stage}{lite}{bf16}.safetensors",
@@ -69,15 +71,29 @@ def _single(size: Size, precision: Precision, stage: Literal["b", "c"], nbytes: 
 
 #: Stage C / Stage B single files by size, then precision: ``STAGE_C["lite"]["bf16"]``
 STAGE_C: dict[Size, dict[Precision, ModelFile]] = {
-    "big": {"fp32": _single("big", "fp32", "c", int(14.4 * GB)), "bf16": _single("big", "bf16", "c", int(7.18 * GB))},
-    "lite": {"fp32": _single("lite", "fp32", "c", int(4.12 * GB)), "bf16": _single("lite", "bf16", "c", int(2.06 * GB))},
+    "big": {
+        "fp32": _single("big", "fp32", "c", int(14.4 * GB)),
+        "bf16": _single("big", "bf16", "c", int(7.18 * GB)),
+    },
+    "lite": {
+        "fp32": _single("lite", "fp32", "c", int(4.12 * GB)),
+        "bf16": _single("lite", "bf16", "c", int(2.06 * GB)),
+    },
 }
 STAGE_B: dict[Size, dict[Precision, ModelFile]] = {
-    "big": {"fp32": _single("big", "fp32", "b", int(6.25 * GB)), "bf16": _single("big", "bf16", "b", int(3.13 * GB))},
-    "lite": {"fp32": _single("lite", "fp32", "b", int(2.8 * GB)), "bf16": _single("lite", "bf16", "b", int(1.4 * GB))},
+    "big": {
+        "fp32": _single("big", "fp32", "b", int(6.25 * GB)),
+        "bf16": _single("big", "bf16", "b", int(3.13 * GB)),
+    },
+    "lite": {
+        "fp32": _single("lite", "fp32", "b", int(2.8 * GB)),
+        "bf16": _single("lite", "bf16", "b", int(1.4 * GB)),
+    },
 }
 
-STAGE_A = ModelFile("stage_a.safetensors", REPO_DECODER, int(73.7 * MB), "decoding to pixels (Stage A)", "essential")
+STAGE_A = ModelFile(
+    "stage_a.safetensors", REPO_DECODER, int(73.7 * MB), "decoding to pixels (Stage A)", "essential"
+)
 EFFNET = ModelFile(
     "effnet_encoder.safetensors",
     REPO_DECODER,
@@ -85,47 +101,87 @@ EFFNET = ModelFile(
     "encoding images to Stage C latents (image-to-image, reconstruction, LoRA training, super-resolution)",
     "essential",
 )
-PREVIEWER = ModelFile("previewer.safetensors", REPO_DECODER, int(16 * MB), "live previews of Stage C latents", "essential")
-TOKENIZER = ModelFile("tokenizer", REPO_DECODER, int(4 * MB), "text conditioning (CLIP tokenizer)", "essential", folder=True)
-TEXT_ENCODER_CONFIG = ModelFile("text_encoder/config.json", REPO_DECODER, 1_000, "text conditioning", "essential")
+PREVIEWER = ModelFile(
+    "previewer.safetensors", REPO_DECODER, int(16 * MB), "live previews of Stage C latents", "essential"
+)
+TOKENIZER = ModelFile(
+    "tokenizer", REPO_DECODER, int(4 * MB), "text conditioning (CLIP tokenizer)", "essential", folder=True
+)
+TEXT_ENCODER_CONFIG = ModelFile(
+    "text_encoder/config.json", REPO_DECODER, 1_000, "text conditioning", "essential"
+)
 TEXT_ENCODER: dict[Precision, ModelFile] = {
     "bf16": ModelFile(
-        "text_encoder/model.bf16.safetensors", REPO_DECODER, int(1.39 * GB),
-        "text conditioning (CLIP ViT-bigG/14 text tower)", "essential", precision="bf16",
+        "text_encoder/model.bf16.safetensors",
+        REPO_DECODER,
+        int(1.39 * GB),
+        "text conditioning (CLIP ViT-bigG/14 text tower)",
+        "essential",
+        precision="bf16",
     ),
     "fp32": ModelFile(
-        "text_encoder/model.safetensors", REPO_DECODER, int(2.78 * GB),
-        "text conditioning (CLIP ViT-bigG/14 text tower)", "essential", precision="fp32",
+        "text_encoder/model.safetensors",
+        REPO_DECODER,
+        int(2.78 * GB),
+        "text conditioning (CLIP ViT-bigG/14 text tower)",
+        "essential",
+        precision="fp32",
     ),
 }
-IMAGE_ENCODER_CONFIG = ModelFile("image_encoder/config.json", REPO_PRIOR, 1_000, "image variation", "essential")
+IMAGE_ENCODER_CONFIG = ModelFile(
+    "image_encoder/config.json", REPO_PRIOR, 1_000, "image variation", "essential"
+)
 IMAGE_ENCODER: dict[Precision, ModelFile] = {
     "bf16": ModelFile(
-        "image_encoder/model.bf16.safetensors", REPO_PRIOR, int(608 * MB),
-        "image variation (CLIP ViT-L/14 vision tower)", "essential", precision="bf16",
+        "image_encoder/model.bf16.safetensors",
+        REPO_PRIOR,
+        int(608 * MB),
+        "image variation (CLIP ViT-L/14 vision tower)",
+        "essential",
+        precision="bf16",
     ),
     "fp32": ModelFile(
-        "image_encoder/model.safetensors", REPO_PRIOR, int(1.22 * GB),
-        "image variation (CLIP ViT-L/14 vision tower)", "essential", precision="fp32",
+        "image_encoder/model.safetensors",
+        REPO_PRIOR,
+        int(1.22 * GB),
+        "image variation (CLIP ViT-L/14 vision tower)",
+        "essential",
+        precision="fp32",
     ),
 }
 FEATURE_EXTRACTOR = ModelFile(
-    "feature_extractor/preprocessor_config.json", REPO_PRIOR, 1_000,
-    "image variation (CLIP image preprocessing: size, crop, mean, std)", "essential",
+    "feature_extractor/preprocessor_config.json",
+    REPO_PRIOR,
+    1_000,
+    "image variation (CLIP image preprocessing: size, crop, mean, std)",
+    "essential",
 )
 
 CONTROLNETS: dict[str, ModelFile] = {
-    "canny": ModelFile("controlnet/canny.safetensors", REPO_DECODER, int(218 * MB), "ControlNet: canny edges", "controlnet"),
+    "canny": ModelFile(
+        "controlnet/canny.safetensors", REPO_DECODER, int(218 * MB), "ControlNet: canny edges", "controlnet"
+    ),
     "inpainting": ModelFile(
-        "controlnet/inpainting.safetensors", REPO_DECODER, int(218 * MB), "ControlNet: inpainting / outpainting", "controlnet"
+        "controlnet/inpainting.safetensors",
+        REPO_DECODER,
+        int(218 * MB),
+        "ControlNet: inpainting / outpainting",
+        "controlnet",
     ),
     "super_resolution": ModelFile(
-        "controlnet/super_resolution.safetensors", REPO_DECODER, int(814 * MB), "ControlNet: super-resolution", "controlnet"
+        "controlnet/super_resolution.safetensors",
+        REPO_DECODER,
+        int(814 * MB),
+        "ControlNet: super-resolution",
+        "controlnet",
     ),
 }
 LORA_FERNANDO = ModelFile(
-    "lora_fernando_10k.safetensors", REPO_LORA, int(12.6 * MB),
-    "the official example LoRA ([fernando], a dog) for the big Stage C", "lora",
+    "lora_fernando_10k.safetensors",
+    REPO_LORA,
+    int(12.6 * MB),
+    "the official example LoRA ([fernando], a dog) for the big Stage C",
+    "lora",
 )
 
 
@@ -154,7 +210,9 @@ def essential_files(precision: Precision) -> list[ModelFile]:
 
 def all_files() -> list[ModelFile]:
     """Every file in the registry, each once (README table, tests)."""
-    files = [f for stage in (STAGE_C, STAGE_B) for by_precision in stage.values() for f in by_precision.values()]
+    files = [
+        f for stage in (STAGE_C, STAGE_B) for by_precision in stage.values() for f in by_precision.values()
+    ]
     for precision in ("bf16", "fp32"):
         files += [f for f in essential_files(precision) if f not in files]
     return files + [*CONTROLNETS.values(), LORA_FERNANDO]
@@ -172,7 +230,9 @@ def variant_word(stage_b: Size, stage_c: Size) -> str:
     return f"{_SIZE_WORD[stage_b]}-{_SIZE_WORD[stage_c]}"
 
 
-def download_command(files: Iterable[ModelFile], stage_b: Size | None = None, stage_c: Size | None = None) -> str:
+def download_command(
+    files: Iterable[ModelFile], stage_b: Size | None = None, stage_c: Size | None = None
+) -> str:
     """The shortest ``bash download_models.sh ...`` line that fetches ``files``.
 
     ``stage_b`` / ``stage_c`` say which size the caller uses for the stage the files do not name,

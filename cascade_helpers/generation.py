@@ -99,8 +99,16 @@ def generate_stage_c(
     }
     uncond = {"clip_text": negative.hidden, "clip_text_pooled": negative.pooled, "clip_img": zeros}
     return sample(
-        unet_denoiser(prior.unet, prior.dtype), shape, cond, uncond, settings,
-        device=prior.device, generator=generator, x_init=x_init, callback=callback, progress="Stage C",
+        unet_denoiser(prior.unet, prior.dtype),
+        shape,
+        cond,
+        uncond,
+        settings,
+        device=prior.device,
+        generator=generator,
+        x_init=x_init,
+        callback=callback,
+        progress="Stage C",
     )
 
 
@@ -123,8 +131,15 @@ def generate_stage_b(
     uncond = {"effnet": torch.zeros_like(latents), "clip_text_pooled": negative_pooled.to(decoder.device)}
     shape = stage_b_shape(*image_size, latents.shape[0])
     return sample(
-        unet_denoiser(decoder.unet, decoder.dtype), shape, cond, uncond, settings,
-        device=decoder.device, generator=generator, callback=callback, progress="Stage B",
+        unet_denoiser(decoder.unet, decoder.dtype),
+        shape,
+        cond,
+        uncond,
+        settings,
+        device=decoder.device,
+        generator=generator,
+        callback=callback,
+        progress="Stage B",
     )
 
 
@@ -140,7 +155,9 @@ def decode_stage_a(decoder: Decoder, latents: torch.Tensor) -> torch.Tensor:
 def encode_stage_c(prior: Prior, images: torch.Tensor) -> torch.Tensor:
     """Pictures (B×3×H×W in [0, 1]) → Stage C latents with the EfficientNet encoder (float32)."""
     if prior.effnet is None:
-        raise ValueError("this prior was loaded without the EfficientNet encoder: use load_prior(..., effnet=True)")
+        raise ValueError(
+            "this prior was loaded without the EfficientNet encoder: use load_prior(..., effnet=True)"
+        )
     return prior.effnet(effnet_preprocess(images.to(prior.device, torch.float32))).float()
 
 
@@ -172,23 +189,46 @@ def _run(
     negative = encode_text(prior, negative_prompt).repeat(num_images)
     if stage_c_latents is None:
         stage_c_latents = generate_stage_c(
-            prior, text, negative, stage_c_shape(height, width, num_images), prior_settings,
-            generator=generator, image_embeds=image_embeds, x_init=x_init, callback=callback,
+            prior,
+            text,
+            negative,
+            stage_c_shape(height, width, num_images),
+            prior_settings,
+            generator=generator,
+            image_embeds=image_embeds,
+            x_init=x_init,
+            callback=callback,
         )
     stage_b_latents = generate_stage_b(
-        decoder, stage_c_latents, text.pooled, negative.pooled, (height, width), decoder_settings, generator=generator
+        decoder,
+        stage_c_latents,
+        text.pooled,
+        negative.pooled,
+        (height, width),
+        decoder_settings,
+        generator=generator,
     )
     images = decode_stage_a(decoder, stage_b_latents)
     settings = {
-        "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "height": height, "width": width,
-        "prior": _settings_dict(prior_settings), "decoder": _settings_dict(decoder_settings),
-        "prior_variant": prior.architecture, "decoder_variant": decoder.architecture, **(extra or {}),
+        "prompt": prompt,
+        "negative_prompt": negative_prompt,
+        "seed": seed,
+        "height": height,
+        "width": width,
+        "prior": _settings_dict(prior_settings),
+        "decoder": _settings_dict(decoder_settings),
+        "prior_variant": prior.architecture,
+        "decoder_variant": decoder.architecture,
+        **(extra or {}),
     }
     return Generation(to_pil(images), stage_c_latents.cpu(), stage_b_latents.cpu(), settings)
 
 
 def _settings_dict(settings: StageSettings) -> dict:
-    return {k: getattr(settings, k) for k in ("steps", "guidance", "shift", "guidance_rescale", "sampler", "t_start")}
+    return {
+        k: getattr(settings, k)
+        for k in ("steps", "guidance", "shift", "guidance_rescale", "sampler", "t_start")
+    }
 
 
 def text_to_image(
@@ -207,8 +247,17 @@ def text_to_image(
 ) -> Generation:
     """Pictures from a prompt. ``callback(step, denoised, sample)`` runs after each Stage C step."""
     return _run(
-        prior, decoder, prompt, negative_prompt, height, width, num_images, seed,
-        prior_settings, decoder_settings, callback=callback,
+        prior,
+        decoder,
+        prompt,
+        negative_prompt,
+        height,
+        width,
+        num_images,
+        seed,
+        prior_settings,
+        decoder_settings,
+        callback=callback,
     )
 
 
@@ -231,8 +280,18 @@ def image_variation(
     clip_images = batch_images(image, height, width)
     embeds = encode_image_clip(prior, clip_images).repeat_interleave(num_images, 0)
     return _run(
-        prior, decoder, prompt, negative_prompt, height, width, num_images, seed,
-        prior_settings, decoder_settings, image_embeds=embeds, callback=callback,
+        prior,
+        decoder,
+        prompt,
+        negative_prompt,
+        height,
+        width,
+        num_images,
+        seed,
+        prior_settings,
+        decoder_settings,
+        image_embeds=embeds,
+        callback=callback,
     )
 
 
@@ -261,23 +320,53 @@ def image_to_image(
     extra = {"strength": strength}
     if strength == 1.0:
         return _run(
-            prior, decoder, prompt, negative_prompt, height, width, num_images, seed,
-            prior_settings, decoder_settings, callback=callback, extra=extra,
+            prior,
+            decoder,
+            prompt,
+            negative_prompt,
+            height,
+            width,
+            num_images,
+            seed,
+            prior_settings,
+            decoder_settings,
+            callback=callback,
+            extra=extra,
         )
     encoded = encode_stage_c(prior, batch_images(image, height, width)).repeat_interleave(num_images, 0)
     steps = int(prior_settings.steps * strength)
     if steps == 0:  # nothing to denoise: decode the picture's own latents
         return _run(
-            prior, decoder, prompt, negative_prompt, height, width, num_images, seed,
-            prior_settings, decoder_settings, stage_c_latents=encoded, extra=extra,
+            prior,
+            decoder,
+            prompt,
+            negative_prompt,
+            height,
+            width,
+            num_images,
+            seed,
+            prior_settings,
+            decoder_settings,
+            stage_c_latents=encoded,
+            extra=extra,
         )
     # the official example noises with the unshifted schedule, then samples with the usual shift
     noise = initial_noise(encoded.shape, _generator(seed + 1), prior.device)
     x_init = diffuse(encoded, strength, noise)
     return _run(
-        prior, decoder, prompt, negative_prompt, height, width, num_images, seed,
-        prior_settings.with_(t_start=strength, steps=steps), decoder_settings,
-        x_init=x_init, callback=callback, extra=extra,
+        prior,
+        decoder,
+        prompt,
+        negative_prompt,
+        height,
+        width,
+        num_images,
+        seed,
+        prior_settings.with_(t_start=strength, steps=steps),
+        decoder_settings,
+        x_init=x_init,
+        callback=callback,
+        extra=extra,
     )
 
 

@@ -49,7 +49,9 @@ def image_to_tensor(image: ImageInput) -> torch.Tensor:
     elif tensor.dim() == 3 and tensor.shape[-1] in (1, 3, 4) and tensor.shape[0] not in (1, 3, 4):
         tensor = tensor.permute(2, 0, 1)
     if tensor.dim() != 3:
-        raise ValueError(f"expected one image (H×W, H×W×C or C×H×W), got a tensor of shape {tuple(tensor.shape)}")
+        raise ValueError(
+            f"expected one image (H×W, H×W×C or C×H×W), got a tensor of shape {tuple(tensor.shape)}"
+        )
     tensor = tensor[:3] if tensor.shape[0] >= 3 else tensor[:1].expand(3, -1, -1)
     return tensor.clamp(0, 1)
 
@@ -81,5 +83,7 @@ def to_pil(images: torch.Tensor) -> list[PIL.Image.Image]:
     """B×3×H×W (or 3×H×W) in [0, 1] → PIL images."""
     if images.dim() == 3:
         images = images[None]
-    arrays = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    arrays = (
+        (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    )
     return [PIL.Image.fromarray(a) for a in arrays]

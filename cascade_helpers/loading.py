@@ -105,7 +105,9 @@ def _present(models_dir: Path, file: ModelFile) -> bool:
     return path.is_file()
 
 
-def choose_precision_file(models_dir: Path, candidates: dict[Precision, ModelFile], dtype: torch.dtype) -> ModelFile:
+def choose_precision_file(
+    models_dir: Path, candidates: dict[Precision, ModelFile], dtype: torch.dtype
+) -> ModelFile:
     """The file form matching ``dtype`` if present, else the other form (cast on load). When neither
     is there, the bf16 form: the download script's default, and half the download."""
     wanted: Precision = "fp32" if dtype == torch.float32 else "bf16"
@@ -124,12 +126,16 @@ def size_present(models_dir: Path, stage: dict[Size, dict[Precision, ModelFile]]
     return None
 
 
-def check_present(models_dir: Path, needed: list[ModelFile], stage_b: Size | None = None, stage_c: Size | None = None) -> None:
+def check_present(
+    models_dir: Path, needed: list[ModelFile], stage_b: Size | None = None, stage_c: Size | None = None
+) -> None:
     """Raise one error naming every missing file and the command that fetches them all."""
     missing = [f for f in needed if not _present(models_dir, f)]
     if not missing:
         return
-    lines = "\n".join(f"  - {models_dir / f.path}  ({f.needed_by}, {files.human_size(f.size)})" for f in missing)
+    lines = "\n".join(
+        f"  - {models_dir / f.path}  ({f.needed_by}, {files.human_size(f.size)})" for f in missing
+    )
     raise MissingModelFileError(
         f"{len(missing)} model file(s) missing from {models_dir}/:\n{lines}\n"
         f"Fetch them with:\n  {files.download_command(missing, stage_b=stage_b, stage_c=stage_c)}"
@@ -138,12 +144,16 @@ def check_present(models_dir: Path, needed: list[ModelFile], stage_b: Size | Non
     )
 
 
-def inspect_file(path: Path, kind: str, size: Size | None, fetch_command: str) -> tuple[CheckpointInfo, Architecture | None]:
+def inspect_file(
+    path: Path, kind: str, size: Size | None, fetch_command: str
+) -> tuple[CheckpointInfo, Architecture | None]:
     """Header checks: complete, the right model, the right size. Tiny test weights fit any size slot."""
     try:
         info = read_header(path)
     except TruncatedCheckpointError as error:
-        raise TruncatedCheckpointError(f"{error}.\nRe-run the download, it resumes:\n  {fetch_command}") from None
+        raise TruncatedCheckpointError(
+            f"{error}.\nRe-run the download, it resumes:\n  {fetch_command}"
+        ) from None
     expected = f"{KIND_NAMES[kind]}" + (f" {size}" if size else "")
     if info.kind != kind:
         raise WrongCheckpointError(
@@ -202,14 +212,18 @@ def load_stage_a(path: Path, architecture: Architecture) -> nn.Module:
 
     with init_empty_weights():
         vqgan = PaellaVQModel.from_config(PaellaVQModel.load_config(config_dir("stage_a", architecture)))
-    state = {k: v.float() for k, v in stage_a_from_official(load_file(str(path))).items()}
-    vqgan.load_state_dict(state, strict=True, assign=True)
+    vqgan.load_state_dict(_float32(stage_a_from_official(load_file(str(path)))), strict=True, assign=True)
     return vqgan.eval().requires_grad_(False)
+
+
+def _float32(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Floating tensors to float32; integer buffers (BatchNorm's ``num_batches_tracked``) untouched."""
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
 def load_strict(module: nn.Module, path: Path) -> nn.Module:
     """Load an official single file into one of our modules; every key must match."""
-    module.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()}, strict=True)
+    module.load_state_dict(_float32(load_file(str(path))), strict=True)
     return module.eval().requires_grad_(False)
 
 
@@ -222,7 +236,9 @@ def read_clip_image_settings(folder: Path) -> ClipImageSettings:
     size = config.get("size", {})
     crop = config.get("crop_size", {})
     resize = size.get("shortest_edge", size.get("height", 224)) if isinstance(size, dict) else int(size)
-    crop_hw = (crop.get("height", resize), crop.get("width", resize)) if isinstance(crop, dict) else (crop, crop)
+    crop_hw = (
+        (crop.get("height", resize), crop.get("width", resize)) if isinstance(crop, dict) else (crop, crop)
+    )
     return ClipImageSettings(resize, crop_hw, tuple(config["image_mean"]), tuple(config["image_std"]))
 
 
@@ -261,7 +277,9 @@ def load_prior(
     device = pick_device(device)
     dtype = pick_dtype(dtype, device, stage="Stage C", allow_float16=allow_float16)
     if not _is_local(source):
-        return _load_prior_from_hub(str(source), variant, dtype, device, memory, image_encoder, effnet, previewer)
+        return _load_prior_from_hub(
+            str(source), variant, dtype, device, memory, image_encoder, effnet, previewer
+        )
     models_dir = Path(source)
     stage_c = choose_precision_file(models_dir, files.STAGE_C[variant], dtype)
     text_weights = choose_precision_file(models_dir, files.TEXT_ENCODER, dtype)
@@ -283,9 +301,14 @@ def load_prior(
 
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
 
-    unet = place(load_unet_single_file(models_dir / stage_c.path, "stage_c", architecture, dtype), device, memory)
+    unet = place(
+        load_unet_single_file(models_dir / stage_c.path, "stage_c", architecture, dtype), device, memory
+    )
     text_encoder = CLIPTextModelWithProjection.from_pretrained(
-        models_dir / "text_encoder", variant=_transformers_variant(text_weights), dtype=dtype, local_files_only=True
+        models_dir / "text_encoder",
+        variant=_transformers_variant(text_weights),
+        dtype=dtype,
+        local_files_only=True,
     )
     prior = Prior(
         unet=unet,
@@ -298,14 +321,21 @@ def load_prior(
     )
     if image_encoder:
         vision = CLIPVisionModelWithProjection.from_pretrained(
-            models_dir / "image_encoder", variant=_transformers_variant(image_weights), dtype=dtype, local_files_only=True
+            models_dir / "image_encoder",
+            variant=_transformers_variant(image_weights),
+            dtype=dtype,
+            local_files_only=True,
         )
         prior.image_encoder = place(vision.eval().requires_grad_(False), device, memory)
         prior.clip_image = read_clip_image_settings(models_dir / "feature_extractor")
     if effnet:
-        prior.effnet = place(load_strict(EfficientNetEncoder(), models_dir / files.EFFNET.path), device, memory, small=True)
+        prior.effnet = place(
+            load_strict(EfficientNetEncoder(), models_dir / files.EFFNET.path), device, memory, small=True
+        )
     if previewer:
-        prior.previewer = place(load_strict(Previewer(), models_dir / files.PREVIEWER.path), device, memory, small=True)
+        prior.previewer = place(
+            load_strict(Previewer(), models_dir / files.PREVIEWER.path), device, memory, small=True
+        )
     return prior
 
 
@@ -324,8 +354,12 @@ def _load_prior_from_hub(repo, variant, dtype, device, memory, image_encoder, ef
 
     hub_variant = "bf16" if dtype == torch.bfloat16 else None
     subfolder = "prior" if variant == "big" else "prior_lite"
-    unet = StableCascadeUNet.from_pretrained(repo, subfolder=subfolder, variant=hub_variant, torch_dtype=dtype)
-    text_encoder = CLIPTextModelWithProjection.from_pretrained(repo, subfolder="text_encoder", variant=hub_variant, dtype=dtype)
+    unet = StableCascadeUNet.from_pretrained(
+        repo, subfolder=subfolder, variant=hub_variant, torch_dtype=dtype
+    )
+    text_encoder = CLIPTextModelWithProjection.from_pretrained(
+        repo, subfolder="text_encoder", variant=hub_variant, dtype=dtype
+    )
     prior = Prior(
         unet=place(unet.eval().requires_grad_(False), device, memory),
         text_encoder=place(text_encoder.eval().requires_grad_(False), device, memory),
@@ -337,7 +371,9 @@ def _load_prior_from_hub(repo, variant, dtype, device, memory, image_encoder, ef
     if image_encoder:
         from huggingface_hub import snapshot_download
 
-        vision = CLIPVisionModelWithProjection.from_pretrained(repo, subfolder="image_encoder", variant=hub_variant, dtype=dtype)
+        vision = CLIPVisionModelWithProjection.from_pretrained(
+            repo, subfolder="image_encoder", variant=hub_variant, dtype=dtype
+        )
         prior.image_encoder = place(vision.eval().requires_grad_(False), device, memory)
         local = Path(snapshot_download(repo, allow_patterns=[files.FEATURE_EXTRACTOR.path]))
         prior.clip_image = read_clip_image_settings(local / "feature_extractor")
@@ -376,7 +412,10 @@ def load_decoder(
     stage_c = size_present(models_dir, files.STAGE_C)
     check_present(models_dir, [stage_b, files.STAGE_A], stage_b=variant, stage_c=stage_c)
     _, architecture = inspect_file(
-        models_dir / stage_b.path, "stage_b", variant, files.download_command([stage_b], stage_b=variant, stage_c=stage_c)
+        models_dir / stage_b.path,
+        "stage_b",
+        variant,
+        files.download_command([stage_b], stage_b=variant, stage_c=stage_c),
     )
     _, stage_a_architecture = inspect_file(
         models_dir / files.STAGE_A.path, "stage_a", None, files.download_command([files.STAGE_A])
@@ -398,7 +437,9 @@ def _load_decoder_from_hub(repo, variant, dtype, device, memory) -> Decoder:
 
     hub_variant = "bf16" if dtype == torch.bfloat16 else None
     subfolder = "decoder" if variant == "big" else "decoder_lite"
-    unet = StableCascadeUNet.from_pretrained(repo, subfolder=subfolder, variant=hub_variant, torch_dtype=dtype)
+    unet = StableCascadeUNet.from_pretrained(
+        repo, subfolder=subfolder, variant=hub_variant, torch_dtype=dtype
+    )
     vqgan = PaellaVQModel.from_pretrained(repo, subfolder="vqgan", torch_dtype=torch.float32)
     return Decoder(
         unet=place(unet.eval().requires_grad_(False), device, memory),

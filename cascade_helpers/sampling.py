@@ -61,7 +61,9 @@ class StageSettings:
         if not 0.0 <= self.guidance_rescale <= 1.0:
             raise ValueError(f"guidance_rescale must be in [0, 1], not {self.guidance_rescale}")
         if self.sampler == "diffusers" and (self.shift != 1.0 or self.guidance_rescale != 0.0):
-            raise ValueError("the diffusers sampler has neither shift nor guidance rescale: set shift=1, guidance_rescale=0")
+            raise ValueError(
+                "the diffusers sampler has neither shift nor guidance rescale: set shift=1, guidance_rescale=0"
+            )
 
     @property
     def guided(self) -> bool:
@@ -114,7 +116,9 @@ def _per_sample(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return value.reshape(-1, *[1] * (like.dim() - 1)) if value.dim() else value
 
 
-def diffuse(x0: torch.Tensor, t: float | torch.Tensor, noise: torch.Tensor, shift: float = 1.0) -> torch.Tensor:
+def diffuse(
+    x0: torch.Tensor, t: float | torch.Tensor, noise: torch.Tensor, shift: float = 1.0
+) -> torch.Tensor:
     """Noise clean latents to time ``t`` the way the official training and image-to-image do."""
     t = torch.as_tensor(t, dtype=torch.float32, device=x0.device)
     a, b = signal_noise_scales(log_snr(t, shift))
@@ -133,7 +137,9 @@ def _ddpm_step(x, x0, eps, log_snr_now, log_snr_next, generator) -> torch.Tensor
 # --- guidance ----------------------------------------------------------------------------------------
 
 
-def _cat_inputs(cond: Mapping[str, torch.Tensor], uncond: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _cat_inputs(
+    cond: Mapping[str, torch.Tensor], uncond: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     return {k: torch.cat([cond[k], uncond[k]]) for k in cond}
 
 
@@ -161,7 +167,9 @@ def guided_prediction(
 # --- the loop ----------------------------------------------------------------------------------------
 
 
-def initial_noise(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+def initial_noise(
+    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device
+) -> torch.Tensor:
     """Gaussian noise drawn on the CPU, so a seed gives the same picture on every device."""
     return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
 

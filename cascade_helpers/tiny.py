@@ -38,17 +38,48 @@ IMAGE_EMBED = 24
 IMAGE_SIZE = 32
 # Words the tiny tokenizer knows whole (others fall back to characters): what the notebooks and
 # tests prompt with, plus "dog"/"dogs" for the official LoRA token initialization (^dog</w>).
-TINY_WORDS = (
-    "a photo of the an and in on with painting astronaut riding horse red green blue cat dog dogs "
-    "fernando person rodent knight city night mountain lake house sunset portrait"
-).split()
+TINY_WORDS = [
+    "a",
+    "photo",
+    "of",
+    "the",
+    "an",
+    "and",
+    "in",
+    "on",
+    "with",
+    "painting",
+    "astronaut",
+    "riding",
+    "horse",
+    "red",
+    "green",
+    "blue",
+    "cat",
+    "dog",
+    "dogs",
+    "fernando",
+    "person",
+    "rodent",
+    "knight",
+    "city",
+    "night",
+    "mountain",
+    "lake",
+    "house",
+    "sunset",
+    "portrait",
+]
 
 _DTYPES: dict[Precision, torch.dtype] = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def _save_official(state: dict[str, torch.Tensor], path: Path, dtype: torch.dtype | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    tensors = {
+        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
+        for k, v in state.items()
+    }
     save_file(tensors, str(path))
 
 
@@ -61,13 +92,17 @@ def _tiny_unet(kind: str, seed: int):
 
 def write_stage_c(models_dir: Path, size: Size, precision: Precision, seed: int = 0) -> Path:
     path = models_dir / files.stage_c_file(size, precision).path
-    _save_official(unet_to_official(_tiny_unet("stage_c", seed).state_dict(), "stage_c"), path, _DTYPES[precision])
+    _save_official(
+        unet_to_official(_tiny_unet("stage_c", seed).state_dict(), "stage_c"), path, _DTYPES[precision]
+    )
     return path
 
 
 def write_stage_b(models_dir: Path, size: Size, precision: Precision, seed: int = 1) -> Path:
     path = models_dir / files.stage_b_file(size, precision).path
-    _save_official(unet_to_official(_tiny_unet("stage_b", seed).state_dict(), "stage_b"), path, _DTYPES[precision])
+    _save_official(
+        unet_to_official(_tiny_unet("stage_b", seed).state_dict(), "stage_b"), path, _DTYPES[precision]
+    )
     return path
 
 
@@ -99,7 +134,11 @@ def write_previewer(models_dir: Path, seed: int = 4) -> Path:
 
 def _byte_alphabet() -> list[str]:
     """CLIP's byte-to-unicode alphabet: the 256 symbols its byte-level BPE starts from."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     codes, extra = printable[:], 0
     for b in range(256):
         if b not in printable:
@@ -131,22 +170,33 @@ def write_tokenizer(models_dir: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tokenizer = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), pad_token="!")
+    tokenizer = CLIPTokenizer(
+        vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), pad_token="!"
+    )
     tokenizer.model_max_length = 77
     tokenizer.save_pretrained(folder)
     return folder
 
 
-def write_text_encoder(models_dir: Path, precision: Precision, vocab_size: int, seed: int = 5) -> Path:
+def write_text_encoder(models_dir: Path, precision: Precision, seed: int = 5) -> Path:
     """A tiny ``CLIPTextModelWithProjection`` with bigG's quirks: eos_token_id=2 (pooling at the highest
-    token id), gelu, 77 positions."""
+    token id), gelu, 77 positions. Write the tokenizer first: the vocabulary size comes from it."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
+    vocab_size = len(json.loads((models_dir / files.TOKENIZER.path / "vocab.json").read_text()))
     torch.manual_seed(seed)
     config = CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=TEXT_HIDDEN, intermediate_size=37, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu", projection_dim=TEXT_HIDDEN,
-        bos_token_id=0, eos_token_id=2, pad_token_id=1,
+        vocab_size=vocab_size,
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        projection_dim=TEXT_HIDDEN,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
     )
     model = CLIPTextModelWithProjection(config).to(_DTYPES[precision])
     folder = models_dir / "text_encoder"
@@ -159,13 +209,20 @@ def write_image_encoder(models_dir: Path, precision: Precision, seed: int = 6) -
 
     torch.manual_seed(seed)
     config = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-        image_size=IMAGE_SIZE, patch_size=8, projection_dim=IMAGE_EMBED,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=IMAGE_SIZE,
+        patch_size=8,
+        projection_dim=IMAGE_EMBED,
     )
     model = CLIPVisionModelWithProjection(config).to(_DTYPES[precision])
     folder = models_dir / "image_encoder"
     model.save_pretrained(folder, variant="bf16" if precision == "bf16" else None)
-    processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
     processor.save_pretrained(models_dir / "feature_extractor")
     return folder
 
@@ -189,19 +246,22 @@ def write_tiny_models(
     write_stage_a(models_dir, seed + 2)
     write_effnet(models_dir, seed + 3)
     write_previewer(models_dir, seed + 4)
-    tokenizer_dir = write_tokenizer(models_dir)
-    vocab_size = len(json.loads((tokenizer_dir / "vocab.json").read_text()))
-    write_text_encoder(models_dir, precision, vocab_size, seed + 5)
+    write_tokenizer(models_dir)
+    write_text_encoder(models_dir, precision, seed + 5)
     write_image_encoder(models_dir, precision, seed + 6)
     return models_dir
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models-dir", type=Path, default=DEFAULT_TINY_DIR)
     parser.add_argument("--variant", choices=files.VARIANT_WORDS, default="big-big")
     parser.add_argument("--precision", choices=tuple(files.PRECISION_WORDS.values()), default="bfloat16")
-    parser.add_argument("--demo", action="store_true", help="then generate one (random-weights) picture with them")
+    parser.add_argument(
+        "--demo", action="store_true", help="then generate one (random-weights) picture with them"
+    )
     args = parser.parse_args(argv)
     stage_b, stage_c = (("big" if w == "big" else "lite") for w in args.variant.split("-"))
     precision = next(p for p, word in files.PRECISION_WORDS.items() if word == args.precision)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 
 ROOT = Path(__file__).parents[1]
@@ -16,5 +16,7 @@ def test_environment_yml_matches_pyproject():
     environment = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip_section = next(d["pip"] for d in environment["dependencies"] if isinstance(d, dict))
     listed = {line for line in pip_section if not line.startswith("-e")}
-    assert listed == declared, f"only in environment.yml: {listed - declared}; only in pyproject.toml: {declared - listed}"
+    assert listed == declared, (
+        f"only in environment.yml: {listed - declared}; only in pyproject.toml: {declared - listed}"
+    )
     assert "-e .[dev]" in pip_section, "environment.yml must install the package itself"

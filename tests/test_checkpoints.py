@@ -1,0 +1,60 @@
+"""Reading what a checkpoint holds from its header: complete or not, which model, which size."""
+
+from __future__ import annotations
+
+import pytest
+
+from cascade_helpers.checkpoints import (
+    CheckpointError,
+    TruncatedCheckpointError,
+    describe,
+    match_architecture,
+    official_shapes,
+    read_header,
+)
+from tests.sparse import write_sparse_checkpoint
+
+
+@pytest.mark.parametrize(
+    "path,kind",
+    [
+        ("stage_c_bf16.safetensors", "stage_c"),
+        ("stage_b_bf16.safetensors", "stage_b"),
+        ("stage_a.safetensors", "stage_a"),
+        ("effnet_encoder.safetensors", "effnet"),
+        ("previewer.safetensors", "previewer"),
+    ],
+)
+def test_kind_is_recognized_from_the_keys(tiny_models, path, kind):
+    assert read_header(tiny_models / path).kind == kind
+
+
+@pytest.mark.parametrize("kind", ["stage_c", "stage_b"])
+@pytest.mark.parametrize("architecture", ["big", "lite"])
+def test_released_sizes_are_recognized_from_the_shapes(tmp_path, kind, architecture):
+    path = write_sparse_checkpoint(tmp_path / "x.safetensors", official_shapes(kind, architecture))
+    info = read_header(path)
+    assert (info.kind, match_architecture(info)) == (kind, architecture)
+    assert describe(info).endswith(f"{architecture} checkpoint")
+
+
+def test_a_cut_off_download_is_reported_with_how_much_arrived(tiny_models, tmp_path):
+    data = (tiny_models / "stage_c_bf16.safetensors").read_bytes()
+    cut = tmp_path / "stage_c_bf16.safetensors"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(TruncatedCheckpointError, match=r"incomplete: .* \(50%\)"):
+        read_header(cut)
+
+
+def test_a_file_cut_inside_its_header(tmp_path):
+    path = tmp_path / "a.safetensors"
+    path.write_bytes(b"\x00\x10\x00\x00\x00\x00\x00\x00{")
+    with pytest.raises(TruncatedCheckpointError):
+        read_header(path)
+
+
+def test_something_else_than_safetensors(tmp_path):
+    path = tmp_path / "page.safetensors"
+    path.write_bytes(b"<html>" + b"\x00" * 100)  # e.g. an error page saved under the file's name
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
+        read_header(path)

@@ -1,0 +1,41 @@
+"""Device and precision choices."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from cascade_helpers.devices import UnsupportedPrecisionError, pick_device, pick_dtype, place
+
+
+def test_names_resolve():
+    cpu = torch.device("cpu")
+    assert pick_dtype("bf16", cpu) is torch.bfloat16
+    assert pick_dtype("float32", cpu) is torch.float32
+
+
+def test_default_on_cpu_is_float32():
+    assert pick_dtype(None, torch.device("cpu")) is torch.float32
+
+
+def test_float16_is_refused_for_stage_c_only():
+    cpu = torch.device("cpu")
+    with pytest.raises(UnsupportedPrecisionError, match="black"):
+        pick_dtype("fp16", cpu)
+    assert pick_dtype("fp16", cpu, stage="Stage B") is torch.float16
+    assert pick_dtype("fp16", cpu, allow_float16=True) is torch.float16
+
+
+def test_unknown_names_list_the_valid_ones():
+    with pytest.raises(ValueError, match="bfloat16"):
+        pick_dtype("half-ish", torch.device("cpu"))
+
+
+def test_explicit_device_wins():
+    assert pick_device("cpu") == torch.device("cpu")
+
+
+def test_unknown_memory_mode():
+    with pytest.raises(ValueError, match="model_offload"):
+        place(nn.Linear(2, 2), torch.device("cpu"), "swap")

@@ -1,0 +1,68 @@
+"""The registry of model files: names as released, one entry per file, commands that fetch them."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from cascade_helpers import files
+
+
+def test_every_local_path_is_listed_once():
+    paths = [f.path for f in files.all_files()]
+    assert len(paths) == len(set(paths))
+
+
+@pytest.mark.parametrize("stage,table", [("c", files.STAGE_C), ("b", files.STAGE_B)])
+def test_stage_files_carry_the_official_names(stage, table):
+    expected = {
+        ("big", "fp32"): f"stage_{stage}.safetensors",
+        ("big", "bf16"): f"stage_{stage}_bf16.safetensors",
+        ("lite", "fp32"): f"stage_{stage}_lite.safetensors",
+        ("lite", "bf16"): f"stage_{stage}_lite_bf16.safetensors",
+    }
+    for (size, precision), name in expected.items():
+        assert table[size][precision].path == name
+        assert table[size][precision].repo == "stabilityai/stable-cascade"
+
+
+def test_bf16_files_are_half_the_fp32_ones():
+    for table in (files.STAGE_C, files.STAGE_B, files.TEXT_ENCODER, files.IMAGE_ENCODER):
+        pairs = table.values() if table in (files.STAGE_C, files.STAGE_B) else [table]
+        for by_precision in pairs:
+            assert by_precision["bf16"].size == pytest.approx(by_precision["fp32"].size / 2, rel=0.02)
+
+
+def test_repos_as_released():
+    assert files.LORA_FERNANDO.repo == "dome272/stable-cascade"
+    assert (
+        files.IMAGE_ENCODER["bf16"].repo == files.FEATURE_EXTRACTOR.repo == "stabilityai/stable-cascade-prior"
+    )
+    assert {f.repo for f in files.CONTROLNETS.values()} == {"stabilityai/stable-cascade"}
+    assert all(not f.repo.endswith("StableWurst") for f in files.all_files())
+
+
+@pytest.mark.parametrize(
+    "wanted,kwargs,command",
+    [
+        ([files.STAGE_C["lite"]["bf16"]], {"stage_b": "big"}, "big-small bfloat16"),
+        ([files.STAGE_B["lite"]["fp32"]], {}, "small-small float32"),
+        (
+            [files.EFFNET, files.STAGE_C["big"]["bf16"], files.STAGE_B["big"]["bf16"]],
+            {},
+            "essential big-big bfloat16",
+        ),
+        ([files.CONTROLNETS["canny"]], {}, "controlnet"),
+        ([files.LORA_FERNANDO, files.PREVIEWER], {}, "essential lora"),
+        ([files.TEXT_ENCODER["fp32"]], {}, "essential float32"),
+    ],
+)
+def test_download_command_is_the_shortest_valid_line(wanted, kwargs, command):
+    assert files.download_command(wanted, **kwargs) == f"bash download_models.sh {command}"
+
+
+def test_human_sizes():
+    assert files.human_size(int(7.18 * files.GB)) == "7.18 GB"
+    assert files.human_size(int(81.5 * files.MB)) == "81.5 MB"
+    assert re.fullmatch(r"\d+ kB", files.human_size(1000))
