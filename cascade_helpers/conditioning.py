@@ -15,7 +15,7 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from .loading import Prior
+from .loading import Prior, TextEncoder
 
 
 @dataclass
@@ -45,8 +45,9 @@ def _warn_if_truncated(tokenizer, prompts: list[str]) -> None:
 
 
 @torch.no_grad()
-def encode_text(prior: Prior, prompts: str | list[str]) -> TextEmbeddings:
-    """Prompts → Stage C/B text conditioning (float32, on the prior's device)."""
+def encode_text(prior: Prior | TextEncoder, prompts: str | list[str]) -> TextEmbeddings:
+    """Prompts → Stage C/B text conditioning (float32, on the prior's device). A :class:`TextEncoder`
+    loaded alone serves as well: Stage B needs no Stage C."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     _warn_if_truncated(prior.tokenizer, prompts)
     tokens = prior.tokenizer(

@@ -56,3 +56,11 @@ def preprocess(images: torch.Tensor) -> torch.Tensor:
         )
     resized = TF.resize(images, list(size), interpolation=InterpolationMode.NEAREST)
     return TF.normalize(resized, IMAGENET_MEAN, IMAGENET_STD)
+
+
+@torch.no_grad()
+def encode(encoder: EfficientNetEncoder, images: torch.Tensor) -> torch.Tensor:
+    """Pictures (B×3×H×W in [0, 1]) → Stage C latents (B×16×h×w, float32), preprocessed the official
+    way, computed on the encoder's device."""
+    device = next(encoder.parameters()).device
+    return encoder(preprocess(images.to(device, torch.float32))).float()

@@ -16,7 +16,7 @@ import PIL.Image
 import torch
 
 from .conditioning import TextEmbeddings, encode_image_clip, encode_text, no_image
-from .effnet import preprocess as effnet_preprocess
+from .effnet import encode as effnet_encode
 from .images import ImageInput, batch_images, to_pil
 from .loading import Decoder, Prior
 from .sampling import (
@@ -158,7 +158,7 @@ def encode_stage_c(prior: Prior, images: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             "this prior was loaded without the EfficientNet encoder: use load_prior(..., effnet=True)"
         )
-    return prior.effnet(effnet_preprocess(images.to(prior.device, torch.float32))).float()
+    return effnet_encode(prior.effnet, images)
 
 
 # --- whole generations -------------------------------------------------------------------------------

@@ -299,21 +299,16 @@ def load_prior(
         if optional:
             inspect_file(models_dir / file.path, kind, None, essential_command)
 
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
+    from transformers import CLIPVisionModelWithProjection
 
     unet = place(
         load_unet_single_file(models_dir / stage_c.path, "stage_c", architecture, dtype), device, memory
     )
-    text_encoder = CLIPTextModelWithProjection.from_pretrained(
-        models_dir / "text_encoder",
-        variant=_transformers_variant(text_weights),
-        dtype=dtype,
-        local_files_only=True,
-    )
+    text_encoder, tokenizer = _text_encoder_from_folder(models_dir, text_weights, dtype)
     prior = Prior(
         unet=unet,
-        text_encoder=place(text_encoder.eval().requires_grad_(False), device, memory),
-        tokenizer=CLIPTokenizer.from_pretrained(models_dir / files.TOKENIZER.path, local_files_only=True),
+        text_encoder=place(text_encoder, device, memory),
+        tokenizer=tokenizer,
         device=device,
         dtype=dtype,
         architecture=architecture,
@@ -448,3 +443,86 @@ def _load_decoder_from_hub(repo, variant, dtype, device, memory) -> Decoder:
         dtype=dtype,
         architecture=variant,
     )
+
+
+# --- the autoencoder's parts alone: EfficientNet encoder, CLIP text encoder -----------------------------
+# Reconstruction (images → Stage C latents → images) needs neither Stage C nor the image encoder: these
+# load the encoder and the text encoder by themselves, with the same checks as the bundles above.
+
+
+@dataclass
+class TextEncoder:
+    """The CLIP text encoder and its tokenizer without Stage C: what Stage B's pooled text conditioning
+    needs. ``conditioning.encode_text`` accepts it like a :class:`Prior`."""
+
+    text_encoder: nn.Module
+    tokenizer: object
+    device: torch.device
+    dtype: torch.dtype
+
+
+def _text_encoder_from_folder(
+    models_dir: Path, weights: ModelFile, dtype: torch.dtype
+) -> tuple[nn.Module, object]:
+    """The ``transformers`` folders ``text_encoder/`` and ``tokenizer/`` (already checked present)."""
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    text_encoder = CLIPTextModelWithProjection.from_pretrained(
+        models_dir / "text_encoder",
+        variant=_transformers_variant(weights),
+        dtype=dtype,
+        local_files_only=True,
+    )
+    tokenizer = CLIPTokenizer.from_pretrained(models_dir / files.TOKENIZER.path, local_files_only=True)
+    return text_encoder.eval().requires_grad_(False), tokenizer
+
+
+def load_effnet(
+    source: str | Path = "models",
+    *,
+    device: str | torch.device | None = None,
+) -> EfficientNetEncoder:
+    """The EfficientNet encoder alone (images → Stage C latents), in float32 — 81 MB instead of the 7 GB
+    Stage C that ``load_prior(..., effnet=True)`` also loads.
+
+    ``source`` is a models folder (offline) or the Hub repo ``stabilityai/stable-cascade``.
+    """
+    device = pick_device(device)
+    if not _is_local(source):
+        return load_strict(EfficientNetEncoder(), _hub_file(str(source), files.EFFNET)).to(device)
+    models_dir = Path(source)
+    check_present(models_dir, [files.EFFNET])
+    path = models_dir / files.EFFNET.path
+    inspect_file(path, "effnet", None, files.download_command([files.EFFNET]))
+    return load_strict(EfficientNetEncoder(), path).to(device)
+
+
+def load_text_encoder(
+    source: str | Path = "models",
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    memory: MemoryMode = "gpu",
+) -> TextEncoder:
+    """The CLIP text encoder and tokenizer alone (1.4 GB in bfloat16).
+
+    ``source`` is a models folder (offline) or a Hub repo with ``text_encoder/`` and ``tokenizer/``
+    folders (``stabilityai/stable-cascade``).
+    """
+    device = pick_device(device)
+    dtype = pick_dtype(dtype, device, stage="text encoder")
+    if not _is_local(source):
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+        hub_variant = "bf16" if dtype == torch.bfloat16 else None
+        text_encoder = CLIPTextModelWithProjection.from_pretrained(
+            source, subfolder="text_encoder", variant=hub_variant, dtype=dtype
+        )
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+    else:
+        models_dir = Path(source)
+        weights = choose_precision_file(models_dir, files.TEXT_ENCODER, dtype)
+        check_present(models_dir, [files.TEXT_ENCODER_CONFIG, weights, files.TOKENIZER])
+        text_encoder, tokenizer = _text_encoder_from_folder(models_dir, weights, dtype)
+    text_encoder = place(text_encoder.eval().requires_grad_(False), device, memory)
+    return TextEncoder(text_encoder, tokenizer, device, dtype)

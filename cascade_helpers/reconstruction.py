@@ -1,0 +1,530 @@
+"""Stable Cascade as an image autoencoder: pictures → 16-channel Stage C latents → pictures.
+
+The EfficientNet encoder compresses a 1024×1024 picture to 16×24×24 latents (42.67× per side), and
+Stage B + Stage A decode them back. That makes the pair a tool for training your own models in this
+highly compressed space: encode a data set once (:func:`encode_folder`), train on the latents, decode
+what your model produces (:func:`decode`).
+
+Faithful to the official ``inference/reconstruct_images.ipynb``:
+
+- pictures are scaled to cover the target size and centre-cropped (the official data loader's
+  ``Resize`` + ``CenterCrop``), then downscaled by 3/4 with nearest neighbour, floored to multiples
+  of 32, and ImageNet-normalized before the encoder (:func:`cascade_helpers.effnet.preprocess`);
+- Stage B samples with cfg 1.1, shift 1, 10 steps from t = 1 (with the official guidance rescale
+  0.7): the same settings as text-to-image's Stage B, :data:`OFFICIAL_RECONSTRUCTION`;
+- the unconditional branch gets zero latents and the empty caption; the conditional branch gets the
+  latents and a caption — the official notebook uses its data set's captions, we default to the
+  empty caption (a reconstruction tool has no captions) and accept captions if you have them.
+
+Differences we chose: the encoder runs in float32 (the official notebook runs everything under
+bfloat16 autocast; the encoder is small), and the seed (42, as there) seeds noise drawn on the CPU,
+so a seed gives the same pictures on every device but not the official notebook's exact draw.
+
+Sizes are kept to multiples of 32: Stage A decodes 4× its latents, and Stage B's latents (a quarter
+of the picture) then divide by 8, which its three 2× downsamplings need.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from . import files
+from .checkpoints import CheckpointError, read_header
+from .conditioning import encode_text
+from .devices import MemoryMode, pick_device, pick_dtype
+from .effnet import DOWNSCALE, LATENT_CHANNELS, STRIDE, EfficientNetEncoder, encoder_input_size
+from .effnet import encode as effnet_encode
+from .files import Size
+from .generation import decode_stage_a, generate_stage_b
+from .images import IMAGE_SUFFIXES, ImageInput, batch_images, image_to_tensor, images_in_folder
+from .loading import (
+    Decoder,
+    TextEncoder,
+    _is_local,
+    check_present,
+    choose_precision_file,
+    load_decoder,
+    load_effnet,
+    load_text_encoder,
+    size_present,
+)
+from .sampling import OFFICIAL_DECODER, StageSettings
+
+#: Stage B settings of the official reconstruction notebook: cfg 1.1, shift 1, 10 steps, t_start 1.
+OFFICIAL_RECONSTRUCTION: StageSettings = OFFICIAL_DECODER
+OFFICIAL_SEED = 42
+DEFAULT_SIZE = 1024
+LATENTS_KEY = "latents"
+LATENT_SUFFIX = ".safetensors"
+
+Images = ImageInput | Sequence[ImageInput]
+
+
+@dataclass
+class Autoencoder:
+    """The EfficientNet encoder, the decoder (Stage B + Stage A) and Stage B's text conditioning for
+    the empty caption, computed once at load time so the text encoder need not stay in memory."""
+
+    effnet: EfficientNetEncoder
+    decoder: Decoder
+    empty_pooled: torch.Tensor  # 1×1×P, float32, CPU
+    text: TextEncoder | None = None  # kept only for decoding with captions
+
+
+# --- sizes -------------------------------------------------------------------------------------------
+
+
+def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def check_image_size(height: int, width: int) -> None:
+    for name, side in (("height", height), ("width", width)):
+        if side % STRIDE or side < 2 * STRIDE:
+            raise ValueError(
+                f"{name}={side}: use a multiple of {STRIDE} of at least {2 * STRIDE} px "
+                f"(1024 gives the released models' 24×24 latents)"
+            )
+
+
+def latent_size(height: int, width: int) -> tuple[int, int]:
+    """The latents' spatial size for a picture: the encoder's input (3/4, floored to multiples of 32)
+    divided by 32. 1024×1024 → 24×24."""
+    return tuple(side // STRIDE for side in encoder_input_size(height, width))
+
+
+def image_size_for_latents(height: int, width: int) -> tuple[int, int]:
+    """The smallest picture size, in multiples of 32, that encodes to latents of this size: what
+    decoding produces when no size is given. 24×24 → 1024×1024, 24×36 → 1024×1536."""
+    return tuple(math.ceil(side / DOWNSCALE) * STRIDE for side in (height, width))
+
+
+# --- pictures in ---------------------------------------------------------------------------------------
+
+
+def _picture_list(images: Images) -> list[ImageInput]:
+    """A folder, one picture, a list of pictures or a B×3×H×W tensor → a list of single pictures."""
+    if isinstance(images, (str, os.PathLike)) and Path(images).is_dir():
+        return list(images_in_folder(images))
+    if isinstance(images, torch.Tensor) and images.dim() == 4:
+        return list(images.unbind(0))
+    if isinstance(images, (str, os.PathLike, torch.Tensor, np.ndarray)) or not isinstance(images, Sequence):
+        return [images]
+    return list(images)
+
+
+def _crop_to_stride(image: torch.Tensor) -> torch.Tensor:
+    """Centre crop to the nearest smaller multiples of 32 (no scaling)."""
+    height, width = (side // STRIDE * STRIDE for side in image.shape[-2:])
+    check_image_size(height, width)
+    top, left = (image.shape[-2] - height) // 2, (image.shape[-1] - width) // 2
+    return image[..., top : top + height, left : left + width]
+
+
+def prepare_images(images: Images, size: int | tuple[int, int] | None = DEFAULT_SIZE) -> torch.Tensor:
+    """Pictures (PIL, arrays, tensors, files, a folder) → one B×3×H×W batch in [0, 1].
+
+    ``size`` is (height, width), or one side for squares: each picture is scaled to cover it and
+    centre-cropped, as the official data loader does. ``None`` keeps the pictures' own size, centre-
+    cropped to multiples of 32; they must then all have the same size.
+    """
+    pictures = _picture_list(images)
+    if not pictures:
+        raise ValueError("no pictures to encode")
+    if size is not None:
+        height, width = _pair(size)
+        check_image_size(height, width)
+        return batch_images(pictures, height, width)
+    tensors = [_crop_to_stride(image_to_tensor(picture)) for picture in pictures]
+    sizes = sorted({tuple(t.shape[-2:]) for t in tensors})
+    if len(sizes) > 1:
+        raise ValueError(
+            f"the pictures have different sizes {sizes} (after cropping to multiples of {STRIDE}): pass "
+            f"size=(height, width) to scale them to one size, or encode them separately"
+        )
+    return torch.stack(tensors)
+
+
+# --- loading -------------------------------------------------------------------------------------------
+
+
+def _check_files(models_dir: Path, stage_b: Size, dtype: torch.dtype) -> None:
+    """One error naming every missing file (and one download command), before anything loads."""
+    needed = [
+        choose_precision_file(models_dir, files.STAGE_B[stage_b], dtype),
+        files.STAGE_A,
+        files.EFFNET,
+        files.TEXT_ENCODER_CONFIG,
+        choose_precision_file(models_dir, files.TEXT_ENCODER, dtype),
+        files.TOKENIZER,
+    ]
+    check_present(models_dir, needed, stage_b=stage_b, stage_c=size_present(models_dir, files.STAGE_C))
+
+
+def load_autoencoder(
+    source: str | Path = "models",
+    stage_b: Size = "big",
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    memory: MemoryMode = "gpu",
+    keep_text_encoder: bool = False,
+) -> Autoencoder:
+    """The EfficientNet encoder, Stage B (``stage_b`` big or lite) and Stage A — no Stage C.
+
+    Stage B is conditioned on a pooled CLIP text embedding; for reconstruction that is the empty
+    caption's, computed here once with the text encoder, which is then released (1.4 GB) unless
+    ``keep_text_encoder`` (to decode with captions). ``source`` is a models folder or the Hub repo
+    ``stabilityai/stable-cascade``.
+    """
+    device = pick_device(device)
+    dtype = pick_dtype(dtype, device, stage="Stage B")
+    if _is_local(source):
+        _check_files(Path(source), stage_b, dtype)
+    decoder = load_decoder(source, stage_b, dtype=dtype, device=device, memory=memory)
+    effnet = load_effnet(source, device=device)
+    text = load_text_encoder(source, dtype=dtype, device=device, memory=memory)
+    empty_pooled = encode_text(text, "").pooled.cpu()
+    if not keep_text_encoder:
+        text = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return Autoencoder(effnet, decoder, empty_pooled, text)
+
+
+def available_stage_b(models_dir: str | Path) -> list[Size]:
+    """The Stage B sizes whose file (either precision) is in the models folder."""
+    return [
+        size
+        for size, by_precision in files.STAGE_B.items()
+        if any((Path(models_dir) / f.path).is_file() for f in by_precision.values())
+    ]
+
+
+# --- encode and decode -----------------------------------------------------------------------------------
+
+
+def _encode_batch(effnet: EfficientNetEncoder, batch: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return torch.cat([effnet_encode(effnet, chunk).cpu() for chunk in batch.split(batch_size)])
+
+
+def encode(
+    effnet: EfficientNetEncoder,
+    images: Images,
+    *,
+    size: int | tuple[int, int] | None = DEFAULT_SIZE,
+    batch_size: int = 8,
+) -> torch.Tensor:
+    """Pictures → Stage C latents (B×16×h×w, float32, CPU); 1024×1024 pictures give 24×24 latents.
+    See :func:`prepare_images` for ``size``; ``batch_size`` pictures go through the encoder at once."""
+    return _encode_batch(effnet, prepare_images(images, size), batch_size)
+
+
+def _pooled(autoencoder: Autoencoder, captions: str | Sequence[str] | None, batch: int) -> torch.Tensor:
+    if captions is None:
+        return autoencoder.empty_pooled.expand(batch, -1, -1)
+    captions = [captions] * batch if isinstance(captions, str) else list(captions)
+    if len(captions) != batch:
+        raise ValueError(f"{len(captions)} captions for {batch} latents: give one caption, or one per latent")
+    if autoencoder.text is None:
+        raise ValueError(
+            "decoding with captions needs the text encoder: load_autoencoder(..., keep_text_encoder=True)"
+        )
+    return encode_text(autoencoder.text, captions).pooled.cpu()
+
+
+def decode(
+    autoencoder: Autoencoder,
+    latents: torch.Tensor,
+    *,
+    size: int | tuple[int, int] | None = None,
+    settings: StageSettings = OFFICIAL_RECONSTRUCTION,
+    seed: int = OFFICIAL_SEED,
+    captions: str | Sequence[str] | None = None,
+    batch_size: int = 4,
+) -> torch.Tensor:
+    """Stage C latents (B×16×h×w or 16×h×w, from :func:`encode` or from your own model) → pictures
+    (B×3×H×W in [0, 1], float32, CPU) with Stage B then Stage A.
+
+    ``size`` defaults to :func:`image_size_for_latents` (24×24 → 1024×1024). ``settings`` are Stage
+    B's (steps, guidance...). ``captions`` condition Stage B's conditional branch (default: the empty
+    caption). ``batch_size`` latents are decoded at once.
+    """
+    latents = latents[None] if latents.dim() == 3 else latents
+    if latents.shape[1] != LATENT_CHANNELS:
+        raise ValueError(f"Stage C latents have {LATENT_CHANNELS} channels, not {latents.shape[1]}")
+    height, width = image_size_for_latents(*latents.shape[-2:]) if size is None else _pair(size)
+    check_image_size(height, width)
+    pooled = _pooled(autoencoder, captions, len(latents))
+    negative = autoencoder.empty_pooled.expand(len(latents), -1, -1)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    pictures = []
+    for start in range(0, len(latents), batch_size):
+        chunk = slice(start, start + batch_size)
+        stage_b = generate_stage_b(
+            autoencoder.decoder,
+            latents[chunk].float(),
+            pooled[chunk],
+            negative[chunk],
+            (height, width),
+            settings,
+            generator=generator,
+        )
+        pictures.append(decode_stage_a(autoencoder.decoder, stage_b))
+    return torch.cat(pictures)
+
+
+# --- quality and compression -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Quality:
+    """Reconstruction quality of one picture: PSNR in dB (higher is better, ∞ for identical pictures)
+    and SSIM (1 for identical pictures)."""
+
+    psnr: float
+    ssim: float
+
+
+def quality(originals: torch.Tensor, reconstructions: torch.Tensor) -> list[Quality]:
+    """PSNR and SSIM per picture (B×3×H×W in [0, 1]) with scikit-image: data range 1, SSIM with the
+    Gaussian window of Wang et al. (σ = 1.5, population covariance), over the three colour channels."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    if originals.shape != reconstructions.shape:
+        raise ValueError(
+            f"originals {tuple(originals.shape)} and reconstructions {tuple(reconstructions.shape)} differ"
+        )
+    results = []
+    for original, reconstruction in zip(originals, reconstructions, strict=True):
+        a = original.permute(1, 2, 0).double().numpy()
+        b = reconstruction.permute(1, 2, 0).double().numpy()
+        ssim = structural_similarity(
+            a,
+            b,
+            data_range=1.0,
+            channel_axis=-1,
+            gaussian_weights=True,
+            sigma=1.5,
+            use_sample_covariance=False,
+        )
+        with np.errstate(divide="ignore"):  # identical pictures: PSNR is +inf, not worth a warning
+            psnr = peak_signal_noise_ratio(a, b, data_range=1.0)
+        results.append(Quality(float(psnr), float(ssim)))
+    return results
+
+
+def mean_quality(qualities: Sequence[Quality]) -> Quality:
+    return Quality(float(np.mean([q.psnr for q in qualities])), float(np.mean([q.ssim for q in qualities])))
+
+
+@dataclass(frozen=True)
+class Compression:
+    """How much smaller the latents are than the picture they encode."""
+
+    image_shape: tuple[int, int, int]  # 3×H×W, stored as uint8
+    latent_shape: tuple[int, int, int]  # 16×h×w
+    latent_dtype: torch.dtype
+
+    @property
+    def spatial(self) -> float:
+        """Picture side / latent side: 1024 / 24 = 42.67."""
+        return self.image_shape[1] / self.latent_shape[1]
+
+    @property
+    def values(self) -> float:
+        """Numbers in the picture / numbers in the latents: 3·1024² / (16·24²) = 341.3."""
+        return math.prod(self.image_shape) / math.prod(self.latent_shape)
+
+    @property
+    def image_bytes(self) -> int:
+        return math.prod(self.image_shape)
+
+    @property
+    def latent_bytes(self) -> int:
+        return math.prod(self.latent_shape) * self.latent_dtype.itemsize
+
+    @property
+    def bytes(self) -> float:
+        """uint8 picture bytes / latent bytes: 170.7 for float16 latents, 85.3 for float32."""
+        return self.image_bytes / self.latent_bytes
+
+    def __str__(self) -> str:
+        image = "×".join(map(str, self.image_shape))
+        latent = "×".join(map(str, self.latent_shape))
+        dtype = str(self.latent_dtype).removeprefix("torch.")
+        return (
+            f"picture {image} (uint8): {self.image_bytes:,} bytes\n"
+            f"latents {latent} ({dtype}): {self.latent_bytes:,} bytes\n"
+            f"spatial compression (side): {self.spatial:.2f}×\n"
+            f"numbers: {self.values:.1f}× fewer\n"
+            f"bytes: {self.bytes:.1f}× smaller"
+        )
+
+
+def compression(
+    height: int = DEFAULT_SIZE, width: int = DEFAULT_SIZE, latent_dtype: torch.dtype = torch.float16
+) -> Compression:
+    """The compression of an uint8 picture of this size into latents stored as ``latent_dtype``."""
+    return Compression((3, height, width), (LATENT_CHANNELS, *latent_size(height, width)), latent_dtype)
+
+
+# --- a whole round trip ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Reconstruction:
+    originals: torch.Tensor  # B×3×H×W, the prepared pictures
+    latents: torch.Tensor  # B×16×h×w
+    images: torch.Tensor  # B×3×H×W, decoded
+    encode_seconds: float
+    decode_seconds: float
+
+    def quality(self) -> list[Quality]:
+        return quality(self.originals, self.images)
+
+
+def reconstruct(
+    autoencoder: Autoencoder,
+    images: Images,
+    *,
+    size: int | tuple[int, int] | None = DEFAULT_SIZE,
+    settings: StageSettings = OFFICIAL_RECONSTRUCTION,
+    seed: int = OFFICIAL_SEED,
+    batch_size: int = 4,
+) -> Reconstruction:
+    """Encode pictures and decode them back at the same size, timing both halves (wall clock; the
+    results are copied to the CPU, which waits for the GPU)."""
+    originals = prepare_images(images, size)
+    start = time.perf_counter()
+    latents = _encode_batch(autoencoder.effnet, originals, batch_size)
+    encoded = time.perf_counter()
+    decoded = decode(
+        autoencoder,
+        latents,
+        size=tuple(originals.shape[-2:]),
+        settings=settings,
+        seed=seed,
+        batch_size=batch_size,
+    )
+    return Reconstruction(originals, latents, decoded, encoded - start, time.perf_counter() - encoded)
+
+
+# --- a data set on disk ----------------------------------------------------------------------------------
+
+
+@dataclass
+class StoredLatents:
+    latents: torch.Tensor  # 16×h×w, float32
+    image_size: tuple[int, int]  # the picture size they encode (what decoding should produce)
+    source: str  # the picture's file name, when known
+
+
+@dataclass
+class FolderEncoding:
+    written: list[Path]
+    skipped: list[Path]  # already encoded by an earlier run
+
+
+def latent_path(image: Path, out_dir: Path) -> Path:
+    """``cat.png`` → ``out_dir/cat.png.safetensors`` (the full name: ``cat.png`` and ``cat.jpg`` differ)."""
+    return Path(out_dir) / (Path(image).name + LATENT_SUFFIX)
+
+
+def is_encoded(path: Path) -> bool:
+    """A complete latents file (an interrupted write leaves no file, a damaged one counts as missing)."""
+    if not path.is_file():
+        return False
+    try:
+        return LATENTS_KEY in read_header(path).tensors
+    except CheckpointError:
+        return False
+
+
+def write_latents(path: Path, latents: torch.Tensor, image_size: tuple[int, int], source: str) -> None:
+    """Save one picture's latents (16×h×w) atomically: to a ``.partial`` file, then renamed, so an
+    interruption never leaves a half-written ``.safetensors``."""
+    partial = path.with_name(path.name + ".partial")
+    metadata = {"source": source, "height": str(image_size[0]), "width": str(image_size[1])}
+    save_file({LATENTS_KEY: latents.contiguous()}, str(partial), metadata=metadata)
+    os.replace(partial, path)
+
+
+def read_latents(path: str | Path) -> StoredLatents:
+    """One latents file: ours, or any safetensors file holding one 16×h×w (or 1×16×h×w) tensor."""
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+        key = LATENTS_KEY if LATENTS_KEY in keys else (keys[0] if len(keys) == 1 else None)
+        if key is None:
+            raise ValueError(f"{path} holds {keys}: expected one tensor, or one named {LATENTS_KEY!r}")
+        latents, metadata = f.get_tensor(key).float(), f.metadata() or {}
+    latents = latents[0] if latents.dim() == 4 and len(latents) == 1 else latents
+    if latents.dim() != 3 or latents.shape[0] != LATENT_CHANNELS:
+        raise ValueError(f"{path}: expected {LATENT_CHANNELS}×h×w latents, got {tuple(latents.shape)}")
+    if "height" in metadata and "width" in metadata:
+        image_size = (int(metadata["height"]), int(metadata["width"]))
+    else:
+        image_size = image_size_for_latents(*latents.shape[-2:])
+    return StoredLatents(latents, image_size, metadata.get("source", Path(path).name))
+
+
+def encode_folder(
+    effnet: EfficientNetEncoder,
+    folder: str | Path,
+    out_dir: str | Path,
+    *,
+    size: int | tuple[int, int] | None = DEFAULT_SIZE,
+    batch_size: int = 8,
+    dtype: torch.dtype = torch.float16,
+    progress: bool = True,
+) -> FolderEncoding:
+    """Encode every picture in ``folder`` to ``out_dir/<name>.safetensors`` (key ``latents``, 16×h×w
+    in ``dtype``; metadata: source name, picture height and width).
+
+    Resumable: pictures whose file is already complete are skipped, so an interrupted run picks up
+    where it stopped, and each file is written atomically. float16 halves the files and keeps the
+    latents' precision (they are normalized: values of a few units).
+    """
+    folder, out_dir = Path(folder), Path(out_dir)
+    pictures = images_in_folder(folder)
+    if not pictures:
+        raise FileNotFoundError(f"no pictures in {folder} (looked for {', '.join(IMAGE_SUFFIXES)})")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pending = [p for p in pictures if not is_encoded(latent_path(p, out_dir))]
+    result = FolderEncoding([], [latent_path(p, out_dir) for p in pictures if p not in pending])
+    with tqdm(
+        total=len(pictures),
+        initial=len(result.skipped),
+        desc="Encoding",
+        unit="picture",
+        disable=not progress,
+    ) as bar:
+        for start in range(0, len(pending), batch_size):
+            for paths, batch in _same_size_batches(pending[start : start + batch_size], size):
+                for path, latents in zip(paths, _encode_batch(effnet, batch, batch_size), strict=True):
+                    target = latent_path(path, out_dir)
+                    write_latents(target, latents.to(dtype), tuple(batch.shape[-2:]), path.name)
+                    result.written.append(target)
+                    bar.update(1)
+    return result
+
+
+def _same_size_batches(paths: list[Path], size: int | tuple[int, int] | None):
+    """Prepared pictures grouped by size (with ``size=None`` pictures keep their own)."""
+    groups: dict[tuple[int, int], list[tuple[Path, torch.Tensor]]] = {}
+    for path in paths:
+        picture = prepare_images(path, size)[0]
+        groups.setdefault(tuple(picture.shape[-2:]), []).append((path, picture))
+    for members in groups.values():
+        yield [p for p, _ in members], torch.stack([t for _, t in members])

@@ -1,0 +1,384 @@
+"""The autoencoder view: the EfficientNet encoder against the official module, sizes, the round trip
+on tiny models, metrics and compression against hand-computed values, resumable folder encoding."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from cascade_helpers import files, reconstruction
+from cascade_helpers.checkpoints import TruncatedCheckpointError, WrongCheckpointError
+from cascade_helpers.conditioning import encode_text
+from cascade_helpers.effnet import EfficientNetEncoder
+from cascade_helpers.effnet import encode as effnet_encode
+from cascade_helpers.loading import MissingModelFileError, load_effnet
+from cascade_helpers.reconstruction import (
+    OFFICIAL_RECONSTRUCTION,
+    Quality,
+    compression,
+    decode,
+    encode,
+    encode_folder,
+    image_size_for_latents,
+    latent_path,
+    latent_size,
+    load_autoencoder,
+    prepare_images,
+    quality,
+    read_latents,
+    reconstruct,
+)
+from cascade_helpers.tiny import write_previewer, write_stage_b
+from tests.test_official_equivalence import _official_weights
+
+OFFICIAL = json.loads((Path(__file__).parent / "fixtures" / "official_effnet.json").read_text())
+
+
+# --- the encoder against the official module ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def official_effnet_file(tmp_path_factory) -> Path:
+    """A models folder whose effnet_encoder.safetensors has the official keys (our module's key list is
+    the official one: test_official_equivalence checks its digest) and the fixture's weights."""
+    folder = tmp_path_factory.mktemp("effnet")
+    shapes = {k: tuple(v.shape) for k, v in EfficientNetEncoder().state_dict().items()}
+    save_file(_official_weights(shapes), str(folder / files.EFFNET.path))
+    return folder
+
+
+def test_the_encoder_keeps_the_official_integer_buffers():
+    """The released file holds BatchNorm's num_batches_tracked (int64): a strict load needs them."""
+    state = EfficientNetEncoder().state_dict()
+    integers = sorted(k for k, v in state.items() if not v.is_floating_point())
+    assert len(state) == OFFICIAL["state_dict"]["keys"]
+    assert integers == OFFICIAL["state_dict"]["integer_keys"]
+    assert {str(state[k].dtype) for k in integers} == {OFFICIAL["state_dict"]["integer_dtype"]}
+
+
+def test_load_effnet_loads_an_official_file_strictly(official_effnet_file, no_network):
+    encoder = load_effnet(official_effnet_file, device="cpu")
+    written = load_file(str(official_effnet_file / files.EFFNET.path))
+    loaded = encoder.state_dict()
+    assert loaded.keys() == written.keys()
+    for key, value in written.items():
+        assert loaded[key].dtype == (torch.float32 if value.is_floating_point() else torch.int64), key
+        torch.testing.assert_close(loaded[key], value, msg=key)
+    assert not encoder.training and not any(p.requires_grad for p in encoder.parameters())
+
+
+@pytest.mark.parametrize("change", ["missing", "unexpected"])
+def test_a_file_with_other_keys_is_refused(tmp_path, official_effnet_file, change):
+    state = load_file(str(official_effnet_file / files.EFFNET.path))
+    if change == "missing":
+        state.pop("backbone.0.0.weight")
+    else:
+        state["mapper.2.weight"] = torch.zeros(1)
+    save_file(state, str(tmp_path / files.EFFNET.path))
+    with pytest.raises(RuntimeError, match=f"{change.capitalize()} key"):
+        load_effnet(tmp_path, device="cpu")
+
+
+@torch.no_grad()
+def test_forward_equals_the_official_module(official_effnet_file):
+    encoder = load_effnet(official_effnet_file, device="cpu")
+    normalized = torch.randn((2, 3, 64, 96), generator=torch.Generator().manual_seed(103))
+    out = encoder(normalized)
+    expected = torch.tensor(OFFICIAL["forward"]["values"]).reshape(OFFICIAL["forward"]["shape"])
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_preprocessing_and_encoding_equal_the_official_pipeline(official_effnet_file):
+    """3/4 nearest downscale floored to multiples of 32, ImageNet normalization, the encoder."""
+    encoder = load_effnet(official_effnet_file, device="cpu")
+    pictures = torch.rand((2, 3, 150, 200), generator=torch.Generator().manual_seed(104))
+    out = effnet_encode(encoder, pictures)
+    expected = torch.tensor(OFFICIAL["preprocessed"]["values"]).reshape(OFFICIAL["preprocessed"]["shape"])
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_the_encoder_never_fetches_imagenet_weights(monkeypatch, no_network):
+    def refuse(*args, **kwargs):
+        raise AssertionError("torchvision tried to download weights")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+    EfficientNetEncoder()
+
+
+def test_load_effnet_says_what_to_do(tmp_path):
+    with pytest.raises(MissingModelFileError, match="bash download_models.sh essential"):
+        load_effnet(tmp_path, device="cpu")
+    write_previewer(tmp_path)
+    shutil.move(tmp_path / files.PREVIEWER.path, tmp_path / files.EFFNET.path)
+    with pytest.raises(WrongCheckpointError, match="previewer"):
+        load_effnet(tmp_path, device="cpu")
+    path = tmp_path / files.EFFNET.path
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(TruncatedCheckpointError, match="download_models.sh essential"):
+        load_effnet(tmp_path, device="cpu")
+
+
+# --- sizes -------------------------------------------------------------------------------------------------
+
+# (picture height, width) → latent (height, width), by hand: side × 3/4, floored to a multiple of 32, / 32
+SIZES = {
+    (1024, 1024): (24, 24),
+    (1024, 1536): (24, 36),
+    (1536, 1024): (36, 24),
+    (768, 1344): (18, 31),
+    (512, 512): (12, 12),
+    (512, 768): (12, 18),
+    (2048, 2048): (48, 48),
+    (1000, 1000): (23, 23),
+}
+
+
+@pytest.mark.parametrize("image,latent", SIZES.items(), ids=lambda s: "x".join(map(str, s)))
+def test_latent_sizes(image, latent):
+    assert latent_size(*image) == latent
+
+
+@pytest.mark.parametrize(
+    "latent,image",
+    [((24, 24), (1024, 1024)), ((24, 36), (1024, 1536)), ((18, 31), (768, 1344)), ((23, 5), (992, 224))],
+)
+def test_decoding_size_is_the_smallest_that_encodes_to_the_latents(latent, image):
+    assert image_size_for_latents(*latent) == image
+    assert latent_size(*image) == latent
+
+
+@pytest.fixture(scope="module")
+def encoder() -> EfficientNetEncoder:
+    torch.manual_seed(0)
+    return EfficientNetEncoder().eval()
+
+
+@pytest.mark.parametrize("image", [(512, 512), (512, 768), (768, 1344)], ids=lambda s: "x".join(map(str, s)))
+def test_the_encoder_gives_these_sizes(encoder, image):
+    picture = torch.rand(1, 3, *image)
+    assert encode(encoder, picture, size=image).shape == (1, 16, *SIZES[image])
+
+
+def test_prepare_accepts_pil_arrays_tensors_and_folders(tmp_path):
+    PIL.Image.new("RGB", (300, 200), "red").save(tmp_path / "a.png")
+    PIL.Image.new("L", (100, 100), 128).save(tmp_path / "b.jpg")
+    assert prepare_images(tmp_path, 64).shape == (2, 3, 64, 64)
+    mixed = [PIL.Image.new("RGBA", (80, 90)), np.zeros((70, 70, 3), np.uint8), torch.rand(3, 64, 64)]
+    assert prepare_images(mixed, (64, 96)).shape == (3, 3, 64, 96)
+    assert prepare_images(torch.rand(4, 3, 128, 128), 128).shape == (4, 3, 128, 128)
+
+
+def test_prepare_keeps_own_size_cropped_to_multiples_of_32():
+    picture = torch.rand(3, 100, 150)
+    prepared = prepare_images(picture, None)
+    assert prepared.shape == (1, 3, 96, 128)
+    torch.testing.assert_close(prepared[0], picture[:, 2:98, 11:139])  # the centre
+    with pytest.raises(ValueError, match="different sizes"):
+        prepare_images([torch.rand(3, 64, 64), torch.rand(3, 96, 64)], None)
+
+
+@pytest.mark.parametrize("size", [1000, (64, 100), 32])
+def test_sizes_must_be_multiples_of_32(size):
+    with pytest.raises(ValueError, match="multiple of 32"):
+        prepare_images(torch.rand(3, 64, 64), size)
+
+
+# --- the round trip on tiny models ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def autoencoder(tiny_models):
+    return load_autoencoder(tiny_models, "big", dtype="fp32", device="cpu", keep_text_encoder=True)
+
+
+FAST = OFFICIAL_RECONSTRUCTION.with_(steps=2)
+
+
+def test_round_trip_shapes(autoencoder):
+    pictures = [PIL.Image.new("RGB", (200, 150), "blue"), np.full((50, 80, 3), 200, np.uint8)]
+    result = reconstruct(autoencoder, pictures, size=(128, 192), settings=FAST)
+    assert result.originals.shape == result.images.shape == (2, 3, 128, 192)
+    assert result.latents.shape == (2, 16, 3, 4)
+    assert result.images.min() >= 0 and result.images.max() <= 1
+    assert result.encode_seconds > 0 and result.decode_seconds > 0
+    assert all(math.isfinite(q.psnr) and -1 <= q.ssim <= 1 for q in result.quality())
+    # latents alone decode to the smallest size that encodes to them: the same here
+    assert decode(autoencoder, result.latents[0], settings=FAST).shape == (1, 3, 128, 192)
+
+
+def test_decoding_is_seeded(autoencoder):
+    latents = torch.randn(1, 16, 2, 2)
+    first, again = (decode(autoencoder, latents, settings=FAST, seed=1) for _ in range(2))
+    torch.testing.assert_close(first, again)
+    assert not torch.equal(first, decode(autoencoder, latents, settings=FAST, seed=2))
+
+
+def test_stage_b_gets_the_empty_caption_of_text_to_image(autoencoder, tiny_pipeline):
+    prior, _ = tiny_pipeline
+    torch.testing.assert_close(autoencoder.empty_pooled, encode_text(prior, "").pooled.cpu())
+
+
+def test_captions_need_the_text_encoder(autoencoder):
+    latents = torch.randn(2, 16, 2, 2)
+    with pytest.raises(ValueError, match="3 captions for 2 latents"):
+        decode(autoencoder, latents, settings=FAST, captions=["a cat", "a dog", "a horse"])
+    captioned = decode(autoencoder, latents, settings=FAST, captions="a photo of a cat")
+    assert not torch.equal(captioned, decode(autoencoder, latents, settings=FAST))
+    without = reconstruction.Autoencoder(autoencoder.effnet, autoencoder.decoder, autoencoder.empty_pooled)
+    with pytest.raises(ValueError, match="keep_text_encoder=True"):
+        decode(without, latents, settings=FAST, captions="a cat")
+
+
+def test_official_reconstruction_settings():
+    """inference/reconstruct_images.ipynb: cfg 1.1, shift 1, 10 timesteps, t_start 1.0, gdf's cfg_rho 0.7."""
+    s = OFFICIAL_RECONSTRUCTION
+    assert (s.steps, s.guidance, s.shift, s.t_start, s.guidance_rescale, s.sampler) == (
+        10,
+        1.1,
+        1.0,
+        1.0,
+        0.7,
+        "official",
+    )
+
+
+def test_missing_files_are_listed_in_one_error(tmp_path):
+    write_stage_b(tmp_path, "lite", "bf16")
+    with pytest.raises(MissingModelFileError) as error:
+        load_autoencoder(tmp_path, "lite", device="cpu")
+    message = str(error.value)
+    for file in (files.STAGE_A, files.EFFNET, files.TOKENIZER, files.TEXT_ENCODER["bf16"]):
+        assert file.path in message
+    assert "bash download_models.sh essential" in message
+
+
+def test_available_stage_b(tmp_path):
+    assert reconstruction.available_stage_b(tmp_path) == []
+    write_stage_b(tmp_path, "lite", "fp32")
+    assert reconstruction.available_stage_b(tmp_path) == ["lite"]
+    write_stage_b(tmp_path, "big", "bf16")
+    assert reconstruction.available_stage_b(tmp_path) == ["big", "lite"]
+
+
+# --- metrics and compression, against hand-computed values ----------------------------------------------
+
+
+def test_psnr_and_ssim():
+    picture = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 0.8
+    same = quality(picture, picture.clone())[0]
+    assert same.psnr == math.inf and same.ssim == pytest.approx(1.0)
+    shifted = quality(picture, picture + 0.1)[0]  # MSE 0.01 → 10·log10(1 / 0.01) = 20 dB
+    assert shifted.psnr == pytest.approx(20.0, abs=1e-6)
+    assert shifted.ssim < 1
+    assert reconstruction.mean_quality([Quality(10, 0.5), Quality(20, 0.7)]) == Quality(
+        15, pytest.approx(0.6)
+    )
+
+
+def test_compression_numbers():
+    c = compression()
+    assert c.spatial == pytest.approx(1024 / 24) and round(c.spatial, 2) == 42.67
+    assert c.image_bytes == 3 * 1024 * 1024 == 3_145_728
+    assert c.latent_bytes == 16 * 24 * 24 * 2 == 18_432
+    assert c.bytes == pytest.approx(3_145_728 / 18_432)  # 170.67
+    assert c.values == pytest.approx(3 * 1024 * 1024 / (16 * 24 * 24))  # 341.33
+    assert compression(latent_dtype=torch.float32).bytes == pytest.approx(3_145_728 / 36_864)  # 85.33
+    assert compression(1024, 1536).latent_shape == (16, 24, 36)
+    assert "42.67×" in str(c)
+
+
+# --- a folder of pictures to latents on disk -----------------------------------------------------------
+
+
+class CountingEncoder(torch.nn.Module):
+    """Wraps the encoder: counts batches, and can stop the run at a given batch like Ctrl-C."""
+
+    def __init__(self, encoder: EfficientNetEncoder, interrupt_at: int | None = None):
+        super().__init__()
+        self.encoder, self.calls, self.interrupt_at = encoder, 0, interrupt_at
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == self.interrupt_at:
+            raise KeyboardInterrupt
+        return self.encoder(x)
+
+
+@pytest.fixture
+def picture_folder(tmp_path) -> Path:
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        PIL.Image.fromarray(rng.integers(0, 255, (70, 90, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    (folder / "notes.txt").write_text("not a picture")
+    return folder
+
+
+def test_encode_folder_writes_one_file_per_picture(encoder, picture_folder, tmp_path):
+    out = tmp_path / "latents"
+    result = encode_folder(encoder, picture_folder, out, size=64, batch_size=2, progress=False)
+    assert sorted(p.name for p in result.written) == [f"{i}.png.safetensors" for i in range(5)]
+    stored = read_latents(out / "3.png.safetensors")
+    assert (stored.image_size, stored.source) == ((64, 64), "3.png")
+    assert load_file(str(out / "3.png.safetensors"))["latents"].dtype == torch.float16
+    direct = encode(encoder, picture_folder / "3.png", size=64)[0]
+    torch.testing.assert_close(stored.latents, direct.half().float())
+
+
+def test_encode_folder_resumes_where_it_stopped(encoder, picture_folder, tmp_path):
+    out = tmp_path / "latents"
+    interrupted = CountingEncoder(encoder, interrupt_at=2)
+    with pytest.raises(KeyboardInterrupt):
+        encode_folder(interrupted, picture_folder, out, size=64, batch_size=2, progress=False)
+    done = sorted(out.glob("*.safetensors"))
+    assert [p.name for p in done] == ["0.png.safetensors", "1.png.safetensors"]
+    before = {p: p.stat().st_mtime_ns for p in done}
+
+    resumed = CountingEncoder(encoder)
+    result = encode_folder(resumed, picture_folder, out, size=64, batch_size=2, progress=False)
+    assert resumed.calls == 2  # pictures 2, 3 then 4: the first two are not encoded again
+    assert sorted(result.skipped) == done
+    assert [p.name for p in result.written] == [f"{i}.png.safetensors" for i in (2, 3, 4)]
+    assert {p: p.stat().st_mtime_ns for p in done} == before
+
+
+def test_an_interrupted_write_leaves_no_latents_file(encoder, picture_folder, tmp_path, monkeypatch):
+    out = tmp_path / "latents"
+    real_save = reconstruction.save_file
+
+    def save_half_then_stop(tensors, filename, metadata=None):
+        real_save(tensors, filename, metadata=metadata)
+        Path(filename).write_bytes(Path(filename).read_bytes()[:100])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(reconstruction, "save_file", save_half_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        encode_folder(encoder, picture_folder, out, size=64, progress=False)
+    assert not list(out.glob("*.safetensors"))  # only a .partial file, which no loader picks up
+    monkeypatch.undo()
+    (out / "4.png.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")  # damaged elsewhere
+    result = encode_folder(encoder, picture_folder, out, size=64, progress=False)
+    assert len(result.written) == 5 and not result.skipped
+
+
+def test_latents_from_elsewhere_decode_at_their_size(tmp_path):
+    save_file({"x": torch.randn(1, 16, 24, 36)}, str(tmp_path / "foreign.safetensors"))
+    stored = read_latents(tmp_path / "foreign.safetensors")
+    assert stored.latents.shape == (16, 24, 36) and stored.image_size == (1024, 1536)
+    save_file({"a": torch.randn(16, 2, 2), "b": torch.randn(16, 2, 2)}, str(tmp_path / "two.safetensors"))
+    with pytest.raises(ValueError, match="expected one tensor"):
+        read_latents(tmp_path / "two.safetensors")
+
+
+def test_latent_path_keeps_the_suffix(tmp_path):
+    assert latent_path(Path("x/cat.png"), tmp_path) == tmp_path / "cat.png.safetensors"
+    assert latent_path(Path("cat.jpg"), tmp_path) != latent_path(Path("cat.png"), tmp_path)
