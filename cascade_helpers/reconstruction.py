@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -378,47 +377,6 @@ def compression(
 ) -> Compression:
     """The compression of an uint8 picture of this size into latents stored as ``latent_dtype``."""
     return Compression((3, height, width), (LATENT_CHANNELS, *latent_size(height, width)), latent_dtype)
-
-
-# --- a whole round trip ----------------------------------------------------------------------------------
-
-
-@dataclass
-class Reconstruction:
-    originals: torch.Tensor  # B×3×H×W, the prepared pictures
-    latents: torch.Tensor  # B×16×h×w
-    images: torch.Tensor  # B×3×H×W, decoded
-    encode_seconds: float
-    decode_seconds: float
-
-    def quality(self) -> list[Quality]:
-        return quality(self.originals, self.images)
-
-
-def reconstruct(
-    autoencoder: Autoencoder,
-    images: Images,
-    *,
-    size: int | tuple[int, int] | None = DEFAULT_SIZE,
-    settings: StageSettings = OFFICIAL_RECONSTRUCTION,
-    seed: int = OFFICIAL_SEED,
-    batch_size: int = 4,
-) -> Reconstruction:
-    """Encode pictures and decode them back at the same size, timing both halves (wall clock; the
-    results are copied to the CPU, which waits for the GPU)."""
-    originals = prepare_images(images, size)
-    start = time.perf_counter()
-    latents = _encode_batch(autoencoder.effnet, originals, batch_size)
-    encoded = time.perf_counter()
-    decoded = decode(
-        autoencoder,
-        latents,
-        size=tuple(originals.shape[-2:]),
-        settings=settings,
-        seed=seed,
-        batch_size=batch_size,
-    )
-    return Reconstruction(originals, latents, decoded, encoded - start, time.perf_counter() - encoded)
 
 
 # --- a data set on disk ----------------------------------------------------------------------------------

@@ -234,15 +234,19 @@ def write_tiny_models(
     stage_b: Size = "big",
     precision: Precision = "bf16",
     seed: int = 0,
+    both_stage_b: bool = False,
 ) -> Path:
     """Write the files ``bash download_models.sh essential <variant> <precision>`` would fetch, tiny.
 
     ``stage_c``/``stage_b`` choose only the file names (big or lite); the weights are always the tiny
-    architecture, which the loader accepts in either slot.
+    architecture, which the loader accepts in either slot. ``both_stage_b`` also writes the other
+    Stage B size's file (other weights): the reconstruction notebook compares the two.
     """
     models_dir = Path(models_dir)
     write_stage_c(models_dir, stage_c, precision, seed)
     write_stage_b(models_dir, stage_b, precision, seed + 1)
+    if both_stage_b:
+        write_stage_b(models_dir, "lite" if stage_b == "big" else "big", precision, seed + 7)
     write_stage_a(models_dir, seed + 2)
     write_effnet(models_dir, seed + 3)
     write_previewer(models_dir, seed + 4)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cascade_helpers import files, reconstruction
+from cascade_helpers import files, loading, reconstruction
 from cascade_helpers.checkpoints import TruncatedCheckpointError, WrongCheckpointError
 from cascade_helpers.conditioning import encode_text
 from cascade_helpers.effnet import EfficientNetEncoder
@@ -34,7 +34,6 @@ from cascade_helpers.reconstruction import (
     prepare_images,
     quality,
     read_latents,
-    reconstruct,
 )
 from cascade_helpers.tiny import write_previewer, write_stage_b
 from tests.test_official_equivalence import _official_weights
@@ -73,6 +72,18 @@ def test_load_effnet_loads_an_official_file_strictly(official_effnet_file, no_ne
         assert loaded[key].dtype == (torch.float32 if value.is_floating_point() else torch.int64), key
         torch.testing.assert_close(loaded[key], value, msg=key)
     assert not encoder.training and not any(p.requires_grad for p in encoder.parameters())
+
+
+def test_load_effnet_from_the_hub_takes_the_official_single_file(monkeypatch, official_effnet_file):
+    asked = []
+
+    def fake_download(repo, file):
+        asked.append((repo, file.path))
+        return official_effnet_file / file.path
+
+    monkeypatch.setattr(loading, "_hub_file", fake_download)
+    load_effnet(files.REPO_DECODER, device="cpu")
+    assert asked == [("stabilityai/stable-cascade", "effnet_encoder.safetensors")]
 
 
 @pytest.mark.parametrize("change", ["missing", "unexpected"])
@@ -204,14 +215,15 @@ FAST = OFFICIAL_RECONSTRUCTION.with_(steps=2)
 
 def test_round_trip_shapes(autoencoder):
     pictures = [PIL.Image.new("RGB", (200, 150), "blue"), np.full((50, 80, 3), 200, np.uint8)]
-    result = reconstruct(autoencoder, pictures, size=(128, 192), settings=FAST)
-    assert result.originals.shape == result.images.shape == (2, 3, 128, 192)
-    assert result.latents.shape == (2, 16, 3, 4)
-    assert result.images.min() >= 0 and result.images.max() <= 1
-    assert result.encode_seconds > 0 and result.decode_seconds > 0
-    assert all(math.isfinite(q.psnr) and -1 <= q.ssim <= 1 for q in result.quality())
+    originals = prepare_images(pictures, (128, 192))
+    latents = encode(autoencoder.effnet, pictures, size=(128, 192))
+    assert latents.shape == (2, 16, 3, 4)
+    decoded = decode(autoencoder, latents, size=(128, 192), settings=FAST)
+    assert decoded.shape == originals.shape == (2, 3, 128, 192)
+    assert decoded.min() >= 0 and decoded.max() <= 1
+    assert all(math.isfinite(q.psnr) and -1 <= q.ssim <= 1 for q in quality(originals, decoded))
     # latents alone decode to the smallest size that encodes to them: the same here
-    assert decode(autoencoder, result.latents[0], settings=FAST).shape == (1, 3, 128, 192)
+    assert decode(autoencoder, latents[0], settings=FAST).shape == (1, 3, 128, 192)
 
 
 def test_decoding_is_seeded(autoencoder):
