@@ -89,6 +89,7 @@ def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
 
 
 def check_image_size(height: int, width: int) -> None:
+    """Picture sides must be multiples of 32 (see the module's docstring), at least 64 px."""
     for name, side in (("height", height), ("width", width)):
         if side % STRIDE or side < 2 * STRIDE:
             raise ValueError(
@@ -187,6 +188,8 @@ def load_autoencoder(
     ``keep_text_encoder`` (to decode with captions). ``source`` is a models folder or the Hub repo
     ``stabilityai/stable-cascade``.
     """
+    if stage_b not in files.STAGE_B:
+        raise ValueError(f"stage_b must be 'big' or 'lite', not {stage_b!r}")
     device = pick_device(device)
     dtype = pick_dtype(dtype, device, stage="Stage B")
     if _is_local(source):
@@ -226,7 +229,8 @@ def encode(
     batch_size: int = 8,
 ) -> torch.Tensor:
     """Pictures → Stage C latents (B×16×h×w, float32, CPU); 1024×1024 pictures give 24×24 latents.
-    See :func:`prepare_images` for ``size``; ``batch_size`` pictures go through the encoder at once."""
+    See :func:`prepare_images` for ``size``; ``batch_size`` pictures go through the encoder at once.
+    All pictures are held in memory: for a data set, :func:`encode_folder` streams them from disk."""
     return _encode_batch(effnet, prepare_images(images, size), batch_size)
 
 
@@ -459,8 +463,9 @@ def encode_folder(
     if not pictures:
         raise FileNotFoundError(f"no pictures in {folder} (looked for {', '.join(IMAGE_SUFFIXES)})")
     out_dir.mkdir(parents=True, exist_ok=True)
-    pending = [p for p in pictures if not is_encoded(latent_path(p, out_dir))]
-    result = FolderEncoding([], [latent_path(p, out_dir) for p in pictures if p not in pending])
+    done = {p for p in pictures if is_encoded(latent_path(p, out_dir))}
+    pending = [p for p in pictures if p not in done]
+    result = FolderEncoding([], [latent_path(p, out_dir) for p in pictures if p in done])
     with tqdm(
         total=len(pictures),
         initial=len(result.skipped),
