@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,8 +243,25 @@ def read_clip_image_settings(folder: Path) -> ClipImageSettings:
     return ClipImageSettings(resize, crop_hw, tuple(config["image_mean"]), tuple(config["image_std"]))
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w-]*/[\w.-]+")
+
+
 def _is_local(source: str | Path) -> bool:
-    return Path(source).is_dir() or not (isinstance(source, str) and source.count("/") == 1)
+    """A folder (existing or not) unless it is a string shaped like a Hub repo id (``owner/name``)
+    and no such folder exists here. ``./x/y`` or ``../models`` are always folders."""
+    return isinstance(source, Path) or Path(source).is_dir() or not _HUB_ID.fullmatch(source)
+
+
+@contextlib.contextmanager
+def _explain_hub_failure(repo: str) -> Iterator[None]:
+    """A failed Hub load most often means a mistyped local folder or no internet: say both."""
+    try:
+        yield
+    except OSError as error:
+        raise MissingModelFileError(
+            f"{repo!r} is not a folder here, and loading it as a Hub repo failed ({error}). For local files "
+            f"pass the models folder, e.g. load_prior('models'); to fetch them: bash download_models.sh essential big-big"
+        ) from error
 
 
 def _check_size(variant: str) -> Size:
@@ -406,7 +424,8 @@ def load_decoder(
     device = pick_device(device)
     dtype = pick_dtype(dtype, device, stage="Stage B")
     if not _is_local(source):
-        return _load_decoder_from_hub(str(source), variant, dtype, device, memory)
+        with _explain_hub_failure(source):
+            return _load_decoder_from_hub(source, variant, dtype, device, memory)
     models_dir = Path(source)
     stage_b = choose_precision_file(models_dir, files.STAGE_B[variant], dtype)
     stage_c = size_present(models_dir, files.STAGE_C)
