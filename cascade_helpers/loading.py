@@ -141,7 +141,11 @@ def check_present(
     raise MissingModelFileError(
         f"{len(missing)} model file(s) missing from {models_dir}/:\n{lines}\n"
         f"Fetch them with:\n  {files.download_command(missing, stage_b=stage_b, stage_c=stage_c)}"
-        + (f" --models-dir {shlex.quote(str(models_dir))}" if models_dir.resolve() != Path("models").resolve() else "")
+        + (
+            f" --models-dir {shlex.quote(str(models_dir))}"
+            if models_dir.resolve() != Path("models").resolve()
+            else ""
+        )
         + f"\n{files.LICENSE_NOTE}"
     )
 
