@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +39,7 @@ from cascade_helpers.reconstruction import (
     read_latents,
 )
 from cascade_helpers.tiny import write_previewer, write_stage_b
+from tests.test_hub_loading import _build_cache
 from tests.test_official_equivalence import _official_weights
 
 OFFICIAL = json.loads((Path(__file__).parent / "fixtures" / "official_effnet.json").read_text())
@@ -270,6 +274,34 @@ def test_missing_files_are_listed_in_one_error(tmp_path):
     for file in (files.STAGE_A, files.EFFNET, files.TOKENIZER, files.TEXT_ENCODER["bf16"]):
         assert file.path in message
     assert "bash download_models.sh essential" in message
+
+
+HUB_SCRIPT = """
+import json, sys, torch
+from cascade_helpers import reconstruction
+autoencoder = reconstruction.load_autoencoder("stabilityai/stable-cascade", "big", dtype="bf16", device="cpu")
+latents = reconstruction.encode(autoencoder.effnet, torch.rand(1, 3, 128, 128), size=128)
+pictures = reconstruction.decode(autoencoder, latents, settings=reconstruction.OFFICIAL_RECONSTRUCTION.with_(steps=1))
+json.dump({"latents": list(latents.shape), "pictures": list(pictures.shape),
+           "pooled": autoencoder.empty_pooled.flatten().tolist()}, sys.stdout)
+"""
+
+
+def test_load_autoencoder_from_the_hub_layout_offline(tiny_models, tmp_path, autoencoder):
+    """``stabilityai/stable-cascade`` resolved by the real Hub code from a prepared cache (no network):
+    Stage B and Stage A from the diffusers folders, the encoder from the single file, the text encoder
+    from ``text_encoder/`` — the same empty-caption conditioning as from the models folder."""
+    cache = tmp_path / "hub"
+    _build_cache(tiny_models, cache)
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path.cwd())}
+    result = subprocess.run(
+        [sys.executable, "-c", HUB_SCRIPT], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (report["latents"], report["pictures"]) == ([1, 16, 3, 3], [1, 3, 128, 128])
+    bf16 = autoencoder.empty_pooled.to(torch.bfloat16).float()  # the cache holds the bf16 text encoder
+    torch.testing.assert_close(torch.tensor(report["pooled"]).reshape(bf16.shape), bf16, rtol=0.02, atol=0.02)
 
 
 def test_available_stage_b(tmp_path):
