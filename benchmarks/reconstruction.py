@@ -49,22 +49,20 @@ def compare(ours: Callable[[], object], bare: Callable[[], object], repeats: int
     return statistics.median(times[0]), statistics.median(times[1])
 
 
-def random_autoencoder(device: torch.device, dtype: torch.dtype) -> reconstruction.Autoencoder:
+def random_decoder(device: torch.device, dtype: torch.dtype) -> Decoder:
+    """Stage B lite and Stage A at full size with random weights (built offline from our configs)."""
     from cascade_helpers.upstream import PaellaVQModel, StableCascadeUNet
 
     torch.manual_seed(0)
-    effnet = EfficientNetEncoder().eval().to(device)
     unet = StableCascadeUNet.from_config(StableCascadeUNet.load_config(config_dir("stage_b", "lite")))
     vqgan = PaellaVQModel.from_config(PaellaVQModel.load_config(config_dir("stage_a", "big")))
-    decoder = Decoder(
+    return Decoder(
         unet=unet.eval().requires_grad_(False).to(device, dtype),
         vqgan=vqgan.eval().requires_grad_(False).to(device),
         device=device,
         dtype=dtype,
         architecture="lite",
     )
-    pooled = torch.randn(1, 1, unet.config.clip_text_pooled_in_channels)
-    return reconstruction.Autoencoder(effnet, decoder, pooled)
 
 
 @torch.no_grad()
@@ -101,46 +99,50 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=1024, help="picture side (default 1024)")
     parser.add_argument("--steps", type=int, default=10, help="Stage B steps (official: 10)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs after the warm-up (default 3)")
+    parser.add_argument(
+        "--parts", nargs="+", choices=("encode", "decode"), default=["encode", "decode"], help="what to time"
+    )
     args = parser.parse_args(argv)
 
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device, stage="Stage B")
-    autoencoder = random_autoencoder(device, dtype)
-    pictures = torch.rand(args.images, 3, args.size, args.size)
-    prepared = preprocess(pictures).to(device)
-    latents = reconstruction.encode(autoencoder.effnet, pictures, size=args.size)
-    settings = reconstruction.OFFICIAL_RECONSTRUCTION.with_(steps=args.steps)
-
-    with torch.no_grad():
-        encode_ours, encode_bare = compare(
-            lambda: reconstruction.encode(
-                autoencoder.effnet, pictures, size=args.size, batch_size=args.images
-            ),
-            lambda: autoencoder.effnet(prepared).cpu(),
-            args.repeats,
-        )
-    decode_ours, decode_bare = compare(
-        lambda: reconstruction.decode(autoencoder, latents, settings=settings, batch_size=args.images),
-        lambda: bare_decode(autoencoder, latents, args.size, args.steps),
-        args.repeats,
-    )
-
+    n = args.images
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type}, no GPU used"
     print(f"device: {where}; torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     print(
-        f"full-size EfficientNet encoder (float32), Stage B lite ({str(dtype).removeprefix('torch.')}) + "
-        f"Stage A, random weights; {args.images} picture(s) of {args.size}², {args.steps} Stage B step(s), "
-        f"median of {args.repeats}"
+        f"{n} picture(s) of {args.size}², random weights, median of {args.repeats} (ours and bare alternating)"
     )
-    n = args.images
-    print(
-        f"encode: ours {n / encode_ours:8.2f} pictures/s   bare {n / encode_bare:8.2f} pictures/s   "
-        f"time ours/bare {encode_ours / encode_bare:.2f}"
-    )
-    print(
-        f"decode: ours {decode_ours / n:8.2f} s/picture   bare {decode_bare / n:8.2f} s/picture   "
-        f"time ours/bare {decode_ours / decode_bare:.2f}"
-    )
+
+    torch.manual_seed(0)
+    effnet = EfficientNetEncoder().eval().to(device)
+    pictures = torch.rand(n, 3, args.size, args.size)
+    if "encode" in args.parts:
+        prepared = preprocess(pictures).to(device)
+        with torch.no_grad():
+            ours, bare = compare(
+                lambda: reconstruction.encode(effnet, pictures, size=args.size, batch_size=n),
+                lambda: effnet(prepared).cpu(),
+                args.repeats,
+            )
+        print(
+            f"encode, full-size EfficientNet encoder (float32): ours {n / ours:.3f} pictures/s, "
+            f"bare {n / bare:.3f} pictures/s, time ours/bare {ours / bare:.2f}"
+        )
+    if "decode" in args.parts:
+        decoder = random_decoder(device, dtype)
+        pooled = torch.randn(1, 1, decoder.unet.config.clip_text_pooled_in_channels)
+        autoencoder = reconstruction.Autoencoder(effnet, decoder, pooled)
+        latents = reconstruction.encode(effnet, pictures, size=args.size)
+        settings = reconstruction.OFFICIAL_RECONSTRUCTION.with_(steps=args.steps)
+        ours, bare = compare(
+            lambda: reconstruction.decode(autoencoder, latents, settings=settings, batch_size=n),
+            lambda: bare_decode(autoencoder, latents, args.size, args.steps),
+            args.repeats,
+        )
+        print(
+            f"decode, Stage B lite ({str(dtype).removeprefix('torch.')}, {args.steps} step(s)) + Stage A: "
+            f"ours {ours / n:.2f} s/picture, bare {bare / n:.2f} s/picture, time ours/bare {ours / bare:.2f}"
+        )
 
 
 if __name__ == "__main__":
