@@ -467,3 +467,36 @@ def test_control_features_scale_with_strength_and_repeat_for_the_batch(controlne
         torch.testing.assert_close(half[i], full[i] * 0.5)
     with pytest.raises(ValueError, match="control_input"):
         cn.control_features(model, torch.rand(1, 4, 64, 64))
+
+
+# --- whole generations --------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_controlnet_to_image_follows_the_control_and_checks_the_batch(controlnet_dir, tiny_pipeline):
+    """The official inpainting call: features once for the batch, Stage C from the picture's latents
+    noised to ``init_noise`` with int(steps × init_noise) steps; the control changes the latents."""
+    from cascade_helpers.generation import controlnet_to_image
+
+    prior, decoder = tiny_pipeline
+    model = cn.load_controlnet(controlnet_dir, "inpainting", prior)
+    picture = np.full((64, 64, 3), 128, np.uint8)
+    control = cn.control_input(
+        "inpainting", picture, 512, 512, mask=cn.rectangle_mask(64, 64, (0, 0, 0.5, 0.5))
+    )
+    prior_settings = StageSettings(steps=2, guidance=4.0, shift=2.0, guidance_rescale=0.7)
+    decoder_settings = StageSettings(steps=1, guidance=1.1)
+
+    def generate(strength: float, num_images: int = 2, batch: int = 2):
+        features = cn.control_features(model, control, strength, batch=batch)
+        return controlnet_to_image(
+            prior, decoder, features, "a cat", init_image=picture, init_noise=0.5, height=512, width=512,
+            num_images=num_images, prior_settings=prior_settings, decoder_settings=decoder_settings,
+        )  # fmt: skip
+
+    controlled, free = generate(1.0), generate(0.0)
+    assert len(controlled.images) == 2 and controlled.images[0].size == (512, 512)
+    assert controlled.settings["prior"]["t_start"] == 0.5 and controlled.settings["prior"]["steps"] == 1
+    assert not torch.allclose(controlled.stage_c_latents, free.stage_c_latents)
+    with pytest.raises(ValueError, match="batch=3"):
+        generate(1.0, num_images=3, batch=2)
