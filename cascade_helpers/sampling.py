@@ -148,9 +148,11 @@ def _cat_inputs(cond: Mapping[str, Input], uncond: Mapping[str, Input]) -> dict[
     return {k: _cat(cond[k], uncond[k]) for k in cond}
 
 
-def _cat(cond: Input, uncond: Input) -> Input:
+def _cat(cond: Input | None, uncond: Input | None) -> Input | None:
     if isinstance(cond, torch.Tensor):
         return torch.cat([cond, uncond])
+    if cond is None or uncond is None:
+        return None
     both = zip(cond, uncond, strict=False)
     return [torch.cat([c, u]) if c is not None and u is not None else None for c, u in both]
 

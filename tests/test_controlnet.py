@@ -29,7 +29,7 @@ from cascade_helpers.controlnet import (
     resblock_order,
 )
 from cascade_helpers.loading import MissingModelFileError, load_unet_single_file
-from cascade_helpers.sampling import StageSettings, guided_prediction
+from cascade_helpers.sampling import StageSettings
 from cascade_helpers.tiny import write_controlnets, write_stage_c
 from tests.sparse import write_sparse_checkpoint
 
@@ -257,30 +257,50 @@ def test_gradient_checkpointing_reruns_blocks_with_the_same_control(tiny_unet):
 
 
 @torch.no_grad()
-def test_guidance_lines_the_controls_up_with_the_doubled_batch(tiny_unet):
-    """One doubled UNet call with the features joined per block (official gdf) equals a conditional
-    and an unconditional call, each with the same features."""
-    from cascade_helpers.sampling import _cat_inputs, unet_denoiser
+def test_guided_step_with_controls_equals_the_official_sampler(tiny_unet):
+    """One step of our sampler, the control features in both halves of the doubled guidance batch,
+    gives the official gdf sampler's denoised estimate (guidance 4, rescale 0.7, shift 2)."""
+    from cascade_helpers.sampling import sample, unet_denoiser
 
-    x, r = _randn(500, 2, 16, 4, 4), torch.tensor([0.6, 0.6])
     cond = {
-        "clip_text": _randn(501, 2, 77, 32),
-        "clip_text_pooled": _randn(502, 2, 1, 32),
-        "clip_img": _randn(503, 2, 1, 24),
+        "clip_text": _randn(500, 2, 77, 32),
+        "clip_text_pooled": _randn(501, 2, 1, 32),
+        "clip_img": _randn(502, 2, 1, 24),
     }
     uncond = {
-        "clip_text": _randn(504, 2, 77, 32),
-        "clip_text_pooled": _randn(505, 2, 1, 32),
+        "clip_text": _randn(503, 2, 77, 32),
+        "clip_text_pooled": _randn(504, 2, 1, 32),
         "clip_img": torch.zeros(2, 1, 24),
     }
-    features = [_randn(510 + i, 2, 32, 3, 3) if i in TINY_BLOCKS else None for i in range(8)]
-    cond["cnet"] = uncond["cnet"] = features
-    settings = StageSettings(steps=1, guidance=4.0)
+    cond["cnet"] = uncond["cnet"] = [
+        _randn(510 + i, 2, 32, 3, 3) if i in TINY_BLOCKS else None for i in range(8)
+    ]
+    x_init = _randn(520, 2, 16, 4, 4)
+    settings = StageSettings(steps=1, guidance=4.0, shift=2.0, guidance_rescale=0.7)
     denoiser = unet_denoiser(tiny_unet, torch.float32)
-    guided = guided_prediction(denoiser, x, r, cond, _cat_inputs(cond, uncond), settings)
-    by_hand = torch.lerp(denoiser(x, r, **uncond), denoiser(x, r, **cond), 4.0)
-    torch.testing.assert_close(guided, by_hand, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(denoiser(x, r, **cond), denoiser(x, r, **{**cond, "cnet": None}))
+    x0 = sample(
+        denoiser,
+        x_init.shape,
+        cond,
+        uncond,
+        settings,
+        device=torch.device("cpu"),
+        x_init=x_init,
+        progress=False,
+    )
+    expected = torch.tensor(FIXTURE["stage_c_injection"]["gdf_first_step_x0"]).reshape(x0.shape)
+    torch.testing.assert_close(x0, expected, rtol=1e-4, atol=1e-3)  # x0 = (x - b·eps) / a, a = 0.01 at t = 1
+    without = sample(
+        denoiser,
+        x_init.shape,
+        {**cond, "cnet": None},
+        {**uncond, "cnet": None},
+        settings,
+        device=torch.device("cpu"),
+        x_init=x_init,
+        progress=False,
+    )
+    assert not torch.allclose(x0, without, atol=1e-2)
 
 
 def test_list_inputs_are_joined_per_block_like_gdf():
@@ -289,6 +309,7 @@ def test_list_inputs_are_joined_per_block_like_gdf():
     a, b = torch.ones(1, 2, 2, 2), torch.zeros(1, 2, 2, 2)
     joined = _cat_inputs({"cnet": [a, None, a]}, {"cnet": [b, b, None]})["cnet"]
     assert torch.equal(joined[0], torch.cat([a, b])) and joined[1] is None and joined[2] is None
+    assert _cat_inputs({"cnet": None}, {"cnet": None}) == {"cnet": None}
 
 
 # --- loading ------------------------------------------------------------------------------------------
