@@ -45,3 +45,6 @@ def pytest_configure(config: pytest.Config) -> None:
 
         write_tiny_models(TINY_DIR, controlnets=True)  # fresh every session: the writer may have changed
         os.environ.update(NOTEBOOK_ENV)
+        # kernels import the checkout's cascade_helpers, installed or not
+        root = str(Path(__file__).parent)
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
