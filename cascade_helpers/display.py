@@ -87,8 +87,9 @@ class LiveLossPlot:
         ax.plot(self.steps, self.values, color="0.75", linewidth=1, label="loss")
         ax.plot(self.steps, self.smoothed(), color="C0", linewidth=2, label=f"moving average ({self.smoothing})")
         ax.set_xlabel("step")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_title(self.title)
-        ax.legend(loc="upper right")
+        ax.legend(loc="best")
         figure.tight_layout()
         return figure
 

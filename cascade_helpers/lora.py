@@ -121,12 +121,15 @@ def _refuse_second_lora(model: nn.Module) -> None:
 def inject_lora(model: nn.Module, rank: int = 4, alpha: float = 1.0, targets=ATTENTION_TARGETS) -> list[str]:
     """Add a fresh, trainable LoRA (peft's init: B = 0, so the model is unchanged) to the modules
     ``targets`` names (a regex matched against full module names, or a list of name suffixes).
-    Defaults are the official config's: attention only, rank 4, alpha 1. Returns the module names."""
+    Defaults are the official config's: attention only, rank 4, alpha 1. The LoRA weights are float32
+    even on a bfloat16 model (small updates would round away in bfloat16). Returns the module names."""
     from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.tuners_utils import cast_adapter_dtype
 
     _refuse_second_lora(model)
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets)
     inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    cast_adapter_dtype(model, ADAPTER)
     return list(lora_layers(model))
 
 
