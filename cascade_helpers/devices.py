@@ -81,24 +81,24 @@ def pick_dtype(
 
 class _ModelOffload:
     """Keeps at most one of the registered big models on the GPU: a model moves there when it is
-    called and sends the others back to the CPU. One group per process, so the prior's and the
-    decoder's models take turns too."""
+    called and sends the previously active one back to the CPU. One group per process, so the
+    prior's and the decoder's models take turns too."""
 
     def __init__(self) -> None:
-        self._models: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        self._active: weakref.ref[nn.Module] | None = None
 
     def add(self, model: nn.Module, device: torch.device) -> None:
         model.to("cpu")
-        self._models.add(model)
         model.register_forward_pre_hook(lambda module, args: self._activate(module, device))
 
     def _activate(self, model: nn.Module, device: torch.device) -> None:
-        if next(model.parameters()).device == device:
+        active = self._active() if self._active is not None else None
+        if active is model:
             return
-        for other in self._models:
-            if other is not model and next(other.parameters()).device.type != "cpu":
-                other.to("cpu")
+        if active is not None:
+            active.to("cpu")
         model.to(device)
+        self._active = weakref.ref(model)
 
 
 _MODEL_OFFLOAD = _ModelOffload()

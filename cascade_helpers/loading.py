@@ -20,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
+import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +51,8 @@ from .previewer import Previewer
 logger = logging.getLogger(__name__)
 
 SIZES: tuple[str, ...] = ("big", "lite")
+#: where download_models.sh puts files when given no --models-dir (beside the script)
+SCRIPT_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 
 
 class MissingModelFileError(FileNotFoundError):
@@ -138,8 +142,12 @@ def check_present(
     )
     raise MissingModelFileError(
         f"{len(missing)} model file(s) missing from {models_dir}/:\n{lines}\n"
-        f"Fetch them with:\n  {files.download_command(missing, stage_b=stage_b, stage_c=stage_c)}"
-        + (f" --models-dir {models_dir}" if models_dir.resolve() != Path("models").resolve() else "")
+        f"Fetch them with (in the project folder):\n  {files.download_command(missing, stage_b=stage_b, stage_c=stage_c)}"
+        + (
+            f" --models-dir {shlex.quote(str(models_dir))}"
+            if models_dir.resolve() != SCRIPT_MODELS_DIR
+            else ""
+        )
         + f"\n{files.LICENSE_NOTE}"
     )
 
@@ -242,8 +250,25 @@ def read_clip_image_settings(folder: Path) -> ClipImageSettings:
     return ClipImageSettings(resize, crop_hw, tuple(config["image_mean"]), tuple(config["image_std"]))
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w-]*/[\w.-]+")
+
+
 def _is_local(source: str | Path) -> bool:
-    return Path(source).is_dir() or not (isinstance(source, str) and source.count("/") == 1)
+    """A folder (existing or not) unless it is a string shaped like a Hub repo id (``owner/name``)
+    and no such folder exists here. ``./x/y`` or ``../models`` are always folders."""
+    return isinstance(source, Path) or Path(source).is_dir() or not _HUB_ID.fullmatch(source)
+
+
+@contextlib.contextmanager
+def _explain_hub_failure(repo: str) -> Iterator[None]:
+    """A failed Hub load most often means a mistyped local folder or no internet: say both."""
+    try:
+        yield
+    except OSError as error:
+        raise MissingModelFileError(
+            f"{repo!r} is not a folder here, and loading it as a Hub repo failed ({error}). For local files "
+            f"pass the models folder, e.g. load_prior('models'); to fetch them: bash download_models.sh essential big-big"
+        ) from error
 
 
 def _check_size(variant: str) -> Size:
@@ -406,7 +431,8 @@ def load_decoder(
     device = pick_device(device)
     dtype = pick_dtype(dtype, device, stage="Stage B")
     if not _is_local(source):
-        return _load_decoder_from_hub(str(source), variant, dtype, device, memory)
+        with _explain_hub_failure(source):
+            return _load_decoder_from_hub(source, variant, dtype, device, memory)
     models_dir = Path(source)
     stage_b = choose_precision_file(models_dir, files.STAGE_B[variant], dtype)
     stage_c = size_present(models_dir, files.STAGE_C)

@@ -39,3 +39,27 @@ def test_explicit_device_wins():
 def test_unknown_memory_mode():
     with pytest.raises(ValueError, match="model_offload"):
         place(nn.Linear(2, 2), torch.device("cpu"), "swap")
+
+
+def test_model_offload_keeps_one_big_model_on_the_device(monkeypatch):
+    """Each call moves its model to the device and sends the previously active one back."""
+    from cascade_helpers.devices import _ModelOffload
+
+    group, moves = _ModelOffload(), []
+    models = {name: nn.Linear(2, 2) for name in ("text_encoder", "prior", "decoder")}
+    for name, model in models.items():
+        model.to = lambda device, name=name: moves.append((name, str(device)))
+        group.add(model, torch.device("cuda", 0))
+    moves.clear()
+    x = torch.zeros(1, 2)
+    models["text_encoder"](x)
+    models["prior"](x)
+    models["prior"](x)  # already there: no move
+    models["decoder"](x)
+    assert moves == [
+        ("text_encoder", "cuda:0"),
+        ("text_encoder", "cpu"),
+        ("prior", "cuda:0"),
+        ("prior", "cpu"),
+        ("decoder", "cuda:0"),
+    ]

@@ -131,3 +131,32 @@ def test_float16_stage_c_is_refused_with_the_reason(tiny_models):
 def test_unknown_variant(tiny_models):
     with pytest.raises(ValueError, match="'big' or 'lite'"):
         load_prior(tiny_models, "medium", device="cpu")
+
+
+@pytest.mark.parametrize(
+    "source,local",
+    [
+        ("stabilityai/stable-cascade-prior", False),
+        ("someone/my-cascade-finetune", False),
+        ("../models", True),
+        ("./models/x", True),
+        ("models", True),
+    ],
+)
+def test_folders_and_hub_ids_are_told_apart(source, local):
+    from cascade_helpers.loading import _is_local
+
+    assert _is_local(source) is local
+
+
+def test_an_unreachable_hub_id_explains_both_readings(monkeypatch):
+    import socket
+
+    def no_internet(*args, **kwargs):
+        raise ConnectionRefusedError("no internet in this test")
+
+    monkeypatch.setattr(socket, "create_connection", no_internet)
+    monkeypatch.setattr(socket.socket, "connect", no_internet)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # no retries with back-off
+    with pytest.raises(MissingModelFileError, match="not a folder here"):
+        load_decoder("nobody/no-such-cascade", "big", device="cpu")
