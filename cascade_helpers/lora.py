@@ -481,11 +481,7 @@ def lora_state_dict(
     tokens = dict(tokens or {})
     if tokens:
         state["tokens.embeddings"] = torch.stack([t.detach().float().cpu() for t in tokens.values()])
-    widths = {f.down.shape[1] for n, f in unet_factors.items() if n.endswith("attention.to_q")}
-    metadata = {"format": FORMAT_TAG, "tokens": json.dumps(list(tokens))}
-    if len(widths) == 1:
-        metadata["stage_c_width"] = str(widths.pop())
-    return state, metadata
+    return state, {"format": FORMAT_TAG, "tokens": json.dumps(list(tokens))}
 
 
 def save_lora(path: str | Path, unet_factors: Mapping[str, LoraFactors], tokens: Mapping[str, torch.Tensor] | None = None) -> Path:
@@ -625,8 +621,8 @@ def add_tokens(prior, tokens: Mapping[str, torch.Tensor]) -> None:
 
 
 def load_comfyui_embedding(prior, path: str | Path, token: str) -> None:
-    """Add a ComfyUI / A1111 textual-inversion embedding (key ``clip_g``, or a single tensor) as
-    ``token`` (one vector per embedding row is not supported: one row only)."""
+    """Add a one-vector ComfyUI / A1111 textual-inversion embedding (key ``clip_g``, or a file with a
+    single tensor) as the new token ``token``."""
     state, _ = read_lora_file(path)
     rows = state.get("clip_g", next(iter(state.values())) if len(state) == 1 else None)
     if rows is None or rows.dim() != 2 or rows.shape[0] != 1:
