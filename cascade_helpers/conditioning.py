@@ -47,6 +47,11 @@ def _warn_if_truncated(tokenizer, prompts: list[str]) -> None:
 @torch.no_grad()
 def encode_text(prior: Prior, prompts: str | list[str]) -> TextEmbeddings:
     """Prompts → Stage C/B text conditioning (float32, on the prior's device)."""
+    return text_conditioning(prior, prompts)
+
+
+def text_conditioning(prior: Prior, prompts: str | list[str]) -> TextEmbeddings:
+    """:func:`encode_text` with gradients: LoRA training learns new token embeddings through it."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     _warn_if_truncated(prior.tokenizer, prompts)
     tokens = prior.tokenizer(

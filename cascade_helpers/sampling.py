@@ -130,6 +130,22 @@ def diffuse(
     return _per_sample(a, x0) * x0 + _per_sample(b, x0) * noise
 
 
+# --- the training objective (official gdf: cosine schedule, epsilon target, P2 weighting) ------------
+
+
+def training_times(batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random diffusion times for one training batch, drawn as the official ``CosineSchedule`` does
+    when training: ``(1 - U[0, 1)) + 0.001``, clamped to [0.001, 1] (never exactly clean)."""
+    uniform = torch.rand(batch, generator=generator)
+    return (1 - uniform).add(0.001).clamp(0.001, 1.0)
+
+
+def p2_loss_weight(log_snr_value: torch.Tensor) -> torch.Tensor:
+    """The official ``P2LossWeight()`` (k=1, γ=1, s=1): 1 / (1 + SNR). Noisy steps count fully,
+    nearly clean ones hardly at all."""
+    return 1.0 / (1.0 + log_snr_value.exp())
+
+
 def _ddpm_step(x, x0, eps, log_snr_now, log_snr_next, generator) -> torch.Tensor:
     """One DDPM step (the official DDIM step with eta=1) from time ``now`` to ``next``."""
     a, b = signal_noise_scales(log_snr_now)
