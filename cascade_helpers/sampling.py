@@ -193,9 +193,9 @@ def sample(
     ``uncond`` are its conditioning inputs (``uncond`` is used only with guidance). ``x_init`` is the
     starting latent at time ``settings.t_start`` (already noised), else pure noise is drawn.
     """
-    doubled = _cat_inputs(cond, uncond) if settings.guided else None
     if settings.guided and uncond is None:
         raise ValueError("guidance needs unconditional inputs")
+    doubled = _cat_inputs(cond, uncond) if settings.guided else None
     x = initial_noise(shape, generator, device) if x_init is None else x_init.float().to(device)
     times = torch.linspace(settings.t_start, 0.0, settings.steps + 1)
     desc = progress if isinstance(progress, str) else None
