@@ -43,5 +43,8 @@ def pytest_configure(config: pytest.Config) -> None:
     if _collecting_notebooks(config) and not os.environ.get("PYTEST_XDIST_WORKER"):
         from cascade_helpers.tiny import write_tiny_models
 
-        write_tiny_models(TINY_DIR)  # fresh every session: the writer may have changed
+        write_tiny_models(TINY_DIR, controlnets=True)  # fresh every session: the writer may have changed
         os.environ.update(NOTEBOOK_ENV)
+        # kernels import the checkout's cascade_helpers, installed or not
+        root = str(Path(__file__).parent)
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))

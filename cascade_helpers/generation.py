@@ -9,6 +9,7 @@ re-decode any of them.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,8 +92,12 @@ def generate_stage_c(
     image_embeds: torch.Tensor | None = None,
     x_init: torch.Tensor | None = None,
     callback: StepCallback | None = None,
+    control: Sequence[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
-    """Sample Stage C latents (B×16×h×w) for text (and optionally CLIP image) conditioning."""
+    """Sample Stage C latents (B×16×h×w) for text (and optionally CLIP image) conditioning.
+
+    ``control``: ControlNet features for the B pictures (:func:`cascade_helpers.controlnet.control_features`);
+    the unconditional half of the guided batch gets the same features, as in the official notebook."""
     batch = shape[0]
     zeros = no_image(prior, batch)
     cond = {
@@ -101,6 +106,8 @@ def generate_stage_c(
         "clip_img": zeros if image_embeds is None else image_embeds.to(prior.device),
     }
     uncond = {"clip_text": negative.hidden, "clip_text_pooled": negative.pooled, "clip_img": zeros}
+    if control is not None:
+        cond["cnet"] = uncond["cnet"] = list(control)
     return sample(
         unet_denoiser(prior.unet, prior.dtype),
         shape,
@@ -220,6 +227,7 @@ def _run(
     stage_c_latents: torch.Tensor | None = None,
     x_init: torch.Tensor | None = None,
     callback: StepCallback | None = None,
+    control: Sequence[torch.Tensor | None] | None = None,
     extra: dict | None = None,
 ) -> Generation:
     check_size(height, width)
@@ -238,6 +246,7 @@ def _run(
             image_embeds=image_embeds,
             x_init=x_init,
             callback=callback,
+            control=control,
         )
     stage_b_latents = generate_stage_b(
         decoder,
@@ -392,9 +401,7 @@ def image_to_image(
             stage_c_latents=encoded,
             extra=extra,
         )
-    # the official example noises with the unshifted schedule, then samples with the usual shift
-    noise = initial_noise(encoded.shape, _generator(seed + 1), prior.device)
-    x_init = diffuse(encoded, strength, noise)
+    x_init = _noised_latents(prior, encoded, strength, seed)
     return _run(
         prior,
         decoder,
@@ -408,6 +415,71 @@ def image_to_image(
         decoder_settings,
         x_init=x_init,
         callback=callback,
+        extra=extra,
+    )
+
+
+def _noised_latents(prior: Prior, latents: torch.Tensor, noise_level: float, seed: int) -> torch.Tensor:
+    """The official image-to-image start: latents noised to ``noise_level`` with the unshifted
+    schedule (sampling then uses the usual shift)."""
+    noise = initial_noise(latents.shape, _generator(seed + 1), prior.device)
+    return diffuse(latents, noise_level, noise)
+
+
+def controlnet_to_image(
+    prior: Prior,
+    decoder: Decoder,
+    control: Sequence[torch.Tensor | None],
+    prompt: str,
+    negative_prompt: str = "",
+    *,
+    init_image: ImageInput | None = None,
+    init_noise: float = 1.0,
+    height: int = 1024,
+    width: int = 1024,
+    num_images: int = 1,
+    seed: int = 0,
+    prior_settings: StageSettings = OFFICIAL_PRIOR,
+    decoder_settings: StageSettings = OFFICIAL_DECODER,
+    callback: StepCallback | None = None,
+    extra: dict | None = None,
+) -> Generation:
+    """Pictures that follow ControlNet features (:func:`cascade_helpers.controlnet.control_features`,
+    computed once for ``num_images`` pictures) and a prompt.
+
+    With ``init_image``, Stage C starts from that picture's latents noised to ``init_noise``, as the
+    official inpainting and outpainting example does with noise level 1.0 (1 % of the picture's signal
+    survives; ``int(steps × init_noise)`` steps). Without it, from pure noise (canny, super-resolution).
+    """
+    batches = {c.shape[0] for c in control if c is not None}
+    if batches != {num_images}:
+        raise ValueError(
+            f"the control features are for {sorted(batches)} pictures, not num_images={num_images}: "
+            f"compute them with control_features(..., batch={num_images})"
+        )
+    x_init = None
+    if init_image is not None:
+        check_size(height, width)
+        latents = encode_stage_c(prior, batch_images(init_image, height, width)).repeat_interleave(
+            num_images, 0
+        )
+        x_init = _noised_latents(prior, latents, init_noise, seed)
+        steps = max(1, int(prior_settings.steps * init_noise))
+        prior_settings = prior_settings.with_(t_start=init_noise, steps=steps)
+    return _run(
+        prior,
+        decoder,
+        prompt,
+        negative_prompt,
+        height,
+        width,
+        num_images,
+        seed,
+        prior_settings,
+        decoder_settings,
+        x_init=x_init,
+        callback=callback,
+        control=control,
         extra=extra,
     )
 

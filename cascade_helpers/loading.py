@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import re
+import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,8 @@ from .previewer import Previewer
 logger = logging.getLogger(__name__)
 
 SIZES: tuple[str, ...] = ("big", "lite")
+#: where download_models.sh puts files when given no --models-dir (beside the script)
+SCRIPT_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 
 
 class MissingModelFileError(FileNotFoundError):
@@ -139,8 +142,12 @@ def check_present(
     )
     raise MissingModelFileError(
         f"{len(missing)} model file(s) missing from {models_dir}/:\n{lines}\n"
-        f"Fetch them with:\n  {files.download_command(missing, stage_b=stage_b, stage_c=stage_c)}"
-        + (f" --models-dir {models_dir}" if models_dir.resolve() != Path("models").resolve() else "")
+        f"Fetch them with (in the project folder):\n  {files.download_command(missing, stage_b=stage_b, stage_c=stage_c)}"
+        + (
+            f" --models-dir {shlex.quote(str(models_dir))}"
+            if models_dir.resolve() != SCRIPT_MODELS_DIR
+            else ""
+        )
         + f"\n{files.LICENSE_NOTE}"
     )
 

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 
 from . import files
 from .checkpoints import config_dir, stage_a_to_official, unet_to_official
+from .controlnet import CONTROLNET_TYPES, TINY_BLOCKS, ControlNet, LargeBottleneck
 from .effnet import EfficientNetEncoder
 from .files import Precision, Size
 from .previewer import Previewer
@@ -227,6 +228,29 @@ def write_image_encoder(models_dir: Path, precision: Precision, seed: int = 6) -
     return folder
 
 
+# --- ControlNets ------------------------------------------------------------------------------------
+
+TINY_LARGE_BOTTLENECK = LargeBottleneck(expand=64, hidden=32, blocks=2, out=48)
+
+
+def write_controlnets(models_dir: Path, precision: Precision = "bf16", seed: int = 7) -> list[Path]:
+    """The released ControlNets (canny, inpainting, super-resolution) made for the tiny Stage C, with
+    the official key names: projections to the tiny width on ``TINY_BLOCKS`` and a narrow 'large'
+    bottleneck (:data:`TINY_LARGE_BOTTLENECK`; the real one has 200 M parameters). The EfficientNet
+    bottleneck is torchvision's EfficientNetV2-S, whose shapes are fixed: about 54 MB a file in bf16.
+    The last projection layers get random weights instead of the official zeros, so the control shows."""
+    width = json.loads((config_dir("stage_c", "tiny") / "config.json").read_text())["block_out_channels"][0]
+    paths = []
+    for i, kind in enumerate(k for k in CONTROLNET_TYPES.values() if k.file is not None):
+        torch.manual_seed(seed + i)
+        model = ControlNet(kind.c_in, width, TINY_BLOCKS, kind.bottleneck_mode, large=TINY_LARGE_BOTTLENECK)
+        for projection in model.projections:
+            projection[-1].reset_parameters()
+        paths.append(models_dir / kind.file.path)
+        _save_official(model.state_dict(), paths[-1], _DTYPES[precision])
+    return paths
+
+
 def write_tiny_models(
     models_dir: str | Path = DEFAULT_TINY_DIR,
     *,
@@ -234,8 +258,10 @@ def write_tiny_models(
     stage_b: Size = "big",
     precision: Precision = "bf16",
     seed: int = 0,
+    controlnets: bool = False,
 ) -> Path:
-    """Write the files ``bash download_models.sh essential <variant> <precision>`` would fetch, tiny.
+    """Write the files ``bash download_models.sh essential <variant> <precision>`` would fetch, tiny
+    (and, with ``controlnets``, those of ``bash download_models.sh controlnet``).
 
     ``stage_c``/``stage_b`` choose only the file names (big or lite); the weights are always the tiny
     architecture, which the loader accepts in either slot.
@@ -249,6 +275,8 @@ def write_tiny_models(
     write_tokenizer(models_dir)
     write_text_encoder(models_dir, precision, seed + 5)
     write_image_encoder(models_dir, precision, seed + 6)
+    if controlnets:
+        write_controlnets(models_dir, precision, seed + 7)
     return models_dir
 
 
