@@ -37,6 +37,7 @@ def image_to_tensor(image: ImageInput) -> torch.Tensor:
     uint8 (0-255) or float (0-1); one channel is repeated to three, a fourth (alpha) dropped."""
     if isinstance(image, (str, os.PathLike)):
         with PIL.Image.open(image) as opened:
+            opened.load()  # read the pixels before the file closes: an RGB picture is passed on as is
             image = to_rgb(opened)
     if isinstance(image, PIL.Image.Image):
         return TF.to_tensor(to_rgb(image))
