@@ -20,7 +20,7 @@ from .conditioning import TextEmbeddings, encode_image_clip, encode_text, no_ima
 from .effnet import encoder_input_size
 from .effnet import normalize as effnet_normalize
 from .effnet import preprocess as effnet_preprocess
-from .images import ImageInput, image_to_tensor, resize_and_crop, scale_short_side, to_pil
+from .images import ImageInput, batch_images, image_to_tensor, resize_and_crop, scale_short_side, to_pil
 from .loading import Decoder, Prior
 from .sampling import (
     OFFICIAL_DECODER,

@@ -269,10 +269,11 @@ def test_any_picture_mode_is_accepted(tiny_pipeline, mode):
     assert variation_embeddings(prior, picture).shape == (1, 1, 24)
 
 
-def test_image_to_image_from_an_rgba_file(tiny_pipeline, tmp_path):
+@pytest.mark.parametrize("mode", ["RGB", "RGBA"])
+def test_image_to_image_from_a_file(tiny_pipeline, tmp_path, mode):
     prior, decoder = tiny_pipeline
-    path = tmp_path / "cut_out.png"
-    _modes()["RGBA"].save(path)
+    path = tmp_path / "picture.png"
+    _modes()[mode].save(path)
     result = image_to_image(
         prior, decoder, path, "a cat", strength=0.6, height=512, width=512, prior_settings=FAST_C,
         decoder_settings=FAST_B,
