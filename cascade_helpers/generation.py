@@ -181,9 +181,10 @@ def encode_picture(prior: Prior, image: ImageInput, height: int, width: int) -> 
     the official image-to-image example prepares it: scaled (bilinear, antialiased) and centre-cropped
     straight to the encoder's input size — 768² for 1024², hence 24×24 latents — then normalized.
 
-    For a picture with the output's aspect ratio this is exactly the official preparation; for others
-    the official code keeps the picture's aspect ratio and Stage C gets latents of the wrong shape, so
-    we crop instead. (:func:`encode_stage_c` takes pictures at the output size and applies the
+    For an output with a 1024 px short side and a picture of the output's aspect ratio this is exactly
+    the official preparation (the official example always scales to 768 px, whatever the output size;
+    we scale with the output). For other pictures the official code keeps the picture's aspect ratio
+    and Stage C gets latents of another shape than the output's, so we crop instead. (:func:`encode_stage_c` takes pictures at the output size and applies the
     reconstruction example's nearest-neighbour 3/4 downscale.)
     """
     pixels = resize_and_crop(image_to_tensor(image), *encoder_input_size(height, width))
