@@ -67,9 +67,13 @@ def text_conditioning(prior: Prior, prompts: str | list[str]) -> TextEmbeddings:
 
 def clip_image_input(prior: Prior, images: torch.Tensor) -> torch.Tensor:
     """B×3×H×W in [0, 1] → the image encoder's input: bicubic resize of the short side, centre crop,
-    CLIP normalization (the official ``clip_preprocess``, with sizes from ``feature_extractor/``)."""
+    CLIP normalization (the official ``clip_preprocess``, with sizes from ``feature_extractor/``).
+
+    No antialiasing: the official code pins torchvision 0.16, whose ``Resize`` does not antialias
+    tensors by default, and Stage C's image conditioning was trained on embeddings made that way.
+    (diffusers' pipeline goes through PIL, which does antialias.)"""
     settings = prior.clip_image
-    resized = TF.resize(images, settings.resize, interpolation=InterpolationMode.BICUBIC, antialias=True)
+    resized = TF.resize(images, settings.resize, interpolation=InterpolationMode.BICUBIC, antialias=False)
     return TF.normalize(TF.center_crop(resized, list(settings.crop)), settings.mean, settings.std)
 
 

@@ -123,3 +123,35 @@ def place(
 
     cpu_offload(model, execution_device=device)
     return model
+
+
+# --- how much the weights take on the GPU ------------------------------------------------------------
+
+
+def weights_on_gpu(
+    stage_c: str, stage_b: str, precision: str, memory: MemoryMode, *, image_encoder: bool = True
+) -> int:
+    """Bytes of model weights on the GPU at the busiest moment of a generation, from the published
+    file sizes in :mod:`cascade_helpers.files`. Weights only: activations, the CUDA context and the
+    allocator's cache come on top and are not included.
+
+    ``"gpu"``: every model. ``"model_offload"``: the biggest of the models that take turns (text
+    encoder, image encoder, Stage C, Stage B) plus the small ones that stay (Stage A, EfficientNet,
+    previewer). ``"sequential_offload"``: the small ones; the others stream through one layer at a time.
+    """
+    from . import files
+
+    if memory not in MEMORY_MODES:
+        raise ValueError(f"unknown memory mode {memory!r}: use one of {', '.join(MEMORY_MODES)}")
+    big = [
+        files.STAGE_C[stage_c][precision],
+        files.STAGE_B[stage_b][precision],
+        files.TEXT_ENCODER[precision],
+    ]
+    big += [files.IMAGE_ENCODER[precision]] if image_encoder else []
+    small = sum(f.size for f in (files.STAGE_A, files.EFFNET, files.PREVIEWER))
+    if memory == "gpu":
+        return small + sum(f.size for f in big)
+    if memory == "model_offload":
+        return small + max(f.size for f in big)
+    return small

@@ -17,8 +17,10 @@ import PIL.Image
 import torch
 
 from .conditioning import TextEmbeddings, encode_image_clip, encode_text, no_image
+from .effnet import encoder_input_size
+from .effnet import normalize as effnet_normalize
 from .effnet import preprocess as effnet_preprocess
-from .images import ImageInput, batch_images, to_pil
+from .images import ImageInput, batch_images, image_to_tensor, resize_and_crop, scale_short_side, to_pil
 from .loading import Decoder, Prior
 from .sampling import (
     OFFICIAL_DECODER,
@@ -35,6 +37,7 @@ STAGE_C_COMPRESSION = 42.67  # image side / Stage C latent side (1024 → 24)
 STAGE_A_COMPRESSION = 4  # image side / Stage B latent side (1024 → 256)
 SIDE_STEP, SIDE_MIN, SIDE_MAX = 128, 512, 2048
 MAX_IMAGES = 16
+OFFICIAL_INPUT_SIDE = 768  # the official examples scale input pictures to this short side first
 
 
 @dataclass
@@ -158,14 +161,52 @@ def decode_stage_a(decoder: Decoder, latents: torch.Tensor) -> torch.Tensor:
     return vqgan.decode(scaled).sample.clamp(0, 1).float().cpu()
 
 
-@torch.no_grad()
-def encode_stage_c(prior: Prior, images: torch.Tensor) -> torch.Tensor:
-    """Pictures (B×3×H×W in [0, 1]) → Stage C latents with the EfficientNet encoder (float32)."""
+def _effnet(prior: Prior) -> torch.nn.Module:
     if prior.effnet is None:
         raise ValueError(
             "this prior was loaded without the EfficientNet encoder: use load_prior(..., effnet=True)"
         )
-    return prior.effnet(effnet_preprocess(images.to(prior.device, torch.float32))).float()
+    return prior.effnet
+
+
+@torch.no_grad()
+def encode_stage_c(prior: Prior, images: torch.Tensor) -> torch.Tensor:
+    """Pictures (B×3×H×W in [0, 1]) → Stage C latents with the EfficientNet encoder (float32)."""
+    return _effnet(prior)(effnet_preprocess(images.to(prior.device, torch.float32))).float()
+
+
+@torch.no_grad()
+def encode_picture(prior: Prior, image: ImageInput, height: int, width: int) -> torch.Tensor:
+    """One input picture → the Stage C latents (1×16×h×w) of a height×width generation, prepared as
+    the official image-to-image example prepares it: scaled (bilinear, antialiased) and centre-cropped
+    straight to the encoder's input size — 768² for 1024², hence 24×24 latents — then normalized.
+
+    For an output with a 1024 px short side and a picture of the output's aspect ratio this is exactly
+    the official preparation (the official example always scales to 768 px, whatever the output size;
+    we scale with the output). For other pictures the official code keeps the picture's aspect ratio
+    and Stage C gets latents of another shape than the output's, so we crop instead. (:func:`encode_stage_c` takes pictures at the output size and applies the
+    reconstruction example's nearest-neighbour 3/4 downscale.)
+    """
+    pixels = resize_and_crop(image_to_tensor(image), *encoder_input_size(height, width))
+    return _effnet(prior)(effnet_normalize(pixels[None].to(prior.device))).float()
+
+
+@torch.no_grad()
+def variation_embeddings(prior: Prior, image: ImageInput) -> torch.Tensor:
+    """One picture → its CLIP image embedding (1×1×E), prepared as the official image-variation
+    example does: short side scaled to 768 px, then CLIP's own resize and centre crop. The picture
+    keeps its aspect ratio whatever size the variations are generated at."""
+    picture = scale_short_side(image_to_tensor(image), OFFICIAL_INPUT_SIDE)
+    return encode_image_clip(prior, picture[None])
+
+
+@torch.no_grad()
+def preview_stage_c(prior: Prior, latents: torch.Tensor) -> torch.Tensor:
+    """Stage C latents (B×16×h×w) → rough pictures (B×3×8h×8w in [0, 1], float32, CPU) with the
+    previewer: 192² for a 1024² image, in milliseconds on a GPU. What live previews show."""
+    if prior.previewer is None:
+        raise ValueError("this prior was loaded without the previewer: use load_prior(..., previewer=True)")
+    return prior.previewer(latents.to(prior.device, torch.float32)).clamp(0, 1).cpu()
 
 
 # --- whole generations -------------------------------------------------------------------------------
@@ -224,6 +265,7 @@ def _run(
         "seed": seed,
         "height": height,
         "width": width,
+        "num_images": num_images,
         "prior": _settings_dict(prior_settings),
         "decoder": _settings_dict(decoder_settings),
         "prior_variant": prior.architecture,
@@ -285,9 +327,10 @@ def image_variation(
     decoder_settings: StageSettings = OFFICIAL_DECODER,
     callback: StepCallback | None = None,
 ) -> Generation:
-    """Variations of a picture: Stage C conditioned on its CLIP image embedding (a prompt is optional)."""
-    clip_images = batch_images(image, height, width)
-    embeds = encode_image_clip(prior, clip_images).repeat_interleave(num_images, 0)
+    """Variations of a picture: Stage C conditioned on its CLIP image embedding
+    (:func:`variation_embeddings`); no prompt needed (the official example uses none)."""
+    check_size(height, width)
+    embeds = variation_embeddings(prior, image).repeat_interleave(num_images, 0)
     return _run(
         prior,
         decoder,
@@ -342,7 +385,7 @@ def image_to_image(
             callback=callback,
             extra=extra,
         )
-    encoded = encode_stage_c(prior, batch_images(image, height, width)).repeat_interleave(num_images, 0)
+    encoded = encode_picture(prior, image, height, width).repeat_interleave(num_images, 0)
     steps = int(prior_settings.steps * strength)
     if steps == 0:  # nothing to denoise: decode the picture's own latents
         return _run(

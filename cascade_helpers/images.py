@@ -41,7 +41,8 @@ def image_to_tensor(image: ImageInput) -> torch.Tensor:
             image = to_rgb(opened)
     if isinstance(image, PIL.Image.Image):
         return TF.to_tensor(to_rgb(image))
-    tensor = torch.as_tensor(np.asarray(image) if isinstance(image, np.ndarray) else image)
+    # a copy: arrays from np.asarray(PIL image) are read-only, which torch warns about
+    tensor = torch.as_tensor(np.array(image) if isinstance(image, np.ndarray) else image)
     if tensor.dtype == torch.uint8:
         tensor = tensor.float() / 255
     tensor = tensor.float()
@@ -69,6 +70,12 @@ def resize_and_crop(image: torch.Tensor, height: int, width: int) -> torch.Tenso
     size = [max(height, round(h * scale)), max(width, round(w * scale))]
     resized = TF.resize(image, size, interpolation=InterpolationMode.BILINEAR, antialias=True)
     return TF.center_crop(resized, [height, width])
+
+
+def scale_short_side(image: torch.Tensor, side: int) -> torch.Tensor:
+    """Bilinear, antialiased resize to a short side of ``side`` px, aspect ratio kept: the official
+    notebooks' ``resize_image`` (768 px) for every input picture."""
+    return TF.resize(image, side, interpolation=InterpolationMode.BILINEAR, antialias=True)
 
 
 def batch_images(images: ImageInput | Sequence[ImageInput], height: int, width: int) -> torch.Tensor:
