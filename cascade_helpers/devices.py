@@ -5,7 +5,8 @@ Three memory modes, as in diffusers:
 - ``"gpu"``: every model lives on the GPU. Fastest; needs the most memory.
 - ``"model_offload"``: big models (text encoder, UNets, image encoder) wait in CPU RAM and move to
   the GPU when called, sending the previously active one back. Small ones (previewer, EfficientNet,
-  Stage A) stay on the GPU. One big model on the GPU at a time: Stage C big fits in ~10 GB in bf16.
+  Stage A) stay on the GPU. One big model on the GPU at a time (Stage C big: 7.18 GB of bf16 weights,
+  plus activations; `weights_on_gpu` below gives the weight figures per mode).
 - ``"sequential_offload"``: weights stream to the GPU layer by layer (accelerate's ``cpu_offload``).
   Slowest, smallest footprint.
 
