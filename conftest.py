@@ -23,6 +23,7 @@ NOTEBOOK_ENV = {
     "CASCADE_DECODER_STEPS": "2",
     "CASCADE_NUM_IMAGES": "2",
     "CASCADE_TRAIN_STEPS": "4",
+    "CASCADE_TRAIN_RESOLUTION": "512",  # lora.ipynb: the smallest size validation pictures allow
     "CASCADE_CI": "1",
     "HF_HUB_OFFLINE": "1",
     "MPLBACKEND": "Agg",
@@ -43,5 +44,10 @@ def pytest_configure(config: pytest.Config) -> None:
     if _collecting_notebooks(config) and not os.environ.get("PYTEST_XDIST_WORKER"):
         from cascade_helpers.tiny import write_tiny_models
 
-        write_tiny_models(TINY_DIR, both_stage_b=True)  # fresh every session: the writer may have changed
+        write_tiny_models(
+            TINY_DIR, controlnets=True, lora=True, both_stage_b=True
+        )  # fresh every session: the writer may have changed
         os.environ.update(NOTEBOOK_ENV)
+        # kernels import the checkout's cascade_helpers, installed or not
+        root = str(Path(__file__).parent)
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))

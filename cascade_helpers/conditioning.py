@@ -48,6 +48,11 @@ def _warn_if_truncated(tokenizer, prompts: list[str]) -> None:
 def encode_text(prior: Prior | TextEncoder, prompts: str | list[str]) -> TextEmbeddings:
     """Prompts → Stage C/B text conditioning (float32, on the prior's device). A :class:`TextEncoder`
     loaded alone serves as well: Stage B needs no Stage C."""
+    return text_conditioning(prior, prompts)
+
+
+def text_conditioning(prior: Prior | TextEncoder, prompts: str | list[str]) -> TextEmbeddings:
+    """:func:`encode_text` with gradients: LoRA training learns new token embeddings through it."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     _warn_if_truncated(prior.tokenizer, prompts)
     tokens = prior.tokenizer(
@@ -63,9 +68,13 @@ def encode_text(prior: Prior | TextEncoder, prompts: str | list[str]) -> TextEmb
 
 def clip_image_input(prior: Prior, images: torch.Tensor) -> torch.Tensor:
     """B×3×H×W in [0, 1] → the image encoder's input: bicubic resize of the short side, centre crop,
-    CLIP normalization (the official ``clip_preprocess``, with sizes from ``feature_extractor/``)."""
+    CLIP normalization (the official ``clip_preprocess``, with sizes from ``feature_extractor/``).
+
+    No antialiasing: the official code pins torchvision 0.16, whose ``Resize`` does not antialias
+    tensors by default, and Stage C's image conditioning was trained on embeddings made that way.
+    (diffusers' pipeline goes through PIL, which does antialias.)"""
     settings = prior.clip_image
-    resized = TF.resize(images, settings.resize, interpolation=InterpolationMode.BICUBIC, antialias=True)
+    resized = TF.resize(images, settings.resize, interpolation=InterpolationMode.BICUBIC, antialias=False)
     return TF.normalize(TF.center_crop(resized, list(settings.crop)), settings.mean, settings.std)
 
 

@@ -5,7 +5,8 @@ Three memory modes, as in diffusers:
 - ``"gpu"``: every model lives on the GPU. Fastest; needs the most memory.
 - ``"model_offload"``: big models (text encoder, UNets, image encoder) wait in CPU RAM and move to
   the GPU when called, sending the previously active one back. Small ones (previewer, EfficientNet,
-  Stage A) stay on the GPU. One big model on the GPU at a time: Stage C big fits in ~10 GB in bf16.
+  Stage A) stay on the GPU. One big model on the GPU at a time (Stage C big: 7.18 GB of bf16 weights,
+  plus activations; `weights_on_gpu` below gives the weight figures per mode).
 - ``"sequential_offload"``: weights stream to the GPU layer by layer (accelerate's ``cpu_offload``).
   Slowest, smallest footprint.
 
@@ -123,3 +124,35 @@ def place(
 
     cpu_offload(model, execution_device=device)
     return model
+
+
+# --- how much the weights take on the GPU ------------------------------------------------------------
+
+
+def weights_on_gpu(
+    stage_c: str, stage_b: str, precision: str, memory: MemoryMode, *, image_encoder: bool = True
+) -> int:
+    """Bytes of model weights on the GPU at the busiest moment of a generation, from the published
+    file sizes in :mod:`cascade_helpers.files`. Weights only: activations, the CUDA context and the
+    allocator's cache come on top and are not included.
+
+    ``"gpu"``: every model. ``"model_offload"``: the biggest of the models that take turns (text
+    encoder, image encoder, Stage C, Stage B) plus the small ones that stay (Stage A, EfficientNet,
+    previewer). ``"sequential_offload"``: the small ones; the others stream through one layer at a time.
+    """
+    from . import files
+
+    if memory not in MEMORY_MODES:
+        raise ValueError(f"unknown memory mode {memory!r}: use one of {', '.join(MEMORY_MODES)}")
+    big = [
+        files.STAGE_C[stage_c][precision],
+        files.STAGE_B[stage_b][precision],
+        files.TEXT_ENCODER[precision],
+    ]
+    big += [files.IMAGE_ENCODER[precision]] if image_encoder else []
+    small = sum(f.size for f in (files.STAGE_A, files.EFFNET, files.PREVIEWER))
+    if memory == "gpu":
+        return small + sum(f.size for f in big)
+    if memory == "model_offload":
+        return small + max(f.size for f in big)
+    return small

@@ -54,8 +54,13 @@ def preprocess(images: torch.Tensor) -> torch.Tensor:
             f"images of {images.shape[-2]}×{images.shape[-1]} px are too small for the EfficientNet encoder: "
             f"each side must be at least {int(STRIDE / DOWNSCALE) + 1} px"
         )
-    resized = TF.resize(images, list(size), interpolation=InterpolationMode.NEAREST)
-    return TF.normalize(resized, IMAGENET_MEAN, IMAGENET_STD)
+    return normalize(TF.resize(images, list(size), interpolation=InterpolationMode.NEAREST))
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """ImageNet normalization only, for pictures already at the encoder's input size (the official
+    image-to-image example scales its input straight to 768 px and normalizes, no 3/4 step)."""
+    return TF.normalize(images, IMAGENET_MEAN, IMAGENET_STD)
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ re-decode any of them.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,9 @@ import torch
 
 from .conditioning import TextEmbeddings, encode_image_clip, encode_text, no_image
 from .effnet import encode as effnet_encode
-from .images import ImageInput, batch_images, to_pil
+from .effnet import encoder_input_size
+from .effnet import normalize as effnet_normalize
+from .images import ImageInput, batch_images, image_to_tensor, resize_and_crop, scale_short_side, to_pil
 from .loading import Decoder, Prior
 from .sampling import (
     OFFICIAL_DECODER,
@@ -34,6 +37,7 @@ STAGE_C_COMPRESSION = 42.67  # image side / Stage C latent side (1024 → 24)
 STAGE_A_COMPRESSION = 4  # image side / Stage B latent side (1024 → 256)
 SIDE_STEP, SIDE_MIN, SIDE_MAX = 128, 512, 2048
 MAX_IMAGES = 16
+OFFICIAL_INPUT_SIDE = 768  # the official examples scale input pictures to this short side first
 
 
 @dataclass
@@ -88,8 +92,12 @@ def generate_stage_c(
     image_embeds: torch.Tensor | None = None,
     x_init: torch.Tensor | None = None,
     callback: StepCallback | None = None,
+    control: Sequence[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
-    """Sample Stage C latents (B×16×h×w) for text (and optionally CLIP image) conditioning."""
+    """Sample Stage C latents (B×16×h×w) for text (and optionally CLIP image) conditioning.
+
+    ``control``: ControlNet features for the B pictures (:func:`cascade_helpers.controlnet.control_features`);
+    the unconditional half of the guided batch gets the same features, as in the official notebook."""
     batch = shape[0]
     zeros = no_image(prior, batch)
     cond = {
@@ -98,6 +106,8 @@ def generate_stage_c(
         "clip_img": zeros if image_embeds is None else image_embeds.to(prior.device),
     }
     uncond = {"clip_text": negative.hidden, "clip_text_pooled": negative.pooled, "clip_img": zeros}
+    if control is not None:
+        cond["cnet"] = uncond["cnet"] = list(control)
     return sample(
         unet_denoiser(prior.unet, prior.dtype),
         shape,
@@ -151,14 +161,52 @@ def decode_stage_a(decoder: Decoder, latents: torch.Tensor) -> torch.Tensor:
     return vqgan.decode(scaled).sample.clamp(0, 1).float().cpu()
 
 
-@torch.no_grad()
-def encode_stage_c(prior: Prior, images: torch.Tensor) -> torch.Tensor:
-    """Pictures (B×3×H×W in [0, 1]) → Stage C latents with the EfficientNet encoder (float32)."""
+def _effnet(prior: Prior) -> torch.nn.Module:
     if prior.effnet is None:
         raise ValueError(
             "this prior was loaded without the EfficientNet encoder: use load_prior(..., effnet=True)"
         )
-    return effnet_encode(prior.effnet, images)
+    return prior.effnet
+
+
+@torch.no_grad()
+def encode_stage_c(prior: Prior, images: torch.Tensor) -> torch.Tensor:
+    """Pictures (B×3×H×W in [0, 1]) → Stage C latents with the EfficientNet encoder (float32)."""
+    return effnet_encode(_effnet(prior), images)
+
+
+@torch.no_grad()
+def encode_picture(prior: Prior, image: ImageInput, height: int, width: int) -> torch.Tensor:
+    """One input picture → the Stage C latents (1×16×h×w) of a height×width generation, prepared as
+    the official image-to-image example prepares it: scaled (bilinear, antialiased) and centre-cropped
+    straight to the encoder's input size — 768² for 1024², hence 24×24 latents — then normalized.
+
+    For an output with a 1024 px short side and a picture of the output's aspect ratio this is exactly
+    the official preparation (the official example always scales to 768 px, whatever the output size;
+    we scale with the output). For other pictures the official code keeps the picture's aspect ratio
+    and Stage C gets latents of another shape than the output's, so we crop instead. (:func:`encode_stage_c` takes pictures at the output size and applies the
+    reconstruction example's nearest-neighbour 3/4 downscale.)
+    """
+    pixels = resize_and_crop(image_to_tensor(image), *encoder_input_size(height, width))
+    return _effnet(prior)(effnet_normalize(pixels[None].to(prior.device))).float()
+
+
+@torch.no_grad()
+def variation_embeddings(prior: Prior, image: ImageInput) -> torch.Tensor:
+    """One picture → its CLIP image embedding (1×1×E), prepared as the official image-variation
+    example does: short side scaled to 768 px, then CLIP's own resize and centre crop. The picture
+    keeps its aspect ratio whatever size the variations are generated at."""
+    picture = scale_short_side(image_to_tensor(image), OFFICIAL_INPUT_SIDE)
+    return encode_image_clip(prior, picture[None])
+
+
+@torch.no_grad()
+def preview_stage_c(prior: Prior, latents: torch.Tensor) -> torch.Tensor:
+    """Stage C latents (B×16×h×w) → rough pictures (B×3×8h×8w in [0, 1], float32, CPU) with the
+    previewer: 192² for a 1024² image, in milliseconds on a GPU. What live previews show."""
+    if prior.previewer is None:
+        raise ValueError("this prior was loaded without the previewer: use load_prior(..., previewer=True)")
+    return prior.previewer(latents.to(prior.device, torch.float32)).clamp(0, 1).cpu()
 
 
 # --- whole generations -------------------------------------------------------------------------------
@@ -180,6 +228,7 @@ def _run(
     stage_c_latents: torch.Tensor | None = None,
     x_init: torch.Tensor | None = None,
     callback: StepCallback | None = None,
+    control: Sequence[torch.Tensor | None] | None = None,
     extra: dict | None = None,
 ) -> Generation:
     check_size(height, width)
@@ -198,6 +247,7 @@ def _run(
             image_embeds=image_embeds,
             x_init=x_init,
             callback=callback,
+            control=control,
         )
     stage_b_latents = generate_stage_b(
         decoder,
@@ -215,6 +265,7 @@ def _run(
         "seed": seed,
         "height": height,
         "width": width,
+        "num_images": num_images,
         "prior": _settings_dict(prior_settings),
         "decoder": _settings_dict(decoder_settings),
         "prior_variant": prior.architecture,
@@ -276,9 +327,10 @@ def image_variation(
     decoder_settings: StageSettings = OFFICIAL_DECODER,
     callback: StepCallback | None = None,
 ) -> Generation:
-    """Variations of a picture: Stage C conditioned on its CLIP image embedding (a prompt is optional)."""
-    clip_images = batch_images(image, height, width)
-    embeds = encode_image_clip(prior, clip_images).repeat_interleave(num_images, 0)
+    """Variations of a picture: Stage C conditioned on its CLIP image embedding
+    (:func:`variation_embeddings`); no prompt needed (the official example uses none)."""
+    check_size(height, width)
+    embeds = variation_embeddings(prior, image).repeat_interleave(num_images, 0)
     return _run(
         prior,
         decoder,
@@ -333,7 +385,7 @@ def image_to_image(
             callback=callback,
             extra=extra,
         )
-    encoded = encode_stage_c(prior, batch_images(image, height, width)).repeat_interleave(num_images, 0)
+    encoded = encode_picture(prior, image, height, width).repeat_interleave(num_images, 0)
     steps = int(prior_settings.steps * strength)
     if steps == 0:  # nothing to denoise: decode the picture's own latents
         return _run(
@@ -350,9 +402,7 @@ def image_to_image(
             stage_c_latents=encoded,
             extra=extra,
         )
-    # the official example noises with the unshifted schedule, then samples with the usual shift
-    noise = initial_noise(encoded.shape, _generator(seed + 1), prior.device)
-    x_init = diffuse(encoded, strength, noise)
+    x_init = _noised_latents(prior, encoded, strength, seed)
     return _run(
         prior,
         decoder,
@@ -366,6 +416,71 @@ def image_to_image(
         decoder_settings,
         x_init=x_init,
         callback=callback,
+        extra=extra,
+    )
+
+
+def _noised_latents(prior: Prior, latents: torch.Tensor, noise_level: float, seed: int) -> torch.Tensor:
+    """The official image-to-image start: latents noised to ``noise_level`` with the unshifted
+    schedule (sampling then uses the usual shift)."""
+    noise = initial_noise(latents.shape, _generator(seed + 1), prior.device)
+    return diffuse(latents, noise_level, noise)
+
+
+def controlnet_to_image(
+    prior: Prior,
+    decoder: Decoder,
+    control: Sequence[torch.Tensor | None],
+    prompt: str,
+    negative_prompt: str = "",
+    *,
+    init_image: ImageInput | None = None,
+    init_noise: float = 1.0,
+    height: int = 1024,
+    width: int = 1024,
+    num_images: int = 1,
+    seed: int = 0,
+    prior_settings: StageSettings = OFFICIAL_PRIOR,
+    decoder_settings: StageSettings = OFFICIAL_DECODER,
+    callback: StepCallback | None = None,
+    extra: dict | None = None,
+) -> Generation:
+    """Pictures that follow ControlNet features (:func:`cascade_helpers.controlnet.control_features`,
+    computed once for ``num_images`` pictures) and a prompt.
+
+    With ``init_image``, Stage C starts from that picture's latents noised to ``init_noise``, as the
+    official inpainting and outpainting example does with noise level 1.0 (1 % of the picture's signal
+    survives; ``int(steps × init_noise)`` steps). Without it, from pure noise (canny, super-resolution).
+    """
+    batches = {c.shape[0] for c in control if c is not None}
+    if batches != {num_images}:
+        raise ValueError(
+            f"the control features are for {sorted(batches)} pictures, not num_images={num_images}: "
+            f"compute them with control_features(..., batch={num_images})"
+        )
+    x_init = None
+    if init_image is not None:
+        check_size(height, width)
+        latents = encode_stage_c(prior, batch_images(init_image, height, width)).repeat_interleave(
+            num_images, 0
+        )
+        x_init = _noised_latents(prior, latents, init_noise, seed)
+        steps = max(1, int(prior_settings.steps * init_noise))
+        prior_settings = prior_settings.with_(t_start=init_noise, steps=steps)
+    return _run(
+        prior,
+        decoder,
+        prompt,
+        negative_prompt,
+        height,
+        width,
+        num_images,
+        seed,
+        prior_settings,
+        decoder_settings,
+        x_init=x_init,
+        callback=callback,
+        control=control,
         extra=extra,
     )
 

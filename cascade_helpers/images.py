@@ -37,11 +37,12 @@ def image_to_tensor(image: ImageInput) -> torch.Tensor:
     uint8 (0-255) or float (0-1); one channel is repeated to three, a fourth (alpha) dropped."""
     if isinstance(image, (str, os.PathLike)):
         with PIL.Image.open(image) as opened:
-            opened.load()  # read the pixels before the file closes (to_rgb returns RGB files as they are)
+            opened.load()  # read the pixels before the file closes: an RGB picture is passed on as is
             image = to_rgb(opened)
     if isinstance(image, PIL.Image.Image):
         return TF.to_tensor(to_rgb(image))
-    tensor = torch.as_tensor(np.asarray(image) if isinstance(image, np.ndarray) else image)
+    # a copy: arrays from np.asarray(PIL image) are read-only, which torch warns about
+    tensor = torch.as_tensor(np.array(image) if isinstance(image, np.ndarray) else image)
     if tensor.dtype == torch.uint8:
         tensor = tensor.float() / 255
     tensor = tensor.float()
@@ -69,6 +70,12 @@ def resize_and_crop(image: torch.Tensor, height: int, width: int) -> torch.Tenso
     size = [max(height, round(h * scale)), max(width, round(w * scale))]
     resized = TF.resize(image, size, interpolation=InterpolationMode.BILINEAR, antialias=True)
     return TF.center_crop(resized, [height, width])
+
+
+def scale_short_side(image: torch.Tensor, side: int) -> torch.Tensor:
+    """Bilinear, antialiased resize to a short side of ``side`` px, aspect ratio kept: the official
+    notebooks' ``resize_image`` (768 px) for every input picture."""
+    return TF.resize(image, side, interpolation=InterpolationMode.BILINEAR, antialias=True)
 
 
 def batch_images(images: ImageInput | Sequence[ImageInput], height: int, width: int) -> torch.Tensor:

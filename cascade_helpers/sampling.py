@@ -19,19 +19,24 @@ a callback after every step (live previews).
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
 
+from .controlnet import inject_controlnet
+
 _S = 0.008  # offset of the cosine schedule (Nichol & Dhariwal), as in the official code
 _VAR_RANGE = (1e-4, 0.9999)  # the official schedule clamps the signal variance to this range
 _MIN_VAR = math.cos(_S / (1 + _S) * math.pi / 2) ** 2
 
 Denoiser = Callable[..., torch.Tensor]
+#: a conditioning input: a tensor, or a list of optional tensors (ControlNet features, ``cnet``)
+Input = torch.Tensor | Sequence[torch.Tensor | None]
 #: called after every step with (step index, denoised estimate, current sample)
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
@@ -125,6 +130,22 @@ def diffuse(
     return _per_sample(a, x0) * x0 + _per_sample(b, x0) * noise
 
 
+# --- the training objective (official gdf: cosine schedule, epsilon target, P2 weighting) ------------
+
+
+def training_times(batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random diffusion times for one training batch, drawn as the official ``CosineSchedule`` does
+    when training: ``(1 - U[0, 1)) + 0.001``, clamped to [0.001, 1] (never exactly clean)."""
+    uniform = torch.rand(batch, generator=generator)
+    return (1 - uniform).add(0.001).clamp(0.001, 1.0)
+
+
+def p2_loss_weight(log_snr_value: torch.Tensor) -> torch.Tensor:
+    """The official ``P2LossWeight()`` (k=1, γ=1, s=1): 1 / (1 + SNR). Noisy steps count fully,
+    nearly clean ones hardly at all."""
+    return 1.0 / (1.0 + log_snr_value.exp())
+
+
 def _ddpm_step(x, x0, eps, log_snr_now, log_snr_next, generator) -> torch.Tensor:
     """One DDPM step (the official DDIM step with eta=1) from time ``now`` to ``next``."""
     a, b = signal_noise_scales(log_snr_now)
@@ -137,10 +158,19 @@ def _ddpm_step(x, x0, eps, log_snr_now, log_snr_next, generator) -> torch.Tensor
 # --- guidance ----------------------------------------------------------------------------------------
 
 
-def _cat_inputs(
-    cond: Mapping[str, torch.Tensor], uncond: Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    return {k: torch.cat([cond[k], uncond[k]]) for k in cond}
+def _cat_inputs(cond: Mapping[str, Input], uncond: Mapping[str, Input]) -> dict[str, Input]:
+    """One doubled batch, conditional first. List inputs (ControlNet features, one entry per Stage C
+    ResBlock) are joined entry by entry, None where either side has None, as the official sampler does."""
+    return {k: _cat(cond[k], uncond[k]) for k in cond}
+
+
+def _cat(cond: Input | None, uncond: Input | None) -> Input | None:
+    if isinstance(cond, torch.Tensor):
+        return torch.cat([cond, uncond])
+    if cond is None or uncond is None:
+        return None
+    both = zip(cond, uncond, strict=False)
+    return [torch.cat([c, u]) if c is not None and u is not None else None for c, u in both]
 
 
 def guided_prediction(
@@ -193,9 +223,9 @@ def sample(
     ``uncond`` are its conditioning inputs (``uncond`` is used only with guidance). ``x_init`` is the
     starting latent at time ``settings.t_start`` (already noised), else pure noise is drawn.
     """
-    doubled = _cat_inputs(cond, uncond) if settings.guided else None
     if settings.guided and uncond is None:
         raise ValueError("guidance needs unconditional inputs")
+    doubled = _cat_inputs(cond, uncond) if settings.guided else None
     x = initial_noise(shape, generator, device) if x_init is None else x_init.float().to(device)
     times = torch.linspace(settings.t_start, 0.0, settings.steps + 1)
     desc = progress if isinstance(progress, str) else None
@@ -235,10 +265,17 @@ def _sample_diffusers(denoiser, x, times, cond, doubled, settings, generator, ca
 
 def unet_denoiser(unet: torch.nn.Module, dtype: torch.dtype) -> Denoiser:
     """Adapt a diffusers ``StableCascadeUNet`` to the ``denoiser(x, r, **inputs)`` interface: inputs
-    in the model's dtype, prediction back in float32."""
+    in the model's dtype, prediction back in float32. A ``cnet`` input (ControlNet features, the
+    official Stage C's argument name) is added to the UNet's ResBlocks during the call."""
 
-    def denoise(x: torch.Tensor, r: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
+    def denoise(
+        x: torch.Tensor,
+        r: torch.Tensor,
+        cnet: Sequence[torch.Tensor | None] | None = None,
+        **inputs: torch.Tensor,
+    ) -> torch.Tensor:
         inputs = {k: v.to(dtype) for k, v in inputs.items()}
-        return unet(x.to(dtype), r.to(dtype), return_dict=False, **inputs)[0].float()
+        with inject_controlnet(unet, cnet) if cnet is not None else contextlib.nullcontext():
+            return unet(x.to(dtype), r.to(dtype), return_dict=False, **inputs)[0].float()
 
     return denoise

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 
 from . import files
 from .checkpoints import config_dir, stage_a_to_official, unet_to_official
+from .controlnet import CONTROLNET_TYPES, TINY_BLOCKS, ControlNet, LargeBottleneck
 from .effnet import EfficientNetEncoder
 from .files import Precision, Size
 from .previewer import Previewer
@@ -81,6 +82,10 @@ def _save_official(state: dict[str, torch.Tensor], path: Path, dtype: torch.dtyp
         for k, v in state.items()
     }
     save_file(tensors, str(path))
+
+
+def _tiny_prior_width() -> int:
+    return json.loads((config_dir("stage_c", "tiny") / "config.json").read_text())["block_out_channels"][0]
 
 
 def _tiny_unet(kind: str, seed: int):
@@ -227,6 +232,55 @@ def write_image_encoder(models_dir: Path, precision: Precision, seed: int = 6) -
     return folder
 
 
+# --- ControlNets ------------------------------------------------------------------------------------
+
+TINY_LARGE_BOTTLENECK = LargeBottleneck(expand=64, hidden=32, blocks=2, out=48)
+
+
+def write_controlnets(models_dir: Path, precision: Precision = "bf16", seed: int = 7) -> list[Path]:
+    """The released ControlNets (canny, inpainting, super-resolution) made for the tiny Stage C, with
+    the official key names: projections to the tiny width on ``TINY_BLOCKS`` and a narrow 'large'
+    bottleneck (:data:`TINY_LARGE_BOTTLENECK`; the real one has 200 M parameters). The EfficientNet
+    bottleneck is torchvision's EfficientNetV2-S, whose shapes are fixed: about 54 MB a file in bf16.
+    The last projection layers get random weights instead of the official zeros, so the control shows."""
+    width = _tiny_prior_width()
+    paths = []
+    for i, kind in enumerate(k for k in CONTROLNET_TYPES.values() if k.file is not None):
+        torch.manual_seed(seed + i)
+        model = ControlNet(kind.c_in, width, TINY_BLOCKS, kind.bottleneck_mode, large=TINY_LARGE_BOTTLENECK)
+        for projection in model.projections:
+            projection[-1].reset_parameters()
+        paths.append(models_dir / kind.file.path)
+        _save_official(model.state_dict(), paths[-1], _DTYPES[precision])
+    return paths
+
+
+# --- LoRA --------------------------------------------------------------------------------------------
+
+
+def write_official_lora(models_dir: Path, seed: int = 7) -> Path:
+    """A tiny ``lora_fernando_10k.safetensors`` in the official format for the tiny Stage C: rank-4
+    ``weights.<i>.lora_down/up`` in the official order (per attention block: out_proj, then the
+    stacked q/k/v in_proj), and a ``[fernando]`` token delta at id = the tokenizer's size (the id the
+    official training gives the first new token). The official file's token width is bigG's 1280;
+    here it is the tiny text encoder's. Write the tokenizer first."""
+    from .lora import official_lora_layout
+
+    vocab_size = len(json.loads((models_dir / files.TOKENIZER.path / "vocab.json").read_text()))
+    layout = official_lora_layout(_tiny_unet("stage_c", seed))
+    width = _tiny_prior_width()
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for i, names in enumerate(layout):
+        state[f"weights.{i}.lora_down"] = torch.randn(4, width, generator=generator) * 0.05
+        state[f"weights.{i}.lora_up"] = torch.randn(len(names) * width, 4, generator=generator)
+    state["embeddings.embeddings"] = torch.randn(1, TEXT_HIDDEN, generator=generator) * 0.05
+    state["embeddings.indices"] = torch.tensor([vocab_size])
+    path = models_dir / files.LORA_FERNANDO.path
+    _save_official(state, path)
+    return path
+
+
 def write_tiny_models(
     models_dir: str | Path = DEFAULT_TINY_DIR,
     *,
@@ -235,24 +289,32 @@ def write_tiny_models(
     precision: Precision = "bf16",
     seed: int = 0,
     both_stage_b: bool = False,
+    controlnets: bool = False,
+    lora: bool = False,
 ) -> Path:
-    """Write the files ``bash download_models.sh essential <variant> <precision>`` would fetch, tiny.
+    """Write the files ``bash download_models.sh essential <variant> <precision>`` would fetch, tiny
+    (and, with ``controlnets``, those of ``bash download_models.sh controlnet``).
 
     ``stage_c``/``stage_b`` choose only the file names (big or lite); the weights are always the tiny
-    architecture, which the loader accepts in either slot. ``both_stage_b`` also writes the other
-    Stage B size's file (other weights): the reconstruction notebook compares the two.
+    architecture, which the loader accepts in either slot. ``lora`` adds the official example LoRA
+    (``bash download_models.sh lora``), tiny. ``both_stage_b`` also writes the
+    other Stage B size's file (other weights): the reconstruction notebook compares the two.
     """
     models_dir = Path(models_dir)
     write_stage_c(models_dir, stage_c, precision, seed)
     write_stage_b(models_dir, stage_b, precision, seed + 1)
     if both_stage_b:
-        write_stage_b(models_dir, "lite" if stage_b == "big" else "big", precision, seed + 7)
+        write_stage_b(models_dir, "lite" if stage_b == "big" else "big", precision, seed + 8)
     write_stage_a(models_dir, seed + 2)
     write_effnet(models_dir, seed + 3)
     write_previewer(models_dir, seed + 4)
     write_tokenizer(models_dir)
     write_text_encoder(models_dir, precision, seed + 5)
     write_image_encoder(models_dir, precision, seed + 6)
+    if controlnets:
+        write_controlnets(models_dir, precision, seed + 7)
+    if lora:
+        write_official_lora(models_dir, seed + 7)
     return models_dir
 
 

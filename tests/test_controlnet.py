@@ -1,0 +1,522 @@
+"""The ControlNet: official parameter layout and outputs, injection into diffusers' UNet, the doubled
+guidance batch, loading checks, filters and masks.
+
+``fixtures/official_controlnet.json`` was recorded from the official modules (``modules/controlnet.py``,
+``modules/stage_c.py``) for the deterministic weights made by :func:`_deterministic` below.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from accelerate import init_empty_weights
+from safetensors.torch import save_file
+
+from cascade_helpers import controlnet as cn
+from cascade_helpers.checkpoints import TruncatedCheckpointError, WrongCheckpointError, official_shapes
+from cascade_helpers.controlnet import (
+    OFFICIAL_BLOCKS,
+    TINY_BLOCKS,
+    ControlNet,
+    ControlNetNotReleasedError,
+    inject_controlnet,
+    resblock_order,
+)
+from cascade_helpers.loading import MissingModelFileError, load_unet_single_file
+from cascade_helpers.sampling import StageSettings
+from cascade_helpers.tiny import write_controlnets, write_stage_c
+from tests.sparse import write_sparse_checkpoint
+
+FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "official_controlnet.json").read_text())
+OFFICIAL_CONFIGS = {
+    "canny": dict(c_in=1, proj_blocks=OFFICIAL_BLOCKS),
+    "inpainting": dict(c_in=4, proj_blocks=OFFICIAL_BLOCKS),
+    "super_resolution": dict(c_in=16, proj_blocks=OFFICIAL_BLOCKS, bottleneck_mode="large"),
+    "face_identity": dict(c_in=512, proj_blocks=range(64), bottleneck_mode="simple"),
+    "effnet_rgb": dict(c_in=3, proj_blocks=OFFICIAL_BLOCKS),
+}
+OUTPUT_CASES = {
+    "effnet_c1": dict(c_in=1, c_proj=32, proj_blocks=TINY_BLOCKS),
+    "effnet_c3": dict(c_in=3, c_proj=32, proj_blocks=[1, 3]),
+    "effnet_c4": dict(c_in=4, c_proj=32, proj_blocks=TINY_BLOCKS),
+    "simple_c16": dict(c_in=16, c_proj=32, proj_blocks=TINY_BLOCKS, bottleneck_mode="simple"),
+    "large_c16": dict(c_in=16, c_proj=32, proj_blocks=TINY_BLOCKS, bottleneck_mode="large"),  # official size
+}
+
+
+def _digest(shapes: dict[str, tuple[int, ...]]) -> str:
+    return hashlib.sha256("\n".join(f"{k} {list(v)}" for k, v in sorted(shapes.items())).encode()).hexdigest()
+
+
+def _deterministic(shapes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Key i in sorted order from seed i: randn / sqrt(fan-in); running_var = rand + 0.5; integers kept."""
+    weights = {}
+    for i, (key, like) in enumerate(sorted(shapes.items())):
+        generator = torch.Generator().manual_seed(i)
+        if not like.is_floating_point():
+            weights[key] = torch.zeros(like.shape, dtype=like.dtype)
+        elif "running_var" in key:
+            weights[key] = torch.rand(like.shape, generator=generator) + 0.5
+        else:
+            weights[key] = torch.randn(like.shape, generator=generator) / max(1, like[0].numel()) ** 0.5
+    return weights
+
+
+def _randn(seed: int, *shape: int) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _values(entry: dict) -> torch.Tensor:
+    return torch.tensor(entry["values"]).reshape(entry["shape"])
+
+
+# --- the module ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", OFFICIAL_CONFIGS)
+def test_state_dict_is_the_official_one(name):
+    """Same key names and shapes as the official module: the released files load strictly."""
+    with init_empty_weights(include_buffers=False):
+        model = ControlNet(**OFFICIAL_CONFIGS[name])
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    expected = FIXTURE["state_dicts"][name]
+    assert (len(shapes), _digest(shapes)) == (expected["keys"], expected["sha256"])
+    assert sum(p.numel() for p in model.parameters()) == expected["parameters"]
+
+
+@pytest.mark.parametrize("name", OUTPUT_CASES)
+@torch.no_grad()
+def test_outputs_equal_the_official_module(name):
+    """All three bottlenecks (EfficientNet with 1, 3 and 4 input channels: the replaced stem has no
+    padding), at the official 'large' size, give the official outputs for the same weights."""
+    with init_empty_weights(include_buffers=False):
+        model = ControlNet(**OUTPUT_CASES[name])
+    model.load_state_dict(_deterministic(model.state_dict()), strict=True, assign=True)
+    case = FIXTURE["outputs"][name]
+    outputs = model.eval()(_randn(case["input_seed"], *case["input_shape"]))
+    assert len(outputs) == len(case["outputs"])
+    for got, expected in zip(outputs, case["outputs"], strict=True):
+        assert (got is None) == (expected is None)
+        if expected is not None:
+            torch.testing.assert_close(got, _values(expected), rtol=1e-4, atol=1e-5)
+
+
+def test_torchvision_weights_are_never_downloaded(monkeypatch, no_network):
+    def refuse(*args, **kwargs):
+        raise AssertionError("torchvision tried to download weights")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+    for c_in in (1, 3, 4):
+        ControlNet(c_in=c_in, c_proj=8, proj_blocks=[0])
+
+
+# --- injection ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_unet(tmp_path_factory):
+    """The tiny Stage C with the fixture's deterministic weights, through our official-file loader."""
+    path = tmp_path_factory.mktemp("unet") / "stage_c.safetensors"
+    shapes = {k: torch.empty(v) for k, v in official_shapes("stage_c", "tiny").items()}
+    save_file(_deterministic(shapes), str(path))
+    return load_unet_single_file(path, "stage_c", "tiny", torch.float32)
+
+
+def _run_unet(unet, control=None):
+    x, text, pooled, image = (
+        _randn(300, 1, 16, 4, 4),
+        _randn(301, 1, 77, 32),
+        _randn(302, 1, 1, 32),
+        _randn(303, 1, 1, 24),
+    )
+    r = torch.tensor([0.7])
+    if control is None:
+        return unet(x, r, pooled, clip_text=text, clip_img=image).sample
+    with inject_controlnet(unet, control):
+        return unet(x, r, pooled, clip_text=text, clip_img=image).sample
+
+
+def _official_controls(blocks) -> list[torch.Tensor | None]:
+    return [_randn(400 + i, 1, 32, 3, 3) if i in blocks else None for i in range(8)]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("block", range(8))
+def test_each_block_gets_the_official_block_number(tiny_unet, block):
+    """A control at position i lands where the official Stage C adds ``cnet[i]`` (3×3 controls
+    resized bilinearly to the 4×4 blocks, down path then up path)."""
+    expected = torch.tensor(FIXTURE["stage_c_injection"][f"only_{block}"]).reshape(1, 16, 4, 4)
+    torch.testing.assert_close(
+        _run_unet(tiny_unet, _official_controls([block])), expected, rtol=1e-4, atol=1e-5
+    )
+
+
+@torch.no_grad()
+def test_a_list_of_controls_and_a_shorter_list_match_the_official_model(tiny_unet):
+    injection = FIXTURE["stage_c_injection"]
+    controls = _official_controls(TINY_BLOCKS)
+    for name, control in (("tiny_blocks", controls), ("short_list", controls[:3])):
+        expected = torch.tensor(injection[name]).reshape(1, 16, 4, 4)
+        torch.testing.assert_close(_run_unet(tiny_unet, control), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(_run_unet(tiny_unet), torch.tensor(injection["none"]).reshape(1, 16, 4, 4))
+
+
+@torch.no_grad()
+def test_zero_projections_leave_the_output_unchanged(tiny_unet):
+    """A fresh ControlNet (the official init zeroes its output projections) changes nothing, bit for bit."""
+    controlnet = ControlNet(c_in=1, c_proj=32, proj_blocks=TINY_BLOCKS).eval()
+    features = controlnet(torch.rand(1, 1, 64, 64))
+    assert all(f is None or not f.any() for f in features)
+    assert torch.equal(_run_unet(tiny_unet, features), _run_unet(tiny_unet))
+    assert torch.equal(_run_unet(tiny_unet, []), _run_unet(tiny_unet))
+
+
+def test_the_big_stage_c_numbering():
+    """Independent of our code: the official Stage C has blocks [[8, 24], [24, 8]] of 'CTA' triples, so
+    ResBlocks 0-7 are in down level 0, 8-31 in down level 1, 32-55 in up level 1, 56-63 in up level 0."""
+    from cascade_helpers.checkpoints import config_dir
+    from cascade_helpers.upstream import StableCascadeUNet
+
+    with init_empty_weights():
+        unet = StableCascadeUNet.from_config(StableCascadeUNet.load_config(config_dir("stage_c", "big")))
+    names = {module: name for name, module in unet.named_modules()}
+    order = [names[block] for block in resblock_order(unet)]
+    assert len(order) == 64
+    expected = {0: "down_blocks.0.0", 7: "down_blocks.0.21", 8: "down_blocks.1.0", 31: "down_blocks.1.69"}
+    expected |= {32: "up_blocks.0.0", 55: "up_blocks.0.69", 56: "up_blocks.1.0", 63: "up_blocks.1.21"}
+    assert {i: order[i] for i in expected} == expected
+    assert [order[i] for i in OFFICIAL_BLOCKS][4:] == [
+        "up_blocks.0.57",
+        "up_blocks.0.69",
+        "up_blocks.1.9",
+        "up_blocks.1.21",
+    ]
+
+
+def _hooks(unet) -> int:
+    return sum(len(m._forward_pre_hooks) for m in unet.modules())
+
+
+@torch.no_grad()
+def test_the_unet_is_restored_even_when_the_call_raises(tiny_unet):
+    before, reference = _hooks(tiny_unet), _run_unet(tiny_unet)
+    with pytest.raises(RuntimeError, match="boom"), inject_controlnet(tiny_unet, _official_controls([0])):
+        raise RuntimeError("boom")
+    wrong_batch = [_randn(1, 3, 32, 4, 4)]  # 3 pictures for a batch of 1
+    with pytest.raises(ValueError, match="doubles the batch"):
+        _run_unet(tiny_unet, wrong_batch)
+    assert _hooks(tiny_unet) == before
+    assert torch.equal(_run_unet(tiny_unet), reference)
+
+
+def test_controls_that_do_not_fit_the_unet_are_refused(tiny_unet):
+    with (
+        pytest.raises(ValueError, match="has 8 ResBlocks"),
+        inject_controlnet(tiny_unet, [None] * 8 + [torch.zeros(1, 32, 2, 2)]),
+    ):
+        pass
+    with (
+        pytest.raises(ValueError, match="big Stage C"),
+        inject_controlnet(tiny_unet, [torch.zeros(1, 2048, 2, 2)]),
+    ):
+        pass
+
+
+def test_gradient_checkpointing_reruns_blocks_with_the_same_control(tiny_unet):
+    """Checkpointing runs each ResBlock again during backward: it must get the same control again."""
+    results = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            tiny_unet.enable_gradient_checkpointing()
+        controls = [
+            c.clone().requires_grad_() if c is not None else None for c in _official_controls(TINY_BLOCKS)
+        ]
+        try:
+            with (
+                torch.enable_grad(),
+                inject_controlnet(tiny_unet, controls),
+            ):  # backward inside: it reruns blocks
+                output = _run_unet(tiny_unet)
+                output.square().sum().backward()
+        finally:
+            tiny_unet.disable_gradient_checkpointing()
+        results.append((output.detach(), [c.grad for c in controls if c is not None]))
+    (out_a, grads_a), (out_b, grads_b) = results
+    torch.testing.assert_close(out_b, out_a)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(b, a)
+
+
+# --- guidance: the doubled batch ----------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_guided_step_with_controls_equals_the_official_sampler(tiny_unet):
+    """One step of our sampler, the control features in both halves of the doubled guidance batch,
+    gives the official gdf sampler's denoised estimate (guidance 4, rescale 0.7, shift 2)."""
+    from cascade_helpers.sampling import sample, unet_denoiser
+
+    cond = {
+        "clip_text": _randn(500, 2, 77, 32),
+        "clip_text_pooled": _randn(501, 2, 1, 32),
+        "clip_img": _randn(502, 2, 1, 24),
+    }
+    uncond = {
+        "clip_text": _randn(503, 2, 77, 32),
+        "clip_text_pooled": _randn(504, 2, 1, 32),
+        "clip_img": torch.zeros(2, 1, 24),
+    }
+    cond["cnet"] = uncond["cnet"] = [
+        _randn(510 + i, 2, 32, 3, 3) if i in TINY_BLOCKS else None for i in range(8)
+    ]
+    x_init = _randn(520, 2, 16, 4, 4)
+    settings = StageSettings(steps=1, guidance=4.0, shift=2.0, guidance_rescale=0.7)
+    denoiser = unet_denoiser(tiny_unet, torch.float32)
+    x0 = sample(
+        denoiser,
+        x_init.shape,
+        cond,
+        uncond,
+        settings,
+        device=torch.device("cpu"),
+        x_init=x_init,
+        progress=False,
+    )
+    expected = torch.tensor(FIXTURE["stage_c_injection"]["gdf_first_step_x0"]).reshape(x0.shape)
+    torch.testing.assert_close(x0, expected, rtol=1e-4, atol=1e-3)  # x0 = (x - b·eps) / a, a = 0.01 at t = 1
+    without = sample(
+        denoiser,
+        x_init.shape,
+        {**cond, "cnet": None},
+        {**uncond, "cnet": None},
+        settings,
+        device=torch.device("cpu"),
+        x_init=x_init,
+        progress=False,
+    )
+    assert not torch.allclose(x0, without, atol=1e-2)
+
+
+def test_list_inputs_are_joined_per_block_like_gdf():
+    from cascade_helpers.sampling import _cat_inputs
+
+    a, b = torch.ones(1, 2, 2, 2), torch.zeros(1, 2, 2, 2)
+    joined = _cat_inputs({"cnet": [a, None, a]}, {"cnet": [b, b, None]})["cnet"]
+    assert torch.equal(joined[0], torch.cat([a, b])) and joined[1] is None and joined[2] is None
+    assert _cat_inputs({"cnet": None}, {"cnet": None}) == {"cnet": None}
+
+
+# --- loading ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def controlnet_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("controlnets")
+    write_controlnets(folder, "bf16")
+    return folder
+
+
+@pytest.mark.parametrize("name", ["canny", "inpainting", "super_resolution"])
+def test_released_types_load_strictly_in_the_priors_dtype(controlnet_dir, tiny_pipeline, name):
+    from safetensors.torch import load_file
+
+    prior, _ = tiny_pipeline
+    model = cn.load_controlnet(controlnet_dir, name, prior)
+    assert model.proj_blocks == list(TINY_BLOCKS)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    saved = load_file(str(controlnet_dir / cn.CONTROLNET_TYPES[name].file.path))
+    state = model.state_dict()
+    assert state.keys() == saved.keys()
+    assert [k for k in saved if not torch.equal(state[k], saved[k].to(state[k].dtype))] == []
+
+
+def test_fp32_files_load_too(tmp_path, tiny_pipeline):
+    prior, _ = tiny_pipeline
+    write_controlnets(tmp_path, "fp32")
+    path = tmp_path / "controlnet" / "super_resolution.safetensors"
+    assert cn.load_controlnet(path, "super_resolution", prior).c_in == 16
+
+
+def test_a_file_of_another_type_says_which_type_it_is(controlnet_dir, tiny_pipeline):
+    prior, _ = tiny_pipeline
+    with pytest.raises(WrongCheckpointError, match="holds the canny ControlNet"):
+        cn.load_controlnet(controlnet_dir / "controlnet" / "canny.safetensors", "inpainting", prior)
+    with pytest.raises(WrongCheckpointError, match="holds the super_resolution ControlNet"):
+        cn.load_controlnet(controlnet_dir / "controlnet" / "super_resolution.safetensors", "canny", prior)
+
+
+def test_a_stage_c_file_is_named_as_such(tmp_path, tiny_pipeline):
+    prior, _ = tiny_pipeline
+    path = write_stage_c(tmp_path, "big", "bf16")
+    with pytest.raises(WrongCheckpointError, match="Stage C"):
+        cn.load_controlnet(path, "canny", prior)
+
+
+def test_lite_stage_c_is_told_the_controlnets_need_the_big_one(tmp_path, tiny_pipeline):
+    """The released (full-size) canny file against a lite Stage C: a clear message, no size mismatch."""
+    from dataclasses import replace
+
+    from cascade_helpers.checkpoints import config_dir
+    from cascade_helpers.upstream import StableCascadeUNet
+
+    with init_empty_weights():
+        lite = StableCascadeUNet.from_config(StableCascadeUNet.load_config(config_dir("stage_c", "lite")))
+    prior = replace(tiny_pipeline[0], unet=lite, architecture="lite")
+    with init_empty_weights(include_buffers=False):
+        shapes = {k: tuple(v.shape) for k, v in ControlNet(c_in=1).state_dict().items()}
+    path = write_sparse_checkpoint(tmp_path / "controlnet" / "canny.safetensors", shapes, "F32")
+    with pytest.raises(WrongCheckpointError, match=r"lite.*big Stage C"):
+        cn.load_controlnet(tmp_path, "canny", prior)
+    assert path.stat().st_size > 200_000_000  # the header of the real 218 MB file, no data written
+
+
+def test_missing_and_truncated_files_say_what_to_run(tmp_path, tiny_pipeline, controlnet_dir):
+    prior, _ = tiny_pipeline
+    with pytest.raises(MissingModelFileError, match="download_models.sh controlnet"):
+        cn.load_controlnet(tmp_path, "canny", prior)
+    cut = tmp_path / "controlnet" / "super_resolution.safetensors"
+    cut.parent.mkdir()
+    cut.write_bytes((controlnet_dir / "controlnet" / "super_resolution.safetensors").read_bytes()[:5000])
+    with pytest.raises(TruncatedCheckpointError, match="download_models.sh controlnet"):
+        cn.load_controlnet(tmp_path, "super_resolution", prior)
+
+
+def test_face_identity_was_never_released(tiny_pipeline):
+    with pytest.raises(ControlNetNotReleasedError, match="never"):
+        cn.load_controlnet("models", "face_identity", tiny_pipeline[0])
+    with pytest.raises(ControlNetNotReleasedError):
+        cn.control_input("face_identity", np.zeros((64, 64, 3), np.uint8))
+
+
+# --- filters and masks --------------------------------------------------------------------------------
+
+
+def test_canny_equals_the_official_filter():
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 40), torch.linspace(0, 1, 48), indexing="ij")
+    picture = torch.stack([(xx > 0.5).float(), ((xx - 0.4) ** 2 + (yy - 0.5) ** 2 < 0.08).float(), 0.3 * yy])[
+        None
+    ]
+    torch.testing.assert_close(cn.canny_edges(picture), _values(FIXTURE["canny"]))
+
+
+def test_inpaint_control_whitens_the_masked_pixels_and_appends_the_mask():
+    images = torch.full((2, 3, 4, 4), 0.25)
+    mask = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    mask[..., 1:3, 2:] = True
+    control = cn.inpaint_control(images, mask)
+    assert control.shape == (2, 4, 4, 4)
+    assert control[:, :3, 1:3, 2:].eq(1).all() and control[:, :3, 0].eq(0.25).all()
+    assert torch.equal(control[:, 3:], mask.float().expand(2, -1, -1, -1))
+
+
+def test_masks_of_any_mode_and_size_become_the_same_bool_mask():
+    reference = cn.rectangle_mask(64, 64, (0.25, 0.5, 0.75, 1.0))
+    array = np.asarray(reference) > 127
+    variants = [
+        reference,
+        reference.convert("1"),
+        reference.convert("RGB").resize((128, 128), PIL.Image.NEAREST),
+        array,
+        torch.from_numpy(array).float(),
+    ]
+    expected = torch.from_numpy(array)[None, None]
+    for variant in variants:
+        mask = cn.mask_tensor(variant, 64, 64)
+        assert mask.dtype == torch.bool and torch.equal(mask, expected)
+    assert cn.mask_tensor(reference, 32, 32).sum() == 32 * 32 // 4
+
+
+def test_mask_helpers():
+    ellipse = np.asarray(cn.ellipse_mask(100, 200, (0.0, 0.0, 1.0, 1.0))) > 0
+    assert ellipse[50, 100] and not ellipse[0, 0] and abs(ellipse.mean() - np.pi / 4) < 0.02
+    border = np.asarray(cn.border_mask(100, 100, top=0.1, bottom=0.2, left=0.3, right=0.0)) > 0
+    assert border[:10].all() and border[80:].all() and border[:, :30].all() and not border[10:80, 30:].any()
+    canvas, mask = cn.outpainting_canvas(
+        np.full((50, 50, 3), 200, np.uint8), 100, 100, top=0.1, bottom=0.2, left=0.3, right=0.0
+    )
+    pixels = np.asarray(canvas)
+    assert (pixels[10:80, 30:] == 200).all() and (pixels[np.asarray(mask) > 0] == 0).all()
+
+
+def test_control_input_resizes_any_picture_to_the_control_size(tiny_pipeline):
+    prior, _ = tiny_pipeline
+    picture = np.random.default_rng(0).integers(0, 255, (300, 500, 3), np.uint8)
+    canny = cn.control_input("canny", picture, 1024, 1024)
+    assert canny.tensor.shape == (1, 1, 768, 768) and canny.preview.shape == (1, 3, 768, 768)
+    inpaint = cn.control_input(
+        "inpainting", picture, 1024, 1536, mask=cn.rectangle_mask(10, 20, (0, 0, 0.5, 1))
+    )
+    assert inpaint.tensor.shape == (1, 4, 768, 1152)
+    with pytest.raises(ValueError, match="needs a mask"):
+        cn.control_input("inpainting", picture)
+
+
+@torch.no_grad()
+def test_super_resolution_control_is_effnet_features_of_the_half_size_picture(tiny_pipeline):
+    """The official SREffnetFilter from the half-size picture on: features of the 192² picture (for a
+    512² generation, whose EfficientNet input is 384²), enlarged 2× nearest; here the picture is 192²."""
+    from torch.nn import functional as F
+    from torchvision.transforms import functional as TF
+
+    prior, _ = tiny_pipeline
+    small = torch.rand(3, 192, 192)
+    control = cn.control_input("super_resolution", small, 512, 512, prior=prior)
+    features = prior.effnet(TF.normalize(small[None], (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
+    torch.testing.assert_close(control.tensor, F.interpolate(features, scale_factor=2, mode="nearest"))
+    assert control.tensor.shape == (1, 16, 12, 12) and control.preview.shape == (1, 3, 384, 384)
+
+
+@torch.no_grad()
+def test_control_features_scale_with_strength_and_repeat_for_the_batch(controlnet_dir, tiny_pipeline):
+    prior, _ = tiny_pipeline
+    model = cn.load_controlnet(controlnet_dir, "canny", prior)
+    control = torch.rand(1, 1, 64, 64)
+    full, half = (
+        cn.control_features(model, control, 1.0, batch=3),
+        cn.control_features(model, control, 0.5, batch=3),
+    )
+    assert len(full) == max(TINY_BLOCKS) + 1
+    for i in TINY_BLOCKS:
+        assert full[i].shape[0] == 3 and torch.equal(full[i][0], full[i][2])
+        torch.testing.assert_close(half[i], full[i] * 0.5)
+    with pytest.raises(ValueError, match="control_input"):
+        cn.control_features(model, torch.rand(1, 4, 64, 64))
+
+
+# --- whole generations --------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_controlnet_to_image_follows_the_control_and_checks_the_batch(controlnet_dir, tiny_pipeline):
+    """The official inpainting call: features once for the batch, Stage C from the picture's latents
+    noised to ``init_noise`` with int(steps × init_noise) steps; the control changes the latents."""
+    from cascade_helpers.generation import controlnet_to_image
+
+    prior, decoder = tiny_pipeline
+    model = cn.load_controlnet(controlnet_dir, "inpainting", prior)
+    picture = np.full((64, 64, 3), 128, np.uint8)
+    control = cn.control_input(
+        "inpainting", picture, 512, 512, mask=cn.rectangle_mask(64, 64, (0, 0, 0.5, 0.5))
+    )
+    prior_settings = StageSettings(steps=2, guidance=4.0, shift=2.0, guidance_rescale=0.7)
+    decoder_settings = StageSettings(steps=1, guidance=1.1)
+
+    def generate(strength: float, num_images: int = 2, batch: int = 2):
+        features = cn.control_features(model, control, strength, batch=batch)
+        return controlnet_to_image(
+            prior, decoder, features, "a cat", init_image=picture, init_noise=0.5, height=512, width=512,
+            num_images=num_images, prior_settings=prior_settings, decoder_settings=decoder_settings,
+        )  # fmt: skip
+
+    controlled, free = generate(1.0), generate(0.0)
+    assert len(controlled.images) == 2 and controlled.images[0].size == (512, 512)
+    assert controlled.settings["prior"]["t_start"] == 0.5 and controlled.settings["prior"]["steps"] == 1
+    assert not torch.allclose(controlled.stage_c_latents, free.stage_c_latents)
+    with pytest.raises(ValueError, match="batch=3"):
+        generate(1.0, num_images=3, batch=2)
