@@ -253,7 +253,7 @@ def read_clip_image_settings(folder: Path) -> ClipImageSettings:
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w-]*/[\w.-]+")
 
 
-def _is_local(source: str | Path) -> bool:
+def is_local_folder(source: str | Path) -> bool:
     """A folder (existing or not) unless it is a string shaped like a Hub repo id (``owner/name``)
     and no such folder exists here. ``./x/y`` or ``../models`` are always folders."""
     return isinstance(source, Path) or Path(source).is_dir() or not _HUB_ID.fullmatch(source)
@@ -301,7 +301,7 @@ def load_prior(
     variant = _check_size(variant)
     device = pick_device(device)
     dtype = pick_dtype(dtype, device, stage="Stage C", allow_float16=allow_float16)
-    if not _is_local(source):
+    if not is_local_folder(source):
         return _load_prior_from_hub(
             str(source), variant, dtype, device, memory, image_encoder, effnet, previewer
         )
@@ -425,7 +425,7 @@ def load_decoder(
     variant = _check_size(variant)
     device = pick_device(device)
     dtype = pick_dtype(dtype, device, stage="Stage B")
-    if not _is_local(source):
+    if not is_local_folder(source):
         with _explain_hub_failure(source):
             return _load_decoder_from_hub(source, variant, dtype, device, memory)
     models_dir = Path(source)
@@ -514,7 +514,7 @@ def load_effnet(
     ``source`` is a models folder (offline) or the Hub repo ``stabilityai/stable-cascade``.
     """
     device = pick_device(device)
-    if not _is_local(source):
+    if not is_local_folder(source):
         with _explain_hub_failure(source):
             return load_strict(EfficientNetEncoder(), _hub_file(source, files.EFFNET)).to(device)
     models_dir = Path(source)
@@ -538,7 +538,7 @@ def load_text_encoder(
     """
     device = pick_device(device)
     dtype = pick_dtype(dtype, device, stage="text encoder")
-    if not _is_local(source):
+    if not is_local_folder(source):
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
         hub_variant = "bf16" if dtype == torch.bfloat16 else None

@@ -50,7 +50,7 @@ from .images import IMAGE_SUFFIXES, ImageInput, batch_images, image_to_tensor, i
 from .loading import (
     Decoder,
     TextEncoder,
-    _is_local,
+    is_local_folder,
     check_present,
     choose_precision_file,
     load_decoder,
@@ -192,7 +192,7 @@ def load_autoencoder(
         raise ValueError(f"stage_b must be 'big' or 'lite', not {stage_b!r}")
     device = pick_device(device)
     dtype = pick_dtype(dtype, device, stage="Stage B")
-    if _is_local(source):
+    if is_local_folder(source):
         _check_files(Path(source), stage_b, dtype)
     decoder = load_decoder(source, stage_b, dtype=dtype, device=device, memory=memory)
     effnet = load_effnet(source, device=device)

@@ -144,9 +144,9 @@ def test_unknown_variant(tiny_models):
     ],
 )
 def test_folders_and_hub_ids_are_told_apart(source, local):
-    from cascade_helpers.loading import _is_local
+    from cascade_helpers.loading import is_local_folder
 
-    assert _is_local(source) is local
+    assert is_local_folder(source) is local
 
 
 def test_an_unreachable_hub_id_explains_both_readings(monkeypatch):
