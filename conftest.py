@@ -44,9 +44,8 @@ def pytest_configure(config: pytest.Config) -> None:
     if _collecting_notebooks(config) and not os.environ.get("PYTEST_XDIST_WORKER"):
         from cascade_helpers.tiny import write_tiny_models
 
-        write_tiny_models(
-            TINY_DIR, controlnets=True, lora=True, both_stage_b=True
-        )  # fresh every session: the writer may have changed
+        # fresh every session: the writer may have changed
+        write_tiny_models(TINY_DIR, controlnets=True, lora=True, both_stage_b=True)
         os.environ.update(NOTEBOOK_ENV)
         # kernels import the checkout's cascade_helpers, installed or not
         root = str(Path(__file__).parent)
