@@ -50,9 +50,9 @@ from .images import IMAGE_SUFFIXES, ImageInput, batch_images, image_to_tensor, i
 from .loading import (
     Decoder,
     TextEncoder,
-    is_local_folder,
     check_present,
     choose_precision_file,
+    is_local_folder,
     load_decoder,
     load_effnet,
     load_text_encoder,
