@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import PIL.Image
@@ -212,17 +212,28 @@ def preview_stage_c(prior: Prior, latents: torch.Tensor) -> torch.Tensor:
 # --- whole generations -------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Request:
+    """What every generation shares: the prompt, the size and count, the seed and both stages' settings."""
+
+    prompt: str
+    negative_prompt: str
+    height: int
+    width: int
+    num_images: int
+    seed: int
+    prior_settings: StageSettings
+    decoder_settings: StageSettings
+
+    def __post_init__(self) -> None:
+        check_size(self.height, self.width)
+        _check_count(self.num_images)
+
+
 def _run(
     prior: Prior,
     decoder: Decoder,
-    prompt: str,
-    negative_prompt: str,
-    height: int,
-    width: int,
-    num_images: int,
-    seed: int,
-    prior_settings: StageSettings,
-    decoder_settings: StageSettings,
+    request: _Request,
     *,
     image_embeds: torch.Tensor | None = None,
     stage_c_latents: torch.Tensor | None = None,
@@ -231,18 +242,17 @@ def _run(
     control: Sequence[torch.Tensor | None] | None = None,
     extra: dict | None = None,
 ) -> Generation:
-    check_size(height, width)
-    _check_count(num_images)
-    generator = _generator(seed)
-    text = encode_text(prior, prompt).repeat(num_images)
-    negative = encode_text(prior, negative_prompt).repeat(num_images)
+    r = request
+    generator = _generator(r.seed)
+    text = encode_text(prior, r.prompt).repeat(r.num_images)
+    negative = encode_text(prior, r.negative_prompt).repeat(r.num_images)
     if stage_c_latents is None:
         stage_c_latents = generate_stage_c(
             prior,
             text,
             negative,
-            stage_c_shape(height, width, num_images),
-            prior_settings,
+            stage_c_shape(r.height, r.width, r.num_images),
+            r.prior_settings,
             generator=generator,
             image_embeds=image_embeds,
             x_init=x_init,
@@ -254,25 +264,45 @@ def _run(
         stage_c_latents,
         text.pooled,
         negative.pooled,
-        (height, width),
-        decoder_settings,
+        (r.height, r.width),
+        r.decoder_settings,
         generator=generator,
     )
     images = decode_stage_a(decoder, stage_b_latents)
     settings = {
-        "prompt": prompt,
-        "negative_prompt": negative_prompt,
-        "seed": seed,
-        "height": height,
-        "width": width,
-        "num_images": num_images,
-        "prior": _settings_dict(prior_settings),
-        "decoder": _settings_dict(decoder_settings),
+        "prompt": r.prompt,
+        "negative_prompt": r.negative_prompt,
+        "seed": r.seed,
+        "height": r.height,
+        "width": r.width,
+        "num_images": r.num_images,
+        "prior": _settings_dict(r.prior_settings),
+        "decoder": _settings_dict(r.decoder_settings),
         "prior_variant": prior.architecture,
         "decoder_variant": decoder.architecture,
         **(extra or {}),
     }
     return Generation(to_pil(images), stage_c_latents.cpu(), stage_b_latents.cpu(), settings)
+
+
+def _run_from_latents(
+    prior: Prior, decoder: Decoder, request: _Request, latents: torch.Tensor, noise_level: float, **kwargs
+) -> Generation:
+    """Stage C started from a picture's latents noised to ``noise_level`` (the official
+    image-to-image start: the unshifted schedule for the noise, the usual shift for sampling), for
+    ``int(steps × noise_level)`` steps; with no step left, the latents are decoded as they are."""
+    steps = int(request.prior_settings.steps * noise_level)
+    if steps == 0:
+        return _run(prior, decoder, request, stage_c_latents=latents, **kwargs)
+    noise = initial_noise(latents.shape, _generator(request.seed + 1), prior.device)
+    settings = request.prior_settings.with_(t_start=noise_level, steps=steps)
+    return _run(
+        prior,
+        decoder,
+        replace(request, prior_settings=settings),
+        x_init=diffuse(latents, noise_level, noise),
+        **kwargs,
+    )
 
 
 def _settings_dict(settings: StageSettings) -> dict:
@@ -297,19 +327,10 @@ def text_to_image(
     callback: StepCallback | None = None,
 ) -> Generation:
     """Pictures from a prompt. ``callback(step, denoised, sample)`` runs after each Stage C step."""
-    return _run(
-        prior,
-        decoder,
-        prompt,
-        negative_prompt,
-        height,
-        width,
-        num_images,
-        seed,
-        prior_settings,
-        decoder_settings,
-        callback=callback,
+    request = _Request(
+        prompt, negative_prompt, height, width, num_images, seed, prior_settings, decoder_settings
     )
+    return _run(prior, decoder, request, callback=callback)
 
 
 def image_variation(
@@ -329,22 +350,11 @@ def image_variation(
 ) -> Generation:
     """Variations of a picture: Stage C conditioned on its CLIP image embedding
     (:func:`variation_embeddings`); no prompt needed (the official example uses none)."""
-    check_size(height, width)
-    embeds = variation_embeddings(prior, image).repeat_interleave(num_images, 0)
-    return _run(
-        prior,
-        decoder,
-        prompt,
-        negative_prompt,
-        height,
-        width,
-        num_images,
-        seed,
-        prior_settings,
-        decoder_settings,
-        image_embeds=embeds,
-        callback=callback,
+    request = _Request(
+        prompt, negative_prompt, height, width, num_images, seed, prior_settings, decoder_settings
     )
+    embeds = variation_embeddings(prior, image).repeat_interleave(num_images, 0)
+    return _run(prior, decoder, request, image_embeds=embeds, callback=callback)
 
 
 def image_to_image(
@@ -368,63 +378,14 @@ def image_to_image(
     as it is, 1 ignores the picture entirely; Stage C runs ``int(steps × strength)`` steps."""
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1] (0 keeps the picture, 1 ignores it), not {strength}")
-    check_size(height, width)
+    request = _Request(
+        prompt, negative_prompt, height, width, num_images, seed, prior_settings, decoder_settings
+    )
     extra = {"strength": strength}
     if strength == 1.0:
-        return _run(
-            prior,
-            decoder,
-            prompt,
-            negative_prompt,
-            height,
-            width,
-            num_images,
-            seed,
-            prior_settings,
-            decoder_settings,
-            callback=callback,
-            extra=extra,
-        )
+        return _run(prior, decoder, request, callback=callback, extra=extra)
     encoded = encode_picture(prior, image, height, width).repeat_interleave(num_images, 0)
-    steps = int(prior_settings.steps * strength)
-    if steps == 0:  # nothing to denoise: decode the picture's own latents
-        return _run(
-            prior,
-            decoder,
-            prompt,
-            negative_prompt,
-            height,
-            width,
-            num_images,
-            seed,
-            prior_settings,
-            decoder_settings,
-            stage_c_latents=encoded,
-            extra=extra,
-        )
-    x_init = _noised_latents(prior, encoded, strength, seed)
-    return _run(
-        prior,
-        decoder,
-        prompt,
-        negative_prompt,
-        height,
-        width,
-        num_images,
-        seed,
-        prior_settings.with_(t_start=strength, steps=steps),
-        decoder_settings,
-        x_init=x_init,
-        callback=callback,
-        extra=extra,
-    )
-
-
-def _noised_latents(prior: Prior, latents: torch.Tensor, noise_level: float, seed: int) -> torch.Tensor:
-    """The official image-to-image start: latents noised to ``noise_level`` with the unshifted
-    schedule (sampling then uses the usual shift)."""
-    noise = initial_noise(latents.shape, _generator(seed + 1), prior.device)
-    return diffuse(latents, noise_level, noise)
+    return _run_from_latents(prior, decoder, request, encoded, strength, callback=callback, extra=extra)
 
 
 def controlnet_to_image(
@@ -458,30 +419,14 @@ def controlnet_to_image(
             f"the control features are for {sorted(batches)} pictures, not num_images={num_images}: "
             f"compute them with control_features(..., batch={num_images})"
         )
-    x_init = None
-    if init_image is not None:
-        check_size(height, width)
-        latents = encode_stage_c(prior, batch_images(init_image, height, width)).repeat_interleave(
-            num_images, 0
-        )
-        x_init = _noised_latents(prior, latents, init_noise, seed)
-        steps = max(1, int(prior_settings.steps * init_noise))
-        prior_settings = prior_settings.with_(t_start=init_noise, steps=steps)
-    return _run(
-        prior,
-        decoder,
-        prompt,
-        negative_prompt,
-        height,
-        width,
-        num_images,
-        seed,
-        prior_settings,
-        decoder_settings,
-        x_init=x_init,
-        callback=callback,
-        control=control,
-        extra=extra,
+    request = _Request(
+        prompt, negative_prompt, height, width, num_images, seed, prior_settings, decoder_settings
+    )
+    if init_image is None:
+        return _run(prior, decoder, request, callback=callback, control=control, extra=extra)
+    latents = encode_stage_c(prior, batch_images(init_image, height, width)).repeat_interleave(num_images, 0)
+    return _run_from_latents(
+        prior, decoder, request, latents, init_noise, callback=callback, control=control, extra=extra
     )
 
 
