@@ -58,3 +58,15 @@ def test_tiny_text_encoder_keeps_the_bigG_pooling_quirk(tiny_models):
     assert config["eos_token_id"] == 2
     vocab = json.loads((tiny_models / "tokenizer" / "vocab.json").read_text())
     assert max(vocab.values()) == vocab["<|endoftext|>"]
+
+
+def test_the_install_check_command_makes_a_picture(tmp_path, capsys):
+    """`python -m cascade_helpers.tiny --demo`, the README's one-minute install check."""
+    import PIL.Image
+
+    from cascade_helpers.tiny import main
+
+    main(["--models-dir", str(tmp_path / "tiny_models"), "--demo"])
+    assert "RANDOM tiny weights" in capsys.readouterr().out
+    with PIL.Image.open(tmp_path / "tiny_demo.png") as picture:
+        assert picture.size == (512, 512)
