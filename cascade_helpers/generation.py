@@ -17,10 +17,9 @@ import PIL.Image
 import torch
 
 from .conditioning import TextEmbeddings, encode_image_clip, encode_text, no_image
-from .effnet import encode as effnet_encode
 from .effnet import encoder_input_size
 from .effnet import normalize as effnet_normalize
-from .images import ImageInput, batch_images, image_to_tensor, resize_and_crop, scale_short_side, to_pil
+from .images import ImageInput, image_to_tensor, resize_and_crop, scale_short_side, to_pil
 from .loading import Decoder, Prior
 from .sampling import (
     OFFICIAL_DECODER,
@@ -170,22 +169,17 @@ def _effnet(prior: Prior) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def encode_stage_c(prior: Prior, images: torch.Tensor) -> torch.Tensor:
-    """Pictures (B×3×H×W in [0, 1]) → Stage C latents with the EfficientNet encoder (float32)."""
-    return effnet_encode(_effnet(prior), images)
-
-
-@torch.no_grad()
 def encode_picture(prior: Prior, image: ImageInput, height: int, width: int) -> torch.Tensor:
     """One input picture → the Stage C latents (1×16×h×w) of a height×width generation, prepared as
-    the official image-to-image example prepares it: scaled (bilinear, antialiased) and centre-cropped
-    straight to the encoder's input size — 768² for 1024², hence 24×24 latents — then normalized.
+    the official image-to-image and ControlNet examples prepare it: scaled (bilinear, antialiased) and
+    centre-cropped straight to the encoder's input size — 768² for 1024², hence 24×24 latents — then
+    normalized.
 
     For an output with a 1024 px short side and a picture of the output's aspect ratio this is exactly
-    the official preparation (the official example always scales to 768 px, whatever the output size;
+    the official preparation (the official examples always scale to 768 px, whatever the output size;
     we scale with the output). For other pictures the official code keeps the picture's aspect ratio
-    and Stage C gets latents of another shape than the output's, so we crop instead. (:func:`encode_stage_c` takes pictures at the output size and applies the
-    reconstruction example's nearest-neighbour 3/4 downscale.)
+    and Stage C gets latents of another shape than the output's, so we crop instead. (The
+    reconstruction example prepares pictures differently: :func:`cascade_helpers.effnet.encode`.)
     """
     pixels = resize_and_crop(image_to_tensor(image), *encoder_input_size(height, width))
     return _effnet(prior)(effnet_normalize(pixels[None].to(prior.device))).float()
@@ -413,6 +407,10 @@ def controlnet_to_image(
     official inpainting and outpainting example does with noise level 1.0 (1 % of the picture's signal
     survives; ``int(steps × init_noise)`` steps). Without it, from pure noise (canny, super-resolution).
     """
+    if not 0.0 <= init_noise <= 1.0:
+        raise ValueError(
+            f"init_noise must be in [0, 1] (0 keeps the picture's latents as they are), not {init_noise}"
+        )
     batches = {c.shape[0] for c in control if c is not None}
     if batches != {num_images}:
         raise ValueError(
@@ -424,7 +422,7 @@ def controlnet_to_image(
     )
     if init_image is None:
         return _run(prior, decoder, request, callback=callback, control=control, extra=extra)
-    latents = encode_stage_c(prior, batch_images(init_image, height, width)).repeat_interleave(num_images, 0)
+    latents = encode_picture(prior, init_image, height, width).repeat_interleave(num_images, 0)
     return _run_from_latents(
         prior, decoder, request, latents, init_noise, callback=callback, control=control, extra=extra
     )
