@@ -302,9 +302,10 @@ def load_prior(
     device = pick_device(device)
     dtype = pick_dtype(dtype, device, stage="Stage C", allow_float16=allow_float16)
     if not is_local_folder(source):
-        return _load_prior_from_hub(
-            str(source), variant, dtype, device, memory, image_encoder, effnet, previewer
-        )
+        with _explain_hub_failure(source):
+            return _load_prior_from_hub(
+                str(source), variant, dtype, device, memory, image_encoder, effnet, previewer
+            )
     models_dir = Path(source)
     stage_c = choose_precision_file(models_dir, files.STAGE_C[variant], dtype)
     text_weights = choose_precision_file(models_dir, files.TEXT_ENCODER, dtype)
@@ -365,25 +366,38 @@ def _hub_file(repo: str, file: ModelFile) -> Path:
     return Path(hf_hub_download(repo, file.path))
 
 
+def _hub_variant(dtype: torch.dtype) -> str | None:
+    """The Hub repos keep bfloat16 weights as the ``bf16`` variant beside the float32 ones."""
+    return "bf16" if dtype == torch.bfloat16 else None
+
+
+def _text_encoder_from_hub(repo: str, dtype: torch.dtype) -> tuple[nn.Module, object]:
+    """The ``text_encoder/`` and ``tokenizer/`` folders of a Hub repo (both published repos have them)."""
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    text_encoder = CLIPTextModelWithProjection.from_pretrained(
+        repo, subfolder="text_encoder", variant=_hub_variant(dtype), dtype=dtype
+    )
+    tokenizer = CLIPTokenizer.from_pretrained(repo, subfolder="tokenizer")
+    return text_encoder.eval().requires_grad_(False), tokenizer
+
+
 def _load_prior_from_hub(repo, variant, dtype, device, memory, image_encoder, effnet, previewer) -> Prior:
     """The diffusers folders of ``stabilityai/stable-cascade-prior``; EfficientNet and previewer come
     as the official single files from ``stabilityai/stable-cascade`` (the prior repo has none)."""
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
+    from transformers import CLIPVisionModelWithProjection
 
     from .upstream import StableCascadeUNet
 
-    hub_variant = "bf16" if dtype == torch.bfloat16 else None
     subfolder = "prior" if variant == "big" else "prior_lite"
     unet = StableCascadeUNet.from_pretrained(
-        repo, subfolder=subfolder, variant=hub_variant, torch_dtype=dtype
+        repo, subfolder=subfolder, variant=_hub_variant(dtype), torch_dtype=dtype
     )
-    text_encoder = CLIPTextModelWithProjection.from_pretrained(
-        repo, subfolder="text_encoder", variant=hub_variant, dtype=dtype
-    )
+    text_encoder, tokenizer = _text_encoder_from_hub(repo, dtype)
     prior = Prior(
         unet=place(unet.eval().requires_grad_(False), device, memory),
-        text_encoder=place(text_encoder.eval().requires_grad_(False), device, memory),
-        tokenizer=CLIPTokenizer.from_pretrained(repo, subfolder="tokenizer"),
+        text_encoder=place(text_encoder, device, memory),
+        tokenizer=tokenizer,
         device=device,
         dtype=dtype,
         architecture=variant,
@@ -392,7 +406,7 @@ def _load_prior_from_hub(repo, variant, dtype, device, memory, image_encoder, ef
         from huggingface_hub import snapshot_download
 
         vision = CLIPVisionModelWithProjection.from_pretrained(
-            repo, subfolder="image_encoder", variant=hub_variant, dtype=dtype
+            repo, subfolder="image_encoder", variant=_hub_variant(dtype), dtype=dtype
         )
         prior.image_encoder = place(vision.eval().requires_grad_(False), device, memory)
         local = Path(snapshot_download(repo, allow_patterns=[files.FEATURE_EXTRACTOR.path]))
@@ -456,10 +470,9 @@ def load_decoder(
 def _load_decoder_from_hub(repo, variant, dtype, device, memory) -> Decoder:
     from .upstream import PaellaVQModel, StableCascadeUNet
 
-    hub_variant = "bf16" if dtype == torch.bfloat16 else None
     subfolder = "decoder" if variant == "big" else "decoder_lite"
     unet = StableCascadeUNet.from_pretrained(
-        repo, subfolder=subfolder, variant=hub_variant, torch_dtype=dtype
+        repo, subfolder=subfolder, variant=_hub_variant(dtype), torch_dtype=dtype
     )
     vqgan = PaellaVQModel.from_pretrained(repo, subfolder="vqgan", torch_dtype=torch.float32)
     return Decoder(
@@ -539,18 +552,11 @@ def load_text_encoder(
     device = pick_device(device)
     dtype = pick_dtype(dtype, device, stage="text encoder")
     if not is_local_folder(source):
-        from transformers import CLIPTextModelWithProjection, CLIPTokenizer
-
-        hub_variant = "bf16" if dtype == torch.bfloat16 else None
         with _explain_hub_failure(source):
-            text_encoder = CLIPTextModelWithProjection.from_pretrained(
-                source, subfolder="text_encoder", variant=hub_variant, dtype=dtype
-            )
-            tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+            text_encoder, tokenizer = _text_encoder_from_hub(source, dtype)
     else:
         models_dir = Path(source)
         weights = choose_precision_file(models_dir, files.TEXT_ENCODER, dtype)
         check_present(models_dir, [files.TEXT_ENCODER_CONFIG, weights, files.TOKENIZER])
         text_encoder, tokenizer = _text_encoder_from_folder(models_dir, weights, dtype)
-    text_encoder = place(text_encoder.eval().requires_grad_(False), device, memory)
-    return TextEncoder(text_encoder, tokenizer, device, dtype)
+    return TextEncoder(place(text_encoder, device, memory), tokenizer, device, dtype)

@@ -149,8 +149,11 @@ def test_folders_and_hub_ids_are_told_apart(source, local):
     assert is_local_folder(source) is local
 
 
-def test_an_unreachable_hub_id_explains_both_readings(monkeypatch):
+@pytest.mark.parametrize("loader", ["load_prior", "load_decoder", "load_text_encoder", "load_effnet"])
+def test_an_unreachable_hub_id_explains_both_readings(monkeypatch, loader):
     import socket
+
+    from cascade_helpers import loading
 
     def no_internet(*args, **kwargs):
         raise ConnectionRefusedError("no internet in this test")
@@ -159,4 +162,4 @@ def test_an_unreachable_hub_id_explains_both_readings(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", no_internet)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # no retries with back-off
     with pytest.raises(MissingModelFileError, match="not a folder here"):
-        load_decoder("nobody/no-such-cascade", "big", device="cpu")
+        getattr(loading, loader)("nobody/no-such-cascade", device="cpu")
