@@ -334,3 +334,21 @@ def test_factors_keep_their_own_rank_and_alpha(fresh_prior):
     )
     (back,) = lora_factors(prior.unet).values()
     assert (back.rank, back.alpha) == (2, 8.0)
+
+
+def test_a_sequentially_offloaded_prior_is_refused_before_anything_changes(fresh_prior, tmp_path):
+    """memory='sequential_offload' leaves the weights on 'meta' and streams them in (accelerate's
+    cpu_offload, here with the CPU as execution device): LoRA layers and new tokens cannot join."""
+    from accelerate import cpu_offload
+
+    from cascade_helpers.tiny import write_official_lora
+
+    write_tokenizer(tmp_path)
+    path = write_official_lora(tmp_path)
+    prior = fresh_prior()
+    vocabulary = len(prior.tokenizer)
+    for model in (prior.unet, prior.text_encoder):
+        cpu_offload(model, execution_device=torch.device("cpu"))
+    with pytest.raises(LoraError, match="sequential_offload.*model_offload"):
+        load_lora(prior, path, new_tokens=NEW_TOKENS)
+    assert len(prior.tokenizer) == vocabulary and not lora_factors(prior.unet)
