@@ -121,12 +121,31 @@ def write_stage_a(models_dir: Path, seed: int = 2) -> Path:
     return path
 
 
-def write_effnet(models_dir: Path, seed: int = 3) -> Path:
-    """Full-size encoder (81 MB, as released) with random weights."""
+@torch.no_grad()
+def random_effnet(seed: int = 3) -> EfficientNetEncoder:
+    """The full-size encoder with random weights and latents of order 1.
+
+    Freshly initialized, its latents are ~1e-6: below the final BatchNorm's epsilon and subnormal in
+    float16, so tests comparing them and float16 latent files would see zeros. So the 1×1 convolution
+    is rescaled and the BatchNorm's running statistics are set from a batch of Gaussian noise, as
+    training sets them from data: on that input each latent channel has mean 0 and standard
+    deviation 1."""
     torch.manual_seed(seed)
-    encoder = EfficientNetEncoder()
+    encoder = EfficientNetEncoder().eval()
+    conv, norm = encoder.mapper
+    noise = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(seed))
+    features = conv(encoder.backbone(noise))
+    conv.weight /= features.std()
+    features = features / features.std()
+    norm.running_mean.copy_(features.mean(dim=(0, 2, 3)))
+    norm.running_var.copy_(features.var(dim=(0, 2, 3)))
+    return encoder
+
+
+def write_effnet(models_dir: Path, seed: int = 3) -> Path:
+    """Full-size encoder (81 MB, as released) with random weights (:func:`random_effnet`)."""
     path = models_dir / files.EFFNET.path
-    _save_official(encoder.state_dict(), path)
+    _save_official(random_effnet(seed).state_dict(), path)
     return path
 
 
