@@ -39,8 +39,8 @@ from cascade_helpers.reconstruction import (
     read_latents,
 )
 from cascade_helpers.tiny import random_effnet, write_previewer, write_stage_b
-from tests.test_hub_loading import _build_cache
-from tests.test_official_equivalence import _official_weights
+from tests.hub_cache import build_hub_cache
+from tests.recorded_weights import official_weights
 
 OFFICIAL = json.loads((Path(__file__).parent / "fixtures" / "official_effnet.json").read_text())
 
@@ -54,7 +54,7 @@ def official_effnet_file(tmp_path_factory) -> Path:
     the official one: test_official_equivalence checks its digest) and the fixture's weights."""
     folder = tmp_path_factory.mktemp("effnet")
     shapes = {k: tuple(v.shape) for k, v in EfficientNetEncoder().state_dict().items()}
-    save_file(_official_weights(shapes), str(folder / files.EFFNET.path))
+    save_file(official_weights(shapes), str(folder / files.EFFNET.path))
     return folder
 
 
@@ -291,7 +291,7 @@ def test_load_autoencoder_from_the_hub_layout_offline(tiny_models, tmp_path, aut
     Stage B and Stage A from the diffusers folders, the encoder from the single file, the text encoder
     from ``text_encoder/`` — the same empty-caption conditioning as from the models folder."""
     cache = tmp_path / "hub"
-    _build_cache(tiny_models, cache)
+    build_hub_cache(tiny_models, cache)
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path.cwd())}
     result = subprocess.run(
         [sys.executable, "-c", HUB_SCRIPT], capture_output=True, text=True, env=env, timeout=300
