@@ -185,14 +185,6 @@ LORA_FERNANDO = ModelFile(
 )
 
 
-def stage_c_file(size: Size, precision: Precision) -> ModelFile:
-    return STAGE_C[size][precision]
-
-
-def stage_b_file(size: Size, precision: Precision) -> ModelFile:
-    return STAGE_B[size][precision]
-
-
 def essential_files(precision: Precision) -> list[ModelFile]:
     """What ``essential`` fetches: the official three plus the CLIP parts our notebooks need offline."""
     return [

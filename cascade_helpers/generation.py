@@ -428,12 +428,12 @@ def controlnet_to_image(
     )
 
 
-def demo_picture(models_dir: str | Path, variant_b: str = "big", variant_c: str = "big") -> Path:
+def demo_picture(models_dir: str | Path, stage_b: str = "big", stage_c: str = "big") -> Path:
     """Load the models in ``models_dir`` and save one 512² picture next to them (install check)."""
     from .loading import load_decoder, load_prior
 
-    prior = load_prior(models_dir, variant_c, image_encoder=False, effnet=False)
-    decoder = load_decoder(models_dir, variant_b)
+    prior = load_prior(models_dir, stage_c, image_encoder=False, effnet=False)
+    decoder = load_decoder(models_dir, stage_b)
     result = text_to_image(prior, decoder, "a photo of a red cat", height=512, width=512, seed=0)
     path = Path(models_dir).parent / "tiny_demo.png"
     result.images[0].save(path)

@@ -14,9 +14,9 @@ LATENT_CHANNELS = 16
 PREVIEW_SCALE = 8  # output side / latent side
 
 
-def _stage(c_in: int, c_out: int, layer: nn.Module) -> list[nn.Module]:
-    """One official previewer stage: a layer, GELU, then BatchNorm (in that order)."""
-    return [layer, nn.GELU(), nn.BatchNorm2d(c_out)]
+def _stage(layer: nn.Conv2d | nn.ConvTranspose2d) -> list[nn.Module]:
+    """One official previewer stage: a layer, GELU, then BatchNorm over its outputs (in that order)."""
+    return [layer, nn.GELU(), nn.BatchNorm2d(layer.out_channels)]
 
 
 class Previewer(nn.Module):
@@ -29,14 +29,14 @@ class Previewer(nn.Module):
         super().__init__()
         h = 512  # hidden width of the released previewer
         layers: list[nn.Module] = []
-        layers += _stage(LATENT_CHANNELS, h, nn.Conv2d(LATENT_CHANNELS, h, kernel_size=1))
-        layers += _stage(h, h, nn.Conv2d(h, h, kernel_size=3, padding=1))
-        layers += _stage(h, h // 2, nn.ConvTranspose2d(h, h // 2, kernel_size=2, stride=2))
-        layers += _stage(h // 2, h // 2, nn.Conv2d(h // 2, h // 2, kernel_size=3, padding=1))
-        layers += _stage(h // 2, h // 4, nn.ConvTranspose2d(h // 2, h // 4, kernel_size=2, stride=2))
-        layers += _stage(h // 4, h // 4, nn.Conv2d(h // 4, h // 4, kernel_size=3, padding=1))
-        layers += _stage(h // 4, h // 4, nn.ConvTranspose2d(h // 4, h // 4, kernel_size=2, stride=2))
-        layers += _stage(h // 4, h // 4, nn.Conv2d(h // 4, h // 4, kernel_size=3, padding=1))
+        layers += _stage(nn.Conv2d(LATENT_CHANNELS, h, kernel_size=1))
+        layers += _stage(nn.Conv2d(h, h, kernel_size=3, padding=1))
+        layers += _stage(nn.ConvTranspose2d(h, h // 2, kernel_size=2, stride=2))
+        layers += _stage(nn.Conv2d(h // 2, h // 2, kernel_size=3, padding=1))
+        layers += _stage(nn.ConvTranspose2d(h // 2, h // 4, kernel_size=2, stride=2))
+        layers += _stage(nn.Conv2d(h // 4, h // 4, kernel_size=3, padding=1))
+        layers += _stage(nn.ConvTranspose2d(h // 4, h // 4, kernel_size=2, stride=2))
+        layers += _stage(nn.Conv2d(h // 4, h // 4, kernel_size=3, padding=1))
         layers.append(nn.Conv2d(h // 4, 3, kernel_size=1))
         self.blocks = nn.Sequential(*layers)
 

@@ -96,7 +96,7 @@ def _tiny_unet(kind: str, seed: int):
 
 
 def write_stage_c(models_dir: Path, size: Size, precision: Precision, seed: int = 0) -> Path:
-    path = models_dir / files.stage_c_file(size, precision).path
+    path = models_dir / files.STAGE_C[size][precision].path
     _save_official(
         unet_to_official(_tiny_unet("stage_c", seed).state_dict(), "stage_c"), path, _DTYPES[precision]
     )
@@ -104,7 +104,7 @@ def write_stage_c(models_dir: Path, size: Size, precision: Precision, seed: int 
 
 
 def write_stage_b(models_dir: Path, size: Size, precision: Precision, seed: int = 1) -> Path:
-    path = models_dir / files.stage_b_file(size, precision).path
+    path = models_dir / files.STAGE_B[size][precision].path
     _save_official(
         unet_to_official(_tiny_unet("stage_b", seed).state_dict(), "stage_b"), path, _DTYPES[precision]
     )
@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.demo:
         from .generation import demo_picture
 
-        path = demo_picture(folder, variant_b=stage_b, variant_c=stage_c)
+        path = demo_picture(folder, stage_b=stage_b, stage_c=stage_c)
         print(f"picture from RANDOM tiny weights (noise, not art) saved to {path}: your install works")
 
 
