@@ -197,7 +197,7 @@ def variation_embeddings(prior: Prior, image: ImageInput) -> torch.Tensor:
 @torch.no_grad()
 def preview_stage_c(prior: Prior, latents: torch.Tensor) -> torch.Tensor:
     """Stage C latents (B×16×h×w) → rough pictures (B×3×8h×8w in [0, 1], float32, CPU) with the
-    previewer: 192² for a 1024² image, in milliseconds on a GPU. What live previews show."""
+    previewer (4 M parameters): 192² for a 1024² image. What live previews show."""
     if prior.previewer is None:
         raise ValueError("this prior was loaded without the previewer: use load_prior(..., previewer=True)")
     return prior.previewer(latents.to(prior.device, torch.float32)).clamp(0, 1).cpu()

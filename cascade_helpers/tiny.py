@@ -259,7 +259,7 @@ TINY_LARGE_BOTTLENECK = LargeBottleneck(expand=64, hidden=32, blocks=2, out=48)
 def write_controlnets(models_dir: Path, precision: Precision = "bf16", seed: int = 7) -> list[Path]:
     """The released ControlNets (canny, inpainting, super-resolution) made for the tiny Stage C, with
     the official key names: projections to the tiny width on ``TINY_BLOCKS`` and a narrow 'large'
-    bottleneck (:data:`TINY_LARGE_BOTTLENECK`; the real one has 200 M parameters). The EfficientNet
+    bottleneck (:data:`TINY_LARGE_BOTTLENECK`; the real one has 169 M parameters). The EfficientNet
     bottleneck is torchvision's EfficientNetV2-S, whose shapes are fixed: about 54 MB a file in bf16.
     The last projection layers get random weights instead of the official zeros, so the control shows."""
     width = _tiny_prior_width()
