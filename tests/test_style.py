@@ -44,9 +44,11 @@ def test_notebook_opens_with_the_template(notebook):
         in first
     )
     code = [c for c in cells if c["cell_type"] == "code"]
-    assert 'if "google.colab" in sys.modules' in "".join(code[0]["source"]), (
-        "the first code cell is the Colab-only setup"
-    )
+    setup = "".join(code[0]["source"])
+    assert 'if "google.colab" in sys.modules' in setup, "the first code cell is the Colab-only setup"
+    for variable, folder in (("CASCADE_MODELS_DIR", "models"), ("CASCADE_OUTPUT_DIR", "outputs")):
+        # Colab runs in the project folder, where download_models.sh puts models/ (not ../models)
+        assert f'os.environ.setdefault("{variable}", "{folder}")' in setup
     tagged = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(tagged) == 1, "exactly one code cell is tagged `parameters`"
     assert "os.environ" in "".join(tagged[0]["source"]), "parameters come from environment variables"
