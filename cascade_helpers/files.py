@@ -201,7 +201,7 @@ def essential_files(precision: Precision) -> list[ModelFile]:
 
 
 def all_files() -> list[ModelFile]:
-    """Every file in the registry, each once (README table, tests)."""
+    """Every file in the registry, each once (the tests check names and sizes over all of them)."""
     files = [
         f for stage in (STAGE_C, STAGE_B) for by_precision in stage.values() for f in by_precision.values()
     ]

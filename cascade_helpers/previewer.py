@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 LATENT_CHANNELS = 16
-PREVIEW_SCALE = 8  # output side / latent side
 
 
 def _stage(layer: nn.Conv2d | nn.ConvTranspose2d) -> list[nn.Module]:
