@@ -144,7 +144,7 @@ def check_present(
         f"{len(missing)} model file(s) missing from {models_dir}/:\n{lines}\n"
         f"Fetch them with (in the project folder):\n  {files.download_command(missing, stage_b=stage_b, stage_c=stage_c)}"
         + (
-            f" --models-dir {shlex.quote(str(models_dir))}"
+            f" --models-dir {shlex.quote(str(models_dir.resolve()))}"  # absolute: run in the project folder
             if models_dir.resolve() != SCRIPT_MODELS_DIR
             else ""
         )

@@ -83,6 +83,15 @@ def test_an_empty_folder_names_every_file_and_the_one_command(tmp_path):
     assert "non-commercial" in message
 
 
+def test_a_relative_models_folder_is_named_absolutely_in_the_command(tmp_path, monkeypatch):
+    """The command runs in the project folder, not where the notebook runs: ../models would miss."""
+    (tmp_path / "notebooks").mkdir()
+    monkeypatch.chdir(tmp_path / "notebooks")
+    with pytest.raises(MissingModelFileError) as caught:
+        load_prior("../models", "big", device="cpu")
+    assert f"--models-dir {tmp_path / 'models'}\n" in str(caught.value)
+
+
 def test_the_suggested_variant_keeps_the_stage_b_already_there(text_folder):
     write_stage_b(text_folder, "lite", "bf16")
     with pytest.raises(MissingModelFileError, match=r"bash download_models.sh small-big bfloat16"):
