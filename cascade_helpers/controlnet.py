@@ -45,7 +45,7 @@ from .checkpoints import TensorInfo, WrongCheckpointError
 from .effnet import IMAGENET_MEAN, IMAGENET_STD, encoder_input_size
 from .files import ModelFile
 from .images import ImageInput, batch_images, image_to_tensor, resize_and_crop
-from .loading import Prior, check_present, inspect_file
+from .loading import Prior, check_present, fetch_command, inspect_file
 
 BottleneckMode = Literal["effnet", "simple", "large"]
 ControlOutputs = Sequence[torch.Tensor | None]
@@ -437,8 +437,8 @@ def load_controlnet(source: str | Path, kind: str | ControlNetType, prior: Prior
 
     kind = controlnet_type(kind)
     file = _check_released(kind)
-    command = files.download_command([file])
     path = Path(source)
+    command = fetch_command(path, [file]) if path.is_dir() else files.download_command([file])
     if path.is_dir():
         check_present(path, [file])
         path = path / file.path

@@ -130,6 +130,16 @@ def size_present(models_dir: Path, stage: dict[Size, dict[Precision, ModelFile]]
     return None
 
 
+def fetch_command(
+    models_dir: Path, needed: list[ModelFile], stage_b: Size | None = None, stage_c: Size | None = None
+) -> str:
+    """``files.download_command`` for this models folder: ``--models-dir`` unless it is the script's
+    default, as an absolute path (the command runs in the project folder, not in notebooks/)."""
+    command = files.download_command(needed, stage_b=stage_b, stage_c=stage_c)
+    folder = models_dir.resolve()
+    return command if folder == SCRIPT_MODELS_DIR else f"{command} --models-dir {shlex.quote(str(folder))}"
+
+
 def check_present(
     models_dir: Path, needed: list[ModelFile], stage_b: Size | None = None, stage_c: Size | None = None
 ) -> None:
@@ -142,13 +152,8 @@ def check_present(
     )
     raise MissingModelFileError(
         f"{len(missing)} model file(s) missing from {models_dir}/:\n{lines}\n"
-        f"Fetch them with (in the project folder):\n  {files.download_command(missing, stage_b=stage_b, stage_c=stage_c)}"
-        + (
-            f" --models-dir {shlex.quote(str(models_dir.resolve()))}"  # absolute: run in the project folder
-            if models_dir.resolve() != SCRIPT_MODELS_DIR
-            else ""
-        )
-        + f"\n{files.LICENSE_NOTE}"
+        f"Fetch them with (in the project folder):\n  {fetch_command(models_dir, missing, stage_b, stage_c)}"
+        f"\n{files.LICENSE_NOTE}"
     )
 
 
@@ -318,9 +323,9 @@ def load_prior(
     stage_b = size_present(models_dir, files.STAGE_B)
     check_present(models_dir, needed, stage_b=stage_b, stage_c=variant)
 
-    command = files.download_command([stage_c], stage_b=stage_b, stage_c=variant)
+    command = fetch_command(models_dir, [stage_c], stage_b, variant)
     _, architecture = inspect_file(models_dir / stage_c.path, "stage_c", variant, command)
-    essential_command = files.download_command([files.EFFNET])
+    essential_command = fetch_command(models_dir, [files.EFFNET])
     for optional, file, kind in ((effnet, files.EFFNET, "effnet"), (previewer, files.PREVIEWER, "previewer")):
         if optional:
             inspect_file(models_dir / file.path, kind, None, essential_command)
@@ -450,10 +455,10 @@ def load_decoder(
         models_dir / stage_b.path,
         "stage_b",
         variant,
-        files.download_command([stage_b], stage_b=variant, stage_c=stage_c),
+        fetch_command(models_dir, [stage_b], variant, stage_c),
     )
     _, stage_a_architecture = inspect_file(
-        models_dir / files.STAGE_A.path, "stage_a", None, files.download_command([files.STAGE_A])
+        models_dir / files.STAGE_A.path, "stage_a", None, fetch_command(models_dir, [files.STAGE_A])
     )
     unet = load_unet_single_file(models_dir / stage_b.path, "stage_b", architecture, dtype)
     vqgan = load_stage_a(models_dir / files.STAGE_A.path, stage_a_architecture)
@@ -533,7 +538,7 @@ def load_effnet(
     models_dir = Path(source)
     check_present(models_dir, [files.EFFNET])
     path = models_dir / files.EFFNET.path
-    inspect_file(path, "effnet", None, files.download_command([files.EFFNET]))
+    inspect_file(path, "effnet", None, fetch_command(models_dir, [files.EFFNET]))
     return load_strict(EfficientNetEncoder(), path).to(device)
 
 

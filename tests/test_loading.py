@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -102,7 +103,9 @@ def test_an_interrupted_download_says_to_rerun(text_folder):
     path = write_stage_c(text_folder, "big", "bf16")
     path.write_bytes(path.read_bytes()[:-1000])
     with pytest.raises(
-        TruncatedCheckpointError, match=r"(?s)incomplete.*resumes.*bash download_models.sh big-big bfloat16"
+        TruncatedCheckpointError,
+        match=r"(?s)incomplete.*resumes.*bash download_models.sh big-big bfloat16 --models-dir "
+        + re.escape(str(text_folder)),
     ):
         load_prior(text_folder, "big", device="cpu", **TEXT_ONLY)
 
