@@ -1,5 +1,5 @@
-"""Repository hygiene that CI enforces: ruff (notebooks included), notebooks stored without outputs
-and opening with the project's template."""
+"""Repository hygiene that CI enforces: ruff lint and format (notebooks included), notebooks stored
+without outputs and opening with the project's template."""
 
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ ROOT = Path(__file__).parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
-def test_ruff_is_clean():
+@pytest.mark.parametrize("command", [["check"], ["format", "--check"]], ids=["lint", "format"])
+def test_ruff_is_clean(command):
     ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
     result = subprocess.run(
-        [ruff, "check", "--no-cache", str(ROOT)], capture_output=True, text=True, cwd=ROOT
+        [ruff, *command, "--no-cache", str(ROOT)], capture_output=True, text=True, cwd=ROOT
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
