@@ -1,11 +1,12 @@
 """Stage C ControlNet: the official checkpoints (canny, inpainting, super-resolution) on diffusers' UNet.
 
 diffusers has no ControlNet for Stable Cascade; the official code has a small one. It encodes a control
-picture with a "bottleneck" (EfficientNetV2-S features, two convolutions, or a stack of 1×1
-convolutions for the super-resolution model), then one projection per chosen Stage C ResBlock; each
-projection is added to the input of its ResBlock, resized bilinearly to the block's resolution. The
-ResBlocks are numbered in the order a forward pass runs them, down path then up path: the big
-Stage C has 64, and the released ControlNets feed blocks 0, 4, 8, 12, 51, 55, 59 and 63.
+picture with a "bottleneck" (EfficientNetV2-S features; two convolutions; or, for the super-resolution
+model, 1×1 convolutions around eight residual blocks of 3×3 convolutions), then one projection per
+chosen Stage C ResBlock; each projection is added to the input of its ResBlock, resized bilinearly to
+the block's resolution. The ResBlocks are numbered in the order a forward pass runs them, down path
+then up path: the big Stage C has 64, and the released ControlNets feed blocks 0, 4, 8, 12, 51, 55,
+59 and 63.
 
 Here:
 
@@ -44,7 +45,7 @@ from .checkpoints import TensorInfo, WrongCheckpointError
 from .effnet import IMAGENET_MEAN, IMAGENET_STD, encoder_input_size
 from .files import ModelFile
 from .images import ImageInput, batch_images, image_to_tensor, resize_and_crop
-from .loading import Prior, check_present, inspect_file
+from .loading import Prior, check_present, fetch_command, inspect_file
 
 BottleneckMode = Literal["effnet", "simple", "large"]
 ControlOutputs = Sequence[torch.Tensor | None]
@@ -63,7 +64,8 @@ class ControlNetNotReleasedError(FileNotFoundError):
 @dataclass(frozen=True)
 class LargeBottleneck:
     """Widths of the 'large' bottleneck (the super-resolution ControlNet's). The official code fixes
-    them (about 200 M parameters); only the tiny test models use smaller ones, with the same names."""
+    them (169 M parameters; 203 M with the projections, the released 814 MB float32 file); only the
+    tiny test models use smaller ones, with the same names."""
 
     expand: int = 4096 * 4
     hidden: int = 1024
@@ -435,8 +437,8 @@ def load_controlnet(source: str | Path, kind: str | ControlNetType, prior: Prior
 
     kind = controlnet_type(kind)
     file = _check_released(kind)
-    command = files.download_command([file])
     path = Path(source)
+    command = fetch_command(path, [file]) if path.is_dir() else files.download_command([file])
     if path.is_dir():
         check_present(path, [file])
         path = path / file.path

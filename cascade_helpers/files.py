@@ -185,14 +185,6 @@ LORA_FERNANDO = ModelFile(
 )
 
 
-def stage_c_file(size: Size, precision: Precision) -> ModelFile:
-    return STAGE_C[size][precision]
-
-
-def stage_b_file(size: Size, precision: Precision) -> ModelFile:
-    return STAGE_B[size][precision]
-
-
 def essential_files(precision: Precision) -> list[ModelFile]:
     """What ``essential`` fetches: the official three plus the CLIP parts our notebooks need offline."""
     return [
@@ -209,7 +201,7 @@ def essential_files(precision: Precision) -> list[ModelFile]:
 
 
 def all_files() -> list[ModelFile]:
-    """Every file in the registry, each once (README table, tests)."""
+    """Every file in the registry, each once (the tests check names and sizes over all of them)."""
     files = [
         f for stage in (STAGE_C, STAGE_B) for by_precision in stage.values() for f in by_precision.values()
     ]

@@ -17,10 +17,9 @@ import PIL.Image
 import torch
 
 from .conditioning import TextEmbeddings, encode_image_clip, encode_text, no_image
-from .effnet import encode as effnet_encode
 from .effnet import encoder_input_size
 from .effnet import normalize as effnet_normalize
-from .images import ImageInput, batch_images, image_to_tensor, resize_and_crop, scale_short_side, to_pil
+from .images import ImageInput, image_to_tensor, resize_and_crop, scale_short_side, to_pil
 from .loading import Decoder, Prior
 from .sampling import (
     OFFICIAL_DECODER,
@@ -170,22 +169,17 @@ def _effnet(prior: Prior) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def encode_stage_c(prior: Prior, images: torch.Tensor) -> torch.Tensor:
-    """Pictures (B×3×H×W in [0, 1]) → Stage C latents with the EfficientNet encoder (float32)."""
-    return effnet_encode(_effnet(prior), images)
-
-
-@torch.no_grad()
 def encode_picture(prior: Prior, image: ImageInput, height: int, width: int) -> torch.Tensor:
     """One input picture → the Stage C latents (1×16×h×w) of a height×width generation, prepared as
-    the official image-to-image example prepares it: scaled (bilinear, antialiased) and centre-cropped
-    straight to the encoder's input size — 768² for 1024², hence 24×24 latents — then normalized.
+    the official image-to-image and ControlNet examples prepare it: scaled (bilinear, antialiased) and
+    centre-cropped straight to the encoder's input size — 768² for 1024², hence 24×24 latents — then
+    normalized.
 
     For an output with a 1024 px short side and a picture of the output's aspect ratio this is exactly
-    the official preparation (the official example always scales to 768 px, whatever the output size;
+    the official preparation (the official examples always scale to 768 px, whatever the output size;
     we scale with the output). For other pictures the official code keeps the picture's aspect ratio
-    and Stage C gets latents of another shape than the output's, so we crop instead. (:func:`encode_stage_c` takes pictures at the output size and applies the
-    reconstruction example's nearest-neighbour 3/4 downscale.)
+    and Stage C gets latents of another shape than the output's, so we crop instead. (The
+    reconstruction example prepares pictures differently: :func:`cascade_helpers.effnet.encode`.)
     """
     pixels = resize_and_crop(image_to_tensor(image), *encoder_input_size(height, width))
     return _effnet(prior)(effnet_normalize(pixels[None].to(prior.device))).float()
@@ -203,7 +197,7 @@ def variation_embeddings(prior: Prior, image: ImageInput) -> torch.Tensor:
 @torch.no_grad()
 def preview_stage_c(prior: Prior, latents: torch.Tensor) -> torch.Tensor:
     """Stage C latents (B×16×h×w) → rough pictures (B×3×8h×8w in [0, 1], float32, CPU) with the
-    previewer: 192² for a 1024² image, in milliseconds on a GPU. What live previews show."""
+    previewer (4 M parameters): 192² for a 1024² image. What live previews show."""
     if prior.previewer is None:
         raise ValueError("this prior was loaded without the previewer: use load_prior(..., previewer=True)")
     return prior.previewer(latents.to(prior.device, torch.float32)).clamp(0, 1).cpu()
@@ -413,6 +407,10 @@ def controlnet_to_image(
     official inpainting and outpainting example does with noise level 1.0 (1 % of the picture's signal
     survives; ``int(steps × init_noise)`` steps). Without it, from pure noise (canny, super-resolution).
     """
+    if not 0.0 <= init_noise <= 1.0:
+        raise ValueError(
+            f"init_noise must be in [0, 1] (0 keeps the picture's latents as they are), not {init_noise}"
+        )
     batches = {c.shape[0] for c in control if c is not None}
     if batches != {num_images}:
         raise ValueError(
@@ -424,18 +422,18 @@ def controlnet_to_image(
     )
     if init_image is None:
         return _run(prior, decoder, request, callback=callback, control=control, extra=extra)
-    latents = encode_stage_c(prior, batch_images(init_image, height, width)).repeat_interleave(num_images, 0)
+    latents = encode_picture(prior, init_image, height, width).repeat_interleave(num_images, 0)
     return _run_from_latents(
         prior, decoder, request, latents, init_noise, callback=callback, control=control, extra=extra
     )
 
 
-def demo_picture(models_dir: str | Path, variant_b: str = "big", variant_c: str = "big") -> Path:
+def demo_picture(models_dir: str | Path, stage_b: str = "big", stage_c: str = "big") -> Path:
     """Load the models in ``models_dir`` and save one 512² picture next to them (install check)."""
     from .loading import load_decoder, load_prior
 
-    prior = load_prior(models_dir, variant_c, image_encoder=False, effnet=False)
-    decoder = load_decoder(models_dir, variant_b)
+    prior = load_prior(models_dir, stage_c, image_encoder=False, effnet=False)
+    decoder = load_decoder(models_dir, stage_b)
     result = text_to_image(prior, decoder, "a photo of a red cat", height=512, width=512, seed=0)
     path = Path(models_dir).parent / "tiny_demo.png"
     result.images[0].save(path)

@@ -130,6 +130,16 @@ def size_present(models_dir: Path, stage: dict[Size, dict[Precision, ModelFile]]
     return None
 
 
+def fetch_command(
+    models_dir: Path, needed: list[ModelFile], stage_b: Size | None = None, stage_c: Size | None = None
+) -> str:
+    """``files.download_command`` for this models folder: ``--models-dir`` unless it is the script's
+    default, as an absolute path (the command runs in the project folder, not in notebooks/)."""
+    command = files.download_command(needed, stage_b=stage_b, stage_c=stage_c)
+    folder = models_dir.resolve()
+    return command if folder == SCRIPT_MODELS_DIR else f"{command} --models-dir {shlex.quote(str(folder))}"
+
+
 def check_present(
     models_dir: Path, needed: list[ModelFile], stage_b: Size | None = None, stage_c: Size | None = None
 ) -> None:
@@ -142,13 +152,8 @@ def check_present(
     )
     raise MissingModelFileError(
         f"{len(missing)} model file(s) missing from {models_dir}/:\n{lines}\n"
-        f"Fetch them with (in the project folder):\n  {files.download_command(missing, stage_b=stage_b, stage_c=stage_c)}"
-        + (
-            f" --models-dir {shlex.quote(str(models_dir))}"
-            if models_dir.resolve() != SCRIPT_MODELS_DIR
-            else ""
-        )
-        + f"\n{files.LICENSE_NOTE}"
+        f"Fetch them with (in the project folder):\n  {fetch_command(models_dir, missing, stage_b, stage_c)}"
+        f"\n{files.LICENSE_NOTE}"
     )
 
 
@@ -302,9 +307,10 @@ def load_prior(
     device = pick_device(device)
     dtype = pick_dtype(dtype, device, stage="Stage C", allow_float16=allow_float16)
     if not is_local_folder(source):
-        return _load_prior_from_hub(
-            str(source), variant, dtype, device, memory, image_encoder, effnet, previewer
-        )
+        with _explain_hub_failure(source):
+            return _load_prior_from_hub(
+                str(source), variant, dtype, device, memory, image_encoder, effnet, previewer
+            )
     models_dir = Path(source)
     stage_c = choose_precision_file(models_dir, files.STAGE_C[variant], dtype)
     text_weights = choose_precision_file(models_dir, files.TEXT_ENCODER, dtype)
@@ -317,9 +323,9 @@ def load_prior(
     stage_b = size_present(models_dir, files.STAGE_B)
     check_present(models_dir, needed, stage_b=stage_b, stage_c=variant)
 
-    command = files.download_command([stage_c], stage_b=stage_b, stage_c=variant)
+    command = fetch_command(models_dir, [stage_c], stage_b, variant)
     _, architecture = inspect_file(models_dir / stage_c.path, "stage_c", variant, command)
-    essential_command = files.download_command([files.EFFNET])
+    essential_command = fetch_command(models_dir, [files.EFFNET])
     for optional, file, kind in ((effnet, files.EFFNET, "effnet"), (previewer, files.PREVIEWER, "previewer")):
         if optional:
             inspect_file(models_dir / file.path, kind, None, essential_command)
@@ -365,25 +371,38 @@ def _hub_file(repo: str, file: ModelFile) -> Path:
     return Path(hf_hub_download(repo, file.path))
 
 
+def _hub_variant(dtype: torch.dtype) -> str | None:
+    """The Hub repos keep bfloat16 weights as the ``bf16`` variant beside the float32 ones."""
+    return "bf16" if dtype == torch.bfloat16 else None
+
+
+def _text_encoder_from_hub(repo: str, dtype: torch.dtype) -> tuple[nn.Module, object]:
+    """The ``text_encoder/`` and ``tokenizer/`` folders of a Hub repo (both published repos have them)."""
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    text_encoder = CLIPTextModelWithProjection.from_pretrained(
+        repo, subfolder="text_encoder", variant=_hub_variant(dtype), dtype=dtype
+    )
+    tokenizer = CLIPTokenizer.from_pretrained(repo, subfolder="tokenizer")
+    return text_encoder.eval().requires_grad_(False), tokenizer
+
+
 def _load_prior_from_hub(repo, variant, dtype, device, memory, image_encoder, effnet, previewer) -> Prior:
     """The diffusers folders of ``stabilityai/stable-cascade-prior``; EfficientNet and previewer come
     as the official single files from ``stabilityai/stable-cascade`` (the prior repo has none)."""
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
+    from transformers import CLIPVisionModelWithProjection
 
     from .upstream import StableCascadeUNet
 
-    hub_variant = "bf16" if dtype == torch.bfloat16 else None
     subfolder = "prior" if variant == "big" else "prior_lite"
     unet = StableCascadeUNet.from_pretrained(
-        repo, subfolder=subfolder, variant=hub_variant, torch_dtype=dtype
+        repo, subfolder=subfolder, variant=_hub_variant(dtype), torch_dtype=dtype
     )
-    text_encoder = CLIPTextModelWithProjection.from_pretrained(
-        repo, subfolder="text_encoder", variant=hub_variant, dtype=dtype
-    )
+    text_encoder, tokenizer = _text_encoder_from_hub(repo, dtype)
     prior = Prior(
         unet=place(unet.eval().requires_grad_(False), device, memory),
-        text_encoder=place(text_encoder.eval().requires_grad_(False), device, memory),
-        tokenizer=CLIPTokenizer.from_pretrained(repo, subfolder="tokenizer"),
+        text_encoder=place(text_encoder, device, memory),
+        tokenizer=tokenizer,
         device=device,
         dtype=dtype,
         architecture=variant,
@@ -392,7 +411,7 @@ def _load_prior_from_hub(repo, variant, dtype, device, memory, image_encoder, ef
         from huggingface_hub import snapshot_download
 
         vision = CLIPVisionModelWithProjection.from_pretrained(
-            repo, subfolder="image_encoder", variant=hub_variant, dtype=dtype
+            repo, subfolder="image_encoder", variant=_hub_variant(dtype), dtype=dtype
         )
         prior.image_encoder = place(vision.eval().requires_grad_(False), device, memory)
         local = Path(snapshot_download(repo, allow_patterns=[files.FEATURE_EXTRACTOR.path]))
@@ -436,10 +455,10 @@ def load_decoder(
         models_dir / stage_b.path,
         "stage_b",
         variant,
-        files.download_command([stage_b], stage_b=variant, stage_c=stage_c),
+        fetch_command(models_dir, [stage_b], variant, stage_c),
     )
     _, stage_a_architecture = inspect_file(
-        models_dir / files.STAGE_A.path, "stage_a", None, files.download_command([files.STAGE_A])
+        models_dir / files.STAGE_A.path, "stage_a", None, fetch_command(models_dir, [files.STAGE_A])
     )
     unet = load_unet_single_file(models_dir / stage_b.path, "stage_b", architecture, dtype)
     vqgan = load_stage_a(models_dir / files.STAGE_A.path, stage_a_architecture)
@@ -456,10 +475,9 @@ def load_decoder(
 def _load_decoder_from_hub(repo, variant, dtype, device, memory) -> Decoder:
     from .upstream import PaellaVQModel, StableCascadeUNet
 
-    hub_variant = "bf16" if dtype == torch.bfloat16 else None
     subfolder = "decoder" if variant == "big" else "decoder_lite"
     unet = StableCascadeUNet.from_pretrained(
-        repo, subfolder=subfolder, variant=hub_variant, torch_dtype=dtype
+        repo, subfolder=subfolder, variant=_hub_variant(dtype), torch_dtype=dtype
     )
     vqgan = PaellaVQModel.from_pretrained(repo, subfolder="vqgan", torch_dtype=torch.float32)
     return Decoder(
@@ -520,7 +538,7 @@ def load_effnet(
     models_dir = Path(source)
     check_present(models_dir, [files.EFFNET])
     path = models_dir / files.EFFNET.path
-    inspect_file(path, "effnet", None, files.download_command([files.EFFNET]))
+    inspect_file(path, "effnet", None, fetch_command(models_dir, [files.EFFNET]))
     return load_strict(EfficientNetEncoder(), path).to(device)
 
 
@@ -539,18 +557,11 @@ def load_text_encoder(
     device = pick_device(device)
     dtype = pick_dtype(dtype, device, stage="text encoder")
     if not is_local_folder(source):
-        from transformers import CLIPTextModelWithProjection, CLIPTokenizer
-
-        hub_variant = "bf16" if dtype == torch.bfloat16 else None
         with _explain_hub_failure(source):
-            text_encoder = CLIPTextModelWithProjection.from_pretrained(
-                source, subfolder="text_encoder", variant=hub_variant, dtype=dtype
-            )
-            tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+            text_encoder, tokenizer = _text_encoder_from_hub(source, dtype)
     else:
         models_dir = Path(source)
         weights = choose_precision_file(models_dir, files.TEXT_ENCODER, dtype)
         check_present(models_dir, [files.TEXT_ENCODER_CONFIG, weights, files.TOKENIZER])
         text_encoder, tokenizer = _text_encoder_from_folder(models_dir, weights, dtype)
-    text_encoder = place(text_encoder.eval().requires_grad_(False), device, memory)
-    return TextEncoder(text_encoder, tokenizer, device, dtype)
+    return TextEncoder(place(text_encoder, device, memory), tokenizer, device, dtype)

@@ -110,9 +110,22 @@ def lora_layers(model: nn.Module, adapter: str = ADAPTER) -> dict[str, nn.Module
     return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A}
 
 
+def _refuse_streamed(model: nn.Module) -> None:
+    """With ``memory="sequential_offload"`` accelerate keeps the weights off the model (on the "meta"
+    device) and streams them in per layer: LoRA layers and new token rows added there would never
+    reach the GPU (peft leaves them on the CPU, the embedding resize breaks the stream)."""
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise LoraError(
+            "this model was loaded with memory='sequential_offload', whose weights stream in layer by layer: "
+            "a LoRA cannot be added to it. Load the prior with memory='model_offload' (one big model on the "
+            "GPU at a time) or memory='gpu'"
+        )
+
+
 def _refuse_second_lora(model: nn.Module) -> None:
     from peft.tuners.lora import LoraLayer
 
+    _refuse_streamed(model)
     if any(isinstance(m, LoraLayer) for m in model.modules()):
         raise LoraError(
             "this model already carries a LoRA. Load a fresh prior (load_prior) to use another one, "
@@ -624,6 +637,8 @@ def load_lora(
     """Apply a LoRA file (or state dict) in any of the three formats to a loaded prior: UNet
     modules, text-encoder modules and new tokens. ``new_tokens`` is needed for official files only
     (they store deltas, not the tokens): e.g. ``[("[fernando]", "^dog</w>")]`` for the example."""
+    for model in (prior.unet, prior.text_encoder):
+        _refuse_streamed(model)
     if isinstance(source, Mapping):
         state_dict, metadata = dict(source), {}
     else:

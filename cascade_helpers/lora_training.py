@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 from .conditioning import encode_image_clip, encode_text, text_conditioning
 from .display import image_grid
 from .effnet import IMAGENET_MEAN, IMAGENET_STD, STRIDE
-from .generation import check_size, generate_stage_c, stage_c_shape, text_to_image
+from .generation import check_size, generate_stage_c, preview_stage_c, stage_c_shape, text_to_image
 from .images import image_to_tensor, images_in_folder, resize_and_crop, to_pil
 from .loading import Decoder, Prior
 from .lora import (
@@ -846,7 +846,7 @@ class LoraTrainer:
             self.prior, encode_text(self.prior, prompt), encode_text(self.prior, ""), stage_c_shape(size, size, 1), prior_settings,
             generator=torch.Generator().manual_seed(config.seed),
         )  # fmt: skip
-        return to_pil(self.prior.previewer(latents).clamp(0, 1))[0]
+        return to_pil(preview_stage_c(self.prior, latents))[0]
 
 
 # --- the command line (accelerate launch) ------------------------------------------------------------

@@ -311,8 +311,8 @@ def quality(originals: torch.Tensor, reconstructions: torch.Tensor) -> list[Qual
         )
     results = []
     for original, reconstruction in zip(originals, reconstructions, strict=True):
-        a = original.permute(1, 2, 0).double().numpy()
-        b = reconstruction.permute(1, 2, 0).double().numpy()
+        a = original.permute(1, 2, 0).double().cpu().numpy()
+        b = reconstruction.permute(1, 2, 0).double().cpu().numpy()
         ssim = structural_similarity(
             a,
             b,

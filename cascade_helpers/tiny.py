@@ -96,7 +96,7 @@ def _tiny_unet(kind: str, seed: int):
 
 
 def write_stage_c(models_dir: Path, size: Size, precision: Precision, seed: int = 0) -> Path:
-    path = models_dir / files.stage_c_file(size, precision).path
+    path = models_dir / files.STAGE_C[size][precision].path
     _save_official(
         unet_to_official(_tiny_unet("stage_c", seed).state_dict(), "stage_c"), path, _DTYPES[precision]
     )
@@ -104,7 +104,7 @@ def write_stage_c(models_dir: Path, size: Size, precision: Precision, seed: int 
 
 
 def write_stage_b(models_dir: Path, size: Size, precision: Precision, seed: int = 1) -> Path:
-    path = models_dir / files.stage_b_file(size, precision).path
+    path = models_dir / files.STAGE_B[size][precision].path
     _save_official(
         unet_to_official(_tiny_unet("stage_b", seed).state_dict(), "stage_b"), path, _DTYPES[precision]
     )
@@ -121,12 +121,31 @@ def write_stage_a(models_dir: Path, seed: int = 2) -> Path:
     return path
 
 
-def write_effnet(models_dir: Path, seed: int = 3) -> Path:
-    """Full-size encoder (81 MB, as released) with random weights."""
+@torch.no_grad()
+def random_effnet(seed: int = 3) -> EfficientNetEncoder:
+    """The full-size encoder with random weights and latents of order 1.
+
+    Freshly initialized, its latents are ~1e-6: below the final BatchNorm's epsilon and subnormal in
+    float16, so tests comparing them and float16 latent files would see zeros. So the 1×1 convolution
+    is rescaled and the BatchNorm's running statistics are set from a batch of Gaussian noise, as
+    training sets them from data: on that input each latent channel has mean 0 and standard
+    deviation 1."""
     torch.manual_seed(seed)
-    encoder = EfficientNetEncoder()
+    encoder = EfficientNetEncoder().eval()
+    conv, norm = encoder.mapper
+    noise = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(seed))
+    features = conv(encoder.backbone(noise))
+    conv.weight /= features.std()
+    features = features / features.std()
+    norm.running_mean.copy_(features.mean(dim=(0, 2, 3)))
+    norm.running_var.copy_(features.var(dim=(0, 2, 3)))
+    return encoder
+
+
+def write_effnet(models_dir: Path, seed: int = 3) -> Path:
+    """Full-size encoder (81 MB, as released) with random weights (:func:`random_effnet`)."""
     path = models_dir / files.EFFNET.path
-    _save_official(encoder.state_dict(), path)
+    _save_official(random_effnet(seed).state_dict(), path)
     return path
 
 
@@ -240,7 +259,7 @@ TINY_LARGE_BOTTLENECK = LargeBottleneck(expand=64, hidden=32, blocks=2, out=48)
 def write_controlnets(models_dir: Path, precision: Precision = "bf16", seed: int = 7) -> list[Path]:
     """The released ControlNets (canny, inpainting, super-resolution) made for the tiny Stage C, with
     the official key names: projections to the tiny width on ``TINY_BLOCKS`` and a narrow 'large'
-    bottleneck (:data:`TINY_LARGE_BOTTLENECK`; the real one has 200 M parameters). The EfficientNet
+    bottleneck (:data:`TINY_LARGE_BOTTLENECK`; the real one has 169 M parameters). The EfficientNet
     bottleneck is torchvision's EfficientNetV2-S, whose shapes are fixed: about 54 MB a file in bf16.
     The last projection layers get random weights instead of the official zeros, so the control shows."""
     width = _tiny_prior_width()
@@ -336,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.demo:
         from .generation import demo_picture
 
-        path = demo_picture(folder, variant_b=stage_b, variant_c=stage_c)
+        path = demo_picture(folder, stage_b=stage_b, stage_c=stage_c)
         print(f"picture from RANDOM tiny weights (noise, not art) saved to {path}: your install works")
 
 

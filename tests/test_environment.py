@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import tomllib
+import pytest
 import yaml
+
+# the standard library reads TOML from Python 3.11; the package supports 3.10 (pyproject.toml)
+tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11 or later")
 
 ROOT = Path(__file__).parents[1]
 

@@ -48,8 +48,8 @@ def _picture(seed: int, height: int = 300, width: int = 300) -> np.ndarray:
 
 
 def _assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """Equal up to float rounding, relative to the tensor's scale: the tiny random EfficientNet's
-    latents are ~1e-5, where an absolute tolerance would accept anything."""
+    """Equal up to float rounding, relative to the tensor's scale: random tiny encoders give values
+    of any magnitude, and an absolute tolerance near that magnitude would accept anything."""
     scale = expected.abs().max().item()
     assert scale > 0
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4 * scale)
@@ -202,6 +202,44 @@ def test_partial_strength_runs_the_official_number_of_steps_from_the_picture(tin
     other_picture = run(_picture(2))
     assert not torch.allclose(first.stage_c_latents, other_picture.stage_c_latents), "the picture matters"
     assert not torch.allclose(first.stage_c_latents, _t2i(tiny_pipeline, seed=4).stage_c_latents)
+
+
+def test_the_picture_is_noised_on_the_unshifted_schedule(tiny_pipeline, monkeypatch):
+    """Official image-to-image: ``gdf.diffuse(latents, t=0.8)`` with the default shift 1, then sampling
+    with shift 2 from t_start 0.8. x_t = √v·x0 + √(1−v)·noise with the cosine schedule's signal
+    variance v = cos²((t + s)/(1 + s)·π/2) / cos²(s/(1 + s)·π/2), s = 0.008, written out here."""
+    import math
+
+    from cascade_helpers import generation
+
+    prior, decoder = tiny_pipeline
+    seen = {}
+    real_noise, real_sample = generation.initial_noise, generation.sample
+
+    def record_noise(*args, **kwargs):
+        seen.setdefault("noise", real_noise(*args, **kwargs))
+        return seen["noise"]
+
+    def record_start(denoiser, shape, cond, uncond, settings, **kwargs):
+        if "x_init" not in seen:  # Stage C's call comes first
+            seen["x_init"], seen["settings"] = kwargs["x_init"], settings
+        return real_sample(denoiser, shape, cond, uncond, settings, **kwargs)
+
+    monkeypatch.setattr(generation, "initial_noise", record_noise)
+    monkeypatch.setattr(generation, "sample", record_start)
+    picture = _picture(1)
+    image_to_image(
+        prior, decoder, picture, "a cat", strength=0.8, height=512, width=512, prior_settings=FAST_C,
+        decoder_settings=FAST_B,
+    )  # fmt: skip
+    s = 0.008
+    variance = math.cos((0.8 + s) / (1 + s) * math.pi / 2) ** 2 / math.cos(s / (1 + s) * math.pi / 2) ** 2
+    expected = (
+        math.sqrt(variance) * encode_picture(prior, picture, 512, 512)
+        + math.sqrt(1 - variance) * seen["noise"]
+    )
+    torch.testing.assert_close(seen["x_init"], expected)
+    assert (seen["settings"].t_start, seen["settings"].shift) == (0.8, FAST_C.shift) and FAST_C.shift == 2.0
 
 
 @pytest.mark.parametrize("strength", [-0.1, 1.5, float("nan")])

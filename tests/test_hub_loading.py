@@ -10,43 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-from cascade_helpers import files
-from cascade_helpers.loading import load_decoder, load_prior
-
-COMMIT = "0" * 40
-
-
-def _snapshot(cache: Path, repo: str) -> Path:
-    root = cache / f"models--{repo.replace('/', '--')}"
-    (root / "refs").mkdir(parents=True, exist_ok=True)
-    (root / "refs" / "main").write_text(COMMIT)
-    snapshot = root / "snapshots" / COMMIT
-    snapshot.mkdir(parents=True, exist_ok=True)
-    return snapshot
-
-
-def _build_cache(tiny_models: Path, cache: Path) -> None:
-    prior_local = load_prior(tiny_models, "big", dtype="bf16", device="cpu")
-    decoder_local = load_decoder(tiny_models, "big", dtype="bf16", device="cpu")
-    prior_repo, decoder_repo = _snapshot(cache, files.REPO_PRIOR), _snapshot(cache, files.REPO_DECODER)
-    prior_local.unet.save_pretrained(prior_repo / "prior", variant="bf16")
-    decoder_local.unet.save_pretrained(decoder_repo / "decoder", variant="bf16")
-    decoder_local.vqgan.save_pretrained(decoder_repo / "vqgan")
-    for repo in (prior_repo, decoder_repo):
-        prior_local.text_encoder.save_pretrained(repo / "text_encoder", variant="bf16")
-        prior_local.tokenizer.save_pretrained(repo / "tokenizer")
-    prior_local.image_encoder.save_pretrained(prior_repo / "image_encoder", variant="bf16")
-    shutil.copytree(tiny_models / "feature_extractor", prior_repo / "feature_extractor")
-    for file in (files.EFFNET, files.PREVIEWER):
-        shutil.copy(tiny_models / file.path, decoder_repo / file.path)
-
+from tests.hub_cache import build_hub_cache
 
 SCRIPT = """
 import json, sys, torch
@@ -63,7 +33,7 @@ json.dump({"image": list(result.images[0].size), "latents": list(result.stage_c_
 
 def test_hub_ids_load_the_published_layout_offline(tiny_models, tmp_path):
     cache = tmp_path / "hub"
-    _build_cache(tiny_models, cache)
+    build_hub_cache(tiny_models, cache)
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path.cwd())}
     result = subprocess.run(
         [sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=300

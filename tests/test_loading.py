@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -83,6 +84,15 @@ def test_an_empty_folder_names_every_file_and_the_one_command(tmp_path):
     assert "non-commercial" in message
 
 
+def test_a_relative_models_folder_is_named_absolutely_in_the_command(tmp_path, monkeypatch):
+    """The command runs in the project folder, not where the notebook runs: ../models would miss."""
+    (tmp_path / "notebooks").mkdir()
+    monkeypatch.chdir(tmp_path / "notebooks")
+    with pytest.raises(MissingModelFileError) as caught:
+        load_prior("../models", "big", device="cpu")
+    assert f"--models-dir {tmp_path / 'models'}\n" in str(caught.value)
+
+
 def test_the_suggested_variant_keeps_the_stage_b_already_there(text_folder):
     write_stage_b(text_folder, "lite", "bf16")
     with pytest.raises(MissingModelFileError, match=r"bash download_models.sh small-big bfloat16"):
@@ -93,7 +103,9 @@ def test_an_interrupted_download_says_to_rerun(text_folder):
     path = write_stage_c(text_folder, "big", "bf16")
     path.write_bytes(path.read_bytes()[:-1000])
     with pytest.raises(
-        TruncatedCheckpointError, match=r"(?s)incomplete.*resumes.*bash download_models.sh big-big bfloat16"
+        TruncatedCheckpointError,
+        match=r"(?s)incomplete.*resumes.*bash download_models.sh big-big bfloat16 --models-dir "
+        + re.escape(str(text_folder)),
     ):
         load_prior(text_folder, "big", device="cpu", **TEXT_ONLY)
 
@@ -149,8 +161,11 @@ def test_folders_and_hub_ids_are_told_apart(source, local):
     assert is_local_folder(source) is local
 
 
-def test_an_unreachable_hub_id_explains_both_readings(monkeypatch):
+@pytest.mark.parametrize("loader", ["load_prior", "load_decoder", "load_text_encoder", "load_effnet"])
+def test_an_unreachable_hub_id_explains_both_readings(monkeypatch, loader):
     import socket
+
+    from cascade_helpers import loading
 
     def no_internet(*args, **kwargs):
         raise ConnectionRefusedError("no internet in this test")
@@ -159,4 +174,4 @@ def test_an_unreachable_hub_id_explains_both_readings(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", no_internet)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # no retries with back-off
     with pytest.raises(MissingModelFileError, match="not a folder here"):
-        load_decoder("nobody/no-such-cascade", "big", device="cpu")
+        getattr(loading, loader)("nobody/no-such-cascade", device="cpu")

@@ -5,7 +5,7 @@ bad input fails clearly.
 ``apply_lora(filters=['.attn'], rank=4)``, the ``LoRA`` modules collected in ``generator.modules()``
 order and loaded from the state dict below; the token insertion of ``train/train_c_lora.py`` and
 ``ReToken``, its width set to the tiny 32) on the official tiny Stage C loaded with the weights of
-``test_official_equivalence._official_weights``, for the inputs built here.
+``tests.recorded_weights.official_weights``, for the inputs built here.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_official_equivalence import _inputs, _official_weights
 
 from cascade_helpers import files
 from cascade_helpers.checkpoints import TruncatedCheckpointError, official_shapes
@@ -35,6 +34,7 @@ from cascade_helpers.lora import (
     set_lora_strength,
 )
 from cascade_helpers.tiny import write_text_encoder, write_tokenizer
+from tests.recorded_weights import official_weights, seeded_inputs
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "official_lora_tiny.json").read_text())
 WIDTH = 32
@@ -58,7 +58,7 @@ def official_lora(token_ids: list[int], blocks: int = 8, width: int = WIDTH, ran
 @pytest.fixture
 def official_unet(tmp_path):
     path = tmp_path / "stage_c.safetensors"
-    save_file(_official_weights(official_shapes("stage_c", "tiny")), str(path))
+    save_file(official_weights(official_shapes("stage_c", "tiny")), str(path))
     return load_unet_single_file(path, "stage_c", "tiny", torch.float32)
 
 
@@ -78,7 +78,9 @@ def _fixture_lora(tokenizer) -> dict:
 
 
 def _unet_inputs():
-    x, clip_text, clip_pooled, clip_img = _inputs(200, (2, 16, 6, 6), (2, 77, 32), (2, 1, 32), (2, 1, 24))
+    x, clip_text, clip_pooled, clip_img = seeded_inputs(
+        200, (2, 16, 6, 6), (2, 77, 32), (2, 1, 32), (2, 1, 24)
+    )
     return (
         x,
         torch.tensor([0.9, 0.3]),
@@ -188,7 +190,7 @@ def test_comfyui_keys_hold_the_official_factors(official_unet, text_side):
     load_official_lora(official_unet, lora, encoder, tokenizer, NEW_TOKENS)
     comfy = comfyui_state_dict(lora_factors(official_unet))
     assert len(comfy) == 8 * 4 * 3  # 8 blocks × (q, k, v, out) × (down, up, alpha)
-    official = _official_weights(official_shapes("stage_c", "tiny"))
+    official = official_weights(official_shapes("stage_c", "tiny"))
     in_proj = official["down_blocks.0.2.attention.attn.in_proj_weight"]
     merged = in_proj + lora["weights.1.lora_up"] @ lora["weights.1.lora_down"] / 4
     for third, p in enumerate("qkv"):
@@ -334,3 +336,21 @@ def test_factors_keep_their_own_rank_and_alpha(fresh_prior):
     )
     (back,) = lora_factors(prior.unet).values()
     assert (back.rank, back.alpha) == (2, 8.0)
+
+
+def test_a_sequentially_offloaded_prior_is_refused_before_anything_changes(fresh_prior, tmp_path):
+    """memory='sequential_offload' leaves the weights on 'meta' and streams them in (accelerate's
+    cpu_offload, here with the CPU as execution device): LoRA layers and new tokens cannot join."""
+    from accelerate import cpu_offload
+
+    from cascade_helpers.tiny import write_official_lora
+
+    write_tokenizer(tmp_path)
+    path = write_official_lora(tmp_path)
+    prior = fresh_prior()
+    vocabulary = len(prior.tokenizer)
+    for model in (prior.unet, prior.text_encoder):
+        cpu_offload(model, execution_device=torch.device("cpu"))
+    with pytest.raises(LoraError, match="sequential_offload.*model_offload"):
+        load_lora(prior, path, new_tokens=NEW_TOKENS)
+    assert len(prior.tokenizer) == vocabulary and not lora_factors(prior.unet)

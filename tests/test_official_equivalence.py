@@ -21,6 +21,7 @@ from cascade_helpers.checkpoints import official_shapes
 from cascade_helpers.effnet import EfficientNetEncoder
 from cascade_helpers.loading import load_stage_a, load_unet_single_file
 from cascade_helpers.previewer import Previewer
+from tests.recorded_weights import official_weights, seeded_inputs
 
 FIXTURES = Path(__file__).parent / "fixtures"
 STATE_DICTS = json.loads((FIXTURES / "official_state_dicts.json").read_text())["architectures"]
@@ -53,28 +54,9 @@ def test_our_modules_have_the_official_state_dicts(name, module):
     assert _digest(shapes) == STATE_DICTS[name]["sha256"]
 
 
-def _official_weights(shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    """The deterministic weights the fixture outputs were recorded with (same recipe, same key order)."""
-    weights = {}
-    for i, (key, shape) in enumerate(sorted(shapes.items())):
-        generator = torch.Generator().manual_seed(i)
-        if key.endswith("num_batches_tracked"):
-            weights[key] = torch.tensor(0)
-        elif "running_var" in key:
-            weights[key] = torch.rand(shape, generator=generator) + 0.5
-        else:
-            weights[key] = torch.randn(shape, generator=generator) * 0.2
-    return weights
-
-
-def _inputs(seed: int, *shapes):
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=generator) for shape in shapes]
-
-
 def _write(tmp_path: Path, kind: str, architecture: str) -> Path:
     path = tmp_path / f"{kind}.safetensors"
-    save_file(_official_weights(official_shapes(kind, architecture)), str(path))
+    save_file(official_weights(official_shapes(kind, architecture)), str(path))
     return path
 
 
@@ -85,7 +67,9 @@ def _expected(name: str, like: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def test_stage_c_matches_the_official_module(tmp_path):
     unet = load_unet_single_file(_write(tmp_path, "stage_c", "tiny"), "stage_c", "tiny", torch.float32)
-    x, clip_text, clip_pooled, clip_img = _inputs(100, (2, 16, 6, 6), (2, 77, 32), (2, 1, 32), (2, 1, 24))
+    x, clip_text, clip_pooled, clip_img = seeded_inputs(
+        100, (2, 16, 6, 6), (2, 77, 32), (2, 1, 32), (2, 1, 24)
+    )
     r = torch.tensor([0.9, 0.3])
     out = unet(x, r, clip_pooled, clip_text=clip_text, clip_img=clip_img).sample
     torch.testing.assert_close(out, _expected("stage_c_tiny", out), rtol=1e-4, atol=1e-4)
@@ -94,7 +78,7 @@ def test_stage_c_matches_the_official_module(tmp_path):
 @torch.no_grad()
 def test_stage_b_matches_the_official_module(tmp_path):
     unet = load_unet_single_file(_write(tmp_path, "stage_b", "tiny"), "stage_b", "tiny", torch.float32)
-    x, effnet, clip_pooled = _inputs(101, (2, 4, 16, 16), (2, 16, 3, 3), (2, 1, 32))
+    x, effnet, clip_pooled = seeded_inputs(101, (2, 4, 16, 16), (2, 16, 3, 3), (2, 1, 32))
     r = torch.tensor([0.9, 0.3])
     out = unet(x, r, clip_pooled, effnet=effnet).sample
     torch.testing.assert_close(out, _expected("stage_b_tiny", out), rtol=1e-4, atol=1e-4)
@@ -103,7 +87,7 @@ def test_stage_b_matches_the_official_module(tmp_path):
 @torch.no_grad()
 def test_stage_a_decoding_matches_the_official_module(tmp_path):
     vqgan = load_stage_a(_write(tmp_path, "stage_a", "tiny"), "tiny")
-    (latents,) = _inputs(102, (1, 4, 8, 8))
+    (latents,) = seeded_inputs(102, (1, 4, 8, 8))
     # the official decode multiplies by its scale factor (0.43) first; our config carries the same factor
     out = vqgan.decode(latents * vqgan.config.scale_factor).sample
     torch.testing.assert_close(out, _expected("stage_a_tiny_decode", out), rtol=1e-4, atol=1e-4)

@@ -1,5 +1,5 @@
-"""Repository hygiene that CI enforces: ruff (notebooks included), notebooks stored without outputs
-and opening with the project's template."""
+"""Repository hygiene that CI enforces: ruff lint and format (notebooks included), notebooks stored
+without outputs and opening with the project's template."""
 
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ ROOT = Path(__file__).parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
-def test_ruff_is_clean():
+@pytest.mark.parametrize("command", [["check"], ["format", "--check"]], ids=["lint", "format"])
+def test_ruff_is_clean(command):
     ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
     result = subprocess.run(
-        [ruff, "check", "--no-cache", str(ROOT)], capture_output=True, text=True, cwd=ROOT
+        [ruff, *command, "--no-cache", str(ROOT)], capture_output=True, text=True, cwd=ROOT
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -44,9 +45,11 @@ def test_notebook_opens_with_the_template(notebook):
         in first
     )
     code = [c for c in cells if c["cell_type"] == "code"]
-    assert 'if "google.colab" in sys.modules' in "".join(code[0]["source"]), (
-        "the first code cell is the Colab-only setup"
-    )
+    setup = "".join(code[0]["source"])
+    assert 'if "google.colab" in sys.modules' in setup, "the first code cell is the Colab-only setup"
+    for variable, folder in (("CASCADE_MODELS_DIR", "models"), ("CASCADE_OUTPUT_DIR", "outputs")):
+        # Colab runs in the project folder, where download_models.sh puts models/ (not ../models)
+        assert f'os.environ.setdefault("{variable}", "{folder}")' in setup
     tagged = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(tagged) == 1, "exactly one code cell is tagged `parameters`"
     assert "os.environ" in "".join(tagged[0]["source"]), "parameters come from environment variables"
