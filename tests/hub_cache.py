@@ -3,7 +3,11 @@ of loading by repo id (``HF_HUB_CACHE`` pointed at it, ``HF_HUB_OFFLINE=1``)."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from cascade_helpers import files
@@ -37,3 +41,16 @@ def build_hub_cache(tiny_models: Path, cache: Path) -> None:
     shutil.copytree(tiny_models / "feature_extractor", prior_repo / "feature_extractor")
     for file in (files.EFFNET, files.PREVIEWER):
         shutil.copy(tiny_models / file.path, decoder_repo / file.path)
+
+
+def run_against_hub_cache(tiny_models: Path, tmp_path: Path, script: str) -> dict:
+    """Build the cache, run ``script`` in a fresh process offline against it (the hub libraries read
+    ``HF_HUB_CACHE``/``HF_HUB_OFFLINE`` at import), and return the JSON it printed last."""
+    cache = tmp_path / "hub"
+    build_hub_cache(tiny_models, cache)
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path.cwd())}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])

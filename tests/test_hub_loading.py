@@ -8,15 +8,9 @@ every file is resolved by the real Hub code from that cache.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import torch
 
-from tests.hub_cache import build_hub_cache
+from tests.hub_cache import run_against_hub_cache
 
 SCRIPT = """
 import json, sys, torch
@@ -32,14 +26,7 @@ json.dump({"image": list(result.images[0].size), "latents": list(result.stage_c_
 
 
 def test_hub_ids_load_the_published_layout_offline(tiny_models, tmp_path):
-    cache = tmp_path / "hub"
-    build_hub_cache(tiny_models, cache)
-    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path.cwd())}
-    result = subprocess.run(
-        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = run_against_hub_cache(tiny_models, tmp_path, SCRIPT)
     assert report == {
         "image": [512, 512],
         "latents": [1, 16, 12, 12],

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +36,7 @@ from cascade_helpers.reconstruction import (
     read_latents,
 )
 from cascade_helpers.tiny import random_effnet, write_previewer, write_stage_b
-from tests.hub_cache import build_hub_cache
+from tests.hub_cache import run_against_hub_cache
 from tests.recorded_weights import official_weights
 
 OFFICIAL = json.loads((Path(__file__).parent / "fixtures" / "official_effnet.json").read_text())
@@ -290,14 +287,7 @@ def test_load_autoencoder_from_the_hub_layout_offline(tiny_models, tmp_path, aut
     """``stabilityai/stable-cascade`` resolved by the real Hub code from a prepared cache (no network):
     Stage B and Stage A from the diffusers folders, the encoder from the single file, the text encoder
     from ``text_encoder/`` — the same empty-caption conditioning as from the models folder."""
-    cache = tmp_path / "hub"
-    build_hub_cache(tiny_models, cache)
-    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path.cwd())}
-    result = subprocess.run(
-        [sys.executable, "-c", HUB_SCRIPT], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = run_against_hub_cache(tiny_models, tmp_path, HUB_SCRIPT)
     assert (report["latents"], report["pictures"]) == ([1, 16, 3, 3], [1, 3, 128, 128])
     bf16 = autoencoder.empty_pooled.to(torch.bfloat16).float()  # the cache holds the bf16 text encoder
     torch.testing.assert_close(torch.tensor(report["pooled"]).reshape(bf16.shape), bf16, rtol=0.02, atol=0.02)
