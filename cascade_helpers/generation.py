@@ -238,8 +238,9 @@ def _run(
 ) -> Generation:
     r = request
     generator = _generator(r.seed)
-    text = encode_text(prior, r.prompt).repeat(r.num_images)
-    negative = encode_text(prior, r.negative_prompt).repeat(r.num_images)
+    both = encode_text(prior, [r.prompt, r.negative_prompt])  # one text-encoder call for the two
+    text = TextEmbeddings(both.hidden[:1], both.pooled[:1]).repeat(r.num_images)
+    negative = TextEmbeddings(both.hidden[1:], both.pooled[1:]).repeat(r.num_images)
     if stage_c_latents is None:
         stage_c_latents = generate_stage_c(
             prior,
