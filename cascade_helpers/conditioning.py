@@ -15,7 +15,7 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from .loading import Prior, TextEncoder
+from .models import Prior, TextEncoder
 
 
 @dataclass
@@ -24,7 +24,13 @@ class TextEmbeddings:
     pooled: torch.Tensor  # B×1×P, projected pooled embedding
 
     def repeat(self, n: int) -> TextEmbeddings:
+        """Each row ``n`` times in a row (the same prompt for ``n`` pictures)."""
         return TextEmbeddings(self.hidden.repeat_interleave(n, 0), self.pooled.repeat_interleave(n, 0))
+
+    def select(self, rows: list[int]) -> TextEmbeddings:
+        """These rows, in this order (one per picture)."""
+        index = torch.tensor(rows, device=self.hidden.device)
+        return TextEmbeddings(self.hidden[index], self.pooled[index])
 
 
 class PromptTruncatedWarning(UserWarning):
@@ -81,12 +87,9 @@ def clip_image_input(prior: Prior, images: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def encode_image_clip(prior: Prior, images: torch.Tensor) -> torch.Tensor:
     """B×3×H×W pictures → ``clip_img`` conditioning (B×1×E, float32)."""
-    if prior.image_encoder is None:
-        raise ValueError(
-            "this prior was loaded without its image encoder: use load_prior(..., image_encoder=True)"
-        )
+    image_encoder = prior.require("image_encoder", "a CLIP image embedding (image variation)")
     pixels = clip_image_input(prior, images.to(prior.device)).to(prior.dtype)
-    return prior.image_encoder(pixel_values=pixels).image_embeds.unsqueeze(1).float()
+    return image_encoder(pixel_values=pixels).image_embeds.unsqueeze(1).float()
 
 
 def no_image(prior: Prior, batch: int) -> torch.Tensor:

@@ -25,7 +25,8 @@ from torch import nn
 MemoryMode = Literal["gpu", "model_offload", "sequential_offload"]
 MEMORY_MODES: tuple[str, ...] = ("gpu", "model_offload", "sequential_offload")
 
-_DTYPE_NAMES: dict[str, torch.dtype] = {
+#: every precision word the package accepts (``files.Precision`` values among them) → its dtype
+DTYPE_NAMES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
     "bfloat16": torch.bfloat16,
     "fp32": torch.float32,
@@ -66,9 +67,9 @@ def pick_dtype(
         bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if bf16_ok else torch.float32
     if isinstance(dtype, str):
-        if dtype not in _DTYPE_NAMES:
-            raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(_DTYPE_NAMES)}")
-        dtype = _DTYPE_NAMES[dtype]
+        if dtype not in DTYPE_NAMES:
+            raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPE_NAMES)}")
+        dtype = DTYPE_NAMES[dtype]
     if dtype == torch.float16 and stage == "Stage C" and not allow_float16:
         raise UnsupportedPrecisionError(
             "Stage C overflows in float16: activations exceed float16's range and the images come out "

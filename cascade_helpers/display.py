@@ -1,53 +1,31 @@
-"""Showing pictures in a notebook: grids with titles, live previews during sampling, an interactive
-generation panel, and PNG files that remember how they were made."""
+"""Showing pictures in a notebook: grids with titles, live previews during sampling, a live loss
+curve, and PNG files that remember how they were made. (The interactive generation panel is
+:mod:`cascade_helpers.panel`; ``GenerationPanel`` is importable from here too.)"""
 
 from __future__ import annotations
 
-import html
 import io
 import json
 import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import PIL.Image
 import PIL.PngImagePlugin
 import torch
 
-from .images import to_pil
-
-if TYPE_CHECKING:
-    from .generation import Generation
-    from .loading import Decoder, Prior
-
-
-def _as_pil_list(images) -> list[PIL.Image.Image]:
-    if isinstance(images, torch.Tensor):
-        return to_pil(images)
-    return list(images)
-
-
-def image_grid(images, columns: int | None = None) -> PIL.Image.Image:
-    """Paste pictures (PIL list or B×3×H×W tensor) into one grid image, row by row."""
-    pictures = _as_pil_list(images)
-    if not pictures:
-        raise ValueError("no pictures to put in a grid")
-    columns = columns or len(pictures)
-    rows = -(-len(pictures) // columns)
-    width, height = max(p.width for p in pictures), max(p.height for p in pictures)
-    grid = PIL.Image.new("RGB", (columns * width, rows * height), "white")
-    for i, picture in enumerate(pictures):
-        grid.paste(picture.convert("RGB"), ((i % columns) * width, (i // columns) * height))
-    return grid
+from .atomic import atomic_path, claim_name
+from .generation import Generation, preview_stage_c
+from .images import as_pil_list, image_grid
+from .models import Prior
 
 
 def show_images(images, titles: Sequence[str] | None = None, columns: int | None = None, size: float = 4.0):
     """Plot pictures with matplotlib, one titled panel each; returns the figure."""
     import matplotlib.pyplot as plt
 
-    pictures = _as_pil_list(images)
+    pictures = as_pil_list(images)
     columns = columns or len(pictures)
     rows = -(-len(pictures) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(size * columns, size * rows), squeeze=False)
@@ -79,6 +57,18 @@ def _next_number(folder: Path, prefix: str) -> int:
     return max(numbers, default=0) + 1
 
 
+def _claim_run(folder: Path, prefix: str, names: list[str]) -> list[Path]:
+    """Claim a run number whose file names are all free, atomically (exclusive create): two
+    notebooks saving into one folder at once never get the same names."""
+    while True:
+        number = _next_number(folder, prefix)
+        paths = [folder / name.format(number=number) for name in names]
+        if claim_name(paths[0]):
+            for path in paths[1:]:  # the other names of this run follow the first one's number
+                claim_name(path)
+            return paths
+
+
 def save_generation(
     generation: Generation, output_dir: str | os.PathLike, prefix: str = "cascade"
 ) -> list[Path]:
@@ -89,18 +79,26 @@ def save_generation(
     A new run never overwrites an older one."""
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    number = _next_number(folder, prefix)
-    paths = []
-    for index, picture in enumerate(generation.images):
+    seed = generation.settings.get("seed", 0)
+    names = [f"{prefix}-{{number:04d}}-seed{seed}-{index}.png" for index in range(len(generation.images))]
+    paths = _claim_run(folder, prefix, names)
+    prompts = _picture_prompts(generation.settings, len(generation.images))
+    for index, (picture, path) in enumerate(zip(generation.images, paths, strict=True)):
         settings = {**generation.settings, "index": index}
         info = PIL.PngImagePlugin.PngInfo()
         info.add_text(SETTINGS_CHUNK, json.dumps(settings))
-        info.add_text("Description", str(settings.get("prompt", "")))
+        info.add_text("Description", prompts[index])
         info.add_text("Software", "cascade_helpers (Stable Cascade)")
-        path = folder / f"{prefix}-{number:04d}-seed{settings.get('seed', 0)}-{index}.png"
-        picture.save(path, pnginfo=info)
-        paths.append(path)
+        with atomic_path(path) as temporary:
+            picture.save(temporary, format="PNG", pnginfo=info)
     return paths
+
+
+def _picture_prompts(settings: dict, count: int) -> list[str]:
+    """Each picture's own prompt: a list of prompts gives each its share of the pictures in order."""
+    prompt = settings.get("prompt", "")
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    return [str(prompts[i * len(prompts) // count]) for i in range(count)]
 
 
 def read_settings(path: str | os.PathLike) -> dict:
@@ -158,156 +156,12 @@ class LivePreview:
         self._area = InPlace()
 
     def __call__(self, step: int, denoised: torch.Tensor, sample: torch.Tensor) -> None:
-        from .generation import preview_stage_c
-
         self.latest = image_grid(preview_stage_c(self.prior, denoised), self.columns)
         self.updates += 1
         if self.widget is not None:
             self.widget.value = png_bytes(self.latest)
         else:
             self._area.show(self.latest)
-
-
-# --- the generation panel ----------------------------------------------------------------------------
-
-#: (height, width) choices of the panel: multiples of 128 the models were trained on, several ratios
-PANEL_SIZES: tuple[tuple[int, int], ...] = (
-    (1024, 1024),
-    (896, 1152),
-    (1152, 896),
-    (768, 1280),
-    (1280, 768),
-    (640, 1536),
-    (1536, 640),
-    (768, 1024),
-    (1024, 768),
-    (512, 512),
-    (512, 768),
-    (768, 512),
-    (768, 768),
-    (1536, 1536),
-)
-
-
-class GenerationPanel:
-    """An ipywidgets panel for text-to-image: prompt, negative prompt, sampler preset, Stage C steps,
-    guidance, seed, size and number of pictures, a Generate button, a progress bar, a live preview
-    and the result grid. Each result is kept in ``last`` and, with ``output_dir``, saved as PNGs with
-    their settings (:func:`save_generation`).
-
-    Display it as the last expression of a cell. ``generate()`` is what the button calls; call it
-    from code to script the panel (set the widgets' ``value`` first).
-    """
-
-    def __init__(
-        self,
-        prior: Prior,
-        decoder: Decoder,
-        *,
-        prompt: str = "",
-        steps: int = 20,
-        decoder_steps: int = 10,
-        output_dir: str | os.PathLike | None = None,
-    ) -> None:
-        import ipywidgets as w
-
-        self.prior, self.decoder, self.decoder_steps = prior, decoder, decoder_steps
-        self.output_dir = output_dir
-        self.last: Generation | None = None
-        wide = w.Layout(width="95%")
-        self.prompt = w.Textarea(value=prompt, description="Prompt", layout=wide)
-        self.negative_prompt = w.Text(description="Negative", layout=wide)
-        self.sampler = w.ToggleButtons(
-            options=[("official (gdf)", "official"), ("diffusers", "diffusers")], description="Sampler"
-        )
-        self.steps = w.IntSlider(value=steps, min=1, max=100, description="Steps")
-        self.guidance = w.FloatSlider(value=4.0, min=0.0, max=15.0, step=0.1, description="Guidance")
-        self.seed = w.IntText(value=0, description="Seed")
-        self.size = w.Dropdown(
-            options=[(f"{wd} × {ht}", (ht, wd)) for ht, wd in PANEL_SIZES],
-            value=(1024, 1024),
-            description="Size",
-        )
-        self.num_images = w.IntSlider(value=1, min=1, max=4, description="Pictures")
-        self.button = w.Button(description="Generate", button_style="primary", icon="play")
-        self.progress = w.IntProgress(value=0, min=0, max=steps, description="Stage C")
-        self.preview = w.Image(format="png", layout=w.Layout(max_width="384px"))
-        self.result = w.Image(format="png", layout=w.Layout(max_width="95%"))
-        self.status = w.HTML()
-        self.button.on_click(self._on_click)
-        controls = w.VBox([self.sampler, self.steps, self.guidance, self.seed, self.size, self.num_images])
-        self.widget = w.VBox(
-            [
-                self.prompt,
-                self.negative_prompt,
-                w.HBox([controls, self.preview]),
-                w.HBox([self.button, self.progress]),
-                self.status,
-                self.result,
-            ]
-        )
-
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
-
-        display(self.widget)
-
-    def _settings(self):
-        from .sampling import DIFFUSERS_DECODER, DIFFUSERS_PRIOR, OFFICIAL_DECODER, OFFICIAL_PRIOR
-
-        official = self.sampler.value == "official"
-        prior = (OFFICIAL_PRIOR if official else DIFFUSERS_PRIOR).with_(
-            steps=self.steps.value, guidance=self.guidance.value
-        )
-        decoder = (OFFICIAL_DECODER if official else DIFFUSERS_DECODER).with_(steps=self.decoder_steps)
-        return prior, decoder
-
-    def generate(self) -> Generation:
-        """Generate with the current widget values, showing progress and previews as it goes."""
-        from .generation import text_to_image
-
-        prior_settings, decoder_settings = self._settings()
-        preview = LivePreview(self.prior, self.preview)
-        self.progress.max, self.progress.value = prior_settings.steps, 0
-
-        def on_step(step: int, denoised: torch.Tensor, sample: torch.Tensor) -> None:
-            preview(step, denoised, sample)
-            self.progress.value = step + 1
-
-        height, width = self.size.value
-        result = text_to_image(
-            self.prior,
-            self.decoder,
-            self.prompt.value,
-            self.negative_prompt.value,
-            height=height,
-            width=width,
-            num_images=self.num_images.value,
-            seed=self.seed.value,
-            prior_settings=prior_settings,
-            decoder_settings=decoder_settings,
-            callback=on_step,
-        )
-        self.last = result
-        self.result.value = png_bytes(image_grid(result.images))
-        self.status.value = f"seed {self.seed.value}, {width} × {height}"
-        if self.output_dir is not None:
-            paths = save_generation(result, self.output_dir)
-            self.status.value += (
-                f" — saved {', '.join(html.escape(p.name) for p in paths)} in {self.output_dir}"
-            )
-        return result
-
-    def _on_click(self, _button) -> None:
-        """Errors go to the panel, where the user looks (a button callback's exception is otherwise
-        only logged to the browser console)."""
-        self.button.disabled = True
-        try:
-            self.generate()
-        except (ValueError, RuntimeError) as error:
-            self.status.value = f"<b style='color:#b00'>{html.escape(str(error))}</b>"
-        finally:
-            self.button.disabled = False
 
 
 # --- a live loss curve (LoRA training) ---------------------------------------------------------------
@@ -367,3 +221,13 @@ class LiveLossPlot:
         buffer = io.BytesIO()
         self.figure().savefig(buffer, format="png", dpi=80)
         self._area.show(Image(data=buffer.getvalue()))
+
+
+def __getattr__(name: str):
+    """``GenerationPanel`` moved to :mod:`cascade_helpers.panel`; ``display.GenerationPanel`` still works
+    (imported on first use: the panel needs the generation code, which needs this module)."""
+    if name in ("GenerationPanel", "PANEL_SIZES"):
+        from . import panel
+
+        return getattr(panel, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,6 +18,8 @@ from typing import Literal
 
 Size = Literal["big", "lite"]
 Precision = Literal["bf16", "fp32"]
+#: the model sizes of Stage B and Stage C (the download script's "small" is lite)
+SIZES: tuple[Size, ...] = ("big", "lite")
 
 REPO_DECODER = "stabilityai/stable-cascade"
 REPO_PRIOR = "stabilityai/stable-cascade-prior"
@@ -250,6 +252,13 @@ def download_command(
     elif precisions:
         words.append(PRECISION_WORDS["bf16"])
     return "bash download_models.sh " + " ".join(words)
+
+
+def check_size_word(size: object, what: str = "variant") -> Size:
+    """``size`` if it names a model size ('big' or 'lite'), else a ValueError that says so."""
+    if size not in SIZES:
+        raise ValueError(f"{what} must be 'big' or 'lite', not {size!r}")
+    return size  # type: ignore[return-value]
 
 
 def human_size(nbytes: int) -> str:

@@ -1,26 +1,30 @@
-"""Text-to-image, image variation and image-to-image: Stage C, then Stage B, then Stage A.
+"""Text-to-image, image variation, image-to-image and ControlNet pictures: Stage C, then Stage B, then
+Stage A.
 
 Each stage is a plain function over the loaded models (:func:`generate_stage_c`,
-:func:`generate_stage_b`, :func:`decode_stage_a`); :func:`text_to_image` and friends chain them and
-return the pictures together with the latents of every stage, so a notebook can show, save or
+:func:`generate_stage_b`, :func:`decode_stage_a`); the four entry points (:func:`text_to_image`,
+:func:`image_variation`, :func:`image_to_image`, :func:`controlnet_to_image`) chain them for one
+:class:`GenerationRequest` — the prompt, size, count, seed and both stages' settings they all share —
+and return the pictures together with the latents of every stage, so a notebook can show, save or
 re-decode any of them.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+import dataclasses
+import numbers
+from dataclasses import dataclass, field
+from typing import Any
 
 import PIL.Image
 import torch
 
 from .conditioning import TextEmbeddings, encode_image_clip, encode_text, no_image
-from .effnet import encoder_input_size
-from .effnet import normalize as effnet_normalize
+from .controlnet.model import ControlOutputs, controlled_denoiser
+from .effnet import encode as effnet_encode
 from .images import ImageInput, image_to_tensor, resize_and_crop, scale_short_side, to_pil
-from .loading import Decoder, Prior
+from .models import Decoder, Prior
+from .request import MAX_IMAGES, GenerationRequest, Prompt, make_request
 from .sampling import (
     OFFICIAL_DECODER,
     OFFICIAL_PRIOR,
@@ -31,12 +35,30 @@ from .sampling import (
     sample,
     unet_denoiser,
 )
+from .sizes import check_size, encoder_input_size, stage_b_shape, stage_c_shape
 
-STAGE_C_COMPRESSION = 42.67  # image side / Stage C latent side (1024 → 24)
-STAGE_A_COMPRESSION = 4  # image side / Stage B latent side (1024 → 256)
-SIDE_STEP, SIDE_MIN, SIDE_MAX = 128, 512, 2048
-MAX_IMAGES = 16
 OFFICIAL_INPUT_SIDE = 768  # the official examples scale input pictures to this short side first
+
+__all__ = [
+    "MAX_IMAGES",
+    "Generation",
+    "GenerationRequest",
+    "Prompt",
+    "make_request",
+    "check_size",
+    "controlnet_to_image",
+    "decode_stage_a",
+    "encode_picture",
+    "generate_stage_b",
+    "generate_stage_c",
+    "image_to_image",
+    "image_variation",
+    "preview_stage_c",
+    "stage_b_shape",
+    "stage_c_shape",
+    "text_to_image",
+    "variation_embeddings",
+]
 
 
 @dataclass
@@ -47,33 +69,6 @@ class Generation:
     stage_c_latents: torch.Tensor  # B×16×h×w, float32, CPU
     stage_b_latents: torch.Tensor  # B×4×H/4×W/4, float32, CPU
     settings: dict = field(default_factory=dict)  # prompt, seed, steps ... (saved in PNG metadata)
-
-
-def check_size(height: int, width: int) -> None:
-    """Sizes the models were trained for: multiples of 128 from 512 to 2048 per side."""
-    for name, side in (("height", height), ("width", width)):
-        if not (isinstance(side, int) and SIDE_MIN <= side <= SIDE_MAX and side % SIDE_STEP == 0):
-            raise ValueError(
-                f"{name}={side!r}: use a multiple of {SIDE_STEP} from {SIDE_MIN} to {SIDE_MAX} "
-                f"(e.g. 1024, 1152, 1536); any aspect ratio works"
-            )
-
-
-def stage_c_shape(height: int, width: int, batch: int) -> tuple[int, int, int, int]:
-    return (batch, 16, math.ceil(height / STAGE_C_COMPRESSION), math.ceil(width / STAGE_C_COMPRESSION))
-
-
-def stage_b_shape(height: int, width: int, batch: int) -> tuple[int, int, int, int]:
-    return (batch, 4, math.ceil(height / STAGE_A_COMPRESSION), math.ceil(width / STAGE_A_COMPRESSION))
-
-
-def _generator(seed: int) -> torch.Generator:
-    return torch.Generator("cpu").manual_seed(seed)
-
-
-def _check_count(num_images: int) -> None:
-    if not (isinstance(num_images, int) and 1 <= num_images <= MAX_IMAGES):
-        raise ValueError(f"num_images must be from 1 to {MAX_IMAGES}, not {num_images!r}")
 
 
 # --- the stages --------------------------------------------------------------------------------------
@@ -91,12 +86,24 @@ def generate_stage_c(
     image_embeds: torch.Tensor | None = None,
     x_init: torch.Tensor | None = None,
     callback: StepCallback | None = None,
-    control: Sequence[torch.Tensor | None] | None = None,
+    control: ControlOutputs | None = None,
 ) -> torch.Tensor:
-    """Sample Stage C latents (B×16×h×w) for text (and optionally CLIP image) conditioning.
+    """Sample Stage C latents (B×16×h×w, float32) for text and optionally image conditioning.
 
-    ``control``: ControlNet features for the B pictures (:func:`cascade_helpers.controlnet.control_features`);
-    the unconditional half of the guided batch gets the same features, as in the official notebook."""
+    Args:
+        prior: the loaded Stage C with its encoders.
+        text, negative: the B pictures' text conditioning and that of their negative prompts
+            (:func:`cascade_helpers.conditioning.encode_text`).
+        shape: B×16×h×w (:func:`cascade_helpers.sizes.stage_c_shape`).
+        settings: the sampler settings.
+        generator: the random generator of the noise (drawn on the CPU).
+        image_embeds: CLIP image embeddings (B×1×768) for image variation; zeros without.
+        x_init: the starting latents, already noised to ``settings.t_start`` (image-to-image).
+        callback: ``callback(step, denoised, sample)`` after every step.
+        control: ControlNet features for the B pictures
+            (:func:`cascade_helpers.controlnet.control_features`); the unconditional half of the
+            guided batch gets the same features, as in the official notebook.
+    """
     batch = shape[0]
     zeros = no_image(prior, batch)
     cond = {
@@ -105,10 +112,12 @@ def generate_stage_c(
         "clip_img": zeros if image_embeds is None else image_embeds.to(prior.device),
     }
     uncond = {"clip_text": negative.hidden, "clip_text_pooled": negative.pooled, "clip_img": zeros}
+    denoiser = unet_denoiser(prior.unet, prior.dtype)
     if control is not None:
         cond["cnet"] = uncond["cnet"] = list(control)
+        denoiser = controlled_denoiser(prior.unet, prior.dtype)
     return sample(
-        unet_denoiser(prior.unet, prior.dtype),
+        denoiser,
         shape,
         cond,
         uncond,
@@ -133,15 +142,25 @@ def generate_stage_b(
     generator: torch.Generator | None = None,
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
-    """Sample Stage A latents (B×4×H/4×W/4) from Stage C latents and the pooled prompt embedding;
-    the unconditional branch gets zeros for the Stage C latents, as in the official code."""
+    """Sample Stage A latents (B×4×H/4×W/4, float32) from Stage C latents.
+
+    Args:
+        decoder: the loaded Stage B and Stage A.
+        stage_c_latents: B×16×h×w.
+        pooled, negative_pooled: the pooled text embeddings (B×1×1280) of the prompts and negative
+            prompts; the unconditional branch also gets zeros for the Stage C latents, as in the
+            official code.
+        image_size: (height, width) of the pictures.
+        settings: the sampler settings.
+        generator: the random generator of the noise (drawn on the CPU).
+        callback: ``callback(step, denoised, sample)`` after every step.
+    """
     latents = stage_c_latents.to(decoder.device)
     cond = {"effnet": latents, "clip_text_pooled": pooled.to(decoder.device)}
     uncond = {"effnet": torch.zeros_like(latents), "clip_text_pooled": negative_pooled.to(decoder.device)}
-    shape = stage_b_shape(*image_size, latents.shape[0])
     return sample(
         unet_denoiser(decoder.unet, decoder.dtype),
-        shape,
+        stage_b_shape(*image_size, latents.shape[0]),
         cond,
         uncond,
         settings,
@@ -160,14 +179,6 @@ def decode_stage_a(decoder: Decoder, latents: torch.Tensor) -> torch.Tensor:
     return vqgan.decode(scaled).sample.clamp(0, 1).float().cpu()
 
 
-def _effnet(prior: Prior) -> torch.nn.Module:
-    if prior.effnet is None:
-        raise ValueError(
-            "this prior was loaded without the EfficientNet encoder: use load_prior(..., effnet=True)"
-        )
-    return prior.effnet
-
-
 @torch.no_grad()
 def encode_picture(prior: Prior, image: ImageInput, height: int, width: int) -> torch.Tensor:
     """One input picture → the Stage C latents (1×16×h×w) of a height×width generation, prepared as
@@ -179,10 +190,11 @@ def encode_picture(prior: Prior, image: ImageInput, height: int, width: int) -> 
     the official preparation (the official examples always scale to 768 px, whatever the output size;
     we scale with the output). For other pictures the official code keeps the picture's aspect ratio
     and Stage C gets latents of another shape than the output's, so we crop instead. (The
-    reconstruction example prepares pictures differently: :func:`cascade_helpers.effnet.encode`.)
+    reconstruction example prepares pictures differently: ``effnet.encode(..., downscale=True)``.)
     """
+    encoder = prior.require("effnet", "encoding a picture (image-to-image, ControlNet init pictures)")
     pixels = resize_and_crop(image_to_tensor(image), *encoder_input_size(height, width))
-    return _effnet(prior)(effnet_normalize(pixels[None].to(prior.device))).float()
+    return effnet_encode(encoder, pixels[None], downscale=False)
 
 
 @torch.no_grad()
@@ -198,49 +210,44 @@ def variation_embeddings(prior: Prior, image: ImageInput) -> torch.Tensor:
 def preview_stage_c(prior: Prior, latents: torch.Tensor) -> torch.Tensor:
     """Stage C latents (B×16×h×w) → rough pictures (B×3×8h×8w in [0, 1], float32, CPU) with the
     previewer (4 M parameters): 192² for a 1024² image. What live previews show."""
-    if prior.previewer is None:
-        raise ValueError("this prior was loaded without the previewer: use load_prior(..., previewer=True)")
-    return prior.previewer(latents.to(prior.device, torch.float32)).clamp(0, 1).cpu()
+    previewer = prior.require("previewer", "a preview of Stage C latents")
+    return previewer(latents.to(prior.device, torch.float32)).clamp(0, 1).cpu()
 
 
 # --- whole generations -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Request:
-    """What every generation shares: the prompt, the size and count, the seed and both stages' settings."""
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator("cpu").manual_seed(seed)
 
-    prompt: str
-    negative_prompt: str
-    height: int
-    width: int
-    num_images: int
-    seed: int
-    prior_settings: StageSettings
-    decoder_settings: StageSettings
 
-    def __post_init__(self) -> None:
-        check_size(self.height, self.width)
-        _check_count(self.num_images)
+def _text_conditioning(prior: Prior, request: GenerationRequest) -> tuple[TextEmbeddings, TextEmbeddings]:
+    """Every picture's prompt and negative prompt through the text encoder in one call (each
+    distinct text once), then one row per picture."""
+    texts = list(dict.fromkeys(request.prompts + request.negative_prompts))
+    encoded = encode_text(prior, texts)
+    row = {text: i for i, text in enumerate(texts)}
+    return (
+        encoded.select([row[p] for p in request.prompts]),
+        encoded.select([row[p] for p in request.negative_prompts]),
+    )
 
 
 def _run(
     prior: Prior,
     decoder: Decoder,
-    request: _Request,
+    request: GenerationRequest,
     *,
     image_embeds: torch.Tensor | None = None,
     stage_c_latents: torch.Tensor | None = None,
     x_init: torch.Tensor | None = None,
     callback: StepCallback | None = None,
-    control: Sequence[torch.Tensor | None] | None = None,
+    control: ControlOutputs | None = None,
     extra: dict | None = None,
 ) -> Generation:
     r = request
     generator = _generator(r.seed)
-    both = encode_text(prior, [r.prompt, r.negative_prompt])  # one text-encoder call for the two
-    text = TextEmbeddings(both.hidden[:1], both.pooled[:1]).repeat(r.num_images)
-    negative = TextEmbeddings(both.hidden[1:], both.pooled[1:]).repeat(r.num_images)
+    text, negative = _text_conditioning(prior, r)
     if stage_c_latents is None:
         stage_c_latents = generate_stage_c(
             prior,
@@ -265,14 +272,7 @@ def _run(
     )
     images = decode_stage_a(decoder, stage_b_latents)
     settings = {
-        "prompt": r.prompt,
-        "negative_prompt": r.negative_prompt,
-        "seed": r.seed,
-        "height": r.height,
-        "width": r.width,
-        "num_images": r.num_images,
-        "prior": _settings_dict(r.prior_settings),
-        "decoder": _settings_dict(r.decoder_settings),
+        **r.as_dict(),
         "prior_variant": prior.architecture,
         "decoder_variant": decoder.architecture,
         **(extra or {}),
@@ -281,7 +281,12 @@ def _run(
 
 
 def _run_from_latents(
-    prior: Prior, decoder: Decoder, request: _Request, latents: torch.Tensor, noise_level: float, **kwargs
+    prior: Prior,
+    decoder: Decoder,
+    request: GenerationRequest,
+    latents: torch.Tensor,
+    noise_level: float,
+    **kwargs: Any,
 ) -> Generation:
     """Stage C started from a picture's latents noised to ``noise_level`` (the official
     image-to-image start: the unshifted schedule for the noise, the usual shift for sampling), for
@@ -294,37 +299,42 @@ def _run_from_latents(
     return _run(
         prior,
         decoder,
-        replace(request, prior_settings=settings),
+        dataclasses.replace(request, prior_settings=settings),
         x_init=diffuse(latents, noise_level, noise),
         **kwargs,
     )
 
 
-def _settings_dict(settings: StageSettings) -> dict:
-    return {
-        k: getattr(settings, k)
-        for k in ("steps", "guidance", "shift", "guidance_rescale", "sampler", "t_start")
-    }
+def _check_fraction(value: object, name: str, meaning: str) -> float:
+    if not (isinstance(value, numbers.Real) and 0.0 <= value <= 1.0):  # NaN fails both comparisons
+        raise ValueError(f"{name} must be in [0, 1] ({meaning}), not {value!r}")
+    return float(value)
 
 
 def text_to_image(
     prior: Prior,
     decoder: Decoder,
-    prompt: str,
-    negative_prompt: str = "",
+    prompt: Prompt | GenerationRequest,
+    negative_prompt: Prompt = "",
     *,
-    height: int = 1024,
-    width: int = 1024,
-    num_images: int = 1,
-    seed: int = 0,
-    prior_settings: StageSettings = OFFICIAL_PRIOR,
-    decoder_settings: StageSettings = OFFICIAL_DECODER,
     callback: StepCallback | None = None,
+    **options: Any,
 ) -> Generation:
-    """Pictures from a prompt. ``callback(step, denoised, sample)`` runs after each Stage C step."""
-    request = _Request(
-        prompt, negative_prompt, height, width, num_images, seed, prior_settings, decoder_settings
-    )
+    """Pictures from a prompt.
+
+    Args:
+        prior, decoder: the loaded models (:func:`cascade_helpers.loading.load_prior` / ``load_decoder``).
+        prompt: a prompt, a list of prompts (one group of pictures each), or a whole
+            :class:`GenerationRequest`.
+        negative_prompt: what guidance steers away from (a string, or one per prompt).
+        callback: ``callback(step, denoised, sample)`` after each Stage C step (live previews).
+        **options: any other field of :class:`GenerationRequest`: ``height``, ``width``,
+            ``num_images``, ``seed``, ``prior_settings``, ``decoder_settings``.
+
+    Returns:
+        A :class:`Generation`: the pictures, both stages' latents and the settings.
+    """
+    request = make_request(prompt, negative_prompt, **options)
     return _run(prior, decoder, request, callback=callback)
 
 
@@ -332,23 +342,24 @@ def image_variation(
     prior: Prior,
     decoder: Decoder,
     image: ImageInput,
-    prompt: str = "",
-    negative_prompt: str = "",
+    prompt: Prompt | GenerationRequest = "",
+    negative_prompt: Prompt = "",
     *,
-    height: int = 1024,
-    width: int = 1024,
-    num_images: int = 1,
-    seed: int = 0,
-    prior_settings: StageSettings = OFFICIAL_PRIOR,
-    decoder_settings: StageSettings = OFFICIAL_DECODER,
     callback: StepCallback | None = None,
+    **options: Any,
 ) -> Generation:
     """Variations of a picture: Stage C conditioned on its CLIP image embedding
-    (:func:`variation_embeddings`); no prompt needed (the official example uses none)."""
-    request = _Request(
-        prompt, negative_prompt, height, width, num_images, seed, prior_settings, decoder_settings
-    )
-    embeds = variation_embeddings(prior, image).repeat_interleave(num_images, 0)
+    (:func:`variation_embeddings`); no prompt needed (the official example uses none).
+
+    Args:
+        image: the picture (file, PIL image, array or tensor).
+        prompt, negative_prompt, callback, **options: as for :func:`text_to_image`.
+
+    Returns:
+        A :class:`Generation`.
+    """
+    request = make_request(prompt, negative_prompt, **options)
+    embeds = variation_embeddings(prior, image).repeat_interleave(request.num_images, 0)
     return _run(prior, decoder, request, image_embeds=embeds, callback=callback)
 
 
@@ -356,86 +367,73 @@ def image_to_image(
     prior: Prior,
     decoder: Decoder,
     image: ImageInput,
-    prompt: str,
-    negative_prompt: str = "",
+    prompt: Prompt | GenerationRequest,
+    negative_prompt: Prompt = "",
     *,
     strength: float = 0.8,
-    height: int = 1024,
-    width: int = 1024,
-    num_images: int = 1,
-    seed: int = 0,
-    prior_settings: StageSettings = OFFICIAL_PRIOR,
-    decoder_settings: StageSettings = OFFICIAL_DECODER,
     callback: StepCallback | None = None,
+    **options: Any,
 ) -> Generation:
-    """Repaint a picture guided by a prompt. ``strength`` is the noise level the picture's Stage C
-    latents are taken to before denoising (official example: 0.8): 0 keeps the picture's encoding
-    as it is, 1 ignores the picture entirely; Stage C runs ``int(steps × strength)`` steps."""
-    if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength must be in [0, 1] (0 keeps the picture, 1 ignores it), not {strength}")
-    request = _Request(
-        prompt, negative_prompt, height, width, num_images, seed, prior_settings, decoder_settings
-    )
+    """Repaint a picture guided by a prompt.
+
+    Args:
+        image: the picture (file, PIL image, array or tensor); scaled and centre-cropped to the
+            output's aspect ratio.
+        strength: the noise level the picture's Stage C latents are taken to before denoising
+            (official example: 0.8): 0 keeps the picture's encoding as it is, 1 ignores the picture
+            entirely; Stage C runs ``int(steps × strength)`` steps.
+        prompt, negative_prompt, callback, **options: as for :func:`text_to_image`.
+
+    Returns:
+        A :class:`Generation` whose settings also record ``strength``.
+    """
+    strength = _check_fraction(strength, "strength", "0 keeps the picture, 1 ignores it")
+    request = make_request(prompt, negative_prompt, **options)
     extra = {"strength": strength}
     if strength == 1.0:
         return _run(prior, decoder, request, callback=callback, extra=extra)
-    encoded = encode_picture(prior, image, height, width).repeat_interleave(num_images, 0)
-    return _run_from_latents(prior, decoder, request, encoded, strength, callback=callback, extra=extra)
+    encoded = encode_picture(prior, image, request.height, request.width)
+    latents = encoded.repeat_interleave(request.num_images, 0)
+    return _run_from_latents(prior, decoder, request, latents, strength, callback=callback, extra=extra)
 
 
 def controlnet_to_image(
     prior: Prior,
     decoder: Decoder,
-    control: Sequence[torch.Tensor | None],
-    prompt: str,
-    negative_prompt: str = "",
+    control: ControlOutputs,
+    prompt: Prompt | GenerationRequest,
+    negative_prompt: Prompt = "",
     *,
     init_image: ImageInput | None = None,
     init_noise: float = 1.0,
-    height: int = 1024,
-    width: int = 1024,
-    num_images: int = 1,
-    seed: int = 0,
-    prior_settings: StageSettings = OFFICIAL_PRIOR,
-    decoder_settings: StageSettings = OFFICIAL_DECODER,
     callback: StepCallback | None = None,
-    extra: dict | None = None,
+    **options: Any,
 ) -> Generation:
-    """Pictures that follow ControlNet features (:func:`cascade_helpers.controlnet.control_features`,
-    computed once for ``num_images`` pictures) and a prompt.
+    """Pictures that follow ControlNet features and a prompt.
 
-    With ``init_image``, Stage C starts from that picture's latents noised to ``init_noise``, as the
-    official inpainting and outpainting example does with noise level 1.0 (1 % of the picture's signal
-    survives; ``int(steps × init_noise)`` steps). Without it, from pure noise (canny, super-resolution).
+    Args:
+        control: the ControlNet's outputs for ``num_images`` pictures
+            (:func:`cascade_helpers.controlnet.control_features`, computed once per generation).
+        init_image: with it, Stage C starts from that picture's latents noised to ``init_noise``, as
+            the official inpainting and outpainting example does with noise level 1.0 (1 % of the
+            picture's signal survives; ``int(steps × init_noise)`` steps). Without it, from pure
+            noise (canny, super-resolution).
+        init_noise: see ``init_image``; 0 keeps the picture's latents as they are.
+        prompt, negative_prompt, callback, **options: as for :func:`text_to_image`.
+
+    Returns:
+        A :class:`Generation`.
     """
-    if not 0.0 <= init_noise <= 1.0:
-        raise ValueError(
-            f"init_noise must be in [0, 1] (0 keeps the picture's latents as they are), not {init_noise}"
-        )
+    init_noise = _check_fraction(init_noise, "init_noise", "0 keeps the picture's latents as they are")
+    request = make_request(prompt, negative_prompt, **options)
     batches = {c.shape[0] for c in control if c is not None}
-    if batches != {num_images}:
+    if batches != {request.num_images}:
         raise ValueError(
-            f"the control features are for {sorted(batches)} pictures, not num_images={num_images}: "
-            f"compute them with control_features(..., batch={num_images})"
+            f"the control features are for {sorted(batches)} pictures, not num_images={request.num_images}: "
+            f"compute them with control_features(..., batch={request.num_images})"
         )
-    request = _Request(
-        prompt, negative_prompt, height, width, num_images, seed, prior_settings, decoder_settings
-    )
     if init_image is None:
-        return _run(prior, decoder, request, callback=callback, control=control, extra=extra)
-    latents = encode_picture(prior, init_image, height, width).repeat_interleave(num_images, 0)
-    return _run_from_latents(
-        prior, decoder, request, latents, init_noise, callback=callback, control=control, extra=extra
-    )
-
-
-def demo_picture(models_dir: str | Path, stage_b: str = "big", stage_c: str = "big") -> Path:
-    """Load the models in ``models_dir`` and save one 512² picture next to them (install check)."""
-    from .loading import load_decoder, load_prior
-
-    prior = load_prior(models_dir, stage_c, image_encoder=False, effnet=False)
-    decoder = load_decoder(models_dir, stage_b)
-    result = text_to_image(prior, decoder, "a photo of a red cat", height=512, width=512, seed=0)
-    path = Path(models_dir).parent / "tiny_demo.png"
-    result.images[0].save(path)
-    return path
+        return _run(prior, decoder, request, callback=callback, control=control)
+    latents = encode_picture(prior, init_image, request.height, request.width)
+    latents = latents.repeat_interleave(request.num_images, 0)
+    return _run_from_latents(prior, decoder, request, latents, init_noise, callback=callback, control=control)

@@ -95,3 +95,23 @@ def to_pil(images: torch.Tensor) -> list[PIL.Image.Image]:
         (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     )
     return [PIL.Image.fromarray(a) for a in arrays]
+
+
+def as_pil_list(images) -> list[PIL.Image.Image]:
+    if isinstance(images, torch.Tensor):
+        return to_pil(images)
+    return list(images)
+
+
+def image_grid(images, columns: int | None = None) -> PIL.Image.Image:
+    """Paste pictures (PIL list or B×3×H×W tensor) into one grid image, row by row."""
+    pictures = as_pil_list(images)
+    if not pictures:
+        raise ValueError("no pictures to put in a grid")
+    columns = columns or len(pictures)
+    rows = -(-len(pictures) // columns)
+    width, height = max(p.width for p in pictures), max(p.height for p in pictures)
+    grid = PIL.Image.new("RGB", (columns * width, rows * height), "white")
+    for i, picture in enumerate(pictures):
+        grid.paste(picture.convert("RGB"), ((i % columns) * width, (i // columns) * height))
+    return grid

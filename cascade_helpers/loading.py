@@ -19,11 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import re
-import shlex
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,162 +28,37 @@ from safetensors.torch import load_file
 from torch import nn
 
 from . import files
-from .checkpoints import (
-    KIND_NAMES,
-    Architecture,
-    CheckpointInfo,
-    TruncatedCheckpointError,
-    WrongCheckpointError,
-    config_dir,
-    describe,
-    match_architecture,
-    read_header,
-    stage_a_from_official,
-)
+from .checkpoints import Architecture, config_dir, stage_a_from_official
 from .devices import MemoryMode, pick_device, pick_dtype, place
 from .effnet import EfficientNetEncoder
-from .files import ModelFile, Precision, Size
+from .file_checks import (
+    MissingModelFileError,
+    check_present,
+    choose_precision_file,
+    fetch_command,
+    inspect_file,
+    size_present,
+)
+from .files import ModelFile, Size
+from .models import ClipImageSettings, Decoder, Prior, TextEncoder
 from .previewer import Previewer
 
-logger = logging.getLogger(__name__)
-
-SIZES: tuple[str, ...] = ("big", "lite")
-#: where download_models.sh puts files when given no --models-dir (beside the script)
-SCRIPT_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
-
-
-class MissingModelFileError(FileNotFoundError):
-    """Model files are not in the models folder; the message holds the command that fetches them."""
-
-
-@dataclass(frozen=True)
-class ClipImageSettings:
-    """How the CLIP image encoder wants its input (read from ``feature_extractor/``)."""
-
-    resize: int
-    crop: tuple[int, int]
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-
-@dataclass
-class Prior:
-    """Stage C and what conditions it. ``device``/``dtype`` are where and how it computes: with
-    offloading the models' own ``.device`` says "cpu" between calls."""
-
-    unet: nn.Module
-    text_encoder: nn.Module
-    tokenizer: object
-    device: torch.device
-    dtype: torch.dtype
-    architecture: Architecture
-    image_encoder: nn.Module | None = None
-    clip_image: ClipImageSettings | None = None
-    effnet: EfficientNetEncoder | None = None
-    previewer: Previewer | None = None
-    files: list[Path] = field(default_factory=list)
-
-
-@dataclass
-class Decoder:
-    """Stage B (latent diffusion up to Stage A's 4-channel latents) and Stage A (to pixels)."""
-
-    unet: nn.Module
-    vqgan: nn.Module
-    device: torch.device
-    dtype: torch.dtype
-    architecture: Architecture
-    files: list[Path] = field(default_factory=list)
-
-
-# --- checks ------------------------------------------------------------------------------------------
-
-
-def _present(models_dir: Path, file: ModelFile) -> bool:
-    path = models_dir / file.path
-    if file.folder:
-        return path.is_dir() and any(path.iterdir())
-    return path.is_file()
-
-
-def choose_precision_file(
-    models_dir: Path, candidates: dict[Precision, ModelFile], dtype: torch.dtype
-) -> ModelFile:
-    """The file form matching ``dtype`` if present, else the other form (cast on load). When neither
-    is there, the bf16 form: the download script's default, and half the download."""
-    wanted: Precision = "fp32" if dtype == torch.float32 else "bf16"
-    other: Precision = "bf16" if wanted == "fp32" else "fp32"
-    for precision in (wanted, other):
-        if _present(models_dir, candidates[precision]):
-            return candidates[precision]
-    return candidates["bf16"]
-
-
-def size_present(models_dir: Path, stage: dict[Size, dict[Precision, ModelFile]]) -> Size | None:
-    """Which size of a stage the folder already holds, to suggest a variant word that keeps it."""
-    for size, by_precision in stage.items():
-        if any(_present(models_dir, f) for f in by_precision.values()):
-            return size
-    return None
-
-
-def fetch_command(
-    models_dir: Path, needed: list[ModelFile], stage_b: Size | None = None, stage_c: Size | None = None
-) -> str:
-    """``files.download_command`` for this models folder: ``--models-dir`` unless it is the script's
-    default, as an absolute path (the command runs in the project folder, not in notebooks/)."""
-    command = files.download_command(needed, stage_b=stage_b, stage_c=stage_c)
-    folder = models_dir.resolve()
-    return command if folder == SCRIPT_MODELS_DIR else f"{command} --models-dir {shlex.quote(str(folder))}"
-
-
-def check_present(
-    models_dir: Path, needed: list[ModelFile], stage_b: Size | None = None, stage_c: Size | None = None
-) -> None:
-    """Raise one error naming every missing file and the command that fetches them all."""
-    missing = [f for f in needed if not _present(models_dir, f)]
-    if not missing:
-        return
-    lines = "\n".join(
-        f"  - {models_dir / f.path}  ({f.needed_by}, {files.human_size(f.size)})" for f in missing
-    )
-    raise MissingModelFileError(
-        f"{len(missing)} model file(s) missing from {models_dir}/:\n{lines}\n"
-        f"Fetch them with (in the project folder):\n  {fetch_command(models_dir, missing, stage_b, stage_c)}"
-        f"\n{files.LICENSE_NOTE}"
-    )
-
-
-def inspect_file(
-    path: Path, kind: str, size: Size | None, fetch_command: str
-) -> tuple[CheckpointInfo, Architecture | None]:
-    """Header checks: complete, the right model, the right size. Tiny test weights fit any size slot."""
-    try:
-        info = read_header(path)
-    except TruncatedCheckpointError as error:
-        raise TruncatedCheckpointError(
-            f"{error}.\nRe-run the download, it resumes:\n  {fetch_command}"
-        ) from None
-    expected = f"{KIND_NAMES[kind]}" + (f" {size}" if size else "")
-    if info.kind != kind:
-        raise WrongCheckpointError(
-            f"{path} holds {describe(info)}, but this slot needs a {expected} checkpoint. "
-            f"Did files get renamed? Fetch the right one with:\n  {fetch_command}"
-        )
-    architecture = match_architecture(info) if size or kind == "stage_a" else None
-    if (size or kind == "stage_a") and architecture is None:
-        raise WrongCheckpointError(
-            f"{path} is a {KIND_NAMES[kind]} checkpoint with shapes we do not know (fine-tuned with another "
-            f"architecture, or damaged). Fetch the released one with:\n  {fetch_command}"
-        )
-    if size and architecture not in (size, "tiny"):
-        raise WrongCheckpointError(
-            f"{path} holds a {KIND_NAMES[kind]} {architecture} checkpoint, but variant={size!r} was asked for. "
-            f"Pass variant={architecture!r}, or fetch the {size} one with:\n  {fetch_command}"
-        )
-    if architecture == "tiny":
-        logger.info("%s holds tiny random test weights: pictures will be noise", path)
-    return info, architecture
+# the bundles and the missing-file error were defined here before; importing them from here still works
+__all__ = [
+    "ClipImageSettings",
+    "Decoder",
+    "MissingModelFileError",
+    "Prior",
+    "TextEncoder",
+    "is_local_folder",
+    "load_decoder",
+    "load_effnet",
+    "load_prior",
+    "load_stage_a",
+    "load_strict",
+    "load_text_encoder",
+    "load_unet_single_file",
+]
 
 
 # --- building blocks ---------------------------------------------------------------------------------
@@ -276,12 +148,6 @@ def _explain_hub_failure(repo: str) -> Iterator[None]:
         ) from error
 
 
-def _check_size(variant: str) -> Size:
-    if variant not in SIZES:
-        raise ValueError(f"variant must be 'big' or 'lite', not {variant!r}")
-    return variant
-
-
 # --- the prior ---------------------------------------------------------------------------------------
 
 
@@ -303,7 +169,7 @@ def load_prior(
     ``source`` is a models folder (offline) or the Hub repo ``stabilityai/stable-cascade-prior``.
     ``dtype`` defaults to bfloat16 on GPUs that support it, else float32; float16 is refused (NaNs).
     """
-    variant = _check_size(variant)
+    variant = files.check_size_word(variant)
     device = pick_device(device)
     dtype = pick_dtype(dtype, device, stage="Stage C", allow_float16=allow_float16)
     if not is_local_folder(source):
@@ -441,7 +307,7 @@ def load_decoder(
 
     ``source`` is a models folder (offline) or the Hub repo ``stabilityai/stable-cascade``.
     """
-    variant = _check_size(variant)
+    variant = files.check_size_word(variant)
     device = pick_device(device)
     dtype = pick_dtype(dtype, device, stage="Stage B")
     if not is_local_folder(source):
@@ -492,17 +358,6 @@ def _load_decoder_from_hub(repo, variant, dtype, device, memory) -> Decoder:
 # --- the autoencoder's parts alone: EfficientNet encoder, CLIP text encoder -----------------------------
 # Reconstruction (images → Stage C latents → images) needs neither Stage C nor the image encoder: these
 # load the encoder and the text encoder by themselves, with the same checks as the bundles above.
-
-
-@dataclass
-class TextEncoder:
-    """The CLIP text encoder and its tokenizer without Stage C: what Stage B's pooled text conditioning
-    needs. ``conditioning.encode_text`` accepts it like a :class:`Prior`."""
-
-    text_encoder: nn.Module
-    tokenizer: object
-    device: torch.device
-    dtype: torch.dtype
 
 
 def _text_encoder_from_folder(

@@ -35,30 +35,30 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from . import files
+from .atomic import save_safetensors
 from .checkpoints import CheckpointError, read_header
 from .conditioning import encode_text
 from .devices import MemoryMode, pick_device, pick_dtype
-from .effnet import DOWNSCALE, LATENT_CHANNELS, STRIDE, EfficientNetEncoder, encoder_input_size
+from .effnet import EfficientNetEncoder
 from .effnet import encode as effnet_encode
+from .file_checks import check_present, choose_precision_file, size_present
 from .files import Size
 from .generation import decode_stage_a, generate_stage_b
 from .images import IMAGE_SUFFIXES, ImageInput, batch_images, image_to_tensor, images_in_folder
-from .loading import (
-    Decoder,
-    TextEncoder,
-    check_present,
-    choose_precision_file,
-    is_local_folder,
-    load_decoder,
-    load_effnet,
-    load_text_encoder,
-    size_present,
-)
+from .loading import is_local_folder, load_decoder, load_effnet, load_text_encoder
+from .models import Decoder, TextEncoder
 from .sampling import OFFICIAL_DECODER, StageSettings
+from .sizes import (
+    ENCODING,
+    LATENT_CHANNELS,
+    STRIDE,
+    check_size,
+    image_size_for_latents,
+)
+from .sizes import stage_c_latent_size as latent_size
 
 #: Stage B settings of the official reconstruction notebook: cfg 1.1, shift 1, 10 steps, t_start 1.
 OFFICIAL_RECONSTRUCTION: StageSettings = OFFICIAL_DECODER
@@ -88,26 +88,9 @@ def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
-def check_image_size(height: int, width: int) -> None:
+def check_image_size(height: int, width: int) -> tuple[int, int]:
     """Picture sides must be multiples of 32 (see the module's docstring), at least 64 px."""
-    for name, side in (("height", height), ("width", width)):
-        if side % STRIDE or side < 2 * STRIDE:
-            raise ValueError(
-                f"{name}={side}: use a multiple of {STRIDE} of at least {2 * STRIDE} px "
-                f"(1024 gives the released models' 24×24 latents)"
-            )
-
-
-def latent_size(height: int, width: int) -> tuple[int, int]:
-    """The latents' spatial size for a picture: the encoder's input (3/4, floored to multiples of 32)
-    divided by 32. 1024×1024 → 24×24."""
-    return tuple(side // STRIDE for side in encoder_input_size(height, width))
-
-
-def image_size_for_latents(height: int, width: int) -> tuple[int, int]:
-    """The smallest picture size, in multiples of 32, that encodes to latents of this size: what
-    decoding produces when no size is given. 24×24 → 1024×1024, 24×36 → 1024×1536."""
-    return tuple(math.ceil(side / DOWNSCALE) * STRIDE for side in (height, width))
+    return check_size(height, width, ENCODING)
 
 
 # --- pictures in ---------------------------------------------------------------------------------------
@@ -188,8 +171,7 @@ def load_autoencoder(
     ``keep_text_encoder`` (to decode with captions). ``source`` is a models folder or the Hub repo
     ``stabilityai/stable-cascade``.
     """
-    if stage_b not in files.STAGE_B:
-        raise ValueError(f"stage_b must be 'big' or 'lite', not {stage_b!r}")
+    files.check_size_word(stage_b, "stage_b")
     device = pick_device(device)
     dtype = pick_dtype(dtype, device, stage="Stage B")
     if is_local_folder(source):
@@ -218,7 +200,9 @@ def available_stage_b(models_dir: str | Path) -> list[Size]:
 
 
 def _encode_batch(effnet: EfficientNetEncoder, batch: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return torch.cat([effnet_encode(effnet, chunk).cpu() for chunk in batch.split(batch_size)])
+    return torch.cat(
+        [effnet_encode(effnet, chunk, downscale=True).cpu() for chunk in batch.split(batch_size)]
+    )
 
 
 def encode(
@@ -415,12 +399,10 @@ def is_encoded(path: Path) -> bool:
 
 
 def write_latents(path: Path, latents: torch.Tensor, image_size: tuple[int, int], source: str) -> None:
-    """Save one picture's latents (16×h×w) atomically: to a ``.partial`` file, then renamed, so an
+    """Save one picture's latents (16×h×w) atomically (a temporary file, then renamed), so an
     interruption never leaves a half-written ``.safetensors``."""
-    partial = path.with_name(path.name + ".partial")
     metadata = {"source": source, "height": str(image_size[0]), "width": str(image_size[1])}
-    save_file({LATENTS_KEY: latents.contiguous()}, str(partial), metadata=metadata)
-    os.replace(partial, path)
+    save_safetensors(path, {LATENTS_KEY: latents}, metadata)
 
 
 def read_latents(path: str | Path) -> StoredLatents:

@@ -15,20 +15,26 @@ rescale), and the last sample as the result.
 
 Both can start from a given latent at a given noise level (``t_start`` < 1: image-to-image) and call
 a callback after every step (live previews).
+
+The pieces of the official loop are public, so a notebook can write the loop out and change one:
+:func:`schedule` (the shifted logSNR of every step), :func:`noise_condition` (what the UNet is
+conditioned on), :func:`classifier_free_guidance` (guidance and its rescale), :func:`predict_clean`
+and :func:`ddpm_step`. :func:`sample` is those pieces in a loop, with progress and callbacks.
+
+This module knows nothing about ControlNets or loading: list inputs (a ControlNet's per-block
+features, ``cnet``) are joined for the guidance batch like any other input, and whoever builds the
+denoiser decides what to do with them (:func:`cascade_helpers.controlnet.controlled_denoiser`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
-
-from .controlnet import inject_controlnet
 
 _S = 0.008  # offset of the cosine schedule (Nichol & Dhariwal), as in the official code
 _VAR_RANGE = (1e-4, 0.9999)  # the official schedule clamps the signal variance to this range
@@ -75,7 +81,12 @@ class StageSettings:
         return self.guidance > 1.0
 
     def with_(self, **changes) -> StageSettings:
+        """A copy with some fields changed (checked again)."""
         return replace(self, **changes)
+
+    def as_dict(self) -> dict:
+        """The settings as plain values (PNG metadata); ``StageSettings(**d)`` rebuilds them."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 # The official notebooks' settings, and what diffusers' documentation uses.
@@ -130,6 +141,38 @@ def diffuse(
     return _per_sample(a, x0) * x0 + _per_sample(b, x0) * noise
 
 
+# --- the steps of the official sampler ---------------------------------------------------------------
+
+
+def schedule(settings: StageSettings) -> torch.Tensor:
+    """The logSNR at each of the ``settings.steps + 1`` times from ``t_start`` down to 0, evenly spaced
+    in time and moved by ``settings.shift``: step ``i`` goes from ``schedule[i]`` to ``schedule[i + 1]``."""
+    return log_snr(torch.linspace(settings.t_start, 0.0, settings.steps + 1), settings.shift)
+
+
+def predict_clean(x: torch.Tensor, eps: torch.Tensor, log_snr_value: torch.Tensor) -> torch.Tensor:
+    """The denoised estimate x0 = (x − b·eps) / a that a noise prediction implies at this logSNR."""
+    a, b = signal_noise_scales(log_snr_value)
+    return (x - eps * b) / a
+
+
+def ddpm_step(
+    x: torch.Tensor,
+    x0: torch.Tensor,
+    eps: torch.Tensor,
+    log_snr_now: torch.Tensor,
+    log_snr_next: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One DDPM step (the official DDIM step with eta=1) from logSNR ``now`` to ``next``: the next,
+    less noisy sample, with fresh noise drawn on the CPU from ``generator``."""
+    a, b = signal_noise_scales(log_snr_now)
+    a_next, b_next = signal_noise_scales(log_snr_next)
+    sigma = (b_next**2 / b**2).sqrt() * (1 - a**2 / a_next**2).sqrt()
+    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+    return a_next * x0 + (b_next**2 - sigma**2).sqrt() * eps + sigma * noise
+
+
 # --- the training objective (official gdf: cosine schedule, epsilon target, P2 weighting) ------------
 
 
@@ -144,15 +187,6 @@ def p2_loss_weight(log_snr_value: torch.Tensor) -> torch.Tensor:
     """The official ``P2LossWeight()`` (k=1, γ=1, s=1): 1 / (1 + SNR). Noisy steps count fully,
     nearly clean ones hardly at all."""
     return 1.0 / (1.0 + log_snr_value.exp())
-
-
-def _ddpm_step(x, x0, eps, log_snr_now, log_snr_next, generator) -> torch.Tensor:
-    """One DDPM step (the official DDIM step with eta=1) from time ``now`` to ``next``."""
-    a, b = signal_noise_scales(log_snr_now)
-    a_next, b_next = signal_noise_scales(log_snr_next)
-    sigma = (b_next**2 / b**2).sqrt() * (1 - a**2 / a_next**2).sqrt()
-    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-    return a_next * x0 + (b_next**2 - sigma**2).sqrt() * eps + sigma * noise
 
 
 # --- guidance ----------------------------------------------------------------------------------------
@@ -186,11 +220,20 @@ def guided_prediction(
     if doubled is None:
         return denoiser(x, r, **cond)
     pred, pred_uncond = denoiser(torch.cat([x, x]), torch.cat([r, r]), **doubled).chunk(2)
-    guided = torch.lerp(pred_uncond, pred, settings.guidance)
-    if settings.guidance_rescale > 0:
-        # over the whole batch, as the official code does
+    return classifier_free_guidance(pred, pred_uncond, settings.guidance, settings.guidance_rescale)
+
+
+def classifier_free_guidance(
+    pred: torch.Tensor, pred_uncond: torch.Tensor, guidance: float, rescale: float = 0.0
+) -> torch.Tensor:
+    """Push the conditional prediction away from the unconditional one (``guidance`` × the
+    difference), then, with ``rescale`` > 0, pull the result back toward the conditional
+    prediction's standard deviation (the official ``cfg_rho``; std over the whole batch, as there):
+    strong guidance otherwise inflates the prediction and burns the colours."""
+    guided = torch.lerp(pred_uncond, pred, guidance)
+    if rescale > 0:
         rescaled = guided * (pred.std() / (guided.std() + 1e-9))
-        guided = settings.guidance_rescale * rescaled + (1 - settings.guidance_rescale) * guided
+        guided = rescale * rescaled + (1 - rescale) * guided
     return guided
 
 
@@ -227,32 +270,30 @@ def sample(
         raise ValueError("guidance needs unconditional inputs")
     doubled = _cat_inputs(cond, uncond) if settings.guided else None
     x = initial_noise(shape, generator, device) if x_init is None else x_init.float().to(device)
-    times = torch.linspace(settings.t_start, 0.0, settings.steps + 1)
     desc = progress if isinstance(progress, str) else None
     bar = tqdm(range(settings.steps), desc=desc, disable=progress is False, leave=False)
-    if settings.sampler == "official":
-        return _sample_official(denoiser, x, times, cond, doubled, settings, generator, callback, bar)
-    return _sample_diffusers(denoiser, x, times, cond, doubled, settings, generator, callback, bar)
+    run = _sample_official if settings.sampler == "official" else _sample_diffusers
+    return run(denoiser, x, cond, doubled, settings, generator, callback, bar)
 
 
-def _sample_official(denoiser, x, times, cond, doubled, settings, generator, callback, bar) -> torch.Tensor:
-    log_snrs = log_snr(times, settings.shift).to(x.device)
+def _sample_official(denoiser, x, cond, doubled, settings, generator, callback, bar) -> torch.Tensor:
+    log_snrs = schedule(settings).to(x.device)
     x0 = x
     for i in bar:
         r = noise_condition(log_snrs[i]).expand(x.shape[0])
         eps = guided_prediction(denoiser, x, r, cond, doubled, settings).float()
-        a, b = signal_noise_scales(log_snrs[i])
-        x0 = (x - eps * b) / a
-        x = _ddpm_step(x, x0, eps, log_snrs[i], log_snrs[i + 1], generator)
+        x0 = predict_clean(x, eps, log_snrs[i])
+        x = ddpm_step(x, x0, eps, log_snrs[i], log_snrs[i + 1], generator)
         if callback is not None:
             callback(i, x0, x)
     return x0
 
 
-def _sample_diffusers(denoiser, x, times, cond, doubled, settings, generator, callback, bar) -> torch.Tensor:
+def _sample_diffusers(denoiser, x, cond, doubled, settings, generator, callback, bar) -> torch.Tensor:
     from .upstream import DDPMWuerstchenScheduler
 
     scheduler = DDPMWuerstchenScheduler()
+    times = torch.linspace(settings.t_start, 0.0, settings.steps + 1)
     scheduler.set_timesteps(timesteps=times.tolist(), device=x.device)
     for i in bar:
         r = scheduler.timesteps[i].expand(x.shape[0])
@@ -265,17 +306,10 @@ def _sample_diffusers(denoiser, x, times, cond, doubled, settings, generator, ca
 
 def unet_denoiser(unet: torch.nn.Module, dtype: torch.dtype) -> Denoiser:
     """Adapt a diffusers ``StableCascadeUNet`` to the ``denoiser(x, r, **inputs)`` interface: inputs
-    in the model's dtype, prediction back in float32. A ``cnet`` input (ControlNet features, the
-    official Stage C's argument name) is added to the UNet's ResBlocks during the call."""
+    in the model's dtype, prediction back in float32."""
 
-    def denoise(
-        x: torch.Tensor,
-        r: torch.Tensor,
-        cnet: Sequence[torch.Tensor | None] | None = None,
-        **inputs: torch.Tensor,
-    ) -> torch.Tensor:
+    def denoise(x: torch.Tensor, r: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
         inputs = {k: v.to(dtype) for k, v in inputs.items()}
-        with inject_controlnet(unet, cnet) if cnet is not None else contextlib.nullcontext():
-            return unet(x.to(dtype), r.to(dtype), return_dict=False, **inputs)[0].float()
+        return unet(x.to(dtype), r.to(dtype), return_dict=False, **inputs)[0].float()
 
     return denoise

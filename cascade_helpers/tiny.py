@@ -22,11 +22,12 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from . import files
+from .atomic import atomic_path, save_safetensors
 from .checkpoints import config_dir, stage_a_to_official, unet_to_official
 from .controlnet import CONTROLNET_TYPES, TINY_BLOCKS, ControlNet, LargeBottleneck
+from .devices import DTYPE_NAMES
 from .effnet import EfficientNetEncoder
 from .files import Precision, Size
 from .previewer import Previewer
@@ -72,16 +73,11 @@ TINY_WORDS = [
     "portrait",
 ]
 
-_DTYPES: dict[Precision, torch.dtype] = {"bf16": torch.bfloat16, "fp32": torch.float32}
-
 
 def _save_official(state: dict[str, torch.Tensor], path: Path, dtype: torch.dtype | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {
-        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
-        for k, v in state.items()
-    }
-    save_file(tensors, str(path))
+    """A state dict as an official single file, floating tensors in ``dtype`` (atomically)."""
+    tensors = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in state.items()}
+    save_safetensors(path, tensors)
 
 
 def _tiny_prior_width() -> int:
@@ -98,7 +94,7 @@ def _tiny_unet(kind: str, seed: int):
 def write_stage_c(models_dir: Path, size: Size, precision: Precision, seed: int = 0) -> Path:
     path = models_dir / files.STAGE_C[size][precision].path
     _save_official(
-        unet_to_official(_tiny_unet("stage_c", seed).state_dict(), "stage_c"), path, _DTYPES[precision]
+        unet_to_official(_tiny_unet("stage_c", seed).state_dict(), "stage_c"), path, DTYPE_NAMES[precision]
     )
     return path
 
@@ -106,7 +102,7 @@ def write_stage_c(models_dir: Path, size: Size, precision: Precision, seed: int 
 def write_stage_b(models_dir: Path, size: Size, precision: Precision, seed: int = 1) -> Path:
     path = models_dir / files.STAGE_B[size][precision].path
     _save_official(
-        unet_to_official(_tiny_unet("stage_b", seed).state_dict(), "stage_b"), path, _DTYPES[precision]
+        unet_to_official(_tiny_unet("stage_b", seed).state_dict(), "stage_b"), path, DTYPE_NAMES[precision]
     )
     return path
 
@@ -222,7 +218,7 @@ def write_text_encoder(models_dir: Path, precision: Precision, seed: int = 5) ->
         eos_token_id=2,
         pad_token_id=1,
     )
-    model = CLIPTextModelWithProjection(config).to(_DTYPES[precision])
+    model = CLIPTextModelWithProjection(config).to(DTYPE_NAMES[precision])
     folder = models_dir / "text_encoder"
     model.save_pretrained(folder, variant="bf16" if precision == "bf16" else None)
     return folder
@@ -241,7 +237,7 @@ def write_image_encoder(models_dir: Path, precision: Precision, seed: int = 6) -
         patch_size=8,
         projection_dim=IMAGE_EMBED,
     )
-    model = CLIPVisionModelWithProjection(config).to(_DTYPES[precision])
+    model = CLIPVisionModelWithProjection(config).to(DTYPE_NAMES[precision])
     folder = models_dir / "image_encoder"
     model.save_pretrained(folder, variant="bf16" if precision == "bf16" else None)
     processor = CLIPImageProcessor(
@@ -270,7 +266,7 @@ def write_controlnets(models_dir: Path, precision: Precision = "bf16", seed: int
         for projection in model.projections:
             projection[-1].reset_parameters()
         paths.append(models_dir / kind.file.path)
-        _save_official(model.state_dict(), paths[-1], _DTYPES[precision])
+        _save_official(model.state_dict(), paths[-1], DTYPE_NAMES[precision])
     return paths
 
 
@@ -337,6 +333,21 @@ def write_tiny_models(
     return models_dir
 
 
+def demo_picture(models_dir: str | Path, stage_b: Size = "big", stage_c: Size = "big") -> Path:
+    """Load the models in ``models_dir`` through the real loaders and save one 512² picture next to
+    them: the install check of ``python -m cascade_helpers.tiny --demo``."""
+    from .generation import text_to_image
+    from .loading import load_decoder, load_prior
+
+    prior = load_prior(models_dir, stage_c, image_encoder=False, effnet=False)
+    decoder = load_decoder(models_dir, stage_b)
+    result = text_to_image(prior, decoder, "a photo of a red cat", height=512, width=512, seed=0)
+    path = Path(models_dir).parent / "tiny_demo.png"
+    with atomic_path(path) as temporary:
+        result.images[0].save(temporary, format="PNG")
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -353,8 +364,6 @@ def main(argv: list[str] | None = None) -> None:
     folder = write_tiny_models(args.models_dir, stage_c=stage_c, stage_b=stage_b, precision=precision)
     print(f"tiny random models written to {folder}/")
     if args.demo:
-        from .generation import demo_picture
-
         path = demo_picture(folder, stage_b=stage_b, stage_c=stage_c)
         print(f"picture from RANDOM tiny weights (noise, not art) saved to {path}: your install works")
 

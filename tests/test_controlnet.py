@@ -260,7 +260,8 @@ def test_gradient_checkpointing_reruns_blocks_with_the_same_control(tiny_unet):
 def test_guided_step_with_controls_equals_the_official_sampler(tiny_unet):
     """One step of our sampler, the control features in both halves of the doubled guidance batch,
     gives the official gdf sampler's denoised estimate (guidance 4, rescale 0.7, shift 2)."""
-    from cascade_helpers.sampling import sample, unet_denoiser
+    from cascade_helpers.controlnet import controlled_denoiser
+    from cascade_helpers.sampling import sample
 
     cond = {
         "clip_text": _randn(500, 2, 77, 32),
@@ -277,7 +278,7 @@ def test_guided_step_with_controls_equals_the_official_sampler(tiny_unet):
     ]
     x_init = _randn(520, 2, 16, 4, 4)
     settings = StageSettings(steps=1, guidance=4.0, shift=2.0, guidance_rescale=0.7)
-    denoiser = unet_denoiser(tiny_unet, torch.float32)
+    denoiser = controlled_denoiser(tiny_unet, torch.float32)
     x0 = sample(
         denoiser,
         x_init.shape,

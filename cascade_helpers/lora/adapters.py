@@ -1,0 +1,171 @@
+"""peft LoRA layers on a diffusers model: add fresh ones to train, put given factors on, read them
+back, scale their effect. What every LoRA file format becomes once loaded (:mod:`.formats`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+from torch import nn
+
+from ..checkpoints import config_dir
+
+ADAPTER = "lora"
+#: what the official filter ``'.attn'`` selects, in diffusers' names: attention q, k, v and output
+ATTENTION_TARGETS = r".*\.attention\.(to_q|to_k|to_v|to_out\.0)"
+
+
+class LoraError(ValueError):
+    """A LoRA that does not fit: made for another model, a token missing, an unknown format."""
+
+
+@dataclass(frozen=True)
+class LoraFactors:
+    """One module's LoRA: weight += alpha / rank · up @ down."""
+
+    down: torch.Tensor  # rank × in (× kh × kw for convolutions): peft's lora_A
+    up: torch.Tensor  # out × rank (× 1 × 1): peft's lora_B
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+
+def lora_layers(model: nn.Module, adapter: str = ADAPTER) -> dict[str, nn.Module]:
+    """The peft LoRA layers of ``model`` that carry ``adapter``, by module name."""
+    from peft.tuners.lora import LoraLayer
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A}
+
+
+def refuse_streamed(model: nn.Module) -> None:
+    """With ``memory="sequential_offload"`` accelerate keeps the weights off the model (on the "meta"
+    device) and streams them in per layer: LoRA layers and new token rows added there would never
+    reach the GPU (peft leaves them on the CPU, the embedding resize breaks the stream)."""
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise LoraError(
+            "this model was loaded with memory='sequential_offload', whose weights stream in layer by layer: "
+            "a LoRA cannot be added to it. Load the prior with memory='model_offload' (one big model on the "
+            "GPU at a time) or memory='gpu'"
+        )
+
+
+def _refuse_second_lora(model: nn.Module) -> None:
+    from peft.tuners.lora import LoraLayer
+
+    refuse_streamed(model)
+    if any(isinstance(m, LoraLayer) for m in model.modules()):
+        raise LoraError(
+            "this model already carries a LoRA. Load a fresh prior (load_prior) to use another one, "
+            "or turn the current one off with set_lora_strength(prior, 0)"
+        )
+
+
+def inject_lora(model: nn.Module, rank: int = 4, alpha: float = 1.0, targets=ATTENTION_TARGETS) -> list[str]:
+    """Add a fresh, trainable LoRA (peft's init: B = 0, so the model is unchanged) to the modules
+    ``targets`` names (a regex matched against full module names, or a list of name suffixes).
+    Defaults are the official config's: attention only, rank 4, alpha 1. The LoRA weights are float32
+    even on a bfloat16 model (small updates would round away in bfloat16). Returns the module names."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.tuners_utils import cast_adapter_dtype
+
+    _refuse_second_lora(model)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets)
+    inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    cast_adapter_dtype(model, ADAPTER)
+    return list(lora_layers(model))
+
+
+def apply_factors(model: nn.Module, factors: Mapping[str, LoraFactors], strength: float = 1.0) -> None:
+    """Put given LoRA factors on the named modules of ``model`` (each its own rank and alpha)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if not factors:
+        return
+    _refuse_second_lora(model)
+    _check_factor_shapes(model, factors)
+    ranks = Counter(f.rank for f in factors.values())
+    config = LoraConfig(
+        r=ranks.most_common(1)[0][0],
+        lora_alpha=1.0,
+        target_modules=list(factors),
+        rank_pattern={re.escape(name): f.rank for name, f in factors.items()},
+        alpha_pattern={re.escape(name): f.alpha for name, f in factors.items()},
+    )
+    inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    layers = lora_layers(model)
+    with torch.no_grad():
+        for name, f in factors.items():
+            layer = layers[name]
+            layer.lora_A[ADAPTER].weight.copy_(f.down)
+            layer.lora_B[ADAPTER].weight.copy_(f.up)
+    set_lora_strength(model, strength)
+
+
+def _check_factor_shapes(model: nn.Module, factors: Mapping[str, LoraFactors]) -> None:
+    modules = dict(model.named_modules())
+    for name, f in factors.items():
+        if name not in modules or not hasattr(modules[name], "weight"):
+            raise LoraError(
+                f"the LoRA adapts {name}, which this model does not have: it was made for another model"
+            )
+        out_features, in_features = modules[name].weight.shape[:2]
+        lora_out, lora_in = f.up.shape[0], f.down.shape[1]
+        if (lora_out, lora_in) != (out_features, in_features) or f.up.shape[1] != f.rank:
+            raise LoraError(
+                f"the LoRA for {name} maps {lora_in} → {lora_out} features, the module {in_features} → "
+                f"{out_features}: {other_size_hint(lora_in, in_features)}"
+            )
+
+
+def lora_factors(model: nn.Module) -> dict[str, LoraFactors]:
+    """The LoRA currently on ``model``, module by module (detached copies)."""
+    factors = {}
+    for name, layer in lora_layers(model).items():
+        factors[name] = LoraFactors(
+            layer.lora_A[ADAPTER].weight.detach().clone(),
+            layer.lora_B[ADAPTER].weight.detach().clone(),
+            float(layer.lora_alpha[ADAPTER]),
+        )
+    return factors
+
+
+def set_lora_strength(model, strength: float) -> None:
+    """Scale the LoRA's effect: 0 is the model without it, 1 as trained. Works on a UNet, a text
+    encoder or a whole ``Prior`` (both). Learned token embeddings are not scaled (they are new words)."""
+    models = [model.unet, model.text_encoder] if hasattr(model, "unet") else [model]
+    for m in models:
+        for layer in lora_layers(m).values():
+            layer.set_scale(ADAPTER, strength)
+
+
+# --- sizes, for error messages -----------------------------------------------------------------------
+
+
+@cache
+def _stage_c_widths() -> dict[int, str]:
+    """Attention width → Stage C architecture, from the shipped configs."""
+    widths = {}
+    for architecture in ("big", "lite", "tiny"):
+        config = json.loads((config_dir("stage_c", architecture) / "config.json").read_text())
+        widths[config["block_out_channels"][0]] = architecture
+    return widths
+
+
+def _describe_width(width: int) -> str:
+    architecture = _stage_c_widths().get(width)
+    return f"Stage C {architecture} (width {width})" if architecture else f"a model of width {width}"
+
+
+def other_size_hint(lora_width: int, model_width: int) -> str:
+    return (
+        f"the LoRA was made for {_describe_width(lora_width)}, the loaded model is {_describe_width(model_width)}. "
+        "Load the Stage C it was trained for (load_prior(..., variant='big' or 'lite'))"
+    )

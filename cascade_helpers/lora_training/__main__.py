@@ -1,0 +1,5 @@
+"""``python -m cascade_helpers.lora_training`` / ``accelerate launch -m cascade_helpers.lora_training``."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,155 @@
+"""One generation request: the prompts, the picture size and count, the seed and both stages'
+sampler settings — what text-to-image, image variation, image-to-image and ControlNet pictures all
+take, checked once, before any model runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .sampling import OFFICIAL_DECODER, OFFICIAL_PRIOR, StageSettings
+from .sizes import GENERATION, check_size
+
+MAX_IMAGES = 16
+
+#: a prompt, or one prompt per picture (the diffusers habit)
+Prompt = str | Sequence[str]
+
+
+def _prompt_tuple(value: object, name: str) -> tuple[str, ...]:
+    """A prompt or a list of prompts → a tuple of strings, refusing anything else by name."""
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, Sequence) and value and all(isinstance(p, str) for p in value):
+        return tuple(value)
+    raise TypeError(f"{name} must be a string or a non-empty list of strings, not {value!r}")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What every generation shares: the prompts, the picture size and count, the seed and both
+    stages' sampler settings. Validated on construction, so a bad value fails before any model runs.
+
+    Args:
+        prompt: the prompt, or a list of prompts (diffusers' habit): pictures are made for each
+            prompt in turn, ``num_images / len(prompt)`` each.
+        negative_prompt: what guidance steers away from; one string for all pictures, or a list as
+            long as ``prompt``'s.
+        height, width: picture size in pixels, multiples of 128 from 512 to 2048.
+        num_images: how many pictures, 1 to 16; with a list of prompts a multiple of its length
+            (default: one per prompt).
+        seed: fixes all the noise: the same request gives the same pictures.
+        prior_settings, decoder_settings: Stage C's and Stage B's sampler settings.
+    """
+
+    prompt: str | tuple[str, ...] = ""
+    negative_prompt: str | tuple[str, ...] = ""
+    height: int = 1024
+    width: int = 1024
+    num_images: int | None = None
+    seed: int = 0
+    prior_settings: StageSettings = OFFICIAL_PRIOR
+    decoder_settings: StageSettings = OFFICIAL_DECODER
+
+    def __post_init__(self) -> None:
+        prompts = _prompt_tuple(self.prompt, "prompt")
+        negatives = _prompt_tuple(self.negative_prompt, "negative_prompt")
+        set_ = object.__setattr__  # a frozen dataclass normalizing its own fields
+        for name in ("prompt", "negative_prompt"):
+            value = getattr(self, name)
+            set_(self, name, value if isinstance(value, str) else tuple(value))
+        if not isinstance(self.negative_prompt, str) and len(negatives) != len(prompts):
+            raise ValueError(
+                f"{len(negatives)} negative prompts for {len(prompts)} prompt(s): give one negative prompt "
+                "for all pictures, or one per prompt"
+            )
+        count = len(prompts) if self.num_images is None else self.num_images
+        if not (
+            isinstance(count, numbers.Integral) and not isinstance(count, bool) and 1 <= count <= MAX_IMAGES
+        ):
+            raise ValueError(f"num_images must be from 1 to {MAX_IMAGES} (a whole number), not {count!r}")
+        if count % len(prompts):
+            raise ValueError(
+                f"num_images={count} cannot be shared among {len(prompts)} prompts: use a multiple of "
+                f"{len(prompts)} (each prompt gets the same number of pictures)"
+            )
+        set_(self, "num_images", int(count))
+        height, width = check_size(self.height, self.width, GENERATION)
+        set_(self, "height", height)
+        set_(self, "width", width)
+        if not (
+            isinstance(self.seed, numbers.Integral) and not isinstance(self.seed, bool) and self.seed >= 0
+        ):
+            raise ValueError(f"seed must be a whole number ≥ 0, not {self.seed!r}")
+        for name in ("prior_settings", "decoder_settings"):
+            if not isinstance(getattr(self, name), StageSettings):
+                raise TypeError(
+                    f"{name} must be a StageSettings (e.g. OFFICIAL_PRIOR), not {getattr(self, name)!r}"
+                )
+
+    @property
+    def prompts(self) -> list[str]:
+        """The prompt of each picture, in order."""
+        prompts = _prompt_tuple(self.prompt, "prompt")
+        return [p for p in prompts for _ in range(self.num_images // len(prompts))]
+
+    @property
+    def negative_prompts(self) -> list[str]:
+        """The negative prompt of each picture, in order."""
+        negatives = _prompt_tuple(self.negative_prompt, "negative_prompt")
+        if len(negatives) == 1:
+            return list(negatives) * self.num_images
+        return [n for n in negatives for _ in range(self.num_images // len(negatives))]
+
+    def replace(self, **changes: Any) -> GenerationRequest:
+        """A copy with some fields changed (checked again)."""
+        return dataclasses.replace(self, **_check_options(changes))
+
+    def as_dict(self) -> dict:
+        """The request as JSON-ready values: what PNG metadata stores, and what :meth:`from_dict` reads."""
+        value = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name in ("prompt", "negative_prompt"):
+            value[name] = value[name] if isinstance(value[name], str) else list(value[name])
+        value["prior"] = value.pop("prior_settings").as_dict()
+        value["decoder"] = value.pop("decoder_settings").as_dict()
+        return value
+
+    @classmethod
+    def from_dict(cls, settings: dict) -> GenerationRequest:
+        """The request saved in a generation's settings (``Generation.settings``, or a PNG's through
+        :func:`cascade_helpers.display.read_settings`): the same request makes the same pictures."""
+        fields = {f.name for f in dataclasses.fields(cls)} - {"prior_settings", "decoder_settings"}
+        return cls(
+            **{k: v for k, v in settings.items() if k in fields},
+            prior_settings=StageSettings(**settings["prior"]),
+            decoder_settings=StageSettings(**settings["decoder"]),
+        )
+
+
+_REQUEST_FIELDS = tuple(f.name for f in dataclasses.fields(GenerationRequest))
+
+
+def _check_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Refuse an unknown option by name, with the closest known one."""
+    for name in options:
+        if name not in _REQUEST_FIELDS:
+            close = difflib.get_close_matches(name, _REQUEST_FIELDS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise TypeError(f"unknown option {name!r}{hint}: a generation takes {', '.join(_REQUEST_FIELDS)}")
+    return options
+
+
+def make_request(
+    prompt: Prompt | GenerationRequest, negative_prompt: Prompt = "", **options: Any
+) -> GenerationRequest:
+    """What the entry points accept, as one :class:`GenerationRequest`: a prompt (or list) with
+    options, or a ready request with options that replace some of its fields."""
+    if isinstance(prompt, GenerationRequest):
+        if negative_prompt != "":
+            options["negative_prompt"] = negative_prompt
+        return prompt.replace(**options)
+    return GenerationRequest(prompt, negative_prompt, **_check_options(options))

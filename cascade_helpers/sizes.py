@@ -1,0 +1,98 @@
+"""Every size rule of the cascade in one place: picture sides, encoder input, latent grids.
+
+The EfficientNet encoder sees a picture scaled by 3/4 (sides floored to multiples of 32) and reduces
+each side 32×, so a 1024² picture becomes a 768² input and a 16×24×24 latent: 1024 / 24 = 42.67 per
+side, the "compression factor" the official code writes as ``ceil(side / 42.67)``. For the sides
+Stage C was trained on (multiples of 128) both formulas agree; we compute the latent grid from the
+encoder, so the text-to-image grid and an encoded picture's grid can never differ. Stage B works on
+Stage A's latents, 4× smaller than the picture.
+
+Three kinds of picture sizes are accepted, each a :class:`SideRule`: generation (multiples of 128
+from 512 to 2048, what the models were trained on), encoding and reconstruction (multiples of 32:
+what the encoder and Stage B's downsamplings need) and LoRA training resolutions.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+LATENT_CHANNELS = 16  # Stage C latents (the EfficientNet encoder's output)
+STAGE_B_CHANNELS = 4  # Stage A latents (Stage B's output)
+DOWNSCALE = 3 / 4  # picture side → EfficientNet input side
+STRIDE = 32  # EfficientNetV2-S reduces each side 32×
+STAGE_A_COMPRESSION = 4  # picture side / Stage A latent side (1024 → 256)
+
+
+@dataclass(frozen=True)
+class SideRule:
+    """Which picture sides a task accepts: whole multiples of ``multiple`` from ``minimum`` to
+    ``maximum`` (None: no upper limit); ``hint`` ends the error message."""
+
+    multiple: int
+    minimum: int
+    maximum: int | None
+    hint: str
+
+    def describe(self) -> str:
+        upper = f" to {self.maximum}" if self.maximum else ""
+        return f"a multiple of {self.multiple} from {self.minimum}{upper}"
+
+    def accepts(self, side: object) -> bool:
+        return (
+            isinstance(side, numbers.Integral)
+            and not isinstance(side, bool)
+            and side >= self.minimum
+            and (self.maximum is None or side <= self.maximum)
+            and side % self.multiple == 0
+        )
+
+
+#: text-to-image and friends: the sides Stage C and B were trained on
+GENERATION = SideRule(128, 512, 2048, "e.g. 1024, 1152, 1536; any aspect ratio works")
+#: encoding pictures to latents and decoding them (reconstruction): what the encoder needs
+ENCODING = SideRule(STRIDE, 2 * STRIDE, None, "1024 gives the released models' 24×24 latents")
+#: the picture side LoRA training buckets are made for
+TRAINING = SideRule(128, 256, 2048, "1024 as released")
+
+
+def check_size(height: object, width: object, rule: SideRule = GENERATION) -> tuple[int, int]:
+    """Raise a ValueError naming the side that ``rule`` refuses; return both sides as ``int``."""
+    for name, side in (("height", height), ("width", width)):
+        if not rule.accepts(side):
+            raise ValueError(f"{name}={side!r}: use {rule.describe()} ({rule.hint})")
+    return int(height), int(width)
+
+
+def encoder_input_size(height: int, width: int) -> tuple[int, int]:
+    """The official 3/4 downscale, floored to multiples of 32: 1024×1024 → 768×768."""
+    return int(height * DOWNSCALE // STRIDE * STRIDE), int(width * DOWNSCALE // STRIDE * STRIDE)
+
+
+def stage_c_latent_size(height: int, width: int) -> tuple[int, int]:
+    """Stage C's latent grid for a picture: the encoder's input divided by 32. 1024×1024 → 24×24,
+    1536×640 → 36×15."""
+    input_height, input_width = encoder_input_size(height, width)
+    return input_height // STRIDE, input_width // STRIDE
+
+
+def stage_b_latent_size(height: int, width: int) -> tuple[int, int]:
+    """Stage A's latent grid (what Stage B samples): 1024×1024 → 256×256."""
+    return math.ceil(height / STAGE_A_COMPRESSION), math.ceil(width / STAGE_A_COMPRESSION)
+
+
+def stage_c_shape(height: int, width: int, batch: int) -> tuple[int, int, int, int]:
+    """B×16×h×w: the Stage C latents of ``batch`` pictures of height×width."""
+    return (batch, LATENT_CHANNELS, *stage_c_latent_size(height, width))
+
+
+def stage_b_shape(height: int, width: int, batch: int) -> tuple[int, int, int, int]:
+    """B×4×H/4×W/4: the Stage A latents of ``batch`` pictures of height×width."""
+    return (batch, STAGE_B_CHANNELS, *stage_b_latent_size(height, width))
+
+
+def image_size_for_latents(height: int, width: int) -> tuple[int, int]:
+    """The smallest picture size, in multiples of 32, whose Stage C latents have this grid: what
+    decoding produces when no size is given. 24×24 → 1024×1024, 24×36 → 1024×1536."""
+    return math.ceil(height / DOWNSCALE) * STRIDE, math.ceil(width / DOWNSCALE) * STRIDE
