@@ -43,7 +43,7 @@ the tiny test configs instead: seconds on a CPU, what the test suite runs. Examp
     python benchmarks/cascade.py                                   # GPU: big-big and small-small, batch 4 and 1
     python benchmarks/cascade.py --variant big-big --batch 4 --compile
     python benchmarks/cascade.py --variant small-small --modes gpu model_offload --repeats 3
-    flock /tmp/bigmem.lock python benchmarks/cascade.py            # no GPU: lite, 512², 2 + 2 steps
+    flock /tmp/bigmem.lock python benchmarks/cascade.py --threads 1   # no GPU: lite, 512², 2 + 2 steps, ~10 GB RAM
     python benchmarks/cascade.py --tiny                            # tiny models: a smoke run
 
 Variants are the download script's words: Stage B size, then Stage C size (small = lite). The output
@@ -62,6 +62,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -72,6 +73,9 @@ from cascade_helpers.files import VARIANT_WORDS
 from cascade_helpers.generation import text_to_image
 from cascade_helpers.models import Decoder, Prior
 from cascade_helpers.sampling import DIFFUSERS_DECODER, DIFFUSERS_PRIOR, OFFICIAL_DECODER, OFFICIAL_PRIOR
+
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
 
 #: the CLIP ViT-bigG/14 text tower with projection that conditions Stage C and B (laion's, as in
 #: ``stabilityai/stable-cascade-prior``'s ``text_encoder/config.json``; eos_token_id=2 pools at the
@@ -150,6 +154,8 @@ def random_part(
 
 
 def unet_builder(kind: str, architecture: Architecture) -> Callable[[], nn.Module]:
+    """Stage C/B (``StableCascadeUNet``) or Stage A (``PaellaVQModel``) from the shipped config, the
+    one the loader reads the official files into."""
     from cascade_helpers.upstream import PaellaVQModel, StableCascadeUNet
 
     cls = PaellaVQModel if kind == "stage_a" else StableCascadeUNet
@@ -158,6 +164,7 @@ def unet_builder(kind: str, architecture: Architecture) -> Callable[[], nn.Modul
 
 
 def text_builder(tiny: bool, vocab_size: int) -> Callable[[], nn.Module]:
+    """The bigG text encoder (:data:`BIG_G_TEXT`), or the tiny test one for ``vocab_size`` tokens."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     from cascade_helpers.tiny import text_encoder_config
@@ -166,7 +173,7 @@ def text_builder(tiny: bool, vocab_size: int) -> Callable[[], nn.Module]:
     return lambda: CLIPTextModelWithProjection(config)
 
 
-def tiny_tokenizer():
+def tiny_tokenizer() -> CLIPTokenizer:
     """The tiny test tokenizer (CLIP's BPE layout, a few hundred tokens): every id it gives is a valid
     id of bigG's 49408-token vocabulary, and it pads to 77 tokens like the real one."""
     from transformers import CLIPTokenizer
@@ -421,7 +428,7 @@ def measure_row(setup: Setup, run_name: str, mode: str) -> Row:
     compiled = mode == COMPILED
     placement = "gpu" if compiled else mode
     if compiled:
-        torch._dynamo.reset()  # each compiled row pays its own full compile
+        torch.compiler.reset()  # each compiled row pays its own full compile
     with contextlib.redirect_stderr(io.StringIO()):  # progress bars, diffusers' deprecation notices
         if run_name == "diffusers":
             run = diffusers_pipeline(setup, placement, compiled, clock)
@@ -446,14 +453,21 @@ def _ratio(a: float | None, b: float | None) -> str:
     return "n/a" if a is None or b is None or b == 0 else f"×{a / b:.2f}"
 
 
-def print_table(rows: list[Row], memory_word: str) -> None:
+def table_header(memory_word: str) -> None:
     header = ["mode", "run", *(f"{s} s" for s in STAGES), "total s", *(f"{s} {memory_word}" for s in STAGES)]
     print("| " + " | ".join(header) + " |")
     print("|" + " --- |" * len(header))
-    for row in rows:
-        r = row.result
-        cells = [row.mode, row.run, *(f"{r.seconds[s]:.2f}" for s in STAGES), f"{r.total:.2f}"]
-        print("| " + " | ".join(cells + [_gb(r.peaks[s]) for s in STAGES]) + " |")
+
+
+def table_row(row: Row) -> None:
+    """One run's figures, printed as soon as they are measured (a GPU run takes many minutes)."""
+    r = row.result
+    cells = [row.mode, row.run, *(f"{r.seconds[s]:.2f}" for s in STAGES), f"{r.total:.2f}"]
+    print("| " + " | ".join(cells + [_gb(r.peaks[s]) for s in STAGES]) + " |", flush=True)
+
+
+def table_ratios(rows: list[Row]) -> None:
+    """Ours / diffusers, per mode: time per stage and total, then peak memory per stage."""
     by_key = {(row.mode, row.run): row.result for row in rows}
     for mode in dict.fromkeys(row.mode for row in rows):
         base = by_key.get((mode, RUNS["diffusers"]))
@@ -461,17 +475,16 @@ def print_table(rows: list[Row], memory_word: str) -> None:
             mine = by_key.get((mode, RUNS[name]))
             if base is None or mine is None:
                 continue
-            times = [_ratio(mine.seconds[s], base.seconds[s]) for s in STAGES] + [
-                _ratio(mine.total, base.total)
-            ]
+            times = [_ratio(mine.seconds[s], base.seconds[s]) for s in STAGES]
             peaks = [_ratio(mine.peaks[s], base.peaks[s]) for s in STAGES]
-            print("| " + " | ".join([mode, f"{RUNS[name]} / diffusers", *times, *peaks]) + " |")
-    compiled = [row for row in rows if row.mode == COMPILED]
-    for row in compiled:
-        print(
-            f"torch.compile, {row.run}: first (warm-up) run {row.warmup_seconds:.1f} s, compile included "
-            "(inductor's cache on disk shortens it on later invocations)"
-        )
+            cells = [mode, f"{RUNS[name]} / diffusers", *times, _ratio(mine.total, base.total), *peaks]
+            print("| " + " | ".join(cells) + " |")
+    for row in rows:
+        if row.mode == COMPILED:
+            print(
+                f"torch.compile, {row.run}: first (warm-up) run {row.warmup_seconds:.1f} s, compile included "
+                "(inductor's cache on disk shortens it on later invocations)"
+            )
 
 
 def build_parts(setup: Setup, tiny: bool, seed: int = 0) -> None:
@@ -513,8 +526,8 @@ def main(argv: list[str] | None = None) -> None:
         "--variant",
         nargs="+",
         choices=VARIANT_WORDS,
-        default=["big-big", "small-small"] if gpu else ["small-small"],
-        help="Stage B size-Stage C size, as download_models.sh (default: GPU big-big small-small; CPU small-small)",
+        help="Stage B size-Stage C size, as download_models.sh (default: big-big small-small on a GPU, "
+        "small-small on a CPU or with --tiny)",
     )
     parser.add_argument(
         "--batch", nargs="+", type=int, default=[4, 1] if gpu else [1], help="pictures per run"
@@ -543,7 +556,7 @@ def main(argv: list[str] | None = None) -> None:
     dtype = pick_dtype(args.dtype, device)
     import diffusers
 
-    where = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)"
+    where = torch.cuda.get_device_name(device) if gpu else f"CPU (torch threads: {torch.get_num_threads()})"
     print(
         f"Stable Cascade, prompt → pixels, on {where}: torch {torch.__version__}, diffusers {diffusers.__version__}, {dtype}"
     )
@@ -559,7 +572,7 @@ def main(argv: list[str] | None = None) -> None:
         "the tiny test tokenizer (a real-sized CLIP tokenizer needs a download; prompts are padded to 77 tokens either way)"
     )
     print(
-        "per stage: wall-clock seconds after torch.cuda.synchronize() and peak memory "
+        f"per stage: wall-clock seconds{' after torch.cuda.synchronize()' if gpu else ''} and peak memory "
         f"({'torch.cuda.max_memory_allocated' if gpu else 'resident set'}, GB = 1e9 bytes), reset at each stage; "
         f"fastest of {args.repeats} timed run(s) after one warm-up run"
     )
@@ -570,7 +583,7 @@ def main(argv: list[str] | None = None) -> None:
         print("--compile skipped: GPU only (a CPU run exercises the code; its figures are not GPU figures)")
     tokenizer = tiny_tokenizer()
     setup = None
-    for variant in args.variant:
+    for variant in args.variant or (["big-big", "small-small"] if gpu and not args.tiny else ["small-small"]):
         stage_b, stage_c = (_architecture(w) for w in variant.split("-"))
         architectures = {
             "stage_c": "tiny" if args.tiny else stage_c,
@@ -596,8 +609,13 @@ def main(argv: list[str] | None = None) -> None:
                 f"{architectures['stage_b']}, {args.size}², batch {batch}, Stage C {args.prior_steps} steps + "
                 f"Stage B {args.decoder_steps} steps{' (CPU figures)' if not gpu else ''}\n"
             )
-            rows = [measure_row(setup, run, mode) for mode in modes for run in args.runs]
-            print_table(rows, "GB" if gpu else "RSS GB")
+            table_header("GB" if gpu else "RSS GB")
+            rows = []
+            for mode in modes:
+                for run in args.runs:
+                    rows.append(measure_row(setup, run, mode))
+                    table_row(rows[-1])
+            table_ratios(rows)
 
 
 if __name__ == "__main__":
