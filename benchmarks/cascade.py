@@ -43,7 +43,7 @@ the tiny test configs instead: seconds on a CPU, what the test suite runs. Examp
     python benchmarks/cascade.py                                   # GPU: big-big and small-small, batch 4 and 1
     python benchmarks/cascade.py --variant big-big --batch 4 --compile
     python benchmarks/cascade.py --variant small-small --modes gpu model_offload --repeats 3
-    flock /tmp/bigmem.lock python benchmarks/cascade.py --threads 1   # no GPU: lite, 512², 2 + 2 steps, ~10 GB RAM
+    flock /tmp/bigmem.lock python benchmarks/cascade.py --threads 1   # no GPU: lite, 512², 2 + 2 steps, 12 GB RAM
     python benchmarks/cascade.py --tiny                            # tiny models: a smoke run
 
 Variants are the download script's words: Stage B size, then Stage C size (small = lite). The output
