@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -31,6 +32,9 @@ from .devices import DTYPE_NAMES
 from .effnet import EfficientNetEncoder
 from .files import Precision, Size
 from .previewer import Previewer
+
+if TYPE_CHECKING:
+    from transformers import CLIPTextConfig
 
 DEFAULT_TINY_DIR = Path("outputs/tiny_models")
 
@@ -198,14 +202,19 @@ def write_tokenizer(models_dir: Path) -> Path:
     return folder
 
 
-def write_text_encoder(models_dir: Path, precision: Precision, seed: int = 5) -> Path:
-    """A tiny ``CLIPTextModelWithProjection`` with bigG's quirks: eos_token_id=2 (pooling at the highest
-    token id), gelu, 77 positions. Write the tokenizer first: the vocabulary size comes from it."""
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+def text_encoder_config(vocab_size: int) -> CLIPTextConfig:
+    """The tiny ``CLIPTextConfig``, with bigG's quirks: eos_token_id=2 (pooling at the highest token
+    id), gelu, 77 positions. The benchmarks build their tiny text encoder from it too.
 
-    vocab_size = len(json.loads((models_dir / files.TOKENIZER.path / "vocab.json").read_text()))
-    torch.manual_seed(seed)
-    config = CLIPTextConfig(
+    Args:
+        vocab_size: the tokenizer's vocabulary size.
+
+    Returns:
+        A ``transformers.CLIPTextConfig``.
+    """
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
         vocab_size=vocab_size,
         hidden_size=TEXT_HIDDEN,
         intermediate_size=37,
@@ -218,7 +227,16 @@ def write_text_encoder(models_dir: Path, precision: Precision, seed: int = 5) ->
         eos_token_id=2,
         pad_token_id=1,
     )
-    model = CLIPTextModelWithProjection(config).to(DTYPE_NAMES[precision])
+
+
+def write_text_encoder(models_dir: Path, precision: Precision, seed: int = 5) -> Path:
+    """A tiny ``CLIPTextModelWithProjection`` (:func:`text_encoder_config`). Write the tokenizer first:
+    the vocabulary size comes from it."""
+    from transformers import CLIPTextModelWithProjection
+
+    vocab_size = len(json.loads((models_dir / files.TOKENIZER.path / "vocab.json").read_text()))
+    torch.manual_seed(seed)
+    model = CLIPTextModelWithProjection(text_encoder_config(vocab_size)).to(DTYPE_NAMES[precision])
     folder = models_dir / "text_encoder"
     model.save_pretrained(folder, variant="bf16" if precision == "bf16" else None)
     return folder

@@ -5,8 +5,9 @@ diffusers marked the Stable Cascade pipelines deprecated (no fixes after 0.35.2)
 these names, this module is the only one to change, and ``tests/test_upstream.py`` says which name
 went missing instead of the notebooks failing somewhere in the middle.
 
-We use only the models and the scheduler: the pipelines are imported solely so that the test notices
-when they disappear (the notebooks compare against them, and users may still reach for them).
+We use only the models and the scheduler: the pipelines are imported so that the test notices when
+they disappear (the notebooks, the tests and ``benchmarks/cascade.py`` compare against them, and users
+may still reach for them).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ UPSTREAM_LOCATIONS: dict[str, str] = {
     "DDPMWuerstchenScheduler": "diffusers.schedulers.scheduling_ddpm_wuerstchen",
     "StableCascadePriorPipeline": "diffusers.pipelines.stable_cascade",
     "StableCascadeDecoderPipeline": "diffusers.pipelines.stable_cascade",
+    "StableCascadeCombinedPipeline": "diffusers.pipelines.stable_cascade",
 }
 
 
@@ -53,5 +55,6 @@ PaellaVQModel = _load("PaellaVQModel")
 DDPMWuerstchenScheduler = _load("DDPMWuerstchenScheduler")
 StableCascadePriorPipeline = _load("StableCascadePriorPipeline")
 StableCascadeDecoderPipeline = _load("StableCascadeDecoderPipeline")
+StableCascadeCombinedPipeline = _load("StableCascadeCombinedPipeline")
 
 __all__ = [*UPSTREAM_LOCATIONS, "UPSTREAM_LOCATIONS", "UpstreamMovedError"]
