@@ -57,7 +57,9 @@ def test_lineart_standard_draws_the_lines_of_a_picture(no_network):
 
 def test_the_control_has_the_generations_control_size(no_network):
     control = aux_control_input("canny", _square(300), 1024, 1536)
-    assert control.tensor.shape == (1, 1, 768, 1152) and 0 <= control.tensor.min() <= control.tensor.max() <= 1
+    assert (
+        control.tensor.shape == (1, 1, 768, 1152) and 0 <= control.tensor.min() <= control.tensor.max() <= 1
+    )
 
 
 def test_a_loaded_detector_object_can_be_passed(no_network):
