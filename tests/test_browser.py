@@ -17,7 +17,9 @@ kernel (``Agg`` would keep every figure out of the page).
 
 from __future__ import annotations
 
+import base64
 import importlib.util
+import io
 import json
 import os
 import re
@@ -30,6 +32,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import PIL.Image
 import pytest
 
 ROOT = Path(__file__).parents[1]
@@ -252,3 +255,28 @@ def test_the_text_to_image_notebook_and_its_panel_in_jupyterlab(lab):
     assert json.loads(copy.read_text()) == json.loads(checkout_before), (
         "JupyterLab saved the run (autosave on?)"
     )
+
+
+def test_the_page_checks_can_fail():
+    """The notebook test's checks, on a page made to fail them: a widget shown as text, an empty
+    output area, a stretched picture (and an offline error they let pass)."""
+    assert WIDGET_AS_TEXT.search("HBox(children=(VBox(children=(ToggleButtons(description='Sampler'")
+    assert WIDGET_AS_TEXT.search("Error displaying widget: model not found")
+    assert not WIDGET_AS_TEXT.search("Stage C: (2, 16, 24, 24)  Stage B: (2, 4, 256, 256)")
+    assert OFFLINE.search("Failed to load resource: net::ERR_NAME_NOT_RESOLVED")
+    page_html = """
+        <div class="jp-OutputArea-output" style="height: 20px"></div>
+        <div class="jp-OutputArea-output" style="height: 20px">some text</div>
+        <div class="jp-OutputArea-output" style="height: 0px"></div>
+        <img style="width: 30px; height: 40px" src="data:image/png;base64,{png}">
+    """
+    buffer = io.BytesIO()
+    PIL.Image.new("RGB", (30, 30)).save(buffer, format="PNG")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox"])
+        page = browser.new_page()
+        page.set_content(page_html.format(png=base64.b64encode(buffer.getvalue()).decode()))
+        assert page.evaluate(EMPTY_OUTPUTS) == 1
+        natural_w, natural_h, shown_w, shown_h = page.locator("img").evaluate(PICTURE_BOX)
+        assert (natural_w, natural_h, shown_w, shown_h) == (30, 30, 30, 40)
+        browser.close()
