@@ -360,7 +360,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--controlnets", action="store_true", help="also the ControlNets (download_models.sh controlnet)"
     )
-    parser.add_argument("--lora", action="store_true", help="also the official example LoRA (download_models.sh lora)")
+    parser.add_argument(
+        "--lora", action="store_true", help="also the official example LoRA (download_models.sh lora)"
+    )
     parser.add_argument(
         "--both-stage-b", action="store_true", help="also the other Stage B size (reconstruct_images.ipynb)"
     )
