@@ -87,6 +87,7 @@ def generate_stage_c(
     x_init: torch.Tensor | None = None,
     callback: StepCallback | None = None,
     control: ControlOutputs | None = None,
+    progress: bool = True,
 ) -> torch.Tensor:
     """Sample Stage C latents (B×16×h×w, float32) for text and optionally image conditioning.
 
@@ -103,6 +104,7 @@ def generate_stage_c(
         control: ControlNet features for the B pictures
             (:func:`cascade_helpers.controlnet.control_features`); the unconditional half of the
             guided batch gets the same features, as in the official notebook.
+        progress: False hides the tqdm progress bar (for a caller that shows its own).
     """
     batch = shape[0]
     zeros = no_image(prior, batch)
@@ -126,7 +128,7 @@ def generate_stage_c(
         generator=generator,
         x_init=x_init,
         callback=callback,
-        progress="Stage C",
+        progress="Stage C" if progress else False,
     )
 
 
@@ -141,6 +143,7 @@ def generate_stage_b(
     *,
     generator: torch.Generator | None = None,
     callback: StepCallback | None = None,
+    progress: bool = True,
 ) -> torch.Tensor:
     """Sample Stage A latents (B×4×H/4×W/4, float32) from Stage C latents.
 
@@ -154,6 +157,7 @@ def generate_stage_b(
         settings: the sampler settings.
         generator: the random generator of the noise (drawn on the CPU).
         callback: ``callback(step, denoised, sample)`` after every step.
+        progress: False hides the tqdm progress bar (for a caller that shows its own).
     """
     latents = stage_c_latents.to(decoder.device)
     cond = {"effnet": latents, "clip_text_pooled": pooled.to(decoder.device)}
@@ -167,7 +171,7 @@ def generate_stage_b(
         device=decoder.device,
         generator=generator,
         callback=callback,
-        progress="Stage B",
+        progress="Stage B" if progress else False,
     )
 
 
@@ -242,6 +246,8 @@ def _run(
     stage_c_latents: torch.Tensor | None = None,
     x_init: torch.Tensor | None = None,
     callback: StepCallback | None = None,
+    decoder_callback: StepCallback | None = None,
+    progress: bool = True,
     control: ControlOutputs | None = None,
     extra: dict | None = None,
 ) -> Generation:
@@ -260,6 +266,7 @@ def _run(
             x_init=x_init,
             callback=callback,
             control=control,
+            progress=progress,
         )
     stage_b_latents = generate_stage_b(
         decoder,
@@ -269,6 +276,8 @@ def _run(
         (r.height, r.width),
         r.decoder_settings,
         generator=generator,
+        callback=decoder_callback,
+        progress=progress,
     )
     images = decode_stage_a(decoder, stage_b_latents)
     settings = {
@@ -318,6 +327,8 @@ def text_to_image(
     negative_prompt: Prompt = "",
     *,
     callback: StepCallback | None = None,
+    decoder_callback: StepCallback | None = None,
+    progress: bool = True,
     **options: Any,
 ) -> Generation:
     """Pictures from a prompt.
@@ -328,6 +339,9 @@ def text_to_image(
             :class:`GenerationRequest`.
         negative_prompt: what guidance steers away from (a string, or one per prompt).
         callback: ``callback(step, denoised, sample)`` after each Stage C step (live previews).
+        decoder_callback: the same after each Stage B step.
+        progress: False hides the tqdm progress bars of both stages (for a caller that shows its
+            own, like the generation panel).
         **options: any other field of :class:`GenerationRequest`: ``height``, ``width``,
             ``num_images``, ``seed``, ``prior_settings``, ``decoder_settings``.
 
@@ -335,7 +349,9 @@ def text_to_image(
         A :class:`Generation`: the pictures, both stages' latents and the settings.
     """
     request = make_request(prompt, negative_prompt, **options)
-    return _run(prior, decoder, request, callback=callback)
+    return _run(
+        prior, decoder, request, callback=callback, decoder_callback=decoder_callback, progress=progress
+    )
 
 
 def image_variation(
@@ -346,6 +362,8 @@ def image_variation(
     negative_prompt: Prompt = "",
     *,
     callback: StepCallback | None = None,
+    decoder_callback: StepCallback | None = None,
+    progress: bool = True,
     **options: Any,
 ) -> Generation:
     """Variations of a picture: Stage C conditioned on its CLIP image embedding
@@ -353,14 +371,16 @@ def image_variation(
 
     Args:
         image: the picture (file, PIL image, array or tensor).
-        prompt, negative_prompt, callback, **options: as for :func:`text_to_image`.
+        prompt, negative_prompt, callback, decoder_callback, progress, **options: as for
+            :func:`text_to_image`.
 
     Returns:
         A :class:`Generation`.
     """
     request = make_request(prompt, negative_prompt, **options)
     embeds = variation_embeddings(prior, image).repeat_interleave(request.num_images, 0)
-    return _run(prior, decoder, request, image_embeds=embeds, callback=callback)
+    steps = {"callback": callback, "decoder_callback": decoder_callback, "progress": progress}
+    return _run(prior, decoder, request, image_embeds=embeds, **steps)
 
 
 def image_to_image(
@@ -372,6 +392,8 @@ def image_to_image(
     *,
     strength: float = 0.8,
     callback: StepCallback | None = None,
+    decoder_callback: StepCallback | None = None,
+    progress: bool = True,
     **options: Any,
 ) -> Generation:
     """Repaint a picture guided by a prompt.
@@ -382,7 +404,8 @@ def image_to_image(
         strength: the noise level the picture's Stage C latents are taken to before denoising
             (official example: 0.8): 0 keeps the picture's encoding as it is, 1 ignores the picture
             entirely; Stage C runs ``int(steps × strength)`` steps.
-        prompt, negative_prompt, callback, **options: as for :func:`text_to_image`.
+        prompt, negative_prompt, callback, decoder_callback, progress, **options: as for
+            :func:`text_to_image`.
 
     Returns:
         A :class:`Generation` whose settings also record ``strength``.
@@ -390,11 +413,12 @@ def image_to_image(
     strength = _check_fraction(strength, "strength", "0 keeps the picture, 1 ignores it")
     request = make_request(prompt, negative_prompt, **options)
     extra = {"strength": strength}
+    steps = {"callback": callback, "decoder_callback": decoder_callback, "progress": progress}
     if strength == 1.0:
-        return _run(prior, decoder, request, callback=callback, extra=extra)
+        return _run(prior, decoder, request, extra=extra, **steps)
     encoded = encode_picture(prior, image, request.height, request.width)
     latents = encoded.repeat_interleave(request.num_images, 0)
-    return _run_from_latents(prior, decoder, request, latents, strength, callback=callback, extra=extra)
+    return _run_from_latents(prior, decoder, request, latents, strength, extra=extra, **steps)
 
 
 def controlnet_to_image(
@@ -407,6 +431,8 @@ def controlnet_to_image(
     init_image: ImageInput | None = None,
     init_noise: float = 1.0,
     callback: StepCallback | None = None,
+    decoder_callback: StepCallback | None = None,
+    progress: bool = True,
     **options: Any,
 ) -> Generation:
     """Pictures that follow ControlNet features and a prompt.
@@ -419,7 +445,8 @@ def controlnet_to_image(
             picture's signal survives; ``int(steps × init_noise)`` steps). Without it, from pure
             noise (canny, super-resolution).
         init_noise: see ``init_image``; 0 keeps the picture's latents as they are.
-        prompt, negative_prompt, callback, **options: as for :func:`text_to_image`.
+        prompt, negative_prompt, callback, decoder_callback, progress, **options: as for
+            :func:`text_to_image`.
 
     Returns:
         A :class:`Generation`.
@@ -432,8 +459,9 @@ def controlnet_to_image(
             f"the control features are for {sorted(batches)} pictures, not num_images={request.num_images}: "
             f"compute them with control_features(..., batch={request.num_images})"
         )
+    steps = {"callback": callback, "decoder_callback": decoder_callback, "progress": progress}
     if init_image is None:
-        return _run(prior, decoder, request, callback=callback, control=control)
+        return _run(prior, decoder, request, control=control, **steps)
     latents = encode_picture(prior, init_image, request.height, request.width)
     latents = latents.repeat_interleave(request.num_images, 0)
-    return _run_from_latents(prior, decoder, request, latents, init_noise, callback=callback, control=control)
+    return _run_from_latents(prior, decoder, request, latents, init_noise, control=control, **steps)

@@ -13,6 +13,11 @@ for) is named as such.
 
 A Hub repo id (``stabilityai/stable-cascade-prior`` / ``stabilityai/stable-cascade``) loads the
 diffusers folders instead, for users with internet access.
+
+Every model is read from safetensors files only (``use_safetensors=True``, local and Hub): a pickled
+``.bin`` can run code when it is loaded, and a folder or repo that has nothing else fails with the
+library's error naming the missing file instead of falling back to one. (Tokenizers and
+preprocessing configs are plain text and JSON.)
 """
 
 from __future__ import annotations
@@ -142,8 +147,14 @@ def _explain_hub_failure(repo: str) -> Iterator[None]:
     try:
         yield
     except OSError as error:
+        only = (
+            " Only safetensors weights are read, never pickled .bin files: the repo has no safetensors weights "
+            "for this model."
+            if "safetensors" in str(error)
+            else ""
+        )
         raise MissingModelFileError(
-            f"{repo!r} is not a folder here, and loading it as a Hub repo failed ({error}). For local files "
+            f"{repo!r} is not a folder here, and loading it as a Hub repo failed ({error}).{only} For local files "
             f"pass the models folder, e.g. load_prior('models'); to fetch them: bash download_models.sh essential big-big"
         ) from error
 
@@ -217,6 +228,7 @@ def load_prior(
             variant=_transformers_variant(image_weights),
             dtype=dtype,
             local_files_only=True,
+            use_safetensors=True,
         )
         prior.image_encoder = place(vision.eval().requires_grad_(False), device, memory)
         prior.clip_image = read_clip_image_settings(models_dir / "feature_extractor")
@@ -247,7 +259,7 @@ def _text_encoder_from_hub(repo: str, dtype: torch.dtype) -> tuple[nn.Module, ob
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
     text_encoder = CLIPTextModelWithProjection.from_pretrained(
-        repo, subfolder="text_encoder", variant=_hub_variant(dtype), dtype=dtype
+        repo, subfolder="text_encoder", variant=_hub_variant(dtype), dtype=dtype, use_safetensors=True
     )
     tokenizer = CLIPTokenizer.from_pretrained(repo, subfolder="tokenizer")
     return text_encoder.eval().requires_grad_(False), tokenizer
@@ -262,7 +274,7 @@ def _load_prior_from_hub(repo, variant, dtype, device, memory, image_encoder, ef
 
     subfolder = "prior" if variant == "big" else "prior_lite"
     unet = StableCascadeUNet.from_pretrained(
-        repo, subfolder=subfolder, variant=_hub_variant(dtype), torch_dtype=dtype
+        repo, subfolder=subfolder, variant=_hub_variant(dtype), torch_dtype=dtype, use_safetensors=True
     )
     text_encoder, tokenizer = _text_encoder_from_hub(repo, dtype)
     prior = Prior(
@@ -277,7 +289,7 @@ def _load_prior_from_hub(repo, variant, dtype, device, memory, image_encoder, ef
         from huggingface_hub import snapshot_download
 
         vision = CLIPVisionModelWithProjection.from_pretrained(
-            repo, subfolder="image_encoder", variant=_hub_variant(dtype), dtype=dtype
+            repo, subfolder="image_encoder", variant=_hub_variant(dtype), dtype=dtype, use_safetensors=True
         )
         prior.image_encoder = place(vision.eval().requires_grad_(False), device, memory)
         local = Path(snapshot_download(repo, allow_patterns=[files.FEATURE_EXTRACTOR.path]))
@@ -343,9 +355,11 @@ def _load_decoder_from_hub(repo, variant, dtype, device, memory) -> Decoder:
 
     subfolder = "decoder" if variant == "big" else "decoder_lite"
     unet = StableCascadeUNet.from_pretrained(
-        repo, subfolder=subfolder, variant=_hub_variant(dtype), torch_dtype=dtype
+        repo, subfolder=subfolder, variant=_hub_variant(dtype), torch_dtype=dtype, use_safetensors=True
     )
-    vqgan = PaellaVQModel.from_pretrained(repo, subfolder="vqgan", torch_dtype=torch.float32)
+    vqgan = PaellaVQModel.from_pretrained(
+        repo, subfolder="vqgan", torch_dtype=torch.float32, use_safetensors=True
+    )
     return Decoder(
         unet=place(unet.eval().requires_grad_(False), device, memory),
         vqgan=place(vqgan.eval().requires_grad_(False), device, memory, small=True),
@@ -371,6 +385,7 @@ def _text_encoder_from_folder(
         variant=_transformers_variant(weights),
         dtype=dtype,
         local_files_only=True,
+        use_safetensors=True,
     )
     tokenizer = CLIPTokenizer.from_pretrained(models_dir / files.TOKENIZER.path, local_files_only=True)
     return text_encoder.eval().requires_grad_(False), tokenizer

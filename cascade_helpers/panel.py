@@ -12,7 +12,7 @@ from .display import LivePreview, png_bytes, save_generation
 from .generation import Generation, text_to_image
 from .images import image_grid
 from .models import Decoder, Prior
-from .sampling import DIFFUSERS_DECODER, DIFFUSERS_PRIOR, OFFICIAL_DECODER, OFFICIAL_PRIOR
+from .sampling import DIFFUSERS_DECODER, DIFFUSERS_PRIOR, OFFICIAL_DECODER, OFFICIAL_PRIOR, StageSettings
 
 #: (height, width) choices of the panel: multiples of 128 the models were trained on, several ratios
 PANEL_SIZES: tuple[tuple[int, int], ...] = (
@@ -34,13 +34,20 @@ PANEL_SIZES: tuple[tuple[int, int], ...] = (
 
 
 class GenerationPanel:
-    """An ipywidgets panel for text-to-image: prompt, negative prompt, sampler preset, Stage C steps,
-    guidance, seed, size and number of pictures, a Generate button, a progress bar, a live preview
-    and the result grid. Each result is kept in ``last`` and, with ``output_dir``, saved as PNGs with
-    their settings (:func:`save_generation`).
+    """An ipywidgets panel for text-to-image: prompt, negative prompt, sampler preset, each stage's
+    steps and guidance, seed, size and number of pictures, a Generate button, one progress bar per
+    stage, a live preview and the result grid. Each result is kept in ``last`` and, with
+    ``output_dir``, saved as PNGs with their settings (:func:`save_generation`).
 
     Display it as the last expression of a cell. ``generate()`` is what the button calls; call it
     from code to script the panel (set the widgets' ``value`` first).
+
+    Args:
+        prior, decoder: the loaded models.
+        prompt: the prompt the panel opens with.
+        steps, guidance: Stage C's steps and guidance to start with (the official 20 and 4).
+        decoder_steps, decoder_guidance: Stage B's (the official 10 and 1.1).
+        output_dir: where each result is saved; None keeps results in ``last`` only.
     """
 
     def __init__(
@@ -49,23 +56,34 @@ class GenerationPanel:
         decoder: Decoder,
         *,
         prompt: str = "",
-        steps: int = 20,
-        decoder_steps: int = 10,
+        steps: int = OFFICIAL_PRIOR.steps,
+        guidance: float = OFFICIAL_PRIOR.guidance,
+        decoder_steps: int = OFFICIAL_DECODER.steps,
+        decoder_guidance: float = OFFICIAL_DECODER.guidance,
         output_dir: str | os.PathLike | None = None,
     ) -> None:
         import ipywidgets as w
 
-        self.prior, self.decoder, self.decoder_steps = prior, decoder, decoder_steps
+        self.prior, self.decoder = prior, decoder
         self.output_dir = output_dir
         self.last: Generation | None = None
         wide = w.Layout(width="95%")
+        label = {"description_width": "120px"}  # "Stage B guidance" in full
         self.prompt = w.Textarea(value=prompt, description="Prompt", layout=wide)
         self.negative_prompt = w.Text(description="Negative", layout=wide)
         self.sampler = w.ToggleButtons(
             options=[("official (gdf)", "official"), ("diffusers", "diffusers")], description="Sampler"
         )
-        self.steps = w.IntSlider(value=steps, min=1, max=100, description="Steps")
-        self.guidance = w.FloatSlider(value=4.0, min=0.0, max=15.0, step=0.1, description="Guidance")
+        self.steps = w.IntSlider(value=steps, min=1, max=100, description="Stage C steps", style=label)
+        self.guidance = w.FloatSlider(
+            value=guidance, min=0.0, max=15.0, step=0.1, description="Stage C guidance", style=label
+        )
+        self.decoder_steps = w.IntSlider(
+            value=decoder_steps, min=1, max=50, description="Stage B steps", style=label
+        )
+        self.decoder_guidance = w.FloatSlider(
+            value=decoder_guidance, min=0.0, max=5.0, step=0.1, description="Stage B guidance", style=label
+        )
         self.seed = w.IntText(value=0, description="Seed")
         self.size = w.Dropdown(
             options=[(f"{wd} × {ht}", (ht, wd)) for ht, wd in PANEL_SIZES],
@@ -75,44 +93,86 @@ class GenerationPanel:
         self.num_images = w.IntSlider(value=1, min=1, max=4, description="Pictures")
         self.button = w.Button(description="Generate", button_style="primary", icon="play")
         self.progress = w.IntProgress(value=0, min=0, max=steps, description="Stage C")
-        self.preview = w.Image(format="png", layout=w.Layout(max_width="384px"))
-        self.result = w.Image(format="png", layout=w.Layout(max_width="95%"))
+        self.decoder_progress = w.IntProgress(value=0, min=0, max=decoder_steps, description="Stage B")
+        # a flex row stretches its items to the tallest one (the controls): without align_self a
+        # 192×192 preview was drawn 192×213 in JupyterLab; height auto keeps the picture's ratio
+        # when max_width shrinks a wide one
+        picture = {"height": "auto", "align_self": "flex-start", "object_fit": "contain"}
+        self.preview = w.Image(format="png", layout=w.Layout(max_width="384px", **picture))
+        self.result = w.Image(format="png", layout=w.Layout(max_width="95%", **picture))
         self.status = w.HTML()
         self.button.on_click(self._on_click)
-        controls = w.VBox([self.sampler, self.steps, self.guidance, self.seed, self.size, self.num_images])
+        self.sampler.observe(self._use_preset_guidance, names="value")
+        controls = w.VBox(
+            [
+                self.sampler,
+                self.steps,
+                self.guidance,
+                self.decoder_steps,
+                self.decoder_guidance,
+                self.seed,
+                self.size,
+                self.num_images,
+            ]
+        )
         self.widget = w.VBox(
             [
                 self.prompt,
                 self.negative_prompt,
                 w.HBox([controls, self.preview]),
-                w.HBox([self.button, self.progress]),
+                w.HBox([self.button, w.VBox([self.progress, self.decoder_progress])]),
                 self.status,
                 self.result,
             ]
         )
+        # class names a page can be checked by (tests/test_browser.py)
+        for widget, name in (
+            (self.widget, "panel"),
+            (self.preview, "preview"),
+            (self.result, "result"),
+            (self.status, "status"),
+            (self.progress, "progress-stage-c"),
+            (self.decoder_progress, "progress-stage-b"),
+        ):
+            widget.add_class(f"cascade-{name}")
 
     def _ipython_display_(self) -> None:
         from IPython.display import display
 
         display(self.widget)
 
-    def _settings(self):
-        official = self.sampler.value == "official"
-        prior = (OFFICIAL_PRIOR if official else DIFFUSERS_PRIOR).with_(
-            steps=self.steps.value, guidance=self.guidance.value
+    def _presets(self) -> tuple[StageSettings, StageSettings]:
+        if self.sampler.value == "official":
+            return OFFICIAL_PRIOR, OFFICIAL_DECODER
+        return DIFFUSERS_PRIOR, DIFFUSERS_DECODER
+
+    def _use_preset_guidance(self, _change) -> None:
+        """Choosing a sampler loads its preset's guidance (diffusers' Stage B runs without guidance,
+        the official one with 1.1); the steps stay as the user set them."""
+        prior, decoder = self._presets()
+        self.guidance.value, self.decoder_guidance.value = prior.guidance, decoder.guidance
+
+    def _settings(self) -> tuple[StageSettings, StageSettings]:
+        prior, decoder = self._presets()
+        return (
+            prior.with_(steps=self.steps.value, guidance=self.guidance.value),
+            decoder.with_(steps=self.decoder_steps.value, guidance=self.decoder_guidance.value),
         )
-        decoder = (OFFICIAL_DECODER if official else DIFFUSERS_DECODER).with_(steps=self.decoder_steps)
-        return prior, decoder
 
     def generate(self) -> Generation:
-        """Generate with the current widget values, showing progress and previews as it goes."""
+        """Generate with the current widget values, showing each stage's progress and the previews
+        in the panel (and nowhere else: the stages' own tqdm bars stay off)."""
         prior_settings, decoder_settings = self._settings()
         preview = LivePreview(self.prior, self.preview)
         self.progress.max, self.progress.value = prior_settings.steps, 0
+        self.decoder_progress.max, self.decoder_progress.value = decoder_settings.steps, 0
 
-        def on_step(step: int, denoised: torch.Tensor, sample: torch.Tensor) -> None:
+        def on_prior_step(step: int, denoised: torch.Tensor, sample: torch.Tensor) -> None:
             preview(step, denoised, sample)
             self.progress.value = step + 1
+
+        def on_decoder_step(step: int, denoised: torch.Tensor, sample: torch.Tensor) -> None:
+            self.decoder_progress.value = step + 1
 
         height, width = self.size.value
         result = text_to_image(
@@ -126,7 +186,9 @@ class GenerationPanel:
             seed=self.seed.value,
             prior_settings=prior_settings,
             decoder_settings=decoder_settings,
-            callback=on_step,
+            callback=on_prior_step,
+            decoder_callback=on_decoder_step,
+            progress=False,
         )
         self.last = result
         self.result.value = png_bytes(image_grid(result.images))

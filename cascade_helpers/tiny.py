@@ -13,6 +13,8 @@ The weights are random: pictures made with them are noise. They prove an install
 Command line::
 
     python -m cascade_helpers.tiny --demo       # write outputs/tiny_models and make one picture
+    python -m cascade_helpers.tiny --all        # and the ControlNets, the example LoRA, both Stage B sizes:
+                                                # everything the notebooks read (what CI gives them)
 """
 
 from __future__ import annotations
@@ -374,12 +376,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variant", choices=files.VARIANT_WORDS, default="big-big")
     parser.add_argument("--precision", choices=tuple(files.PRECISION_WORDS.values()), default="bfloat16")
     parser.add_argument(
+        "--controlnets", action="store_true", help="also the ControlNets (download_models.sh controlnet)"
+    )
+    parser.add_argument(
+        "--lora", action="store_true", help="also the official example LoRA (download_models.sh lora)"
+    )
+    parser.add_argument(
+        "--both-stage-b", action="store_true", help="also the other Stage B size (reconstruct_images.ipynb)"
+    )
+    parser.add_argument("--all", action="store_true", help="all of the above: every file the notebooks read")
+    parser.add_argument(
         "--demo", action="store_true", help="then generate one (random-weights) picture with them"
     )
     args = parser.parse_args(argv)
     stage_b, stage_c = (("big" if w == "big" else "lite") for w in args.variant.split("-"))
     precision = next(p for p, word in files.PRECISION_WORDS.items() if word == args.precision)
-    folder = write_tiny_models(args.models_dir, stage_c=stage_c, stage_b=stage_b, precision=precision)
+    folder = write_tiny_models(
+        args.models_dir,
+        stage_c=stage_c,
+        stage_b=stage_b,
+        precision=precision,
+        controlnets=args.controlnets or args.all,
+        lora=args.lora or args.all,
+        both_stage_b=args.both_stage_b or args.all,
+    )
     print(f"tiny random models written to {folder}/")
     if args.demo:
         path = demo_picture(folder, stage_b=stage_b, stage_c=stage_c)

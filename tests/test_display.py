@@ -100,6 +100,13 @@ def panel(tiny_pipeline, tmp_path):
     return panel
 
 
+def _values(widget) -> list:
+    """Every value a widget is given from now on."""
+    seen = []
+    widget.observe(lambda change: seen.append(change["new"]), names="value")
+    return seen
+
+
 def test_the_generate_button_runs_a_generation(panel, tmp_path):
     panel.seed.value, panel.num_images.value, panel.steps.value = 9, 2, 4
     panel.button.click()
@@ -114,11 +121,48 @@ def test_the_generate_button_runs_a_generation(panel, tmp_path):
     assert not panel.button.disabled
 
 
+def test_stage_b_steps_and_guidance_come_from_the_panel(panel):
+    panel.decoder_steps.value, panel.decoder_guidance.value = 3, 2.5
+    stage_c, stage_b = _values(panel.progress), _values(panel.decoder_progress)
+    settings = panel.generate().settings
+    assert settings["decoder"]["steps"] == 3 and settings["decoder"]["guidance"] == 2.5
+    assert settings["decoder"]["shift"] == 1.0 and settings["decoder"]["guidance_rescale"] == 0.7  # official
+    assert stage_c == [1, 2, 3] and stage_b == [1, 2, 3], "one tick a step"
+    assert panel.decoder_progress.max == 3
+    panel.generate()
+    assert stage_b == [1, 2, 3, 0, 1, 2, 3], "a new run starts from an empty bar"
+
+
 def test_the_panel_switches_to_the_diffusers_settings(panel):
     panel.sampler.value = "diffusers"
+    assert panel.decoder_guidance.value == 0.0, "choosing a sampler loads its preset's guidance"
     settings = panel.generate().settings
     assert settings["prior"]["sampler"] == settings["decoder"]["sampler"] == "diffusers"
     assert settings["decoder"]["guidance"] == 0.0 and settings["decoder"]["steps"] == 1
+    panel.sampler.value = "official"
+    assert (panel.guidance.value, panel.decoder_guidance.value) == (4.0, 1.1)
+
+
+def test_the_panel_draws_its_progress_only_in_its_own_bars(panel, capsys):
+    """tqdm bars would land outside the panel (below the cell that scripts it, or nowhere when the
+    button is clicked) and leave empty output areas behind in a notebook; the panel turns them off."""
+    prior, decoder = panel.prior, panel.decoder
+    quick = {
+        "prior_settings": OFFICIAL_PRIOR.with_(steps=1),
+        "decoder_settings": OFFICIAL_DECODER.with_(steps=1),
+    }
+    text_to_image(prior, decoder, "a cat", height=512, width=512, **quick)
+    assert "Stage C" in capsys.readouterr().err, "the bars this test expects to be hidden"
+    panel.generate()
+    assert "Stage" not in capsys.readouterr().err
+
+
+def test_pictures_keep_their_aspect_ratio_in_the_layout(panel):
+    """A flex row stretches its items to the tallest one unless they align to its start (192×192
+    previews were drawn 192×213); the browser test measures the drawn boxes."""
+    for picture in (panel.preview, panel.result):
+        assert picture.layout.align_self == "flex-start" and picture.layout.height == "auto"
+        assert picture.layout.object_fit == "contain"
 
 
 def test_errors_show_in_the_panel(panel, monkeypatch):

@@ -70,3 +70,42 @@ def test_the_install_check_command_makes_a_picture(tmp_path, capsys):
     assert "RANDOM tiny weights" in capsys.readouterr().out
     with PIL.Image.open(tmp_path / "tiny_demo.png") as picture:
         assert picture.size == (512, 512)
+
+
+def test_the_command_line_writes_everything_the_notebooks_read(tmp_path, capsys):
+    """`python -m cascade_helpers.tiny --all`: the files of `download_models.sh all` (ControlNets and
+    the example LoRA) and both Stage B sizes, as CI gives the notebooks."""
+    from cascade_helpers.tiny import main
+
+    main(["--models-dir", str(tmp_path), "--all"])
+    wanted = [
+        *files.essential_files("bf16"),
+        files.STAGE_C["big"]["bf16"],
+        files.STAGE_B["big"]["bf16"],
+        files.STAGE_B["lite"]["bf16"],
+        *files.CONTROLNETS.values(),
+        files.LORA_FERNANDO,
+    ]
+    assert [f.path for f in wanted if not (tmp_path / f.path).exists()] == []
+    assert f"written to {tmp_path}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "flags,expected",
+    [
+        ([], {"controlnets": False, "lora": False, "both_stage_b": False}),
+        (["--controlnets"], {"controlnets": True, "lora": False, "both_stage_b": False}),
+        (["--lora"], {"controlnets": False, "lora": True, "both_stage_b": False}),
+        (["--both-stage-b"], {"controlnets": False, "lora": False, "both_stage_b": True}),
+        (["--lora", "--controlnets"], {"controlnets": True, "lora": True, "both_stage_b": False}),
+    ],
+)
+def test_each_command_line_flag_adds_its_files(tmp_path, monkeypatch, flags, expected):
+    from cascade_helpers import tiny
+
+    calls = []
+    monkeypatch.setattr(tiny, "write_tiny_models", lambda folder, **options: calls.append(options) or folder)
+    tiny.main(["--models-dir", str(tmp_path), "--variant", "small-big", *flags])
+    (options,) = calls
+    assert {k: options[k] for k in expected} == expected
+    assert (options["stage_b"], options["stage_c"]) == ("lite", "big")

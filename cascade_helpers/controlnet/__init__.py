@@ -15,7 +15,10 @@ then up path: the big Stage C has 64, and the released ControlNets feed blocks 0
   place, and :func:`load_controlnet`, which checks a file before loading it;
 - :mod:`.filters` — what each ControlNet sees (the official ``CannyFilter``, ``InpaintFilter`` and
   ``SREffnetFilter``), the mask helpers, and :func:`control_features`, which runs the ControlNet once
-  per generation, as the official notebook does.
+  per generation, as the official notebook does;
+- :mod:`.preprocessors` — controlnet_aux's weight-free line detectors as control pictures for the canny
+  ControlNet (:func:`aux_control_input`), and :func:`edge_agreement` to measure how far their edges are
+  from the official filter's (controlnet_aux is imported only when they are used).
 """
 
 from .filters import (
@@ -55,11 +58,20 @@ from .model import (
     inject_controlnet,
     resblock_order,
 )
+from .preprocessors import (
+    WEIGHT_FREE,
+    DetectorWeightsNeededError,
+    EdgeAgreement,
+    aux_control_input,
+    aux_detector,
+    edge_agreement,
+)
 
 __all__ = [
     "CONTROLNET_TYPES",
     "OFFICIAL_BLOCKS",
     "TINY_BLOCKS",
+    "WEIGHT_FREE",
     "BottleneckMode",
     "Box",
     "CNetResBlock",
@@ -69,8 +81,12 @@ __all__ = [
     "ControlNetShape",
     "ControlNetType",
     "ControlOutputs",
+    "DetectorWeightsNeededError",
+    "EdgeAgreement",
     "Filter",
     "LargeBottleneck",
+    "aux_control_input",
+    "aux_detector",
     "border_mask",
     "canny_edges",
     "control_features",
@@ -79,6 +95,7 @@ __all__ = [
     "controlled_denoiser",
     "controlnet_shape",
     "controlnet_type",
+    "edge_agreement",
     "ellipse_mask",
     "inject_controlnet",
     "inpaint_control",

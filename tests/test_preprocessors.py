@@ -1,0 +1,103 @@
+"""controlnet_aux's detectors as control pictures for the canny ControlNet, offline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cascade_helpers.controlnet import canny_edges
+from cascade_helpers.controlnet.preprocessors import (
+    ANNOTATORS_REPO,
+    DetectorWeightsNeededError,
+    aux_control_input,
+    aux_detector,
+    edge_agreement,
+)
+
+
+def _square(side: int = 768) -> np.ndarray:
+    """A white square on black: its only edges are its outline (rows/columns 256 and 511)."""
+    picture = np.zeros((side, side, 3), np.uint8)
+    picture[256:512, 256:512] = 255
+    return picture
+
+
+def test_aux_canny_at_full_resolution_is_plain_opencv_canny(no_network):
+    """With detection at the control size itself controlnet_aux's canny is cv2.Canny(100, 200) on the
+    8-bit picture, which the official filter without its 224 px resize also is: the wiring (channels,
+    scaling, orientation, size) must then give the very same map."""
+    square = _square()
+    control = aux_control_input("canny", square, 1024, 1024, detect_resolution=768, image_resolution=768)
+    expected = canny_edges(torch.from_numpy(square).permute(2, 0, 1)[None].float() / 255, resize=None)
+    assert control.tensor.shape == (1, 1, 768, 768) and control.preview.shape == (1, 3, 768, 768)
+    torch.testing.assert_close(control.tensor, expected)
+    rows = control.tensor[0, 0].amax(dim=1).nonzero().flatten()
+    assert rows.min() >= 255 and rows.max() <= 512, "edges only on the square's outline"
+
+
+def test_aux_canny_with_its_defaults_draws_other_edges_than_the_official_filter(no_network):
+    """controlnet_aux detects at 512 px, the official filter at 224 px: on the same picture the edges
+    are in the same places but not the same pixels (the lesson of the ControlNet notebook)."""
+    square = _square()
+    official = canny_edges(torch.from_numpy(square).permute(2, 0, 1)[None].float() / 255)
+    aux = aux_control_input("canny", square, 1024, 1024).tensor
+    agreement = edge_agreement(official, aux)
+    assert 0.0 < agreement.iou < 1.0 and agreement.differing > 0
+    assert agreement.coverage_a > agreement.coverage_b > 0, "224 px edges, enlarged, are the thicker ones"
+
+
+def test_lineart_standard_draws_the_lines_of_a_picture(no_network):
+    picture = np.full((768, 768, 3), 255, np.uint8)
+    picture[:, 380:388] = 0  # one black vertical line on white
+    lines = aux_control_input("lineart_standard", picture, 1024, 1024).tensor[0, 0]
+    assert lines[:, 370:398].mean() > 10 * lines[:, :300].mean()
+    assert lines.shape == (768, 768)
+
+
+def test_the_control_has_the_generations_control_size(no_network):
+    control = aux_control_input("canny", _square(300), 1024, 1536)
+    assert (
+        control.tensor.shape == (1, 1, 768, 1152) and 0 <= control.tensor.min() <= control.tensor.max() <= 1
+    )
+
+
+def test_a_loaded_detector_object_can_be_passed(no_network):
+    calls = []
+
+    def detector(picture, **options):
+        calls.append((picture.size, options))
+        return picture.convert("L").resize((100, 100))
+
+    control = aux_control_input(detector, _square(), 1024, 1024, detect_resolution=256)
+    assert calls == [((768, 768), {"output_type": "pil", "detect_resolution": 256})]
+    assert control.tensor.shape == (1, 1, 768, 768)
+
+
+def test_a_detector_that_needs_weights_says_how_to_get_them(no_network):
+    with pytest.raises(DetectorWeightsNeededError) as error:
+        aux_detector("softedge_hed")
+    message = str(error.value)
+    assert "HEDdetector.from_pretrained" in message and ANNOTATORS_REPO in message
+    assert "'canny'" in message and "'lineart_standard'" in message
+
+
+def test_other_names_are_refused_with_the_choices(no_network):
+    with pytest.raises(ValueError, match="no released Stable Cascade ControlNet reads them"):
+        aux_detector("shuffle")
+    with pytest.raises(ValueError, match="unknown controlnet_aux detector 'cany'.*'canny'"):
+        aux_control_input("cany", _square())
+
+
+def test_edge_agreement_against_hand_counted_maps():
+    a = torch.zeros(1, 1, 4, 4)
+    b = torch.zeros(1, 1, 4, 4)
+    a[..., 0, :] = 1  # 4 edge pixels
+    b[..., 0, :2] = 1  # 2 of them
+    b[..., 3, 3] = 0.9  # and one of its own
+    agreement = edge_agreement(a, b)
+    assert agreement.iou == pytest.approx(2 / 5) and agreement.differing == pytest.approx(3 / 16)
+    assert (agreement.coverage_a, agreement.coverage_b) == (pytest.approx(4 / 16), pytest.approx(3 / 16))
+    assert edge_agreement(a, a).iou == 1.0 and edge_agreement(a, a).differing == 0.0
+    with pytest.raises(ValueError, match="different sizes"):
+        edge_agreement(a, torch.zeros(1, 1, 4, 5))
