@@ -12,13 +12,13 @@ re-decode any of them.
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
 import PIL.Image
 import torch
 
+from . import values
 from .conditioning import TextEmbeddings, encode_image_clip, encode_text, no_image
 from .controlnet.model import ControlOutputs, controlled_denoiser
 from .effnet import encode as effnet_encode
@@ -305,12 +305,6 @@ def _run_from_latents(
     )
 
 
-def _check_fraction(value: object, name: str, meaning: str) -> float:
-    if not (isinstance(value, numbers.Real) and 0.0 <= value <= 1.0):  # NaN fails both comparisons
-        raise ValueError(f"{name} must be in [0, 1] ({meaning}), not {value!r}")
-    return float(value)
-
-
 def text_to_image(
     prior: Prior,
     decoder: Decoder,
@@ -387,7 +381,7 @@ def image_to_image(
     Returns:
         A :class:`Generation` whose settings also record ``strength``.
     """
-    strength = _check_fraction(strength, "strength", "0 keeps the picture, 1 ignores it")
+    strength = values.fraction(strength, "strength", "0 keeps the picture, 1 ignores it")
     request = make_request(prompt, negative_prompt, **options)
     extra = {"strength": strength}
     if strength == 1.0:
@@ -424,7 +418,7 @@ def controlnet_to_image(
     Returns:
         A :class:`Generation`.
     """
-    init_noise = _check_fraction(init_noise, "init_noise", "0 keeps the picture's latents as they are")
+    init_noise = values.fraction(init_noise, "init_noise", "0 keeps the picture's latents as they are")
     request = make_request(prompt, negative_prompt, **options)
     batches = {c.shape[0] for c in control if c is not None}
     if batches != {request.num_images}:

@@ -14,6 +14,7 @@ import torch
 from torch.nn import functional as F
 from torchvision.transforms import functional as TF
 
+from .. import values
 from ..effnet import encode as effnet_encode
 from ..images import ImageInput, batch_images, image_to_tensor, resize_and_crop
 from ..models import Prior
@@ -186,8 +187,21 @@ def control_input(
 def control_features(
     controlnet: ControlNet, control: ControlInput | torch.Tensor, strength: float = 1.0, batch: int = 1
 ) -> list[torch.Tensor | None]:
-    """Run the ControlNet once and scale its outputs by ``strength`` (the official ``cnet_multiplier``:
-    1.0, or 0.8 / 0.6 / 0.3 for a looser hold), repeated for ``batch`` pictures from one control picture."""
+    """Run the ControlNet once and scale its outputs by ``strength``, repeated for ``batch`` pictures
+    from one control picture (the official notebook runs it once per generation too).
+
+    Args:
+        controlnet: the loaded ControlNet (:func:`load_controlnet`).
+        control: what :func:`control_input` made, or its B×c_in×H×W tensor.
+        strength: the official ``cnet_multiplier``: 1.0, or 0.8 / 0.6 / 0.3 for a looser hold.
+        batch: how many pictures the generation makes (its ``num_images``).
+
+    Returns:
+        One entry per Stage C ResBlock: the features for that block, or None.
+    """
+    strength = values.finite(strength, "strength", "the official cnet_multiplier: 1.0, or 0.8 / 0.6 / 0.3")
+    if not (isinstance(batch, int) and not isinstance(batch, bool) and batch >= 1):
+        raise ValueError(f"batch must be the number of pictures (a whole number ≥ 1), not {batch!r}")
     tensor = control.tensor if isinstance(control, ControlInput) else control
     if tensor.dim() != 4 or tensor.shape[1] != controlnet.c_in:
         raise ValueError(
