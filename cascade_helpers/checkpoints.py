@@ -25,7 +25,15 @@ from typing import Literal
 import torch
 
 Kind = Literal[
-    "stage_c", "stage_b", "stage_a", "effnet", "previewer", "controlnet", "lora", "text_encoder", "image_encoder"
+    "stage_c",
+    "stage_b",
+    "stage_a",
+    "effnet",
+    "previewer",
+    "controlnet",
+    "lora",
+    "text_encoder",
+    "image_encoder",
 ]
 Architecture = Literal["big", "lite", "tiny"]
 

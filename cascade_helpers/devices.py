@@ -84,7 +84,11 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
             raise _unavailable(device, f"torch knows no device of that name{hint}") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            why = "this torch was built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            why = (
+                "this torch was built without CUDA"
+                if torch.version.cuda is None
+                else "no CUDA GPU is visible"
+            )
             raise _unavailable(str(device), f"CUDA is not available ({why})")
         if device.index is None:  # "cuda" and "cuda:0" must compare equal
             device = torch.device("cuda", torch.cuda.current_device())

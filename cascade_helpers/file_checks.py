@@ -30,7 +30,9 @@ from .files import ModelFile, Precision, Size
 
 logger = logging.getLogger(__name__)
 
-_REFETCH = "The file is damaged: fetch it again (--verify re-hashes the files there and replaces what differs):"
+_REFETCH = (
+    "The file is damaged: fetch it again (--verify re-hashes the files there and replaces what differs):"
+)
 
 #: where download_models.sh puts files when given no --models-dir (beside the script)
 SCRIPT_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
@@ -166,7 +168,9 @@ def _check_text(path: Path, command: str, keys: tuple[str, ...] = ()) -> None:
     except UnicodeDecodeError:
         raise _damaged(path, "is not UTF-8 text", command) from None
     if not text.strip() or "\0" in text:
-        raise _damaged(path, "is empty" if not text.strip() else "holds NUL bytes, which no text file has", command)
+        raise _damaged(
+            path, "is empty" if not text.strip() else "holds NUL bytes, which no text file has", command
+        )
     if path.name == "merges.txt":  # BPE merges: an optional "#version" line, then pairs
         lines = [line for line in text.splitlines() if line and not line.startswith("#version")]
         bad = next((i for i, line in enumerate(lines) if len(line.split(" ")) != 2), None)
@@ -203,7 +207,9 @@ def check_files(models_dir: Path, needed: list[ModelFile]) -> None:
         if file.folder:
             names = {p.name for p in path.iterdir()}
             if not any(all(n in names for n in group) for group in _TOKENIZER_NEEDS):
-                raise _damaged(path, f"lacks {' and '.join(_TOKENIZER_NEEDS[0])} (it holds {sorted(names)})", command)
+                raise _damaged(
+                    path, f"lacks {' and '.join(_TOKENIZER_NEEDS[0])} (it holds {sorted(names)})", command
+                )
             for entry in sorted(path.iterdir()):
                 if entry.suffix in (".json", ".txt"):
                     _check_text(entry, command)

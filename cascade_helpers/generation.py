@@ -110,7 +110,9 @@ def check_finite(
         for name, tensors in inputs.items()
         if any(t is not None and not torch.isfinite(t).all() for t in tensors)
     ]
-    broken = [n for n, p in model.named_parameters() if p.device.type != "meta" and not torch.isfinite(p).all()]
+    broken = [
+        n for n, p in model.named_parameters() if p.device.type != "meta" and not torch.isfinite(p).all()
+    ]
     if broken:
         named = [str(f) for f in weight_files] or ["the weight file"]
         causes.append(
@@ -252,7 +254,9 @@ def decode_stage_a(decoder: Decoder, latents: torch.Tensor) -> torch.Tensor:
     vqgan = decoder.vqgan
     scaled = latents.to(decoder.device, torch.float32) * vqgan.config.scale_factor
     pictures = vqgan.decode(scaled).sample
-    check_finite(pictures, "Stage A", vqgan, torch.float32, decoder.files[1:], {"the Stage B latents": (latents,)})
+    check_finite(
+        pictures, "Stage A", vqgan, torch.float32, decoder.files[1:], {"the Stage B latents": (latents,)}
+    )
     return pictures.clamp(0, 1).float().cpu()
 
 

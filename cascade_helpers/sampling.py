@@ -80,7 +80,13 @@ class StageSettings:
         ):
             raise ValueError(f"steps must be a whole number from 1 to 1000, not {self.steps!r}")
         values.at_least(self.guidance, "guidance", 0.0, "≤ 1 turns guidance off; the official Stage C uses 4")
-        values.at_least(self.shift, "shift", 0.0, "1 leaves the schedule as it is; the official Stage C uses 2", strict=True)
+        values.at_least(
+            self.shift,
+            "shift",
+            0.0,
+            "1 leaves the schedule as it is; the official Stage C uses 2",
+            strict=True,
+        )
         values.fraction(self.guidance_rescale, "guidance_rescale", "the official cfg_rho, 0.7")
         t_start = values.finite(self.t_start, "t_start", "the starting noise level, in (0, 1]")
         if not 0.0 < t_start <= 1.0:
@@ -88,7 +94,9 @@ class StageSettings:
         if self.sampler not in SAMPLERS:
             close = difflib.get_close_matches(str(self.sampler).lower(), SAMPLERS, n=1, cutoff=0.5)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"unknown sampler {self.sampler!r}{hint}: use one of {', '.join(map(repr, SAMPLERS))}")
+            raise ValueError(
+                f"unknown sampler {self.sampler!r}{hint}: use one of {', '.join(map(repr, SAMPLERS))}"
+            )
         if self.sampler == "diffusers" and (self.shift != 1.0 or self.guidance_rescale != 0.0):
             raise ValueError(
                 "the diffusers sampler has neither shift nor guidance rescale: set shift=1, guidance_rescale=0"

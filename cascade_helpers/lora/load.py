@@ -227,7 +227,9 @@ def load_lora(
     return LoadedLora(kind, len(unet_factors), len(te_factors), tuple(tokens), strength)
 
 
-def _our_tokens(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> dict[str, torch.Tensor]:
+def _our_tokens(
+    state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+) -> dict[str, torch.Tensor]:
     """The learned tokens our format stores: their names in the metadata, their rows as a tensor."""
     try:
         names = json.loads(metadata.get("tokens", "[]"))

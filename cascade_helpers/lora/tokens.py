@@ -69,7 +69,9 @@ def _check_new_token_entries(new_tokens: Sequence[NewToken]) -> list[tuple[str, 
         try:
             entries.append((token, None if pattern is None else re.compile(pattern)))
         except re.error as error:
-            raise LoraError(f"the regex {pattern!r} of the new token {token!r} is not valid: {error}") from None
+            raise LoraError(
+                f"the regex {pattern!r} of the new token {token!r} is not valid: {error}"
+            ) from None
     return entries
 
 
