@@ -106,7 +106,7 @@ def _to_unit(values: torch.Tensor, what: str) -> torch.Tensor:
     """Array or tensor pixels of any dtype → float32 in [0, 1]: bool as 0/1, integers as 0–255,
     floats as 0–1 (:func:`_unit_floats`)."""
     if values.numel() == 0:
-        raise ValueError(f"{what} is empty (shape {tuple(values.shape)})")
+        raise ValueError(f"{what} is empty")
     if values.dtype == torch.bool:
         return values.float()
     if values.is_complex():

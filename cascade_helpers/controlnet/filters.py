@@ -16,7 +16,7 @@ from torchvision.transforms import functional as TF
 
 from .. import values
 from ..effnet import encode as effnet_encode
-from ..images import ImageInput, batch_images, image_to_tensor, resize_and_crop
+from ..images import WIDE_MODES, ImageInput, batch_images, image_to_tensor, resize_and_crop
 from ..models import Prior
 from ..sizes import encoder_input_size
 from .kinds import ControlNetType, controlnet_type, released_file
@@ -78,8 +78,8 @@ def outpainting_canvas(
 def mask_tensor(mask: ImageInput, height: int, width: int) -> torch.Tensor:
     """Any black-and-white picture (PIL of any mode, array, tensor, bool or float, file) → a 1×1×H×W
     bool mask at height×width, scaled and centre-cropped like the picture. True (white) = regenerate."""
-    if isinstance(mask, PIL.Image.Image):
-        mask = mask.convert("L")
+    if isinstance(mask, PIL.Image.Image) and mask.mode not in WIDE_MODES:  # 16-bit: scaled, not clipped
+        mask = mask.convert("L")  # alpha dropped: a mask's transparent pixels are not "regenerate"
     if isinstance(mask, (torch.Tensor, np.ndarray)) and mask.dtype in (torch.bool, np.bool_):
         mask = torch.as_tensor(mask).float()
     gray = image_to_tensor(mask).mean(0, keepdim=True)
