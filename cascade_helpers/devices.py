@@ -36,6 +36,14 @@ DTYPE_NAMES: dict[str, torch.dtype] = {
 }
 
 
+def check_memory(memory: object) -> MemoryMode:
+    """``memory`` if it names a memory mode, else a ValueError listing them: checked before any
+    model is read, not after minutes of loading."""
+    if memory not in MEMORY_MODES:
+        raise ValueError(f"unknown memory mode {memory!r}: use one of {', '.join(MEMORY_MODES)}")
+    return memory  # type: ignore[return-value]
+
+
 class UnsupportedPrecisionError(ValueError):
     """A precision the model is known to break in."""
 
@@ -160,8 +168,7 @@ def place(
     The bundles in :mod:`cascade_helpers.loading` remember the execution device: with offloading a
     model's own ``.device`` says "cpu" (or "meta") between calls.
     """
-    if memory not in MEMORY_MODES:
-        raise ValueError(f"unknown memory mode {memory!r}: use one of {', '.join(MEMORY_MODES)}")
+    check_memory(memory)
     if device.type == "cpu" or memory == "gpu" or small:
         return model.to(device)
     if memory == "model_offload":
@@ -189,8 +196,7 @@ def weights_on_gpu(
     """
     from . import files
 
-    if memory not in MEMORY_MODES:
-        raise ValueError(f"unknown memory mode {memory!r}: use one of {', '.join(MEMORY_MODES)}")
+    check_memory(memory)
     big = [
         files.STAGE_C[stage_c][precision],
         files.STAGE_B[stage_b][precision],

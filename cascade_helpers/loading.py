@@ -29,7 +29,7 @@ from torch import nn
 
 from . import files
 from .checkpoints import Architecture, config_dir, stage_a_from_official
-from .devices import MemoryMode, pick_device, pick_dtype, place
+from .devices import MemoryMode, check_memory, pick_device, pick_dtype, place
 from .effnet import EfficientNetEncoder
 from .file_checks import (
     MissingModelFileError,
@@ -171,6 +171,7 @@ def load_prior(
     ``dtype`` defaults to bfloat16 on GPUs that support it, else float32; float16 is refused (NaNs).
     """
     variant = files.check_size_word(variant)
+    memory = check_memory(memory)
     device = pick_device(device)
     dtype = pick_dtype(dtype, device, stage="Stage C", allow_float16=allow_float16)
     if not is_local_folder(source):
@@ -306,6 +307,7 @@ def load_decoder(
     ``source`` is a models folder (offline) or the Hub repo ``stabilityai/stable-cascade``.
     """
     variant = files.check_size_word(variant)
+    memory = check_memory(memory)
     device = pick_device(device)
     dtype = pick_dtype(dtype, device, stage="Stage B")
     if not is_local_folder(source):
@@ -406,6 +408,7 @@ def load_text_encoder(
     ``source`` is a models folder (offline) or a Hub repo with ``text_encoder/`` and ``tokenizer/``
     folders (``stabilityai/stable-cascade``).
     """
+    memory = check_memory(memory)
     device = pick_device(device)
     dtype = pick_dtype(dtype, device, stage="text encoder")
     if not is_local_folder(source):

@@ -298,6 +298,8 @@ def sample(
     """
     if settings.guided and uncond is None:
         raise ValueError("guidance needs unconditional inputs")
+    if callback is not None and not callable(callback):  # else it fails only after the first step
+        raise TypeError(f"callback must be callable as callback(step, denoised, sample), not {callback!r}")
     doubled = _cat_inputs(cond, uncond) if settings.guided else None
     x = initial_noise(shape, generator, device) if x_init is None else x_init.float().to(device)
     desc = progress if isinstance(progress, str) else None

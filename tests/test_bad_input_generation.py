@@ -91,8 +91,9 @@ REQUEST_CASES = [
     ({"prompt": ["a", "b"], "negative_prompt": ["x"]}, ValueError, "1 negative prompts for 2 prompt"),
     ({"prompt": ["a", "b"], "num_images": 3}, ValueError, "num_images=3 cannot be shared among 2 prompts"),
     ({"num_images": 2.0}, ValueError, "num_images must be from 1 to 16 \\(a whole number\\), not 2.0"),
-    ({"seed": -1}, ValueError, "seed must be a whole number ≥ 0, not -1"),
-    ({"seed": 1.5}, ValueError, "seed must be a whole number ≥ 0, not 1.5"),
+    ({"seed": -1}, ValueError, r"seed must be a whole number from 0 to 2\*\*63 - 1, not -1"),
+    ({"seed": 1.5}, ValueError, "seed must be a whole number from 0 .*not 1.5"),
+    ({"seed": 2**64}, ValueError, "seed must be a whole number from 0 .*not 18446744073709551616"),
     ({"height": "1024"}, ValueError, "height='1024': use a multiple of 128"),
     (
         {"prior_setting": PRIOR},
@@ -133,6 +134,19 @@ def test_bad_requests_are_refused_before_any_model_runs(options, error, message,
 def test_bad_strengths_of_the_entry_points(tiny_pipeline, call, message):
     with pytest.raises(ValueError, match=message):
         call(*tiny_pipeline)
+
+
+def test_a_callback_that_cannot_be_called_fails_before_sampling(tiny_pipeline):
+    with pytest.raises(TypeError, match="callback must be callable as callback\\(step, denoised, sample\\), not 5"):
+        text_to_image(*tiny_pipeline, "a cat", callback=5, **FAST)
+
+
+def test_an_unknown_memory_mode_fails_before_loading(tiny_models, monkeypatch):
+    import cascade_helpers.loading as loading
+
+    monkeypatch.setattr(loading, "load_unet_single_file", lambda *a: pytest.fail("loaded a model first"))
+    with pytest.raises(ValueError, match="unknown memory mode 'cpu': use one of gpu, model_offload"):
+        load_prior(tiny_models, memory="cpu")
 
 
 # --- ControlNet strength and batch ---------------------------------------------------------------------
