@@ -37,7 +37,9 @@ def _generation(n: int = 2, **settings) -> Generation:
 )
 def test_a_prefix_must_be_a_name(tmp_path, prefix):
     out = tmp_path / "out"
-    with pytest.raises(ValueError, match=rf"prefix={re.escape(repr(prefix))}: .*without path separators.*output_dir"):
+    with pytest.raises(
+        ValueError, match=rf"prefix={re.escape(repr(prefix))}: .*without path separators.*output_dir"
+    ):
         save_generation(_generation(), out, prefix=prefix)
     assert not any(p.suffix == ".png" for p in tmp_path.rglob("*"))  # nothing written, inside or out
 

@@ -137,7 +137,9 @@ def test_bad_strengths_of_the_entry_points(tiny_pipeline, call, message):
 
 
 def test_a_callback_that_cannot_be_called_fails_before_sampling(tiny_pipeline):
-    with pytest.raises(TypeError, match="callback must be callable as callback\\(step, denoised, sample\\), not 5"):
+    with pytest.raises(
+        TypeError, match="callback must be callable as callback\\(step, denoised, sample\\), not 5"
+    ):
         text_to_image(*tiny_pipeline, "a cat", callback=5, **FAST)
 
 
