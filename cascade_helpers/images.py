@@ -50,7 +50,7 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
         return image
     if image.mode in WIDE_MODES:
         grey = np.round(_wide_grey(image) * 255).astype(np.uint8)
-        return PIL.Image.fromarray(grey, "L").convert("RGB")
+        return PIL.Image.fromarray(grey).convert("RGB")  # uint8 H×W: mode L
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
