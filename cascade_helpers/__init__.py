@@ -3,8 +3,9 @@ sampler, previews, ControlNet, LoRA, reconstruction — thin over diffusers, tra
 
 One module per concept, in layers that import only downward (``tests/test_layers.py`` keeps it so):
 
-0. ``files`` (the registry of model files), ``sizes``, ``atomic`` (safe writes), ``images``,
-   ``effnet``, ``previewer``, ``upstream`` (every diffusers Stable Cascade import)
+0. ``files`` (the registry of model files), ``sizes``, ``values`` (numbers checked at the boundary),
+   ``atomic`` (safe writes), ``images``, ``effnet``, ``previewer``, ``upstream`` (every diffusers
+   Stable Cascade import)
 1. ``checkpoints`` (safetensors headers), ``devices``, ``download``
 2. ``models`` (the loaded bundles), ``file_checks`` (a models folder before loading)
 3. ``loading``

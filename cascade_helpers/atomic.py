@@ -54,6 +54,27 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             temporary.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def atomic_files(folder: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside ``folder`` for a library that writes several files itself
+    (transformers' ``save_pretrained``). When the block ends without an error each file is renamed
+    into ``folder``, replacing one of the same name and keeping the others (a bf16 and a float32
+    text encoder share ``text_encoder/``): every file appears whole or not at all."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    temporary = _temporary_name(folder)
+    temporary.mkdir()
+    try:
+        yield temporary
+        for path in sorted(temporary.rglob("*")):
+            if path.is_file():
+                target = folder / path.relative_to(temporary)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, target)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """``path.write_bytes(data)``, atomically."""
     with atomic_path(path) as temporary:

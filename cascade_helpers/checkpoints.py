@@ -24,7 +24,17 @@ from typing import Literal
 
 import torch
 
-Kind = Literal["stage_c", "stage_b", "stage_a", "effnet", "previewer", "controlnet", "lora"]
+Kind = Literal[
+    "stage_c",
+    "stage_b",
+    "stage_a",
+    "effnet",
+    "previewer",
+    "controlnet",
+    "lora",
+    "text_encoder",
+    "image_encoder",
+]
 Architecture = Literal["big", "lite", "tiny"]
 
 KIND_NAMES: dict[str, str] = {
@@ -35,6 +45,8 @@ KIND_NAMES: dict[str, str] = {
     "previewer": "previewer",
     "controlnet": "Stage C ControlNet",
     "lora": "Stage C LoRA (official format)",
+    "text_encoder": "CLIP text encoder",
+    "image_encoder": "CLIP image encoder",
 }
 
 # A key only that model's files have (checked in this order: Stage B also has ``clip_norm``...).
@@ -46,6 +58,8 @@ _SIGNATURE_KEYS: list[tuple[str, Kind]] = [
     ("blocks.0.weight", "previewer"),
     ("projections.0.0.weight", "controlnet"),
     ("weights.0.lora_down", "lora"),
+    ("text_model.embeddings.token_embedding.weight", "text_encoder"),  # transformers' CLIP key names
+    ("vision_model.embeddings.patch_embedding.weight", "image_encoder"),
 ]
 
 #: config folder shipped in ``cascade_helpers/configs`` for each (kind, architecture)

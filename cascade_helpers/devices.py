@@ -36,22 +36,76 @@ DTYPE_NAMES: dict[str, torch.dtype] = {
 }
 
 
+def check_memory(memory: object) -> MemoryMode:
+    """``memory`` if it names a memory mode, else a ValueError listing them: checked before any
+    model is read, not after minutes of loading."""
+    if memory not in MEMORY_MODES:
+        raise ValueError(f"unknown memory mode {memory!r}: use one of {', '.join(MEMORY_MODES)}")
+    return memory  # type: ignore[return-value]
+
+
 class UnsupportedPrecisionError(ValueError):
     """A precision the model is known to break in."""
 
 
+#: what people write for a device type torch calls otherwise
+_DEVICE_ALIASES = {"gpu": "cuda", "nvidia": "cuda", "apple": "mps", "metal": "mps"}
+
+
+def available_devices() -> list[str]:
+    """The devices torch can compute on here: ``"cpu"``, each CUDA GPU (``"cuda:0"`` ...), ``"mps"``."""
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        found.append("mps")
+    return found
+
+
+def _unavailable(device: object, why: str) -> ValueError:
+    return ValueError(
+        f"device={device!r}: {why}. This machine has: {', '.join(available_devices())} "
+        "(device=None picks the best of them)"
+    )
+
+
 def pick_device(device: str | torch.device | None = None) -> torch.device:
-    """The device to compute on: the caller's choice, else CUDA, else Apple MPS, else CPU."""
-    if device is not None:
-        device = torch.device(device)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda")
-    elif torch.backends.mps.is_available():
-        device = torch.device("mps")
-    else:
-        device = torch.device("cpu")
-    if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" must compare equal
-        device = torch.device("cuda", torch.cuda.current_device())
+    """The device to compute on: the caller's choice, else CUDA, else Apple MPS, else CPU.
+
+    Args:
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``, a ``torch.device``, or None. A device
+            this machine lacks (``"cuda"`` without a GPU, a CUDA index past the last GPU) or a name
+            torch does not know (``"gpu"``) is refused with the list of the devices there are.
+
+    Returns:
+        The device, CUDA with its index (``"cuda"`` and ``"cuda:0"`` compare equal).
+    """
+    if device is None:
+        best = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        device = torch.device(best)
+    elif not isinstance(device, torch.device):
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError, ValueError):
+            alias = _DEVICE_ALIASES.get(str(device).split(":")[0].lower())
+            hint = f" (did you mean {alias!r}?)" if alias else ""
+            raise _unavailable(device, f"torch knows no device of that name{hint}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = (
+                "this torch was built without CUDA"
+                if torch.version.cuda is None
+                else "no CUDA GPU is visible"
+            )
+            raise _unavailable(str(device), f"CUDA is not available ({why})")
+        if device.index is None:  # "cuda" and "cuda:0" must compare equal
+            device = torch.device("cuda", torch.cuda.current_device())
+        elif device.index >= torch.cuda.device_count():
+            raise _unavailable(str(device), f"there is no CUDA GPU number {device.index}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise _unavailable(str(device), "Apple's MPS is not available")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise _unavailable(str(device), f"the package runs on cpu, cuda or mps, not {device.type}")
     return device
 
 
@@ -114,8 +168,7 @@ def place(
     The bundles in :mod:`cascade_helpers.loading` remember the execution device: with offloading a
     model's own ``.device`` says "cpu" (or "meta") between calls.
     """
-    if memory not in MEMORY_MODES:
-        raise ValueError(f"unknown memory mode {memory!r}: use one of {', '.join(MEMORY_MODES)}")
+    check_memory(memory)
     if device.type == "cpu" or memory == "gpu" or small:
         return model.to(device)
     if memory == "model_offload":
@@ -143,8 +196,7 @@ def weights_on_gpu(
     """
     from . import files
 
-    if memory not in MEMORY_MODES:
-        raise ValueError(f"unknown memory mode {memory!r}: use one of {', '.join(MEMORY_MODES)}")
+    check_memory(memory)
     big = [
         files.STAGE_C[stage_c][precision],
         files.STAGE_B[stage_b][precision],

@@ -52,21 +52,40 @@ SETTINGS_CHUNK = "stable_cascade"
 
 
 def _next_number(folder: Path, prefix: str) -> int:
-    numbered = re.compile(rf"{re.escape(prefix)}-(\d+)-")
-    numbers = [int(m.group(1)) for p in folder.glob(f"{prefix}-*.png") if (m := numbered.match(p.name))]
+    """One more than the highest run number of ``prefix`` in ``folder`` (the listing is matched with a
+    regular expression, so a prefix with glob characters such as ``[`` or ``*`` is taken literally)."""
+    numbered = re.compile(rf"{re.escape(prefix)}-(\d+)-.*\.png")
+    numbers = [int(m.group(1)) for p in folder.iterdir() if (m := numbered.fullmatch(p.name))]
     return max(numbers, default=0) + 1
 
 
 def _claim_run(folder: Path, prefix: str, names: list[str]) -> list[Path]:
     """Claim a run number whose file names are all free, atomically (exclusive create): two
     notebooks saving into one folder at once never get the same names."""
+    number = 0
     while True:
-        number = _next_number(folder, prefix)
+        number = max(_next_number(folder, prefix), number + 1)  # a lost race moves on, never loops
         paths = [folder / name.format(number=number) for name in names]
         if claim_name(paths[0]):
             for path in paths[1:]:  # the other names of this run follow the first one's number
                 claim_name(path)
             return paths
+
+
+def _check_prefix(prefix: object) -> str:
+    """A file-name prefix, not a path: ``"../x"`` would write outside the output folder."""
+    separators = {"/", "\\", os.sep, os.altsep} - {None}
+    if (
+        not isinstance(prefix, str)
+        or prefix in ("", ".", "..")
+        or "\0" in prefix
+        or any(separator in prefix for separator in separators)
+    ):
+        raise ValueError(
+            f"prefix={prefix!r}: the start of the file names must be a name without path separators "
+            "('/' or '\\'); choose the folder with output_dir"
+        )
+    return prefix
 
 
 def save_generation(
@@ -75,9 +94,21 @@ def save_generation(
     """Save every picture of a generation as ``<prefix>-<run>-seed<seed>-<index>.png`` in
     ``output_dir``, with its settings (prompt, negative prompt, seed, size, each stage's steps,
     guidance, shift, sampler, and its index in the batch) in the PNG's text metadata: the
-    ``stable_cascade`` chunk as JSON, the prompt also as the standard ``Description``.
-    A new run never overwrites an older one."""
+    ``stable_cascade`` chunk as JSON, each picture's own prompt also as the standard ``Description``.
+    A new run never overwrites an older one, even one another process saves into the same folder.
+
+    Args:
+        generation: what :func:`~cascade_helpers.generation.text_to_image` and friends return.
+        output_dir: the folder (created if needed).
+        prefix: the start of every file name: a name, not a path.
+
+    Returns:
+        The paths written, in the order of the pictures.
+    """
+    prefix = _check_prefix(prefix)
     folder = Path(output_dir)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"output_dir={str(folder)!r} is a file, not a folder: choose a folder")
     folder.mkdir(parents=True, exist_ok=True)
     seed = generation.settings.get("seed", 0)
     names = [f"{prefix}-{{number:04d}}-seed{seed}-{index}.png" for index in range(len(generation.images))]

@@ -22,6 +22,7 @@ import hashlib
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,13 +39,13 @@ VARIANTS: dict[str, tuple[Size, Size]] = {
 }
 PRECISIONS: dict[str, Precision] = {word: precision for precision, word in files.PRECISION_WORDS.items()}
 WORDS = (ESSENTIAL, *VARIANTS, *PRECISIONS, CONTROLNET, LORA, ALL)
-OPTIONS = ("--models-dir", "--dry-run", "--help")
+OPTIONS = ("--models-dir", "--dry-run", "--verify", "--help")
 # Partial files live inside the models folder: same disk, so the final move is a rename.
 PARTIAL_DIR = Path(".cache") / "cascade-download"
 
 USAGE = """\
 usage: bash download_models.sh [essential] [VARIANT] [bfloat16|float32] [controlnet] [lora] [all]
-                               [--models-dir DIR] [--dry-run] [--help]"""
+                               [--models-dir DIR] [--dry-run] [--verify] [--help]"""
 
 HELP = f"""{USAGE}
 
@@ -66,14 +67,18 @@ Fetch the released Stable Cascade weights from the Hugging Face Hub. Words, in a
 Options:
   --models-dir DIR  where the files go (download_models.sh: models/ beside it; python -m: ./models)
   --dry-run         list what would be fetched, with the published sizes and the total; fetch nothing
+  --verify          re-hash the files already there against the Hub's checksums and fetch again
+                    those that differ (a plain run keeps a file whose size matches: every file was
+                    verified when it got its name, but one changed since would not be noticed)
   --help            this text
 
 Examples: bash download_models.sh essential big-big bfloat16
           bash download_models.sh big-small controlnet --dry-run
 
 Interrupted? Run the same command again: finished files are kept, the current one resumes.
-Exit codes: 0 all fetched, 1 transfer, checksum or disk failure (named), 2 usage error.
-HF_TOKEN: a Hugging Face token, when the Hub answers 401/403. HF_ENDPOINT: a Hub mirror.
+Exit codes: 0 all fetched, 1 transfer, checksum, disk or folder failure (named), 2 usage error.
+HF_TOKEN: a Hugging Face token (else the one saved by `hf auth login`), sent with every request to
+the Hub (HF_ENDPOINT), never to the servers the file bytes come from. HF_ENDPOINT: a Hub mirror.
 {files.LICENSE_NOTE}"""
 
 
@@ -138,24 +143,61 @@ def download(
     *words: str,
     models_dir: str | Path = "models",
     dry_run: bool = False,
+    verify: bool = False,
     endpoint: str | None = None,
     token: str | None = None,
 ) -> list[Path]:
     """Fetch what ``words`` name into ``models_dir``: the words of ``download_models.sh``, e.g.
-    ``download("essential", "big-big", "bfloat16")``. Returns the local paths of the registry entries.
+    ``download("essential", "big-big", "bfloat16")``.
 
-    ``endpoint`` defaults to ``HF_ENDPOINT`` (else the Hub), ``token`` to ``HF_TOKEN`` (else the token
-    saved by ``hf auth login``). Raises ``UsageError`` for words that name nothing valid and
-    ``DownloadError`` when a transfer, checksum or the disk fails; running again resumes.
+    Args:
+        words: the script's words.
+        models_dir: where the files go (created if needed).
+        dry_run: list the files and sizes; fetch nothing.
+        verify: re-hash the files already there against the Hub's checksums and fetch again those
+            that differ. Without it a file whose size matches the Hub's is kept unread: files get
+            their name only once verified, so only a change made since would go unnoticed.
+        endpoint: the Hub; defaults to ``HF_ENDPOINT``, else huggingface.co.
+        token: defaults to ``HF_TOKEN``, else the token saved by ``hf auth login``. huggingface_hub
+            sends it with every request to the endpoint; the file bytes come from a CDN without it.
+
+    Returns:
+        The local paths of the registry entries.
+
+    Raises:
+        UsageError: the words name nothing valid.
+        DownloadError: the models folder cannot be used, or a transfer, checksum or the disk fails;
+            running again resumes.
     """
     selected = files_for_words(words)
     models_dir = Path(models_dir).expanduser().resolve()
+    check_models_dir(models_dir, write=not dry_run)
     print(files.LICENSE_NOTE, flush=True)
     if dry_run:
         print(dry_run_report(selected, models_dir), flush=True)
     else:
-        _fetch_all(selected, models_dir, endpoint, token)
+        _fetch_all(selected, models_dir, endpoint, token, verify)
     return [models_dir / file.path for file in selected]
+
+
+def check_models_dir(models_dir: Path, write: bool = True) -> None:
+    """Refuse a models folder that is a file, lies inside a file, or (``write``) cannot be written
+    to, in one sentence that names it, before anything is fetched."""
+    existing = next(path for path in (models_dir, *models_dir.parents) if path.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == models_dir else f"is inside {existing}, which is a file"
+        raise DownloadError(f"--models-dir {models_dir} {where}, not a folder: choose a folder")
+    if not write:
+        return
+    try:
+        models_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=models_dir):
+            pass
+    except OSError as error:
+        raise DownloadError(
+            f"--models-dir {models_dir} cannot be written to ({error.strerror or error}): choose a folder you "
+            "can write to, or change its permissions"
+        ) from None
 
 
 def dry_run_report(selected: Sequence[ModelFile], models_dir: Path) -> str:
@@ -166,7 +208,7 @@ def dry_run_report(selected: Sequence[ModelFile], models_dir: Path) -> str:
         here = (models_dir / file.path).exists()
         present += file.size if here else 0
         name = f"{file.path}/ (folder)" if file.folder else file.path
-        note = "present: kept if complete" if here else file.repo
+        note = "present: kept if its size matches" if here else file.repo
         lines.append(f"  {name:<45} {files.human_size(file.size):>9}  {note}")
     total = sum(file.size for file in selected)
     entries = f"{len(selected)} entr" + ("y" if len(selected) == 1 else "ies")
@@ -177,7 +219,7 @@ def dry_run_report(selected: Sequence[ModelFile], models_dir: Path) -> str:
 
 
 def _fetch_all(
-    selected: Sequence[ModelFile], models_dir: Path, endpoint: str | None, token: str | None
+    selected: Sequence[ModelFile], models_dir: Path, endpoint: str | None, token: str | None, verify: bool
 ) -> None:
     from huggingface_hub import constants
 
@@ -187,20 +229,32 @@ def _fetch_all(
         )
     endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
     remote = [entry for file in selected for entry in _describe(file, endpoint, token)]
-    todo = [entry for entry in remote if not _complete(models_dir, entry)]
+    kept = {
+        entry: "already complete (its size matches), kept" for entry in remote if _complete(models_dir, entry)
+    }
+    if verify:
+        for number, entry in enumerate(kept, 1):
+            print(f"verifying {entry.path} ({number}/{len(kept)}) against the Hub's checksum", flush=True)
+            if _digest(models_dir / entry.path, entry.checksum) == entry.checksum:
+                kept[entry] = "verified against the Hub's checksum, kept"
+        kept = {entry: note for entry, note in kept.items() if note.startswith("verified")}
+    todo = [entry for entry in remote if entry not in kept]
     _check_free_space(
         models_dir, sum(max(entry.size - _partial_size(models_dir, entry), 0) for entry in todo)
     )
-    print(f"{_count(remote)} into {models_dir}/, {len(remote) - len(todo)} already complete", flush=True)
+    print(f"{_count(remote)} into {models_dir}/, {len(kept)} already complete", flush=True)
     for number, entry in enumerate(remote, 1):
-        if entry in todo:
-            print(
-                f"[{number}/{len(remote)}] {entry.path} ({files.human_size(entry.size)}) from {entry.repo}",
-                flush=True,
-            )
-            _fetch(entry, models_dir, endpoint, token)
-        else:
-            print(f"[{number}/{len(remote)}] {entry.path}: already complete, kept", flush=True)
+        if entry in kept:
+            print(f"[{number}/{len(remote)}] {entry.path}: {kept[entry]}", flush=True)
+            continue
+        differs = (
+            " (the copy there differs from the Hub's checksum)" if (models_dir / entry.path).exists() else ""
+        )
+        print(
+            f"[{number}/{len(remote)}] {entry.path} ({files.human_size(entry.size)}) from {entry.repo}{differs}",
+            flush=True,
+        )
+        _fetch(entry, models_dir, endpoint, token)
     print(f"Done: {_count(remote)} in {models_dir}/", flush=True)
 
 
@@ -264,8 +318,14 @@ def _fetch(entry: RemoteFile, models_dir: Path, endpoint: str, token: str | None
             "was deleted, nothing is kept under that name. Run the same command again to fetch it afresh."
         )
     final = models_dir / entry.path
-    final.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(partial, final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(partial, final)
+    except OSError as error:
+        raise DownloadError(
+            f"{entry.path}: verified, but it cannot get its name {final} ({error.strerror or error}). The verified "
+            f"copy waits in {partial.parent}; fix the folder and run the same command again."
+        ) from None
 
 
 def _transfer(entry: RemoteFile, partial: Path, headers: dict[str, str]) -> None:
@@ -324,7 +384,8 @@ def _failure(
 
 
 def _complete(models_dir: Path, entry: RemoteFile) -> bool:
-    """A file gets its final name only after verification, so the right size there means complete."""
+    """A file gets its final name only after verification, so the right size there means complete
+    (unless it changed since: ``--verify`` re-hashes it)."""
     final = models_dir / entry.path
     return final.is_file() and final.stat().st_size == entry.size
 
@@ -389,6 +450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("words", nargs="*")
     parser.add_argument("--models-dir", type=Path, default=Path("models"))
     parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--verify", action="store_true")
     parser.add_argument("--help", "-h", action="store_true")
     try:
         args, unknown = parser.parse_known_intermixed_args(argv)
@@ -401,11 +463,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         if not args.words:
             raise UsageError("say what to fetch (--help lists the words)")
-        download(*args.words, models_dir=args.models_dir, dry_run=args.dry_run)
+        download(*args.words, models_dir=args.models_dir, dry_run=args.dry_run, verify=args.verify)
     except UsageError as error:
         print(f"{USAGE}\nerror: {error}", file=sys.stderr)
         return 2
-    except DownloadError as error:
+    except (DownloadError, OSError) as error:  # an OSError here is the disk's: say it in one line
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

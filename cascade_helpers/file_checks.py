@@ -7,6 +7,7 @@ Every loader runs these first, so a missing, half-downloaded or misplaced file i
 
 from __future__ import annotations
 
+import json
 import logging
 import shlex
 from pathlib import Path
@@ -17,6 +18,7 @@ from . import files
 from .checkpoints import (
     KIND_NAMES,
     Architecture,
+    CheckpointError,
     CheckpointInfo,
     TruncatedCheckpointError,
     WrongCheckpointError,
@@ -27,6 +29,10 @@ from .checkpoints import (
 from .files import ModelFile, Precision, Size
 
 logger = logging.getLogger(__name__)
+
+_REFETCH = (
+    "The file is damaged: fetch it again (--verify re-hashes the files there and replaces what differs):"
+)
 
 #: where download_models.sh puts files when given no --models-dir (beside the script)
 SCRIPT_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
@@ -79,6 +85,11 @@ def check_present(
     models_dir: Path, needed: list[ModelFile], stage_b: Size | None = None, stage_c: Size | None = None
 ) -> None:
     """Raise one error naming every missing file and the command that fetches them all."""
+    if models_dir.exists() and not models_dir.is_dir():
+        raise NotADirectoryError(
+            f"{models_dir} is a file, not a models folder: pass the folder download_models.sh filled "
+            f"(its --models-dir), e.g. {SCRIPT_MODELS_DIR}"
+        )
     missing = [f for f in needed if not is_present(models_dir, f)]
     if not missing:
         return
@@ -102,6 +113,8 @@ def inspect_file(
         raise TruncatedCheckpointError(
             f"{error}.\nRe-run the download, it resumes:\n  {fetch_command}"
         ) from None
+    except CheckpointError as error:
+        raise CheckpointError(f"{error}.\n{_REFETCH}\n  {fetch_command} --verify") from None
     expected = f"{KIND_NAMES[kind]}" + (f" {size}" if size else "")
     if info.kind != kind:
         raise WrongCheckpointError(
@@ -122,3 +135,85 @@ def inspect_file(
     if architecture == "tiny":
         logger.info("%s holds tiny random test weights: pictures will be noise", path)
     return info, architecture
+
+
+# --- every other file a loader reads -----------------------------------------------------------------
+
+#: what each single-file weight of the registry must hold, by its path (the UNets and Stage A are
+#: checked with their architecture by the loaders themselves)
+_WEIGHT_KINDS: dict[str, str] = {
+    files.EFFNET.path: "effnet",
+    files.PREVIEWER.path: "previewer",
+    **{f.path: "text_encoder" for f in files.TEXT_ENCODER.values()},
+    **{f.path: "image_encoder" for f in files.IMAGE_ENCODER.values()},
+}
+#: the keys our loaders read from a JSON file (beyond it being a JSON object)
+_JSON_KEYS: dict[str, tuple[str, ...]] = {
+    files.FEATURE_EXTRACTOR.path: ("image_mean", "image_std"),
+    files.TEXT_ENCODER_CONFIG.path: ("hidden_size", "vocab_size"),
+    files.IMAGE_ENCODER_CONFIG.path: ("hidden_size", "image_size"),
+}
+#: a CLIP tokenizer folder needs its vocabulary and merges (or the single tokenizer.json)
+_TOKENIZER_NEEDS = (("vocab.json", "merges.txt"), ("tokenizer.json",))
+
+
+def _damaged(path: Path, what: str, command: str) -> CheckpointError:
+    return CheckpointError(f"{path} {what}.\n{_REFETCH}\n  {command} --verify")
+
+
+def _check_text(path: Path, command: str, keys: tuple[str, ...] = ()) -> None:
+    """A text file of a models folder: UTF-8, not empty, and (``.json``) a JSON object with ``keys``."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise _damaged(path, "is not UTF-8 text", command) from None
+    if not text.strip() or "\0" in text:
+        raise _damaged(
+            path, "is empty" if not text.strip() else "holds NUL bytes, which no text file has", command
+        )
+    if path.name == "merges.txt":  # BPE merges: an optional "#version" line, then pairs
+        lines = [line for line in text.splitlines() if line and not line.startswith("#version")]
+        bad = next((i for i, line in enumerate(lines) if len(line.split(" ")) != 2), None)
+        if bad is not None:
+            raise _damaged(path, f"has a line that is not a pair of tokens: {lines[bad][:40]!r}", command)
+    if path.suffix != ".json":
+        return
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise _damaged(path, f"is not valid JSON ({error}; cut short?)", command) from None
+    if not isinstance(value, dict):
+        raise _damaged(path, f"holds a JSON {type(value).__name__}, not an object", command)
+    absent = [key for key in keys if key not in value]
+    if absent:
+        raise _damaged(path, f"lacks {', '.join(map(repr, absent))}", command)
+
+
+def check_files(models_dir: Path, needed: list[ModelFile]) -> None:
+    """Check that every file in ``needed`` (already known present) can be read and holds what its
+    slot needs, so a half-written, damaged or misplaced file is named with the command that fetches
+    it again instead of failing inside safetensors, json or transformers: weights by their header
+    (complete, the right model), JSON files by parsing them (and the keys the loaders read),
+    folders file by file. Stage B, Stage C and Stage A are checked by the loaders with their size
+    (:func:`inspect_file`).
+
+    Args:
+        models_dir: the models folder.
+        needed: the registry entries the loader will read.
+    """
+    for file in needed:
+        path = models_dir / file.path
+        command = fetch_command(models_dir, [file])
+        if file.folder:
+            names = {p.name for p in path.iterdir()}
+            if not any(all(n in names for n in group) for group in _TOKENIZER_NEEDS):
+                raise _damaged(
+                    path, f"lacks {' and '.join(_TOKENIZER_NEEDS[0])} (it holds {sorted(names)})", command
+                )
+            for entry in sorted(path.iterdir()):
+                if entry.suffix in (".json", ".txt"):
+                    _check_text(entry, command)
+        elif file.path in _WEIGHT_KINDS:
+            inspect_file(path, _WEIGHT_KINDS[file.path], None, command)
+        elif path.suffix == ".json":
+            _check_text(path, command, _JSON_KEYS.get(file.path, ()))

@@ -12,13 +12,15 @@ re-decode any of them.
 from __future__ import annotations
 
 import dataclasses
-import numbers
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import PIL.Image
 import torch
 
+from . import values
 from .conditioning import TextEmbeddings, encode_image_clip, encode_text, no_image
 from .controlnet.model import ControlOutputs, controlled_denoiser
 from .effnet import encode as effnet_encode
@@ -43,6 +45,8 @@ __all__ = [
     "MAX_IMAGES",
     "Generation",
     "GenerationRequest",
+    "NonFiniteLatentsError",
+    "check_finite",
     "Prompt",
     "make_request",
     "check_size",
@@ -69,6 +73,67 @@ class Generation:
     stage_c_latents: torch.Tensor  # B×16×h×w, float32, CPU
     stage_b_latents: torch.Tensor  # B×4×H/4×W/4, float32, CPU
     settings: dict = field(default_factory=dict)  # prompt, seed, steps ... (saved in PNG metadata)
+
+
+class NonFiniteLatentsError(FloatingPointError):
+    """A stage produced NaN or infinite values: the pictures would come out black."""
+
+
+def check_finite(
+    result: torch.Tensor,
+    stage: str,
+    model: torch.nn.Module,
+    dtype: torch.dtype,
+    weight_files: Sequence[Path],
+    inputs: Mapping[str, Sequence[torch.Tensor | None]],
+) -> None:
+    """Raise :class:`NonFiniteLatentsError` if ``result`` holds NaN or infinities, naming the likely
+    cause: an input that already held them, weights that hold them (a damaged file), or float16.
+
+    The check itself is one ``isfinite`` over the result (cheap); the diagnosis, which reads every
+    weight, runs only when it fails.
+
+    Args:
+        result: what the stage produced.
+        stage: "Stage C", "Stage B" or "Stage A", for the message.
+        model: the stage's model, whose weights are examined on failure.
+        dtype: the precision it ran in.
+        weight_files: the files the models were loaded from, named on failure.
+        inputs: what went in, by description, examined on failure.
+    """
+    if torch.isfinite(result).all():
+        return
+    bad = (~torch.isfinite(result)).sum().item()
+    causes = [
+        f"{name} already held NaN or infinite values"
+        + (" (a NaN input picture?)" if "picture" in name else "")
+        for name, tensors in inputs.items()
+        if any(t is not None and not torch.isfinite(t).all() for t in tensors)
+    ]
+    broken = [
+        n for n, p in model.named_parameters() if p.device.type != "meta" and not torch.isfinite(p).all()
+    ]
+    if broken:
+        named = [str(f) for f in weight_files] or ["the weight file"]
+        causes.append(
+            f"the {stage} weights hold NaN or infinite values ({len(broken)} tensors, e.g. {broken[0]}): a damaged "
+            f"weight file ({', '.join(named)}). Run your download command again with --verify: it re-hashes "
+            "every file and fetches again what differs"
+        )
+    if dtype == torch.float16:
+        causes.append(
+            f"{stage} ran in float16, whose range its activations exceed: load it with dtype=torch.bfloat16 "
+            "or torch.float32"
+        )
+    if not causes:
+        causes.append(
+            "no input or weight holds NaN, so the computation overflowed: an extreme guidance or a float16 "
+            "model, or a damaged weight file (run your download command again with --verify)"
+        )
+    raise NonFiniteLatentsError(
+        f"{stage} produced NaN or infinite values ({bad:,} of {result.numel():,}): the pictures would be black. "
+        f"Likely cause: {'; '.join(causes)}."
+    )
 
 
 # --- the stages --------------------------------------------------------------------------------------
@@ -118,7 +183,7 @@ def generate_stage_c(
     if control is not None:
         cond["cnet"] = uncond["cnet"] = list(control)
         denoiser = controlled_denoiser(prior.unet, prior.dtype)
-    return sample(
+    latents = sample(
         denoiser,
         shape,
         cond,
@@ -130,6 +195,15 @@ def generate_stage_c(
         callback=callback,
         progress="Stage C" if progress else False,
     )
+    inputs = {
+        "the prompt's text embeddings": (text.hidden, text.pooled),
+        "the negative prompt's text embeddings": (negative.hidden, negative.pooled),
+        "the image embeddings (image variation)": (image_embeds,),
+        "the starting latents (x_init: the input picture's encoding)": (x_init,),
+        "the ControlNet features": tuple(control or ()),
+    }
+    check_finite(latents, "Stage C", prior.unet, prior.dtype, prior.files[:1], inputs)
+    return latents
 
 
 @torch.no_grad()
@@ -162,7 +236,7 @@ def generate_stage_b(
     latents = stage_c_latents.to(decoder.device)
     cond = {"effnet": latents, "clip_text_pooled": pooled.to(decoder.device)}
     uncond = {"effnet": torch.zeros_like(latents), "clip_text_pooled": negative_pooled.to(decoder.device)}
-    return sample(
+    result = sample(
         unet_denoiser(decoder.unet, decoder.dtype),
         stage_b_shape(*image_size, latents.shape[0]),
         cond,
@@ -173,6 +247,9 @@ def generate_stage_b(
         callback=callback,
         progress="Stage B" if progress else False,
     )
+    inputs = {"the Stage C latents": (latents,), "the pooled text embeddings": (pooled, negative_pooled)}
+    check_finite(result, "Stage B", decoder.unet, decoder.dtype, decoder.files[:1], inputs)
+    return result
 
 
 @torch.no_grad()
@@ -180,7 +257,11 @@ def decode_stage_a(decoder: Decoder, latents: torch.Tensor) -> torch.Tensor:
     """Stage A latents → pictures (B×3×H×W in [0, 1], float32, CPU)."""
     vqgan = decoder.vqgan
     scaled = latents.to(decoder.device, torch.float32) * vqgan.config.scale_factor
-    return vqgan.decode(scaled).sample.clamp(0, 1).float().cpu()
+    pictures = vqgan.decode(scaled).sample
+    check_finite(
+        pictures, "Stage A", vqgan, torch.float32, decoder.files[1:], {"the Stage B latents": (latents,)}
+    )
+    return pictures.clamp(0, 1).float().cpu()
 
 
 @torch.no_grad()
@@ -314,12 +395,6 @@ def _run_from_latents(
     )
 
 
-def _check_fraction(value: object, name: str, meaning: str) -> float:
-    if not (isinstance(value, numbers.Real) and 0.0 <= value <= 1.0):  # NaN fails both comparisons
-        raise ValueError(f"{name} must be in [0, 1] ({meaning}), not {value!r}")
-    return float(value)
-
-
 def text_to_image(
     prior: Prior,
     decoder: Decoder,
@@ -410,7 +485,7 @@ def image_to_image(
     Returns:
         A :class:`Generation` whose settings also record ``strength``.
     """
-    strength = _check_fraction(strength, "strength", "0 keeps the picture, 1 ignores it")
+    strength = values.fraction(strength, "strength", "0 keeps the picture, 1 ignores it")
     request = make_request(prompt, negative_prompt, **options)
     extra = {"strength": strength}
     steps = {"callback": callback, "decoder_callback": decoder_callback, "progress": progress}
@@ -451,7 +526,7 @@ def controlnet_to_image(
     Returns:
         A :class:`Generation`.
     """
-    init_noise = _check_fraction(init_noise, "init_noise", "0 keeps the picture's latents as they are")
+    init_noise = values.fraction(init_noise, "init_noise", "0 keeps the picture's latents as they are")
     request = make_request(prompt, negative_prompt, **options)
     batches = {c.shape[0] for c in control if c is not None}
     if batches != {request.num_images}:

@@ -19,43 +19,159 @@ ImageInput = PIL.Image.Image | torch.Tensor | np.ndarray | str | os.PathLike
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
+#: PIL modes whose pixels are not 8-bit: 16-bit grey (16-bit PNG and TIFF files, in each byte order),
+#: 32-bit integers (what older Pillow made of 16-bit files) and 32-bit floats
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+_SIXTEEN_BIT = 65535
+# a float picture may overshoot [0, 1] by rounding; by more than an 8-bit step it was meant otherwise
+_FLOAT_TOLERANCE = 1 / 255
+
+
+def _wide_grey(image: PIL.Image.Image) -> np.ndarray:
+    """A 16-bit, 32-bit integer or float grey picture → H×W float32 in [0, 1]. PIL's own
+    ``convert("RGB")`` clips these to 255 (all white) or truncates floats to 0 or 1 (all black).
+    Integer modes are 16-bit pictures (0–65535); float pictures must hold 0–1."""
+    values = np.asarray(image)
+    if image.mode == "F":
+        return _unit_floats(torch.from_numpy(values.astype(np.float32)), "a mode 'F' picture").numpy()
+    values = values.astype(np.int64)
+    if values.size and (values.min() < 0 or values.max() > _SIXTEEN_BIT):
+        raise ValueError(
+            f"a mode {image.mode!r} picture holds values from {values.min()} to {values.max()}: integer pictures "
+            f"of this mode are read as 16-bit (0-{_SIXTEEN_BIT}). Scale it to 0-255 (mode 'L') or 0-1 first"
+        )
+    return (values / _SIXTEEN_BIT).astype(np.float32)
+
+
 def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    """Any PIL mode to RGB; transparency becomes white (what a viewer shows behind it), not black."""
+    """Any PIL mode to 8-bit RGB; transparency becomes white (what a viewer shows behind it), not
+    black, and 16-bit, 32-bit and float grey pictures are scaled, not clipped."""
     if image.mode == "RGB":
         return image
+    if image.mode in WIDE_MODES:
+        grey = np.round(_wide_grey(image) * 255).astype(np.uint8)
+        return PIL.Image.fromarray(grey).convert("RGB")  # uint8 H×W: mode L
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")
         background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return PIL.Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
 
 
-def image_to_tensor(image: ImageInput) -> torch.Tensor:
-    """One picture → 3×H×W float tensor in [0, 1]. Tensors and arrays may be H×W, H×W×C or C×H×W,
-    uint8 (0-255) or float (0-1); one channel is repeated to three, a fourth (alpha) dropped."""
-    if isinstance(image, (str, os.PathLike)):
-        with PIL.Image.open(image) as opened:
-            opened.load()  # read the pixels before the file closes: an RGB picture is passed on as is
-            image = to_rgb(opened)
-    if isinstance(image, PIL.Image.Image):
-        return TF.to_tensor(to_rgb(image))
-    # a copy: arrays from np.asarray(PIL image) are read-only, which torch warns about
-    tensor = torch.as_tensor(np.array(image) if isinstance(image, np.ndarray) else image)
-    if tensor.dtype == torch.uint8:
-        tensor = tensor.float() / 255
-    tensor = tensor.float()
-    if tensor.dim() == 2:
-        tensor = tensor[None]
-    elif tensor.dim() == 3 and tensor.shape[-1] in (1, 3, 4) and tensor.shape[0] not in (1, 3, 4):
-        tensor = tensor.permute(2, 0, 1)
-    if tensor.dim() != 3:
+def _open(path: str | os.PathLike) -> torch.Tensor:
+    """A picture file → 3×H×W in [0, 1], naming the file when it cannot be read (PIL's "image file is
+    truncated" does not say which)."""
+    try:
+        with PIL.Image.open(path) as opened:
+            opened.load()  # read the pixels before the file closes
+            return _pil_to_tensor(opened)
+    except (FileNotFoundError, IsADirectoryError):
+        raise
+    except (OSError, SyntaxError, ValueError) as error:  # PIL raises all three for damaged files
+        raise OSError(
+            f"{path} cannot be read as a picture ({error}): the file is damaged, cut short or not a picture. "
+            "Open it in an image viewer, or copy it again"
+        ) from error
+
+
+def _pil_to_tensor(image: PIL.Image.Image) -> torch.Tensor:
+    if image.mode in WIDE_MODES:  # no 8-bit round trip: keep the 16-bit precision
+        return torch.from_numpy(_wide_grey(image))[None].expand(3, -1, -1).contiguous()
+    return TF.to_tensor(to_rgb(image))
+
+
+def _unit_floats(values: torch.Tensor, what: str) -> torch.Tensor:
+    """Float pixels → [0, 1], refusing what is not a 0–1 picture: NaN and infinities (black
+    pictures later), and values beyond [0, 1] (0–255 or −1–1 data, which clamping would turn into
+    an all-white or half-black picture)."""
+    if not torch.isfinite(values).all():
+        raise ValueError(f"{what} holds NaN or infinite values: a picture needs finite pixels")
+    low, high = values.min().item(), values.max().item()
+    if low < -_FLOAT_TOLERANCE or high > 1 + _FLOAT_TOLERANCE:
+        if low >= 0 and high <= 255:
+            hint = "values up to 255: divide by 255, or pass uint8 (integer) values"
+        elif low >= -1 - _FLOAT_TOLERANCE and high <= 1 + _FLOAT_TOLERANCE:
+            hint = "values from -1 to 1: pass (x + 1) / 2"
+        else:
+            hint = "scale it to 0-1 first"
         raise ValueError(
-            f"expected one image (H×W, H×W×C or C×H×W), got a tensor of shape {tuple(tensor.shape)}"
+            f"{what} holds floats from {low:.4g} to {high:.4g}, but float pictures must hold 0-1 ({hint})"
         )
-    tensor = tensor[:3] if tensor.shape[0] >= 3 else tensor[:1].expand(3, -1, -1)
-    return tensor.clamp(0, 1)
+    return values.clamp(0, 1)
+
+
+def _to_unit(values: torch.Tensor, what: str) -> torch.Tensor:
+    """Array or tensor pixels of any dtype → float32 in [0, 1]: bool as 0/1, integers as 0–255,
+    floats as 0–1 (:func:`_unit_floats`)."""
+    if values.numel() == 0:
+        raise ValueError(f"{what} is empty")
+    if values.dtype == torch.bool:
+        return values.float()
+    if values.is_complex():
+        raise ValueError(f"{what} holds complex numbers ({values.dtype}): a picture needs real values")
+    if values.is_floating_point():
+        return _unit_floats(values.float(), what)
+    wide = values.to(torch.int64)
+    low, high = wide.min().item(), wide.max().item()
+    if low < 0 or high > 255:
+        raise ValueError(
+            f"{what} holds integers from {low} to {high}, but integer pictures must hold 0-255 (8-bit). "
+            f"For a 16-bit picture (0-{_SIXTEEN_BIT}) pass the file or PIL image, or divide by {_SIXTEEN_BIT}.0 "
+            "to give 0-1 floats"
+        )
+    return wide.float() / 255
+
+
+def _numpy_to_tensor(array: np.ndarray) -> torch.Tensor:
+    """A copy in native byte order (arrays from np.asarray(PIL image) are read-only, 16-bit ones may
+    be big-endian; torch takes neither); unsigned types torch barely supports become int64."""
+    if array.dtype.kind == "u" and array.dtype.itemsize > 1:
+        array = array.astype(np.int64)
+    if array.dtype.kind not in "biufc":
+        raise ValueError(f"a picture array needs numbers, not dtype {array.dtype}")
+    return torch.from_numpy(np.array(array, dtype=array.dtype.newbyteorder("=")))
+
+
+def image_to_tensor(image: ImageInput) -> torch.Tensor:
+    """One picture → 3×H×W float tensor in [0, 1].
+
+    Args:
+        image: a file path; a PIL image of any mode (16-bit and float grey scaled, transparency on
+            white); or an array or tensor H×W, H×W×C or C×H×W (or 1×C×H×W) with 1 to 4 channels
+            (grey, grey + alpha, RGB, RGBA; alpha on white) holding 0-255 integers of any integer
+            dtype, 0-1 floats, or booleans. A float array beyond 0-1 is refused: 0-255 floats and
+            -1-1 floats both exist, and guessing would give a washed-out or black picture.
+
+    Returns:
+        The picture, float32, channels first.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        return _open(image)
+    if isinstance(image, PIL.Image.Image):
+        return _pil_to_tensor(image)
+    if not isinstance(image, (np.ndarray, torch.Tensor)):
+        raise TypeError(
+            f"a picture must be a file path, a PIL image, a numpy array or a torch tensor, not {type(image).__name__}"
+        )
+    raw = _numpy_to_tensor(image) if isinstance(image, np.ndarray) else image.detach().cpu()
+    shape = tuple(raw.shape)
+    if raw.dim() == 4 and raw.shape[0] == 1:
+        raw = raw[0]
+    if raw.dim() == 3 and raw.shape[-1] in (1, 2, 3, 4) and raw.shape[0] not in (1, 2, 3, 4):
+        raw = raw.permute(2, 0, 1)
+    elif raw.dim() == 2:
+        raw = raw[None]
+    if raw.dim() != 3 or raw.shape[0] not in (1, 2, 3, 4):
+        raise ValueError(
+            f"expected one picture (H×W, H×W×C or C×H×W with 1 to 4 channels), got shape {shape}"
+        )
+    pixels = _to_unit(raw, f"the picture ({type(image).__name__} of shape {shape}, dtype {image.dtype})")
+    colour, alpha = (pixels[:1], pixels[1:]) if pixels.shape[0] <= 2 else (pixels[:3], pixels[3:])
+    if alpha.shape[0]:  # transparency on white, as for PIL pictures
+        colour = colour * alpha + (1 - alpha)
+    return colour.expand(3, -1, -1).contiguous()
 
 
 def images_in_folder(folder: str | os.PathLike) -> list[Path]:
@@ -79,7 +195,10 @@ def scale_short_side(image: torch.Tensor, side: int) -> torch.Tensor:
 
 
 def batch_images(images: ImageInput | Sequence[ImageInput], height: int, width: int) -> torch.Tensor:
-    """One or several pictures → B×3×height×width, each scaled and centre-cropped."""
+    """One or several pictures (a list, a folder, or a B×C×H×W array or tensor) → B×3×height×width,
+    each scaled and centre-cropped."""
+    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
+        images = list(images)
     if isinstance(images, (str, os.PathLike)) and Path(images).is_dir():
         images = images_in_folder(images)
     if not isinstance(images, Sequence) or isinstance(images, (str, os.PathLike)):

@@ -34,10 +34,11 @@ from torch import nn
 
 from . import files
 from .checkpoints import Architecture, config_dir, stage_a_from_official
-from .devices import MemoryMode, pick_device, pick_dtype, place
+from .devices import MemoryMode, check_memory, pick_device, pick_dtype, place
 from .effnet import EfficientNetEncoder
 from .file_checks import (
     MissingModelFileError,
+    check_files,
     check_present,
     choose_precision_file,
     fetch_command,
@@ -181,6 +182,7 @@ def load_prior(
     ``dtype`` defaults to bfloat16 on GPUs that support it, else float32; float16 is refused (NaNs).
     """
     variant = files.check_size_word(variant)
+    memory = check_memory(memory)
     device = pick_device(device)
     dtype = pick_dtype(dtype, device, stage="Stage C", allow_float16=allow_float16)
     if not is_local_folder(source):
@@ -191,7 +193,7 @@ def load_prior(
     models_dir = Path(source)
     stage_c = choose_precision_file(models_dir, files.STAGE_C[variant], dtype)
     text_weights = choose_precision_file(models_dir, files.TEXT_ENCODER, dtype)
-    needed = [stage_c, files.TEXT_ENCODER_CONFIG, text_weights, files.TOKENIZER]
+    needed = [stage_c, files.TEXT_ENCODER_CONFIG, text_weights, files.TOKENIZER]  # Stage C first
     if image_encoder:
         image_weights = choose_precision_file(models_dir, files.IMAGE_ENCODER, dtype)
         needed += [files.IMAGE_ENCODER_CONFIG, image_weights, files.FEATURE_EXTRACTOR]
@@ -202,10 +204,7 @@ def load_prior(
 
     command = fetch_command(models_dir, [stage_c], stage_b, variant)
     _, architecture = inspect_file(models_dir / stage_c.path, "stage_c", variant, command)
-    essential_command = fetch_command(models_dir, [files.EFFNET])
-    for optional, file, kind in ((effnet, files.EFFNET, "effnet"), (previewer, files.PREVIEWER, "previewer")):
-        if optional:
-            inspect_file(models_dir / file.path, kind, None, essential_command)
+    check_files(models_dir, needed[1:])  # everything else: encoders, configs, tokenizer
 
     from transformers import CLIPVisionModelWithProjection
 
@@ -320,6 +319,7 @@ def load_decoder(
     ``source`` is a models folder (offline) or the Hub repo ``stabilityai/stable-cascade``.
     """
     variant = files.check_size_word(variant)
+    memory = check_memory(memory)
     device = pick_device(device)
     dtype = pick_dtype(dtype, device, stage="Stage B")
     if not is_local_folder(source):
@@ -407,9 +407,8 @@ def load_effnet(
             return load_strict(EfficientNetEncoder(), _hub_file(source, files.EFFNET)).to(device)
     models_dir = Path(source)
     check_present(models_dir, [files.EFFNET])
-    path = models_dir / files.EFFNET.path
-    inspect_file(path, "effnet", None, fetch_command(models_dir, [files.EFFNET]))
-    return load_strict(EfficientNetEncoder(), path).to(device)
+    check_files(models_dir, [files.EFFNET])
+    return load_strict(EfficientNetEncoder(), models_dir / files.EFFNET.path).to(device)
 
 
 def load_text_encoder(
@@ -424,6 +423,7 @@ def load_text_encoder(
     ``source`` is a models folder (offline) or a Hub repo with ``text_encoder/`` and ``tokenizer/``
     folders (``stabilityai/stable-cascade``).
     """
+    memory = check_memory(memory)
     device = pick_device(device)
     dtype = pick_dtype(dtype, device, stage="text encoder")
     if not is_local_folder(source):
@@ -433,5 +433,6 @@ def load_text_encoder(
         models_dir = Path(source)
         weights = choose_precision_file(models_dir, files.TEXT_ENCODER, dtype)
         check_present(models_dir, [files.TEXT_ENCODER_CONFIG, weights, files.TOKENIZER])
+        check_files(models_dir, [files.TEXT_ENCODER_CONFIG, weights, files.TOKENIZER])
         text_encoder, tokenizer = _text_encoder_from_folder(models_dir, weights, dtype)
     return TextEncoder(place(text_encoder, device, memory), tokenizer, device, dtype)

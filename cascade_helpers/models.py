@@ -52,7 +52,7 @@ class Prior:
     clip_image: ClipImageSettings | None = None
     effnet: EfficientNetEncoder | None = None
     previewer: Previewer | None = None
-    files: list[Path] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)  # what it was loaded from, Stage C's file first
 
     def require(self, part: str, needed_for: str) -> nn.Module:
         """The optional ``part`` (``"image_encoder"``, ``"effnet"`` or ``"previewer"``), or an error
@@ -75,7 +75,7 @@ class Decoder:
     device: torch.device
     dtype: torch.dtype
     architecture: Architecture
-    files: list[Path] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)  # what it was loaded from: Stage B's file, Stage A's
 
 
 @dataclass

@@ -15,6 +15,7 @@ from .sampling import OFFICIAL_DECODER, OFFICIAL_PRIOR, StageSettings
 from .sizes import GENERATION, check_size
 
 MAX_IMAGES = 16
+MAX_SEED = 2**63 - 1  # torch's generators take 64 bits; image-to-image also uses seed + 1
 
 #: a prompt, or one prompt per picture (the diffusers habit)
 Prompt = str | Sequence[str]
@@ -82,9 +83,12 @@ class GenerationRequest:
         set_(self, "height", height)
         set_(self, "width", width)
         if not (
-            isinstance(self.seed, numbers.Integral) and not isinstance(self.seed, bool) and self.seed >= 0
+            isinstance(self.seed, numbers.Integral)
+            and not isinstance(self.seed, bool)
+            and 0 <= self.seed <= MAX_SEED
         ):
-            raise ValueError(f"seed must be a whole number ≥ 0, not {self.seed!r}")
+            raise ValueError(f"seed must be a whole number from 0 to 2**63 - 1, not {self.seed!r}")
+        set_(self, "seed", int(self.seed))
         for name in ("prior_settings", "decoder_settings"):
             if not isinstance(getattr(self, name), StageSettings):
                 raise TypeError(

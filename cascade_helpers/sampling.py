@@ -28,13 +28,17 @@ denoiser decides what to do with them (:func:`cascade_helpers.controlnet.control
 
 from __future__ import annotations
 
+import difflib
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
+
+from . import values
 
 _S = 0.008  # offset of the cosine schedule (Nichol & Dhariwal), as in the official code
 _VAR_RANGE = (1e-4, 0.9999)  # the official schedule clamps the signal variance to this range
@@ -47,9 +51,15 @@ Input = torch.Tensor | Sequence[torch.Tensor | None]
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
+#: the samplers :class:`StageSettings` knows
+SAMPLERS: tuple[str, ...] = ("official", "diffusers")
+
+
 @dataclass(frozen=True)
 class StageSettings:
-    """How one stage is sampled.
+    """How one stage is sampled. Checked on construction: a NaN or infinite guidance, shift or
+    ``t_start`` would otherwise give black pictures without a word, and an unknown sampler name
+    would silently run another sampler than the saved settings claim.
 
     ``guidance`` ≤ 1 turns classifier-free guidance off (one model call per step, as diffusers does
     for ``guidance_scale`` ≤ 1). ``t_start`` < 1 starts from a partly noised latent.
@@ -63,18 +73,38 @@ class StageSettings:
     t_start: float = 1.0
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.steps, int) and 1 <= self.steps <= 1000):
+        if not (
+            isinstance(self.steps, numbers.Integral)
+            and not isinstance(self.steps, bool)
+            and 1 <= self.steps <= 1000
+        ):
             raise ValueError(f"steps must be a whole number from 1 to 1000, not {self.steps!r}")
-        if not 0.0 < self.t_start <= 1.0:
+        values.at_least(self.guidance, "guidance", 0.0, "≤ 1 turns guidance off; the official Stage C uses 4")
+        values.at_least(
+            self.shift,
+            "shift",
+            0.0,
+            "1 leaves the schedule as it is; the official Stage C uses 2",
+            strict=True,
+        )
+        values.fraction(self.guidance_rescale, "guidance_rescale", "the official cfg_rho, 0.7")
+        t_start = values.finite(self.t_start, "t_start", "the starting noise level, in (0, 1]")
+        if not 0.0 < t_start <= 1.0:
             raise ValueError(f"t_start (the starting noise level) must be in (0, 1], not {self.t_start}")
-        if self.shift <= 0:
-            raise ValueError(f"shift must be positive, not {self.shift}")
-        if not 0.0 <= self.guidance_rescale <= 1.0:
-            raise ValueError(f"guidance_rescale must be in [0, 1], not {self.guidance_rescale}")
+        if self.sampler not in SAMPLERS:
+            close = difflib.get_close_matches(str(self.sampler).lower(), SAMPLERS, n=1, cutoff=0.5)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(
+                f"unknown sampler {self.sampler!r}{hint}: use one of {', '.join(map(repr, SAMPLERS))}"
+            )
         if self.sampler == "diffusers" and (self.shift != 1.0 or self.guidance_rescale != 0.0):
             raise ValueError(
                 "the diffusers sampler has neither shift nor guidance rescale: set shift=1, guidance_rescale=0"
             )
+        set_ = object.__setattr__  # a frozen dataclass normalizing its own fields (numpy numbers → Python)
+        set_(self, "steps", int(self.steps))
+        for name in ("guidance", "shift", "guidance_rescale", "t_start"):
+            set_(self, name, float(getattr(self, name)))
 
     @property
     def guided(self) -> bool:
@@ -268,6 +298,8 @@ def sample(
     """
     if settings.guided and uncond is None:
         raise ValueError("guidance needs unconditional inputs")
+    if callback is not None and not callable(callback):  # else it fails only after the first step
+        raise TypeError(f"callback must be callable as callback(step, denoised, sample), not {callback!r}")
     doubled = _cat_inputs(cond, uncond) if settings.guided else None
     x = initial_noise(shape, generator, device) if x_init is None else x_init.float().to(device)
     desc = progress if isinstance(progress, str) else None

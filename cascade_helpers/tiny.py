@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import files
-from .atomic import atomic_path, save_safetensors
+from .atomic import atomic_files, atomic_path, save_safetensors
 from .checkpoints import config_dir, stage_a_to_official, unet_to_official
 from .controlnet import CONTROLNET_TYPES, TINY_BLOCKS, ControlNet, LargeBottleneck
 from .devices import DTYPE_NAMES
@@ -193,14 +193,15 @@ def write_tokenizer(models_dir: Path) -> Path:
             prefix = merged
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     folder = models_dir / files.TOKENIZER.path
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tokenizer = CLIPTokenizer(
-        vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), pad_token="!"
-    )
-    tokenizer.model_max_length = 77
-    tokenizer.save_pretrained(folder)
+    with atomic_files(folder) as temporary:
+        vocab = json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False)
+        (temporary / "vocab.json").write_text(vocab, encoding="utf-8")
+        (temporary / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+        tokenizer = CLIPTokenizer(
+            vocab=str(temporary / "vocab.json"), merges=str(temporary / "merges.txt"), pad_token="!"
+        )
+        tokenizer.model_max_length = 77
+        tokenizer.save_pretrained(temporary)
     return folder
 
 
@@ -240,7 +241,8 @@ def write_text_encoder(models_dir: Path, precision: Precision, seed: int = 5) ->
     torch.manual_seed(seed)
     model = CLIPTextModelWithProjection(text_encoder_config(vocab_size)).to(DTYPE_NAMES[precision])
     folder = models_dir / "text_encoder"
-    model.save_pretrained(folder, variant="bf16" if precision == "bf16" else None)
+    with atomic_files(folder) as temporary:
+        model.save_pretrained(temporary, variant="bf16" if precision == "bf16" else None)
     return folder
 
 
@@ -259,11 +261,13 @@ def write_image_encoder(models_dir: Path, precision: Precision, seed: int = 6) -
     )
     model = CLIPVisionModelWithProjection(config).to(DTYPE_NAMES[precision])
     folder = models_dir / "image_encoder"
-    model.save_pretrained(folder, variant="bf16" if precision == "bf16" else None)
+    with atomic_files(folder) as temporary:
+        model.save_pretrained(temporary, variant="bf16" if precision == "bf16" else None)
     processor = CLIPImageProcessor(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     )
-    processor.save_pretrained(models_dir / "feature_extractor")
+    with atomic_files(models_dir / "feature_extractor") as temporary:
+        processor.save_pretrained(temporary)
     return folder
 
 

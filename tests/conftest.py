@@ -36,3 +36,20 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket.socket, "connect_ex", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """A fresh fake Hub (tests/fakehub.py); HF_ENDPOINT points at it, no token anywhere, downloads
+    allowed."""
+    from fakehub import FakeHub
+    from huggingface_hub import constants
+
+    with FakeHub() as fake:
+        monkeypatch.setenv("HF_ENDPOINT", fake.url)
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+        for variable in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            monkeypatch.delenv(variable, raising=False)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the notebook runs set it for the session
+        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf_home" / "token"))
+        yield fake

@@ -1,83 +1,148 @@
-"""Writes through a temporary name (cascade_helpers.atomic): all or nothing under the final name, and
-file names claimed exclusively so that concurrent savers never overwrite each other."""
+"""Writing through cascade_helpers.atomic: a writer killed mid-write leaves the previous complete file
+under the final name, never half a file.
+
+Each test runs the writer in a child process, kills it while the new file is half written (SIGKILL
+after a handshake, or the kernel's SIGXFSZ in the middle of safetensors' own write), then reads the
+final name back.
+"""
 
 from __future__ import annotations
 
-import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
-import PIL.Image
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
-from cascade_helpers import atomic
+from cascade_helpers.atomic import atomic_path, claim_name, save_safetensors, write_json, write_text
 
-
-def _leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
-
-
-def test_a_finished_write_takes_the_final_name(tmp_path):
-    target = tmp_path / "sub" / "a.txt"
-    atomic.write_text(target, "new")
-    assert target.read_text() == "new" and not _leftovers(target.parent)
+ROOT = Path(__file__).parents[1]
+MIB = 1024 * 1024
 
 
-def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
-    target = tmp_path / "a.txt"
-    target.write_text("old")
-    with pytest.raises(RuntimeError), atomic.atomic_path(target) as temporary:
-        temporary.write_text("half")
-        raise RuntimeError("disk full")
-    assert target.read_text() == "old" and not _leftovers(tmp_path)
+def _child(code: str, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
 
 
-def test_a_folder_replaces_the_old_folder_whole(tmp_path):
+def _temporaries(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp"))
+
+
+def test_sigkill_halfway_through_atomic_path_keeps_the_previous_file(tmp_path):
+    target = tmp_path / "lora.safetensors"
+    previous = os.urandom(3 * MIB)
+    target.write_bytes(previous)
+    child = _child(
+        f"""
+        import sys
+        from cascade_helpers.atomic import atomic_path
+        with atomic_path({str(target)!r}) as temporary:
+            with open(temporary, "wb") as out:
+                for chunk in range(32):
+                    out.write(bytes([chunk]) * {MIB})
+                    out.flush()
+                    if chunk == 15:
+                        print("half", flush=True)
+                        sys.stdin.read()  # wait here, half written, until killed
+        """
+    )
+    assert child.stdout.readline().strip() == "half"
+    (temporary,) = _temporaries(tmp_path)
+    assert temporary.stat().st_size == 16 * MIB  # the kill lands in the middle of the new file
+    child.send_signal(signal.SIGKILL)
+    child.communicate(timeout=30)
+    assert child.returncode == -signal.SIGKILL
+    assert target.read_bytes() == previous
+
+
+def test_sigkill_while_save_safetensors_writes_keeps_the_previous_file(tmp_path):
+    """safetensors writes the file itself (in Rust, through its own temporary file): the child saves
+    a 64 MiB file again and again, and is killed the moment a temporary file shows up beside the
+    final name; the kill counts when that temporary is still there after it (it landed before the
+    rename). The final name must hold the last complete version, whole."""
+    target = tmp_path / "lora.safetensors"
+    child = _child(
+        f"""
+        import torch
+        from cascade_helpers.atomic import save_safetensors
+        version = 0
+        while True:
+            version += 1
+            save_safetensors({str(target)!r}, {{"weight": torch.full((16 * {MIB},), float(version))}})
+            print(version, flush=True)
+        """
+    )
+    try:
+        assert child.stdout.readline().strip() == "1"  # a first complete version exists
+        caught = None
+        for _ in range(2_000_000):
+            if hidden := [e.name for e in os.scandir(tmp_path) if e.name.startswith(".")]:
+                child.send_signal(signal.SIGKILL)
+                caught = hidden
+                break
+        assert caught, "the writer never showed a temporary file"
+        out, _ = child.communicate(timeout=30)
+    finally:
+        child.kill()
+    assert child.returncode == -signal.SIGKILL
+    left = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    if not left:
+        pytest.skip("the kill landed after the rename this time")  # rare: the whole write took no time
+    versions = [1, *[int(line) for line in out.split()]]
+    weight = load_file(target)["weight"]  # complete: safetensors reads every byte it announces
+    assert weight.shape == (16 * MIB,) and weight.min() == weight.max() == versions[-1]
+
+
+def test_an_error_mid_write_removes_the_temporary_and_keeps_the_file(tmp_path):
+    target = tmp_path / "settings.json"
+    write_json(target, {"version": 1})
+    with pytest.raises(RuntimeError, match="disk gone"), atomic_path(target) as temporary:
+        temporary.write_text("{half")
+        raise RuntimeError("disk gone")
+    assert target.read_text() == '{\n  "version": 1\n}\n' and _temporaries(tmp_path) == []
+
+
+def test_a_folder_is_replaced_whole(tmp_path):
     target = tmp_path / "checkpoint"
-    target.mkdir()
-    (target / "old.bin").write_text("old")
-    with atomic.atomic_path(target) as temporary:
+    with atomic_path(target) as temporary:
         temporary.mkdir()
-        (temporary / "new.bin").write_text("new")
-    assert [p.name for p in target.iterdir()] == ["new.bin"]
-    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint"]
+        (temporary / "a.txt").write_text("old")
+    with atomic_path(target) as temporary:
+        temporary.mkdir()
+        (temporary / "b.txt").write_text("new")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    assert [p for p in tmp_path.iterdir() if p.name != "checkpoint"] == []
+
+
+def test_claim_name_gives_a_name_once(tmp_path):
+    assert claim_name(tmp_path / "x.png") and not claim_name(tmp_path / "x.png")
+    write_text(tmp_path / "x.png", "filled")
+    assert (tmp_path / "x.png").read_text() == "filled"
+
+
+def test_a_finished_write_takes_the_final_name_in_a_new_folder(tmp_path):
+    target = tmp_path / "sub" / "a.txt"
+    write_text(target, "new")
+    assert target.read_text() == "new" and _temporaries(target.parent) == []
 
 
 def test_safetensors_round_trip_with_metadata(tmp_path):
     tensor = torch.arange(6.0).reshape(2, 3).t()  # not contiguous: the writer makes it so
-    path = atomic.save_safetensors(tmp_path / "x.safetensors", {"x": tensor}, {"source": "test"})
+    path = save_safetensors(tmp_path / "x.safetensors", {"x": tensor}, {"source": "test"})
     with safe_open(str(path), framework="pt") as f:
         assert torch.equal(f.get_tensor("x"), tensor) and f.metadata() == {"source": "test"}
-
-
-def test_a_name_is_claimed_once(tmp_path):
-    assert atomic.claim_name(tmp_path / "a.png")
-    assert not atomic.claim_name(tmp_path / "a.png")
-
-
-def _save_many(folder: str, count: int, start) -> None:
-    from cascade_helpers.display import save_generation
-    from cascade_helpers.generation import Generation
-
-    picture = PIL.Image.new("RGB", (8, 8), "red")
-    generation = Generation([picture], torch.zeros(1), torch.zeros(1), {"prompt": "p", "seed": 1})
-    start.wait()  # both processes save at the same time
-    for _ in range(count):
-        save_generation(generation, folder)
-
-
-def test_two_processes_saving_into_one_folder_keep_every_picture(tmp_path):
-    """Each saver picks the next free run number; without the exclusive claim two processes pick the
-    same number and overwrite each other's files."""
-    context = multiprocessing.get_context("spawn")
-    start = context.Barrier(2)
-    workers = [context.Process(target=_save_many, args=(str(tmp_path), 30, start)) for _ in range(2)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(timeout=120)
-        assert worker.exitcode == 0
-    saved = sorted(tmp_path.glob("cascade-*.png"))
-    assert len(saved) == 60
-    assert all(PIL.Image.open(p).size == (8, 8) for p in saved)  # every file complete

@@ -87,21 +87,6 @@ def assert_fetched(hub: FakeHub, models_dir: Path, expected: set[str]) -> None:
         assert (models_dir / path).read_bytes() == hub.content(path, repo_of(path)), path
 
 
-@pytest.fixture
-def hub(monkeypatch, tmp_path):
-    """A fresh fake hub; HF_ENDPOINT points at it, no token anywhere, downloads allowed."""
-    from huggingface_hub import constants
-
-    with FakeHub() as fake:
-        monkeypatch.setenv("HF_ENDPOINT", fake.url)
-        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-        for variable in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-            monkeypatch.delenv(variable, raising=False)
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the notebook runs set it for the session
-        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf_home" / "token"))
-        yield fake
-
-
 def big_file(hub: FakeHub, path: str) -> bytes:
     """Give ``path`` 12 MiB of content: more than huggingface_hub's 10 MiB write chunk, so an
     interrupted transfer leaves bytes behind."""

@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).parents[1] / "cascade_helpers"
 MAX_LINES = 550
 
 LAYERS: dict[str, int] = {
-    **dict.fromkeys(["files", "sizes", "atomic", "images", "effnet", "previewer", "upstream"], 0),
+    **dict.fromkeys(["files", "sizes", "values", "atomic", "images", "effnet", "previewer", "upstream"], 0),
     **dict.fromkeys(["checkpoints", "devices", "download"], 1),
     **dict.fromkeys(["models", "file_checks"], 2),
     "loading": 3,

@@ -179,7 +179,7 @@ def test_presets_are_the_documented_defaults():
         ({"steps": 2.5}, "steps must be a whole number from 1 to 1000"),
         ({"t_start": 0.0}, r"t_start .* must be in \(0, 1\]"),
         ({"t_start": 1.5}, r"t_start .* must be in \(0, 1\]"),
-        ({"shift": 0.0}, "shift must be positive"),
+        ({"shift": 0.0}, "shift must be a finite number > 0"),
         ({"guidance_rescale": 2.0}, r"guidance_rescale must be in \[0, 1\]"),
     ],
 )

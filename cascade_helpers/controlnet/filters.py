@@ -14,8 +14,9 @@ import torch
 from torch.nn import functional as F
 from torchvision.transforms import functional as TF
 
+from .. import values
 from ..effnet import encode as effnet_encode
-from ..images import ImageInput, batch_images, image_to_tensor, resize_and_crop
+from ..images import WIDE_MODES, ImageInput, batch_images, image_to_tensor, resize_and_crop
 from ..models import Prior
 from ..sizes import encoder_input_size
 from .kinds import ControlNetType, controlnet_type, released_file
@@ -77,8 +78,8 @@ def outpainting_canvas(
 def mask_tensor(mask: ImageInput, height: int, width: int) -> torch.Tensor:
     """Any black-and-white picture (PIL of any mode, array, tensor, bool or float, file) → a 1×1×H×W
     bool mask at height×width, scaled and centre-cropped like the picture. True (white) = regenerate."""
-    if isinstance(mask, PIL.Image.Image):
-        mask = mask.convert("L")
+    if isinstance(mask, PIL.Image.Image) and mask.mode not in WIDE_MODES:  # 16-bit: scaled, not clipped
+        mask = mask.convert("L")  # alpha dropped: a mask's transparent pixels are not "regenerate"
     if isinstance(mask, (torch.Tensor, np.ndarray)) and mask.dtype in (torch.bool, np.bool_):
         mask = torch.as_tensor(mask).float()
     gray = image_to_tensor(mask).mean(0, keepdim=True)
@@ -186,8 +187,21 @@ def control_input(
 def control_features(
     controlnet: ControlNet, control: ControlInput | torch.Tensor, strength: float = 1.0, batch: int = 1
 ) -> list[torch.Tensor | None]:
-    """Run the ControlNet once and scale its outputs by ``strength`` (the official ``cnet_multiplier``:
-    1.0, or 0.8 / 0.6 / 0.3 for a looser hold), repeated for ``batch`` pictures from one control picture."""
+    """Run the ControlNet once and scale its outputs by ``strength``, repeated for ``batch`` pictures
+    from one control picture (the official notebook runs it once per generation too).
+
+    Args:
+        controlnet: the loaded ControlNet (:func:`load_controlnet`).
+        control: what :func:`control_input` made, or its B×c_in×H×W tensor.
+        strength: the official ``cnet_multiplier``: 1.0, or 0.8 / 0.6 / 0.3 for a looser hold.
+        batch: how many pictures the generation makes (its ``num_images``).
+
+    Returns:
+        One entry per Stage C ResBlock: the features for that block, or None.
+    """
+    strength = values.finite(strength, "strength", "the official cnet_multiplier: 1.0, or 0.8 / 0.6 / 0.3")
+    if not (isinstance(batch, int) and not isinstance(batch, bool) and batch >= 1):
+        raise ValueError(f"batch must be the number of pictures (a whole number ≥ 1), not {batch!r}")
     tensor = control.tensor if isinstance(control, ControlInput) else control
     if tensor.dim() != 4 or tensor.shape[1] != controlnet.c_in:
         raise ValueError(

@@ -5,6 +5,7 @@ back, scale their effect. What every LoRA file format becomes once loaded (:mod:
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from collections.abc import Mapping
@@ -14,6 +15,7 @@ from functools import cache
 import torch
 from torch import nn
 
+from .. import values
 from ..checkpoints import config_dir
 
 ADAPTER = "lora"
@@ -87,10 +89,10 @@ def apply_factors(model: nn.Module, factors: Mapping[str, LoraFactors], strength
     """Put given LoRA factors on the named modules of ``model`` (each its own rank and alpha)."""
     from peft import LoraConfig, inject_adapter_in_model
 
+    values.finite(strength, "strength", "the LoRA's weight: 0 off, 1 as trained")
     if not factors:
         return
-    _refuse_second_lora(model)
-    _check_factor_shapes(model, factors)
+    check_factors(model, factors)
     ranks = Counter(f.rank for f in factors.values())
     config = LoraConfig(
         r=ranks.most_common(1)[0][0],
@@ -109,13 +111,20 @@ def apply_factors(model: nn.Module, factors: Mapping[str, LoraFactors], strength
     set_lora_strength(model, strength)
 
 
-def _check_factor_shapes(model: nn.Module, factors: Mapping[str, LoraFactors]) -> None:
+def check_factors(model: nn.Module, factors: Mapping[str, LoraFactors]) -> None:
+    """Refuse, before anything changes, factors that :func:`apply_factors` could not put on
+    ``model``: a second LoRA, a streamed model, modules it lacks, shapes that differ."""
+    if not factors:
+        return
+    _refuse_second_lora(model)
     modules = dict(model.named_modules())
     for name, f in factors.items():
         if name not in modules or not hasattr(modules[name], "weight"):
             raise LoraError(
                 f"the LoRA adapts {name}, which this model does not have: it was made for another model"
             )
+        if not (torch.isfinite(f.down).all() and torch.isfinite(f.up).all() and math.isfinite(f.alpha)):
+            raise LoraError(f"the LoRA's factors for {name} hold NaN or infinite values: the file is damaged")
         out_features, in_features = modules[name].weight.shape[:2]
         lora_out, lora_in = f.up.shape[0], f.down.shape[1]
         if (lora_out, lora_in) != (out_features, in_features) or f.up.shape[1] != f.rank:
@@ -139,11 +148,29 @@ def lora_factors(model: nn.Module) -> dict[str, LoraFactors]:
 
 def set_lora_strength(model, strength: float) -> None:
     """Scale the LoRA's effect: 0 is the model without it, 1 as trained. Works on a UNet, a text
-    encoder or a whole ``Prior`` (both). Learned token embeddings are not scaled (they are new words)."""
+    encoder or a whole ``Prior`` (both). Learned token embeddings are not scaled (they are new words).
+
+    Args:
+        model: a UNet, a text encoder or a prior.
+        strength: any finite number (negative ones reverse the LoRA); NaN would give black pictures.
+    """
+    strength = values.finite(strength, "strength", "the LoRA's weight: 0 off, 1 as trained")
     models = [model.unet, model.text_encoder] if hasattr(model, "unet") else [model]
     for m in models:
         for layer in lora_layers(m).values():
             layer.set_scale(ADAPTER, strength)
+
+
+def remove_lora(model: nn.Module) -> None:
+    """Take every peft LoRA layer off ``model``, each replaced by the layer it wraps: the model is
+    again as loaded. What a failed :func:`~cascade_helpers.lora.load_lora` undoes."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.get_base_layer())
+    model.__dict__.pop("peft_config", None)  # what inject_adapter_in_model leaves on the model
 
 
 # --- sizes, for error messages -----------------------------------------------------------------------

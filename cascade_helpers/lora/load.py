@@ -5,23 +5,25 @@ strength to 0).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .. import files
+from .. import files, values
 from ..checkpoints import CheckpointError, TruncatedCheckpointError, read_header
-from .adapters import LoraError, apply_factors, lora_layers, refuse_streamed
+from .adapters import LoraError, apply_factors, check_factors, lora_layers, refuse_streamed, remove_lora
 from .formats import comfyui_factors, detect_format, official_factors, our_factors
 from .tokens import (
     NewToken,
     add_tokens,
     append_token_rows,
+    check_new_tokens,
     check_token_width,
     initial_token_rows,
     token_embedding,
@@ -46,6 +48,23 @@ class LoadedLora:
         )
 
 
+@contextlib.contextmanager
+def _all_or_nothing(unet: nn.Module, text_encoder: nn.Module | None) -> Iterator[None]:
+    """Undo a load that fails midway (an out-of-memory error while peft adds layers, say): the LoRA
+    layers come off and the token embedding shrinks back, so the model is as before and a corrected
+    retry works. The checks run before this, and the tokenizer changes last (it cannot be undone)."""
+    rows = token_embedding(text_encoder).weight.shape[0] if text_encoder is not None else 0
+    bare = [model for model in (unet, text_encoder) if model is not None and not lora_layers(model)]
+    try:
+        yield
+    except BaseException:
+        for model in bare:
+            remove_lora(model)
+        if text_encoder is not None and token_embedding(text_encoder).weight.shape[0] != rows:
+            text_encoder.resize_token_embeddings(rows, mean_resizing=False)
+        raise
+
+
 def load_official_lora(
     unet: nn.Module,
     state_dict: Mapping[str, torch.Tensor],
@@ -54,19 +73,24 @@ def load_official_lora(
     new_tokens: Sequence[NewToken] = (),
     *,
     strength: float = 1.0,
+    allow_existing_tokens: bool = False,
 ) -> None:
-    """Apply an official-format LoRA (the dict ``safetensors.torch.load_file`` returns) in place.
+    """Apply an official-format LoRA (the dict ``safetensors.torch.load_file`` returns) in place, all
+    or nothing: a failure leaves the models and the tokenizer as they were.
 
     ``new_tokens`` are the bracketed entries of the official config's ``train_tokens``, in order, e.g.
     ``[("[fernando]", "^dog</w>")]``. With a text encoder and tokenizer, each is added and
     initialized as official training did, then the stored deltas are added at the stored indices;
     afterwards the UNet and the text encoder compute what the official model with this LoRA computes.
+    ``allow_existing_tokens`` lets a new token be a word the tokenizer already has (it takes it over).
     """
+    values.finite(strength, "strength", "the LoRA's weight: 0 off, 1 as trained")
     factors = official_factors(unet, state_dict)
     deltas = state_dict.get("embeddings.embeddings")
     indices = [int(i) for i in state_dict.get("embeddings.indices", torch.zeros(0)).tolist()]
     if (text_encoder is None) != (tokenizer is None):
         raise LoraError("pass both text_encoder and tokenizer (or neither, to apply the UNet part only)")
+    check_factors(unet, factors)
     if text_encoder is None:
         if new_tokens:
             raise LoraError(
@@ -78,16 +102,20 @@ def load_official_lora(
                 "not applied and prompts will not know its tokens",
                 stacklevel=2,
             )
-        apply_factors(unet, factors, strength)
+        with _all_or_nothing(unet, None):
+            apply_factors(unet, factors, strength)
         return
     _check_official_tokens(deltas, indices, text_encoder, new_tokens)
-    apply_factors(unet, factors, strength)
-    rows = initial_token_rows(text_encoder, tokenizer, new_tokens)
-    append_token_rows(text_encoder, list(rows.values()))
-    weight = token_embedding(text_encoder).weight
-    with torch.no_grad():
-        for delta, index in zip(deltas, indices, strict=True):
-            weight[index] += delta.to(weight.device, weight.dtype)  # in the weight's dtype, as ReToken adds
+    rows = initial_token_rows(text_encoder, tokenizer, new_tokens, allow_existing=allow_existing_tokens)
+    with _all_or_nothing(unet, text_encoder):
+        apply_factors(unet, factors, strength)
+        append_token_rows(text_encoder, list(rows.values()))
+        if indices:
+            weight = token_embedding(text_encoder).weight
+            index = torch.tensor(indices, device=weight.device)
+            with torch.no_grad():  # in the weight's dtype, as ReToken adds
+                weight[index] = weight[index] + deltas.to(weight.device, weight.dtype)
+        tokenizer.add_tokens(list(rows))
 
 
 def _check_official_tokens(
@@ -95,10 +123,17 @@ def _check_official_tokens(
 ) -> None:
     if not indices:
         return
+    if deltas is None or deltas.dim() != 2 or deltas.shape[0] != len(indices):
+        rows = "no" if deltas is None else tuple(deltas.shape)
+        raise LoraError(
+            f"the LoRA names {len(indices)} token ids but holds {rows} embedding deltas: the file is damaged"
+        )
     check_token_width(deltas, text_encoder)
+    if not torch.isfinite(deltas).all():
+        raise LoraError("the LoRA's token embedding deltas hold NaN or infinite values: the file is damaged")
     vocabulary = token_embedding(text_encoder).weight.shape[0]
     available = vocabulary + len(new_tokens)
-    missing = [i for i in indices if i >= available]
+    missing = [i for i in indices if not 0 <= i < available]
     if missing:
         raise LoraError(
             f"the LoRA trained token id(s) {missing}, beyond this tokenizer's {vocabulary} tokens"
@@ -134,10 +169,25 @@ def load_lora(
     *,
     strength: float = 1.0,
     new_tokens: Sequence[NewToken] = (),
+    allow_existing_tokens: bool = False,
 ) -> LoadedLora:
     """Apply a LoRA file (or state dict) in any of the three formats to a loaded prior: UNet
-    modules, text-encoder modules and new tokens. ``new_tokens`` is needed for official files only
-    (they store deltas, not the tokens): e.g. ``[("[fernando]", "^dog</w>")]`` for the example."""
+    modules, text-encoder modules and new tokens. All or nothing: everything is checked before the
+    prior changes, and a failure midway is undone, so a corrected retry works.
+
+    Args:
+        prior: the loaded prior (``memory="gpu"`` or ``"model_offload"``).
+        source: a ``.safetensors`` file, or its state dict.
+        strength: the LoRA's weight (0 off, 1 as trained; any finite number).
+        new_tokens: for official files only (they store deltas, not the tokens), e.g.
+            ``[("[fernando]", "^dog</w>")]`` for the example.
+        allow_existing_tokens: let a new token be a word the tokenizer already has (``"cat"``): it
+            takes that word over in every prompt. Refused by default.
+
+    Returns:
+        What was applied.
+    """
+    values.finite(strength, "strength", "the LoRA's weight: 0 off, 1 as trained")
     for model in (prior.unet, prior.text_encoder):
         refuse_streamed(model)
     if isinstance(source, Mapping):
@@ -147,7 +197,13 @@ def load_lora(
     kind = detect_format(state_dict, metadata)
     if kind == "official":
         load_official_lora(
-            prior.unet, state_dict, prior.text_encoder, prior.tokenizer, new_tokens, strength=strength
+            prior.unet,
+            state_dict,
+            prior.text_encoder,
+            prior.tokenizer,
+            new_tokens,
+            strength=strength,
+            allow_existing_tokens=allow_existing_tokens,
         )
         tokens = tuple(t for t, _ in new_tokens)
         return LoadedLora(kind, len(lora_layers(prior.unet)), 0, tokens, strength)
@@ -158,27 +214,53 @@ def load_lora(
         tokens: dict[str, torch.Tensor] = {}
     else:
         unet_factors, te_factors = our_factors(state_dict), {}
-        names = json.loads(metadata.get("tokens", "[]"))
-        rows = state_dict.get("tokens.embeddings", torch.zeros(0, 0))
-        if len(names) != rows.shape[0]:
-            raise LoraError(
-                f"the file names {len(names)} tokens but holds {rows.shape[0]} embeddings: it is damaged"
-            )
-        tokens = dict(zip(names, rows, strict=True))
-        if tokens:
-            check_token_width(rows, prior.text_encoder)
-    apply_factors(prior.unet, unet_factors, strength)
-    apply_factors(prior.text_encoder, te_factors, strength)
-    add_tokens(prior, tokens)
+        tokens = _our_tokens(state_dict, metadata)
+    check_factors(prior.unet, unet_factors)
+    check_factors(prior.text_encoder, te_factors)
+    if tokens:
+        check_token_width(torch.stack(list(tokens.values())), prior.text_encoder)
+        check_new_tokens(prior.tokenizer, list(tokens), allow_existing=allow_existing_tokens)
+    with _all_or_nothing(prior.unet, prior.text_encoder):
+        apply_factors(prior.unet, unet_factors, strength)
+        apply_factors(prior.text_encoder, te_factors, strength)
+        add_tokens(prior.text_encoder, prior.tokenizer, tokens, allow_existing=allow_existing_tokens)
     return LoadedLora(kind, len(unet_factors), len(te_factors), tuple(tokens), strength)
 
 
-def load_comfyui_embedding(prior, path: str | Path, token: str) -> None:
+def _our_tokens(
+    state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+) -> dict[str, torch.Tensor]:
+    """The learned tokens our format stores: their names in the metadata, their rows as a tensor."""
+    try:
+        names = json.loads(metadata.get("tokens", "[]"))
+    except json.JSONDecodeError:
+        names = None
+    rows = state_dict.get("tokens.embeddings", torch.zeros(0, 0))
+    if not isinstance(names, list) or len(names) != rows.shape[0]:
+        raise LoraError(
+            f"the file's metadata names the tokens {metadata.get('tokens')!r} but it holds {rows.shape[0]} "
+            "token embeddings: it is damaged"
+        )
+    if names and not torch.isfinite(rows).all():
+        raise LoraError("the LoRA's token embeddings hold NaN or infinite values: the file is damaged")
+    return dict(zip(names, rows, strict=True))
+
+
+def load_comfyui_embedding(
+    prior, path: str | Path, token: str, *, allow_existing_tokens: bool = False
+) -> None:
     """Add a one-vector ComfyUI / A1111 textual-inversion embedding (key ``clip_g``, or a file with a
-    single tensor) as the new token ``token``."""
+    single tensor) as the new token ``token``.
+
+    Args:
+        prior: the loaded prior.
+        path: the embedding file.
+        token: the new word, e.g. ``"[fernando]"``.
+        allow_existing_tokens: let ``token`` be a word the tokenizer already has (it takes it over).
+    """
     state, _ = read_lora_file(path)
     rows = state.get("clip_g", next(iter(state.values())) if len(state) == 1 else None)
     if rows is None or rows.dim() != 2 or rows.shape[0] != 1:
         raise LoraError(f"{path} is not a one-vector embedding with a 'clip_g' key (keys: {list(state)[:3]})")
     check_token_width(rows, prior.text_encoder)
-    add_tokens(prior, {token: rows[0]})
+    add_tokens(prior.text_encoder, prior.tokenizer, {token: rows[0]}, allow_existing=allow_existing_tokens)

@@ -23,37 +23,100 @@ def token_embedding(text_encoder: nn.Module) -> nn.Embedding:
     return text_encoder.get_input_embeddings()
 
 
-def initial_token_rows(
-    text_encoder: nn.Module, tokenizer, new_tokens: Sequence[NewToken]
-) -> dict[str, torch.Tensor]:
-    """Add ``new_tokens`` to the tokenizer the official way (each gets id = current vocabulary size)
-    and return their initial embedding rows: the mean of the rows whose token matches the regex, or
-    zeros when nothing matches (the official code warns and does the same). The text encoder is not
-    changed: call :func:`append_token_rows` (inference) or train the rows."""
-    weight = token_embedding(text_encoder).weight.detach()
-    rows: dict[str, torch.Tensor] = {}
-    for token, pattern in new_tokens:
-        if token in tokenizer.get_vocab():
+def check_new_tokens(tokenizer, tokens: Sequence[str], *, allow_existing: bool = False) -> None:
+    """Refuse, before anything changes, a token that cannot be added as a new word: not a string,
+    given twice, added already (a LoRA loaded twice), or — unless ``allow_existing`` — a word the
+    tokenizer already has. An added token is matched in the text before anything else, so a LoRA
+    whose new token is ``"cat"`` would take over every "cat" in every prompt, and the start of
+    "category" too; the official tokens are bracketed (``[fernando]``) so that they never collide.
+
+    Args:
+        tokenizer: the CLIP tokenizer the tokens would join.
+        tokens: the new tokens.
+        allow_existing: take over existing words anyway.
+    """
+    added = set(tokenizer.get_added_vocab())
+    vocabulary = tokenizer.get_vocab()
+    for i, token in enumerate(tokens):
+        if not isinstance(token, str) or not token.strip():
+            raise LoraError(f"a new token must be a non-empty string such as '[fernando]', not {token!r}")
+        if token in tokens[:i]:
+            raise LoraError(f"the new token {token!r} is given twice")
+        if token in added:
             raise LoraError(f"the tokenizer already has the token {token!r}: was this LoRA loaded twice?")
-        tokenizer.add_tokens([token])
-        new_id = tokenizer.convert_tokens_to_ids(token)
-        if new_id != weight.shape[0] + len(rows):
+        pieces = tokenizer.tokenize(token)
+        existing = token in vocabulary or (len(pieces) == 1 and pieces[0] in vocabulary)
+        if existing and not allow_existing:
             raise LoraError(
-                f"{token!r} got id {new_id}, expected {weight.shape[0] + len(rows)}: the tokenizer and text encoder disagree"
+                f"the new token {token!r} is already a word of the tokenizer ({pieces[0] if pieces else token!r}): "
+                f"adding it would take over every prompt that says {token!r}, and words that start with it. "
+                f"Use a new word such as '[{token.strip('[]<>')}]', or pass allow_existing_tokens=True to take "
+                "the word over anyway"
             )
-        rows[token] = _initial_row(weight, list(rows.values()), tokenizer, pattern)
+
+
+def _check_new_token_entries(new_tokens: Sequence[NewToken]) -> list[tuple[str, re.Pattern | None]]:
+    """``(token, regex or None)`` pairs, each regex compiled: a typo fails here, before any change."""
+    entries = []
+    for entry in new_tokens:
+        if isinstance(entry, str) or not isinstance(entry, Sequence) or len(entry) != 2:
+            raise LoraError(
+                f"new_tokens entries are (token, regex) pairs such as ('[fernando]', '^dog</w>'), not {entry!r}"
+            )
+        token, pattern = entry
+        if pattern is not None and not isinstance(pattern, str):
+            raise LoraError(f"the regex of {token!r} must be a string or None, not {pattern!r}")
+        try:
+            entries.append((token, None if pattern is None else re.compile(pattern)))
+        except re.error as error:
+            raise LoraError(
+                f"the regex {pattern!r} of the new token {token!r} is not valid: {error}"
+            ) from None
+    return entries
+
+
+def initial_token_rows(
+    text_encoder: nn.Module, tokenizer, new_tokens: Sequence[NewToken], *, allow_existing: bool = False
+) -> dict[str, torch.Tensor]:
+    """The initial embedding rows of ``new_tokens``, as the official code makes them: each token will
+    get id = current vocabulary size (in order), and its row is the mean of the rows whose token
+    matches its regex (tokens added before it included), or zeros when nothing matches (the official
+    code warns and does the same). Nothing is changed: :func:`add_tokens` (inference) or
+    :func:`install_new_tokens` (training) adds them. Checked first (:func:`check_new_tokens`).
+
+    Args:
+        text_encoder, tokenizer: the prior's.
+        new_tokens: ``(token, regex or None)`` pairs, the official ``train_tokens`` entries.
+        allow_existing: let a token be a word the tokenizer already has.
+
+    Returns:
+        Token → embedding row, in order.
+    """
+    entries = _check_new_token_entries(new_tokens)
+    check_new_tokens(tokenizer, [token for token, _ in entries], allow_existing=allow_existing)
+    weight = token_embedding(text_encoder).weight.detach()
+    if len(tokenizer) != weight.shape[0]:
+        raise LoraError(
+            f"the tokenizer has {len(tokenizer)} tokens and the text encoder {weight.shape[0]} embedding rows: "
+            "they disagree (tokens were added to one of them only); load the prior again"
+        )
+    vocabulary = dict(tokenizer.get_vocab())
+    rows: dict[str, torch.Tensor] = {}
+    for token, pattern in entries:
+        rows[token] = _initial_row(weight, list(rows.values()), vocabulary, pattern)
+        vocabulary[token] = weight.shape[0] + len(rows) - 1
     return rows
 
 
 def _initial_row(
-    weight: torch.Tensor, added: list[torch.Tensor], tokenizer, pattern: str | None
+    weight: torch.Tensor, added: list[torch.Tensor], vocabulary: Mapping[str, int], pattern: re.Pattern | None
 ) -> torch.Tensor:
     all_rows = torch.cat([weight, *[r[None] for r in added]]) if added else weight
     if pattern is None:
         return torch.zeros_like(weight[0])
-    ids = [i for t, i in tokenizer.get_vocab().items() if re.search(pattern, t) and i < all_rows.shape[0]]
+    ids = [i for t, i in vocabulary.items() if pattern.search(t) and i < all_rows.shape[0]]
     if not ids:
-        warnings.warn(f"no token matches {pattern!r}: the new token starts from zeros", stacklevel=3)
+        warnings.warn(f"no token matches {pattern.pattern!r}: the new token starts from zeros", stacklevel=3)
         return torch.zeros_like(weight[0])
     return all_rows[sorted(ids)].mean(dim=0)
 
@@ -71,20 +134,36 @@ def append_token_rows(text_encoder: nn.Module, rows: Sequence[torch.Tensor]) -> 
 
 def check_token_width(rows: torch.Tensor, text_encoder: nn.Module) -> None:
     width = token_embedding(text_encoder).weight.shape[1]
-    if rows.shape[-1] != width:
+    if rows.dim() != 2 or rows.shape[-1] != width:
         raise LoraError(
-            f"the LoRA's token embeddings are {rows.shape[-1]} wide, this text encoder's are {width}: "
-            "it was made for another text encoder (Stable Cascade's CLIP bigG is 1280 wide)"
+            f"the LoRA's token embeddings are {rows.shape[-1] if rows.dim() else 0} wide, this text encoder's are "
+            f"{width}: it was made for another text encoder (Stable Cascade's CLIP bigG is 1280 wide)"
         )
 
 
-def add_tokens(prior, tokens: Mapping[str, torch.Tensor]) -> None:
-    """Teach the prior's tokenizer and text encoder new tokens with given embedding rows."""
-    for token in tokens:
-        if token in prior.tokenizer.get_vocab():
-            raise LoraError(f"the tokenizer already has the token {token!r}: was this LoRA loaded twice?")
-    prior.tokenizer.add_tokens(list(tokens))
-    append_token_rows(prior.text_encoder, list(tokens.values()))
+def add_tokens(
+    text_encoder: nn.Module, tokenizer, tokens: Mapping[str, torch.Tensor], *, allow_existing: bool = False
+) -> None:
+    """Teach a tokenizer and its text encoder new tokens with given embedding rows. Everything is
+    checked before anything changes; the tokenizer changes last.
+
+    Args:
+        text_encoder, tokenizer: the prior's.
+        tokens: token → embedding row (the text encoder's width).
+        allow_existing: let a token be a word the tokenizer already has (it takes the word over).
+    """
+    if not tokens:
+        return
+    check_new_tokens(tokenizer, list(tokens), allow_existing=allow_existing)
+    check_token_width(torch.stack(list(tokens.values())), text_encoder)
+    first = token_embedding(text_encoder).weight.shape[0]
+    if len(tokenizer) != first:
+        raise LoraError(
+            f"the tokenizer has {len(tokenizer)} tokens and the text encoder {first} embedding rows: they "
+            "disagree (tokens were added to one of them only); load the prior again"
+        )
+    append_token_rows(text_encoder, list(tokens.values()))
+    tokenizer.add_tokens(list(tokens))
 
 
 # --- trainable rows (LoRA training) ------------------------------------------------------------------
@@ -110,13 +189,25 @@ class NewTokenEmbedding(nn.Module):
         return torch.where((ids >= size)[..., None], new, known)
 
 
-def install_new_tokens(prior, new_tokens: Sequence[NewToken]) -> NewTokenEmbedding | None:
-    """Add ``new_tokens`` to the tokenizer, initialized the official way, with trainable embeddings."""
+def install_new_tokens(
+    prior, new_tokens: Sequence[NewToken], *, allow_existing: bool = False
+) -> NewTokenEmbedding | None:
+    """Add ``new_tokens`` to the tokenizer, initialized the official way, with trainable embeddings.
+
+    Args:
+        prior: the loaded prior (its tokenizer and text encoder change).
+        new_tokens: ``(token, regex or None)`` pairs (:func:`initial_token_rows`).
+        allow_existing: let a token be a word the tokenizer already has.
+
+    Returns:
+        The trainable embedding, or None without new tokens.
+    """
     if not new_tokens:
         return None
-    rows = initial_token_rows(prior.text_encoder, prior.tokenizer, new_tokens)
+    rows = initial_token_rows(prior.text_encoder, prior.tokenizer, new_tokens, allow_existing=allow_existing)
     module = NewTokenEmbedding(token_embedding(prior.text_encoder), torch.stack(list(rows.values()))).to(
         prior.device
     )
     prior.text_encoder.text_model.embeddings.token_embedding = module
+    prior.tokenizer.add_tokens(list(rows))
     return module
