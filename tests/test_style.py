@@ -1,9 +1,10 @@
 """Repository hygiene that CI enforces: ruff lint and format (notebooks included), notebooks stored
-without outputs and opening with the project's template."""
+without outputs, opening with the project's template and a table of contents that matches their sections."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -53,3 +54,45 @@ def test_notebook_opens_with_the_template(notebook):
     tagged = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(tagged) == 1, "exactly one code cell is tagged `parameters`"
     assert "os.environ" in "".join(tagged[0]["source"]), "parameters come from environment variables"
+
+
+def _anchor(heading: str) -> str:
+    """The id JupyterLab gives a heading: its rendered text (no backticks), spaces as hyphens."""
+    return heading.replace("`", "").strip().replace(" ", "-")
+
+
+def _headings(cells: list[dict]) -> dict[str, int]:
+    """Anchor → level of every ## and ### heading in the notebook's markdown cells."""
+    found = {}
+    for cell in cells:
+        if cell["cell_type"] == "markdown":
+            for line in "".join(cell["source"]).splitlines():
+                if match := re.match(r"(#{2,3}) (.+)", line):
+                    found[_anchor(match[2])] = len(match[1])
+    return found
+
+
+def test_anchors_are_what_jupyterlab_makes():
+    assert _anchor("The official example LoRA, `[fernando]`") == "The-official-example-LoRA,-[fernando]"
+    assert _headings(
+        [{"cell_type": "markdown", "source": ["# Title\n", "## A b\n", "text\n", "### C `d`"]}]
+    ) == {
+        "A-b": 2,
+        "C-d": 3,
+    }
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_has_a_table_of_contents(notebook):
+    cells = json.loads(notebook.read_text())["cells"]
+    toc = "".join(cells[1]["source"])
+    assert cells[1]["cell_type"] == "markdown" and toc.startswith("**Contents**"), (
+        "the cell after the overview is the table of contents, starting with **Contents**"
+    )
+    headings = _headings(cells[2:])
+    links = re.findall(r"\]\(#([^)]+)\)", toc)
+    assert set(links) <= set(headings), (
+        f"contents links that match no heading: {sorted(set(links) - set(headings))}"
+    )
+    missing = [anchor for anchor, level in headings.items() if level == 2 and anchor not in links]
+    assert not missing, f"sections (##) missing from the table of contents: {missing}"
