@@ -373,6 +373,9 @@ def test_the_learning_rate_follows_the_cosine_schedule_after_warm_up(
     ("option", "value"),
     [
         ("keep_checkpoints", -1),
+        ("new_tokens", [("[rex]", "(dog")]),
+        ("targets", []),
+        ("stage_c", "huge"),
         ("lr_scheduler", "cosine_annealing"),
         ("lr_num_cycles", 0),
         ("lr_power", float("nan")),

@@ -23,6 +23,7 @@ LORA_FILE = "lora.safetensors"
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 CROPS = ("center", "random")
 PRECISIONS = ("bf16", "fp32")
+SIZES = ("big", "lite")
 #: a validation prompt's name becomes part of a file name
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -116,12 +117,28 @@ class LoraTrainingConfig:
         self.new_tokens = [tuple(t) for t in self.new_tokens]
         if isinstance(self.repeats, (list, tuple)):
             self.repeats = {str(folder): count for folder, count in self.repeats}
+        self._check_model()
         self._check_pictures()
         self._check_optimization()
         self._check_checkpoints_and_validation()
 
     def _fail(self, name: str, expected: str) -> None:
         raise TrainingError(f"LoraTrainingConfig {name}={getattr(self, name)!r}: {expected}")
+
+    def _check_model(self) -> None:
+        for token in self.new_tokens:
+            if len(token) != 2 or not (isinstance(token[0], str) and token[0].strip()):
+                self._fail("new_tokens", "give (token, regex) pairs, e.g. [('[chelsea]', '^cat</w>')]")
+            try:
+                re.compile(token[1] or "")
+            except (re.error, TypeError) as error:
+                self._fail("new_tokens", f"the regex of {token[0]!r} does not compile ({error})")
+        targets = [self.targets] if isinstance(self.targets, str) else self.targets
+        if not targets or not all(isinstance(t, str) and t for t in targets):
+            self._fail("targets", "give a regex of module names, or a list of module names")
+        for name in ("stage_c", "stage_b"):
+            if getattr(self, name) not in SIZES:
+                self._fail(name, f"use one of {SIZES}")
 
     def _check_pictures(self) -> None:
         folders = [self.images] if isinstance(self.images, str) else self.images

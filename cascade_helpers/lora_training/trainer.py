@@ -68,9 +68,9 @@ def stop_on_interrupt() -> Iterator[dict]:
 
 def make_accelerator(config: LoraTrainingConfig, cpu: bool = False):
     """The ``Accelerator`` a run uses: accumulating ``config.gradient_accumulation`` batches per
-    update; on several GPUs its DDP tolerates a batch in which the new tokens' rows get no gradient
-    (no caption with the token, or all dropped). Mixed precision stays off here: the run autocasts
-    itself as ``config.precision`` says.
+    update; with new tokens, on several GPUs, its DDP tolerates a batch in which the tokens' rows get
+    no gradient (no caption with the token, or all dropped). Mixed precision stays off here: the run
+    autocasts itself as ``config.precision`` says.
 
     Args:
         config: the run's settings.
@@ -82,7 +82,7 @@ def make_accelerator(config: LoraTrainingConfig, cpu: bool = False):
     return Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation,
         cpu=cpu,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=bool(config.new_tokens))],
     )
 
 
