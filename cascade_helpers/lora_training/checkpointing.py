@@ -41,8 +41,8 @@ class Registered:
     """Anything as an object accelerate can ``register_for_checkpointing``: a getter and a setter of
     its state (accelerate only needs ``state_dict`` / ``load_state_dict``)."""
 
-    def __init__(self, get: Callable[[], dict], set: Callable[[dict], None]) -> None:
-        self.state_dict, self.load_state_dict = get, set
+    def __init__(self, state: Callable[[], dict], load: Callable[[dict], None]) -> None:
+        self.state_dict, self.load_state_dict = state, load
 
 
 def _sha256(path: Path) -> str:
@@ -62,6 +62,8 @@ def damage(folder: Path) -> str | None:
         return f"it has no {MANIFEST} (not made by this version, or not finished)"
     except (OSError, ValueError, KeyError, TypeError) as error:
         return f"its {MANIFEST} is damaged ({error})"
+    if not isinstance(files, dict):
+        return f"its {MANIFEST} is damaged (no list of files)"
     for name, expected in files.items():
         path = folder / name
         if not path.is_file():
