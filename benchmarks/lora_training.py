@@ -28,7 +28,7 @@ minimal copy of that loop's update is kept here as the baseline — on the same 
 temporary folder), the same cached pictures and the same LoRA, one update of each in turn, and
 prints seconds per update and the ratio trainer / hand-rolled loop::
 
-    python benchmarks/lora_training.py --trainer --size 256 --steps 40
+    python benchmarks/lora_training.py --trainer --size 256 --steps 100
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ import sys
 import time
 
 import torch
+from tqdm.auto import tqdm
 
 
 def build_stage_c(model: str, device: torch.device, dtype: torch.dtype):
@@ -119,9 +120,10 @@ def one_configuration(args) -> dict:
     }
 
 
-def old_update(trainer, optimizer, schedule, ema, batches) -> float:
+def old_update(trainer, optimizer, schedule, ema, batches, bar) -> float:
     """One update of the hand-rolled loop the trainer had before it was rebuilt on accelerate: its
-    conditioning, loss, accumulation, clipping, optimizer, warm-up schedule and EMA, on one process."""
+    conditioning, loss, accumulation, clipping, optimizer, warm-up schedule, EMA and progress bar, on
+    one process."""
     from cascade_helpers.conditioning import text_conditioning
     from cascade_helpers.lora_training import stage_c_loss
     from cascade_helpers.sampling import training_times
@@ -167,13 +169,18 @@ def old_update(trainer, optimizer, schedule, ema, batches) -> float:
     with torch.no_grad():
         for average, p in zip(ema, trainer.trainable, strict=True):
             average.lerp_(p.detach().float(), 1 - config.ema_decay)
-    return sum(losses) / len(losses)
+    loss = sum(losses) / len(losses)
+    bar.update()
+    bar.set_postfix(loss=f"{loss:.4f}")
+    return loss
 
 
 def compare_with_the_old_loop(args) -> None:
     """Seconds per update of ``LoraTrainer.train`` and of :func:`old_update`, interleaved: after each
     of the trainer's updates (its ``on_step``) one update of the old loop runs, so both see the same
-    machine load; the trainer's time is from the end of one old update to the end of its next update."""
+    machine load; the trainer's time is from the end of one old update to the end of its next update.
+    On the CPU the time is the process's CPU time on one thread (``time.process_time``), which other
+    programs on a shared machine do not inflate; on a GPU it is wall time after a synchronize."""
     import statistics
     import tempfile
     from pathlib import Path
@@ -187,39 +194,49 @@ def compare_with_the_old_loop(args) -> None:
     )
     from cascade_helpers.tiny import write_tiny_models
 
-    folder = Path(tempfile.mkdtemp(prefix="lora-benchmark-"))
-    models = write_tiny_models(folder / "models")
-    pictures = write_example_images(folder / "pictures")
-    prior = load_prior(models, "big", dtype="fp32", device=args.device, image_encoder=False)
-    config = LoraTrainingConfig(
-        images=str(pictures), output_dir=str(folder / "run"), new_tokens=[("[chelsea]", "^cat</w>")],
-        resolution=args.size, batch_size=1, gradient_accumulation=4, precision="fp32", ema_decay=0.999,
-        gradient_checkpointing=False, image_embed_probability=0.0, steps=args.steps + 1, checkpoint_every=10**6,
-    )  # fmt: skip
-    trainer = LoraTrainer(prior, config)
-    trainer.prepare()
-    optimizer = torch.optim.AdamW(trainer.trainable, lr=config.learning_rate)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)  # the old constant rate
-    ema = [p.detach().float().clone() for p in trainer.trainable]
-    buckets: dict[tuple[int, int], list[int]] = {}
-    for i, item in enumerate(trainer.items):
-        buckets.setdefault(item.bucket, []).append(i)
-    batches = batch_schedule(buckets, config.batch_size, config.seed)
-    new, old, end_of_old = [], [], [None]
+    if args.device == "cpu":
+        torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="lora-benchmark-") as temporary:
+        folder = Path(temporary)
+        models = write_tiny_models(folder / "models")
+        pictures = write_example_images(folder / "pictures")
+        prior = load_prior(models, "big", dtype="fp32", device=args.device, image_encoder=False)
+        config = LoraTrainingConfig(
+            images=str(pictures), output_dir=str(folder / "run"), new_tokens=[("[chelsea]", "^cat</w>")],
+            resolution=args.size, batch_size=1, gradient_accumulation=4, precision="fp32", ema_decay=0.999,
+            gradient_checkpointing=False, image_embed_probability=0.0, steps=args.steps + 1, checkpoint_every=10**6,
+        )  # fmt: skip
+        trainer = LoraTrainer(prior, config)
+        trainer.prepare()
+        optimizer = torch.optim.AdamW(trainer.trainable, lr=config.learning_rate)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)  # the old constant rate
+        ema = [p.detach().float().clone() for p in trainer.trainable]
+        buckets: dict[tuple[int, int], list[int]] = {}
+        for i, item in enumerate(trainer.items):
+            buckets.setdefault(item.bucket, []).append(i)
+        batches = batch_schedule(buckets, config.batch_size, config.seed)
+        new, old, end_of_old = [], [], [None]
+        bar = tqdm(desc="the old loop", total=config.steps)
 
-    def after_each_update(step: int, loss: float) -> None:
-        now = time.perf_counter()
-        if end_of_old[0] is not None:  # the first update warms up: not counted
-            new.append(now - end_of_old[0])
-        old_update(trainer, optimizer, schedule, ema, batches)
-        end_of_old[0] = time.perf_counter()
-        if step > 1:
-            old.append(end_of_old[0] - now)
+        def clock() -> float:
+            if prior.device.type == "cuda":
+                torch.cuda.synchronize()
+                return time.perf_counter()
+            return time.process_time()
 
-    trainer.train(on_step=after_each_update)
+        def after_each_update(step: int, loss: float) -> None:
+            now = clock()
+            if end_of_old[0] is not None:  # the first update warms up: not counted
+                new.append(now - end_of_old[0])
+            old_update(trainer, optimizer, schedule, ema, batches, bar)
+            end_of_old[0] = clock()
+            if step > 1:
+                old.append(end_of_old[0] - now)
+
+        trainer.train(on_step=after_each_update)
     print(
         f"tiny Stage C, {args.size}² px ({len(trainer.items)} pictures), batch 1 × 4 accumulated, EMA on, float32, "
-        f"on {args.device} ({torch.get_num_threads()} threads): {len(new)} updates of each, interleaved"
+        f"on {args.device} ({torch.get_num_threads()} thread(s), {'CPU' if args.device == 'cpu' else 'wall'} time): {len(new)} updates of each, interleaved"
     )
     for name, times in (("LoraTrainer (accelerate + diffusers)", new), ("hand-rolled loop (before)", old)):
         print(

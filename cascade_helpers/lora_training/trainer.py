@@ -215,7 +215,7 @@ class LoraTrainer:
             num_training_steps=config.steps * processes, num_cycles=config.lr_num_cycles, power=config.lr_power,
         )  # fmt: skip
         if config.ema_decay:
-            self.ema = EMAModel(self.trainable, decay=config.ema_decay)
+            self.ema = EMAModel(self.trainable, decay=config.ema_decay, foreach=True)
         self.model, self.optimizer, self.scheduler = accelerator.prepare(self.objective, optimizer, schedule)
         accelerator.register_save_state_pre_hook(self._save_trainable)
         accelerator.register_load_state_pre_hook(self._load_trainable)
@@ -268,11 +268,13 @@ class LoraTrainer:
             with accelerator.accumulate(self.model):
                 loss = self.batch_loss(next(batches))
                 accelerator.backward(loss)
+                # the prepared optimizer and schedule skip steps between syncs themselves, but each
+                # call still costs a few checks: only call them when the update completes
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
             losses.append(loss.detach())
         if not accelerator.sync_gradients:
             raise RuntimeError(
