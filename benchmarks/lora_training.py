@@ -18,6 +18,17 @@ gradient checkpointing. The lite Stage C in float32 needs ~4 GB of RAM for its w
 
     flock /tmp/bigmem.lock python benchmarks/lora_training.py --model lite --device cpu --size 1024 --steps 2
     python benchmarks/lora_training.py --model big --device cuda --size 1024 --steps 10
+
+``--dtype`` compares float32 training (``precision="fp32"``, the prior in float32) with bfloat16
+weights under bf16 autocast: run it once with each.
+
+``--trainer`` instead compares ``LoraTrainer`` (accelerate's ``accumulate``/``backward``/
+``clip_grad_norm_``, diffusers' schedule and ``EMAModel``) with the hand-rolled loop it replaced — a
+minimal copy of that loop's update is kept here as the baseline — on the same tiny models (written to a
+temporary folder), the same cached pictures and the same LoRA, one update of each in turn, and
+prints seconds per update and the ratio trainer / hand-rolled loop::
+
+    python benchmarks/lora_training.py --trainer --size 256 --steps 100
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ import sys
 import time
 
 import torch
+from tqdm.auto import tqdm
 
 
 def build_stage_c(model: str, device: torch.device, dtype: torch.dtype):
@@ -108,6 +120,134 @@ def one_configuration(args) -> dict:
     }
 
 
+def old_update(trainer, optimizer, schedule, ema, batches, bar) -> float:
+    """One update of the hand-rolled loop the trainer had before it was rebuilt on accelerate: its
+    conditioning, loss, accumulation, clipping, optimizer, warm-up schedule, EMA and progress bar, on
+    one process."""
+    from cascade_helpers.conditioning import text_conditioning
+    from cascade_helpers.lora_training import stage_c_loss
+    from cascade_helpers.sampling import training_times
+
+    config, device, generator = trainer.config, trainer.prior.device, trainer.generator
+    losses = []
+    for _ in range(config.gradient_accumulation):
+        indices = next(batches)
+        dropped = (torch.rand(len(indices), generator=generator) < config.caption_dropout).tolist()
+        with_image = (torch.rand(len(indices), generator=generator) < config.image_embed_probability).tolist()
+        captions = ["" if d else trainer.items[i].caption for i, d in zip(indices, dropped, strict=True)]
+        fresh = [c for c in captions if c not in trainer.texts]
+        encoded = iter(())
+        if fresh:
+            embeddings = text_conditioning(trainer.prior, fresh)
+            encoded = zip(embeddings.hidden, embeddings.pooled, strict=True)
+        hidden, pooled = zip(
+            *[trainer.texts[c] if c in trainer.texts else next(encoded) for c in captions], strict=True
+        )
+        width = trainer.prior.unet.config.clip_image_in_channels
+        images = [
+            trainer.items[i].image_embeds
+            if use and trainer.items[i].image_embeds is not None
+            else torch.zeros(1, width)
+            for i, use in zip(indices, with_image, strict=True)
+        ]
+        conditions = {
+            "clip_text": torch.stack([h.to(device) for h in hidden]),
+            "clip_text_pooled": torch.stack([p.to(device) for p in pooled]),
+            "clip_img": torch.stack(images).to(device),
+        }
+        latents = torch.stack([trainer.items[i].latents for i in indices]).to(device)
+        times = training_times(len(indices), generator).to(device)
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+            loss = stage_c_loss(trainer.prior.unet, latents, conditions, times, noise)
+        (loss / config.gradient_accumulation).backward()
+        losses.append(loss.item())
+    torch.nn.utils.clip_grad_norm_(trainer.trainable, config.max_grad_norm)
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for average, p in zip(ema, trainer.trainable, strict=True):
+            average.lerp_(p.detach().float(), 1 - config.ema_decay)
+    loss = sum(losses) / len(losses)
+    bar.update()
+    bar.set_postfix(loss=f"{loss:.4f}")
+    return loss
+
+
+def compare_with_the_old_loop(args) -> None:
+    """Seconds per update of ``LoraTrainer.train`` and of :func:`old_update`, interleaved: after each
+    of the trainer's updates (its ``on_step``) one update of the old loop runs, so both see the same
+    machine load; the trainer's time is from the end of one old update to the end of its next update.
+    On the CPU the time is the process's CPU time on one thread (``time.process_time``), which other
+    programs on a shared machine do not inflate; on a GPU it is wall time after a synchronize."""
+    import statistics
+    import tempfile
+    from pathlib import Path
+
+    from cascade_helpers.loading import load_prior
+    from cascade_helpers.lora_training import (
+        LoraTrainer,
+        LoraTrainingConfig,
+        batch_schedule,
+        write_example_images,
+    )
+    from cascade_helpers.tiny import write_tiny_models
+
+    if args.device == "cpu":
+        torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="lora-benchmark-") as temporary:
+        folder = Path(temporary)
+        models = write_tiny_models(folder / "models")
+        pictures = write_example_images(folder / "pictures")
+        prior = load_prior(models, "big", dtype="fp32", device=args.device, image_encoder=False)
+        config = LoraTrainingConfig(
+            images=str(pictures), output_dir=str(folder / "run"), new_tokens=[("[chelsea]", "^cat</w>")],
+            resolution=args.size, batch_size=1, gradient_accumulation=4, precision="fp32", ema_decay=0.999,
+            gradient_checkpointing=False, image_embed_probability=0.0, steps=args.steps + 1, checkpoint_every=10**6,
+        )  # fmt: skip
+        trainer = LoraTrainer(prior, config)
+        trainer.prepare()
+        optimizer = torch.optim.AdamW(trainer.trainable, lr=config.learning_rate)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)  # the old constant rate
+        ema = [p.detach().float().clone() for p in trainer.trainable]
+        buckets: dict[tuple[int, int], list[int]] = {}
+        for i, item in enumerate(trainer.items):
+            buckets.setdefault(item.bucket, []).append(i)
+        batches = batch_schedule(buckets, config.batch_size, config.seed)
+        new, old, end_of_old = [], [], [None]
+        bar = tqdm(desc="the old loop", total=config.steps)
+
+        def clock() -> float:
+            if prior.device.type == "cuda":
+                torch.cuda.synchronize()
+                return time.perf_counter()
+            return time.process_time()
+
+        def after_each_update(step: int, loss: float) -> None:
+            now = clock()
+            if end_of_old[0] is not None:  # the first update warms up: not counted
+                new.append(now - end_of_old[0])
+            old_update(trainer, optimizer, schedule, ema, batches, bar)
+            end_of_old[0] = clock()
+            if step > 1:
+                old.append(end_of_old[0] - now)
+
+        trainer.train(on_step=after_each_update)
+    print(
+        f"tiny Stage C, {args.size}² px ({len(trainer.items)} pictures), batch 1 × 4 accumulated, EMA on, float32, "
+        f"on {args.device} ({torch.get_num_threads()} thread(s), {'CPU' if args.device == 'cpu' else 'wall'} time): {len(new)} updates of each, interleaved"
+    )
+    for name, times in (("LoraTrainer (accelerate + diffusers)", new), ("hand-rolled loop (before)", old)):
+        print(
+            f"  {name:38s} median {statistics.median(times):.3f} s/update, mean {statistics.mean(times):.3f}"
+        )
+    print(
+        f"  trainer / hand-rolled loop: median × {statistics.median(new) / statistics.median(old):.3f}, "
+        f"mean × {statistics.mean(new) / statistics.mean(old):.3f}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -124,7 +264,16 @@ def main() -> None:
     parser.add_argument(
         "--checkpointing", choices=("on", "off"), help=argparse.SUPPRESS
     )  # one subprocess's job
+    parser.add_argument(
+        "--trainer",
+        action="store_true",
+        help="compare LoraTrainer with the old hand-rolled loop (tiny models)",
+    )
     args = parser.parse_args()
+    if args.trainer:
+        args.device = args.device if args.device != "cuda" or torch.cuda.is_available() else "cpu"
+        compare_with_the_old_loop(args)
+        return
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     if args.checkpointing:
         print(json.dumps(one_configuration(args)))

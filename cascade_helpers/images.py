@@ -179,13 +179,25 @@ def images_in_folder(folder: str | os.PathLike) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def resize_and_crop(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Scale so the picture covers height×width, then cut the centre: no stretching, no borders."""
+def resize_and_crop(
+    image: torch.Tensor, height: int, width: int, position: tuple[float, float] | None = None
+) -> torch.Tensor:
+    """Scale so the picture covers height×width, then cut the centre: no stretching, no borders.
+
+    Args:
+        image: 3×H×W or B×3×H×W.
+        height, width: the size wanted.
+        position: where the window sits in what overhangs, (top, left) from 0 to 1 each; None is
+            the centre. LoRA training's random crop draws it.
+    """
     h, w = image.shape[-2:]
     scale = max(height / h, width / w)
     size = [max(height, round(h * scale)), max(width, round(w * scale))]
     resized = TF.resize(image, size, interpolation=InterpolationMode.BILINEAR, antialias=True)
-    return TF.center_crop(resized, [height, width])
+    if position is None:
+        return TF.center_crop(resized, [height, width])
+    top, left = round((size[0] - height) * position[0]), round((size[1] - width) * position[1])
+    return TF.crop(resized, top, left, height, width)
 
 
 def scale_short_side(image: torch.Tensor, side: int) -> torch.Tensor:

@@ -53,3 +53,40 @@ def hub(monkeypatch, tmp_path):
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the notebook runs set it for the session
         monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf_home" / "token"))
         yield fake
+
+
+# --- LoRA training (tests/test_lora_training*.py) -----------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pictures(tmp_path_factory) -> Path:
+    """Two small pictures of the example cat, one bucket at resolution 256 (192² EfficientNet input)."""
+    import PIL.Image
+
+    from cascade_helpers.lora_training import write_example_images
+
+    folder = write_example_images(tmp_path_factory.mktemp("example"))
+    chosen = tmp_path_factory.mktemp("pictures")
+    for name in ("chelsea_face", "chelsea_mirrored"):
+        PIL.Image.open(folder / f"{name}.png").resize((96, 96)).save(chosen / f"{name}.png")
+        (chosen / f"{name}.txt").write_text((folder / f"{name}.txt").read_text())
+    return chosen
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def fresh_prior(tiny_models):
+    """A new tiny prior each call (training changes the one it trains); without its image encoder
+    unless asked, as the tests set ``image_embed_probability`` to 0."""
+    from cascade_helpers.loading import load_prior
+
+    def load(image_encoder: bool = False, effnet: bool = True):
+        return load_prior(
+            tiny_models, "big", dtype="fp32", device="cpu", image_encoder=image_encoder, effnet=effnet
+        )
+
+    return load

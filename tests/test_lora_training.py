@@ -7,33 +7,43 @@ Ctrl-C, caches.
 
 from __future__ import annotations
 
+import collections
+import itertools
 import json
+import math
 import os
+import shutil
 import signal
+import types
 from pathlib import Path
 
 import PIL.Image
 import pytest
 import torch
+from training_setup import make_config
 
 from cascade_helpers.conditioning import encode_text
-from cascade_helpers.loading import load_prior
+from cascade_helpers.images import resize_and_crop
 from cascade_helpers.lora import load_lora
 from cascade_helpers.lora_training import (
+    CacheReport,
     LoraTrainer,
     LoraTrainingConfig,
     TrainingError,
     bucket_sizes,
+    cache_images,
     caption_for,
     closest_bucket,
+    crop_position,
+    find_training_images,
     main,
+    read_picture,
     stage_c_loss,
     write_example_images,
 )
 from cascade_helpers.sampling import diffuse, log_snr, noise_condition, p2_loss_weight, training_times
 
 OBJECTIVE = json.loads((Path(__file__).parent / "fixtures" / "official_training_objective.json").read_text())
-TOKEN = [("[chelsea]", "^cat</w>")]
 
 
 # --- the objective -----------------------------------------------------------------------------------
@@ -97,44 +107,6 @@ def test_captions_come_from_a_sidecar_or_the_file_name(tmp_path):
 # --- training on the tiny models ---------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def pictures(tmp_path_factory) -> Path:
-    """Two small pictures of the example cat, one bucket at resolution 256 (192² EfficientNet input)."""
-    folder = write_example_images(tmp_path_factory.mktemp("example"))
-    chosen = tmp_path_factory.mktemp("pictures")
-    for name in ("chelsea_face", "chelsea_mirrored"):
-        PIL.Image.open(folder / f"{name}.png").resize((96, 96)).save(chosen / f"{name}.png")
-        (chosen / f"{name}.txt").write_text((folder / f"{name}.txt").read_text())
-    return chosen
-
-
-@pytest.fixture(scope="session")
-def shared_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture
-def fresh_prior(tiny_models):
-    """A new tiny prior each call (training changes the one it trains); without its image encoder
-    unless asked, as the tests set ``image_embed_probability`` to 0."""
-
-    def load(image_encoder: bool = False, effnet: bool = True):
-        return load_prior(
-            tiny_models, "big", dtype="fp32", device="cpu", image_encoder=image_encoder, effnet=effnet
-        )
-
-    return load
-
-
-def _config(pictures, output, cache, **changes) -> LoraTrainingConfig:
-    settings = dict(
-        images=str(pictures), output_dir=str(output), cache_dir=str(cache), new_tokens=TOKEN, resolution=256,
-        batch_size=2, gradient_accumulation=1, steps=3, precision="fp32", checkpoint_every=2, learning_rate=1e-2,
-        gradient_checkpointing=False, image_embed_probability=0.0,
-    )  # fmt: skip
-    return LoraTrainingConfig(**(settings | changes))
-
-
 def _fixed_loss(trainer: LoraTrainer) -> float:
     """The loss on the whole (one-bucket) dataset, averaged over four fixed draws of noise and times."""
     state, losses = trainer.generator.get_state(), []
@@ -151,7 +123,7 @@ def test_a_few_steps_on_one_batch_lower_the_loss_and_learn_the_token(
 ):
     # a tiny random model learns slowly through a rank-4 LoRA: a strong learning rate and scale
     changes = dict(steps=5, learning_rate=5e-2, alpha=4.0, caption_dropout=0.0)
-    trainer = LoraTrainer(fresh_prior(), _config(pictures, tmp_path, shared_cache, **changes))
+    trainer = LoraTrainer(fresh_prior(), make_config(pictures, tmp_path, shared_cache, **changes))
     trainer.prepare()
     assert len({item.bucket for item in trainer.items}) == 1 and trainer.config.batch_size == len(
         trainer.items
@@ -166,7 +138,7 @@ def test_a_few_steps_on_one_batch_lower_the_loss_and_learn_the_token(
 
 
 def test_saved_lora_reproduces_the_trained_model(fresh_prior, pictures, shared_cache, tmp_path):
-    trainer = LoraTrainer(fresh_prior(), _config(pictures, tmp_path, shared_cache, steps=2))
+    trainer = LoraTrainer(fresh_prior(), make_config(pictures, tmp_path, shared_cache, steps=2))
     path = trainer.train().lora
     trainer.config.validation_prompts, trainer.config.validation_prior_steps = (
         ["a photo of [chelsea] the cat"],
@@ -209,7 +181,7 @@ def _trained_state(trainer: LoraTrainer) -> list[torch.Tensor]:
 def test_ctrl_c_saves_a_checkpoint_and_a_rerun_continues_exactly(
     fresh_prior, pictures, shared_cache, tmp_path
 ):
-    config = _config(pictures, tmp_path / "straight", shared_cache, ema_decay=0.5)
+    config = make_config(pictures, tmp_path / "straight", shared_cache, ema_decay=0.5)
     straight = LoraTrainer(fresh_prior(), config)
     straight.train()
 
@@ -219,7 +191,7 @@ def test_ctrl_c_saves_a_checkpoint_and_a_rerun_continues_exactly(
 
     interrupted = LoraTrainer(
         fresh_prior(),
-        _config(pictures, tmp_path / "stopped", shared_cache, ema_decay=0.5, checkpoint_every=100),
+        make_config(pictures, tmp_path / "stopped", shared_cache, ema_decay=0.5, checkpoint_every=100),
     )
     first = interrupted.train(on_step=press_ctrl_c)
     assert (first.interrupted, first.step, first.lora) == (True, 1, None)
@@ -227,7 +199,7 @@ def test_ctrl_c_saves_a_checkpoint_and_a_rerun_continues_exactly(
 
     rerun = LoraTrainer(
         fresh_prior(),
-        _config(pictures, tmp_path / "stopped", shared_cache, ema_decay=0.5, checkpoint_every=100),
+        make_config(pictures, tmp_path / "stopped", shared_cache, ema_decay=0.5, checkpoint_every=100),
     )
     assert rerun.resume() == 1
     second = rerun.train()
@@ -235,15 +207,15 @@ def test_ctrl_c_saves_a_checkpoint_and_a_rerun_continues_exactly(
     assert [s for s, _ in second.losses] == [1, 2, 3]
     for a, b in zip(_trained_state(straight), _trained_state(rerun), strict=True):
         torch.testing.assert_close(a, b)
-    for a, b in zip(straight.ema, rerun.ema, strict=True):
+    for a, b in zip(straight.ema.shadow_params, rerun.ema.shadow_params, strict=True):
         torch.testing.assert_close(a, b)
     torch.testing.assert_close([loss for _, loss in second.losses], [loss for _, loss in straight.losses])
 
 
 def test_a_checkpoint_with_other_settings_is_not_resumed(fresh_prior, pictures, shared_cache, tmp_path):
-    LoraTrainer(fresh_prior(), _config(pictures, tmp_path, shared_cache, steps=1)).train()
+    LoraTrainer(fresh_prior(), make_config(pictures, tmp_path, shared_cache, steps=1)).train()
     with pytest.raises(TrainingError, match="rank=4"):
-        LoraTrainer(fresh_prior(), _config(pictures, tmp_path, shared_cache, steps=2, rank=8)).train()
+        LoraTrainer(fresh_prior(), make_config(pictures, tmp_path, shared_cache, steps=2, rank=8)).train()
 
 
 def test_caches_are_reused_and_the_encoders_not_called_again(fresh_prior, pictures, tmp_path):
@@ -255,7 +227,7 @@ def test_caches_are_reused_and_the_encoders_not_called_again(fresh_prior, pictur
 
         return hook
 
-    config = _config(
+    config = make_config(
         pictures, tmp_path / "a", tmp_path / "cache", new_tokens=[], steps=1, image_embed_probability=1.0
     )
     first = LoraTrainer(fresh_prior(image_encoder=True), config)
@@ -266,7 +238,7 @@ def test_caches_are_reused_and_the_encoders_not_called_again(fresh_prior, pictur
         getattr(prior, name).register_forward_hook(count(name))
     second = LoraTrainer(
         prior,
-        _config(
+        make_config(
             pictures, tmp_path / "b", tmp_path / "cache", new_tokens=[], steps=2, image_embed_probability=1.0
         ),
     )
@@ -284,7 +256,7 @@ def test_caches_are_reused_and_the_encoders_not_called_again(fresh_prior, pictur
 
 def test_a_token_missing_from_the_captions_is_refused(fresh_prior, pictures, shared_cache, tmp_path):
     trainer = LoraTrainer(
-        fresh_prior(), _config(pictures, tmp_path, shared_cache, new_tokens=[("[rex]", "^dog</w>")])
+        fresh_prior(), make_config(pictures, tmp_path, shared_cache, new_tokens=[("[rex]", "^dog</w>")])
     )
     with pytest.raises(TrainingError, match=r"no caption mentions \[rex\]"):
         trainer.prepare()
@@ -292,7 +264,268 @@ def test_a_token_missing_from_the_captions_is_refused(fresh_prior, pictures, sha
 
 def test_the_command_line_trains_from_a_saved_config(tiny_models, pictures, shared_cache, tmp_path):
     """What ``accelerate launch -m cascade_helpers.lora_training --config ...`` runs, on one process."""
-    config = _config(pictures, tmp_path, shared_cache, steps=1, models_dir=str(tiny_models), dtype="fp32")
-    main(["--config", str(config.save(tmp_path / "run.json"))])
+    config = make_config(pictures, tmp_path, shared_cache, steps=1, models_dir=str(tiny_models), dtype="fp32")
+    assert main(["--config", str(config.save(tmp_path / "run.json"))]) == 0
     assert (tmp_path / "lora.safetensors").is_file()
-    assert (tmp_path / "checkpoints" / "step-000001" / "state.pt").is_file()
+    # accelerate's checkpoint files, ours, and the manifest that lists them all
+    checkpoint = tmp_path / "checkpoints" / "step-000001"
+    manifest = json.loads((checkpoint / "manifest.json").read_text())["files"]
+    expected = {
+        "optimizer.bin",
+        "scheduler.bin",
+        "random_states_0.pkl",
+        "trainable.safetensors",
+        "config.json",
+    }
+    assert expected <= set(manifest) and set(manifest) | {"manifest.json"} == {
+        p.name for p in checkpoint.iterdir()
+    }
+
+
+# --- accelerate's and diffusers' parts ---------------------------------------------------------------
+
+
+def test_the_loop_runs_on_accelerate_and_diffusers_parts(
+    fresh_prior, pictures, shared_cache, tmp_path, monkeypatch
+):
+    """Updates go through ``Accelerator.accumulate``/``backward``, checkpoints through
+    ``save_state``/``load_state``, the schedule comes from ``get_scheduler``, EMA is ``EMAModel``."""
+    import diffusers.optimization
+    from accelerate import Accelerator
+    from diffusers.training_utils import EMAModel
+
+    calls = {"accumulate": 0, "backward": 0, "save_state": 0, "load_state": 0, "get_scheduler": 0}
+
+    def spy(owner, name):
+        real = getattr(owner, name)
+
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counted)
+
+    for name in ("accumulate", "backward", "save_state", "load_state"):
+        spy(Accelerator, name)
+    spy(diffusers.optimization, "get_scheduler")
+    config = make_config(pictures, tmp_path, shared_cache, steps=1, gradient_accumulation=2, ema_decay=0.9)
+    first = LoraTrainer(fresh_prior(), config)
+    first.train()
+    assert isinstance(first.ema, EMAModel)
+    assert LoraTrainer(fresh_prior(), config).resume() == 1
+    assert calls == {"accumulate": 2, "backward": 2, "save_state": 1, "load_state": 1, "get_scheduler": 2}
+
+
+def test_ema_is_diffusers_ema_with_its_warm_up(fresh_prior, pictures, shared_cache, tmp_path):
+    """The saved weights average the trained ones with diffusers' decay min((1+n)/(10+n), ema_decay)."""
+    config = make_config(pictures, tmp_path, shared_cache, steps=3, ema_decay=0.5, checkpoint_every=100)
+    trainer = LoraTrainer(fresh_prior(), config)
+    after_each_update = []
+    trainer.train(
+        on_step=lambda step, loss: after_each_update.append([p.detach().clone() for p in trainer.trainable])
+    )
+    expected = after_each_update[0]  # decay 0 at the first update: the weights themselves
+    for update, weights in enumerate(after_each_update[1:], start=2):
+        decay = min(update / (update + 9), 0.5)
+        expected = [decay * e + (1 - decay) * w for e, w in zip(expected, weights, strict=True)]
+    for got, want in zip(trainer.ema.shadow_params, expected, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("keep", [0, 1])
+def test_keep_checkpoints_keeps_the_latest_or_all_at_a_constant_rate(
+    fresh_prior, pictures, shared_cache, tmp_path, keep
+):
+    config = make_config(pictures, tmp_path, shared_cache, checkpoint_every=1, keep_checkpoints=keep)
+    trainer = LoraTrainer(fresh_prior(), config)
+    rates = []
+    trainer.train(on_step=lambda step, loss: rates.append(trainer.optimizer.param_groups[0]["lr"]))
+    assert [p.name for p in trainer.checkpoints()] == (
+        ["step-000003"] if keep else ["step-000001", "step-000002", "step-000003"]
+    )
+    assert rates == [1e-2] * 3  # the default schedule: constant, no warm-up (the official one)
+
+
+def test_the_learning_rate_follows_the_cosine_schedule_after_warm_up(
+    fresh_prior, pictures, shared_cache, tmp_path
+):
+    config = make_config(
+        pictures, tmp_path, shared_cache, steps=4, lr_scheduler="cosine", warmup_steps=1, checkpoint_every=100
+    )
+    trainer = LoraTrainer(fresh_prior(), config)
+    initial = [p.detach().clone() for p in trainer.prepare() and trainer.trainable]
+    rates, moved = [], []
+
+    def record(step, loss):
+        rates.append(trainer.optimizer.param_groups[0]["lr"])
+        moved.append(any(not torch.equal(p, q) for p, q in zip(trainer.trainable, initial, strict=True)))
+
+    trainer.train(on_step=record)
+    # the rate for the next update: warm-up from 0 over 1 update, then half a cosine to 0 over 3
+    assert rates == pytest.approx([1e-2 * 0.5 * (1 + math.cos(math.pi * k / 3)) for k in (0, 1, 2, 3)])
+    assert moved[0] is False and moved[1] is True  # the first update ran at rate 0
+
+
+# --- settings, checked when made ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("keep_checkpoints", -1),
+        ("new_tokens", [("[rex]", "(dog")]),
+        ("targets", []),
+        ("stage_c", "huge"),
+        ("lr_scheduler", "cosine_annealing"),
+        ("lr_num_cycles", 0),
+        ("lr_power", float("nan")),
+        ("warmup_steps", -2),
+        ("crop", "top"),
+        ("repeats", {"elsewhere": 2}),
+        ("min_image_size", -1),
+        ("max_image_size", 0),
+        ("precision", "fp16"),
+        ("dtype", "fp16"),
+        ("ema_decay", 1.5),
+        ("caption_dropout", 2.0),
+        ("learning_rate", float("inf")),
+        ("validation_prompts", {"a/b": "a cat"}),
+        ("validation_prior_guidance", float("nan")),
+        ("validation_decoder_steps", 0),
+        ("aspect_ratios", ["1/0"]),
+        ("resolution", 100),
+    ],
+)
+def test_a_bad_setting_is_refused_and_named(pictures, tmp_path, option, value):
+    with pytest.raises(TrainingError, match=f"^LoraTrainingConfig {option}="):
+        make_config(pictures, tmp_path, tmp_path, **{"resolution": 512, option: value})
+
+
+def test_settings_that_contradict_each_other_or_the_prior_are_refused(
+    fresh_prior, pictures, tmp_path, tiny_models
+):
+    with pytest.raises(TrainingError, match="repeats=.*whole number"):
+        make_config(pictures, tmp_path, tmp_path, repeats={str(pictures): -1})
+    with pytest.raises(TrainingError, match="^LoraTrainingConfig dtype='bf16': precision='fp32'"):
+        make_config(pictures, tmp_path, tmp_path, precision="fp32", dtype="bf16")
+    from cascade_helpers.loading import load_prior
+
+    bf16_prior = load_prior(tiny_models, "big", dtype="bf16", device="cpu", image_encoder=False)
+    with pytest.raises(
+        TrainingError, match="precision='fp32' trains in float32, but the prior was loaded in torch.bfloat16"
+    ):
+        LoraTrainer(bf16_prior, make_config(pictures, tmp_path, tmp_path, precision="fp32"))
+
+
+def test_a_saved_config_reads_back_and_an_unknown_setting_is_named(pictures, tmp_path):
+    config = make_config(
+        pictures,
+        tmp_path,
+        tmp_path,
+        resolution=512,
+        repeats=[(str(pictures), 2)],
+        validation_prompts={"sofa": "x"},
+    )
+    assert LoraTrainingConfig.load(config.save(tmp_path / "run.json")) == config
+    (tmp_path / "bad.json").write_text(json.dumps({"images": "x", "output_dir": "y", "lr": 1}))
+    with pytest.raises(TrainingError, match=r"unknown setting\(s\) \['lr'\]"):
+        LoraTrainingConfig.load(tmp_path / "bad.json")
+
+
+# --- the pictures: repeats, sizes, crops ------------------------------------------------------------
+
+
+def test_repeats_show_a_folders_pictures_more_often(fresh_prior, pictures, shared_cache, tmp_path):
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    shutil.copy(pictures / "chelsea_face.png", extra / "extra_face.png")
+    (extra / "extra_face.txt").write_text("a close-up photo of [chelsea]")
+    config = make_config(
+        pictures,
+        tmp_path,
+        shared_cache,
+        images=[str(pictures), str(extra)],
+        repeats={str(extra): 2},
+        batch_size=1,
+    )
+    trainer = LoraTrainer(fresh_prior(), config)
+    trainer.prepare()
+    epoch = list(itertools.islice(trainer._batches(), 5))  # 1 + 1 + (1 + 2) pictures per epoch
+    seen = collections.Counter(trainer.images[i].path.name for (i,) in epoch)
+    assert seen == {"chelsea_face.png": 1, "chelsea_mirrored.png": 1, "extra_face.png": 3}
+
+
+def test_small_pictures_are_skipped_by_name_and_large_ones_scaled_down(tmp_path):
+    PIL.Image.new("RGB", (40, 30)).save(tmp_path / "tiny_cat.png")
+    PIL.Image.new("RGB", (200, 100)).save(tmp_path / "wide_cat.png")
+    with pytest.warns(UserWarning, match=r"tiny_cat\.png \(40×30\)"):
+        found = find_training_images(tmp_path, min_image_size=64)
+    assert [i.path.name for i in found] == ["wide_cat.png"]
+    with pytest.raises(TrainingError, match="no pictures at least 300 px"), pytest.warns(UserWarning):
+        find_training_images(tmp_path, min_image_size=300)
+    assert read_picture(tmp_path / "wide_cat.png", max_side=50).shape == (3, 50, 100)
+    assert read_picture(tmp_path / "wide_cat.png", max_side=500).shape == (3, 100, 200)
+
+
+def test_a_random_crop_is_a_window_of_the_scaled_picture_chosen_once_per_picture():
+    picture = torch.rand(3, 10, 20)
+    torch.testing.assert_close(resize_and_crop(picture, 10, 10, (0.0, 0.0)), picture[:, :, :10])
+    torch.testing.assert_close(resize_and_crop(picture, 10, 10, (0.0, 1.0)), picture[:, :, 10:])
+    torch.testing.assert_close(resize_and_crop(picture, 10, 10, (0.0, 0.5)), resize_and_crop(picture, 10, 10))
+    assert crop_position("center", b"picture", 0) is None
+    position = crop_position("random", b"picture", 0)
+    assert position == crop_position("random", b"picture", 0) != crop_position("random", b"picture", 1)
+    assert all(0 <= v <= 1 for v in position)
+
+
+def test_random_crops_change_the_cached_latents(fresh_prior, tmp_path):
+    folder = write_example_images(tmp_path / "pictures")  # landscape and portrait shots: crops differ
+    prior, sizes = fresh_prior(), bucket_sizes(256, ["1/1"])
+    images = [i for i in find_training_images(folder) if i.path.stem == "chelsea_sofa"]  # 451 × 300
+    report = CacheReport()
+    centre = cache_images(prior, images, sizes, tmp_path / "cache", False, report)
+    random = cache_images(prior, images, sizes, tmp_path / "cache", False, report, crop="random", seed=3)
+    assert (report.latents_computed, report.latents_cached) == (2, 0)  # its own cache entry
+    assert not torch.equal(centre[0].latents, random[0].latents)
+
+
+# --- validation --------------------------------------------------------------------------------------
+
+
+def test_validation_uses_its_negative_prompt_guidance_steps_and_prompt_names(
+    fresh_prior, pictures, shared_cache, tmp_path, monkeypatch
+):
+    from cascade_helpers.lora_training import validation
+
+    library = {"sofa": "a photo of [chelsea] on a sofa", "grass": "a photo of [chelsea] on the grass"}
+    config = make_config(
+        pictures, tmp_path, shared_cache, resolution=512, validation_prompts=library, validation_negative_prompt="blurry",
+        validation_prior_steps=1, validation_prior_guidance=3.0, validation_decoder_steps=2, validation_decoder_guidance=0.5,
+    )  # fmt: skip
+    trainer = LoraTrainer(fresh_prior(), config)  # no LoRA needed to check what validation passes on
+    seen = []
+    real = validation.generate_stage_c
+    monkeypatch.setattr(
+        validation, "generate_stage_c", lambda *args, **kw: seen.append(args) or real(*args, **kw)
+    )
+    pictures_made = trainer.validate()
+    assert len(pictures_made) == 2 and all(p.size == (96, 96) for p in pictures_made)  # the previewer's
+    negative, settings = seen[0][2], seen[0][4]
+    torch.testing.assert_close(negative.hidden, encode_text(trainer.prior, "blurry").hidden)
+    assert (settings.steps, settings.guidance) == (1, 3.0)
+    names = {p.name for p in (tmp_path / "validation").iterdir()}
+    assert names == {"step-000000.png", "step-000000-sofa.png", "step-000000-grass.png"}
+
+    decoded = []
+
+    def text_to_image(prior, decoder, prompt, negative, **options):
+        decoded.append((prompt, negative, options))
+        return types.SimpleNamespace(images=[PIL.Image.new("RGB", (8, 8))])
+
+    monkeypatch.setattr(validation, "text_to_image", text_to_image)
+    trainer.decoder = object()
+    trainer.validate()
+    prompt, negative, options = decoded[1]
+    assert (prompt, negative) == (library["grass"], "blurry")
+    assert (options["decoder_settings"].steps, options["decoder_settings"].guidance) == (2, 0.5)
+    assert (options["prior_settings"].steps, options["prior_settings"].guidance) == (1, 3.0)

@@ -17,9 +17,9 @@ from tqdm.auto import tqdm
 from ..atomic import save_safetensors
 from ..conditioning import encode_image_clip, encode_text
 from ..effnet import encode as effnet_encode
-from ..images import image_to_tensor, resize_and_crop
+from ..images import resize_and_crop
 from ..models import Prior
-from .data import TrainingImage, closest_bucket
+from .data import TrainingImage, closest_bucket, crop_position, read_picture
 
 
 def fingerprint(module: nn.Module) -> str:
@@ -82,19 +82,44 @@ def cache_images(
     folder: Path,
     with_image_embeds: bool,
     report: CacheReport,
+    *,
+    crop: str = "center",
+    seed: int = 0,
+    max_image_size: int | None = None,
 ) -> list[CachedImage]:
-    """EfficientNet latents (and CLIP image embeddings) of every picture, from the cache when there."""
+    """EfficientNet latents (and CLIP image embeddings) of every picture, from the cache when there.
+
+    Args:
+        prior: the prior whose EfficientNet (and image encoder) encode the pictures.
+        images: the pictures.
+        sizes: the aspect buckets (EfficientNet input sizes); each picture goes to the closest.
+        folder: the cache folder.
+        with_image_embeds: also compute CLIP image embeddings.
+        report: counts what was computed and what was read back.
+        crop: ``"center"`` or ``"random"`` (:func:`.data.crop_position`).
+        seed: the run's seed (random crops).
+        max_image_size: pictures with a larger shorter side are scaled down to it first.
+
+    Returns:
+        One :class:`CachedImage` per picture, in order.
+    """
     effnet = prior.require("effnet", "LoRA training")
     keys = [fingerprint(effnet), fingerprint(prior.image_encoder) if with_image_embeds else "-"]
     cached = []
     for image in tqdm(images, desc="caching latents", leave=False):
-        picture = image_to_tensor(image.path)
+        picture = read_picture(image.path, max_image_size)
         bucket = closest_bucket(*picture.shape[-2:], sizes)
-        content = hashlib.sha1(image.path.read_bytes()).hexdigest()
-        path = _cache_file(folder / "latents", content, str(bucket), *keys)
+        content = image.path.read_bytes()
+        position = crop_position(crop, content, seed)
+        # settings that change the latents are part of the key; the defaults add nothing, so caches
+        # written before these settings existed stay valid
+        extra = [f"crop={position}"] * (position is not None) + [f"max={max_image_size}"] * bool(
+            max_image_size
+        )
+        path = _cache_file(folder / "latents", hashlib.sha1(content).hexdigest(), str(bucket), *keys, *extra)
 
-        def compute(picture=picture, bucket=bucket):
-            cropped = resize_and_crop(picture, *bucket)
+        def compute(picture=picture, bucket=bucket, position=position):
+            cropped = resize_and_crop(picture, *bucket, position)
             # as official training encodes: already at the bucket size, ImageNet normalization only
             tensors = {"latents": effnet_encode(effnet, cropped[None], downscale=False)[0]}
             if with_image_embeds:

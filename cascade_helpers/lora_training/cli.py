@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from .config import LoraTrainingConfig
-from .trainer import LoraTrainer
+from .config import LoraTrainingConfig, TrainingError
+from .trainer import LoraTrainer, make_accelerator
+
+#: the exit status of a run stopped by Ctrl-C (after saving a checkpoint), as shells report SIGINT
+INTERRUPTED = 130
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     """``accelerate launch -m cascade_helpers.lora_training --config run.json``: the same training
-    on every GPU accelerate starts, each with its share of the batches."""
-    from accelerate import Accelerator
+    on every GPU accelerate starts, each with its share of the batches.
 
+    Args:
+        argv: the arguments (default: the command line's).
+
+    Returns:
+        The exit status: 0 when the run is complete, 130 when Ctrl-C stopped it (a checkpoint is
+        saved: run the same command to continue), 1 when the settings or the data are refused, 2 for a
+        config file that cannot be read.
+    """
     from .. import lora_training
     from ..loading import load_decoder, load_prior
 
@@ -25,24 +36,31 @@ def main(argv: list[str] | None = None) -> None:
         "--no-decoder", action="store_true", help="validate with the previewer (no Stage B in memory)"
     )
     args = parser.parse_args(argv)
-    config = LoraTrainingConfig.load(args.config)
-    accelerator = Accelerator()
+    try:
+        config = LoraTrainingConfig.load(args.config)
+    except TrainingError as error:
+        parser.error(str(error))
+    accelerator = make_accelerator(config)
     device = accelerator.device
     prior = load_prior(
         config.models_dir,
         config.stage_c,
-        dtype=config.dtype,
+        dtype=config.load_dtype,
         device=device,
         image_encoder=config.image_embed_probability > 0,
     )
     decoder = None
     if config.validation_prompts and not args.no_decoder and accelerator.is_main_process:
         decoder = load_decoder(
-            config.models_dir, config.stage_b, dtype=config.dtype, device=device, memory="model_offload"
+            config.models_dir, config.stage_b, dtype=config.load_dtype, device=device, memory="model_offload"
         )
-    trainer = LoraTrainer(prior, config, decoder, accelerator)
-    result = trainer.train()
+    try:
+        result = LoraTrainer(prior, config, decoder, accelerator).train()
+    except TrainingError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     if accelerator.is_main_process:
         print(
             f"step {result.step}: LoRA in {result.lora or 'not yet (interrupted)'}, checkpoint {result.checkpoint}"
         )
+    return INTERRUPTED if result.interrupted else 0

@@ -1,67 +1,103 @@
-"""The settings of a LoRA training run, saved with every checkpoint and as JSON for the command line."""
+"""The settings of a LoRA training run, checked when they are made, saved with every checkpoint and
+as JSON for the command line."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 from ..atomic import write_json
 from ..lora import ATTENTION_TARGETS, NewToken
+from ..sampling import OFFICIAL_DECODER, OFFICIAL_PRIOR
 from ..sizes import GENERATION, TRAINING, check_size
 
 #: the official config's ``multi_aspect_ratio`` (width / height); the reciprocals are added
 OFFICIAL_ASPECT_RATIOS = ("1/1", "1/2", "1/3", "2/3", "3/4", "1/5", "2/5", "3/5", "4/5", "1/6", "5/6", "9/16")
 LORA_FILE = "lora.safetensors"
+#: ``diffusers.optimization.get_scheduler``'s schedules that need nothing but these settings
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+CROPS = ("center", "random")
+PRECISIONS = ("bf16", "fp32")
+SIZES = ("big", "lite")
+#: a validation prompt's name becomes part of a file name
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 class TrainingError(ValueError):
-    """Training cannot start or resume as asked (no pictures, an incompatible checkpoint ...)."""
+    """Training cannot start or resume as asked (a bad setting, no pictures, a damaged checkpoint ...)."""
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
 class LoraTrainingConfig:
-    """Everything a run needs; saved with every checkpoint and as JSON for ``accelerate launch``.
+    """Everything a run needs; checked on construction (an error names the setting), saved with every
+    checkpoint and as JSON for ``accelerate launch``. README's LoRA section lists every setting.
 
     ``steps`` counts optimizer updates, each over ``batch_size × gradient_accumulation`` pictures
     per GPU. ``resolution`` is the picture side the buckets are made for (their area is
     resolution²), also the validation size. ``new_tokens``: ``(token, regex)`` pairs as in the
-    official ``train_tokens``, e.g. ``[("[chelsea]", "^cat</w>")]``.
+    official ``train_tokens``, e.g. ``[("[chelsea]", "^cat</w>")]``. ``images`` is one folder or a
+    list of folders; ``repeats`` maps some of them to extra passes per epoch (SimpleTuner's meaning:
+    0 = each picture once per epoch, 1 = twice), as a dict or a list of ``(folder, repeats)``.
     """
 
-    images: str
+    images: str | list[str]
     output_dir: str
     new_tokens: list[NewToken] = field(default_factory=list)
     rank: int = 4
     alpha: float = 1.0
     targets: str | list[str] = ATTENTION_TARGETS
+    # the pictures
     resolution: int = 1024
     aspect_ratios: list[str] = field(default_factory=lambda: list(OFFICIAL_ASPECT_RATIOS))
+    crop: str = "center"  # or "random": a window chosen once per picture, when its latents are cached
+    repeats: dict[str, int] = field(default_factory=dict)
+    min_image_size: int = 0  # pictures whose shorter side is smaller are skipped (with a message)
+    max_image_size: int | None = None  # a larger shorter side is scaled down to this before bucketing
+    # the optimization
     batch_size: int = 1
     gradient_accumulation: int = 4
     learning_rate: float = 1e-4
+    lr_scheduler: str = "constant_with_warmup"
     warmup_steps: int = 0
+    lr_num_cycles: int = 1  # cosine_with_restarts
+    lr_power: float = 1.0  # polynomial
     max_grad_norm: float = 1.0
     steps: int = 1000
-    precision: str = "bf16"  # autocast on the GPU; "fp32" for none
+    precision: str = "bf16"  # bf16 autocast, or "fp32": everything in float32 (the prior loaded so)
     gradient_checkpointing: bool = True
     ema_decay: float | None = None
     caption_dropout: float = 0.05
     image_embed_probability: float = 0.1
+    # checkpoints and validation
     checkpoint_every: int = 100
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # 0 keeps all
     validate_every: int = 100
-    validation_prompts: list[str] = field(default_factory=list)
-    validation_prior_steps: int = 20
-    validation_decoder_steps: int = 10
+    validation_prompts: list[str] | dict[str, str] = field(default_factory=list)
+    validation_negative_prompt: str = ""
+    validation_prior_steps: int = OFFICIAL_PRIOR.steps
+    validation_prior_guidance: float = OFFICIAL_PRIOR.guidance
+    validation_decoder_steps: int = OFFICIAL_DECODER.steps
+    validation_decoder_guidance: float = OFFICIAL_DECODER.guidance
     seed: int = 0
     cache_dir: str | None = None  # default <output_dir>/cache; share it between runs on the same pictures
     # read by the command line only (a notebook passes loaded models)
     models_dir: str = "models"
     stage_c: str = "big"
     stage_b: str = "lite"
-    dtype: str = "bf16"
+    dtype: str | None = None  # None: "fp32" for precision="fp32", else "bf16"
 
     #: settings a checkpoint must share with the run that resumes it
     RESUME_KEYS = (
@@ -73,19 +109,142 @@ class LoraTrainingConfig:
         "aspect_ratios",
         "batch_size",
         "gradient_accumulation",
+        "ema_decay",
         "seed",
     )
 
     def __post_init__(self) -> None:
         self.new_tokens = [tuple(t) for t in self.new_tokens]
-        check_size(self.resolution, self.resolution, TRAINING)
-        if self.validation_prompts:  # validation pictures are generated at this size
-            check_size(self.resolution, self.resolution, GENERATION)
-        if self.precision not in ("bf16", "fp32"):
-            raise ValueError(f"precision must be 'bf16' or 'fp32', not {self.precision!r}")
-        for name in ("rank", "batch_size", "gradient_accumulation", "steps", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if isinstance(self.repeats, (list, tuple)):
+            self.repeats = {str(folder): count for folder, count in self.repeats}
+        self._check_model()
+        self._check_pictures()
+        self._check_optimization()
+        self._check_checkpoints_and_validation()
+
+    def _fail(self, name: str, expected: str) -> None:
+        raise TrainingError(f"LoraTrainingConfig {name}={getattr(self, name)!r}: {expected}")
+
+    def _check_model(self) -> None:
+        for token in self.new_tokens:
+            if len(token) != 2 or not (isinstance(token[0], str) and token[0].strip()):
+                self._fail("new_tokens", "give (token, regex) pairs, e.g. [('[chelsea]', '^cat</w>')]")
+            try:
+                re.compile(token[1] or "")
+            except (re.error, TypeError) as error:
+                self._fail("new_tokens", f"the regex of {token[0]!r} does not compile ({error})")
+        targets = [self.targets] if isinstance(self.targets, str) else self.targets
+        if not targets or not all(isinstance(t, str) and t for t in targets):
+            self._fail("targets", "give a regex of module names, or a list of module names")
+        for name in ("stage_c", "stage_b"):
+            if getattr(self, name) not in SIZES:
+                self._fail(name, f"use one of {SIZES}")
+
+    def _check_pictures(self) -> None:
+        folders = [self.images] if isinstance(self.images, str) else self.images
+        if not folders or not all(isinstance(f, str) and f for f in folders):
+            self._fail("images", "give a folder of pictures, or a list of folders")
+        for rule, why in ((TRAINING, ""), (GENERATION, "validation pictures are made at this size: ")):
+            try:
+                if rule is TRAINING or self.validation_prompts:
+                    check_size(self.resolution, self.resolution, rule)
+            except ValueError:
+                self._fail("resolution", f"{why}use {rule.describe()} ({rule.hint})")
+        try:
+            ratios = [Fraction(r) for r in self.aspect_ratios]
+        except (TypeError, ValueError, ZeroDivisionError):
+            ratios = []
+        if not ratios or any(r <= 0 for r in ratios):
+            self._fail("aspect_ratios", "give width/height ratios such as ['1/1', '2/3', '9/16']")
+        if self.crop not in CROPS:
+            self._fail("crop", f"use one of {CROPS}")
+        known = {Path(f).resolve() for f in folders}
+        for folder, count in self.repeats.items():
+            if Path(folder).resolve() not in known:
+                self._fail("repeats", f"{folder!r} is not one of the images folders {folders}")
+            if not _whole(count) or count < 0:
+                self._fail(
+                    "repeats", f"the repeats of {folder!r} must be a whole number ≥ 0 (0 = once per epoch)"
+                )
+        if not _whole(self.min_image_size) or self.min_image_size < 0:
+            self._fail("min_image_size", "give a side in pixels (0 keeps every picture)")
+        if self.max_image_size is not None and (
+            not _whole(self.max_image_size) or self.max_image_size < max(self.min_image_size, 1)
+        ):
+            self._fail("max_image_size", "give a side in pixels, at least min_image_size, or None")
+
+    def _check_optimization(self) -> None:
+        for name in ("rank", "batch_size", "gradient_accumulation", "steps", "lr_num_cycles"):
+            if not _whole(getattr(self, name)) or getattr(self, name) < 1:
+                self._fail(name, "must be a whole number, at least 1")
+        if not _whole(self.warmup_steps) or self.warmup_steps < 0:
+            self._fail("warmup_steps", "must be a whole number, 0 or more")
+        for name in ("alpha", "learning_rate", "max_grad_norm", "lr_power"):
+            if not _finite(getattr(self, name)) or getattr(self, name) <= 0:
+                self._fail(name, "must be a positive number")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            self._fail("lr_scheduler", f"use one of {LR_SCHEDULERS} (diffusers' get_scheduler)")
+        if self.precision not in PRECISIONS:
+            self._fail("precision", f"use one of {PRECISIONS}")
+        if self.dtype not in (None, *PRECISIONS):
+            self._fail("dtype", f"use one of {PRECISIONS} (Stage C overflows in float16), or None")
+        if self.precision == "fp32" and self.dtype == "bf16":
+            self._fail(
+                "dtype", "precision='fp32' trains in float32: load the prior in 'fp32' (or leave dtype None)"
+            )
+        if not isinstance(self.gradient_checkpointing, bool):
+            self._fail("gradient_checkpointing", "must be True or False")
+        if self.ema_decay is not None and not (_finite(self.ema_decay) and 0 < self.ema_decay < 1):
+            self._fail("ema_decay", "must be between 0 and 1 (e.g. 0.999), or None for no EMA")
+        for name in ("caption_dropout", "image_embed_probability"):
+            if not _finite(getattr(self, name)) or not 0 <= getattr(self, name) <= 1:
+                self._fail(name, "must be a probability from 0 to 1")
+        if not _whole(self.seed):
+            self._fail("seed", "must be a whole number")
+
+    def _check_checkpoints_and_validation(self) -> None:
+        if not _whole(self.checkpoint_every) or self.checkpoint_every < 1:
+            self._fail("checkpoint_every", "must be a whole number of steps, at least 1")
+        if not _whole(self.keep_checkpoints) or self.keep_checkpoints < 0:
+            self._fail(
+                "keep_checkpoints", "must be 0 (keep every checkpoint) or how many of the latest to keep"
+            )
+        if not _whole(self.validate_every) or self.validate_every < 0:
+            self._fail("validate_every", "must be a whole number of steps (0: only at the end)")
+        prompts = self.validation_prompts
+        if isinstance(prompts, dict):
+            for name, prompt in prompts.items():
+                if not (isinstance(name, str) and _NAME.fullmatch(name)):
+                    self._fail(
+                        "validation_prompts", f"the name {name!r} must be letters, digits, '_', '.', '-'"
+                    )
+                if not isinstance(prompt, str):
+                    self._fail("validation_prompts", f"the prompt named {name!r} must be text")
+        elif not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            self._fail("validation_prompts", "give a list of prompts or a dict name → prompt")
+        if not isinstance(self.validation_negative_prompt, str):
+            self._fail("validation_negative_prompt", "must be text")
+        for stage in ("prior", "decoder"):
+            steps, guidance = f"validation_{stage}_steps", f"validation_{stage}_guidance"
+            if not _whole(getattr(self, steps)) or not 1 <= getattr(self, steps) <= 1000:
+                self._fail(steps, "must be a whole number from 1 to 1000")
+            if not _finite(getattr(self, guidance)) or getattr(self, guidance) < 0:
+                self._fail(guidance, "must be a number ≥ 0 (≤ 1 turns guidance off)")
+
+    @property
+    def image_folders(self) -> list[str]:
+        return [self.images] if isinstance(self.images, str) else list(self.images)
+
+    @property
+    def named_validation_prompts(self) -> dict[str, str]:
+        """The validation prompts by name: the library's names, or ``1``, ``2`` ... for a list."""
+        prompts = self.validation_prompts
+        return dict(prompts) if isinstance(prompts, dict) else {str(i + 1): p for i, p in enumerate(prompts)}
+
+    @property
+    def load_dtype(self) -> str:
+        """The dtype the command line loads the models in."""
+        return self.dtype or ("fp32" if self.precision == "fp32" else "bf16")
 
     def save(self, path: str | Path) -> Path:
         """Write the settings as JSON (atomically), for ``--config`` and for the record."""
@@ -93,4 +252,17 @@ class LoraTrainingConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> LoraTrainingConfig:
-        return cls(**json.loads(Path(path).read_text()))
+        """Read settings saved by :meth:`save` (or written by hand).
+
+        Raises:
+            TrainingError: the file is missing, not JSON, or names a setting that does not exist.
+        """
+        try:
+            settings = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise TrainingError(f"cannot read the training settings {path}: {error}") from error
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(settings) - known) if isinstance(settings, dict) else ["(not a JSON object)"]
+        if unknown:
+            raise TrainingError(f"{path}: unknown setting(s) {unknown}; the settings are {sorted(known)}")
+        return cls(**settings)

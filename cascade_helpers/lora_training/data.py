@@ -1,11 +1,15 @@
-"""The training pictures: finding them and their captions, the official aspect buckets, the order
+"""The training pictures: finding them and their captions, reading them (an unreadable one is named),
+skipping small ones and scaling down large ones, the official aspect buckets, the crop, the order
 batches come in, and the example pictures the notebook trains on offline."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import os
 import re
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -13,35 +17,113 @@ from pathlib import Path
 import PIL.Image
 import torch
 
-from ..images import images_in_folder
+from ..atomic import atomic_path, write_text
+from ..images import image_to_tensor, images_in_folder, scale_short_side
 from ..sizes import DOWNSCALE, STRIDE
 from .config import TrainingError
+
+#: what reading a damaged or foreign file raises in Pillow (UnidentifiedImageError is an OSError;
+#: a broken PNG chunk raises SyntaxError, a truncated stream OSError or ValueError)
+_UNREADABLE = (OSError, SyntaxError, ValueError, EOFError, PIL.Image.DecompressionBombError)
 
 
 @dataclass(frozen=True)
 class TrainingImage:
     path: Path
     caption: str
+    repeats: int = 0  # extra passes per epoch (0: once)
 
 
 def caption_for(path: Path) -> str:
     """The sidecar ``<name>.txt`` if there is one, else the file name: underscores become spaces and
     a trailing number (``_03``, `` (2)``) is dropped, so ``[chelsea]_on_a_sofa_02.png`` reads
-    "[chelsea] on a sofa"."""
+    "[chelsea] on a sofa".
+
+    Raises:
+        TrainingError: the sidecar is not UTF-8 text (named, with the fix).
+    """
     sidecar = path.with_suffix(".txt")
     if sidecar.is_file():
-        return sidecar.read_text(encoding="utf-8").strip()
+        try:
+            return sidecar.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError as error:
+            raise TrainingError(
+                f"the caption {sidecar} is not UTF-8 text ({error.reason} at byte {error.start}): "
+                "save it as UTF-8 (most editors offer it under 'Save as … encoding')"
+            ) from error
     name = re.sub(r"[\s_-]*(\(\d+\)|\d+)$", "", path.stem)
     return re.sub(r"[_\s]+", " ", name).strip()
 
 
-def find_training_images(folder: str | Path) -> list[TrainingImage]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise TrainingError(f"no folder of training pictures at {folder}")
-    found = [TrainingImage(p, caption_for(p)) for p in images_in_folder(folder)]
+def _unreadable(path: Path, error: Exception) -> TrainingError:
+    return TrainingError(
+        f"cannot read the training picture {path} ({type(error).__name__}: {error}): the file is damaged "
+        "or not a picture; replace it or move it out of the training folder"
+    )
+
+
+def picture_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the file's header, without decoding the pixels."""
+    try:
+        with PIL.Image.open(path) as opened:
+            return opened.size
+    except _UNREADABLE as error:
+        raise _unreadable(path, error) from error
+
+
+def read_picture(path: Path, max_side: int | None = None) -> torch.Tensor:
+    """A training picture as 3×H×W in [0, 1]; with ``max_side``, scaled down (aspect kept) so its
+    shorter side is at most that, before it is bucketed and cropped.
+
+    Raises:
+        TrainingError: the file cannot be decoded (truncated, damaged, not a picture), named.
+    """
+    try:
+        picture = image_to_tensor(path)
+    except _UNREADABLE as error:
+        raise _unreadable(path, error) from error
+    if max_side and min(picture.shape[-2:]) > max_side:
+        picture = scale_short_side(picture, max_side)
+    return picture
+
+
+def find_training_images(
+    folders: str | os.PathLike | Sequence[str | os.PathLike],
+    repeats: Mapping[str, int] | None = None,
+    min_image_size: int = 0,
+) -> list[TrainingImage]:
+    """The pictures of one folder or several, with their captions.
+
+    Args:
+        folders: the folder(s) of pictures (not searched recursively).
+        repeats: extra passes per epoch for some folders (0: once), keyed by folder.
+        min_image_size: pictures whose shorter side is smaller are skipped, with a warning naming them.
+
+    Raises:
+        TrainingError: a folder is missing, or no picture is left.
+    """
+    folders = [folders] if isinstance(folders, (str, os.PathLike)) else list(folders)
+    extra = {Path(folder).resolve(): count for folder, count in (repeats or {}).items()}
+    found, skipped = [], []
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            raise TrainingError(f"no folder of training pictures at {folder}")
+        for path in images_in_folder(folder):
+            width, height = picture_size(path)
+            if min(width, height) < min_image_size:
+                skipped.append(f"{path} ({width}×{height})")
+                continue
+            found.append(TrainingImage(path, caption_for(path), extra.get(folder.resolve(), 0)))
+    if skipped:
+        warnings.warn(
+            f"skipped {len(skipped)} picture(s) whose shorter side is under min_image_size={min_image_size} px: "
+            + ", ".join(skipped),
+            stacklevel=2,
+        )
     if not found:
-        raise TrainingError(f"{folder} holds no pictures (.png, .jpg, .webp ...)")
+        where = ", ".join(map(str, folders))
+        reason = f" at least {min_image_size} px on the shorter side" if skipped else ""
+        raise TrainingError(f"{where} hold(s) no pictures{reason} (.png, .jpg, .webp ...)")
     return found
 
 
@@ -60,6 +142,16 @@ def bucket_sizes(resolution: int, ratios: Sequence[str]) -> list[tuple[int, int]
 def closest_bucket(height: int, width: int, sizes: Sequence[tuple[int, int]]) -> tuple[int, int]:
     """The bucket whose width/height ratio is closest to the picture's (the official choice)."""
     return min(sizes, key=lambda s: abs(width / height - s[1] / s[0]))
+
+
+def crop_position(crop: str, content: bytes, seed: int) -> tuple[float, float] | None:
+    """Where a picture's crop window sits: None (the centre) for ``"center"``; for ``"random"`` a
+    (top, left) drawn from the picture's bytes and the seed, so a re-run (and its cache) agrees."""
+    if crop == "center":
+        return None
+    digest = hashlib.sha1(content + str(seed).encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return tuple(round(v, 4) for v in torch.rand(2, generator=generator).tolist())
 
 
 def write_example_images(folder: str | Path, token: str = "[chelsea]") -> Path:
@@ -81,9 +173,10 @@ def write_example_images(folder: str | Path, token: str = "[chelsea]") -> Path:
         f"a_photo_of_{token}_the_cat_02": (mirrored.crop((100, 20, 300, 300)), None),
     }
     for name, (picture, caption) in shots.items():
-        picture.save(folder / f"{name}.png")
+        with atomic_path(folder / f"{name}.png") as temporary:
+            picture.save(temporary, format="PNG")
         if caption:
-            (folder / f"{name}.txt").write_text(caption + "\n", encoding="utf-8")
+            write_text(folder / f"{name}.txt", caption + "\n")
     return folder
 
 
@@ -91,7 +184,8 @@ def batch_schedule(
     buckets: dict[tuple[int, int], list[int]], batch_size: int, seed: int
 ) -> Iterator[list[int]]:
     """An endless, reproducible stream of batches: each epoch shuffles every bucket, cuts it into
-    batches (the last may be smaller: small datasets lose no picture) and shuffles the batches."""
+    batches (the last may be smaller: small datasets lose no picture) and shuffles the batches. A
+    picture with repeats is listed in its bucket that many more times."""
     for epoch in itertools.count():
         generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
         batches = []

@@ -1,11 +1,16 @@
-"""The official training objective of Stage C (``train/train_c_lora.py`` with its ``gdf``)."""
+"""The official training objective of Stage C (``train/train_c_lora.py`` with its ``gdf``), and the
+module that computes it for a batch: what accelerate prepares (and wraps for several GPUs)."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..conditioning import text_conditioning
+from ..models import Prior
 from ..sampling import diffuse, log_snr, noise_condition, p2_loss_weight
 
 
@@ -25,3 +30,55 @@ def stage_c_loss(
     prediction = unet(noised.to(dtype), noise_condition(snr).to(dtype), return_dict=False, **inputs)[0]
     per_sample = F.mse_loss(prediction.float(), noise, reduction="none").mean(dim=(1, 2, 3))
     return (per_sample * p2_loss_weight(snr)).mean()
+
+
+class StageCObjective(nn.Module):
+    """Stage C and its text encoder as one module whose ``forward`` is a batch's loss.
+
+    Why one module: everything that trains — the LoRA in the UNet and the new tokens' rows in the
+    text encoder — must sit in the module accelerate prepares, so that on several GPUs its
+    ``DistributedDataParallel`` averages all their gradients (and skips that during accumulation),
+    and the text encoding of captions with a new token must run inside ``forward``, where the
+    gradient to those rows is recorded.
+    """
+
+    def __init__(self, prior: Prior) -> None:
+        super().__init__()
+        self.unet = prior.unet
+        self.text_encoder = prior.text_encoder
+        self.prior = prior  # the tokenizer and device; not a module, so not registered twice
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        noise: torch.Tensor,
+        times: torch.Tensor,
+        clip_img: torch.Tensor,
+        captions: Sequence[str],
+        cached: Sequence[tuple[torch.Tensor, torch.Tensor] | None],
+        autocast: bool,
+    ) -> torch.Tensor:
+        """The official loss of a batch.
+
+        Args:
+            latents, noise: B×16×h×w clean latents and the noise to add.
+            times: B noise levels (:func:`cascade_helpers.sampling.training_times`).
+            clip_img: B×1×E CLIP image embeddings (zeros where none).
+            captions: the B captions ("" for a dropped one).
+            cached: per caption its cached (hidden, pooled) text embeddings, or None to encode it
+                here, with gradients (a caption with a learned token).
+            autocast: compute in bfloat16 autocast.
+        """
+        fresh = [caption for caption, done in zip(captions, cached, strict=True) if done is None]
+        encoded = iter(())
+        if fresh:
+            embeddings = text_conditioning(self.prior, fresh)
+            encoded = zip(embeddings.hidden, embeddings.pooled, strict=True)
+        hidden, pooled = zip(*[done if done is not None else next(encoded) for done in cached], strict=True)
+        conditions = {
+            "clip_text": torch.stack(hidden),
+            "clip_text_pooled": torch.stack(pooled),
+            "clip_img": clip_img,
+        }
+        with torch.autocast(latents.device.type, dtype=torch.bfloat16, enabled=autocast):
+            return stage_c_loss(self.unet, latents, conditions, times, noise)

@@ -1,16 +1,15 @@
-"""The training loop: :class:`LoraTrainer` adds the LoRA and new tokens to a prior, repeats the
-official step (:func:`.objective.stage_c_loss`) with the practicalities around it — caches, buckets,
-gradient accumulation, EMA, checkpoints that resume exactly, Ctrl-C, validation pictures — and saves
-the result."""
+"""The training loop: :class:`LoraTrainer` adds the LoRA and new tokens to a prior and repeats the
+official step (:class:`.objective.StageCObjective`) on accelerate's and diffusers' parts —
+``Accelerator.prepare`` / ``accumulate`` / ``backward`` / ``clip_grad_norm_``, ``save_state`` /
+``load_state`` with ``register_for_checkpointing``, ``diffusers.optimization.get_scheduler`` and
+``diffusers.training_utils.EMAModel`` — keeping what is ours: feature caches, aspect buckets with
+repeats, a batch stream that resumes exactly, Ctrl-C that saves and stops, checkpoints that are
+never half-written (:mod:`.checkpointing`), validation pictures (:mod:`.validation`)."""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
-import os
-import re
-import shutil
 import signal
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -19,12 +18,10 @@ from pathlib import Path
 
 import PIL.Image
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from ..conditioning import encode_text, text_conditioning
-from ..generation import generate_stage_c, preview_stage_c, text_to_image
-from ..images import image_grid, to_pil
+from ..atomic import save_safetensors
 from ..lora import (
     COMFYUI_PREFIX,
     LoraFactors,
@@ -36,12 +33,13 @@ from ..lora import (
     save_lora,
 )
 from ..models import Decoder, Prior
-from ..sampling import OFFICIAL_DECODER, OFFICIAL_PRIOR, training_times
-from ..sizes import stage_c_shape
+from ..sampling import training_times
 from .cache import CachedImage, CacheReport, cache_images, cache_texts
+from .checkpointing import TRAINABLE, CheckpointFolder, Registered
 from .config import LORA_FILE, LoraTrainingConfig, TrainingError
 from .data import TrainingImage, batch_schedule, bucket_sizes, find_training_images
-from .objective import stage_c_loss
+from .objective import StageCObjective
+from .validation import save_validation, validation_picture
 
 
 @contextlib.contextmanager
@@ -68,7 +66,24 @@ def stop_on_interrupt() -> Iterator[dict]:
         signal.signal(signal.SIGINT, previous)
 
 
-# --- the trainer -------------------------------------------------------------------------------------
+def make_accelerator(config: LoraTrainingConfig, cpu: bool = False):
+    """The ``Accelerator`` a run uses: accumulating ``config.gradient_accumulation`` batches per
+    update; with new tokens, on several GPUs, its DDP tolerates a batch in which the tokens' rows get
+    no gradient (no caption with the token, or all dropped). Mixed precision stays off here: the run
+    autocasts itself as ``config.precision`` says.
+
+    Args:
+        config: the run's settings.
+        cpu: train on the CPU even where CUDA is available.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    return Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation,
+        cpu=cpu,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=bool(config.new_tokens))],
+    )
 
 
 @dataclass
@@ -87,34 +102,64 @@ ValidationCallback = Callable[[int, list[PIL.Image.Image], list[str]], None]
 class LoraTrainer:
     """Trains a LoRA (and new tokens) on ``prior`` in place. ``decoder`` makes validation pictures
     full pictures; without it they are the previewer's rough ones. Create it, call :meth:`prepare`
-    (caches; optional), :meth:`train` (resumes from the latest checkpoint), then :meth:`save`."""
+    (caches; optional), :meth:`train` (resumes from the latest checkpoint), then :meth:`save`.
+
+    Args:
+        prior: the Stage C to train, loaded with ``memory="gpu"``.
+        config: the run's settings.
+        decoder: Stage B/A for validation pictures (optional).
+        accelerator: an ``accelerate.Accelerator`` (:func:`make_accelerator` makes one by default).
+    """
 
     def __init__(
         self, prior: Prior, config: LoraTrainingConfig, decoder: Decoder | None = None, accelerator=None
     ) -> None:
-        from accelerate import Accelerator
-
         self.prior, self.config, self.decoder = prior, config, decoder
-        self.accelerator = accelerator or Accelerator()
+        self.accelerator = accelerator or make_accelerator(config, cpu=prior.device.type == "cpu")
         self.output_dir = Path(config.output_dir)
+        self.images: list[TrainingImage] = []
         self.items: list[CachedImage] = []
         self.texts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.report: CacheReport | None = None
         self.tokens: NewTokenEmbedding | None = None
+        self.ema = None
         self.losses: list[tuple[int, float]] = []
         self.step = 0
         self.generator = torch.Generator().manual_seed(config.seed * 1000 + self.accelerator.process_index)
+        self.checkpoint_folder = CheckpointFolder(self.output_dir / "checkpoints", self.accelerator, config)
         self._check_placement()
 
     # -- set-up ---------------------------------------------------------------------------------------
 
     def _check_placement(self) -> None:
+        def same(a: torch.device, b: torch.device) -> bool:  # "cuda" is "cuda:0", "cpu" is "cpu:0"
+            a, b = torch.device(a), torch.device(b)
+            return (a.type, a.index or 0) == (b.type, b.index or 0)
+
         for name in ("unet", "text_encoder"):
             device = next(getattr(self.prior, name).parameters()).device
-            if device != self.prior.device:
+            if not same(device, self.prior.device):
                 raise TrainingError(
                     f"the prior's {name} is on {device}, not {self.prior.device}: load it with memory='gpu' to train"
                 )
+        if not same(self.prior.device, self.accelerator.device):
+            here, there = self.prior.device, self.accelerator.device
+            raise TrainingError(
+                f"the prior is on {here} but accelerate trains on {there}: load the prior on {there}, or "
+                f"pass an accelerator made for {here} (make_accelerator(config, cpu=True) for the CPU)"
+            )
+        dtype = next(self.prior.unet.parameters()).dtype
+        if self.config.precision == "fp32" and dtype != torch.float32:
+            raise TrainingError(
+                f"precision='fp32' trains in float32, but the prior was loaded in {dtype}: load it with "
+                "dtype='fp32', or train with precision='bf16'"
+            )
+        mixed = self.accelerator.mixed_precision
+        if mixed not in ("no", self.config.precision):
+            raise TrainingError(
+                f"accelerate is set to mixed precision {mixed!r}, the run to precision={self.config.precision!r}: "
+                "launch without --mixed_precision (the run autocasts as its precision says)"
+            )
 
     @property
     def cache_dir(self) -> Path:
@@ -122,41 +167,64 @@ class LoraTrainer:
 
     @property
     def checkpoint_dir(self) -> Path:
-        return self.output_dir / "checkpoints"
+        return self.checkpoint_folder.folder
 
     def prepare(self) -> CacheReport:
         """Cache the features (main process first, the others then read the cache), add the LoRA and
-        the new tokens, set up the optimizer. Idempotent."""
+        the new tokens, set up the optimizer, schedule and EMA, and hand them to accelerate. Idempotent."""
         if self.report is not None:
             return self.report
-        config, prior = self.config, self.prior
-        images = find_training_images(config.images)
-        self._check_tokens_in_captions(images)
+        config, prior, accelerator = self.config, self.prior, self.accelerator
+        self.images = find_training_images(config.image_folders, config.repeats, config.min_image_size)
+        self._check_tokens_in_captions(self.images)
         report = CacheReport()
         with_image_embeds = config.image_embed_probability > 0 and prior.image_encoder is not None
-        with self.accelerator.main_process_first():
+        with accelerator.main_process_first():
             sizes = bucket_sizes(config.resolution, config.aspect_ratios)
-            self.items = cache_images(prior, images, sizes, self.cache_dir, with_image_embeds, report)
-            plain = [c for c in {i.caption for i in images} if not self._has_new_token(c)] + [""]
+            self.items = cache_images(
+                prior, self.images, sizes, self.cache_dir, with_image_embeds, report,
+                crop=config.crop, seed=config.seed, max_image_size=config.max_image_size,
+            )  # fmt: skip
+            plain = [c for c in {i.caption for i in self.images} if not self._has_new_token(c)] + [""]
             self.texts = cache_texts(prior, plain, self.cache_dir, report)
-        report.text_encoded_each_step = sorted({i.caption for i in images if self._has_new_token(i.caption)})
+        report.text_encoded_each_step = sorted(
+            {i.caption for i in self.images if self._has_new_token(i.caption)}
+        )
         with torch.random.fork_rng(devices=[]):  # peft draws lora_A from the global generator: seed it
             torch.manual_seed(config.seed)
             inject_lora(prior.unet, config.rank, config.alpha, config.targets)
         self.tokens = install_new_tokens(prior, config.new_tokens)
         if config.gradient_checkpointing:
             prior.unet.enable_gradient_checkpointing()
-        self.trainable = [p for p in prior.unet.parameters() if p.requires_grad] + (
-            [self.tokens.rows] if self.tokens else []
-        )
-        self.optimizer = torch.optim.AdamW(self.trainable, lr=config.learning_rate)
-        warmup = max(config.warmup_steps, 0)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1))
-        )
-        self.ema = [p.detach().float().clone() for p in self.trainable] if config.ema_decay else None
+        self.objective = StageCObjective(prior)
+        self.trainable = [p for p in self.objective.parameters() if p.requires_grad]
+        self._set_up_optimization()
         self.report = report
         return report
+
+    def _set_up_optimization(self) -> None:
+        from diffusers.optimization import get_scheduler
+        from diffusers.training_utils import EMAModel
+
+        config, accelerator = self.config, self.accelerator
+        optimizer = torch.optim.AdamW(self.trainable, lr=config.learning_rate)
+        # accelerate steps a prepared schedule once per process at each update: count in those steps
+        processes = accelerator.num_processes
+        schedule = get_scheduler(
+            config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps * processes,
+            num_training_steps=config.steps * processes, num_cycles=config.lr_num_cycles, power=config.lr_power,
+        )  # fmt: skip
+        if config.ema_decay:
+            self.ema = EMAModel(self.trainable, decay=config.ema_decay, foreach=True)
+        self.model, self.optimizer, self.scheduler = accelerator.prepare(self.objective, optimizer, schedule)
+        accelerator.register_save_state_pre_hook(self._save_trainable)
+        accelerator.register_load_state_pre_hook(self._load_trainable)
+        progress = Registered(lambda: {"step": self.step, "losses": list(self.losses)}, self._load_progress)
+        accelerator.register_for_checkpointing(
+            progress, Registered(self._generator_states, self._load_generator_states)
+        )
+        if self.ema is not None:
+            accelerator.register_for_checkpointing(self.ema)
 
     def _has_new_token(self, caption: str) -> bool:
         return any(token in caption for token, _ in self.config.new_tokens)
@@ -170,22 +238,15 @@ class LoraTrainer:
 
     # -- one step -------------------------------------------------------------------------------------
 
-    def _conditions(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        """Text (cached, or encoded with gradients for learned tokens), pooled text, CLIP image: the
-        official mix of 5% empty captions and 10% image embeddings."""
+    def batch_loss(self, indices: list[int]) -> torch.Tensor:
+        """The official loss of the pictures ``indices``, with the official mix of 5% empty captions
+        and 10% image embeddings, drawing from the run's generator."""
         config, device = self.config, self.prior.device
         count = len(indices)
         dropped = (torch.rand(count, generator=self.generator) < config.caption_dropout).tolist()
         with_image = (torch.rand(count, generator=self.generator) < config.image_embed_probability).tolist()
         captions = ["" if drop else self.items[i].caption for i, drop in zip(indices, dropped, strict=True)]
-        encoded = iter(())
-        fresh = [c for c in captions if c not in self.texts]
-        if fresh:
-            embeddings = text_conditioning(self.prior, fresh)
-            encoded = zip(embeddings.hidden, embeddings.pooled, strict=True)
-        hidden, pooled = zip(
-            *[self.texts[c] if c in self.texts else next(encoded) for c in captions], strict=True
-        )
+        cached = [tuple(t.to(device) for t in self.texts[c]) if c in self.texts else None for c in captions]
         width = self.prior.unet.config.clip_image_in_channels
         images = [
             self.items[i].image_embeds
@@ -193,53 +254,41 @@ class LoraTrainer:
             else torch.zeros(1, width)
             for i, use in zip(indices, with_image, strict=True)
         ]
-        return {
-            "clip_text": torch.stack([h.to(device) for h in hidden]),
-            "clip_text_pooled": torch.stack([p.to(device) for p in pooled]),
-            "clip_img": torch.stack(images).to(device),
-        }
-
-    def batch_loss(self, indices: list[int]) -> torch.Tensor:
-        latents = torch.stack([self.items[i].latents for i in indices]).to(self.prior.device)
-        conditions = self._conditions(indices)
-        times = training_times(len(indices), self.generator).to(self.prior.device)
-        noise = torch.randn(latents.shape, generator=self.generator).to(self.prior.device)
-        autocast = torch.autocast(
-            self.prior.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16"
-        )
-        with autocast:
-            return stage_c_loss(self.prior.unet, latents, conditions, times, noise)
-
-    def _average_gradients(self) -> None:
-        if self.accelerator.num_processes == 1:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.trainable]
-        flat = self.accelerator.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
-        for p, g in zip(self.trainable, flat.split([g.numel() for g in grads]), strict=True):
-            p.grad = g.view_as(p)
+        latents = torch.stack([self.items[i].latents for i in indices]).to(device)
+        times = training_times(count, self.generator).to(device)
+        noise = torch.randn(latents.shape, generator=self.generator).to(device)
+        clip_img = torch.stack(images).to(device)
+        return self.model(latents, noise, times, clip_img, captions, cached, config.precision == "bf16")
 
     def _optimizer_step(self, batches: Iterator[list[int]]) -> float:
-        losses = []
+        """One update: ``gradient_accumulation`` batches through ``accelerator.accumulate`` (their
+        gradients averaged, across processes too), clipped, one optimizer and schedule step, EMA."""
+        accelerator, losses = self.accelerator, []
         for _ in range(self.config.gradient_accumulation):
-            loss = self.batch_loss(next(batches))
-            (loss / self.config.gradient_accumulation).backward()
-            losses.append(loss.item())
-        self._average_gradients()
-        torch.nn.utils.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            with accelerator.accumulate(self.model):
+                loss = self.batch_loss(next(batches))
+                accelerator.backward(loss)
+                # the prepared optimizer and schedule skip steps between syncs themselves, but each
+                # call still costs a few checks: only call them when the update completes
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+        if not accelerator.sync_gradients:
+            raise RuntimeError(
+                "accelerate did not complete the update: its accumulation counter is out of step"
+            )
         if self.ema is not None:
-            with torch.no_grad():
-                for average, p in zip(self.ema, self.trainable, strict=True):
-                    average.lerp_(p.detach().float(), 1 - self.config.ema_decay)
-        return sum(losses) / len(losses)
+            self.ema.step(self.trainable)
+        return accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
 
     def _batches(self) -> Iterator[list[int]]:
         """This process's share of the batch stream, from where the run stands."""
         buckets: dict[tuple[int, int], list[int]] = {}
-        for i, item in enumerate(self.items):
-            buckets.setdefault(item.bucket, []).append(i)
+        for i, (item, image) in enumerate(zip(self.items, self.images, strict=True)):
+            buckets.setdefault(item.bucket, []).extend([i] * (1 + image.repeats))
         stream = batch_schedule(buckets, self.config.batch_size, self.config.seed)
         processes, index = self.accelerator.num_processes, self.accelerator.process_index
         done = self.step * self.config.gradient_accumulation * processes
@@ -255,7 +304,10 @@ class LoraTrainer:
         validation, on the main process. Ctrl-C saves a checkpoint and returns (``interrupted``)."""
         self.prepare()
         self.resume()
-        config, main = self.config, self.accelerator.is_main_process
+        config, accelerator, main = self.config, self.accelerator, self.accelerator.is_main_process
+        # accelerate's accumulation settings are shared by every Accelerator in a process: set ours
+        accelerator.gradient_accumulation_steps = config.gradient_accumulation
+        accelerator.step = 0
         batches = self._batches()
         bar = tqdm(total=config.steps, initial=self.step, desc="training", disable=not main)
         interrupted, checkpoint = False, None
@@ -268,7 +320,9 @@ class LoraTrainer:
                 bar.set_postfix(loss=f"{loss:.4f}")
                 if on_step and main:
                     on_step(self.step, loss)
-                interrupted = self._stop_requested(interrupt["requested"])
+                if interrupt["requested"]:
+                    accelerator.set_trigger()
+                interrupted = accelerator.check_trigger()  # a stop on any process stops them all
                 last = self.step == config.steps
                 if interrupted or last or self.step % config.checkpoint_every == 0:
                     checkpoint = self.save_checkpoint()
@@ -285,12 +339,6 @@ class LoraTrainer:
         lora = self.save() if self.step >= config.steps else None
         return TrainingResult(self.step, list(self.losses), interrupted, checkpoint, lora)
 
-    def _stop_requested(self, requested: bool) -> bool:
-        if self.accelerator.num_processes == 1:
-            return requested
-        flag = torch.tensor(float(requested), device=self.accelerator.device)
-        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
-
     # -- EMA, saving ----------------------------------------------------------------------------------
 
     @contextlib.contextmanager
@@ -299,16 +347,12 @@ class LoraTrainer:
         if self.ema is None:
             yield
             return
-        live = [p.detach().clone() for p in self.trainable]
-        with torch.no_grad():
-            for p, average in zip(self.trainable, self.ema, strict=True):
-                p.copy_(average)
+        self.ema.store(self.trainable)
+        self.ema.copy_to(self.trainable)
         try:
             yield
         finally:
-            with torch.no_grad():
-                for p, value in zip(self.trainable, live, strict=True):
-                    p.copy_(value)
+            self.ema.restore(self.trainable)
 
     def learned(self) -> tuple[dict[str, LoraFactors], dict[str, torch.Tensor]]:
         """The trained LoRA factors and new-token embedding rows (EMA weights when EMA is on)."""
@@ -318,7 +362,8 @@ class LoraTrainer:
         return factors, {token: row for (token, _), row in zip(self.config.new_tokens, rows, strict=True)}
 
     def save(self, path: str | Path | None = None) -> Path:
-        """Write the LoRA and the learned tokens in our format (default ``<output_dir>/lora.safetensors``)."""
+        """Write the LoRA and the learned tokens in our format (default ``<output_dir>/lora.safetensors``),
+        atomically: a save killed halfway leaves the previous file, never half of this one."""
         factors, tokens = self.learned()
         path = Path(path) if path else self.output_dir / LORA_FILE
         if self.accelerator.is_main_process:
@@ -333,121 +378,94 @@ class LoraTrainer:
     # -- checkpoints ----------------------------------------------------------------------------------
 
     def _trainable_state(self) -> dict[str, torch.Tensor]:
-        names = {id(p): n for n, p in self.prior.unet.named_parameters()}
-        state = {f"param.{names.get(id(p), 'tokens')}": p.detach() for p in self.trainable}
-        if self.ema is not None:
-            state |= {
-                f"ema.{names.get(id(p), 'tokens')}": e for p, e in zip(self.trainable, self.ema, strict=True)
-            }
-        return {k: v.float().cpu().contiguous() for k, v in state.items()}
+        return {n: p.detach().float() for n, p in self.objective.named_parameters() if p.requires_grad}
+
+    def _is_ours(self, model) -> bool:
+        return self.accelerator.unwrap_model(model) is self.objective
+
+    def _save_trainable(self, models: list, weights: list, folder: str) -> None:
+        """accelerate's save hook: the trained weights only, not a copy of the whole Stage C."""
+        for i in reversed(range(len(models))):
+            if self._is_ours(models[i]):
+                weights.pop(i)
+                if self.accelerator.is_main_process:
+                    save_safetensors(Path(folder) / TRAINABLE, self._trainable_state())
+
+    def _load_trainable(self, models: list, folder: str) -> None:
+        """accelerate's load hook: the trained weights back into the model, by name."""
+        ours = [m for m in models if self._is_ours(m)]
+        for model in ours:
+            models.remove(model)
+        if not ours:
+            return
+        saved = load_file(str(Path(folder) / TRAINABLE))
+        parameters = dict(self.objective.named_parameters())
+        if set(saved) != set(self._trainable_state()):
+            raise TrainingError(f"{folder} holds other trained weights than this run trains")
+        with torch.no_grad():
+            for name, value in saved.items():
+                parameters[name].copy_(value)
+
+    def _load_progress(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.losses = [tuple(x) for x in state["losses"]]
+
+    def _generator_states(self) -> dict:
+        """Every process's batch generator (accelerate writes registered state from the main process
+        only, so the states are gathered there first)."""
+        state = self.generator.get_state()[None]
+        if self.accelerator.num_processes > 1:
+            state = self.accelerator.gather(state.to(self.accelerator.device)).cpu()
+        return {"generators": state}
+
+    def _load_generator_states(self, state: dict) -> None:
+        saved, index = state["generators"], self.accelerator.process_index
+        if index < len(saved):  # a run resumed on more processes starts the extra ones afresh
+            self.generator.set_state(saved[index].clone())
 
     def save_checkpoint(self) -> Path:
-        """Everything needed to continue exactly: trained weights, EMA, optimizer, schedule, step, the
-        random generators' states (one per process) and the loss history. Written to a temporary
-        folder first, so an interrupted save never hides the previous checkpoint."""
-        accelerator, main = self.accelerator, self.accelerator.is_main_process
-        final = self.checkpoint_dir / f"step-{self.step:06d}"
-        temporary = final.with_name(final.name + ".tmp")
-        accelerator.wait_for_everyone()
-        if main:
-            shutil.rmtree(temporary, ignore_errors=True)
-            temporary.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        torch.save(self.generator.get_state(), temporary / f"rng-{accelerator.process_index}.pt")
-        if main:
-            save_file(self._trainable_state(), str(temporary / "trainable.safetensors"))
-            state = {
-                "step": self.step,
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "losses": self.losses,
-                "config": dataclasses.asdict(self.config),
-            }
-            torch.save(state, temporary / "state.pt")
-        accelerator.wait_for_everyone()
-        if main:
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(temporary, final)
-            for old in self.checkpoints()[: -self.config.keep_checkpoints]:
-                shutil.rmtree(old)
-        accelerator.wait_for_everyone()
-        return final
+        """Everything needed to continue exactly (trained weights, EMA, optimizer, schedule, step,
+        every random generator, the loss history) via ``accelerator.save_state``, into a temporary
+        folder renamed when complete (:meth:`.checkpointing.CheckpointFolder.save`)."""
+        return self.checkpoint_folder.save(self.step)
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
-        if not self.checkpoint_dir.is_dir():
-            return []
-        return sorted(p for p in self.checkpoint_dir.iterdir() if re.fullmatch(r"step-\d{6}", p.name))
+        return self.checkpoint_folder.list()
 
     def resume(self) -> int:
-        """Load the latest checkpoint, if any, into the trainer; returns its step (0 for none)."""
+        """Load the latest intact checkpoint, if any, into the trainer (a damaged one is named and
+        the one before it used); returns its step (0 for none)."""
         self.prepare()
-        found = self.checkpoints()
-        if not found or self.step:
+        if self.step:
             return self.step
-        latest = found[-1]
-        state = torch.load(latest / "state.pt", weights_only=True)
-        self._check_compatible(state["config"], latest)
-        trainable = load_file(str(latest / "trainable.safetensors"))
-        saved = self._trainable_state()
-        with torch.no_grad():
-            for p, key in zip(self.trainable, [k for k in saved if k.startswith("param.")], strict=True):
-                p.copy_(trainable[key])
-            if self.ema is not None:
-                for e, key in zip(self.ema, [k for k in saved if k.startswith("ema.")], strict=True):
-                    e.copy_(trainable[key])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        rng = latest / f"rng-{self.accelerator.process_index}.pt"
-        if rng.is_file():
-            self.generator.set_state(torch.load(rng, weights_only=True))
-        self.losses = [tuple(x) for x in state["losses"]]
-        self.step = int(state["step"])
+        folder = self.checkpoint_folder.load_latest()
+        if folder is None:
+            return 0
+        if self.ema is not None:  # accelerate reads registered state onto the CPU
+            self.ema.to(device=self.prior.device)
         if self.accelerator.is_main_process:
-            tqdm.write(f"resuming from {latest} (step {self.step})")
+            tqdm.write(f"resuming from {folder} (step {self.step})")
         return self.step
-
-    def _check_compatible(self, saved: dict, where: Path) -> None:
-        current = dataclasses.asdict(self.config)
-        for key in LoraTrainingConfig.RESUME_KEYS:
-            before = [tuple(t) for t in saved[key]] if key == "new_tokens" else saved[key]
-            if before != current[key]:
-                raise TrainingError(
-                    f"the checkpoint in {where} was made with {key}={saved[key]!r}, this run has {current[key]!r}. "
-                    "Use the same setting to continue it, or another output_dir to start afresh."
-                )
 
     # -- validation -----------------------------------------------------------------------------------
 
     @torch.no_grad()
     def validate(self, on_validation: ValidationCallback | None = None) -> list[PIL.Image.Image]:
         """Pictures of the validation prompts with the weights being trained (EMA ones if on), saved
-        as ``validation/step-NNNNNN.png``; through the decoder when there is one, else the previewer."""
+        as ``validation/step-NNNNNN.png`` (and ``step-NNNNNN-<name>.png`` per named prompt); through
+        the decoder when there is one, else the previewer."""
         self.accelerator.wait_for_everyone()
         pictures: list[PIL.Image.Image] = []
         if self.accelerator.is_main_process:
+            library = self.config.named_validation_prompts
             with self.trained_weights():
-                pictures = [self._validation_picture(prompt) for prompt in self.config.validation_prompts]
-            path = self.output_dir / "validation" / f"step-{self.step:06d}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            image_grid(pictures).save(path)
+                pictures = [
+                    validation_picture(self.prior, self.decoder, self.config, p) for p in library.values()
+                ]
+            named = isinstance(self.config.validation_prompts, dict)
+            save_validation(self.output_dir / "validation", self.step, pictures, list(library), named)
             if on_validation:
-                on_validation(self.step, pictures, list(self.config.validation_prompts))
+                on_validation(self.step, pictures, list(library.values()))
         self.accelerator.wait_for_everyone()
         return pictures
-
-    def _validation_picture(self, prompt: str) -> PIL.Image.Image:
-        config, size = self.config, self.config.resolution
-        prior_settings = OFFICIAL_PRIOR.with_(steps=config.validation_prior_steps)
-        if self.decoder is not None:
-            decoder_settings = OFFICIAL_DECODER.with_(steps=config.validation_decoder_steps)
-            generation = text_to_image(
-                self.prior, self.decoder, prompt, height=size, width=size, seed=config.seed,
-                prior_settings=prior_settings, decoder_settings=decoder_settings,
-            )  # fmt: skip
-            return generation.images[0]
-        latents = generate_stage_c(
-            self.prior, encode_text(self.prior, prompt), encode_text(self.prior, ""), stage_c_shape(size, size, 1), prior_settings,
-            generator=torch.Generator().manual_seed(config.seed),
-        )  # fmt: skip
-        return to_pil(preview_stage_c(self.prior, latents))[0]

@@ -1,0 +1,65 @@
+"""Validation pictures during training: each prompt of the run's library through Stage C (with the
+weights being trained) and the decoder, or the previewer when no decoder is loaded; saved as one grid
+per step and one picture per named prompt."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import PIL.Image
+import torch
+
+from ..atomic import atomic_path
+from ..conditioning import encode_text
+from ..generation import generate_stage_c, preview_stage_c, text_to_image
+from ..images import image_grid, to_pil
+from ..models import Decoder, Prior
+from ..sampling import OFFICIAL_DECODER, OFFICIAL_PRIOR
+from ..sizes import stage_c_shape
+from .config import LoraTrainingConfig
+
+
+@torch.no_grad()
+def validation_picture(
+    prior: Prior, decoder: Decoder | None, config: LoraTrainingConfig, prompt: str
+) -> PIL.Image.Image:
+    """One picture of ``prompt`` at the training resolution, with the run's validation settings
+    (negative prompt, both stages' steps and guidance, the run's seed): through the decoder when
+    there is one, else the previewer's rough picture of the Stage C latents."""
+    size, negative = config.resolution, config.validation_negative_prompt
+    prior_settings = OFFICIAL_PRIOR.with_(
+        steps=config.validation_prior_steps, guidance=float(config.validation_prior_guidance)
+    )
+    if decoder is not None:
+        decoder_settings = OFFICIAL_DECODER.with_(
+            steps=config.validation_decoder_steps, guidance=float(config.validation_decoder_guidance)
+        )
+        generation = text_to_image(
+            prior, decoder, prompt, negative, height=size, width=size, seed=config.seed,
+            prior_settings=prior_settings, decoder_settings=decoder_settings,
+        )  # fmt: skip
+        return generation.images[0]
+    latents = generate_stage_c(
+        prior, encode_text(prior, prompt), encode_text(prior, negative), stage_c_shape(size, size, 1),
+        prior_settings, generator=torch.Generator().manual_seed(config.seed),
+    )  # fmt: skip
+    return to_pil(preview_stage_c(prior, latents))[0]
+
+
+def save_png(picture: PIL.Image.Image, path: Path) -> Path:
+    """A PNG written atomically: an interrupted save never leaves half a picture under ``path``."""
+    with atomic_path(path) as temporary:
+        picture.save(temporary, format="PNG")
+    return path
+
+
+def save_validation(
+    folder: Path, step: int, pictures: list[PIL.Image.Image], names: list[str], named: bool
+) -> Path:
+    """``step-NNNNNN.png`` (all pictures side by side) in ``folder``, and with a named prompt library
+    also ``step-NNNNNN-<name>.png`` per picture; returns the grid's path."""
+    grid = save_png(image_grid(pictures), folder / f"step-{step:06d}.png")
+    if named:
+        for name, picture in zip(names, pictures, strict=True):
+            save_png(picture, folder / f"step-{step:06d}-{name}.png")
+    return grid
