@@ -9,6 +9,7 @@ Notebook kernels inherit this process's environment.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,9 @@ def pytest_configure(config: pytest.Config) -> None:
     if _collecting_notebooks(config) and not os.environ.get("PYTEST_XDIST_WORKER"):
         from cascade_helpers.tiny import write_tiny_models
 
-        # fresh every session: the writer may have changed
+        # fresh every session: the writer may have changed, and a run left by an older version (a LoRA
+        # checkpoint, saved pictures) must not decide what this one does
+        shutil.rmtree(NOTEBOOK_ENV["CASCADE_OUTPUT_DIR"], ignore_errors=True)
         write_tiny_models(TINY_DIR, controlnets=True, lora=True, both_stage_b=True)
         os.environ.update(NOTEBOOK_ENV)
         # kernels import the checkout's cascade_helpers, installed or not
