@@ -71,27 +71,33 @@ def _single(size: Size, precision: Precision, stage: Literal["b", "c"], nbytes: 
     )
 
 
+def _stage(stage: Literal["b", "c"], gigabytes: dict[Size, dict[Precision, float]]) -> dict:
+    """One stage's single files by size, then precision, from their published sizes."""
+    return {
+        size: {precision: _single(size, precision, stage, int(gb * GB)) for precision, gb in by.items()}
+        for size, by in gigabytes.items()
+    }
+
+
+def _transformers_weights(folder: str, repo: str, sizes: dict[Precision, int], needed_by: str) -> dict:
+    """A transformers model's weights in both forms: ``model.safetensors`` (float32) and the
+    ``bf16`` variant ``model.bf16.safetensors``, as the Hub repos keep them."""
+    names = {"bf16": "model.bf16.safetensors", "fp32": "model.safetensors"}
+    return {
+        precision: ModelFile(
+            f"{folder}/{names[precision]}", repo, nbytes, needed_by, "essential", precision=precision
+        )
+        for precision, nbytes in sizes.items()
+    }
+
+
 #: Stage C / Stage B single files by size, then precision: ``STAGE_C["lite"]["bf16"]``
-STAGE_C: dict[Size, dict[Precision, ModelFile]] = {
-    "big": {
-        "fp32": _single("big", "fp32", "c", int(14.4 * GB)),
-        "bf16": _single("big", "bf16", "c", int(7.18 * GB)),
-    },
-    "lite": {
-        "fp32": _single("lite", "fp32", "c", int(4.12 * GB)),
-        "bf16": _single("lite", "bf16", "c", int(2.06 * GB)),
-    },
-}
-STAGE_B: dict[Size, dict[Precision, ModelFile]] = {
-    "big": {
-        "fp32": _single("big", "fp32", "b", int(6.25 * GB)),
-        "bf16": _single("big", "bf16", "b", int(3.13 * GB)),
-    },
-    "lite": {
-        "fp32": _single("lite", "fp32", "b", int(2.8 * GB)),
-        "bf16": _single("lite", "bf16", "b", int(1.4 * GB)),
-    },
-}
+STAGE_C: dict[Size, dict[Precision, ModelFile]] = _stage(
+    "c", {"big": {"fp32": 14.4, "bf16": 7.18}, "lite": {"fp32": 4.12, "bf16": 2.06}}
+)
+STAGE_B: dict[Size, dict[Precision, ModelFile]] = _stage(
+    "b", {"big": {"fp32": 6.25, "bf16": 3.13}, "lite": {"fp32": 2.8, "bf16": 1.4}}
+)
 
 STAGE_A = ModelFile(
     "stage_a.safetensors", REPO_DECODER, int(73.7 * MB), "decoding to pixels (Stage A)", "essential"
@@ -112,45 +118,21 @@ TOKENIZER = ModelFile(
 TEXT_ENCODER_CONFIG = ModelFile(
     "text_encoder/config.json", REPO_DECODER, 1_000, "text conditioning", "essential"
 )
-TEXT_ENCODER: dict[Precision, ModelFile] = {
-    "bf16": ModelFile(
-        "text_encoder/model.bf16.safetensors",
-        REPO_DECODER,
-        int(1.39 * GB),
-        "text conditioning (CLIP ViT-bigG/14 text tower)",
-        "essential",
-        precision="bf16",
-    ),
-    "fp32": ModelFile(
-        "text_encoder/model.safetensors",
-        REPO_DECODER,
-        int(2.78 * GB),
-        "text conditioning (CLIP ViT-bigG/14 text tower)",
-        "essential",
-        precision="fp32",
-    ),
-}
+TEXT_ENCODER: dict[Precision, ModelFile] = _transformers_weights(
+    "text_encoder",
+    REPO_DECODER,
+    {"bf16": int(1.39 * GB), "fp32": int(2.78 * GB)},
+    "text conditioning (CLIP ViT-bigG/14 text tower)",
+)
 IMAGE_ENCODER_CONFIG = ModelFile(
     "image_encoder/config.json", REPO_PRIOR, 1_000, "image variation", "essential"
 )
-IMAGE_ENCODER: dict[Precision, ModelFile] = {
-    "bf16": ModelFile(
-        "image_encoder/model.bf16.safetensors",
-        REPO_PRIOR,
-        int(608 * MB),
-        "image variation (CLIP ViT-L/14 vision tower)",
-        "essential",
-        precision="bf16",
-    ),
-    "fp32": ModelFile(
-        "image_encoder/model.safetensors",
-        REPO_PRIOR,
-        int(1.22 * GB),
-        "image variation (CLIP ViT-L/14 vision tower)",
-        "essential",
-        precision="fp32",
-    ),
-}
+IMAGE_ENCODER: dict[Precision, ModelFile] = _transformers_weights(
+    "image_encoder",
+    REPO_PRIOR,
+    {"bf16": int(608 * MB), "fp32": int(1.22 * GB)},
+    "image variation (CLIP ViT-L/14 vision tower)",
+)
 FEATURE_EXTRACTOR = ModelFile(
     "feature_extractor/preprocessor_config.json",
     REPO_PRIOR,
