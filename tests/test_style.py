@@ -25,6 +25,26 @@ def test_ruff_is_clean(command):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def _nbstripout_args() -> list[str]:
+    """The arguments pre-commit gives nbstripout: CI checks with exactly what contributors run."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / ".pre-commit-config.yaml").read_text())
+    hooks = [hook for repo in config["repos"] for hook in repo["hooks"] if hook["id"] == "nbstripout"]
+    return hooks[0]["args"]
+
+
+def test_notebooks_are_as_nbstripout_leaves_them():
+    """Outputs, execution counts and the metadata nbstripout removes (widget state, timings): all gone."""
+    nbstripout = shutil.which("nbstripout") or str(Path(sys.executable).parent / "nbstripout")
+    result = subprocess.run(
+        [nbstripout, "--verify", *_nbstripout_args(), *map(str, NOTEBOOKS)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, (
+        f"strip them: nbstripout {' '.join(_nbstripout_args())} notebooks/*.ipynb\n{result.stdout}"
+    )
+
+
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_is_stored_without_outputs(notebook):
     cells = json.loads(notebook.read_text())["cells"]
