@@ -138,14 +138,29 @@ def pick_dtype(
 class _ModelOffload:
     """Keeps at most one of the registered big models on the GPU: a model moves there when it is
     called and sends the previously active one back to the CPU. One group per process, so the
-    prior's and the decoder's models take turns too."""
+    prior's and the decoder's models take turns too.
+
+    The move is an accelerate hook (``model._hf_hook``) that names its ``execution_device``, the way
+    accelerate's and diffusers' own offloading do: a diffusers pipeline built from these models then
+    computes on the GPU although the models wait in CPU RAM between calls."""
 
     def __init__(self) -> None:
         self._active: weakref.ref[nn.Module] | None = None
 
     def add(self, model: nn.Module, device: torch.device) -> None:
+        from accelerate.hooks import ModelHook, add_hook_to_module
+
+        group = self
+
+        class MoveWhenCalled(ModelHook):
+            execution_device = device
+
+            def pre_forward(self, module: nn.Module, *args, **kwargs):
+                group._activate(module, device)
+                return args, kwargs
+
         model.to("cpu")
-        model.register_forward_pre_hook(lambda module, args: self._activate(module, device))
+        add_hook_to_module(model, MoveWhenCalled())
 
     def _activate(self, model: nn.Module, device: torch.device) -> None:
         active = self._active() if self._active is not None else None

@@ -63,3 +63,27 @@ def test_model_offload_keeps_one_big_model_on_the_device(monkeypatch):
         ("prior", "cpu"),
         ("decoder", "cuda:0"),
     ]
+
+
+def test_a_diffusers_pipeline_built_from_offloaded_models_computes_on_the_gpu(tiny_models):
+    """With model offload the models wait in CPU RAM; diffusers picks the device to compute on from the
+    accelerate hook's ``execution_device``, as with its own offloading (no CUDA is touched here: nothing
+    runs)."""
+    from cascade_helpers.loading import load_prior
+    from cascade_helpers.upstream import DDPMWuerstchenScheduler, StableCascadePriorPipeline
+
+    def pipeline(prior):
+        return StableCascadePriorPipeline(
+            tokenizer=prior.tokenizer,
+            text_encoder=prior.text_encoder,
+            prior=prior.unet,
+            scheduler=DDPMWuerstchenScheduler(),
+        )
+
+    prior = load_prior(tiny_models, "big", dtype="fp32", device="cpu", image_encoder=False, effnet=False)
+    assert pipeline(prior)._execution_device == torch.device("cpu")
+    gpu = torch.device("cuda", 0)
+    for model in (prior.unet, prior.text_encoder):
+        place(model, gpu, "model_offload")
+    assert next(prior.unet.parameters()).device == torch.device("cpu")  # waiting in CPU RAM
+    assert pipeline(prior)._execution_device == gpu
