@@ -25,7 +25,6 @@ NOTEBOOK_ENV = {
     "CASCADE_NUM_IMAGES": "2",
     "CASCADE_TRAIN_STEPS": "4",
     "CASCADE_TRAIN_RESOLUTION": "512",  # lora.ipynb: the smallest size validation pictures allow
-    "CASCADE_CI": "1",
     "HF_HUB_OFFLINE": "1",
     "MPLBACKEND": "Agg",
 }
