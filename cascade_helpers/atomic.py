@@ -76,19 +76,43 @@ def atomic_files(folder: str | os.PathLike) -> Iterator[Path]:
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """``path.write_bytes(data)``, atomically."""
+    """``path.write_bytes(data)``, atomically.
+
+    Args:
+        path: the file to write; its folder is created if missing.
+        data: the whole content.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
     with atomic_path(path) as temporary:
         temporary.write_bytes(data)
     return Path(path)
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
-    """``path.write_text(text)`` in UTF-8, atomically."""
+    """``path.write_text(text)`` in UTF-8, atomically.
+
+    Args:
+        path: the file to write.
+        text: the whole content.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
     return write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path: str | os.PathLike, value) -> Path:
-    """``value`` as indented JSON, atomically."""
+    """``value`` as indented JSON, atomically.
+
+    Args:
+        path: the file to write.
+        value: anything :func:`json.dumps` accepts; written with 2-space indents and a final newline.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
     return write_text(path, json.dumps(value, indent=2) + "\n")
 
 
@@ -96,7 +120,16 @@ def save_safetensors(
     path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> Path:
     """``safetensors.torch.save_file``, atomically; tensors are detached, moved to the CPU and made
-    contiguous first (what the format needs)."""
+    contiguous first (what the format needs).
+
+    Args:
+        path: the ``.safetensors`` file to write.
+        tensors: key → tensor, on any device.
+        metadata: the header's ``__metadata__`` (strings only), or None.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
     from safetensors.torch import save_file
 
     prepared = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
@@ -106,7 +139,15 @@ def save_safetensors(
 
 
 def torch_save(path: str | os.PathLike, value) -> Path:
-    """``torch.save``, atomically."""
+    """``torch.save``, atomically.
+
+    Args:
+        path: the file to write.
+        value: anything :func:`torch.save` accepts.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
     with atomic_path(path) as temporary:
         torch.save(value, temporary)
     return Path(path)

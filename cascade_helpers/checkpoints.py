@@ -108,7 +108,15 @@ class CheckpointInfo:
 
 
 def config_dir(kind: str, architecture: Architecture) -> Path:
-    """The local diffusers config folder for a known architecture (what makes loading offline)."""
+    """The local diffusers config folder for a known architecture (what makes loading offline).
+
+    Args:
+        kind: "stage_c", "stage_b" or "stage_a".
+        architecture: "big", "lite" or "tiny" (Stage A: "big" or "tiny"; a key of :data:`CONFIG_DIRS`).
+
+    Returns:
+        The folder inside ``cascade_helpers/configs`` holding its ``config.json``.
+    """
     return Path(str(resources.files("cascade_helpers") / "configs" / CONFIG_DIRS[(kind, architecture)]))
 
 
@@ -164,7 +172,14 @@ def describe(info: CheckpointInfo) -> str:
 
 @cache
 def official_shapes(kind: str, architecture: Architecture) -> dict[str, tuple[int, ...]]:
-    """Key → shape of the official checkpoint for a known architecture, derived from our config."""
+    """Key → shape of the official checkpoint for a known architecture, derived from our config.
+
+    Args:
+        kind, architecture: a key of :data:`CONFIG_DIRS`, as for :func:`config_dir`.
+
+    Returns:
+        Official key → shape, computed once per pair (the model is built on the meta device).
+    """
     from accelerate import init_empty_weights
 
     from .upstream import PaellaVQModel, StableCascadeUNet
@@ -194,6 +209,14 @@ def unet_to_official(state: dict[str, torch.Tensor], kind: str) -> dict[str, tor
 
     Attention: ``to_q/to_k/to_v`` stack into ``attn.in_proj_*``, ``to_out.0`` is ``attn.out_proj``.
     Stage B calls the pooled-text mapper ``clip_mapper``.
+
+    Args:
+        state: a diffusers ``StableCascadeUNet`` state dict.
+        kind: "stage_c" or "stage_b".
+
+    Returns:
+        A new state dict with the official keys; the tensors are shared, except the stacked
+        ``in_proj`` ones.
     """
     official: dict[str, torch.Tensor] = {}
     for key, value in state.items():

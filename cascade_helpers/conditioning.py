@@ -53,12 +53,29 @@ def _warn_if_truncated(tokenizer, prompts: list[str]) -> None:
 @torch.no_grad()
 def encode_text(prior: Prior | TextEncoder, prompts: str | list[str]) -> TextEmbeddings:
     """Prompts → Stage C/B text conditioning (float32, on the prior's device). A :class:`TextEncoder`
-    loaded alone serves as well: Stage B needs no Stage C."""
+    loaded alone serves as well: Stage B needs no Stage C.
+
+    Args:
+        prior: the loaded prior, or a text encoder loaded alone (``loading.load_text_encoder``).
+        prompts: one prompt or a list; each padded (or cut, with a :class:`PromptTruncatedWarning`)
+            to CLIP's 77 tokens.
+
+    Returns:
+        :class:`TextEmbeddings`: ``hidden`` B×77×1280 and ``pooled`` B×1×1280 for the released text
+        encoder, one row per prompt.
+    """
     return text_conditioning(prior, prompts)
 
 
 def text_conditioning(prior: Prior | TextEncoder, prompts: str | list[str]) -> TextEmbeddings:
-    """:func:`encode_text` with gradients: LoRA training learns new token embeddings through it."""
+    """:func:`encode_text` with gradients: LoRA training learns new token embeddings through it.
+
+    Args:
+        prior, prompts: as for :func:`encode_text`.
+
+    Returns:
+        :class:`TextEmbeddings`, as for :func:`encode_text`, attached to the autograd graph.
+    """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     _warn_if_truncated(prior.tokenizer, prompts)
     tokens = prior.tokenizer(
@@ -78,7 +95,16 @@ def clip_image_input(prior: Prior, images: torch.Tensor) -> torch.Tensor:
 
     No antialiasing: the official code pins torchvision 0.16, whose ``Resize`` does not antialias
     tensors by default, and Stage C's image conditioning was trained on embeddings made that way.
-    (diffusers' pipeline goes through PIL, which does antialias.)"""
+    (diffusers' pipeline goes through PIL, which does antialias.)
+
+    Args:
+        prior: a prior loaded with ``image_encoder=True`` (its ``clip_image`` settings, read from
+            ``feature_extractor/``).
+        images: B×3×H×W in [0, 1], on any device.
+
+    Returns:
+        B×3×crop×crop, normalized, same device and dtype as ``images``.
+    """
     settings = prior.clip_image
     resized = TF.resize(images, settings.resize, interpolation=InterpolationMode.BICUBIC, antialias=False)
     return TF.normalize(TF.center_crop(resized, list(settings.crop)), settings.mean, settings.std)
@@ -86,7 +112,18 @@ def clip_image_input(prior: Prior, images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_image_clip(prior: Prior, images: torch.Tensor) -> torch.Tensor:
-    """B×3×H×W pictures → ``clip_img`` conditioning (B×1×E, float32)."""
+    """B×3×H×W pictures → ``clip_img`` conditioning (B×1×E, float32).
+
+    Args:
+        prior: a prior loaded with ``image_encoder=True``.
+        images: B×3×H×W in [0, 1], on any device (prepared by :func:`clip_image_input`).
+
+    Returns:
+        B×1×768 for ViT-L/14 (E: the encoder's projection width), float32, on the prior's device.
+
+    Raises:
+        ValueError: the prior was loaded without its image encoder.
+    """
     image_encoder = prior.require("image_encoder", "a CLIP image embedding (image variation)")
     pixels = clip_image_input(prior, images.to(prior.device)).to(prior.dtype)
     return image_encoder(pixel_values=pixels).image_embeds.unsqueeze(1).float()
@@ -94,5 +131,13 @@ def encode_image_clip(prior: Prior, images: torch.Tensor) -> torch.Tensor:
 
 def no_image(prior: Prior, batch: int) -> torch.Tensor:
     """``clip_img`` for "no image": zeros, as the official model always receives all three inputs
-    (diffusers would otherwise silently drop the text sequence too)."""
+    (diffusers would otherwise silently drop the text sequence too).
+
+    Args:
+        prior: the loaded prior (its UNet's ``clip_image_in_channels``: 768 for the released ones).
+        batch: B.
+
+    Returns:
+        B×1×768 zeros, float32, on the prior's device.
+    """
     return torch.zeros(batch, 1, prior.unet.config.clip_image_in_channels, device=prior.device)

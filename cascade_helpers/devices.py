@@ -116,7 +116,22 @@ def pick_dtype(
     stage: str = "Stage C",
     allow_float16: bool = False,
 ) -> torch.dtype:
-    """Resolve a dtype name, choose a default for the device, and refuse float16 for Stage C."""
+    """Resolve a dtype name, choose a default for the device, and refuse float16 for Stage C.
+
+    Args:
+        dtype: a ``torch.dtype``, a name from :data:`DTYPE_NAMES` ("bf16", "float32" ...), or None:
+            bfloat16 on a CUDA GPU that supports it, float32 everywhere else (CPU, MPS, older GPUs).
+        device: the device the model will compute on (from :func:`pick_device`).
+        stage: the model, for the float16 rule: float16 is refused only for "Stage C".
+        allow_float16: True lets Stage C run in float16 anyway (to reproduce its black pictures).
+
+    Returns:
+        torch.bfloat16, torch.float32 or torch.float16.
+
+    Raises:
+        UnsupportedPrecisionError: float16 for Stage C without ``allow_float16``.
+        ValueError: an unknown name, or another dtype (float64, int8 ...).
+    """
     if dtype is None:
         bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if bf16_ok else torch.float32
@@ -182,6 +197,18 @@ def place(
 
     The bundles in :mod:`cascade_helpers.loading` remember the execution device: with offloading a
     model's own ``.device`` says "cpu" (or "meta") between calls.
+
+    Args:
+        model: the model, moved or hooked in place.
+        device: where it computes. On the CPU every mode is plain ``.to(device)``.
+        memory: "gpu", "model_offload" or "sequential_offload" (see the module's docstring).
+        small: True for the small models (previewer, EfficientNet, Stage A), which stay on ``device``.
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        ValueError: an unknown memory mode.
     """
     check_memory(memory)
     if device.type == "cpu" or memory == "gpu" or small:
@@ -208,6 +235,15 @@ def weights_on_gpu(
     ``"gpu"``: every model. ``"model_offload"``: the biggest of the models that take turns (text
     encoder, image encoder, Stage C, Stage B) plus the small ones that stay (Stage A, EfficientNet,
     previewer). ``"sequential_offload"``: the small ones; the others stream through one layer at a time.
+
+    Args:
+        stage_c, stage_b: the stages' sizes, "big" or "lite".
+        precision: "bf16" or "fp32" (the files' precision, for every big model alike).
+        memory: the memory mode.
+        image_encoder: False leaves out the CLIP image encoder (``load_prior(image_encoder=False)``).
+
+    Returns:
+        Bytes, from the published sizes (decimal units: divide by 1e9 for GB).
     """
     from . import files
 

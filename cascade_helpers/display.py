@@ -22,7 +22,17 @@ from .models import Prior
 
 
 def show_images(images, titles: Sequence[str] | None = None, columns: int | None = None, size: float = 4.0):
-    """Plot pictures with matplotlib, one titled panel each; returns the figure."""
+    """Plot pictures with matplotlib, one titled panel each; returns the figure.
+
+    Args:
+        images: PIL images, or a B×3×H×W tensor in [0, 1].
+        titles: one title per picture, or None.
+        columns: panels per row; None puts them all in one row.
+        size: each panel's width and height in inches.
+
+    Returns:
+        The matplotlib figure (registered with pyplot: a notebook shows it).
+    """
     import matplotlib.pyplot as plt
 
     pictures = as_pil_list(images)
@@ -104,6 +114,10 @@ def save_generation(
 
     Returns:
         The paths written, in the order of the pictures.
+
+    Raises:
+        ValueError: a prefix with a path separator (or empty, "." or "..").
+        NotADirectoryError: ``output_dir`` is a file.
     """
     prefix = _check_prefix(prefix)
     folder = Path(output_dir)
@@ -176,6 +190,11 @@ class LivePreview:
     Without ``widget`` the picture appears below the running cell and is updated there (an IPython
     display handle: works in Jupyter, Colab and VS Code, and stays in the saved notebook). With an
     ``ipywidgets.Image`` it draws into that widget (the panel does). ``latest`` keeps the last preview.
+
+    Args:
+        prior: a prior loaded with ``previewer=True``.
+        widget: an ``ipywidgets.Image`` to draw into, or None.
+        columns: pictures per row of the grid; None puts them all in one row.
     """
 
     def __init__(self, prior: Prior, widget=None, *, columns: int | None = None) -> None:
@@ -204,6 +223,12 @@ class LiveLossPlot:
     Raw losses are noisy (each step draws its own noise level), so an exponential moving average is
     drawn over them. ``history`` continues a resumed run's curve; ``every`` redraws less often.
     Outside IPython it only collects the values.
+
+    Args:
+        history: (step, loss) pairs already done (``TrainingResult.losses``, ``trainer.losses``).
+        every: redraw at the steps that are multiples of it (at least 1).
+        smoothing: the moving average's weight of the past, 0 to 1 (0: no smoothing).
+        title: the plot's title.
     """
 
     def __init__(

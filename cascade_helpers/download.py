@@ -151,7 +151,7 @@ def download(
     ``download("essential", "big-big", "bfloat16")``.
 
     Args:
-        words: the script's words.
+        *words: the script's words.
         models_dir: where the files go (created if needed).
         dry_run: list the files and sizes; fetch nothing.
         verify: re-hash the files already there against the Hub's checksums and fetch again those
@@ -182,7 +182,15 @@ def download(
 
 def check_models_dir(models_dir: Path, write: bool = True) -> None:
     """Refuse a models folder that is a file, lies inside a file, or (``write``) cannot be written
-    to, in one sentence that names it, before anything is fetched."""
+    to, in one sentence that names it, before anything is fetched.
+
+    Args:
+        models_dir: the folder (it need not exist yet).
+        write: True also creates it and writes a temporary file there (a dry run passes False).
+
+    Raises:
+        DownloadError: the folder cannot be used, named with what to do.
+    """
     existing = next(path for path in (models_dir, *models_dir.parents) if path.exists())
     if not existing.is_dir():
         where = "is a file" if existing == models_dir else f"is inside {existing}, which is a file"
@@ -201,7 +209,15 @@ def check_models_dir(models_dir: Path, write: bool = True) -> None:
 
 
 def dry_run_report(selected: Sequence[ModelFile], models_dir: Path) -> str:
-    """What a run would fetch, with the published sizes; no network."""
+    """What a run would fetch, with the published sizes; no network.
+
+    Args:
+        selected: the registry entries (:func:`files_for_words`).
+        models_dir: the folder, to mark what is already present there.
+
+    Returns:
+        The report: one line per entry (path, published size, "present" or its repo), then the total.
+    """
     lines = [f"Dry run, nothing is fetched. Into {models_dir}/:"]
     present = 0
     for file in selected:
@@ -445,7 +461,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``download_models.sh`` / ``cascade-download``: returns the exit code (0, 1 failure, 2 usage)."""
+    """``download_models.sh`` / ``cascade-download``: returns the exit code (0, 1 failure, 2 usage,
+    130 interrupted)."""
     parser = _Parser(add_help=False)
     parser.add_argument("words", nargs="*")
     parser.add_argument("--models-dir", type=Path, default=Path("models"))

@@ -54,7 +54,19 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 
 def preprocess(images: torch.Tensor, *, downscale: bool = True) -> torch.Tensor:
     """Pictures in [0, 1] (B×3×H×W) → the encoder's input, as the official code prepares it (see the
-    module's docstring for ``downscale``)."""
+    module's docstring for ``downscale``).
+
+    Args:
+        images: B×3×H×W in [0, 1].
+        downscale: True scales by 3/4 with nearest neighbour, sides floored to multiples of 32
+            (:func:`cascade_helpers.sizes.encoder_input_size`); False keeps the size.
+
+    Returns:
+        ImageNet-normalized B×3×h×w, same dtype and device.
+
+    Raises:
+        ValueError: with ``downscale``, a picture too small to give a side of 32 px.
+    """
     if downscale:
         size = encoder_input_size(*images.shape[-2:])
         if min(size) < STRIDE:
@@ -76,6 +88,9 @@ def encode(encoder: EfficientNetEncoder, images: torch.Tensor, *, downscale: boo
         images: pictures in [0, 1], on any device.
         downscale: True for pictures at their output size (official 3/4 nearest step), False for
             pictures already at the encoder's input size.
+
+    Returns:
+        B×16×h×w latents, float32, on the encoder's device (h, w: the input's sides / 32).
     """
     device = next(encoder.parameters()).device
     return encoder(preprocess(images.to(device, torch.float32), downscale=downscale)).float()

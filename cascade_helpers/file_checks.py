@@ -43,7 +43,15 @@ class MissingModelFileError(FileNotFoundError):
 
 
 def is_present(models_dir: Path, file: ModelFile) -> bool:
-    """The file is there (a folder entry: the folder exists and is not empty)."""
+    """The file is there (a folder entry: the folder exists and is not empty).
+
+    Args:
+        models_dir: the models folder.
+        file: the registry entry.
+
+    Returns:
+        True if present; its content is not read.
+    """
     path = models_dir / file.path
     if file.folder:
         return path.is_dir() and any(path.iterdir())
@@ -54,7 +62,17 @@ def choose_precision_file(
     models_dir: Path, candidates: dict[Precision, ModelFile], dtype: torch.dtype
 ) -> ModelFile:
     """The file form matching ``dtype`` if present, else the other form (cast on load). When neither
-    is there, the bf16 form: the download script's default, and half the download."""
+    is there, the bf16 form: the download script's default, and half the download.
+
+    Args:
+        models_dir: the models folder.
+        candidates: the two forms of one file, by precision ("bf16", "fp32"), e.g.
+            ``files.TEXT_ENCODER``.
+        dtype: the dtype the model will run in: torch.float32 wants the fp32 form, any other the bf16.
+
+    Returns:
+        The registry entry to read (or, when neither form is there, to name in the error).
+    """
     wanted: Precision = "fp32" if dtype == torch.float32 else "bf16"
     other: Precision = "bf16" if wanted == "fp32" else "fp32"
     for precision in (wanted, other):
@@ -64,7 +82,15 @@ def choose_precision_file(
 
 
 def size_present(models_dir: Path, stage: dict[Size, dict[Precision, ModelFile]]) -> Size | None:
-    """Which size of a stage the folder already holds, to suggest a variant word that keeps it."""
+    """Which size of a stage the folder already holds, to suggest a variant word that keeps it.
+
+    Args:
+        models_dir: the models folder.
+        stage: ``files.STAGE_B`` or ``files.STAGE_C``.
+
+    Returns:
+        "big" or "lite" (the first found, big first), or None if neither is there.
+    """
     for size, by_precision in stage.items():
         if any(is_present(models_dir, f) for f in by_precision.values()):
             return size
@@ -75,7 +101,16 @@ def fetch_command(
     models_dir: Path, needed: list[ModelFile], stage_b: Size | None = None, stage_c: Size | None = None
 ) -> str:
     """``files.download_command`` for this models folder: ``--models-dir`` unless it is the script's
-    default, as an absolute path (the command runs in the project folder, not in notebooks/)."""
+    default, as an absolute path (the command runs in the project folder, not in notebooks/).
+
+    Args:
+        models_dir: the models folder.
+        needed: the files to fetch.
+        stage_b, stage_c: the sizes the caller uses, as for :func:`cascade_helpers.files.download_command`.
+
+    Returns:
+        The ``bash download_models.sh ...`` line.
+    """
     command = files.download_command(needed, stage_b=stage_b, stage_c=stage_c)
     folder = models_dir.resolve()
     return command if folder == SCRIPT_MODELS_DIR else f"{command} --models-dir {shlex.quote(str(folder))}"
@@ -84,7 +119,15 @@ def fetch_command(
 def check_present(
     models_dir: Path, needed: list[ModelFile], stage_b: Size | None = None, stage_c: Size | None = None
 ) -> None:
-    """Raise one error naming every missing file and the command that fetches them all."""
+    """Raise one error naming every missing file and the command that fetches them all.
+
+    Args:
+        models_dir, needed, stage_b, stage_c: as for :func:`fetch_command`.
+
+    Raises:
+        MissingModelFileError: files are missing; the message lists them with the command.
+        NotADirectoryError: ``models_dir`` is a file.
+    """
     if models_dir.exists() and not models_dir.is_dir():
         raise NotADirectoryError(
             f"{models_dir} is a file, not a models folder: pass the folder download_models.sh filled "
@@ -106,7 +149,24 @@ def check_present(
 def inspect_file(
     path: Path, kind: str, size: Size | None, fetch_command: str
 ) -> tuple[CheckpointInfo, Architecture | None]:
-    """Header checks: complete, the right model, the right size. Tiny test weights fit any size slot."""
+    """Header checks: complete, the right model, the right size. Tiny test weights fit any size slot.
+
+    Args:
+        path: the safetensors file.
+        kind: the model its slot needs (a :data:`cascade_helpers.checkpoints.Kind`, e.g. "stage_c").
+        size: the architecture asked for, "big" or "lite"; None checks only the kind (Stage A's
+            architecture is matched even then).
+        fetch_command: the command that fetches the file again, for the messages.
+
+    Returns:
+        The header, and the architecture found ("big", "lite", "tiny"; None when ``size`` is None
+        and ``kind`` is not "stage_a").
+
+    Raises:
+        TruncatedCheckpointError: the file is cut short (an interrupted download).
+        WrongCheckpointError: another model, unknown shapes, or another size than ``size``.
+        CheckpointError: not a safetensors file.
+    """
     try:
         info = read_header(path)
     except TruncatedCheckpointError as error:
@@ -200,6 +260,11 @@ def check_files(models_dir: Path, needed: list[ModelFile]) -> None:
     Args:
         models_dir: the models folder.
         needed: the registry entries the loader will read.
+
+    Raises:
+        CheckpointError: a file is damaged or holds another model (subclasses
+            :class:`~cascade_helpers.checkpoints.TruncatedCheckpointError`, ``WrongCheckpointError``),
+            named with the command that fetches it again.
     """
     for file in needed:
         path = models_dir / file.path

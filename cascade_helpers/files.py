@@ -202,7 +202,14 @@ _SIZE_WORD: dict[Size, str] = {"big": "big", "lite": "small"}
 
 
 def variant_word(stage_b: Size, stage_c: Size) -> str:
-    """The official variant word: Stage B size first, then Stage C size (``lite`` is called small)."""
+    """The official variant word: Stage B size first, then Stage C size (``lite`` is called small).
+
+    Args:
+        stage_b, stage_c: the stages' sizes, "big" or "lite".
+
+    Returns:
+        One of :data:`VARIANT_WORDS`, e.g. ``"big-small"`` for a big Stage B and a lite Stage C.
+    """
     return f"{_SIZE_WORD[stage_b]}-{_SIZE_WORD[stage_c]}"
 
 
@@ -211,8 +218,16 @@ def download_command(
 ) -> str:
     """The shortest ``bash download_models.sh ...`` line that fetches ``files``.
 
-    ``stage_b`` / ``stage_c`` say which size the caller uses for the stage the files do not name,
-    so a missing Stage C file suggests a variant word that keeps the user's Stage B.
+    Args:
+        files: the files to fetch (from this registry).
+        stage_b, stage_c: the sizes the caller uses ("big" or "lite"), for the stage the files do
+            not name, so a missing Stage C file suggests a variant word that keeps the user's Stage B.
+            Without them the other stage gets the same size as the named one.
+
+    Returns:
+        The command line: ``essential``, a variant word, ``controlnet``, ``lora`` as the files need,
+        then ``float32`` when every file with a precision is fp32, else ``bfloat16`` (none if no file
+        has a precision).
     """
     files = list(files)
     words: list[str] = []
@@ -237,7 +252,18 @@ def download_command(
 
 
 def check_size_word(size: object, what: str = "variant") -> Size:
-    """``size`` if it names a model size ('big' or 'lite'), else a ValueError that says so."""
+    """``size`` if it names a model size ('big' or 'lite'), else a ValueError that says so.
+
+    Args:
+        size: what the caller passed.
+        what: the argument's name, for the message.
+
+    Returns:
+        ``size``, unchanged.
+
+    Raises:
+        ValueError: ``size`` is neither "big" nor "lite".
+    """
     if size not in SIZES:
         raise ValueError(f"{what} must be 'big' or 'lite', not {size!r}")
     return size  # type: ignore[return-value]

@@ -1,12 +1,8 @@
-"""Text-to-image, image variation, image-to-image and ControlNet pictures: Stage C, then Stage B, then
-Stage A.
+"""Text-to-image, image variation, image-to-image and ControlNet pictures: Stage C, then B, then A.
 
-Each stage is a plain function over the loaded models (:func:`generate_stage_c`,
-:func:`generate_stage_b`, :func:`decode_stage_a`); the four entry points (:func:`text_to_image`,
-:func:`image_variation`, :func:`image_to_image`, :func:`controlnet_to_image`) chain them for one
+Each stage is a plain function over the loaded models; the four entry points chain them for one
 :class:`GenerationRequest` — the prompt, size, count, seed and both stages' settings they all share —
-and return the pictures together with the latents of every stage, so a notebook can show, save or
-re-decode any of them.
+and return the pictures with the latents of every stage, so a notebook can show, save or re-decode them.
 """
 
 from __future__ import annotations
@@ -88,16 +84,12 @@ def check_finite(
     inputs: Mapping[str, Sequence[torch.Tensor | None]],
 ) -> None:
     """Raise :class:`NonFiniteLatentsError` if ``result`` holds NaN or infinities, naming the likely
-    cause: an input that already held them, weights that hold them (a damaged file), or float16.
-
-    The check itself is one ``isfinite`` over the result (cheap); the diagnosis, which reads every
-    weight, runs only when it fails.
+    cause: an input that already held them, weights that hold them (a damaged file), or float16. The
+    check is one cheap ``isfinite``; the diagnosis, which reads every weight, runs only when it fails.
 
     Args:
-        result: what the stage produced.
-        stage: "Stage C", "Stage B" or "Stage A", for the message.
-        model: the stage's model, whose weights are examined on failure.
-        dtype: the precision it ran in.
+        result, stage: what the stage produced, and its name ("Stage C", "Stage B" ...) for the message.
+        model, dtype: the stage's model, whose weights are examined on failure, and its precision.
         weight_files: the files the models were loaded from, named on failure.
         inputs: what went in, by description, examined on failure.
     """
@@ -158,18 +150,19 @@ def generate_stage_c(
 
     Args:
         prior: the loaded Stage C with its encoders.
-        text, negative: the B pictures' text conditioning and that of their negative prompts
-            (:func:`cascade_helpers.conditioning.encode_text`).
+        text, negative: the prompts' and negative prompts' text conditioning, B rows each (``encode_text``).
         shape: B×16×h×w (:func:`cascade_helpers.sizes.stage_c_shape`).
         settings: the sampler settings.
         generator: the random generator of the noise (drawn on the CPU).
         image_embeds: CLIP image embeddings (B×1×768) for image variation; zeros without.
         x_init: the starting latents, already noised to ``settings.t_start`` (image-to-image).
         callback: ``callback(step, denoised, sample)`` after every step.
-        control: ControlNet features for the B pictures
-            (:func:`cascade_helpers.controlnet.control_features`); the unconditional half of the
-            guided batch gets the same features, as in the official notebook.
+        control: ControlNet features for the B pictures (:func:`.controlnet.control_features`); the
+            guided batch's unconditional half gets the same, as in the official notebook.
         progress: False hides the tqdm progress bar (for a caller that shows its own).
+
+    Returns:
+        B×16×h×w latents, float32, on the prior's device (:class:`NonFiniteLatentsError` if not finite).
     """
     batch = shape[0]
     zeros = no_image(prior, batch)
@@ -224,14 +217,13 @@ def generate_stage_b(
     Args:
         decoder: the loaded Stage B and Stage A.
         stage_c_latents: B×16×h×w.
-        pooled, negative_pooled: the pooled text embeddings (B×1×1280) of the prompts and negative
-            prompts; the unconditional branch also gets zeros for the Stage C latents, as in the
-            official code.
+        pooled, negative_pooled: the prompts' and negative prompts' pooled text embeddings (B×1×1280);
+            the unconditional branch also gets zero Stage C latents, as in the official code.
         image_size: (height, width) of the pictures.
-        settings: the sampler settings.
-        generator: the random generator of the noise (drawn on the CPU).
-        callback: ``callback(step, denoised, sample)`` after every step.
-        progress: False hides the tqdm progress bar (for a caller that shows its own).
+        settings, generator, callback, progress: as for :func:`generate_stage_c`.
+
+    Returns:
+        B×4×H/4×W/4 latents, float32, on the decoder's device (NonFiniteLatentsError if not finite).
     """
     latents = stage_c_latents.to(decoder.device)
     cond = {"effnet": latents, "clip_text_pooled": pooled.to(decoder.device)}
@@ -254,7 +246,14 @@ def generate_stage_b(
 
 @torch.no_grad()
 def decode_stage_a(decoder: Decoder, latents: torch.Tensor) -> torch.Tensor:
-    """Stage A latents → pictures (B×3×H×W in [0, 1], float32, CPU)."""
+    """Stage A latents → pictures (B×3×H×W in [0, 1], float32, CPU).
+
+    Args:
+        decoder, latents: the loaded Stage B and A (A runs in float32), and B×4×H/4×W/4 latents.
+
+    Returns:
+        B×3×H×W in [0, 1], float32, CPU.
+    """
     vqgan = decoder.vqgan
     scaled = latents.to(decoder.device, torch.float32) * vqgan.config.scale_factor
     pictures = vqgan.decode(scaled).sample
@@ -266,16 +265,20 @@ def decode_stage_a(decoder: Decoder, latents: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_picture(prior: Prior, image: ImageInput, height: int, width: int) -> torch.Tensor:
-    """One input picture → the Stage C latents (1×16×h×w) of a height×width generation, prepared as
-    the official image-to-image and ControlNet examples prepare it: scaled (bilinear, antialiased) and
-    centre-cropped straight to the encoder's input size — 768² for 1024², hence 24×24 latents — then
-    normalized.
+    """One input picture → the Stage C latents of a height×width generation, prepared as the official
+    image-to-image and ControlNet examples prepare it: scaled (bilinear, antialiased) and centre-cropped
+    straight to the encoder's input size (768² for 1024², hence 24×24 latents), then normalized.
 
-    For an output with a 1024 px short side and a picture of the output's aspect ratio this is exactly
-    the official preparation (the official examples always scale to 768 px, whatever the output size;
-    we scale with the output). For other pictures the official code keeps the picture's aspect ratio
-    and Stage C gets latents of another shape than the output's, so we crop instead. (The
-    reconstruction example prepares pictures differently: ``effnet.encode(..., downscale=True)``.)
+    For a 1024 px short side and a picture of the output's aspect ratio this is exactly the official
+    preparation (which scales to 768 px whatever the output size; we scale with the output). Otherwise
+    the official code keeps the picture's aspect ratio, giving latents of another shape: we crop.
+
+    Args:
+        prior, image: a prior loaded with ``effnet=True``, and the picture (file, PIL, array, tensor).
+        height, width: the generation's size in pixels.
+
+    Returns:
+        1×16×h×w, float32, on the prior's device; a ValueError without the EfficientNet encoder.
     """
     encoder = prior.require("effnet", "encoding a picture (image-to-image, ControlNet init pictures)")
     pixels = resize_and_crop(image_to_tensor(image), *encoder_input_size(height, width))
@@ -284,17 +287,29 @@ def encode_picture(prior: Prior, image: ImageInput, height: int, width: int) -> 
 
 @torch.no_grad()
 def variation_embeddings(prior: Prior, image: ImageInput) -> torch.Tensor:
-    """One picture → its CLIP image embedding (1×1×E), prepared as the official image-variation
-    example does: short side scaled to 768 px, then CLIP's own resize and centre crop. The picture
-    keeps its aspect ratio whatever size the variations are generated at."""
+    """One picture → its CLIP image embedding, prepared as the official image-variation example does:
+    short side to 768 px, then CLIP's resize and centre crop (aspect ratio kept, whatever the output's).
+
+    Args:
+        prior, image: a prior loaded with ``image_encoder=True``, and the picture.
+
+    Returns:
+        1×1×768, float32, on the prior's device; a ValueError without the image encoder.
+    """
     picture = scale_short_side(image_to_tensor(image), OFFICIAL_INPUT_SIDE)
     return encode_image_clip(prior, picture[None])
 
 
 @torch.no_grad()
 def preview_stage_c(prior: Prior, latents: torch.Tensor) -> torch.Tensor:
-    """Stage C latents (B×16×h×w) → rough pictures (B×3×8h×8w in [0, 1], float32, CPU) with the
-    previewer (4 M parameters): 192² for a 1024² image. What live previews show."""
+    """Stage C latents → rough pictures with the previewer (4 M parameters): what live previews show.
+
+    Args:
+        prior, latents: a prior loaded with ``previewer=True``, and B×16×h×w latents.
+
+    Returns:
+        B×3×8h×8w in [0, 1], float32, CPU (192² for a 1024² image); a ValueError without the previewer.
+    """
     previewer = prior.require("previewer", "a preview of Stage C latents")
     return previewer(latents.to(prior.device, torch.float32)).clamp(0, 1).cpu()
 
@@ -410,15 +425,12 @@ def text_to_image(
 
     Args:
         prior, decoder: the loaded models (:func:`cascade_helpers.loading.load_prior` / ``load_decoder``).
-        prompt: a prompt, a list of prompts (one group of pictures each), or a whole
-            :class:`GenerationRequest`.
+        prompt: a prompt, a list of prompts (one group of pictures each), or a :class:`GenerationRequest`.
         negative_prompt: what guidance steers away from (a string, or one per prompt).
         callback: ``callback(step, denoised, sample)`` after each Stage C step (live previews).
         decoder_callback: the same after each Stage B step.
-        progress: False hides the tqdm progress bars of both stages (for a caller that shows its
-            own, like the generation panel).
-        **options: any other field of :class:`GenerationRequest`: ``height``, ``width``,
-            ``num_images``, ``seed``, ``prior_settings``, ``decoder_settings``.
+        progress: False hides both stages' tqdm bars (for a caller that shows its own: the panel).
+        **options: any other :class:`GenerationRequest` field (``height``, ``num_images``, ``seed`` ...).
 
     Returns:
         A :class:`Generation`: the pictures, both stages' latents and the settings.
@@ -441,12 +453,12 @@ def image_variation(
     progress: bool = True,
     **options: Any,
 ) -> Generation:
-    """Variations of a picture: Stage C conditioned on its CLIP image embedding
-    (:func:`variation_embeddings`); no prompt needed (the official example uses none).
+    """Variations of a picture: Stage C conditioned on its CLIP image embedding; no prompt needed (the
+    official example uses none).
 
     Args:
         image: the picture (file, PIL image, array or tensor).
-        prompt, negative_prompt, callback, decoder_callback, progress, **options: as for
+        prior, decoder, prompt, negative_prompt, callback, decoder_callback, progress, **options: as for
             :func:`text_to_image`.
 
     Returns:
@@ -474,12 +486,10 @@ def image_to_image(
     """Repaint a picture guided by a prompt.
 
     Args:
-        image: the picture (file, PIL image, array or tensor); scaled and centre-cropped to the
-            output's aspect ratio.
-        strength: the noise level the picture's Stage C latents are taken to before denoising
-            (official example: 0.8): 0 keeps the picture's encoding as it is, 1 ignores the picture
-            entirely; Stage C runs ``int(steps × strength)`` steps.
-        prompt, negative_prompt, callback, decoder_callback, progress, **options: as for
+        image: the picture (file, PIL image, array or tensor), cover-cropped to the output's shape.
+        strength: the noise level the picture's Stage C latents are taken to before denoising (official
+            example: 0.8): 0 keeps the picture's encoding, 1 ignores it; ``int(steps × strength)`` steps.
+        prior, decoder, prompt, negative_prompt, callback, decoder_callback, progress, **options: as for
             :func:`text_to_image`.
 
     Returns:
@@ -513,14 +523,12 @@ def controlnet_to_image(
     """Pictures that follow ControlNet features and a prompt.
 
     Args:
-        control: the ControlNet's outputs for ``num_images`` pictures
-            (:func:`cascade_helpers.controlnet.control_features`, computed once per generation).
-        init_image: with it, Stage C starts from that picture's latents noised to ``init_noise``, as
-            the official inpainting and outpainting example does with noise level 1.0 (1 % of the
-            picture's signal survives; ``int(steps × init_noise)`` steps). Without it, from pure
-            noise (canny, super-resolution).
+        control: the ControlNet's outputs for ``num_images`` pictures (:func:`.controlnet.control_features`).
+        init_image: with it, Stage C starts from that picture's latents noised to ``init_noise``, as the
+            official inpainting and outpainting example does with noise level 1.0 (1 % of the picture's
+            signal survives; ``int(steps × init_noise)`` steps). Without it, pure noise (canny, SR).
         init_noise: see ``init_image``; 0 keeps the picture's latents as they are.
-        prompt, negative_prompt, callback, decoder_callback, progress, **options: as for
+        prior, decoder, prompt, negative_prompt, callback, decoder_callback, progress, **options: as for
             :func:`text_to_image`.
 
     Returns:

@@ -189,6 +189,9 @@ def resize_and_crop(
         height, width: the size wanted.
         position: where the window sits in what overhangs, (top, left) from 0 to 1 each; None is
             the centre. LoRA training's random crop draws it.
+
+    Returns:
+        ``image`` resized (bilinear, antialiased) and cropped to height×width, same dtype and device.
     """
     h, w = image.shape[-2:]
     scale = max(height / h, width / w)
@@ -202,13 +205,30 @@ def resize_and_crop(
 
 def scale_short_side(image: torch.Tensor, side: int) -> torch.Tensor:
     """Bilinear, antialiased resize to a short side of ``side`` px, aspect ratio kept: the official
-    notebooks' ``resize_image`` (768 px) for every input picture."""
+    notebooks' ``resize_image`` (768 px) for every input picture.
+
+    Args:
+        image: 3×H×W or B×3×H×W.
+        side: the short side wanted, in pixels.
+
+    Returns:
+        The resized picture(s), same dtype and device.
+    """
     return TF.resize(image, side, interpolation=InterpolationMode.BILINEAR, antialias=True)
 
 
 def batch_images(images: ImageInput | Sequence[ImageInput], height: int, width: int) -> torch.Tensor:
     """One or several pictures (a list, a folder, or a B×C×H×W array or tensor) → B×3×height×width,
-    each scaled and centre-cropped."""
+    each scaled and centre-cropped.
+
+    Args:
+        images: one picture as :func:`image_to_tensor` takes it, a sequence of them, a folder (its
+            pictures sorted by name), or a B×C×H×W array or tensor.
+        height, width: the size of every picture in the batch, in pixels.
+
+    Returns:
+        B×3×height×width, float32 in [0, 1], CPU (:func:`resize_and_crop` of each).
+    """
     if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
         images = list(images)
     if isinstance(images, (str, os.PathLike)) and Path(images).is_dir():
@@ -235,7 +255,19 @@ def as_pil_list(images) -> list[PIL.Image.Image]:
 
 
 def image_grid(images, columns: int | None = None) -> PIL.Image.Image:
-    """Paste pictures (PIL list or B×3×H×W tensor) into one grid image, row by row."""
+    """Paste pictures (PIL list or B×3×H×W tensor) into one grid image, row by row.
+
+    Args:
+        images: PIL images, or a B×3×H×W (or 3×H×W) tensor in [0, 1].
+        columns: pictures per row; None puts them all in one row.
+
+    Returns:
+        One RGB picture on white; every cell is as large as the largest picture, each pasted at its
+        cell's top left.
+
+    Raises:
+        ValueError: no pictures.
+    """
     pictures = as_pil_list(images)
     if not pictures:
         raise ValueError("no pictures to put in a grid")

@@ -84,7 +84,17 @@ def _quiet_diffusers() -> Iterator[None]:
 
 
 def load_unet_single_file(path: Path, kind: str, architecture: Architecture, dtype: torch.dtype) -> nn.Module:
-    """An official Stage B/C file → diffusers ``StableCascadeUNet``, with our shipped config (offline)."""
+    """An official Stage B/C file → diffusers ``StableCascadeUNet``, with our shipped config (offline).
+
+    Args:
+        path: the single file (already checked: :func:`cascade_helpers.file_checks.inspect_file`).
+        kind: "stage_c" or "stage_b".
+        architecture: "big", "lite" or "tiny": which shipped config to build.
+        dtype: the weights' dtype after loading (cast from the file's).
+
+    Returns:
+        The UNet in eval mode, gradients off, on the CPU.
+    """
     from .upstream import StableCascadeUNet
 
     with _quiet_diffusers():
@@ -96,7 +106,15 @@ def load_unet_single_file(path: Path, kind: str, architecture: Architecture, dty
 
 def load_stage_a(path: Path, architecture: Architecture) -> nn.Module:
     """Official ``stage_a.safetensors`` → diffusers ``PaellaVQModel`` (float32: it is small, and the
-    official code never casts it)."""
+    official code never casts it).
+
+    Args:
+        path: the single file.
+        architecture: "big" (the released one) or "tiny".
+
+    Returns:
+        The VQGAN in eval mode, gradients off, float32, on the CPU; every key must match.
+    """
     from accelerate import init_empty_weights
 
     from .upstream import PaellaVQModel
@@ -113,7 +131,16 @@ def _float32(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load_strict(module: nn.Module, path: Path) -> nn.Module:
-    """Load an official single file into one of our modules; every key must match."""
+    """Load an official single file into one of our modules; every key must match.
+
+    Args:
+        module: an :class:`~cascade_helpers.effnet.EfficientNetEncoder` or
+            :class:`~cascade_helpers.previewer.Previewer`, freshly built.
+        path: its safetensors file; floating tensors are cast to float32.
+
+    Returns:
+        ``module``, loaded, in eval mode, gradients off.
+    """
     module.load_state_dict(_float32(load_file(str(path))), strict=True)
     return module.eval().requires_grad_(False)
 
@@ -178,8 +205,32 @@ def load_prior(
     """Stage C with its text encoder and tokenizer, and optionally the CLIP image encoder (image
     variation), the EfficientNet encoder (image-to-image) and the previewer (live previews).
 
-    ``source`` is a models folder (offline) or the Hub repo ``stabilityai/stable-cascade-prior``.
-    ``dtype`` defaults to bfloat16 on GPUs that support it, else float32; float16 is refused (NaNs).
+    Args:
+        source: a models folder (offline; default "models") or the Hub repo
+            ``stabilityai/stable-cascade-prior`` (its diffusers folders; EfficientNet and previewer
+            from ``stabilityai/stable-cascade``).
+        variant: Stage C's size, "big" (official, 3.6 B parameters) or "lite".
+        dtype: defaults to bfloat16 on GPUs that support it, else float32; float16 is refused (NaNs).
+            In a folder the weight files of that precision are read if present, else the other form,
+            cast on load.
+        device: "cpu", "cuda", "cuda:1", "mps" or None (the best there is).
+        memory: "gpu", "model_offload" or "sequential_offload" (:mod:`cascade_helpers.devices`) for
+            Stage C and the CLIP encoders; EfficientNet and previewer stay on ``device``.
+        image_encoder, effnet, previewer: load these optional parts (all True by default); without
+            them image variation, image-to-image and ControlNet init pictures, and previews fail
+            with an error naming the flag.
+        allow_float16: True lets Stage C run in float16 (only to reproduce its black pictures).
+
+    Returns:
+        The :class:`~cascade_helpers.models.Prior`.
+
+    Raises:
+        MissingModelFileError: files are missing from the folder (named, with the command that fetches
+            them), or ``source`` is neither a folder nor a Hub repo that could be loaded.
+        WrongCheckpointError: Stage C's file holds another model or another size than ``variant``.
+        CheckpointError: a file is damaged or cut short (``TruncatedCheckpointError``).
+        ValueError: an unknown variant, memory mode, device or dtype; float16 for Stage C
+            (``UnsupportedPrecisionError``).
     """
     variant = files.check_size_word(variant)
     memory = check_memory(memory)
@@ -316,7 +367,19 @@ def load_decoder(
     """Stage B (``variant`` big or lite) and Stage A. The decoder needs no text encoder of its own:
     it is conditioned on the pooled prompt embedding the prior's text encoder already computed.
 
-    ``source`` is a models folder (offline) or the Hub repo ``stabilityai/stable-cascade``.
+    Args:
+        source: a models folder (offline; default "models") or the Hub repo ``stabilityai/stable-cascade``.
+        variant: Stage B's size, "big" (official, 1.5 B parameters) or "lite".
+        dtype: Stage B's dtype; defaults as for :func:`load_prior` (float16 is accepted here).
+            Stage A always runs in float32.
+        device, memory: as for :func:`load_prior`; Stage A stays on ``device``.
+
+    Returns:
+        The :class:`~cascade_helpers.models.Decoder`.
+
+    Raises:
+        MissingModelFileError, WrongCheckpointError, CheckpointError, ValueError: as for
+            :func:`load_prior`, for Stage B's and Stage A's files.
     """
     variant = files.check_size_word(variant)
     memory = check_memory(memory)
@@ -399,7 +462,16 @@ def load_effnet(
     """The EfficientNet encoder alone (images → Stage C latents), in float32 — 81 MB instead of the 7 GB
     Stage C that ``load_prior(..., effnet=True)`` also loads.
 
-    ``source`` is a models folder (offline) or the Hub repo ``stabilityai/stable-cascade``.
+    Args:
+        source: a models folder (offline) or the Hub repo ``stabilityai/stable-cascade``.
+        device: as for :func:`load_prior` (no offloading: it is small).
+
+    Returns:
+        The encoder, float32, in eval mode, on ``device``.
+
+    Raises:
+        MissingModelFileError: ``effnet_encoder.safetensors`` is missing (with the command).
+        CheckpointError: it is damaged or holds another model.
     """
     device = pick_device(device)
     if not is_local_folder(source):
@@ -420,8 +492,17 @@ def load_text_encoder(
 ) -> TextEncoder:
     """The CLIP text encoder and tokenizer alone (1.4 GB in bfloat16).
 
-    ``source`` is a models folder (offline) or a Hub repo with ``text_encoder/`` and ``tokenizer/``
-    folders (``stabilityai/stable-cascade``).
+    Args:
+        source: a models folder (offline) or a Hub repo with ``text_encoder/`` and ``tokenizer/``
+            folders (``stabilityai/stable-cascade``).
+        dtype, device, memory: as for :func:`load_prior` (float16 is accepted here).
+
+    Returns:
+        The :class:`~cascade_helpers.models.TextEncoder`, which ``conditioning.encode_text`` accepts
+        like a prior.
+
+    Raises:
+        MissingModelFileError, CheckpointError, ValueError: as for :func:`load_prior`.
     """
     memory = check_memory(memory)
     device = pick_device(device)

@@ -56,7 +56,18 @@ class Prior:
 
     def require(self, part: str, needed_for: str) -> nn.Module:
         """The optional ``part`` (``"image_encoder"``, ``"effnet"`` or ``"previewer"``), or an error
-        saying that ``needed_for`` needs it and how to load it."""
+        saying that ``needed_for`` needs it and how to load it.
+
+        Args:
+            part: the attribute, named as ``load_prior``'s flag.
+            needed_for: what the caller is doing, for the message (e.g. "image variation").
+
+        Returns:
+            The module.
+
+        Raises:
+            ValueError: the prior was loaded without it (the message names the flag to pass).
+        """
         module = getattr(self, part)
         if module is None:
             raise ValueError(

@@ -161,7 +161,11 @@ class GenerationPanel:
 
     def generate(self) -> Generation:
         """Generate with the current widget values, showing each stage's progress and the previews
-        in the panel (and nowhere else: the stages' own tqdm bars stay off)."""
+        in the panel (and nowhere else: the stages' own tqdm bars stay off).
+
+        Returns:
+            The :class:`Generation`, also kept in ``last`` (and saved, with ``output_dir``).
+        """
         prior_settings, decoder_settings = self._settings()
         preview = LivePreview(self.prior, self.preview)
         self.progress.max, self.progress.value = prior_settings.steps, 0

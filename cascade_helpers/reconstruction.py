@@ -89,7 +89,14 @@ def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
 
 
 def check_image_size(height: int, width: int) -> tuple[int, int]:
-    """Picture sides must be multiples of 32 (see the module's docstring), at least 64 px."""
+    """Picture sides must be multiples of 32 (see the module's docstring), at least 64 px.
+
+    Args:
+        height, width: the picture's sides in pixels.
+
+    Returns:
+        Both as ints; a ValueError names a side refused.
+    """
     return check_size(height, width, ENCODING)
 
 
@@ -118,9 +125,14 @@ def _crop_to_stride(image: torch.Tensor) -> torch.Tensor:
 def prepare_images(images: Images, size: int | tuple[int, int] | None = DEFAULT_SIZE) -> torch.Tensor:
     """Pictures (PIL, arrays, tensors, files, a folder) → one B×3×H×W batch in [0, 1].
 
-    ``size`` is (height, width), or one side for squares: each picture is scaled to cover it and
-    centre-cropped, as the official data loader does. ``None`` keeps the pictures' own size, centre-
-    cropped to multiples of 32; they must then all have the same size.
+    Args:
+        images: a folder, one picture, a list of them, or a B×3×H×W tensor.
+        size: (height, width), or one side for squares (multiples of 32): each picture is scaled to
+            cover it and centre-cropped, as the official data loader does. None keeps the pictures'
+            own size, centre-cropped to multiples of 32; they must then all have the same size.
+
+    Returns:
+        B×3×H×W, float32, CPU; a ValueError for no pictures, a size refused or sizes that differ.
     """
     pictures = _picture_list(images)
     if not pictures:
@@ -167,9 +179,16 @@ def load_autoencoder(
     """The EfficientNet encoder, Stage B (``stage_b`` big or lite) and Stage A — no Stage C.
 
     Stage B is conditioned on a pooled CLIP text embedding; for reconstruction that is the empty
-    caption's, computed here once with the text encoder, which is then released (1.4 GB) unless
-    ``keep_text_encoder`` (to decode with captions). ``source`` is a models folder or the Hub repo
-    ``stabilityai/stable-cascade``.
+    caption's, computed here once with the text encoder, which is then released (1.4 GB).
+
+    Args:
+        source: a models folder or the Hub repo ``stabilityai/stable-cascade``.
+        stage_b: "big" or "lite".
+        dtype, device, memory: as for :func:`.loading.load_decoder`; the encoder runs in float32.
+        keep_text_encoder: keep it, to decode with captions.
+
+    Returns:
+        The :class:`Autoencoder`. Missing files raise one ``MissingModelFileError`` naming them all.
     """
     files.check_size_word(stage_b, "stage_b")
     device = pick_device(device)
@@ -213,8 +232,16 @@ def encode(
     batch_size: int = 8,
 ) -> torch.Tensor:
     """Pictures → Stage C latents (B×16×h×w, float32, CPU); 1024×1024 pictures give 24×24 latents.
-    See :func:`prepare_images` for ``size``; ``batch_size`` pictures go through the encoder at once.
-    All pictures are held in memory: for a data set, :func:`encode_folder` streams them from disk."""
+    All pictures are held in memory: for a data set, :func:`encode_folder` streams them from disk.
+
+    Args:
+        effnet: the encoder (``load_effnet``, ``Autoencoder.effnet``).
+        images, size: as for :func:`prepare_images`.
+        batch_size: pictures through the encoder at once.
+
+    Returns:
+        B×16×h×w, float32, CPU.
+    """
     return _encode_batch(effnet, prepare_images(images, size), batch_size)
 
 
@@ -244,9 +271,18 @@ def decode(
     """Stage C latents (B×16×h×w or 16×h×w, from :func:`encode` or from your own model) → pictures
     (B×3×H×W in [0, 1], float32, CPU) with Stage B then Stage A.
 
-    ``size`` defaults to :func:`image_size_for_latents` (24×24 → 1024×1024). ``settings`` are Stage
-    B's (steps, guidance...). ``captions`` condition Stage B's conditional branch (default: the empty
-    caption). ``batch_size`` latents are decoded at once.
+    Args:
+        autoencoder: from :func:`load_autoencoder`.
+        latents: B×16×h×w or 16×h×w.
+        size: (height, width) or one side, multiples of 32; default from the latents (24×24 → 1024²).
+        settings: Stage B's sampler settings (official: cfg 1.1, shift 1, 10 steps).
+        seed: seeds Stage B's noise, drawn on the CPU (official: 42).
+        captions: one for all or one per latent (needs ``keep_text_encoder=True``); default: the empty one.
+        batch_size: latents decoded at once.
+
+    Returns:
+        B×3×H×W in [0, 1], float32, CPU; a ValueError for latents without 16 channels, a size
+        refused or captions that do not fit.
     """
     latents = latents[None] if latents.dim() == 3 else latents
     if latents.shape[1] != LATENT_CHANNELS:
@@ -286,7 +322,14 @@ class Quality:
 
 def quality(originals: torch.Tensor, reconstructions: torch.Tensor) -> list[Quality]:
     """PSNR and SSIM per picture (B×3×H×W in [0, 1]) with scikit-image: data range 1, SSIM with the
-    Gaussian window of Wang et al. (σ = 1.5, population covariance), over the three colour channels."""
+    Gaussian window of Wang et al. (σ = 1.5, population covariance), over the three colour channels.
+
+    Args:
+        originals, reconstructions: B×3×H×W in [0, 1], the same shape.
+
+    Returns:
+        One :class:`Quality` per picture.
+    """
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
     if originals.shape != reconstructions.shape:
@@ -363,7 +406,15 @@ class Compression:
 def compression(
     height: int = DEFAULT_SIZE, width: int = DEFAULT_SIZE, latent_dtype: torch.dtype = torch.float16
 ) -> Compression:
-    """The compression of an uint8 picture of this size into latents stored as ``latent_dtype``."""
+    """The compression of an uint8 picture of this size into latents stored as ``latent_dtype``.
+
+    Args:
+        height, width: the picture's sides in pixels.
+        latent_dtype: how the latents are stored (``encode_folder`` default: float16).
+
+    Returns:
+        The :class:`Compression`.
+    """
     return Compression((3, height, width), (LATENT_CHANNELS, *latent_size(height, width)), latent_dtype)
 
 
@@ -384,7 +435,14 @@ class FolderEncoding:
 
 
 def latent_path(image: Path, out_dir: Path) -> Path:
-    """``cat.png`` → ``out_dir/cat.png.safetensors`` (the full name: ``cat.png`` and ``cat.jpg`` differ)."""
+    """``cat.png`` → ``out_dir/cat.png.safetensors`` (the full name: ``cat.png`` and ``cat.jpg`` differ).
+
+    Args:
+        image, out_dir: the picture file and the latents folder.
+
+    Returns:
+        The latents file's path.
+    """
     return Path(out_dir) / (Path(image).name + LATENT_SUFFIX)
 
 
@@ -400,7 +458,13 @@ def is_encoded(path: Path) -> bool:
 
 def write_latents(path: Path, latents: torch.Tensor, image_size: tuple[int, int], source: str) -> None:
     """Save one picture's latents (16×h×w) atomically (a temporary file, then renamed), so an
-    interruption never leaves a half-written ``.safetensors``."""
+    interruption never leaves a half-written ``.safetensors``.
+
+    Args:
+        path: the latents file (:func:`latent_path`).
+        latents: 16×h×w, stored in their dtype under the key ``latents``.
+        image_size, source: the picture's (height, width) and file name, kept in the metadata.
+    """
     metadata = {"source": source, "height": str(image_size[0]), "width": str(image_size[1])}
     save_safetensors(path, {LATENTS_KEY: latents}, metadata)
 
@@ -437,8 +501,19 @@ def encode_folder(
     in ``dtype``; metadata: source name, picture height and width).
 
     Resumable: pictures whose file is already complete are skipped, so an interrupted run picks up
-    where it stopped, and each file is written atomically. float16 halves the files and keeps the
-    latents' precision (they are normalized: values of a few units).
+    where it stopped, and each file is written atomically.
+
+    Args:
+        effnet, folder, out_dir: the encoder, the pictures (not searched recursively), the latents.
+        size, batch_size: as for :func:`encode`.
+        dtype: float16 halves the files and keeps the latents' precision (values of a few units).
+        progress: False hides the progress bar.
+
+    Returns:
+        The files written now, and those skipped as already complete.
+
+    Raises:
+        FileNotFoundError: the folder holds no pictures.
     """
     folder, out_dir = Path(folder), Path(out_dir)
     pictures = images_in_folder(folder)

@@ -151,7 +151,22 @@ def make_request(
     prompt: Prompt | GenerationRequest, negative_prompt: Prompt = "", **options: Any
 ) -> GenerationRequest:
     """What the entry points accept, as one :class:`GenerationRequest`: a prompt (or list) with
-    options, or a ready request with options that replace some of its fields."""
+    options, or a ready request with options that replace some of its fields.
+
+    Args:
+        prompt: a prompt, a list of prompts, or a whole :class:`GenerationRequest`.
+        negative_prompt: one for all pictures, or one per prompt; with a request, a non-empty value
+            replaces the request's.
+        **options: other fields of :class:`GenerationRequest` (``height``, ``width``,
+            ``num_images``, ``seed``, ``prior_settings``, ``decoder_settings``).
+
+    Returns:
+        The request, checked.
+
+    Raises:
+        TypeError: an unknown option (with the closest known one), or a prompt that is not text.
+        ValueError: a value the request refuses (size, count, seed, negative prompts).
+    """
     if isinstance(prompt, GenerationRequest):
         if negative_prompt != "":
             options["negative_prompt"] = negative_prompt

@@ -63,6 +63,14 @@ class StageSettings:
 
     ``guidance`` ≤ 1 turns classifier-free guidance off (one model call per step, as diffusers does
     for ``guidance_scale`` ≤ 1). ``t_start`` < 1 starts from a partly noised latent.
+
+    Attributes:
+        steps: denoising steps, 1 to 1000 (official: 20 for Stage C, 10 for Stage B).
+        guidance: classifier-free guidance scale, ≥ 0 (official: 4 for Stage C, 1.1 for Stage B).
+        shift: > 0; moves the schedule toward noise (official: 2 for Stage C, 1 for Stage B).
+        guidance_rescale: the official ``cfg_rho``, 0 to 1 (official: 0.7 for both).
+        sampler: "official" (the gdf sampler) or "diffusers" (no shift, no rescale).
+        t_start: the starting noise level in (0, 1]; 1 is pure noise.
     """
 
     steps: int
@@ -139,7 +147,15 @@ _LOG_SNR_RANGE = (float(_unshifted_log_snr(torch.tensor(1.0))), float(_unshifted
 
 def log_snr(t: torch.Tensor, shift: float = 1.0) -> torch.Tensor:
     """logSNR at diffusion time ``t`` ∈ [0, 1] (1 = pure noise). ``shift`` > 1 spends more of the
-    steps at high noise: it subtracts 2·log(shift) and clamps to the unshifted range."""
+    steps at high noise: it subtracts 2·log(shift) and clamps to the unshifted range.
+
+    Args:
+        t: times, any shape (clamped to [0, 1]).
+        shift: 1 leaves the cosine schedule as it is (official: 2 for Stage C, 1 for Stage B).
+
+    Returns:
+        The logSNR, float32, same shape as ``t``.
+    """
     value = _unshifted_log_snr(t.float().clamp(0, 1))
     if shift != 1:
         value = value + 2 * math.log(1 / shift)
@@ -165,7 +181,17 @@ def _per_sample(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def diffuse(
     x0: torch.Tensor, t: float | torch.Tensor, noise: torch.Tensor, shift: float = 1.0
 ) -> torch.Tensor:
-    """Noise clean latents to time ``t`` the way the official training and image-to-image do."""
+    """Noise clean latents to time ``t`` the way the official training and image-to-image do.
+
+    Args:
+        x0: the clean latents, B×C×h×w.
+        t: one time for all (float or 0-d tensor) or one per latent (a B tensor), in [0, 1].
+        noise: Gaussian noise shaped like ``x0``.
+        shift: the schedule's shift; 1 (unshifted) is what official image-to-image and training use.
+
+    Returns:
+        a·x0 + b·noise at that time's logSNR, shaped like ``x0``.
+    """
     t = torch.as_tensor(t, dtype=torch.float32, device=x0.device)
     a, b = signal_noise_scales(log_snr(t, shift))
     return _per_sample(a, x0) * x0 + _per_sample(b, x0) * noise
@@ -181,7 +207,16 @@ def schedule(settings: StageSettings) -> torch.Tensor:
 
 
 def predict_clean(x: torch.Tensor, eps: torch.Tensor, log_snr_value: torch.Tensor) -> torch.Tensor:
-    """The denoised estimate x0 = (x − b·eps) / a that a noise prediction implies at this logSNR."""
+    """The denoised estimate x0 = (x − b·eps) / a that a noise prediction implies at this logSNR.
+
+    Args:
+        x: the current sample.
+        eps: the (guided) noise prediction for it.
+        log_snr_value: the logSNR of ``x`` (a step of :func:`schedule`).
+
+    Returns:
+        The denoised estimate, shaped like ``x``.
+    """
     a, b = signal_noise_scales(log_snr_value)
     return (x - eps * b) / a
 
@@ -195,7 +230,17 @@ def ddpm_step(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """One DDPM step (the official DDIM step with eta=1) from logSNR ``now`` to ``next``: the next,
-    less noisy sample, with fresh noise drawn on the CPU from ``generator``."""
+    less noisy sample, with fresh noise drawn on the CPU from ``generator``.
+
+    Args:
+        x: the current sample.
+        x0, eps: the denoised estimate (:func:`predict_clean`) and the noise prediction.
+        log_snr_now, log_snr_next: ``schedule[i]`` and ``schedule[i + 1]``.
+        generator: the CPU random generator of the fresh noise (None: torch's global one).
+
+    Returns:
+        The next sample, shaped like ``x``, on its device.
+    """
     a, b = signal_noise_scales(log_snr_now)
     a_next, b_next = signal_noise_scales(log_snr_next)
     sigma = (b_next**2 / b**2).sqrt() * (1 - a**2 / a_next**2).sqrt()
@@ -208,7 +253,15 @@ def ddpm_step(
 
 def training_times(batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Random diffusion times for one training batch, drawn as the official ``CosineSchedule`` does
-    when training: ``(1 - U[0, 1)) + 0.001``, clamped to [0.001, 1] (never exactly clean)."""
+    when training: ``(1 - U[0, 1)) + 0.001``, clamped to [0.001, 1] (never exactly clean).
+
+    Args:
+        batch: B.
+        generator: a CPU random generator (None: torch's global one).
+
+    Returns:
+        B times, float32, on the CPU.
+    """
     uniform = torch.rand(batch, generator=generator)
     return (1 - uniform).add(0.001).clamp(0.001, 1.0)
 
@@ -246,7 +299,20 @@ def guided_prediction(
     settings: StageSettings,
 ) -> torch.Tensor:
     """The model's noise prediction with classifier-free guidance (conditional and unconditional in
-    one doubled batch, as the official sampler does), and the official guidance rescale."""
+    one doubled batch, as the official sampler does), and the official guidance rescale.
+
+    Args:
+        denoiser: ``denoiser(x, r, **inputs)`` → noise prediction (:func:`unet_denoiser`).
+        x: the current sample, B×C×h×w.
+        r: the noise condition per sample (B; :func:`noise_condition`).
+        cond: the conditional inputs, used alone when ``doubled`` is None.
+        doubled: the conditional then the unconditional inputs joined along the batch (2B), or None
+            for no guidance (one model call).
+        settings: ``guidance`` and ``guidance_rescale``.
+
+    Returns:
+        The noise prediction, B×C×h×w, in the denoiser's output dtype.
+    """
     if doubled is None:
         return denoiser(x, r, **cond)
     pred, pred_uncond = denoiser(torch.cat([x, x]), torch.cat([r, r]), **doubled).chunk(2)
@@ -259,7 +325,16 @@ def classifier_free_guidance(
     """Push the conditional prediction away from the unconditional one (``guidance`` × the
     difference), then, with ``rescale`` > 0, pull the result back toward the conditional
     prediction's standard deviation (the official ``cfg_rho``; std over the whole batch, as there):
-    strong guidance otherwise inflates the prediction and burns the colours."""
+    strong guidance otherwise inflates the prediction and burns the colours.
+
+    Args:
+        pred, pred_uncond: the conditional and unconditional predictions, same shape.
+        guidance: 1 returns ``pred``; official: 4 for Stage C, 1.1 for Stage B.
+        rescale: 0 (no rescale) to 1; official: 0.7.
+
+    Returns:
+        ``pred_uncond + guidance·(pred − pred_uncond)``, rescaled as above.
+    """
     guided = torch.lerp(pred_uncond, pred, guidance)
     if rescale > 0:
         rescaled = guided * (pred.std() / (guided.std() + 1e-9))
@@ -273,7 +348,16 @@ def classifier_free_guidance(
 def initial_noise(
     shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device
 ) -> torch.Tensor:
-    """Gaussian noise drawn on the CPU, so a seed gives the same picture on every device."""
+    """Gaussian noise drawn on the CPU, so a seed gives the same picture on every device.
+
+    Args:
+        shape: the latents' shape (:func:`cascade_helpers.sizes.stage_c_shape` ...).
+        generator: a CPU random generator (None: torch's global one).
+        device: where the noise goes after drawing.
+
+    Returns:
+        float32 noise on ``device``.
+    """
     return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
 
 
@@ -292,9 +376,29 @@ def sample(
 ) -> torch.Tensor:
     """Run ``settings.steps`` denoising steps and return the clean latents (float32).
 
-    ``denoiser(x, r, **inputs)`` predicts the noise in ``x`` at timestep ratio ``r``; ``cond`` and
-    ``uncond`` are its conditioning inputs (``uncond`` is used only with guidance). ``x_init`` is the
-    starting latent at time ``settings.t_start`` (already noised), else pure noise is drawn.
+    Args:
+        denoiser: ``denoiser(x, r, **inputs)`` predicts the noise in ``x`` at timestep ratio ``r``
+            (:func:`unet_denoiser`).
+        shape: the latents' shape, B×C×h×w.
+        cond, uncond: the conditioning inputs by name; ``uncond`` is used only with guidance
+            (``settings.guidance`` > 1) and may be None without it. List inputs (ControlNet
+            features) are joined entry by entry.
+        settings: steps, guidance, shift, rescale, sampler, ``t_start``.
+        device: where the latents live during sampling.
+        generator: the CPU random generator of every noise draw (None: torch's global one).
+        x_init: the starting latents at time ``settings.t_start`` (already noised), else pure noise
+            is drawn (:func:`initial_noise`).
+        callback: ``callback(step, denoised, sample)`` after every step; the diffusers sampler
+            passes its sample as both.
+        progress: False hides the tqdm bar; a string is its label.
+
+    Returns:
+        float32 latents on ``device``: the last step's denoised estimate (official sampler) or the
+        last sample (diffusers sampler).
+
+    Raises:
+        ValueError: guidance without ``uncond``.
+        TypeError: a ``callback`` that is not callable.
     """
     if settings.guided and uncond is None:
         raise ValueError("guidance needs unconditional inputs")
@@ -338,7 +442,15 @@ def _sample_diffusers(denoiser, x, cond, doubled, settings, generator, callback,
 
 def unet_denoiser(unet: torch.nn.Module, dtype: torch.dtype) -> Denoiser:
     """Adapt a diffusers ``StableCascadeUNet`` to the ``denoiser(x, r, **inputs)`` interface: inputs
-    in the model's dtype, prediction back in float32."""
+    in the model's dtype, prediction back in float32.
+
+    Args:
+        unet: Stage C's or Stage B's UNet.
+        dtype: the dtype it was loaded in (``prior.dtype``/``decoder.dtype``).
+
+    Returns:
+        The denoiser, for :func:`sample`.
+    """
 
     def denoise(x: torch.Tensor, r: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
         inputs = {k: v.to(dtype) for k, v in inputs.items()}

@@ -58,7 +58,19 @@ TRAINING = SideRule(128, 256, 2048, "1024 as released")
 
 
 def check_size(height: object, width: object, rule: SideRule = GENERATION) -> tuple[int, int]:
-    """Raise a ValueError naming the side that ``rule`` refuses; return both sides as ``int``."""
+    """Raise a ValueError naming the side that ``rule`` refuses; return both sides as ``int``.
+
+    Args:
+        height, width: the picture's sides in pixels (whole numbers; a bool is refused).
+        rule: the sides the task accepts (default :data:`GENERATION`: multiples of 128 from 512 to
+            2048).
+
+    Returns:
+        ``(height, width)`` as ints.
+
+    Raises:
+        ValueError: a side that is not a whole number the rule accepts, named with the accepted range.
+    """
     for name, side in (("height", height), ("width", width)):
         if not rule.accepts(side):
             raise ValueError(f"{name}={side!r}: use {rule.describe()} ({rule.hint})")
@@ -66,33 +78,77 @@ def check_size(height: object, width: object, rule: SideRule = GENERATION) -> tu
 
 
 def encoder_input_size(height: int, width: int) -> tuple[int, int]:
-    """The official 3/4 downscale, floored to multiples of 32: 1024×1024 → 768×768."""
+    """The official 3/4 downscale, floored to multiples of 32: 1024×1024 → 768×768.
+
+    Args:
+        height, width: the picture's sides in pixels.
+
+    Returns:
+        ``(height, width)`` of the EfficientNet encoder's input, in pixels.
+    """
     return int(height * DOWNSCALE // STRIDE * STRIDE), int(width * DOWNSCALE // STRIDE * STRIDE)
 
 
 def stage_c_latent_size(height: int, width: int) -> tuple[int, int]:
     """Stage C's latent grid for a picture: the encoder's input divided by 32. 1024×1024 → 24×24,
-    1536×640 → 36×15."""
+    1536×640 → 36×15.
+
+    Args:
+        height, width: the picture's sides in pixels.
+
+    Returns:
+        ``(h, w)``: the latent grid.
+    """
     input_height, input_width = encoder_input_size(height, width)
     return input_height // STRIDE, input_width // STRIDE
 
 
 def stage_b_latent_size(height: int, width: int) -> tuple[int, int]:
-    """Stage A's latent grid (what Stage B samples): 1024×1024 → 256×256."""
+    """Stage A's latent grid (what Stage B samples): 1024×1024 → 256×256.
+
+    Args:
+        height, width: the picture's sides in pixels.
+
+    Returns:
+        ``(H/4, W/4)``, rounded up.
+    """
     return math.ceil(height / STAGE_A_COMPRESSION), math.ceil(width / STAGE_A_COMPRESSION)
 
 
 def stage_c_shape(height: int, width: int, batch: int) -> tuple[int, int, int, int]:
-    """B×16×h×w: the Stage C latents of ``batch`` pictures of height×width."""
+    """B×16×h×w: the Stage C latents of ``batch`` pictures of height×width.
+
+    Args:
+        height, width: the pictures' sides in pixels.
+        batch: the number of pictures, B.
+
+    Returns:
+        ``(B, 16, h, w)``.
+    """
     return (batch, LATENT_CHANNELS, *stage_c_latent_size(height, width))
 
 
 def stage_b_shape(height: int, width: int, batch: int) -> tuple[int, int, int, int]:
-    """B×4×H/4×W/4: the Stage A latents of ``batch`` pictures of height×width."""
+    """B×4×H/4×W/4: the Stage A latents of ``batch`` pictures of height×width.
+
+    Args:
+        height, width: the pictures' sides in pixels.
+        batch: the number of pictures, B.
+
+    Returns:
+        ``(B, 4, H/4, W/4)``, sides rounded up.
+    """
     return (batch, STAGE_B_CHANNELS, *stage_b_latent_size(height, width))
 
 
 def image_size_for_latents(height: int, width: int) -> tuple[int, int]:
     """The smallest picture size, in multiples of 32, whose Stage C latents have this grid: what
-    decoding produces when no size is given. 24×24 → 1024×1024, 24×36 → 1024×1536."""
+    decoding produces when no size is given. 24×24 → 1024×1024, 24×36 → 1024×1536.
+
+    Args:
+        height, width: the Stage C latent grid, h and w.
+
+    Returns:
+        ``(height, width)`` of the picture, in pixels.
+    """
     return math.ceil(height / DOWNSCALE) * STRIDE, math.ceil(width / DOWNSCALE) * STRIDE

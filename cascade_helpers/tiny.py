@@ -98,6 +98,18 @@ def _tiny_unet(kind: str, seed: int):
 
 
 def write_stage_c(models_dir: Path, size: Size, precision: Precision, seed: int = 0) -> Path:
+    """A random tiny Stage C as the official single file, so the loader's header checks and
+    ``from_single_file`` run on it as on the released one.
+
+    Args:
+        models_dir: the models folder.
+        size: "big" or "lite": only the file name (the weights are always the tiny architecture).
+        precision: "bf16" or "fp32": the file name and the tensors' dtype.
+        seed: seeds the random weights (default: what :func:`write_tiny_models` uses).
+
+    Returns:
+        The file written (``stage_c[_lite][_bf16].safetensors``).
+    """
     path = models_dir / files.STAGE_C[size][precision].path
     _save_official(
         unet_to_official(_tiny_unet("stage_c", seed).state_dict(), "stage_c"), path, DTYPE_NAMES[precision]
@@ -106,6 +118,14 @@ def write_stage_c(models_dir: Path, size: Size, precision: Precision, seed: int 
 
 
 def write_stage_b(models_dir: Path, size: Size, precision: Precision, seed: int = 1) -> Path:
+    """A random tiny Stage B as the official single file (see :func:`write_stage_c`).
+
+    Args:
+        models_dir, size, precision, seed: as for :func:`write_stage_c`.
+
+    Returns:
+        The file written (``stage_b[_lite][_bf16].safetensors``).
+    """
     path = models_dir / files.STAGE_B[size][precision].path
     _save_official(
         unet_to_official(_tiny_unet("stage_b", seed).state_dict(), "stage_b"), path, DTYPE_NAMES[precision]
@@ -114,6 +134,15 @@ def write_stage_b(models_dir: Path, size: Size, precision: Precision, seed: int 
 
 
 def write_stage_a(models_dir: Path, seed: int = 2) -> Path:
+    """A random tiny Stage A as the official ``stage_a.safetensors`` (its ``vquantizer.codebook`` key).
+
+    Args:
+        models_dir: the models folder.
+        seed: seeds the random weights.
+
+    Returns:
+        The file written; float32, as the released one.
+    """
     from .upstream import PaellaVQModel
 
     torch.manual_seed(seed)
@@ -145,13 +174,30 @@ def random_effnet(seed: int = 3) -> EfficientNetEncoder:
 
 
 def write_effnet(models_dir: Path, seed: int = 3) -> Path:
-    """Full-size encoder (81 MB, as released) with random weights (:func:`random_effnet`)."""
+    """Full-size encoder (81 MB, as released) with random weights (:func:`random_effnet`).
+
+    Args:
+        models_dir: the models folder.
+        seed: seeds the random weights.
+
+    Returns:
+        The file written (``effnet_encoder.safetensors``).
+    """
     path = models_dir / files.EFFNET.path
     _save_official(random_effnet(seed).state_dict(), path)
     return path
 
 
 def write_previewer(models_dir: Path, seed: int = 4) -> Path:
+    """The full-size previewer (it is small) with random weights, as ``previewer.safetensors``.
+
+    Args:
+        models_dir: the models folder.
+        seed: seeds the random weights.
+
+    Returns:
+        The file written.
+    """
     torch.manual_seed(seed)
     path = models_dir / files.PREVIEWER.path
     _save_official(Previewer().state_dict(), path)
@@ -234,7 +280,16 @@ def text_encoder_config(vocab_size: int) -> CLIPTextConfig:
 
 def write_text_encoder(models_dir: Path, precision: Precision, seed: int = 5) -> Path:
     """A tiny ``CLIPTextModelWithProjection`` (:func:`text_encoder_config`). Write the tokenizer first:
-    the vocabulary size comes from it."""
+    the vocabulary size comes from it.
+
+    Args:
+        models_dir: the models folder (with ``tokenizer/`` written).
+        precision: "bf16" (saved as the ``bf16`` variant, ``model.bf16.safetensors``) or "fp32".
+        seed: seeds the random weights.
+
+    Returns:
+        The ``text_encoder/`` folder.
+    """
     from transformers import CLIPTextModelWithProjection
 
     vocab_size = len(json.loads((models_dir / files.TOKENIZER.path / "vocab.json").read_text()))
@@ -247,6 +302,17 @@ def write_text_encoder(models_dir: Path, precision: Precision, seed: int = 5) ->
 
 
 def write_image_encoder(models_dir: Path, precision: Precision, seed: int = 6) -> Path:
+    """A tiny ``CLIPVisionModelWithProjection`` (32 px pictures, 24-wide embeddings) and its
+    ``feature_extractor/`` preprocessing config, saved as ``transformers`` saves the real ones.
+
+    Args:
+        models_dir: the models folder.
+        precision: "bf16" (the ``bf16`` variant) or "fp32".
+        seed: seeds the random weights.
+
+    Returns:
+        The ``image_encoder/`` folder.
+    """
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     torch.manual_seed(seed)
@@ -281,7 +347,16 @@ def write_controlnets(models_dir: Path, precision: Precision = "bf16", seed: int
     the official key names: projections to the tiny width on ``TINY_BLOCKS`` and a narrow 'large'
     bottleneck (:data:`TINY_LARGE_BOTTLENECK`; the real one has 169 M parameters). The EfficientNet
     bottleneck is torchvision's EfficientNetV2-S, whose shapes are fixed: about 54 MB a file in bf16.
-    The last projection layers get random weights instead of the official zeros, so the control shows."""
+    The last projection layers get random weights instead of the official zeros, so the control shows.
+
+    Args:
+        models_dir: the models folder.
+        precision: the tensors' dtype, "bf16" or "fp32" (the file names are the same).
+        seed: seeds the first ControlNet's weights; each next one ``seed + 1``.
+
+    Returns:
+        The files written, ``controlnet/<name>.safetensors``.
+    """
     width = _tiny_prior_width()
     paths = []
     for i, kind in enumerate(k for k in CONTROLNET_TYPES.values() if k.file is not None):
@@ -302,7 +377,15 @@ def write_official_lora(models_dir: Path, seed: int = 7) -> Path:
     ``weights.<i>.lora_down/up`` in the official order (per attention block: out_proj, then the
     stacked q/k/v in_proj), and a ``[fernando]`` token delta at id = the tokenizer's size (the id the
     official training gives the first new token). The official file's token width is bigG's 1280;
-    here it is the tiny text encoder's. Write the tokenizer first."""
+    here it is the tiny text encoder's. Write the tokenizer first.
+
+    Args:
+        models_dir: the models folder (with ``tokenizer/`` written).
+        seed: seeds the random factors and the tiny Stage C whose layout they follow.
+
+    Returns:
+        The file written (``lora_fernando_10k.safetensors``, float32).
+    """
     from .lora import official_lora_layout
 
     vocab_size = len(json.loads((models_dir / files.TOKENIZER.path / "vocab.json").read_text()))
@@ -334,10 +417,20 @@ def write_tiny_models(
     """Write the files ``bash download_models.sh essential <variant> <precision>`` would fetch, tiny
     (and, with ``controlnets``, those of ``bash download_models.sh controlnet``).
 
-    ``stage_c``/``stage_b`` choose only the file names (big or lite); the weights are always the tiny
-    architecture, which the loader accepts in either slot. ``lora`` adds the official example LoRA
-    (``bash download_models.sh lora``), tiny. ``both_stage_b`` also writes the
-    other Stage B size's file (other weights): the reconstruction notebook compares the two.
+    Args:
+        models_dir: the folder to fill (default ``outputs/tiny_models``); files there are replaced.
+        stage_c, stage_b: "big" or "lite": only the file names; the weights are always the tiny
+            architecture, which the loader accepts in either slot.
+        precision: "bf16" or "fp32": the file names and dtypes, as the download's precision word.
+        seed: the first model's seed; the others use fixed offsets from it (the writers' defaults
+            for seed 0).
+        both_stage_b: also write the other Stage B size's file (other weights): the reconstruction
+            notebook compares the two.
+        controlnets: also the ControlNets (``bash download_models.sh controlnet``), tiny.
+        lora: also the official example LoRA (``bash download_models.sh lora``), tiny.
+
+    Returns:
+        ``models_dir``.
     """
     models_dir = Path(models_dir)
     write_stage_c(models_dir, stage_c, precision, seed)
@@ -359,7 +452,16 @@ def write_tiny_models(
 
 def demo_picture(models_dir: str | Path, stage_b: Size = "big", stage_c: Size = "big") -> Path:
     """Load the models in ``models_dir`` through the real loaders and save one 512² picture next to
-    them: the install check of ``python -m cascade_helpers.tiny --demo``."""
+    them: the install check of ``python -m cascade_helpers.tiny --demo``.
+
+    Args:
+        models_dir: the models folder (tiny or real weights; loaded on the best device there is).
+        stage_b, stage_c: the sizes to load, "big" or "lite".
+
+    Returns:
+        The picture, ``tiny_demo.png`` in ``models_dir``'s parent folder ("a photo of a red cat",
+        seed 0).
+    """
     from .generation import text_to_image
     from .loading import load_decoder, load_prior
 

@@ -32,6 +32,9 @@ def finite(value: object, name: str, meaning: str = "") -> float:
 
     Returns:
         ``float(value)``.
+
+    Raises:
+        ValueError: not a real, finite number (NaN, an infinity, a bool, a string).
     """
     if not _real(value):
         raise ValueError(f"{name} must be a finite number{_about(meaning)}, not {value!r}")
@@ -40,7 +43,19 @@ def finite(value: object, name: str, meaning: str = "") -> float:
 
 def at_least(value: object, name: str, low: float, meaning: str = "", *, strict: bool = False) -> float:
     """``value`` as a float if it is a finite number ≥ ``low`` (> ``low`` with ``strict``), else a
-    ValueError naming ``name`` and the bound. Arguments as for :func:`finite`."""
+    ValueError naming ``name`` and the bound.
+
+    Args:
+        value, name, meaning: as for :func:`finite`.
+        low: the smallest value accepted.
+        strict: True refuses ``low`` itself.
+
+    Returns:
+        ``float(value)``.
+
+    Raises:
+        ValueError: not a finite number, a bool, or below the bound.
+    """
     if not (_real(value) and (value > low if strict else value >= low)):
         bound = f"{'>' if strict else '≥'} {low:g}"
         raise ValueError(f"{name} must be a finite number {bound}{_about(meaning)}, not {value!r}")
@@ -49,7 +64,17 @@ def at_least(value: object, name: str, low: float, meaning: str = "", *, strict:
 
 def fraction(value: object, name: str, meaning: str = "") -> float:
     """``value`` as a float if it is a number in [0, 1], else a ValueError naming ``name`` and the
-    range. Arguments as for :func:`finite`."""
+    range.
+
+    Args:
+        value, name, meaning: as for :func:`finite`.
+
+    Returns:
+        ``float(value)``.
+
+    Raises:
+        ValueError: not a finite number, a bool, or outside [0, 1].
+    """
     if not (_real(value) and 0.0 <= value <= 1.0):
         raise ValueError(f"{name} must be in [0, 1]{_about(meaning)}, not {value!r}")
     return float(value)

@@ -43,12 +43,31 @@ def _pixels(box: Box, height: int, width: int) -> tuple[int, int, int, int]:
 
 
 def rectangle_mask(height: int, width: int, box: Box) -> PIL.Image.Image:
-    """White (regenerate) inside ``box`` = (left, top, right, bottom) in fractions, black elsewhere."""
+    """White (regenerate) inside ``box`` = (left, top, right, bottom) in fractions, black elsewhere.
+
+    Args:
+        height, width: the mask's size in pixels.
+        box: (left, top, right, bottom), fractions of the width and height, 0 ≤ left < right ≤ 1
+            (same for top, bottom).
+
+    Returns:
+        A mode "L" picture, 255 inside, 0 outside.
+
+    Raises:
+        ValueError: a box outside [0, 1] or with left ≥ right or top ≥ bottom.
+    """
     return _mask_picture(height, width, lambda d: d.rectangle(_pixels(box, height, width), fill=255))
 
 
 def ellipse_mask(height: int, width: int, box: Box) -> PIL.Image.Image:
-    """White inside the ellipse that fills ``box`` (fractions), black elsewhere."""
+    """White inside the ellipse that fills ``box`` (fractions), black elsewhere.
+
+    Args:
+        height, width, box: as for :func:`rectangle_mask`.
+
+    Returns:
+        A mode "L" picture, 255 inside the ellipse, 0 outside.
+    """
     return _mask_picture(height, width, lambda d: d.ellipse(_pixels(box, height, width), fill=255))
 
 
@@ -59,7 +78,16 @@ def _inner_box(top: float, bottom: float, left: float, right: float) -> Box:
 def border_mask(
     height: int, width: int, top: float, bottom: float, left: float, right: float
 ) -> PIL.Image.Image:
-    """White on the borders (fractions of the height / width), black inside: outpainting."""
+    """White on the borders (fractions of the height / width), black inside: outpainting.
+
+    Args:
+        height, width: the mask's size in pixels.
+        top, bottom, left, right: each border's width as a fraction of the height (top, bottom) or
+            width (left, right); 0 leaves that side black.
+
+    Returns:
+        A mode "L" picture, 255 on the borders, 0 inside.
+    """
     return PIL.ImageOps.invert(rectangle_mask(height, width, _inner_box(top, bottom, left, right)))
 
 
@@ -67,7 +95,17 @@ def outpainting_canvas(
     image: ImageInput, height: int, width: int, *, top: float, bottom: float, left: float, right: float
 ) -> tuple[PIL.Image.Image, PIL.Image.Image]:
     """The picture shrunk into the middle of a black height×width canvas, and the border mask around it
-    (the official outpainting example pastes the picture on a larger black canvas the same way)."""
+    (the official outpainting example pastes the picture on a larger black canvas the same way).
+
+    Args:
+        image: the picture (file, PIL image, array or tensor); scaled and centre-cropped to fill the
+            inner box.
+        height, width: the canvas size in pixels.
+        top, bottom, left, right: the borders to outpaint, as for :func:`border_mask`.
+
+    Returns:
+        The RGB canvas, and its :func:`border_mask` (white where the picture is to be extended).
+    """
     x0, y0, x1, y1 = _pixels(_inner_box(top, bottom, left, right), height, width)
     inner = resize_and_crop(image_to_tensor(image), y1 + 1 - y0, x1 + 1 - x0)
     canvas = PIL.Image.new("RGB", (width, height), "black")
@@ -77,7 +115,15 @@ def outpainting_canvas(
 
 def mask_tensor(mask: ImageInput, height: int, width: int) -> torch.Tensor:
     """Any black-and-white picture (PIL of any mode, array, tensor, bool or float, file) → a 1×1×H×W
-    bool mask at height×width, scaled and centre-cropped like the picture. True (white) = regenerate."""
+    bool mask at height×width, scaled and centre-cropped like the picture. True (white) = regenerate.
+
+    Args:
+        mask: the mask picture; a PIL image's alpha is dropped, grey above 0.5 counts as white.
+        height, width: the size of the pictures it masks, in pixels.
+
+    Returns:
+        1×1×height×width bool, CPU.
+    """
     if isinstance(mask, PIL.Image.Image) and mask.mode not in WIDE_MODES:  # 16-bit: scaled, not clipped
         mask = mask.convert("L")  # alpha dropped: a mask's transparent pixels are not "regenerate"
     if isinstance(mask, (torch.Tensor, np.ndarray)) and mask.dtype in (torch.bool, np.bool_):
@@ -101,7 +147,16 @@ def canny_edges(
     images: torch.Tensor, resize: int | None = 224, low: int = 100, high: int = 200
 ) -> torch.Tensor:
     """The official ``CannyFilter``: bilinear resize to resize×resize, ``cv2.Canny(low, high)`` on the
-    8-bit RGB picture (truncated, not rounded, as there), resized back bilinearly. B×1×H×W in [0, 1]."""
+    8-bit RGB picture (truncated, not rounded, as there), resized back bilinearly. B×1×H×W in [0, 1].
+
+    Args:
+        images: B×3×H×W in [0, 1], any device.
+        resize: the square side the edges are found at (official: 224); None finds them at H×W.
+        low, high: Canny's hysteresis thresholds (official: 100, 200).
+
+    Returns:
+        B×1×H×W edges in [0, 1], float32, CPU.
+    """
     import cv2
 
     size = images.shape[-2:]
@@ -119,7 +174,16 @@ def canny_edges(
 def inpaint_control(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The official ``InpaintFilter`` with a given mask: masked pixels set to white, the mask appended
     as a fourth channel (B×4×H×W). The official filter can also guess a mask with a saliency model
-    kept in its git repository; here the mask is always the user's."""
+    kept in its git repository; here the mask is always the user's.
+
+    Args:
+        images: B×3×H×W in [0, 1].
+        mask: 1×1×H×W (or B×1×H×W), True or nonzero where the picture is regenerated
+            (:func:`mask_tensor`).
+
+    Returns:
+        B×4×H×W on the pictures' device, in their dtype.
+    """
     mask = mask.to(images.device).bool()
     masked = torch.where(mask, torch.ones_like(images), images)
     return torch.cat([masked, mask.to(images.dtype).expand(images.shape[0], -1, -1, -1)], dim=1)
@@ -130,7 +194,21 @@ def super_resolution_control(
     prior: Prior, half_size: torch.Tensor, scale_factor: float = 0.5
 ) -> ControlInput:
     """The official ``SREffnetFilter`` from the half-size picture on: EfficientNet features of it,
-    enlarged 1/scale_factor× (nearest), and the picture enlarged the same way to show."""
+    enlarged 1/scale_factor× (nearest), and the picture enlarged the same way to show.
+
+    Args:
+        prior: a prior loaded with ``effnet=True``.
+        half_size: B×3×h×w in [0, 1], already at the encoder's input size × ``scale_factor``
+            (no 3/4 step: ``encode(..., downscale=False)``).
+        scale_factor: the official 0.5.
+
+    Returns:
+        :class:`ControlInput`: B×16 features (float32, on the encoder's device) and the enlarged
+        picture (float32, CPU).
+
+    Raises:
+        ValueError: the prior was loaded without its EfficientNet encoder.
+    """
     encoder = prior.require("effnet", "super-resolution")
     features = effnet_encode(encoder, half_size, downscale=False)
     up = 1 / scale_factor
@@ -142,7 +220,14 @@ def super_resolution_control(
 
 def control_size(height: int, width: int) -> tuple[int, int]:
     """The size control pictures are prepared at: the EfficientNet input size of the generation (768²
-    for 1024²), the size the official examples ran the ControlNets at."""
+    for 1024²), the size the official examples ran the ControlNets at.
+
+    Args:
+        height, width: the generation's picture size in pixels.
+
+    Returns:
+        ``(height, width)`` of the control picture.
+    """
     return encoder_input_size(height, width)
 
 
@@ -157,7 +242,23 @@ def control_input(
 ) -> ControlInput:
     """Apply ``kind``'s official filter to a picture (any size: scaled and centre-cropped) for a
     height×width generation. Inpainting needs a ``mask`` (white = regenerate); super-resolution needs
-    the ``prior`` (its EfficientNet encoder) and treats the picture as the half-size one."""
+    the ``prior`` (its EfficientNet encoder) and treats the picture as the half-size one.
+
+    Args:
+        kind: "canny", "inpainting" or "super_resolution" (a key of ``CONTROLNET_TYPES``), or a type.
+        image: one picture or several (as :func:`cascade_helpers.images.batch_images` takes them).
+        height, width: the generation's size; the control picture is made at :func:`control_size`.
+        mask: for inpainting: the mask picture (:func:`rectangle_mask`, :func:`border_mask`, a file ...).
+        prior: for super-resolution: the loaded prior.
+
+    Returns:
+        :class:`ControlInput`: the ControlNet's input (B×c_in×h×w) and a picture of it to show.
+
+    Raises:
+        ValueError: inpainting without ``mask``, super-resolution without ``prior``.
+        KeyError: an unknown kind.
+        ControlNetNotReleasedError: a type whose checkpoint was never published (face_identity).
+    """
     kind = controlnet_type(kind)
     size = control_size(height, width)
     params = dict(kind.filter_params)

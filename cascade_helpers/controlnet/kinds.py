@@ -187,7 +187,23 @@ def _check_fits(path: Path, shape: ControlNetShape, kind: ControlNetType, prior:
 def load_controlnet(source: str | Path, kind: str | ControlNetType, prior: Prior) -> ControlNet:
     """A released ControlNet from a models folder (``controlnet/<name>.safetensors``) or a file, on the
     prior's device in the prior's dtype. Checked first: the file is complete, it holds the ControlNet
-    type asked for, and it fits this Stage C (the released ones fit the big Stage C only)."""
+    type asked for, and it fits this Stage C (the released ones fit the big Stage C only).
+
+    Args:
+        source: a models folder, or the ControlNet's safetensors file itself.
+        kind: "canny", "inpainting" or "super_resolution" (a key of :data:`CONTROLNET_TYPES`), or a type.
+        prior: the loaded prior it will steer: its device, dtype, width and architecture.
+
+    Returns:
+        The ControlNet in eval mode, gradients off.
+
+    Raises:
+        MissingModelFileError: the folder lacks the file (with the command that fetches it).
+        WrongCheckpointError: another ControlNet type, or one for another Stage C width or block count.
+        CheckpointError: the file is damaged or cut short.
+        ControlNetNotReleasedError: a type never published (face_identity).
+        KeyError: an unknown kind.
+    """
     from accelerate import init_empty_weights
     from safetensors.torch import load_file
 

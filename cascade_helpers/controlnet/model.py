@@ -206,6 +206,18 @@ def inject_controlnet(unet: nn.Module, control_outputs: ControlOutputs) -> Itera
     Each ResBlock module knows its own position(s), so blocks that gradient checkpointing runs again
     during the backward pass get the same control as in the forward pass: call ``backward`` inside the
     context too.
+
+    Args:
+        unet: Stage C's UNet.
+        control_outputs: one entry per ResBlock position (:func:`resblock_order`): features
+            B×2048×h×w for the big Stage C (B: 1 or the batch the UNet runs on), or None.
+
+    Yields:
+        ``unet``, hooked.
+
+    Raises:
+        ValueError: features for a position this Stage C lacks, or of the wrong channel count (a
+            ControlNet for another Stage C width); on a call, features for another batch size.
     """
     order = resblock_order(unet)
     _check_control_outputs(order, control_outputs)
@@ -239,7 +251,16 @@ def inject_controlnet(unet: nn.Module, control_outputs: ControlOutputs) -> Itera
 def controlled_denoiser(unet: nn.Module, dtype: torch.dtype) -> Denoiser:
     """:func:`cascade_helpers.sampling.unet_denoiser` that also takes a ``cnet`` input (ControlNet
     features, the official Stage C's argument name) and adds it to the UNet's ResBlocks during the
-    call (:func:`inject_controlnet`)."""
+    call (:func:`inject_controlnet`).
+
+    Args:
+        unet: Stage C's UNet.
+        dtype: the dtype it was loaded in.
+
+    Returns:
+        The denoiser, ``denoiser(x, r, cnet=None, **inputs)``; without ``cnet`` it is plain
+        :func:`~cascade_helpers.sampling.unet_denoiser`.
+    """
     denoise = unet_denoiser(unet, dtype)
 
     def controlled(

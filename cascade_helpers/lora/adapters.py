@@ -41,7 +41,15 @@ class LoraFactors:
 
 
 def lora_layers(model: nn.Module, adapter: str = ADAPTER) -> dict[str, nn.Module]:
-    """The peft LoRA layers of ``model`` that carry ``adapter``, by module name."""
+    """The peft LoRA layers of ``model`` that carry ``adapter``, by module name.
+
+    Args:
+        model: a UNet or text encoder.
+        adapter: the peft adapter name; the package uses one, "lora".
+
+    Returns:
+        Module name → peft ``LoraLayer``.
+    """
     from peft.tuners.lora import LoraLayer
 
     return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A}
@@ -74,7 +82,20 @@ def inject_lora(model: nn.Module, rank: int = 4, alpha: float = 1.0, targets=ATT
     """Add a fresh, trainable LoRA (peft's init: B = 0, so the model is unchanged) to the modules
     ``targets`` names (a regex matched against full module names, or a list of name suffixes).
     Defaults are the official config's: attention only, rank 4, alpha 1. The LoRA weights are float32
-    even on a bfloat16 model (small updates would round away in bfloat16). Returns the module names."""
+    even on a bfloat16 model (small updates would round away in bfloat16).
+
+    Args:
+        model: the model to adapt (Stage C's UNet).
+        rank: the LoRA rank (official: 4).
+        alpha: the LoRA alpha; the update is scaled by alpha / rank (official: 1).
+        targets: the modules to adapt; default :data:`ATTENTION_TARGETS` (attention q, k, v, out).
+
+    Returns:
+        The names of the adapted modules.
+
+    Raises:
+        LoraError: the model already carries a LoRA, or was loaded with sequential offload.
+    """
     from peft import LoraConfig, inject_adapter_in_model
     from peft.tuners.tuners_utils import cast_adapter_dtype
 
@@ -86,7 +107,17 @@ def inject_lora(model: nn.Module, rank: int = 4, alpha: float = 1.0, targets=ATT
 
 
 def apply_factors(model: nn.Module, factors: Mapping[str, LoraFactors], strength: float = 1.0) -> None:
-    """Put given LoRA factors on the named modules of ``model`` (each its own rank and alpha)."""
+    """Put given LoRA factors on the named modules of ``model`` (each its own rank and alpha).
+
+    Args:
+        model: a UNet or text encoder without a LoRA.
+        factors: module name → :class:`LoraFactors`; empty does nothing.
+        strength: the LoRA's weight (:func:`set_lora_strength`): 0 off, 1 as trained.
+
+    Raises:
+        LoraError: what :func:`check_factors` refuses (checked before anything changes).
+        ValueError: a strength that is not a finite number.
+    """
     from peft import LoraConfig, inject_adapter_in_model
 
     values.finite(strength, "strength", "the LoRA's weight: 0 off, 1 as trained")
@@ -113,7 +144,15 @@ def apply_factors(model: nn.Module, factors: Mapping[str, LoraFactors], strength
 
 def check_factors(model: nn.Module, factors: Mapping[str, LoraFactors]) -> None:
     """Refuse, before anything changes, factors that :func:`apply_factors` could not put on
-    ``model``: a second LoRA, a streamed model, modules it lacks, shapes that differ."""
+    ``model``: a second LoRA, a streamed model, modules it lacks, shapes that differ.
+
+    Args:
+        model, factors: as for :func:`apply_factors`.
+
+    Raises:
+        LoraError: naming the module, and for another width the Stage C the LoRA was made for; also
+            for NaN or infinite factors.
+    """
     if not factors:
         return
     _refuse_second_lora(model)
@@ -192,6 +231,15 @@ def _describe_width(width: int) -> str:
 
 
 def other_size_hint(lora_width: int, model_width: int) -> str:
+    """The end of an error about a LoRA made for another model: which Stage C each width is, and
+    what to load instead.
+
+    Args:
+        lora_width, model_width: the LoRA's and the loaded model's feature widths.
+
+    Returns:
+        The sentence, naming Stage C big, lite or tiny where a width is one of theirs.
+    """
     return (
         f"the LoRA was made for {_describe_width(lora_width)}, the loaded model is {_describe_width(model_width)}. "
         "Load the Stage C it was trained for (load_prior(..., variant='big' or 'lite'))"

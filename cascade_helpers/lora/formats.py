@@ -84,7 +84,19 @@ def _official_count(state_dict: Mapping[str, torch.Tensor]) -> int:
 
 
 def official_factors(unet: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict[str, LoraFactors]:
-    """The official ``weights.<i>`` as per-module factors for the diffusers UNet (q/k/v split)."""
+    """The official ``weights.<i>`` as per-module factors for the diffusers UNet (q/k/v split).
+
+    Args:
+        unet: the loaded Stage C UNet (its attention blocks give the layout).
+        state_dict: the official file's tensors (``weights.<i>.lora_down``/``lora_up``; the
+            ``embeddings.*`` entries are read elsewhere: :mod:`.tokens`).
+
+    Returns:
+        diffusers module name → :class:`LoraFactors` with alpha 1 (official scale 1 / rank).
+
+    Raises:
+        LoraError: misnumbered or missing weights (damaged), or a LoRA for a Stage C of another size.
+    """
     layout = official_lora_layout(unet)
     count = _official_count(state_dict)
     model_width = unet.config.block_out_channels[0]
@@ -127,8 +139,17 @@ def _weight_modules(model: nn.Module) -> dict[str, nn.Module]:
 def comfyui_state_dict(
     factors: Mapping[str, LoraFactors], prefix: str = COMFYUI_PREFIX
 ) -> dict[str, torch.Tensor]:
-    """Our per-module factors (diffusers names) → ComfyUI/kohya keys. ``prefix``: ``lora_prior_unet_``
-    (ComfyUI, OneTrainer) or ``lora_unet_`` (kohya's sd-scripts; ComfyUI reads it too)."""
+    """Our per-module factors (diffusers names) → ComfyUI/kohya keys.
+
+    Args:
+        factors: diffusers module name → :class:`LoraFactors` (Stage C's UNet).
+        prefix: ``lora_prior_unet_`` (ComfyUI, OneTrainer; the default) or ``lora_unet_`` (kohya's
+            sd-scripts; ComfyUI reads it too).
+
+    Returns:
+        ``<prefix><module>.lora_down.weight``, ``.lora_up.weight`` and ``.alpha`` (a 0-d tensor) per
+        module, with the official module names.
+    """
     state = {}
     for name, f in factors.items():
         base = prefix + _flat(comfyui_module_name(name))
@@ -161,7 +182,22 @@ def _group_comfyui(state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict[str
 def comfyui_factors(
     state_dict: Mapping[str, torch.Tensor], unet: nn.Module, text_encoder: nn.Module | None = None
 ) -> tuple[dict[str, LoraFactors], dict[str, LoraFactors]]:
-    """ComfyUI/kohya keys → (UNet factors, text-encoder factors) in diffusers / transformers names."""
+    """ComfyUI/kohya keys → (UNet factors, text-encoder factors) in diffusers / transformers names.
+
+    Args:
+        state_dict: the file's tensors (every key ``<prefix><module>`` + ``.lora_down.weight``,
+            ``.lora_up.weight`` or ``.alpha``; a missing alpha means scale 1).
+        unet: the loaded Stage C UNet, whose modules the keys must name (official or diffusers
+            names, flattened).
+        text_encoder: the CLIP text encoder, needed only if the file has text-encoder entries.
+
+    Returns:
+        The UNet's and the text encoder's factors by module name.
+
+    Raises:
+        LoraError: LoHa, LoKr or DoRA weights, a key we do not know, a damaged entry, text-encoder
+            entries without ``text_encoder``, or modules the UNet lacks (another size or model).
+    """
     unet_names = {}
     for name in _weight_modules(unet):
         unet_names[_flat(comfyui_module_name(name))] = name
@@ -210,7 +246,17 @@ def _unknown_modules_message(unknown: list[str]) -> str:
 def lora_state_dict(
     unet_factors: Mapping[str, LoraFactors], tokens: Mapping[str, torch.Tensor] | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Our format: tensors and safetensors metadata (strings)."""
+    """Our format: tensors and safetensors metadata (strings).
+
+    Args:
+        unet_factors: diffusers module name → :class:`LoraFactors`.
+        tokens: learned token → its full embedding row (text width), or None.
+
+    Returns:
+        The state dict (``unet.<module>.lora_A.weight``/``lora_B.weight``/``alpha``, and
+        ``tokens.embeddings``, n × width float32, when there are tokens) and the metadata
+        (``format``, ``tokens`` as a JSON list in the rows' order).
+    """
     state = {}
     for name, f in unet_factors.items():
         state[f"unet.{name}.lora_A.weight"] = f.down.contiguous()
@@ -228,7 +274,15 @@ def save_lora(
     tokens: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a LoRA (and learned token embeddings, full rows) in our format, atomically: an
-    interrupted save never leaves half a file under ``path`` (nor replaces a good one)."""
+    interrupted save never leaves half a file under ``path`` (nor replaces a good one).
+
+    Args:
+        path: the ``.safetensors`` file.
+        unet_factors, tokens: as for :func:`lora_state_dict`.
+
+    Returns:
+        ``path``.
+    """
     state, metadata = lora_state_dict(unet_factors, tokens)
     return save_safetensors(path, state, metadata)
 
@@ -244,7 +298,16 @@ def save_comfyui(
     ``<stem>_embeddings/<token without brackets>.safetensors``: in ComfyUI write ``embedding:<name>``
     where you trained ``[name]``. ComfyUI pools the prompt at the end token, the official model at
     the highest token id (the new token), so results there differ somewhat. Each file is written
-    atomically."""
+    atomically.
+
+    Args:
+        path: the LoRA's ``.safetensors`` file.
+        unet_factors, tokens: as for :func:`lora_state_dict`.
+        prefix: as for :func:`comfyui_state_dict`.
+
+    Returns:
+        The files written: the LoRA first, then one embedding per token.
+    """
     path = Path(path)
     written = [save_safetensors(path, comfyui_state_dict(unet_factors, prefix))]
     for token, row in (tokens or {}).items():
@@ -271,7 +334,18 @@ def our_factors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, LoraFactors
 
 
 def detect_format(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> str:
-    """'official', 'comfyui' (ComfyUI / kohya / OneTrainer keys) or 'cascade_helpers' (ours)."""
+    """'official', 'comfyui' (ComfyUI / kohya / OneTrainer keys) or 'cascade_helpers' (ours).
+
+    Args:
+        state_dict: the file's tensors (only the key names are read).
+        metadata: the file's safetensors metadata; ``format`` = ``cascade_helpers.lora`` means ours.
+
+    Returns:
+        The format's name.
+
+    Raises:
+        LoraError: none of the three.
+    """
     keys = list(state_dict)
     if (metadata or {}).get("format") == FORMAT_TAG or any(
         k.startswith("unet.") and k.endswith(".lora_A.weight") for k in keys

@@ -78,11 +78,25 @@ def load_official_lora(
     """Apply an official-format LoRA (the dict ``safetensors.torch.load_file`` returns) in place, all
     or nothing: a failure leaves the models and the tokenizer as they were.
 
-    ``new_tokens`` are the bracketed entries of the official config's ``train_tokens``, in order, e.g.
-    ``[("[fernando]", "^dog</w>")]``. With a text encoder and tokenizer, each is added and
-    initialized as official training did, then the stored deltas are added at the stored indices;
-    afterwards the UNet and the text encoder compute what the official model with this LoRA computes.
-    ``allow_existing_tokens`` lets a new token be a word the tokenizer already has (it takes it over).
+    With a text encoder and tokenizer, each new token is added and initialized as official training
+    did, then the stored deltas are added at the stored indices; afterwards the UNet and the text
+    encoder compute what the official model with this LoRA computes.
+
+    Args:
+        unet: Stage C's UNet.
+        state_dict: the official file's tensors.
+        text_encoder, tokenizer: both, for the learned tokens, or neither to apply the UNet part
+            only (a warning says when the file trained tokens).
+        new_tokens: the bracketed entries of the official config's ``train_tokens``, in order, as
+            (token, regex of the tokens whose mean row starts it, or None), e.g.
+            ``[("[fernando]", "^dog</w>")]``.
+        strength: the UNet LoRA's weight (0 off, 1 as trained); token deltas are added in full.
+        allow_existing_tokens: let a new token be a word the tokenizer already has (it takes it over).
+
+    Raises:
+        LoraError: a LoRA for another Stage C, damaged weights or token deltas, token ids beyond the
+            tokenizer and ``new_tokens``, one of ``text_encoder``/``tokenizer`` without the other,
+            ``new_tokens`` without them, or a second LoRA on the model.
     """
     values.finite(strength, "strength", "the LoRA's weight: 0 off, 1 as trained")
     factors = official_factors(unet, state_dict)
@@ -144,7 +158,19 @@ def _check_official_tokens(
 
 
 def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a LoRA file, with clear errors for a missing, cut or foreign file."""
+    """Tensors and metadata of a LoRA file, with clear errors for a missing, cut or foreign file.
+
+    Args:
+        path: the ``.safetensors`` file.
+
+    Returns:
+        Its tensors (on the CPU) and its metadata.
+
+    Raises:
+        FileNotFoundError: no file there (for the official example, with the command that fetches it).
+        TruncatedCheckpointError: the file is cut short.
+        LoraError: not a safetensors file.
+    """
     from safetensors import safe_open
 
     path = Path(path)
@@ -186,6 +212,13 @@ def load_lora(
 
     Returns:
         What was applied.
+
+    Raises:
+        LoraError: a LoRA for another model or size, an unknown format, damaged factors or tokens, a
+            token that is already a word (without ``allow_existing_tokens``), ``new_tokens`` for a
+            file that is not official, a second LoRA, or a prior loaded with sequential offload.
+        FileNotFoundError, TruncatedCheckpointError: as for :func:`read_lora_file`.
+        ValueError: a strength that is not a finite number.
     """
     values.finite(strength, "strength", "the LoRA's weight: 0 off, 1 as trained")
     for model in (prior.unet, prior.text_encoder):
@@ -257,6 +290,9 @@ def load_comfyui_embedding(
         path: the embedding file.
         token: the new word, e.g. ``"[fernando]"``.
         allow_existing_tokens: let ``token`` be a word the tokenizer already has (it takes it over).
+
+    Raises:
+        LoraError: not a one-vector embedding, another text width, or ``token`` already a word.
     """
     state, _ = read_lora_file(path)
     rows = state.get("clip_g", next(iter(state.values())) if len(state) == 1 else None)

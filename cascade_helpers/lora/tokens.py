@@ -34,6 +34,9 @@ def check_new_tokens(tokenizer, tokens: Sequence[str], *, allow_existing: bool =
         tokenizer: the CLIP tokenizer the tokens would join.
         tokens: the new tokens.
         allow_existing: take over existing words anyway.
+
+    Raises:
+        LoraError: the first token refused, and why.
     """
     added = set(tokenizer.get_added_vocab())
     vocabulary = tokenizer.get_vocab()
@@ -91,6 +94,10 @@ def initial_token_rows(
 
     Returns:
         Token → embedding row, in order.
+
+    Raises:
+        LoraError: a malformed entry or regex, a token :func:`check_new_tokens` refuses, or a
+            tokenizer and text encoder that disagree on the vocabulary size.
     """
     entries = _check_new_token_entries(new_tokens)
     check_new_tokens(tokenizer, [token for token, _ in entries], allow_existing=allow_existing)
@@ -122,7 +129,12 @@ def _initial_row(
 
 
 def append_token_rows(text_encoder: nn.Module, rows: Sequence[torch.Tensor]) -> None:
-    """Grow the text encoder's vocabulary by ``rows`` (in order: ids old size, old size + 1, ...)."""
+    """Grow the text encoder's vocabulary by ``rows`` (in order: ids old size, old size + 1, ...).
+
+    Args:
+        text_encoder: the CLIP text encoder; its token embedding is resized in place.
+        rows: the new rows, each of the text encoder's width; none does nothing.
+    """
     if not rows:
         return
     old = token_embedding(text_encoder).weight.shape[0]
@@ -133,6 +145,15 @@ def append_token_rows(text_encoder: nn.Module, rows: Sequence[torch.Tensor]) -> 
 
 
 def check_token_width(rows: torch.Tensor, text_encoder: nn.Module) -> None:
+    """Refuse token rows made for another text encoder before any row is added.
+
+    Args:
+        rows: n × width token embeddings (or deltas) from a file.
+        text_encoder: the text encoder they would join (1280 wide for Stable Cascade's CLIP bigG).
+
+    Raises:
+        LoraError: ``rows`` is not 2-D or has another width.
+    """
     width = token_embedding(text_encoder).weight.shape[1]
     if rows.dim() != 2 or rows.shape[-1] != width:
         raise LoraError(
@@ -151,6 +172,10 @@ def add_tokens(
         text_encoder, tokenizer: the prior's.
         tokens: token → embedding row (the text encoder's width).
         allow_existing: let a token be a word the tokenizer already has (it takes the word over).
+
+    Raises:
+        LoraError: a token refused (:func:`check_new_tokens`), rows of another width, or a tokenizer
+            and text encoder that disagree on the vocabulary size.
     """
     if not tokens:
         return

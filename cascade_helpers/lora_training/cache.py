@@ -136,7 +136,17 @@ def cache_images(
 def cache_texts(
     prior: Prior, captions: Sequence[str], folder: Path, report: CacheReport
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Text conditioning (hidden 77×D, pooled 1×P) of each caption, from the cache when there."""
+    """Text conditioning (hidden 77×D, pooled 1×P) of each caption, from the cache when there.
+
+    Args:
+        prior: the prior whose text encoder encodes the captions (its fingerprint keys the cache).
+        captions: the captions; each distinct one is encoded once.
+        folder: the cache folder (``text/`` inside it).
+        report: counts what was computed and what was read back.
+
+    Returns:
+        Caption → (hidden 77×1280, pooled 1×1280), float32, CPU.
+    """
     key = fingerprint(prior.text_encoder)
     texts = {}
     for caption in dict.fromkeys(captions):

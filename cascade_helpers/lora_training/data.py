@@ -75,6 +75,13 @@ def read_picture(path: Path, max_side: int | None = None) -> torch.Tensor:
     """A training picture as 3×H×W in [0, 1]; with ``max_side``, scaled down (aspect kept) so its
     shorter side is at most that, before it is bucketed and cropped.
 
+    Args:
+        path: the picture file.
+        max_side: the largest shorter side in pixels (``max_image_size``); None or 0 keeps the size.
+
+    Returns:
+        3×H×W float32 in [0, 1], CPU.
+
     Raises:
         TrainingError: the file cannot be decoded (truncated, damaged, not a picture), named.
     """
@@ -98,6 +105,9 @@ def find_training_images(
         folders: the folder(s) of pictures (not searched recursively).
         repeats: extra passes per epoch for some folders (0: once), keyed by folder.
         min_image_size: pictures whose shorter side is smaller are skipped, with a warning naming them.
+
+    Returns:
+        One :class:`TrainingImage` per picture (path, caption, repeats), folder by folder, by name.
 
     Raises:
         TrainingError: a folder is missing, or no picture is left.
@@ -129,7 +139,16 @@ def find_training_images(
 
 def bucket_sizes(resolution: int, ratios: Sequence[str]) -> list[tuple[int, int]]:
     """EfficientNet input sizes (height, width) of the official ``Bucketeer``: area (¾·resolution)²,
-    sides floored to multiples of 32, one per ratio and its reciprocal."""
+    sides floored to multiples of 32, one per ratio and its reciprocal.
+
+    Args:
+        resolution: the picture side the LoRA is trained for (official: 1024).
+        ratios: width/height ratios as strings :class:`~fractions.Fraction` reads ("1/1", "3/4" ...).
+
+    Returns:
+        (height, width) per ratio, then per reciprocal not already listed; 1024 and "1/1" give
+        (768, 768).
+    """
     values = [float(Fraction(r)) for r in ratios]
     values += [1 / v for v in values if 1 / v not in values]
     density = (resolution * DOWNSCALE) ** 2
@@ -140,13 +159,31 @@ def bucket_sizes(resolution: int, ratios: Sequence[str]) -> list[tuple[int, int]
 
 
 def closest_bucket(height: int, width: int, sizes: Sequence[tuple[int, int]]) -> tuple[int, int]:
-    """The bucket whose width/height ratio is closest to the picture's (the official choice)."""
+    """The bucket whose width/height ratio is closest to the picture's (the official choice).
+
+    Args:
+        height, width: the picture's size in pixels.
+        sizes: the buckets, (height, width) each (:func:`bucket_sizes`).
+
+    Returns:
+        The closest bucket (the first of equally close ones).
+    """
     return min(sizes, key=lambda s: abs(width / height - s[1] / s[0]))
 
 
 def crop_position(crop: str, content: bytes, seed: int) -> tuple[float, float] | None:
     """Where a picture's crop window sits: None (the centre) for ``"center"``; for ``"random"`` a
-    (top, left) drawn from the picture's bytes and the seed, so a re-run (and its cache) agrees."""
+    (top, left) drawn from the picture's bytes and the seed, so a re-run (and its cache) agrees.
+
+    Args:
+        crop: "center" or "random" (any other value is treated as "random": the config checks it).
+        content: the picture file's bytes.
+        seed: the run's seed.
+
+    Returns:
+        None, or (top, left) in [0, 1], rounded to 4 decimals, for
+        :func:`cascade_helpers.images.resize_and_crop`.
+    """
     if crop == "center":
         return None
     digest = hashlib.sha1(content + str(seed).encode()).digest()
@@ -157,7 +194,15 @@ def crop_position(crop: str, content: bytes, seed: int) -> tuple[float, float] |
 def write_example_images(folder: str | Path, token: str = "[chelsea]") -> Path:
     """Six training pictures of one cat, offline: scikit-image's ``chelsea`` photo (shipped with
     the package) cropped and mirrored into landscape, square and portrait shots; four captioned by
-    a sidecar ``.txt``, two by their file name."""
+    a sidecar ``.txt``, two by their file name.
+
+    Args:
+        folder: where the PNG files go (created if missing; files of the same names are replaced).
+        token: the new word the captions use.
+
+    Returns:
+        ``folder`` as a :class:`~pathlib.Path`.
+    """
     from skimage import data
 
     folder = Path(folder)
@@ -185,7 +230,16 @@ def batch_schedule(
 ) -> Iterator[list[int]]:
     """An endless, reproducible stream of batches: each epoch shuffles every bucket, cuts it into
     batches (the last may be smaller: small datasets lose no picture) and shuffles the batches. A
-    picture with repeats is listed in its bucket that many more times."""
+    picture with repeats is listed in its bucket that many more times.
+
+    Args:
+        buckets: bucket size → the indices of its pictures (an index listed once per pass).
+        batch_size: pictures per batch; a batch never mixes buckets.
+        seed: the run's seed; epoch ``e`` shuffles with ``seed · 100003 + e``.
+
+    Yields:
+        Lists of picture indices, epoch after epoch, forever.
+    """
     for epoch in itertools.count():
         generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
         batches = []

@@ -22,7 +22,18 @@ def stage_c_loss(
     noise: torch.Tensor,
 ) -> torch.Tensor:
     """The official training loss of one batch: noise ``latents`` to ``times``, predict the noise
-    from the cosine-time condition, per-sample MSE weighted by P2, averaged over the batch."""
+    from the cosine-time condition, per-sample MSE weighted by P2, averaged over the batch.
+
+    Args:
+        unet: Stage C's UNet (with its LoRA); inputs are cast to its dtype.
+        latents: B×16×h×w clean latents, float32.
+        conditions: ``clip_text``, ``clip_text_pooled`` and ``clip_img`` for the batch.
+        times: B noise levels in (0, 1] (unshifted schedule, as official training).
+        noise: Gaussian noise shaped like ``latents``: the prediction's target.
+
+    Returns:
+        The loss, a 0-d float32 tensor.
+    """
     dtype = next(unet.parameters()).dtype
     snr = log_snr(times)
     noised = diffuse(latents, times, noise)
@@ -68,6 +79,9 @@ class StageCObjective(nn.Module):
             cached: per caption its cached (hidden, pooled) text embeddings, or None to encode it
                 here, with gradients (a caption with a learned token).
             autocast: compute in bfloat16 autocast.
+
+        Returns:
+            The loss (:func:`stage_c_loss`), a 0-d float32 tensor.
         """
         fresh = [caption for caption, done in zip(captions, cached, strict=True) if done is None]
         encoded = iter(())

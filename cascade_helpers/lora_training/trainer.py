@@ -75,6 +75,9 @@ def make_accelerator(config: LoraTrainingConfig, cpu: bool = False):
     Args:
         config: the run's settings.
         cpu: train on the CPU even where CUDA is available.
+
+    Returns:
+        The ``accelerate.Accelerator``.
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
@@ -88,6 +91,16 @@ def make_accelerator(config: LoraTrainingConfig, cpu: bool = False):
 
 @dataclass
 class TrainingResult:
+    """What :meth:`LoraTrainer.train` ends with.
+
+    Attributes:
+        step: the updates done so far (``config.steps`` when complete).
+        losses: (step, loss) of every update, resumed runs' included.
+        interrupted: True if Ctrl-C (on any process) stopped the run early.
+        checkpoint: the last checkpoint saved in this call, or None.
+        lora: the saved LoRA file when the run is complete, else None.
+    """
+
     step: int
     losses: list[tuple[int, float]]
     interrupted: bool
@@ -299,9 +312,21 @@ class LoraTrainer:
     def train(
         self, on_step: LossCallback | None = None, on_validation: ValidationCallback | None = None
     ) -> TrainingResult:
-        """Train up to ``config.steps`` updates, continuing from the latest checkpoint. ``on_step(step,
-        loss)`` runs after each update and ``on_validation(step, pictures, prompts)`` after each
-        validation, on the main process. Ctrl-C saves a checkpoint and returns (``interrupted``)."""
+        """Train up to ``config.steps`` updates, continuing from the latest checkpoint. Ctrl-C saves a
+        checkpoint and returns (``interrupted``).
+
+        Args:
+            on_step: ``on_step(step, loss)`` after each update, on the main process (a live loss
+                curve: :class:`cascade_helpers.display.LiveLossPlot`).
+            on_validation: ``on_validation(step, pictures, prompts)`` after each validation, on the
+                main process.
+
+        Returns:
+            A :class:`TrainingResult`; when complete, the LoRA is saved (:meth:`save`).
+
+        Raises:
+            TrainingError: the pictures, captions or a checkpoint do not fit the run (named).
+        """
         self.prepare()
         self.resume()
         config, accelerator, main = self.config, self.accelerator, self.accelerator.is_main_process
@@ -371,7 +396,15 @@ class LoraTrainer:
         return path
 
     def export_comfyui(self, path: str | Path, prefix: str = COMFYUI_PREFIX) -> list[Path]:
-        """Write the LoRA in ComfyUI/kohya keys (and the tokens as ComfyUI embeddings)."""
+        """Write the LoRA in ComfyUI/kohya keys (and the tokens as ComfyUI embeddings).
+
+        Args:
+            path: the LoRA's ``.safetensors`` file.
+            prefix: ``lora_prior_unet_`` (ComfyUI; default) or ``lora_unet_`` (kohya).
+
+        Returns:
+            The files written (:func:`cascade_helpers.lora.save_comfyui`).
+        """
         factors, tokens = self.learned()
         return save_comfyui(path, factors, tokens, prefix)
 

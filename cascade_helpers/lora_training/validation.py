@@ -25,7 +25,17 @@ def validation_picture(
 ) -> PIL.Image.Image:
     """One picture of ``prompt`` at the training resolution, with the run's validation settings
     (negative prompt, both stages' steps and guidance, the run's seed): through the decoder when
-    there is one, else the previewer's rough picture of the Stage C latents."""
+    there is one, else the previewer's rough picture of the Stage C latents.
+
+    Args:
+        prior: the prior being trained (its LoRA and new tokens as they are now).
+        decoder: Stage B and A, or None for the previewer.
+        config: the run's settings (``resolution``, ``seed``, the ``validation_*`` ones).
+        prompt: the validation prompt.
+
+    Returns:
+        resolution² with the decoder; the previewer's picture (3/16 of it: 192² for 1024) without.
+    """
     size, negative = config.resolution, config.validation_negative_prompt
     prior_settings = OFFICIAL_PRIOR.with_(
         steps=config.validation_prior_steps, guidance=float(config.validation_prior_guidance)
@@ -47,7 +57,15 @@ def validation_picture(
 
 
 def save_png(picture: PIL.Image.Image, path: Path) -> Path:
-    """A PNG written atomically: an interrupted save never leaves half a picture under ``path``."""
+    """A PNG written atomically: an interrupted save never leaves half a picture under ``path``.
+
+    Args:
+        picture: the picture.
+        path: the file.
+
+    Returns:
+        ``path``.
+    """
     with atomic_path(path) as temporary:
         picture.save(temporary, format="PNG")
     return path
@@ -57,7 +75,18 @@ def save_validation(
     folder: Path, step: int, pictures: list[PIL.Image.Image], names: list[str], named: bool
 ) -> Path:
     """``step-NNNNNN.png`` (all pictures side by side) in ``folder``, and with a named prompt library
-    also ``step-NNNNNN-<name>.png`` per picture; returns the grid's path."""
+    also ``step-NNNNNN-<name>.png`` per picture.
+
+    Args:
+        folder: the validation folder (created if missing).
+        step: the training step, in the file names (6 digits).
+        pictures: one per prompt, in the library's order.
+        names: the prompts' names (the library's keys).
+        named: True when the library is named (a dict): then each picture is also saved alone.
+
+    Returns:
+        The grid's path.
+    """
     grid = save_png(image_grid(pictures), folder / f"step-{step:06d}.png")
     if named:
         for name, picture in zip(names, pictures, strict=True):
