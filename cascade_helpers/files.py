@@ -118,20 +118,18 @@ TOKENIZER = ModelFile(
 TEXT_ENCODER_CONFIG = ModelFile(
     "text_encoder/config.json", REPO_DECODER, 1_000, "text conditioning", "essential"
 )
-TEXT_ENCODER: dict[Precision, ModelFile] = _transformers_weights(
-    "text_encoder",
-    REPO_DECODER,
-    {"bf16": int(1.39 * GB), "fp32": int(2.78 * GB)},
-    "text conditioning (CLIP ViT-bigG/14 text tower)",
+#: the CLIP towers in both forms, by precision: ``TEXT_ENCODER["bf16"]``
+TEXT_ENCODER: dict[Precision, ModelFile]
+IMAGE_ENCODER: dict[Precision, ModelFile]
+TEXT_ENCODER, IMAGE_ENCODER = (
+    _transformers_weights(folder, repo, {"bf16": int(bf16), "fp32": int(fp32)}, needed_by)
+    for folder, repo, bf16, fp32, needed_by in (
+        ("text_encoder", REPO_DECODER, 1.39 * GB, 2.78 * GB, "text conditioning (CLIP ViT-bigG/14 text)"),
+        ("image_encoder", REPO_PRIOR, 608 * MB, 1.22 * GB, "image variation (CLIP ViT-L/14 vision)"),
+    )
 )
 IMAGE_ENCODER_CONFIG = ModelFile(
     "image_encoder/config.json", REPO_PRIOR, 1_000, "image variation", "essential"
-)
-IMAGE_ENCODER: dict[Precision, ModelFile] = _transformers_weights(
-    "image_encoder",
-    REPO_PRIOR,
-    {"bf16": int(608 * MB), "fp32": int(1.22 * GB)},
-    "image variation (CLIP ViT-L/14 vision tower)",
 )
 FEATURE_EXTRACTOR = ModelFile(
     "feature_extractor/preprocessor_config.json",

@@ -134,16 +134,11 @@ def test_text_to_image_matches_both_pipelines_chained(tiny_pipeline, pipelines):
         generator=generator,
         output_type="pil",
     ).images
-    ours = text_to_image(
-        prior,
-        decoder,
-        PROMPT,
-        height=512,
-        width=640,
-        seed=11,
-        prior_settings=DIFFUSERS_PRIOR.with_(steps=3),
-        decoder_settings=DIFFUSERS_DECODER.with_(steps=2),
-    )
+    settings = {
+        "prior_settings": DIFFUSERS_PRIOR.with_(steps=3),
+        "decoder_settings": DIFFUSERS_DECODER.with_(steps=2),
+    }
+    ours = text_to_image(prior, decoder, PROMPT, height=512, width=640, seed=11, **settings)
     assert ours.images[0].size == expected[0].size == (640, 512)
     # float rounding may flip a pixel by one level
     assert np.abs(np.asarray(ours.images[0], int) - np.asarray(expected[0], int)).max() <= 1
