@@ -10,8 +10,8 @@ One module per concept, in layers that import only downward (``tests/test_layers
 2. ``models`` (the loaded bundles), ``file_checks`` (a models folder before loading)
 3. ``loading``
 4. ``conditioning``, ``sampling``, ``request``
-5. ``generation``, ``controlnet/``, ``lora/``
-6. ``lora_training/``, ``reconstruction``, ``display``, ``panel``, ``tiny``
+5. ``stages`` (the three stages, one function each), ``generation``, ``controlnet/``, ``lora/``
+6. ``lora_training/``, ``reconstruction`` (with ``quality``: PSNR, SSIM, compression), ``display``, ``panel``, ``tiny``
 
 Import from the modules (``from cascade_helpers.generation import text_to_image``): importing the
 package itself loads nothing heavy.

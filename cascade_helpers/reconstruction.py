@@ -26,7 +26,6 @@ of the picture) then divide by 8, which its three 2× downsamplings need.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,10 +45,10 @@ from .effnet import EfficientNetEncoder
 from .effnet import encode as effnet_encode
 from .file_checks import check_present, choose_precision_file, size_present
 from .files import Size
-from .generation import decode_stage_a, generate_stage_b
 from .images import IMAGE_SUFFIXES, ImageInput, batch_images, image_to_tensor, images_in_folder
 from .loading import is_local_folder, load_decoder, load_effnet, load_text_encoder
 from .models import Decoder, TextEncoder
+from .quality import DEFAULT_SIZE, Compression, Quality, compression, mean_quality, quality
 from .sampling import OFFICIAL_DECODER, StageSettings
 from .sizes import (
     ENCODING,
@@ -59,11 +58,42 @@ from .sizes import (
     image_size_for_latents,
 )
 from .sizes import stage_c_latent_size as latent_size
+from .stages import decode_stage_a, generate_stage_b
+
+# quality and compression live in cascade_helpers.quality; importing them from here still works
+__all__ = [
+    "DEFAULT_SIZE",
+    "LATENT_SUFFIX",
+    "LATENTS_KEY",
+    "OFFICIAL_RECONSTRUCTION",
+    "OFFICIAL_SEED",
+    "Autoencoder",
+    "Compression",
+    "FolderEncoding",
+    "Images",
+    "Quality",
+    "StoredLatents",
+    "available_stage_b",
+    "check_image_size",
+    "compression",
+    "decode",
+    "encode",
+    "encode_folder",
+    "image_size_for_latents",
+    "is_encoded",
+    "latent_path",
+    "latent_size",
+    "load_autoencoder",
+    "mean_quality",
+    "prepare_images",
+    "quality",
+    "read_latents",
+    "write_latents",
+]
 
 #: Stage B settings of the official reconstruction notebook: cfg 1.1, shift 1, 10 steps, t_start 1.
 OFFICIAL_RECONSTRUCTION: StageSettings = OFFICIAL_DECODER
 OFFICIAL_SEED = 42
-DEFAULT_SIZE = 1024
 LATENTS_KEY = "latents"
 LATENT_SUFFIX = ".safetensors"
 
@@ -306,116 +336,6 @@ def decode(
         )
         pictures.append(decode_stage_a(autoencoder.decoder, stage_b))
     return torch.cat(pictures)
-
-
-# --- quality and compression -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Quality:
-    """Reconstruction quality of one picture: PSNR in dB (higher is better, ∞ for identical pictures)
-    and SSIM (1 for identical pictures)."""
-
-    psnr: float
-    ssim: float
-
-
-def quality(originals: torch.Tensor, reconstructions: torch.Tensor) -> list[Quality]:
-    """PSNR and SSIM per picture (B×3×H×W in [0, 1]) with scikit-image: data range 1, SSIM with the
-    Gaussian window of Wang et al. (σ = 1.5, population covariance), over the three colour channels.
-
-    Args:
-        originals, reconstructions: B×3×H×W in [0, 1], the same shape.
-
-    Returns:
-        One :class:`Quality` per picture.
-    """
-    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
-
-    if originals.shape != reconstructions.shape:
-        raise ValueError(
-            f"originals {tuple(originals.shape)} and reconstructions {tuple(reconstructions.shape)} differ"
-        )
-    results = []
-    for original, reconstruction in zip(originals, reconstructions, strict=True):
-        a = original.permute(1, 2, 0).double().cpu().numpy()
-        b = reconstruction.permute(1, 2, 0).double().cpu().numpy()
-        ssim = structural_similarity(
-            a,
-            b,
-            data_range=1.0,
-            channel_axis=-1,
-            gaussian_weights=True,
-            sigma=1.5,
-            use_sample_covariance=False,
-        )
-        with np.errstate(divide="ignore"):  # identical pictures: PSNR is +inf, not worth a warning
-            psnr = peak_signal_noise_ratio(a, b, data_range=1.0)
-        results.append(Quality(float(psnr), float(ssim)))
-    return results
-
-
-def mean_quality(qualities: Sequence[Quality]) -> Quality:
-    return Quality(float(np.mean([q.psnr for q in qualities])), float(np.mean([q.ssim for q in qualities])))
-
-
-@dataclass(frozen=True)
-class Compression:
-    """How much smaller the latents are than the picture they encode."""
-
-    image_shape: tuple[int, int, int]  # 3×H×W, stored as uint8
-    latent_shape: tuple[int, int, int]  # 16×h×w
-    latent_dtype: torch.dtype
-
-    @property
-    def spatial(self) -> float:
-        """Picture side / latent side: 1024 / 24 = 42.67."""
-        return self.image_shape[1] / self.latent_shape[1]
-
-    @property
-    def values(self) -> float:
-        """Numbers in the picture / numbers in the latents: 3·1024² / (16·24²) = 341.3."""
-        return math.prod(self.image_shape) / math.prod(self.latent_shape)
-
-    @property
-    def image_bytes(self) -> int:
-        return math.prod(self.image_shape)
-
-    @property
-    def latent_bytes(self) -> int:
-        return math.prod(self.latent_shape) * self.latent_dtype.itemsize
-
-    @property
-    def bytes(self) -> float:
-        """uint8 picture bytes / latent bytes: 170.7 for float16 latents, 85.3 for float32."""
-        return self.image_bytes / self.latent_bytes
-
-    def __str__(self) -> str:
-        image = "×".join(map(str, self.image_shape))
-        latent = "×".join(map(str, self.latent_shape))
-        dtype = str(self.latent_dtype).removeprefix("torch.")
-        return (
-            f"picture {image} (uint8): {self.image_bytes:,} bytes\n"
-            f"latents {latent} ({dtype}): {self.latent_bytes:,} bytes\n"
-            f"spatial compression (side): {self.spatial:.2f}×\n"
-            f"numbers: {self.values:.1f}× fewer\n"
-            f"bytes: {self.bytes:.1f}× smaller"
-        )
-
-
-def compression(
-    height: int = DEFAULT_SIZE, width: int = DEFAULT_SIZE, latent_dtype: torch.dtype = torch.float16
-) -> Compression:
-    """The compression of an uint8 picture of this size into latents stored as ``latent_dtype``.
-
-    Args:
-        height, width: the picture's sides in pixels.
-        latent_dtype: how the latents are stored (``encode_folder`` default: float16).
-
-    Returns:
-        The :class:`Compression`.
-    """
-    return Compression((3, height, width), (LATENT_CHANNELS, *latent_size(height, width)), latent_dtype)
 
 
 # --- a data set on disk ----------------------------------------------------------------------------------

@@ -210,11 +210,11 @@ def test_the_picture_is_noised_on_the_unshifted_schedule(tiny_pipeline, monkeypa
     variance v = cos²((t + s)/(1 + s)·π/2) / cos²(s/(1 + s)·π/2), s = 0.008, written out here."""
     import math
 
-    from cascade_helpers import generation
+    from cascade_helpers import generation, stages
 
     prior, decoder = tiny_pipeline
     seen = {}
-    real_noise, real_sample = generation.initial_noise, generation.sample
+    real_noise, real_sample = generation.initial_noise, stages.sample
 
     def record_noise(*args, **kwargs):
         seen.setdefault("noise", real_noise(*args, **kwargs))
@@ -226,7 +226,7 @@ def test_the_picture_is_noised_on_the_unshifted_schedule(tiny_pipeline, monkeypa
         return real_sample(denoiser, shape, cond, uncond, settings, **kwargs)
 
     monkeypatch.setattr(generation, "initial_noise", record_noise)
-    monkeypatch.setattr(generation, "sample", record_start)
+    monkeypatch.setattr(stages, "sample", record_start)
     picture = _picture(1)
     image_to_image(
         prior, decoder, picture, "a cat", strength=0.8, height=512, width=512, prior_settings=FAST_C,

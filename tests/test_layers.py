@@ -23,8 +23,8 @@ LAYERS: dict[str, int] = {
     **dict.fromkeys(["models", "file_checks"], 2),
     "loading": 3,
     **dict.fromkeys(["conditioning", "sampling", "request"], 4),
-    **dict.fromkeys(["generation", "controlnet", "lora"], 5),
-    **dict.fromkeys(["lora_training", "reconstruction", "display", "panel", "tiny"], 6),
+    **dict.fromkeys(["stages", "generation", "controlnet", "lora"], 5),
+    **dict.fromkeys(["lora_training", "reconstruction", "quality", "display", "panel", "tiny"], 6),
 }
 MODULES = sorted(p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts)
 
