@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from . import values
 from .sampling import OFFICIAL_DECODER, OFFICIAL_PRIOR, StageSettings
 from .sizes import GENERATION, check_size
 
@@ -69,9 +69,7 @@ class GenerationRequest:
                 "for all pictures, or one per prompt"
             )
         count = len(prompts) if self.num_images is None else self.num_images
-        if not (
-            isinstance(count, numbers.Integral) and not isinstance(count, bool) and 1 <= count <= MAX_IMAGES
-        ):
+        if not (values.is_whole(count) and 1 <= count <= MAX_IMAGES):
             raise ValueError(f"num_images must be from 1 to {MAX_IMAGES} (a whole number), not {count!r}")
         if count % len(prompts):
             raise ValueError(
@@ -82,11 +80,7 @@ class GenerationRequest:
         height, width = check_size(self.height, self.width, GENERATION)
         set_(self, "height", height)
         set_(self, "width", width)
-        if not (
-            isinstance(self.seed, numbers.Integral)
-            and not isinstance(self.seed, bool)
-            and 0 <= self.seed <= MAX_SEED
-        ):
+        if not (values.is_whole(self.seed) and 0 <= self.seed <= MAX_SEED):
             raise ValueError(f"seed must be a whole number from 0 to 2**63 - 1, not {self.seed!r}")
         set_(self, "seed", int(self.seed))
         for name in ("prior_settings", "decoder_settings"):

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import difflib
 import math
-import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Literal
@@ -81,12 +80,7 @@ class StageSettings:
     t_start: float = 1.0
 
     def __post_init__(self) -> None:
-        if not (
-            isinstance(self.steps, numbers.Integral)
-            and not isinstance(self.steps, bool)
-            and 1 <= self.steps <= 1000
-        ):
-            raise ValueError(f"steps must be a whole number from 1 to 1000, not {self.steps!r}")
+        values.whole(self.steps, "steps", 1, 1000)
         values.at_least(self.guidance, "guidance", 0.0, "≤ 1 turns guidance off; the official Stage C uses 4")
         values.at_least(
             self.shift,

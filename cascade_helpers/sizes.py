@@ -15,8 +15,9 @@ what the encoder and Stage B's downsamplings need) and LoRA training resolutions
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
+
+from .values import is_whole
 
 LATENT_CHANNELS = 16  # Stage C latents (the EfficientNet encoder's output)
 STAGE_B_CHANNELS = 4  # Stage A latents (Stage B's output)
@@ -41,8 +42,7 @@ class SideRule:
 
     def accepts(self, side: object) -> bool:
         return (
-            isinstance(side, numbers.Integral)
-            and not isinstance(side, bool)
+            is_whole(side)
             and side >= self.minimum
             and (self.maximum is None or side <= self.maximum)
             and side % self.multiple == 0

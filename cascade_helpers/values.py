@@ -17,6 +17,11 @@ def _real(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
 
 
+def is_whole(value: object) -> bool:
+    """A whole number (any integer type, NumPy's too); a bool is not one."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _about(meaning: str) -> str:
     return f" ({meaning})" if meaning else ""
 
@@ -78,3 +83,22 @@ def fraction(value: object, name: str, meaning: str = "") -> float:
     if not (_real(value) and 0.0 <= value <= 1.0):
         raise ValueError(f"{name} must be in [0, 1]{_about(meaning)}, not {value!r}")
     return float(value)
+
+
+def whole(value: object, name: str, low: int, high: int | None = None, meaning: str = "") -> int:
+    """``value`` as an ``int`` if it is a whole number from ``low`` to ``high`` (no upper bound when
+    None), else a ValueError naming ``name`` and the range.
+
+    Args:
+        value: what the caller passed.
+        name: the argument's name, for the message.
+        low, high: the smallest and largest accepted values (``high`` None: no largest).
+        meaning: what the number does, for the message.
+
+    Returns:
+        ``int(value)``.
+    """
+    if not (is_whole(value) and value >= low and (high is None or value <= high)):
+        bounds = f"from {low} to {high}" if high is not None else f"≥ {low}"
+        raise ValueError(f"{name} must be a whole number {bounds}{_about(meaning)}, not {value!r}")
+    return int(value)

@@ -301,7 +301,7 @@ def control_features(
         One entry per Stage C ResBlock: the features for that block, or None.
     """
     strength = values.finite(strength, "strength", "the official cnet_multiplier: 1.0, or 0.8 / 0.6 / 0.3")
-    if not (isinstance(batch, int) and not isinstance(batch, bool) and batch >= 1):
+    if not (values.is_whole(batch) and batch >= 1):
         raise ValueError(f"batch must be the number of pictures (a whole number ≥ 1), not {batch!r}")
     tensor = control.tensor if isinstance(control, ControlInput) else control
     if tensor.dim() != 4 or tensor.shape[1] != controlnet.c_in:
