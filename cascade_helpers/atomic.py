@@ -43,7 +43,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             # a folder cannot be renamed over a non-empty one: move the old one aside first
             old = _temporary_name(path)
             os.replace(path, old)
-            os.replace(temporary, path)
+            try:
+                os.replace(temporary, path)
+            except BaseException:
+                os.replace(old, path)  # the old folder takes its name back: nothing lost
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(temporary, path)
@@ -135,21 +139,6 @@ def save_safetensors(
     prepared = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     with atomic_path(path) as temporary:
         save_file(prepared, str(temporary), metadata=metadata)
-    return Path(path)
-
-
-def torch_save(path: str | os.PathLike, value) -> Path:
-    """``torch.save``, atomically.
-
-    Args:
-        path: the file to write.
-        value: anything :func:`torch.save` accepts.
-
-    Returns:
-        ``path`` as a :class:`~pathlib.Path`.
-    """
-    with atomic_path(path) as temporary:
-        torch.save(value, temporary)
     return Path(path)
 
 

@@ -139,14 +139,19 @@ def read_header(path: str | os.PathLike) -> CheckpointInfo:
             header = json.loads(f.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise CheckpointError(f"{path} is not a safetensors file (its header is not JSON)") from error
-    header.pop("__metadata__", None)
-    data_end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
+    try:  # JSON, but maybe not a safetensors header: every entry needs dtype, shape and offsets
+        header.pop("__metadata__", None)
+        data_end = max((int(entry["data_offsets"][1]) for entry in header.values()), default=0)
+        tensors = {
+            key: TensorInfo(str(entry["dtype"]), tuple(entry["shape"])) for key, entry in header.items()
+        }
+    except (AttributeError, KeyError, TypeError, IndexError, ValueError) as error:
+        raise CheckpointError(f"{path} is not a safetensors file (its header is malformed)") from error
     expected = 8 + header_len + data_end
     if size < expected:
         raise TruncatedCheckpointError(
             f"{path} is incomplete: {size:,} of {expected:,} bytes ({size / expected:.0%}); the download was interrupted"
         )
-    tensors = {key: TensorInfo(entry["dtype"], tuple(entry["shape"])) for key, entry in header.items()}
     return CheckpointInfo(path, identify_kind(tensors), tensors)
 
 

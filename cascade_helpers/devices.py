@@ -248,6 +248,8 @@ def weights_on_gpu(
     from . import files
 
     check_memory(memory)
+    stage_c, stage_b = files.check_size_word(stage_c, "stage_c"), files.check_size_word(stage_b, "stage_b")
+    precision = files.check_precision(precision)
     big = [
         files.STAGE_C[stage_c][precision],
         files.STAGE_B[stage_b][precision],

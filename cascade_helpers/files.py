@@ -20,6 +20,8 @@ Size = Literal["big", "lite"]
 Precision = Literal["bf16", "fp32"]
 #: the model sizes of Stage B and Stage C (the download script's "small" is lite)
 SIZES: tuple[Size, ...] = ("big", "lite")
+#: the precisions the weights are published in (the download script's words: bfloat16, float32)
+PRECISIONS: tuple[Precision, ...] = ("bf16", "fp32")
 
 REPO_DECODER = "stabilityai/stable-cascade"
 REPO_PRIOR = "stabilityai/stable-cascade-prior"
@@ -265,6 +267,22 @@ def check_size_word(size: object, what: str = "variant") -> Size:
     if size not in SIZES:
         raise ValueError(f"{what} must be 'big' or 'lite', not {size!r}")
     return size  # type: ignore[return-value]
+
+
+def check_precision(precision: object) -> Precision:
+    """``precision`` if it names a published precision ('bf16' or 'fp32'), else a ValueError that says
+    which words mean what.
+
+    Args:
+        precision: what the caller passed.
+
+    Returns:
+        ``precision``.
+    """
+    if precision not in PRECISIONS:
+        words = ", ".join(f"{p!r} ({PRECISION_WORDS[p]})" for p in PRECISIONS)
+        raise ValueError(f"precision must be one of {words}, not {precision!r}")
+    return precision  # type: ignore[return-value]
 
 
 def human_size(nbytes: int) -> str:

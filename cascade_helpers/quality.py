@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .sizes import LATENT_CHANNELS
+from .sizes import ENCODING, LATENT_CHANNELS, check_size
 from .sizes import stage_c_latent_size as latent_size
 
 DEFAULT_SIZE = 1024
@@ -114,10 +114,11 @@ def compression(
     """The compression of an uint8 picture of this size into latents stored as ``latent_dtype``.
 
     Args:
-        height, width: the picture's sides in pixels.
+        height, width: the picture's sides in pixels (whole multiples of 32, at least 64).
         latent_dtype: how the latents are stored (``encode_folder`` default: float16).
 
     Returns:
         The :class:`Compression`.
     """
+    height, width = check_size(height, width, ENCODING)
     return Compression((3, height, width), (LATENT_CHANNELS, *latent_size(height, width)), latent_dtype)

@@ -36,7 +36,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from . import files
+from . import files, values
 from .atomic import save_safetensors
 from .checkpoints import CheckpointError, read_header
 from .conditioning import encode_text
@@ -115,7 +115,12 @@ class Autoencoder:
 
 
 def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    """One side or (height, width), checked as the encoder needs it (whole multiples of 32)."""
+    if values.is_whole(size):
+        size = (size, size)
+    if not (isinstance(size, Sequence) and not isinstance(size, str) and len(size) == 2):
+        raise ValueError(f"size must be one side or (height, width) in pixels, not {size!r}")
+    return check_image_size(*size)
 
 
 def check_image_size(height: int, width: int) -> tuple[int, int]:
@@ -168,9 +173,7 @@ def prepare_images(images: Images, size: int | tuple[int, int] | None = DEFAULT_
     if not pictures:
         raise ValueError("no pictures to encode")
     if size is not None:
-        height, width = _pair(size)
-        check_image_size(height, width)
-        return batch_images(pictures, height, width)
+        return batch_images(pictures, *_pair(size))
     tensors = [_crop_to_stride(image_to_tensor(picture)) for picture in pictures]
     sizes = sorted({tuple(t.shape[-2:]) for t in tensors})
     if len(sizes) > 1:
@@ -317,8 +320,9 @@ def decode(
     latents = latents[None] if latents.dim() == 3 else latents
     if latents.shape[1] != LATENT_CHANNELS:
         raise ValueError(f"Stage C latents have {LATENT_CHANNELS} channels, not {latents.shape[1]}")
-    height, width = image_size_for_latents(*latents.shape[-2:]) if size is None else _pair(size)
-    check_image_size(height, width)
+    height, width = (
+        check_image_size(*image_size_for_latents(*latents.shape[-2:])) if size is None else _pair(size)
+    )
     pooled = _pooled(autoencoder, captions, len(latents))
     negative = autoencoder.empty_pooled.expand(len(latents), -1, -1)
     generator = torch.Generator("cpu").manual_seed(seed)

@@ -146,3 +146,28 @@ def test_safetensors_round_trip_with_metadata(tmp_path):
     path = save_safetensors(tmp_path / "x.safetensors", {"x": tensor}, {"source": "test"})
     with safe_open(str(path), framework="pt") as f:
         assert torch.equal(f.get_tensor("x"), tensor) and f.metadata() == {"source": "test"}
+
+
+def test_a_failed_folder_swap_gives_the_old_folder_its_name_back(tmp_path, monkeypatch):
+    """The old folder is moved aside before the new one takes its name; when that second rename fails,
+    the old one must come back, not stay hidden under a temporary name."""
+    import cascade_helpers.atomic as atomic
+
+    target = tmp_path / "checkpoint"
+    target.mkdir()
+    (target / "old.bin").write_text("old")
+    real_replace, calls = os.replace, []
+
+    def replace_failing_second(source, destination):
+        calls.append(source)
+        if len(calls) == 2:
+            raise OSError("disk gone")
+        real_replace(source, destination)
+
+    monkeypatch.setattr(atomic.os, "replace", replace_failing_second)
+    with pytest.raises(OSError, match="disk gone"), atomic_path(target) as temporary:
+        temporary.mkdir()
+        (temporary / "new.bin").write_text("new")
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint"]
+    assert (target / "old.bin").read_text() == "old"

@@ -58,3 +58,22 @@ def test_something_else_than_safetensors(tmp_path):
     path.write_bytes(b"<html>" + b"\x00" * 100)  # e.g. an error page saved under the file's name
     with pytest.raises(CheckpointError, match="not a safetensors file"):
         read_header(path)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"[]",
+        b'{"a": 1}',
+        b'{"a": {"dtype": "F32"}}',
+        b'{"a": {"dtype": "F32", "shape": 3, "data_offsets": 0}}',
+    ],
+)
+def test_json_that_is_no_safetensors_header_is_named(tmp_path, header):
+    """Valid JSON of another layout is a damaged file, named as one (not a bare TypeError or KeyError)."""
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(
+        CheckpointError, match=r"x\.safetensors is not a safetensors file \(its header is malformed\)"
+    ):
+        read_header(path)

@@ -101,3 +101,30 @@ def test_edge_agreement_against_hand_counted_maps():
     assert edge_agreement(a, a).iou == 1.0 and edge_agreement(a, a).differing == 0.0
     with pytest.raises(ValueError, match="different sizes"):
         edge_agreement(a, torch.zeros(1, 1, 4, 5))
+
+
+def test_several_pictures_give_one_control_each():
+    """Like control_input: a list of pictures is a batch, none dropped."""
+    pictures = [_square(), np.ascontiguousarray(_square()[::-1, ::3])]  # the second: a tall rectangle
+    control = aux_control_input("canny", pictures, 1024, 1024)
+    assert control.tensor.shape == (2, 1, 768, 768)
+    assert torch.equal(control.tensor[1:], aux_control_input("canny", pictures[1], 1024, 1024).tensor)
+
+
+@pytest.mark.parametrize("threshold", [float("nan"), 1.0, 2.0, -0.5])
+def test_a_threshold_that_finds_no_edge_is_refused(threshold):
+    """At a threshold no pixel passes, two different maps would "agree" perfectly (IoU 1)."""
+    a, b = torch.zeros(1, 1, 8, 8), torch.ones(1, 1, 8, 8)
+    with pytest.raises(ValueError, match="threshold"):
+        edge_agreement(a, b, threshold=threshold)
+
+
+@pytest.mark.parametrize("name", ["depth_zoe", "openpose", "normal_bae"])
+def test_detectors_no_stable_cascade_controlnet_reads_are_refused_by_kind(name):
+    with pytest.raises(ValueError, match="no released Stable Cascade ControlNet reads them"):
+        aux_detector(name)
+
+
+def test_sizes_generation_would_refuse_are_refused_when_the_control_is_made():
+    with pytest.raises(ValueError, match="height=40"):
+        aux_control_input("canny", _square(), 40, 40)

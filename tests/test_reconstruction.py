@@ -417,3 +417,14 @@ def test_latents_from_elsewhere_decode_at_their_size(tmp_path):
 def test_latent_path_keeps_the_suffix(tmp_path):
     assert latent_path(Path("x/cat.png"), tmp_path) == tmp_path / "cat.png.safetensors"
     assert latent_path(Path("cat.jpg"), tmp_path) != latent_path(Path("cat.png"), tmp_path)
+
+
+@pytest.mark.parametrize("size", [(1024.9, 1024), 1024.0, "64", (64,), (64, 64, 3)])
+def test_a_size_that_is_no_whole_number_pair_is_refused(size):
+    with pytest.raises(ValueError, match="size must be|height=|width="):
+        prepare_images(np.zeros((96, 96, 3), np.uint8), size)
+
+
+def test_compression_of_a_size_the_encoder_cannot_take_is_refused():
+    with pytest.raises(ValueError, match="height=40"):
+        compression(40, 40)

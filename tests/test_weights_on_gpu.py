@@ -34,3 +34,19 @@ def test_without_the_image_encoder():
 def test_unknown_memory_mode_lists_the_valid_ones():
     with pytest.raises(ValueError, match="gpu, model_offload, sequential_offload"):
         weights_on_gpu("big", "big", "bf16", "cpu_offload")
+
+
+@pytest.mark.parametrize(
+    "args,named",
+    [
+        (("small", "big", "bf16"), "stage_c must be 'big' or 'lite', not 'small'"),
+        (("big", "huge", "bf16"), "stage_b must be 'big' or 'lite'"),
+        (
+            ("big", "big", "bfloat16"),
+            r"precision must be one of 'bf16' \(bfloat16\), 'fp32' \(float32\), not 'bfloat16'",
+        ),
+    ],
+)
+def test_unknown_words_are_named(args, named):
+    with pytest.raises(ValueError, match=named):
+        weights_on_gpu(*args, "gpu")

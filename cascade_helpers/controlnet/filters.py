@@ -18,7 +18,7 @@ from .. import values
 from ..effnet import encode as effnet_encode
 from ..images import WIDE_MODES, ImageInput, batch_images, image_to_tensor, resize_and_crop
 from ..models import Prior
-from ..sizes import encoder_input_size
+from ..sizes import GENERATION, check_size, encoder_input_size
 from .kinds import ControlNetType, controlnet_type, released_file
 from .model import ControlNet
 
@@ -223,12 +223,12 @@ def control_size(height: int, width: int) -> tuple[int, int]:
     for 1024²), the size the official examples ran the ControlNets at.
 
     Args:
-        height, width: the generation's picture size in pixels.
+        height, width: the generation's picture size in pixels (checked: the sizes generation takes).
 
     Returns:
         ``(height, width)`` of the control picture.
     """
-    return encoder_input_size(height, width)
+    return encoder_input_size(*check_size(height, width, GENERATION))
 
 
 def control_input(

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from .. import values
 from ..images import ImageInput, batch_images, image_to_tensor, to_pil
 from .filters import ControlInput, control_size
 
@@ -31,6 +32,8 @@ from .filters import ControlInput, control_size
 WEIGHT_FREE: dict[str, str] = {"canny": "CannyDetector", "lineart_standard": "LineartStandardDetector"}
 #: the Hub repo controlnet_aux's other detectors load their weights from
 ANNOTATORS_REPO = "lllyasviel/Annotators"
+#: controlnet_aux.processor names of detectors that draw lines (the canny ControlNet's kind of picture)
+_LINE_KINDS = ("canny", "lineart", "softedge", "scribble", "mlsd")
 
 
 class DetectorWeightsNeededError(RuntimeError):
@@ -67,7 +70,8 @@ def aux_detector(name: str):
         return getattr(aux, WEIGHT_FREE[name])()
     offered = ", ".join(repr(n) for n in WEIGHT_FREE)
     known = aux.processor.MODELS
-    if name in known and known[name]["checkpoint"]:
+    draws_lines = name.startswith(_LINE_KINDS)
+    if name in known and known[name]["checkpoint"] and draws_lines:
         cls = known[name]["class"].__name__
         raise DetectorWeightsNeededError(
             f"controlnet_aux's {name!r} detector ({cls}) needs weights, which it downloads from the Hub "
@@ -75,7 +79,7 @@ def aux_detector(name: str):
             f"{ANNOTATORS_REPO!r})` once (they are cached), then pass `detector` instead of {name!r}. "
             f"Without a download: {offered}"
         )
-    if name in known:
+    if name in known:  # depth, pose, normals, shuffles, faces: no Stable Cascade ControlNet reads them
         raise ValueError(
             f"controlnet_aux's {name!r} makes control pictures for SD ControlNets of its own kind: no "
             f"released Stable Cascade ControlNet reads them (canny reads lines). Line detectors: {offered}"
@@ -101,19 +105,21 @@ def aux_control_input(
     Args:
         detector: a name of :data:`WEIGHT_FREE`, or a detector object (one loaded with
             ``from_pretrained``, see :func:`aux_detector`).
-        image: the picture (file, PIL image, array or tensor).
+        image: the picture (file, PIL image, array or tensor), or several: one control picture each.
         height, width: the generation's size.
         **options: passed to the detector (e.g. ``low_threshold``, ``detect_resolution``).
 
     Returns:
-        A :class:`ControlInput` with a 1×1×h×w tensor in [0, 1], what the canny ControlNet reads.
+        A :class:`ControlInput` with a B×1×h×w tensor in [0, 1], what the canny ControlNet reads.
     """
     if isinstance(detector, str):
         detector = aux_detector(detector)
     size = control_size(height, width)
-    picture = to_pil(batch_images(image, *size))[0]
-    drawn = detector(picture, **{"output_type": "pil", **options})
-    grey = image_to_tensor(np.asarray(drawn)).mean(0, keepdim=True)[None]
+    drawn = [
+        detector(picture, **{"output_type": "pil", **options})
+        for picture in to_pil(batch_images(image, *size))
+    ]
+    grey = torch.stack([image_to_tensor(np.asarray(d)).mean(0, keepdim=True) for d in drawn])
     if tuple(grey.shape[-2:]) != size:
         grey = F.interpolate(grey, size=size, mode="bilinear").clamp(0, 1)
     return ControlInput(grey, grey.expand(-1, 3, -1, -1))
@@ -146,6 +152,9 @@ def edge_agreement(a: torch.Tensor, b: torch.Tensor, threshold: float = 0.5) -> 
     """
     if a.shape != b.shape:
         raise ValueError(f"edge maps of different sizes: {tuple(a.shape)} and {tuple(b.shape)}")
+    threshold = values.fraction(threshold, "threshold", "a pixel above it is an edge")
+    if threshold == 1.0:  # no pixel of a [0, 1] map is above 1: both maps would look empty and "agree"
+        raise ValueError("threshold must be below 1: no pixel of an edge map in [0, 1] is above 1")
     edges_a, edges_b = a > threshold, b > threshold
     either = (edges_a | edges_b).sum().item()
     return EdgeAgreement(

@@ -67,7 +67,13 @@ def refuse_streamed(model: nn.Module) -> None:
         )
 
 
-def _refuse_second_lora(model: nn.Module) -> None:
+def refuse_second_lora(model: nn.Module) -> None:
+    """Refuse a model that already carries LoRA layers (one LoRA per model: a second one would mix
+    with the first), or whose weights stream in (:func:`refuse_streamed`), before anything changes.
+
+    Raises:
+        LoraError: naming what to load instead.
+    """
     from peft.tuners.lora import LoraLayer
 
     refuse_streamed(model)
@@ -99,20 +105,24 @@ def inject_lora(model: nn.Module, rank: int = 4, alpha: float = 1.0, targets=ATT
     from peft import LoraConfig, inject_adapter_in_model
     from peft.tuners.tuners_utils import cast_adapter_dtype
 
-    _refuse_second_lora(model)
+    refuse_second_lora(model)
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets)
     inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     cast_adapter_dtype(model, ADAPTER)
     return list(lora_layers(model))
 
 
-def apply_factors(model: nn.Module, factors: Mapping[str, LoraFactors], strength: float = 1.0) -> None:
+def apply_factors(
+    model: nn.Module, factors: Mapping[str, LoraFactors], strength: float = 1.0, *, checked: bool = False
+) -> None:
     """Put given LoRA factors on the named modules of ``model`` (each its own rank and alpha).
 
     Args:
         model: a UNet or text encoder without a LoRA.
         factors: module name → :class:`LoraFactors`; empty does nothing.
         strength: the LoRA's weight (:func:`set_lora_strength`): 0 off, 1 as trained.
+        checked: the caller ran :func:`check_factors` on these factors already (``load_lora`` checks
+            everything before it changes anything): skip the second pass over every factor.
 
     Raises:
         LoraError: what :func:`check_factors` refuses (checked before anything changes).
@@ -123,7 +133,8 @@ def apply_factors(model: nn.Module, factors: Mapping[str, LoraFactors], strength
     values.finite(strength, "strength", "the LoRA's weight: 0 off, 1 as trained")
     if not factors:
         return
-    check_factors(model, factors)
+    if not checked:
+        check_factors(model, factors)
     ranks = Counter(f.rank for f in factors.values())
     config = LoraConfig(
         r=ranks.most_common(1)[0][0],
@@ -155,7 +166,7 @@ def check_factors(model: nn.Module, factors: Mapping[str, LoraFactors]) -> None:
     """
     if not factors:
         return
-    _refuse_second_lora(model)
+    refuse_second_lora(model)
     modules = dict(model.named_modules())
     for name, f in factors.items():
         if name not in modules or not hasattr(modules[name], "weight"):
