@@ -116,7 +116,7 @@ def encode_image_clip(prior: Prior, images: torch.Tensor) -> torch.Tensor:
 
     Args:
         prior: a prior loaded with ``image_encoder=True``.
-        images: B×3×H×W in [0, 1], on any device (prepared by :func:`clip_image_input`).
+        images: B×3×H×W in [0, 1], on any device, not yet prepared: :func:`clip_image_input` runs here.
 
     Returns:
         B×1×768 for ViT-L/14 (E: the encoder's projection width), float32, on the prior's device.

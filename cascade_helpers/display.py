@@ -1,6 +1,6 @@
 """Showing pictures in a notebook: grids with titles, live previews during sampling, a live loss
 curve, and PNG files that remember how they were made. (The interactive generation panel is
-:mod:`cascade_helpers.panel`; ``GenerationPanel`` is importable from here too.)"""
+:mod:`cascade_helpers.panel`.)"""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from .atomic import atomic_path, claim_name
 from .generation import Generation, preview_stage_c
 from .images import as_pil_list, image_grid
 from .models import Prior
+from .request import per_picture
 
 
 def show_images(images, titles: Sequence[str] | None = None, columns: int | None = None, size: float = 4.0):
@@ -127,23 +128,17 @@ def save_generation(
     seed = generation.settings.get("seed", 0)
     names = [f"{prefix}-{{number:04d}}-seed{seed}-{index}.png" for index in range(len(generation.images))]
     paths = _claim_run(folder, prefix, names)
-    prompts = _picture_prompts(generation.settings, len(generation.images))
+    prompt = generation.settings.get("prompt", "")
+    prompts = per_picture([prompt] if isinstance(prompt, str) else list(prompt), len(generation.images))
     for index, (picture, path) in enumerate(zip(generation.images, paths, strict=True)):
         settings = {**generation.settings, "index": index}
         info = PIL.PngImagePlugin.PngInfo()
         info.add_text(SETTINGS_CHUNK, json.dumps(settings))
-        info.add_text("Description", prompts[index])
+        info.add_text("Description", str(prompts[index]))
         info.add_text("Software", "cascade_helpers (Stable Cascade)")
         with atomic_path(path) as temporary:
             picture.save(temporary, format="PNG", pnginfo=info)
     return paths
-
-
-def _picture_prompts(settings: dict, count: int) -> list[str]:
-    """Each picture's own prompt: a list of prompts gives each its share of the pictures in order."""
-    prompt = settings.get("prompt", "")
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    return [str(prompts[i * len(prompts) // count]) for i in range(count)]
 
 
 def read_settings(path: str | os.PathLike) -> dict:
@@ -277,13 +272,3 @@ class LiveLossPlot:
         buffer = io.BytesIO()
         self.figure().savefig(buffer, format="png", dpi=80)
         self._area.show(Image(data=buffer.getvalue()))
-
-
-def __getattr__(name: str):
-    """``GenerationPanel`` moved to :mod:`cascade_helpers.panel`; ``display.GenerationPanel`` still works
-    (imported on first use: the panel needs the generation code, which needs this module)."""
-    if name in ("GenerationPanel", "PANEL_SIZES"):
-        from . import panel
-
-        return getattr(panel, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

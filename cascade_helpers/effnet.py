@@ -24,7 +24,7 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from .sizes import DOWNSCALE, LATENT_CHANNELS, STRIDE, encoder_input_size
+from .sizes import LATENT_CHANNELS, SMALLEST_ENCODABLE_SIDE, STRIDE, encoder_input_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -72,7 +72,7 @@ def preprocess(images: torch.Tensor, *, downscale: bool = True) -> torch.Tensor:
         if min(size) < STRIDE:
             raise ValueError(
                 f"pictures of {images.shape[-2]}×{images.shape[-1]} px are too small for the EfficientNet "
-                f"encoder: each side must be at least {int(STRIDE / DOWNSCALE) + 1} px"
+                f"encoder: each side must be at least {SMALLEST_ENCODABLE_SIDE} px"
             )
         images = TF.resize(images, list(size), interpolation=InterpolationMode.NEAREST)
     return normalize(images)

@@ -18,7 +18,7 @@ import torch
 from . import values
 from .conditioning import TextEmbeddings, encode_text
 from .controlnet.model import ControlOutputs
-from .images import ImageInput, to_pil
+from .images import ImageInput, image_to_tensor, to_pil
 from .models import Decoder, Prior
 from .request import MAX_IMAGES, GenerationRequest, Prompt, make_request
 from .sampling import StepCallback, diffuse, initial_noise
@@ -155,6 +155,9 @@ def _run_from_latents(
         return _run(prior, decoder, request, stage_c_latents=latents, **kwargs)
     noise = initial_noise(latents.shape, _generator(request.seed + 1), prior.device)
     settings = request.prior_settings.with_(t_start=noise_level, steps=steps)
+    # the settings record what Stage C ran ("prior") and what was asked ("requested_prior"): the
+    # request rebuilt from them (GenerationRequest.from_dict) makes the same pictures again
+    kwargs["extra"] = {**kwargs.get("extra", {}), "requested_prior": request.prior_settings.as_dict()}
     return _run(
         prior,
         decoder,
@@ -254,6 +257,7 @@ def image_to_image(
     extra = {"strength": strength}
     steps = {"callback": callback, "decoder_callback": decoder_callback, "progress": progress}
     if strength == 1.0:
+        image_to_tensor(image)  # unused at this strength, but a missing or broken picture is still named
         return _run(prior, decoder, request, extra=extra, **steps)
     encoded = encode_picture(prior, image, request.height, request.width)
     latents = encoded.repeat_interleave(request.num_images, 0)

@@ -199,9 +199,7 @@ class GenerationPanel:
         self.status.value = f"seed {self.seed.value}, {width} × {height}"
         if self.output_dir is not None:
             paths = save_generation(result, self.output_dir)
-            self.status.value += (
-                f" — saved {', '.join(html.escape(p.name) for p in paths)} in {self.output_dir}"
-            )
+            self.status.value += f" — saved {', '.join(html.escape(p.name) for p in paths)} in {html.escape(str(self.output_dir))}"
         return result
 
     def _on_click(self, _button) -> None:
@@ -210,7 +208,7 @@ class GenerationPanel:
         self.button.disabled = True
         try:
             self.generate()
-        except (ValueError, RuntimeError) as error:
+        except Exception as error:  # every error: shown in the panel, where the user looks
             self.status.value = f"<b style='color:#b00'>{html.escape(str(error))}</b>"
         finally:
             self.button.disabled = False

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-LATENT_CHANNELS = 16
+from .sizes import LATENT_CHANNELS
 
 
 def _stage(layer: nn.Conv2d | nn.ConvTranspose2d) -> list[nn.Module]:

@@ -30,6 +30,20 @@ def _prompt_tuple(value: object, name: str) -> tuple[str, ...]:
     raise TypeError(f"{name} must be a string or a non-empty list of strings, not {value!r}")
 
 
+def per_picture(prompts: Sequence[str], count: int) -> list[str]:
+    """Each of ``count`` pictures' prompt: the prompts take equal shares of the pictures, in order
+    (``["a cat", "a dog"]`` for 4 pictures: cat, cat, dog, dog).
+
+    Args:
+        prompts: one prompt or more, in order.
+        count: how many pictures.
+
+    Returns:
+        ``count`` prompts.
+    """
+    return [prompts[i * len(prompts) // count] for i in range(count)]
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """What every generation shares: the prompts, the picture size and count, the seed and both
@@ -92,16 +106,12 @@ class GenerationRequest:
     @property
     def prompts(self) -> list[str]:
         """The prompt of each picture, in order."""
-        prompts = _prompt_tuple(self.prompt, "prompt")
-        return [p for p in prompts for _ in range(self.num_images // len(prompts))]
+        return per_picture(_prompt_tuple(self.prompt, "prompt"), self.num_images)
 
     @property
     def negative_prompts(self) -> list[str]:
         """The negative prompt of each picture, in order."""
-        negatives = _prompt_tuple(self.negative_prompt, "negative_prompt")
-        if len(negatives) == 1:
-            return list(negatives) * self.num_images
-        return [n for n in negatives for _ in range(self.num_images // len(negatives))]
+        return per_picture(_prompt_tuple(self.negative_prompt, "negative_prompt"), self.num_images)
 
     def replace(self, **changes: Any) -> GenerationRequest:
         """A copy with some fields changed (checked again)."""
@@ -119,11 +129,14 @@ class GenerationRequest:
     @classmethod
     def from_dict(cls, settings: dict) -> GenerationRequest:
         """The request saved in a generation's settings (``Generation.settings``, or a PNG's through
-        :func:`cascade_helpers.display.read_settings`): the same request makes the same pictures."""
+        :func:`cascade_helpers.display.read_settings`): the same request makes the same pictures.
+        Where Stage C started from a picture's latents (image-to-image, ControlNet init pictures) it ran
+        fewer steps than asked: ``prior`` records what it ran, ``requested_prior`` what was asked, and
+        the request takes the latter."""
         fields = {f.name for f in dataclasses.fields(cls)} - {"prior_settings", "decoder_settings"}
         return cls(
             **{k: v for k, v in settings.items() if k in fields},
-            prior_settings=StageSettings(**settings["prior"]),
+            prior_settings=StageSettings(**settings.get("requested_prior", settings["prior"])),
             decoder_settings=StageSettings(**settings["decoder"]),
         )
 

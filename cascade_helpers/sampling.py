@@ -280,7 +280,7 @@ def _cat(cond: Input | None, uncond: Input | None) -> Input | None:
         return torch.cat([cond, uncond])
     if cond is None or uncond is None:
         return None
-    both = zip(cond, uncond, strict=False)
+    both = zip(cond, uncond, strict=True)
     return [torch.cat([c, u]) if c is not None and u is not None else None for c, u in both]
 
 
@@ -427,7 +427,7 @@ def _sample_diffusers(denoiser, x, cond, doubled, settings, generator, callback,
     scheduler.set_timesteps(timesteps=times.tolist(), device=x.device)
     for i in bar:
         r = scheduler.timesteps[i].expand(x.shape[0])
-        eps = guided_prediction(denoiser, x, r, cond, doubled, settings.with_(guidance_rescale=0.0))
+        eps = guided_prediction(denoiser, x, r, cond, doubled, settings)  # rescale is 0 here (checked)
         x = scheduler.step(eps.float(), r, x, generator=generator).prev_sample
         if callback is not None:
             callback(i, x, x)

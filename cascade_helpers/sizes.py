@@ -24,6 +24,8 @@ STAGE_B_CHANNELS = 4  # Stage A latents (Stage B's output)
 DOWNSCALE = 3 / 4  # picture side → EfficientNet input side
 STRIDE = 32  # EfficientNetV2-S reduces each side 32×
 STAGE_A_COMPRESSION = 4  # picture side / Stage A latent side (1024 → 256)
+#: the smallest picture side the 3/4 downscale leaves one encoder stride of (43 px)
+SMALLEST_ENCODABLE_SIDE = math.ceil(STRIDE / DOWNSCALE)
 
 
 @dataclass(frozen=True)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import html
 import io
 
 import PIL.Image
 import pytest
 import torch
 
-from cascade_helpers.display import GenerationPanel, LivePreview, read_settings, save_generation
+from cascade_helpers.display import LivePreview, read_settings, save_generation
 from cascade_helpers.generation import Generation, text_to_image
+from cascade_helpers.panel import GenerationPanel
 from cascade_helpers.sampling import OFFICIAL_DECODER, OFFICIAL_PRIOR
 
 
@@ -173,3 +175,23 @@ def test_errors_show_in_the_panel(panel, monkeypatch):
     panel.button.click()
     assert "height=100: use a multiple of 128" in panel.status.value
     assert not panel.button.disabled
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        FloatingPointError("Stage C produced NaN or infinite values"),  # NonFiniteLatentsError's base
+        PermissionError("outputs/panel is read-only"),
+        TypeError("a <b>bad</b> value"),
+    ],
+)
+def test_every_error_shows_in_the_panel_escaped(panel, monkeypatch, error):
+    """A button callback's exception otherwise reaches only the browser console."""
+
+    def fail():
+        raise error
+
+    monkeypatch.setattr(panel, "generate", fail)
+    panel.button.click()
+    assert html.escape(str(error)) in panel.status.value
+    assert "<b>bad</b>" not in panel.status.value

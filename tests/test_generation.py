@@ -24,6 +24,7 @@ from cascade_helpers.generation import (
     text_to_image,
     variation_embeddings,
 )
+from cascade_helpers.request import GenerationRequest
 from cascade_helpers.sampling import OFFICIAL_DECODER, OFFICIAL_PRIOR
 
 FAST_C = OFFICIAL_PRIOR.with_(steps=5)
@@ -184,6 +185,12 @@ def test_strength_1_ignores_the_picture(tiny_pipeline):
     assert np.array_equal(np.asarray(result.images[0]), np.asarray(plain.images[0]))
 
 
+def test_strength_1_still_names_a_missing_picture(tiny_pipeline, tmp_path):
+    prior, decoder = tiny_pipeline
+    with pytest.raises(FileNotFoundError, match="nowhere.png"):
+        image_to_image(prior, decoder, tmp_path / "nowhere.png", "a cat", strength=1.0, height=512, width=512)
+
+
 def test_partial_strength_runs_the_official_number_of_steps_from_the_picture(tiny_pipeline):
     """Official example: noise to 0.8 and run int(20 × 0.8) = 16 of the 20 steps, from t = 0.8."""
     prior, decoder = tiny_pipeline
@@ -202,6 +209,21 @@ def test_partial_strength_runs_the_official_number_of_steps_from_the_picture(tin
     other_picture = run(_picture(2))
     assert not torch.allclose(first.stage_c_latents, other_picture.stage_c_latents), "the picture matters"
     assert not torch.allclose(first.stage_c_latents, _t2i(tiny_pipeline, seed=4).stage_c_latents)
+
+
+def test_an_image_to_image_request_rebuilt_from_its_settings_makes_the_same_pictures(tiny_pipeline):
+    """Stage C ran 4 of the 5 steps asked; the request rebuilt from the settings must ask for 5 again
+    (rebuilt from what ran, a replay would run int(4 × 0.8) = 3)."""
+    prior, decoder = tiny_pipeline
+    picture = _picture(1)
+    options = {"strength": 0.8, "height": 512, "width": 512, "seed": 4}
+    first = image_to_image(
+        prior, decoder, picture, "a cat", prior_settings=FAST_C, decoder_settings=FAST_B, **options
+    )
+    request = GenerationRequest.from_dict(first.settings)
+    assert request.prior_settings == FAST_C
+    again = image_to_image(prior, decoder, picture, request, strength=first.settings["strength"])
+    assert torch.equal(again.stage_c_latents, first.stage_c_latents)
 
 
 def test_the_picture_is_noised_on_the_unshifted_schedule(tiny_pipeline, monkeypatch):
