@@ -46,6 +46,13 @@ def test_notebooks_are_as_nbstripout_leaves_them():
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_names_its_kernel(notebook):
+    """JupyterLab and Colab start the kernel the notebook names; without one JupyterLab asks."""
+    kernelspec = json.loads(notebook.read_text())["metadata"].get("kernelspec", {})
+    assert kernelspec.get("name") == "python3", "restore metadata.kernelspec (a stripping tool removed it)"
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_is_stored_without_outputs(notebook):
     cells = json.loads(notebook.read_text())["cells"]
     dirty = [
