@@ -1,8 +1,8 @@
 """The whole cascade, prompt → pixels, timed per stage as the official speed chart was measured (a
 benchmark, not a test): how fast and how big is Stable Cascade on *this* machine?
 
-The official README's chart: batch 4, 1024×1024, Stage C 20 steps + Stage B 10 steps (6.08 s + 4.07 s
-on their GPU). This script runs that path with **full-size models of random weights** built from the
+The official README's chart: batch 4, Stage C 20 steps + Stage B 10 steps (6.08 s + 4.07 s on their
+GPU); the chart states no resolution, and this script runs 1024×1024, the models' native size. This script runs that path with **full-size models of random weights** built from the
 shipped configs (``cascade_helpers/configs``; nothing is downloaded — the cost of a forward pass does
 not depend on the weights' values): Stage C and Stage B big or lite, Stage A, and the CLIP ViT-bigG/14
 text tower with projection (:data:`BIG_G_TEXT`, 0.69 B parameters). A real-sized CLIP tokenizer needs
@@ -16,7 +16,9 @@ on fresh modules that share one copy of the weights:
   bundles placed by ``devices.place``, with the official sampler (Stage B guidance 1.1 doubles Stage
   B's batch — the official code does the same);
 - **ours, diffusers' settings**: the same with ``DIFFUSERS_PRIOR`` / ``DIFFUSERS_DECODER`` (Stage B
-  unguided): the same work as diffusers' pipeline, so the ratio to it is our overhead;
+  unguided): the same sampling work as diffusers' pipeline, so the ratio of the Stage C and Stage B
+  rows is our sampling overhead. Text encoding differs: we encode the prompt and the negative prompt
+  in one call, its sub-pipelines each encode them, separately;
 - **diffusers**: ``StableCascadeCombinedPipeline`` built from the same weights at diffusers' settings
   (its documented 20 + 10 steps, guidance 4 and 0), every model in the working dtype as its
   ``from_pretrained(torch_dtype=...)`` loads them, with one text encoder per sub-pipeline as it
@@ -69,7 +71,7 @@ from torch import nn
 
 from cascade_helpers.checkpoints import Architecture, config_dir
 from cascade_helpers.devices import MEMORY_MODES, pick_dtype, place
-from cascade_helpers.files import VARIANT_WORDS
+from cascade_helpers.files import VARIANT_WORDS, VARIANTS
 from cascade_helpers.generation import text_to_image
 from cascade_helpers.models import Decoder, Prior
 from cascade_helpers.sampling import DIFFUSERS_DECODER, DIFFUSERS_PRIOR, OFFICIAL_DECODER, OFFICIAL_PRIOR
@@ -513,10 +515,6 @@ def build_parts(setup: Setup, tiny: bool, seed: int = 0) -> None:
 # --- the command line -------------------------------------------------------------------------------
 
 
-def _architecture(word: str) -> Architecture:
-    return "big" if word == "big" else "lite"
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -584,7 +582,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = tiny_tokenizer()
     setup = None
     for variant in args.variant or (["big-big", "small-small"] if gpu and not args.tiny else ["small-small"]):
-        stage_b, stage_c = (_architecture(w) for w in variant.split("-"))
+        stage_b, stage_c = VARIANTS[variant]
         architectures = {
             "stage_c": "tiny" if args.tiny else stage_c,
             "stage_b": "tiny" if args.tiny else stage_b,

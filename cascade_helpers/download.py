@@ -29,15 +29,11 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from . import files
-from .files import ModelFile, Precision, Size
+from .files import ModelFile
 
 ESSENTIAL, CONTROLNET, LORA, ALL = "essential", "controlnet", "lora", "all"
-VARIANTS: dict[str, tuple[Size, Size]] = {
-    files.variant_word(stage_b, stage_c): (stage_b, stage_c)
-    for stage_b in ("big", "lite")
-    for stage_c in ("big", "lite")
-}
-PRECISIONS: dict[str, Precision] = {word: precision for precision, word in files.PRECISION_WORDS.items()}
+VARIANTS = files.VARIANTS
+PRECISIONS = files.PRECISIONS_BY_WORD
 WORDS = (ESSENTIAL, *VARIANTS, *PRECISIONS, CONTROLNET, LORA, ALL)
 OPTIONS = ("--models-dir", "--dry-run", "--verify", "--help")
 # Partial files live inside the models folder: same disk, so the final move is a rename.

@@ -6,8 +6,9 @@ module, so a file name is written exactly once. Local paths mirror the Hub paths
 ``huggingface_hub`` leaves in ``--models-dir`` and what the official configs expect for the
 top-level single files (``models/stage_c_bf16.safetensors`` ...).
 
-Sizes are the published ones (decimal units); downloads verify files against the Hub's sha256,
-these numbers are only for ``--dry-run`` totals and the free-disk check.
+Sizes are the published ones (decimal units); downloads verify files against the Hub's checksums
+(sha256 for LFS files, the git blob sha1 for small ones), these numbers are only for ``--dry-run``
+totals and the free-disk check.
 """
 
 from __future__ import annotations
@@ -196,8 +197,9 @@ def all_files() -> list[ModelFile]:
 
 # --- the command that fetches a set of files -------------------------------------------------------
 
-VARIANT_WORDS = ("big-big", "big-small", "small-big", "small-small")
 PRECISION_WORDS: dict[Precision, str] = {"bf16": "bfloat16", "fp32": "float32"}
+#: the download script's precision words → precisions: ``"bfloat16"`` → ``"bf16"``
+PRECISIONS_BY_WORD: dict[str, Precision] = {word: precision for precision, word in PRECISION_WORDS.items()}
 _SIZE_WORD: dict[Size, str] = {"big": "big", "lite": "small"}
 
 
@@ -211,6 +213,11 @@ def variant_word(stage_b: Size, stage_c: Size) -> str:
         One of :data:`VARIANT_WORDS`, e.g. ``"big-small"`` for a big Stage B and a lite Stage C.
     """
     return f"{_SIZE_WORD[stage_b]}-{_SIZE_WORD[stage_c]}"
+
+
+#: the official variant words → (Stage B size, Stage C size): ``"big-small"`` → ``("big", "lite")``
+VARIANTS: dict[str, tuple[Size, Size]] = {variant_word(b, c): (b, c) for b in SIZES for c in SIZES}
+VARIANT_WORDS = tuple(VARIANTS)
 
 
 def download_command(

@@ -495,8 +495,8 @@ def main(argv: list[str] | None = None) -> None:
         "--demo", action="store_true", help="then generate one (random-weights) picture with them"
     )
     args = parser.parse_args(argv)
-    stage_b, stage_c = (("big" if w == "big" else "lite") for w in args.variant.split("-"))
-    precision = next(p for p, word in files.PRECISION_WORDS.items() if word == args.precision)
+    stage_b, stage_c = files.VARIANTS[args.variant]
+    precision = files.PRECISIONS_BY_WORD[args.precision]
     folder = write_tiny_models(
         args.models_dir,
         stage_c=stage_c,

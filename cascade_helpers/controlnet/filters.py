@@ -294,13 +294,13 @@ def control_features(
     Args:
         controlnet: the loaded ControlNet (:func:`load_controlnet`).
         control: what :func:`control_input` made, or its B×c_in×H×W tensor.
-        strength: the official ``cnet_multiplier``: 1.0, or 0.8 / 0.6 / 0.3 for a looser hold.
+        strength: the official ``cnet_multiplier``: 1.0, or 0.8 / 0.3 for a looser hold.
         batch: how many pictures the generation makes (its ``num_images``).
 
     Returns:
         One entry per Stage C ResBlock: the features for that block, or None.
     """
-    strength = values.finite(strength, "strength", "the official cnet_multiplier: 1.0, or 0.8 / 0.6 / 0.3")
+    strength = values.finite(strength, "strength", "the official cnet_multiplier: 1.0, or 0.8 / 0.3")
     if not (values.is_whole(batch) and batch >= 1):
         raise ValueError(f"batch must be the number of pictures (a whole number ≥ 1), not {batch!r}")
     tensor = control.tensor if isinstance(control, ControlInput) else control
