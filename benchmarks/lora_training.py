@@ -1,10 +1,13 @@
 """Speed and peak memory of one Stage C LoRA training step (a benchmark, not a test).
 
-One step is what ``LoraTrainer`` does per picture: the official loss (``stage_c_loss``: noise at a
-random time, predict the noise, P2-weighted MSE) through a full-size Stage C with the default LoRA
-(rank 4 on attention q/k/v/out, float32 LoRA weights), the backward pass, and an AdamW update of the
-LoRA weights; batch 1, conditioning of the real shapes (77×1280 text, pooled 1280, image 768; the text
+One step here is one picture's forward and backward pass followed by an AdamW update of the LoRA
+weights: the official loss (``stage_c_loss``: noise at a random time, predict the noise, P2-weighted
+MSE) through a full-size Stage C with the default LoRA (rank 4 on attention q/k/v/out, float32 LoRA
+weights); batch 1, conditioning of the real shapes (77×1280 text, pooled 1280, image 768; the text
 encoder itself is not run: with a learned token it adds a bigG text-encoder pass per caption).
+``LoraTrainer`` runs the same forward and backward pass for each picture but updates the weights once
+per ``batch_size × gradient_accumulation`` pictures (4 by default), so one of its updates is not one
+of these steps.
 
 It runs gradient checkpointing **off** (the baseline) and **on**, each in its own subprocess so each
 peak is its own, and prints steps per second, seconds per step, peak memory and the ratios

@@ -199,3 +199,35 @@ def test_taking_over_an_existing_word_needs_the_keyword(tiny_models, ours, tmp_p
     )
     assert info.tokens == ("cat",)
     assert prior.tokenizer.tokenize("cat")[0] == "cat"  # the added token, no longer the word cat</w>
+
+
+def test_a_load_checks_each_thing_once_and_the_parts_still_check_alone(
+    tiny_models, official, ours, tmp_path, monkeypatch
+):
+    """``load_lora`` checks everything before it changes anything, then applies without checking the
+    same factors (a pass over every weight) and tokens again; called alone, the parts check."""
+    import collections
+
+    from cascade_helpers.lora import LoraFactors, adapters, add_tokens, apply_factors, load, tokens
+
+    calls = collections.Counter()
+
+    def counted(module, name):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, **k: calls.update([name]) or real(*a, **k))
+
+    for module in (adapters, load, tokens):
+        for name in ("check_factors", "check_new_tokens", "check_token_width"):
+            if hasattr(module, name):
+                counted(module, name)
+    load_lora(_fresh(tiny_models), official, new_tokens=FERNANDO)
+    assert calls == {"check_factors": 1, "check_new_tokens": 1, "check_token_width": 1}
+    calls.clear()
+    load_lora(_fresh(tiny_models), _our_file(ours, tmp_path))  # UNet and (no) text-encoder factors
+    assert calls == {"check_factors": 2, "check_new_tokens": 1, "check_token_width": 1}
+    prior = _fresh(tiny_models)
+    name, nan = "down_blocks.0.2.attention.to_q", torch.full((2, 32), NAN)
+    with pytest.raises(LoraError, match="hold NaN"):
+        apply_factors(prior.unet, {name: LoraFactors(nan, torch.zeros(32, 2), 1.0)})
+    with pytest.raises(LoraError, match="'cat' is already a word"):
+        add_tokens(prior.text_encoder, prior.tokenizer, {"cat": torch.zeros(32)})

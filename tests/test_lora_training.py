@@ -16,6 +16,7 @@ import shutil
 import signal
 import types
 from pathlib import Path
+from unittest import mock
 
 import PIL.Image
 import pytest
@@ -38,6 +39,7 @@ from cascade_helpers.lora_training import (
     find_training_images,
     main,
     read_picture,
+    scaled_size,
     stage_c_loss,
     write_example_images,
 )
@@ -262,6 +264,28 @@ def test_a_token_missing_from_the_captions_is_refused(fresh_prior, pictures, sha
         trainer.prepare()
 
 
+def test_the_parts_the_run_uses_are_required_before_anything_is_encoded(
+    fresh_prior, tiny_models, pictures, tmp_path
+):
+    from cascade_helpers.loading import load_prior
+
+    config = make_config(pictures, tmp_path, tmp_path / "cache", image_embed_probability=0.5)
+    with pytest.raises(
+        TrainingError,
+        match=r"image_embed_probability=0\.5 .*needs the CLIP image encoder.*image_encoder=True",
+    ):
+        LoraTrainer(fresh_prior(image_encoder=False), config).prepare()
+    no_previewer = load_prior(
+        tiny_models, "big", dtype="fp32", device="cpu", image_encoder=False, previewer=False
+    )
+    config = make_config(pictures, tmp_path, tmp_path / "cache", resolution=512, validation_prompts=["a cat"])
+    with pytest.raises(
+        TrainingError, match="validation without a decoder .*needs the previewer.*previewer=True"
+    ):
+        LoraTrainer(no_previewer, config).prepare()
+    assert not (tmp_path / "cache").exists()  # refused before any picture was encoded
+
+
 def test_the_command_line_trains_from_a_saved_config(tiny_models, pictures, shared_cache, tmp_path):
     """What ``accelerate launch -m cascade_helpers.lora_training --config ...`` runs, on one process."""
     config = make_config(pictures, tmp_path, shared_cache, steps=1, models_dir=str(tiny_models), dtype="fp32")
@@ -374,6 +398,10 @@ def test_the_learning_rate_follows_the_cosine_schedule_after_warm_up(
     [
         ("keep_checkpoints", -1),
         ("new_tokens", [("[rex]", "(dog")]),
+        ("new_tokens", ["ab"]),  # a string of two letters is no (token, regex) pair
+        ("new_tokens", [5]),
+        ("new_tokens", [("", "^dog</w>")]),
+        ("new_tokens", "[rex]"),
         ("targets", []),
         ("stage_c", "huge"),
         ("lr_scheduler", "cosine_annealing"),
@@ -415,6 +443,17 @@ def test_settings_that_contradict_each_other_or_the_prior_are_refused(
         TrainingError, match="precision='fp32' trains in float32, but the prior was loaded in torch.bfloat16"
     ):
         LoraTrainer(bf16_prior, make_config(pictures, tmp_path, tmp_path, precision="fp32"))
+
+
+def test_a_config_file_without_a_required_setting_is_named(pictures, tmp_path):
+    settings = json.loads(make_config(pictures, tmp_path, tmp_path).save(tmp_path / "run.json").read_text())
+    del settings["images"]
+    (tmp_path / "no_images.json").write_text(json.dumps(settings))
+    with pytest.raises(TrainingError, match=r"no_images\.json: the setting\(s\) \['images'\] are missing"):
+        LoraTrainingConfig.load(tmp_path / "no_images.json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(TrainingError, match=r"list\.json: the settings must be a JSON object"):
+        LoraTrainingConfig.load(tmp_path / "list.json")
 
 
 def test_a_saved_config_reads_back_and_an_unknown_setting_is_named(pictures, tmp_path):
@@ -465,6 +504,50 @@ def test_small_pictures_are_skipped_by_name_and_large_ones_scaled_down(tmp_path)
         find_training_images(tmp_path, min_image_size=300)
     assert read_picture(tmp_path / "wide_cat.png", max_side=50).shape == (3, 50, 100)
     assert read_picture(tmp_path / "wide_cat.png", max_side=500).shape == (3, 100, 200)
+
+
+@pytest.mark.parametrize(("height", "width"), [(101, 333), (333, 101), (77, 77), (50, 300), (299, 300)])
+def test_the_size_from_the_header_is_the_size_read_picture_gives(tmp_path, height, width):
+    PIL.Image.new("RGB", (width, height)).save(tmp_path / "cat.png")
+    (image,) = find_training_images(tmp_path)
+    assert image.size == (height, width)
+    for max_side in (None, 50, 64, 100, 500):
+        decoded = read_picture(tmp_path / "cat.png", max_side).shape[-2:]
+        assert scaled_size(*image.size, max_side) == tuple(decoded), max_side
+
+
+def test_a_cached_picture_is_not_decoded_again(fresh_prior, pictures, tmp_path, monkeypatch):
+    from cascade_helpers.lora_training import data
+
+    config = make_config(pictures, tmp_path / "a", tmp_path / "cache", max_image_size=64)
+    assert LoraTrainer(fresh_prior(), config).prepare().latents_computed == 2
+    decode = mock.Mock(wraps=data.image_to_tensor)
+    monkeypatch.setattr(data, "image_to_tensor", decode)
+    config = make_config(pictures, tmp_path / "b", tmp_path / "cache", max_image_size=64)
+    second = LoraTrainer(fresh_prior(), config)
+    assert second.prepare().latents_cached == 2
+    assert decode.call_count == 0
+    assert {item.bucket for item in second.items} == {(192, 192)}
+
+
+def test_a_cache_entry_keyed_without_crop_and_size_is_not_read(fresh_prior, pictures, tmp_path):
+    """Crop and maximum size change the latents: they are always part of the key, the defaults too."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    from cascade_helpers.lora_training.cache import _cache_file, fingerprint
+
+    prior, sizes = fresh_prior(), bucket_sizes(256, ["1/1"])
+    images = find_training_images(pictures)[:1]
+    digest = hashlib.sha1(images[0].path.read_bytes()).hexdigest()
+    keyless = _cache_file(tmp_path / "latents", digest, str((192, 192)), fingerprint(prior.effnet), "-")
+    keyless.parent.mkdir()
+    save_file({"latents": torch.zeros(16, 6, 6)}, str(keyless))
+    report = CacheReport()
+    (item,) = cache_images(prior, images, sizes, tmp_path, False, report)
+    assert (report.latents_computed, report.latents_cached) == (1, 0)
+    assert item.latents.abs().sum() > 0
 
 
 def test_a_random_crop_is_a_window_of_the_scaled_picture_chosen_once_per_picture():

@@ -4,6 +4,7 @@ and Ctrl-C stops the command line with exit status 130 after saving."""
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import shutil
@@ -15,7 +16,14 @@ import PIL.Image
 import pytest
 from training_setup import make_config
 
-from cascade_helpers.lora_training import INTERRUPTED, LoraTrainer, TrainingError, find_training_images
+from cascade_helpers.lora import inject_lora, lora_layers
+from cascade_helpers.lora_training import (
+    INTERRUPTED,
+    LoraTrainer,
+    TrainingError,
+    find_training_images,
+    main,
+)
 
 ROOT = Path(__file__).parents[1]
 
@@ -91,6 +99,79 @@ def test_a_truncated_picture_is_named(fresh_prior, pictures, tmp_path):
     trainer = LoraTrainer(fresh_prior(), make_config(folder, tmp_path / "out", tmp_path / "cache"))
     with pytest.raises(TrainingError, match=r"cannot read the training picture .*chelsea_face\.png"):
         trainer.prepare()
+
+
+# --- the prior: refused before anything is encoded, changed all or nothing ---------------------------
+
+
+def _counting_encoder(prior) -> list:
+    encoded = []
+    prior.effnet.register_forward_hook(lambda module, args, output: encoded.append(1))
+    return encoded
+
+
+def test_a_word_the_tokenizer_has_is_refused_before_encoding_and_the_corrected_run_works(
+    fresh_prior, pictures, tmp_path
+):
+    prior = fresh_prior()
+    encoded = _counting_encoder(prior)
+    bad = make_config(pictures, tmp_path / "bad", tmp_path / "cache", new_tokens=[("cat", "^dog</w>")])
+    with pytest.raises(TrainingError, match="the new token 'cat' is already a word of the tokenizer"):
+        LoraTrainer(prior, bad).prepare()
+    assert encoded == [] and not lora_layers(prior.unet)
+    LoraTrainer(prior, make_config(pictures, tmp_path / "good", tmp_path / "cache")).prepare()
+    assert len(encoded) == 2 and lora_layers(prior.unet)
+    assert prior.tokenizer.tokenize("[chelsea]") == ["[chelsea]"]
+
+
+def test_a_prior_that_carries_a_lora_is_refused_before_encoding(fresh_prior, pictures, tmp_path):
+    prior = fresh_prior()
+    inject_lora(prior.unet)
+    encoded = _counting_encoder(prior)
+    with pytest.raises(TrainingError, match="already carries a LoRA. Load a fresh prior"):
+        LoraTrainer(prior, make_config(pictures, tmp_path, tmp_path / "cache")).prepare()
+    assert encoded == []
+
+
+def test_a_failure_while_adding_the_tokens_takes_the_lora_off_and_the_retry_works(
+    fresh_prior, pictures, shared_cache, tmp_path, monkeypatch
+):
+    prior = fresh_prior()
+    embedding, rows = prior.text_encoder.get_input_embeddings(), len(prior.tokenizer)
+
+    def out_of_memory(tokens):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(prior.tokenizer, "add_tokens", out_of_memory)  # the last change install makes
+    config = make_config(pictures, tmp_path, shared_cache)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        LoraTrainer(prior, config).prepare()
+    assert not lora_layers(prior.unet)
+    assert prior.text_encoder.get_input_embeddings() is embedding and embedding.num_embeddings == rows
+    monkeypatch.undo()
+    trainer = LoraTrainer(prior, config)  # was "already carries a LoRA"
+    trainer.prepare()
+    assert lora_layers(prior.unet) and trainer.tokens is prior.text_encoder.get_input_embeddings()
+
+
+# --- the command line's exit status ------------------------------------------------------------------
+
+
+def test_the_command_line_exits_1_for_refused_settings_and_2_for_an_unreadable_file(
+    pictures, tmp_path, capsys
+):
+    settings = json.loads(make_config(pictures, tmp_path, tmp_path).save(tmp_path / "run.json").read_text())
+    (tmp_path / "rank.json").write_text(json.dumps(settings | {"rank": 0}))
+    assert main(["--config", str(tmp_path / "rank.json")]) == 1
+    assert "error: LoraTrainingConfig rank=0: rank must be a whole number ≥ 1" in capsys.readouterr().err
+    del settings["images"]
+    (tmp_path / "no_images.json").write_text(json.dumps(settings))
+    assert main(["--config", str(tmp_path / "no_images.json")]) == 1
+    assert "no_images.json: the setting(s) ['images'] are missing" in capsys.readouterr().err
+    (tmp_path / "broken.json").write_text("{not JSON")
+    with pytest.raises(SystemExit) as exit:
+        main(["--config", str(tmp_path / "broken.json")])
+    assert exit.value.code == 2 and "cannot read the training settings" in capsys.readouterr().err
 
 
 # --- checkpoints -------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from .adapters import (
     inject_lora,
     lora_factors,
     lora_layers,
+    refuse_second_lora,
     remove_lora,
     set_lora_strength,
 )
@@ -39,12 +40,21 @@ from .formats import (
     save_comfyui,
     save_lora,
 )
-from .load import LoadedLora, load_comfyui_embedding, load_lora, load_official_lora, read_lora_file
+from .load import (
+    LoadedLora,
+    all_or_nothing,
+    load_comfyui_embedding,
+    load_lora,
+    load_official_lora,
+    read_lora_file,
+)
 from .tokens import (
     NewToken,
     NewTokenEmbedding,
     add_tokens,
     append_token_rows,
+    check_added_tokens,
+    check_new_token_entries,
     check_new_tokens,
     initial_token_rows,
     install_new_tokens,
@@ -65,9 +75,12 @@ __all__ = [
     "NewToken",
     "NewTokenEmbedding",
     "add_tokens",
+    "all_or_nothing",
     "append_token_rows",
     "apply_factors",
+    "check_added_tokens",
     "check_factors",
+    "check_new_token_entries",
     "check_new_tokens",
     "comfyui_factors",
     "comfyui_module_name",
@@ -85,6 +98,7 @@ __all__ = [
     "official_factors",
     "official_lora_layout",
     "read_lora_file",
+    "refuse_second_lora",
     "remove_lora",
     "save_comfyui",
     "save_lora",

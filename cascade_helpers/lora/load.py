@@ -23,7 +23,7 @@ from .tokens import (
     NewToken,
     add_tokens,
     append_token_rows,
-    check_new_tokens,
+    check_added_tokens,
     check_token_width,
     initial_token_rows,
     token_embedding,
@@ -49,19 +49,33 @@ class LoadedLora:
 
 
 @contextlib.contextmanager
-def _all_or_nothing(unet: nn.Module, text_encoder: nn.Module | None) -> Iterator[None]:
-    """Undo a load that fails midway (an out-of-memory error while peft adds layers, say): the LoRA
-    layers come off and the token embedding shrinks back, so the model is as before and a corrected
-    retry works. The checks run before this, and the tokenizer changes last (it cannot be undone)."""
-    rows = token_embedding(text_encoder).weight.shape[0] if text_encoder is not None else 0
+def all_or_nothing(unet: nn.Module, text_encoder: nn.Module | None) -> Iterator[None]:
+    """Undo LoRA layers and new token rows added in the ``with`` block when it fails midway (an
+    out-of-memory error while peft adds layers, say): the LoRA layers come off, a trainable token
+    embedding (:func:`~.tokens.install_new_tokens`) is replaced by the one it wraps and a grown one
+    shrinks back, so the model is as before and a corrected retry works. Run the checks before the
+    block, and change the tokenizer last in it: a tokenizer's added tokens cannot be taken back.
+
+    Args:
+        unet: Stage C's UNet.
+        text_encoder: the text encoder, or None when the block leaves it alone.
+
+    Yields:
+        Nothing: the block runs, and on any exception the models are put back before it propagates.
+    """
+    embedding = token_embedding(text_encoder) if text_encoder is not None else None
+    rows = embedding.weight.shape[0] if embedding is not None else 0
     bare = [model for model in (unet, text_encoder) if model is not None and not lora_layers(model)]
     try:
         yield
     except BaseException:
         for model in bare:
             remove_lora(model)
-        if text_encoder is not None and token_embedding(text_encoder).weight.shape[0] != rows:
-            text_encoder.resize_token_embeddings(rows, mean_resizing=False)
+        if text_encoder is not None:
+            if token_embedding(text_encoder) is not embedding:
+                text_encoder.set_input_embeddings(embedding)
+            if token_embedding(text_encoder).weight.shape[0] != rows:
+                text_encoder.resize_token_embeddings(rows, mean_resizing=False)
         raise
 
 
@@ -116,13 +130,13 @@ def load_official_lora(
                 "not applied and prompts will not know its tokens",
                 stacklevel=2,
             )
-        with _all_or_nothing(unet, None):
-            apply_factors(unet, factors, strength)
+        with all_or_nothing(unet, None):
+            apply_factors(unet, factors, strength, checked=True)
         return
     _check_official_tokens(deltas, indices, text_encoder, new_tokens)
     rows = initial_token_rows(text_encoder, tokenizer, new_tokens, allow_existing=allow_existing_tokens)
-    with _all_or_nothing(unet, text_encoder):
-        apply_factors(unet, factors, strength)
+    with all_or_nothing(unet, text_encoder):
+        apply_factors(unet, factors, strength, checked=True)
         append_token_rows(text_encoder, list(rows.values()))
         if indices:
             weight = token_embedding(text_encoder).weight
@@ -250,13 +264,11 @@ def load_lora(
         tokens = _our_tokens(state_dict, metadata)
     check_factors(prior.unet, unet_factors)
     check_factors(prior.text_encoder, te_factors)
-    if tokens:
-        check_token_width(torch.stack(list(tokens.values())), prior.text_encoder)
-        check_new_tokens(prior.tokenizer, list(tokens), allow_existing=allow_existing_tokens)
-    with _all_or_nothing(prior.unet, prior.text_encoder):
-        apply_factors(prior.unet, unet_factors, strength)
-        apply_factors(prior.text_encoder, te_factors, strength)
-        add_tokens(prior.text_encoder, prior.tokenizer, tokens, allow_existing=allow_existing_tokens)
+    check_added_tokens(prior.text_encoder, prior.tokenizer, tokens, allow_existing=allow_existing_tokens)
+    with all_or_nothing(prior.unet, prior.text_encoder):
+        apply_factors(prior.unet, unet_factors, strength, checked=True)
+        apply_factors(prior.text_encoder, te_factors, strength, checked=True)
+        add_tokens(prior.text_encoder, prior.tokenizer, tokens, checked=True)
     return LoadedLora(kind, len(unet_factors), len(te_factors), tuple(tokens), strength)
 
 
@@ -298,5 +310,4 @@ def load_comfyui_embedding(
     rows = state.get("clip_g", next(iter(state.values())) if len(state) == 1 else None)
     if rows is None or rows.dim() != 2 or rows.shape[0] != 1:
         raise LoraError(f"{path} is not a one-vector embedding with a 'clip_g' key (keys: {list(state)[:3]})")
-    check_token_width(rows, prior.text_encoder)
     add_tokens(prior.text_encoder, prior.tokenizer, {token: rows[0]}, allow_existing=allow_existing_tokens)

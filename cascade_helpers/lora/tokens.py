@@ -41,8 +41,7 @@ def check_new_tokens(tokenizer, tokens: Sequence[str], *, allow_existing: bool =
     added = set(tokenizer.get_added_vocab())
     vocabulary = tokenizer.get_vocab()
     for i, token in enumerate(tokens):
-        if not isinstance(token, str) or not token.strip():
-            raise LoraError(f"a new token must be a non-empty string such as '[fernando]', not {token!r}")
+        _check_token_text(token)
         if token in tokens[:i]:
             raise LoraError(f"the new token {token!r} is given twice")
         if token in added:
@@ -58,8 +57,26 @@ def check_new_tokens(tokenizer, tokens: Sequence[str], *, allow_existing: bool =
             )
 
 
-def _check_new_token_entries(new_tokens: Sequence[NewToken]) -> list[tuple[str, re.Pattern | None]]:
-    """``(token, regex or None)`` pairs, each regex compiled: a typo fails here, before any change."""
+def _check_token_text(token: object) -> None:
+    if not isinstance(token, str) or not token.strip():
+        raise LoraError(f"a new token must be a non-empty string such as '[fernando]', not {token!r}")
+
+
+def check_new_token_entries(new_tokens: Sequence[NewToken]) -> list[tuple[str, re.Pattern | None]]:
+    """``(token, regex or None)`` pairs, each token a non-empty string and each regex compiled: a typo
+    fails here, before any change (and before any tokenizer is at hand: the training settings check
+    their ``new_tokens`` with it).
+
+    Returns:
+        ``(token, compiled regex or None)`` per entry, in order.
+
+    Raises:
+        LoraError: ``new_tokens`` is not a list of pairs, or names the first bad token or regex.
+    """
+    if isinstance(new_tokens, str) or not isinstance(new_tokens, Sequence):
+        raise LoraError(
+            f"new_tokens is a list of (token, regex) pairs such as [('[fernando]', '^dog</w>')], not {new_tokens!r}"
+        )
     entries = []
     for entry in new_tokens:
         if isinstance(entry, str) or not isinstance(entry, Sequence) or len(entry) != 2:
@@ -67,6 +84,7 @@ def _check_new_token_entries(new_tokens: Sequence[NewToken]) -> list[tuple[str, 
                 f"new_tokens entries are (token, regex) pairs such as ('[fernando]', '^dog</w>'), not {entry!r}"
             )
         token, pattern = entry
+        _check_token_text(token)
         if pattern is not None and not isinstance(pattern, str):
             raise LoraError(f"the regex of {token!r} must be a string or None, not {pattern!r}")
         try:
@@ -76,6 +94,17 @@ def _check_new_token_entries(new_tokens: Sequence[NewToken]) -> list[tuple[str, 
                 f"the regex {pattern!r} of the new token {token!r} is not valid: {error}"
             ) from None
     return entries
+
+
+def _check_vocabulary(text_encoder: nn.Module, tokenizer) -> None:
+    """A LoraError unless the tokenizer has as many tokens as the text encoder has rows: a new
+    token's id is the next row of both."""
+    rows = token_embedding(text_encoder).weight.shape[0]
+    if len(tokenizer) != rows:
+        raise LoraError(
+            f"the tokenizer has {len(tokenizer)} tokens and the text encoder {rows} embedding rows: "
+            "they disagree (tokens were added to one of them only); load the prior again"
+        )
 
 
 def initial_token_rows(
@@ -99,14 +128,10 @@ def initial_token_rows(
         LoraError: a malformed entry or regex, a token :func:`check_new_tokens` refuses, or a
             tokenizer and text encoder that disagree on the vocabulary size.
     """
-    entries = _check_new_token_entries(new_tokens)
+    entries = check_new_token_entries(new_tokens)
     check_new_tokens(tokenizer, [token for token, _ in entries], allow_existing=allow_existing)
+    _check_vocabulary(text_encoder, tokenizer)
     weight = token_embedding(text_encoder).weight.detach()
-    if len(tokenizer) != weight.shape[0]:
-        raise LoraError(
-            f"the tokenizer has {len(tokenizer)} tokens and the text encoder {weight.shape[0]} embedding rows: "
-            "they disagree (tokens were added to one of them only); load the prior again"
-        )
     vocabulary = dict(tokenizer.get_vocab())
     rows: dict[str, torch.Tensor] = {}
     for token, pattern in entries:
@@ -162,16 +187,44 @@ def check_token_width(rows: torch.Tensor, text_encoder: nn.Module) -> None:
         )
 
 
-def add_tokens(
+def check_added_tokens(
     text_encoder: nn.Module, tokenizer, tokens: Mapping[str, torch.Tensor], *, allow_existing: bool = False
 ) -> None:
+    """Everything :func:`add_tokens` checks, before anything changes: rows of the text encoder's
+    width, tokens :func:`check_new_tokens` accepts, a tokenizer and text encoder of one vocabulary.
+
+    Args:
+        text_encoder, tokenizer: the prior's.
+        tokens: token → embedding row; none passes.
+        allow_existing: let a token be a word the tokenizer already has.
+
+    Raises:
+        LoraError: the first thing refused, named.
+    """
+    if not tokens:
+        return
+    check_token_width(torch.stack(list(tokens.values())), text_encoder)
+    check_new_tokens(tokenizer, list(tokens), allow_existing=allow_existing)
+    _check_vocabulary(text_encoder, tokenizer)
+
+
+def add_tokens(
+    text_encoder: nn.Module,
+    tokenizer,
+    tokens: Mapping[str, torch.Tensor],
+    *,
+    allow_existing: bool = False,
+    checked: bool = False,
+) -> None:
     """Teach a tokenizer and its text encoder new tokens with given embedding rows. Everything is
-    checked before anything changes; the tokenizer changes last.
+    checked before anything changes (:func:`check_added_tokens`); the tokenizer changes last.
 
     Args:
         text_encoder, tokenizer: the prior's.
         tokens: token → embedding row (the text encoder's width).
         allow_existing: let a token be a word the tokenizer already has (it takes the word over).
+        checked: the caller ran :func:`check_added_tokens` already (``load_lora`` checks everything
+            before it changes anything): do not check again.
 
     Raises:
         LoraError: a token refused (:func:`check_new_tokens`), rows of another width, or a tokenizer
@@ -179,14 +232,8 @@ def add_tokens(
     """
     if not tokens:
         return
-    check_new_tokens(tokenizer, list(tokens), allow_existing=allow_existing)
-    check_token_width(torch.stack(list(tokens.values())), text_encoder)
-    first = token_embedding(text_encoder).weight.shape[0]
-    if len(tokenizer) != first:
-        raise LoraError(
-            f"the tokenizer has {len(tokenizer)} tokens and the text encoder {first} embedding rows: they "
-            "disagree (tokens were added to one of them only); load the prior again"
-        )
+    if not checked:
+        check_added_tokens(text_encoder, tokenizer, tokens, allow_existing=allow_existing)
     append_token_rows(text_encoder, list(tokens.values()))
     tokenizer.add_tokens(list(tokens))
 
@@ -233,6 +280,6 @@ def install_new_tokens(
     module = NewTokenEmbedding(token_embedding(prior.text_encoder), torch.stack(list(rows.values()))).to(
         prior.device
     )
-    prior.text_encoder.text_model.embeddings.token_embedding = module
+    prior.text_encoder.set_input_embeddings(module)
     prior.tokenizer.add_tokens(list(rows))
     return module

@@ -51,6 +51,7 @@ from .data import (
     find_training_images,
     picture_size,
     read_picture,
+    scaled_size,
     write_example_images,
 )
 from .objective import StageCObjective, stage_c_loss
@@ -92,6 +93,7 @@ __all__ = [
     "make_accelerator",
     "picture_size",
     "read_picture",
+    "scaled_size",
     "stage_c_loss",
     "stop_on_interrupt",
     "write_example_images",

@@ -19,7 +19,7 @@ from ..conditioning import encode_image_clip, encode_text
 from ..effnet import encode as effnet_encode
 from ..images import resize_and_crop
 from ..models import Prior
-from .data import TrainingImage, closest_bucket, crop_position, read_picture
+from .data import TrainingImage, closest_bucket, crop_position, read_picture, scaled_size
 
 
 def fingerprint(module: nn.Module) -> str:
@@ -107,18 +107,17 @@ def cache_images(
     keys = [fingerprint(effnet), fingerprint(prior.image_encoder) if with_image_embeds else "-"]
     cached = []
     for image in tqdm(images, desc="caching latents", leave=False):
-        picture = read_picture(image.path, max_image_size)
-        bucket = closest_bucket(*picture.shape[-2:], sizes)
+        # the bucket from the header's size: a picture already in the cache is never decoded
+        bucket = closest_bucket(*scaled_size(*image.size, max_image_size), sizes)
         content = image.path.read_bytes()
         position = crop_position(crop, content, seed)
-        # settings that change the latents are part of the key; the defaults add nothing, so caches
-        # written before these settings existed stay valid
-        extra = [f"crop={position}"] * (position is not None) + [f"max={max_image_size}"] * bool(
-            max_image_size
+        settings = (f"crop={position}", f"max={max_image_size or None}")  # they change the latents
+        path = _cache_file(
+            folder / "latents", hashlib.sha1(content).hexdigest(), str(bucket), *keys, *settings
         )
-        path = _cache_file(folder / "latents", hashlib.sha1(content).hexdigest(), str(bucket), *keys, *extra)
 
-        def compute(picture=picture, bucket=bucket, position=position):
+        def compute(image=image, bucket=bucket, position=position):
+            picture = read_picture(image.path, max_image_size)
             cropped = resize_and_crop(picture, *bucket, position)
             # as official training encodes: already at the bucket size, ImageNet normalization only
             tensors = {"latents": effnet_encode(effnet, cropped[None], downscale=False)[0]}

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import LoraTrainingConfig, TrainingError
+from .config import LoraTrainingConfig, TrainingError, read_settings
 from .trainer import LoraTrainer, make_accelerator
 
 #: the exit status of a run stopped by Ctrl-C (after saving a checkpoint), as shells report SIGINT
@@ -22,8 +22,9 @@ def main(argv: list[str] | None = None) -> int:
 
     Returns:
         The exit status: 0 when the run is complete, 130 when Ctrl-C stopped it (a checkpoint is
-        saved: run the same command to continue), 1 when the settings or the data are refused, 2 for a
-        config file that cannot be read.
+        saved: run the same command to continue), 1 when the settings (a value, a missing or unknown
+        setting) or the data are refused, with ``error: ...`` on stderr; 2 for a config file that
+        cannot be read or is not JSON (argparse's usage error, as for a bad argument).
     """
     from .. import lora_training
     from ..loading import load_decoder, load_prior
@@ -37,9 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        config = LoraTrainingConfig.load(args.config)
+        settings = read_settings(args.config)
     except TrainingError as error:
         parser.error(str(error))
+    try:
+        config = LoraTrainingConfig.from_settings(settings, str(args.config))
+    except TrainingError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     accelerator = make_accelerator(config)
     device = accelerator.device
     prior = load_prior(

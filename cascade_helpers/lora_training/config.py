@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
+import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
+from .. import files, values
 from ..atomic import write_json
-from ..lora import ATTENTION_TARGETS, NewToken
+from ..lora import ATTENTION_TARGETS, LoraError, NewToken, check_new_token_entries
 from ..sampling import OFFICIAL_DECODER, OFFICIAL_PRIOR
 from ..sizes import GENERATION, TRAINING, check_size
 
@@ -22,22 +24,13 @@ LORA_FILE = "lora.safetensors"
 #: ``diffusers.optimization.get_scheduler``'s schedules that need nothing but these settings
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 CROPS = ("center", "random")
-PRECISIONS = ("bf16", "fp32")
-SIZES = ("big", "lite")
+PRECISIONS = typing.get_args(files.Precision)
 #: a validation prompt's name becomes part of a file name
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 class TrainingError(ValueError):
     """Training cannot start or resume as asked (a bad setting, no pictures, a damaged checkpoint ...)."""
-
-
-def _whole(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _finite(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -114,7 +107,6 @@ class LoraTrainingConfig:
     )
 
     def __post_init__(self) -> None:
-        self.new_tokens = [tuple(t) for t in self.new_tokens]
         if isinstance(self.repeats, (list, tuple)):
             self.repeats = {str(folder): count for folder, count in self.repeats}
         self._check_model()
@@ -125,20 +117,26 @@ class LoraTrainingConfig:
     def _fail(self, name: str, expected: str) -> None:
         raise TrainingError(f"LoraTrainingConfig {name}={getattr(self, name)!r}: {expected}")
 
+    def _checked(self, name: str, check: Callable[..., float], *bounds, **options) -> float:
+        """The setting ``name`` through one of :mod:`cascade_helpers.values`' checks (``bounds`` and
+        ``options`` after the value and name), its ValueError a TrainingError naming the setting."""
+        try:
+            return check(getattr(self, name), name, *bounds, **options)
+        except ValueError as error:
+            self._fail(name, str(error))
+
     def _check_model(self) -> None:
-        for token in self.new_tokens:
-            if len(token) != 2 or not (isinstance(token[0], str) and token[0].strip()):
-                self._fail("new_tokens", "give (token, regex) pairs, e.g. [('[chelsea]', '^cat</w>')]")
-            try:
-                re.compile(token[1] or "")
-            except (re.error, TypeError) as error:
-                self._fail("new_tokens", f"the regex of {token[0]!r} does not compile ({error})")
+        try:
+            check_new_token_entries(self.new_tokens)
+        except LoraError as error:
+            self._fail("new_tokens", str(error))
+        self.new_tokens = [tuple(t) for t in self.new_tokens]  # JSON reads the pairs as lists
         targets = [self.targets] if isinstance(self.targets, str) else self.targets
         if not targets or not all(isinstance(t, str) and t for t in targets):
             self._fail("targets", "give a regex of module names, or a list of module names")
         for name in ("stage_c", "stage_b"):
-            if getattr(self, name) not in SIZES:
-                self._fail(name, f"use one of {SIZES}")
+            if getattr(self, name) not in files.SIZES:
+                self._fail(name, f"use one of {files.SIZES}")
 
     def _check_pictures(self) -> None:
         folders = [self.images] if isinstance(self.images, str) else self.images
@@ -162,26 +160,26 @@ class LoraTrainingConfig:
         for folder, count in self.repeats.items():
             if Path(folder).resolve() not in known:
                 self._fail("repeats", f"{folder!r} is not one of the images folders {folders}")
-            if not _whole(count) or count < 0:
-                self._fail(
-                    "repeats", f"the repeats of {folder!r} must be a whole number ≥ 0 (0 = once per epoch)"
-                )
-        if not _whole(self.min_image_size) or self.min_image_size < 0:
-            self._fail("min_image_size", "give a side in pixels (0 keeps every picture)")
-        if self.max_image_size is not None and (
-            not _whole(self.max_image_size) or self.max_image_size < max(self.min_image_size, 1)
-        ):
-            self._fail("max_image_size", "give a side in pixels, at least min_image_size, or None")
+            try:
+                values.whole(count, f"the repeats of {folder!r}", 0, meaning="0 = once per epoch")
+            except ValueError as error:
+                self._fail("repeats", str(error))
+        self._checked("min_image_size", values.whole, 0, meaning="a side in pixels; 0 keeps every picture")
+        if self.max_image_size is not None:
+            least = max(self.min_image_size, 1)
+            self._checked(
+                "max_image_size",
+                values.whole,
+                least,
+                meaning="a side in pixels, at least min_image_size, or None",
+            )
 
     def _check_optimization(self) -> None:
         for name in ("rank", "batch_size", "gradient_accumulation", "steps", "lr_num_cycles"):
-            if not _whole(getattr(self, name)) or getattr(self, name) < 1:
-                self._fail(name, "must be a whole number, at least 1")
-        if not _whole(self.warmup_steps) or self.warmup_steps < 0:
-            self._fail("warmup_steps", "must be a whole number, 0 or more")
+            self._checked(name, values.whole, 1)
+        self._checked("warmup_steps", values.whole, 0)
         for name in ("alpha", "learning_rate", "max_grad_norm", "lr_power"):
-            if not _finite(getattr(self, name)) or getattr(self, name) <= 0:
-                self._fail(name, "must be a positive number")
+            self._checked(name, values.at_least, 0, strict=True)
         if self.lr_scheduler not in LR_SCHEDULERS:
             self._fail("lr_scheduler", f"use one of {LR_SCHEDULERS} (diffusers' get_scheduler)")
         if self.precision not in PRECISIONS:
@@ -194,23 +192,17 @@ class LoraTrainingConfig:
             )
         if not isinstance(self.gradient_checkpointing, bool):
             self._fail("gradient_checkpointing", "must be True or False")
-        if self.ema_decay is not None and not (_finite(self.ema_decay) and 0 < self.ema_decay < 1):
+        if self.ema_decay is not None and not 0 < self._checked("ema_decay", values.fraction) < 1:
             self._fail("ema_decay", "must be between 0 and 1 (e.g. 0.999), or None for no EMA")
         for name in ("caption_dropout", "image_embed_probability"):
-            if not _finite(getattr(self, name)) or not 0 <= getattr(self, name) <= 1:
-                self._fail(name, "must be a probability from 0 to 1")
-        if not _whole(self.seed):
+            self._checked(name, values.fraction, meaning="a probability")
+        if not values.is_whole(self.seed):
             self._fail("seed", "must be a whole number")
 
     def _check_checkpoints_and_validation(self) -> None:
-        if not _whole(self.checkpoint_every) or self.checkpoint_every < 1:
-            self._fail("checkpoint_every", "must be a whole number of steps, at least 1")
-        if not _whole(self.keep_checkpoints) or self.keep_checkpoints < 0:
-            self._fail(
-                "keep_checkpoints", "must be 0 (keep every checkpoint) or how many of the latest to keep"
-            )
-        if not _whole(self.validate_every) or self.validate_every < 0:
-            self._fail("validate_every", "must be a whole number of steps (0: only at the end)")
+        self._checked("checkpoint_every", values.whole, 1, meaning="steps")
+        self._checked("keep_checkpoints", values.whole, 0, meaning="0 keeps every checkpoint, n the latest n")
+        self._checked("validate_every", values.whole, 0, meaning="steps; 0 validates only at the end")
         prompts = self.validation_prompts
         if isinstance(prompts, dict):
             for name, prompt in prompts.items():
@@ -226,10 +218,8 @@ class LoraTrainingConfig:
             self._fail("validation_negative_prompt", "must be text")
         for stage in ("prior", "decoder"):
             steps, guidance = f"validation_{stage}_steps", f"validation_{stage}_guidance"
-            if not _whole(getattr(self, steps)) or not 1 <= getattr(self, steps) <= 1000:
-                self._fail(steps, "must be a whole number from 1 to 1000")
-            if not _finite(getattr(self, guidance)) or getattr(self, guidance) < 0:
-                self._fail(guidance, "must be a number ≥ 0 (≤ 1 turns guidance off)")
+            self._checked(steps, values.whole, 1, 1000)
+            self._checked(guidance, values.at_least, 0, meaning="≤ 1 turns guidance off")
 
     @property
     def image_folders(self) -> list[str]:
@@ -251,18 +241,55 @@ class LoraTrainingConfig:
         return write_json(path, dataclasses.asdict(self))
 
     @classmethod
+    def from_settings(cls, settings: object, source: str = "the settings") -> LoraTrainingConfig:
+        """The run of a dict of settings (a JSON file's contents), every setting named and checked.
+
+        Args:
+            settings: setting name → value, as :meth:`save` writes them.
+            source: where they come from, for the messages (the file's path).
+
+        Returns:
+            The checked settings.
+
+        Raises:
+            TrainingError: not a dict, a setting that does not exist or is missing, or a refused value.
+        """
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if not isinstance(settings, Mapping):
+            raise TrainingError(
+                f"{source}: the settings must be a JSON object (name: value), not a {type(settings).__name__}"
+            )
+        unknown = sorted(set(settings) - set(fields))
+        if unknown:
+            raise TrainingError(f"{source}: unknown setting(s) {unknown}; the settings are {sorted(fields)}")
+        required = [n for n, f in fields.items() if f.default is f.default_factory is dataclasses.MISSING]
+        missing = [name for name in required if name not in settings]
+        if missing:
+            raise TrainingError(f"{source}: the setting(s) {missing} are missing; every run needs {required}")
+        return cls(**settings)
+
+    @classmethod
     def load(cls, path: str | Path) -> LoraTrainingConfig:
         """Read settings saved by :meth:`save` (or written by hand).
 
         Raises:
-            TrainingError: the file is missing, not JSON, or names a setting that does not exist.
+            TrainingError: the file is missing or not JSON (:func:`read_settings`), or
+                :meth:`from_settings` refuses what it holds (the message names the file).
         """
-        try:
-            settings = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:
-            raise TrainingError(f"cannot read the training settings {path}: {error}") from error
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(settings) - known) if isinstance(settings, dict) else ["(not a JSON object)"]
-        if unknown:
-            raise TrainingError(f"{path}: unknown setting(s) {unknown}; the settings are {sorted(known)}")
-        return cls(**settings)
+        return cls.from_settings(read_settings(path), str(path))
+
+
+def read_settings(path: str | Path) -> object:
+    """The contents of a JSON settings file, not yet checked (:meth:`LoraTrainingConfig.from_settings`
+    checks them): the command line tells a file it cannot read (exit status 2) from refused settings (1).
+
+    Returns:
+        What the JSON holds.
+
+    Raises:
+        TrainingError: the file cannot be read or is not JSON, naming it.
+    """
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise TrainingError(f"cannot read the training settings {path}: {error}") from error

@@ -1,6 +1,7 @@
 """The training pictures: finding them and their captions, reading them (an unreadable one is named),
 skipping small ones and scaling down large ones, the official aspect buckets, the crop, the order
-batches come in, and the example pictures the notebook trains on offline."""
+batches come in, the example pictures the notebook trains on offline, and PNG files written
+atomically (those and the validation pictures)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ _UNREADABLE = (OSError, SyntaxError, ValueError, EOFError, PIL.Image.Decompressi
 class TrainingImage:
     path: Path
     caption: str
+    size: tuple[int, int]  # (height, width) in pixels, from the file's header (before max_image_size)
     repeats: int = 0  # extra passes per epoch (0: once)
 
 
@@ -71,6 +73,25 @@ def picture_size(path: Path) -> tuple[int, int]:
         raise _unreadable(path, error) from error
 
 
+def scaled_size(height: int, width: int, max_side: int | None) -> tuple[int, int]:
+    """The size :func:`read_picture` gives a picture of height×width, computed without decoding it:
+    with ``max_side``, a larger shorter side becomes ``max_side`` and the longer one
+    ``int(max_side · long / short)``, as ``scale_short_side`` (torchvision's resize) computes it.
+
+    Args:
+        height, width: the picture's size in pixels (its header's).
+        max_side: the largest shorter side (``max_image_size``); None or 0 keeps the size.
+
+    Returns:
+        (height, width) after scaling.
+    """
+    short, long = min(height, width), max(height, width)
+    if not max_side or short <= max_side:
+        return height, width
+    longer = int(max_side * long / short)
+    return (longer, max_side) if width <= height else (max_side, longer)
+
+
 def read_picture(path: Path, max_side: int | None = None) -> torch.Tensor:
     """A training picture as 3×H×W in [0, 1]; with ``max_side``, scaled down (aspect kept) so its
     shorter side is at most that, before it is bucketed and cropped.
@@ -107,7 +128,7 @@ def find_training_images(
         min_image_size: pictures whose shorter side is smaller are skipped, with a warning naming them.
 
     Returns:
-        One :class:`TrainingImage` per picture (path, caption, repeats), folder by folder, by name.
+        One :class:`TrainingImage` per picture (path, caption, size, repeats), folder by folder, by name.
 
     Raises:
         TrainingError: a folder is missing, or no picture is left.
@@ -123,7 +144,9 @@ def find_training_images(
             if min(width, height) < min_image_size:
                 skipped.append(f"{path} ({width}×{height})")
                 continue
-            found.append(TrainingImage(path, caption_for(path), extra.get(folder.resolve(), 0)))
+            found.append(
+                TrainingImage(path, caption_for(path), (height, width), extra.get(folder.resolve(), 0))
+            )
     if skipped:
         warnings.warn(
             f"skipped {len(skipped)} picture(s) whose shorter side is under min_image_size={min_image_size} px: "
@@ -191,6 +214,21 @@ def crop_position(crop: str, content: bytes, seed: int) -> tuple[float, float] |
     return tuple(round(v, 4) for v in torch.rand(2, generator=generator).tolist())
 
 
+def save_png(picture: PIL.Image.Image, path: Path) -> Path:
+    """A PNG written atomically: an interrupted save never leaves half a picture under ``path``.
+
+    Args:
+        picture: the picture.
+        path: the file.
+
+    Returns:
+        ``path``.
+    """
+    with atomic_path(path) as temporary:
+        picture.save(temporary, format="PNG")
+    return path
+
+
 def write_example_images(folder: str | Path, token: str = "[chelsea]") -> Path:
     """Six training pictures of one cat, offline: scikit-image's ``chelsea`` photo (shipped with
     the package) cropped and mirrored into landscape, square and portrait shots; four captioned by
@@ -218,8 +256,7 @@ def write_example_images(folder: str | Path, token: str = "[chelsea]") -> Path:
         f"a_photo_of_{token}_the_cat_02": (mirrored.crop((100, 20, 300, 300)), None),
     }
     for name, (picture, caption) in shots.items():
-        with atomic_path(folder / f"{name}.png") as temporary:
-            picture.save(temporary, format="PNG")
+        save_png(picture, folder / f"{name}.png")
         if caption:
             write_text(folder / f"{name}.txt", caption + "\n")
     return folder

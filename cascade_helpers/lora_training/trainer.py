@@ -24,11 +24,15 @@ from tqdm.auto import tqdm
 from ..atomic import save_safetensors
 from ..lora import (
     COMFYUI_PREFIX,
+    LoraError,
     LoraFactors,
     NewTokenEmbedding,
+    all_or_nothing,
+    check_new_tokens,
     inject_lora,
     install_new_tokens,
     lora_factors,
+    refuse_second_lora,
     save_comfyui,
     save_lora,
 )
@@ -178,20 +182,27 @@ class LoraTrainer:
     def cache_dir(self) -> Path:
         return Path(self.config.cache_dir) if self.config.cache_dir else self.output_dir / "cache"
 
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.checkpoint_folder.folder
-
     def prepare(self) -> CacheReport:
-        """Cache the features (main process first, the others then read the cache), add the LoRA and
-        the new tokens, set up the optimizer, schedule and EMA, and hand them to accelerate. Idempotent."""
+        """Check that the prior can take the run (no LoRA yet, new tokens it does not know, the parts
+        the settings use), cache the features (main process first, the others then read the cache),
+        add the LoRA and the new tokens (both or neither), set up the optimizer, schedule and EMA, and
+        hand them to accelerate. Idempotent.
+
+        Returns:
+            What was computed and what came from the caches.
+
+        Raises:
+            TrainingError: the prior, the pictures or the captions do not fit the run (named), before
+                anything is encoded or changed.
+        """
         if self.report is not None:
             return self.report
         config, prior, accelerator = self.config, self.prior, self.accelerator
+        self._check_prior()
         self.images = find_training_images(config.image_folders, config.repeats, config.min_image_size)
         self._check_tokens_in_captions(self.images)
         report = CacheReport()
-        with_image_embeds = config.image_embed_probability > 0 and prior.image_encoder is not None
+        with_image_embeds = config.image_embed_probability > 0
         with accelerator.main_process_first():
             sizes = bucket_sizes(config.resolution, config.aspect_ratios)
             self.items = cache_images(
@@ -203,10 +214,11 @@ class LoraTrainer:
         report.text_encoded_each_step = sorted(
             {i.caption for i in self.images if self._has_new_token(i.caption)}
         )
-        with torch.random.fork_rng(devices=[]):  # peft draws lora_A from the global generator: seed it
+        # peft draws lora_A from the global generator: seed it; a failure takes the LoRA off again
+        with torch.random.fork_rng(devices=[]), all_or_nothing(prior.unet, prior.text_encoder):
             torch.manual_seed(config.seed)
             inject_lora(prior.unet, config.rank, config.alpha, config.targets)
-        self.tokens = install_new_tokens(prior, config.new_tokens)
+            self.tokens = install_new_tokens(prior, config.new_tokens)
         if config.gradient_checkpointing:
             prior.unet.enable_gradient_checkpointing()
         self.objective = StageCObjective(prior)
@@ -238,6 +250,27 @@ class LoraTrainer:
         )
         if self.ema is not None:
             accelerator.register_for_checkpointing(self.ema)
+
+    def _check_prior(self) -> None:
+        """What would otherwise fail (or silently differ) after minutes of encoding: a prior that
+        carries a LoRA already, new tokens its tokenizer refuses, optional parts the run uses."""
+        config, prior = self.config, self.prior
+        try:
+            for model in (prior.unet, prior.text_encoder):
+                refuse_second_lora(model)
+            check_new_tokens(prior.tokenizer, [token for token, _ in config.new_tokens])
+        except LoraError as error:
+            raise TrainingError(f"cannot train on this prior: {error}") from error
+        needs = {"effnet": "LoRA training (the pictures' latents)"}
+        if config.image_embed_probability > 0:
+            needs["image_encoder"] = f"image_embed_probability={config.image_embed_probability} (0: none)"
+        if config.validation_prompts and self.decoder is None and self.accelerator.is_main_process:
+            needs["previewer"] = "validation without a decoder (or pass decoder=)"
+        for part, needed_for in needs.items():
+            try:
+                prior.require(part, needed_for)
+            except ValueError as error:
+                raise TrainingError(str(error)) from error
 
     def _has_new_token(self, caption: str) -> bool:
         return any(token in caption for token, _ in self.config.new_tokens)
@@ -410,8 +443,8 @@ class LoraTrainer:
 
     # -- checkpoints ----------------------------------------------------------------------------------
 
-    def _trainable_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().float() for n, p in self.objective.named_parameters() if p.requires_grad}
+    def _trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.objective.named_parameters() if p.requires_grad}
 
     def _is_ours(self, model) -> bool:
         return self.accelerator.unwrap_model(model) is self.objective
@@ -422,7 +455,8 @@ class LoraTrainer:
             if self._is_ours(models[i]):
                 weights.pop(i)
                 if self.accelerator.is_main_process:
-                    save_safetensors(Path(folder) / TRAINABLE, self._trainable_state())
+                    state = {n: p.detach().float() for n, p in self._trainable_parameters().items()}
+                    save_safetensors(Path(folder) / TRAINABLE, state)
 
     def _load_trainable(self, models: list, folder: str) -> None:
         """accelerate's load hook: the trained weights back into the model, by name."""
@@ -432,8 +466,8 @@ class LoraTrainer:
         if not ours:
             return
         saved = load_file(str(Path(folder) / TRAINABLE))
-        parameters = dict(self.objective.named_parameters())
-        if set(saved) != set(self._trainable_state()):
+        parameters = self._trainable_parameters()
+        if set(saved) != set(parameters):
             raise TrainingError(f"{folder} holds other trained weights than this run trains")
         with torch.no_grad():
             for name, value in saved.items():

@@ -9,7 +9,6 @@ from pathlib import Path
 import PIL.Image
 import torch
 
-from ..atomic import atomic_path
 from ..conditioning import encode_text
 from ..generation import generate_stage_c, preview_stage_c, text_to_image
 from ..images import image_grid, to_pil
@@ -17,6 +16,7 @@ from ..models import Decoder, Prior
 from ..sampling import OFFICIAL_DECODER, OFFICIAL_PRIOR
 from ..sizes import stage_c_shape
 from .config import LoraTrainingConfig
+from .data import save_png
 
 
 @torch.no_grad()
@@ -54,21 +54,6 @@ def validation_picture(
         prior_settings, generator=torch.Generator().manual_seed(config.seed),
     )  # fmt: skip
     return to_pil(preview_stage_c(prior, latents))[0]
-
-
-def save_png(picture: PIL.Image.Image, path: Path) -> Path:
-    """A PNG written atomically: an interrupted save never leaves half a picture under ``path``.
-
-    Args:
-        picture: the picture.
-        path: the file.
-
-    Returns:
-        ``path``.
-    """
-    with atomic_path(path) as temporary:
-        picture.save(temporary, format="PNG")
-    return path
 
 
 def save_validation(
