@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -24,7 +23,7 @@ LORA_FILE = "lora.safetensors"
 #: ``diffusers.optimization.get_scheduler``'s schedules that need nothing but these settings
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 CROPS = ("center", "random")
-PRECISIONS = typing.get_args(files.Precision)
+PRECISIONS = files.PRECISIONS
 #: a validation prompt's name becomes part of a file name
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
