@@ -7,6 +7,9 @@ docstring has an ``Args:`` section with one entry per parameter, in the Google s
 ``name: ...``, or several names sharing one entry (``height, width: ...``), ``*args``/``**options``
 named with their stars — and no entry for a parameter the function no longer has; a function whose
 return annotation is not ``None`` has a ``Returns:`` section (``Yields:`` for a generator).
+
+Private helpers (a leading underscore, at module level) need no Args/Returns, only a docstring line
+that says *why* they exist (issue 19): the public API carries the sections, the rest stays short.
 """
 
 from __future__ import annotations
@@ -112,6 +115,27 @@ def problems(source: str) -> list[str]:
         if returns_something(node) and not re.search(rf"^\s*{section}\s*$", doc, re.MULTILINE):
             found.append(f"{name} (line {node.lineno}): returns {ast.unparse(node.returns)}, no {section}")
     return found
+
+
+def undocumented_private(source: str) -> list[str]:
+    """Module-level private functions and classes without a docstring."""
+    return [
+        f"{node.name} (line {node.lineno})"
+        for node in ast.parse(source).body
+        if isinstance(node, FunctionNode | ast.ClassDef)
+        and node.name.startswith("_")
+        and not ast.get_docstring(node)
+    ]
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_private_helpers_say_why(path):
+    found = undocumented_private(path.read_text())
+    assert not found, f"{path.relative_to(PACKAGE.parent)}: one docstring line on why: " + ", ".join(found)
+
+
+def test_the_private_check_finds_a_bare_helper():
+    assert undocumented_private('def _f(a):\n    pass\n\n\ndef _g():\n    """Why."""\n') == ["_f (line 1)"]
 
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
