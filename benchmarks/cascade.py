@@ -69,9 +69,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from cascade_helpers.checkpoints import Architecture, config_dir
-from cascade_helpers.devices import MEMORY_MODES, pick_dtype, place
-from cascade_helpers.files import VARIANT_WORDS, VARIANTS
+from cascade_helpers.checkpoints import config_dir
+from cascade_helpers.devices import MEMORY_MODES, _place, pick_dtype
+from cascade_helpers.files import _VARIANTS
 from cascade_helpers.generation import text_to_image
 from cascade_helpers.models import Decoder, Prior
 from cascade_helpers.sampling import DIFFUSERS_DECODER, DIFFUSERS_PRIOR, OFFICIAL_DECODER, OFFICIAL_PRIOR
@@ -155,7 +155,7 @@ def random_part(
     return Part(build, state, identity)
 
 
-def unet_builder(kind: str, architecture: Architecture) -> Callable[[], nn.Module]:
+def unet_builder(kind: str, architecture: str) -> Callable[[], nn.Module]:
     """Stage C/B (``StableCascadeUNet``) or Stage A (``PaellaVQModel``) from the shipped config, the
     one the loader reads the official files into."""
     from cascade_helpers.upstream import PaellaVQModel, StableCascadeUNet
@@ -169,9 +169,9 @@ def text_builder(tiny: bool, vocab_size: int) -> Callable[[], nn.Module]:
     """The bigG text encoder (:data:`BIG_G_TEXT`), or the tiny test one for ``vocab_size`` tokens."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    from cascade_helpers.tiny import text_encoder_config
+    from cascade_helpers.tiny import _text_encoder_config
 
-    config = text_encoder_config(vocab_size) if tiny else CLIPTextConfig(**BIG_G_TEXT)
+    config = _text_encoder_config(vocab_size) if tiny else CLIPTextConfig(**BIG_G_TEXT)
     return lambda: CLIPTextModelWithProjection(config)
 
 
@@ -180,10 +180,10 @@ def tiny_tokenizer() -> CLIPTokenizer:
     id of bigG's 49408-token vocabulary, and it pads to 77 tokens like the real one."""
     from transformers import CLIPTokenizer
 
-    from cascade_helpers.tiny import write_tokenizer
+    from cascade_helpers.tiny import _write_tokenizer
 
     with tempfile.TemporaryDirectory(prefix="bench_tokenizer_") as folder:
-        return CLIPTokenizer.from_pretrained(write_tokenizer(Path(folder)), local_files_only=True)
+        return CLIPTokenizer.from_pretrained(_write_tokenizer(Path(folder)), local_files_only=True)
 
 
 # --- per-stage time and peak memory -----------------------------------------------------------------
@@ -296,7 +296,7 @@ class Setup:
     prior_steps: int
     decoder_steps: int
     tokenizer: object
-    architectures: dict[str, Architecture]  # stage_c, stage_b
+    architectures: dict[str, str]  # stage_c, stage_b
     repeats: int
     parts: dict[str, Part] = field(default_factory=dict)  # text, stage_c, stage_b, stage_a
 
@@ -322,16 +322,16 @@ def ours(
         clock.watch(module, stage)
     clock.watch_decode(vqgan)
     prior = Prior(
-        place(stage_c, s.device, mode),
-        place(text_encoder, s.device, mode),
+        _place(stage_c, s.device, mode),
+        _place(text_encoder, s.device, mode),
         s.tokenizer,
         s.device,
         dtype,
         s.architectures["stage_c"],
     )
     decoder = Decoder(
-        place(stage_b, s.device, mode),
-        place(vqgan, s.device, mode, small=True),
+        _place(stage_b, s.device, mode),
+        _place(vqgan, s.device, "gpu"),
         s.device,
         dtype,
         s.architectures["stage_b"],
@@ -523,7 +523,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--variant",
         nargs="+",
-        choices=VARIANT_WORDS,
+        choices=tuple(_VARIANTS),
         help="Stage B size-Stage C size, as download_models.sh (default: big-big small-small on a GPU, "
         "small-small on a CPU or with --tiny)",
     )
@@ -582,7 +582,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = tiny_tokenizer()
     setup = None
     for variant in args.variant or (["big-big", "small-small"] if gpu and not args.tiny else ["small-small"]):
-        stage_b, stage_c = VARIANTS[variant]
+        stage_b, stage_c = _VARIANTS[variant]
         architectures = {
             "stage_c": "tiny" if args.tiny else stage_c,
             "stage_b": "tiny" if args.tiny else stage_b,

@@ -74,7 +74,7 @@ def _bytes_on_meta(build, dtype_bytes: int) -> int:
         ("stage_c", "lite", files.STAGE_C["lite"]["bf16"]),
         ("stage_b", "big", files.STAGE_B["big"]["bf16"]),
         ("stage_b", "lite", files.STAGE_B["lite"]["bf16"]),
-        ("text", "big", files.TEXT_ENCODER["bf16"]),
+        ("text", "big", files._WEIGHTS["text_encoder"]["bf16"]),
     ],
 )
 def test_the_random_models_are_as_big_as_the_published_files(
@@ -90,7 +90,7 @@ def test_the_random_models_are_as_big_as_the_published_files(
 
 def test_stage_a_is_as_big_as_the_published_file(cascade_benchmark):
     assert _bytes_on_meta(cascade_benchmark.unet_builder("stage_a", "big"), 4) == pytest.approx(
-        files.STAGE_A.size, rel=0.02
+        files._FILES["stage_a"].size, rel=0.02
     )
 
 
