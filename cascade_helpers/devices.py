@@ -31,7 +31,7 @@ import torch
 from accelerate.hooks import CpuOffload
 from torch import nn
 
-MemoryMode = Literal["gpu", "model_offload", "group_offload", "disk_offload", "sequential_offload"]
+MemoryMode = Literal["gpu", "model_offload", "group_offload", "disk_offload", "sequential_offload", "auto"]
 _MEMORY_MODES: tuple[str, ...] = get_args(MemoryMode)
 
 #: every precision word the package accepts (``files.Precision`` values among them) → its dtype
@@ -227,39 +227,3 @@ def _place(model: nn.Module, device: torch.device, memory: str = "gpu") -> nn.Mo
 
         cpu_offload(model, execution_device=device)
     return model
-
-
-# --- how much the weights take on the GPU (until the memory planner replaces it) ---------------------
-
-MEMORY_MODES = ("gpu", "model_offload", "sequential_offload")
-
-
-def weights_on_gpu(
-    stage_c: str, stage_b: str, precision: str, memory: str, *, image_encoder: bool = True
-) -> int:
-    """Bytes of model weights on the GPU at the busiest moment of a generation, from the published
-    file sizes.
-
-    Args:
-        stage_c, stage_b: the stages' sizes, "big" or "lite".
-        precision: "bf16" or "fp32".
-        memory: the memory mode.
-        image_encoder: False leaves out the CLIP image encoder.
-
-    Returns:
-        Bytes.
-    """
-    from . import files
-
-    if memory not in MEMORY_MODES:
-        raise ValueError(f"unknown memory mode {memory!r}: use one of {', '.join(MEMORY_MODES)}")
-    stage_c, stage_b = files._check_size(stage_c, "stage_c"), files._check_size(stage_b, "stage_b")
-    big = [files.STAGE_C[stage_c][precision], files.STAGE_B[stage_b][precision]]
-    big += [files._WEIGHTS["text_encoder"][precision]]
-    big += [files._WEIGHTS["image_encoder"][precision]] if image_encoder else []
-    small = sum(files._FILES[name].size for name in ("stage_a", "effnet", "previewer"))
-    if memory == "gpu":
-        return small + sum(f.size for f in big)
-    if memory == "model_offload":
-        return small + max(f.size for f in big)
-    return small

@@ -46,6 +46,7 @@ from .file_checks import (
     _size_present,
 )
 from .files import ModelFile, Size
+from .memory import MemoryPlan, _plan_for_load
 from .models import Decoder, Prior, TextEncoder, _ClipImageSettings
 from .previewer import Previewer
 
@@ -168,17 +169,41 @@ def _hub_file(repo: str, file: ModelFile) -> Path:
 
 
 def _settings(memory: object, device: object, dtype: object, stage: str, allow_float16: bool = False):
-    """What every loader checks first, before any file is read: memory mode, device, dtype."""
-    memory = _check_memory(memory)
-    device = pick_device(device)
-    return memory, device, pick_dtype(dtype, device, stage=stage, allow_float16=allow_float16)
+    """What every loader checks first, before any file is read: memory mode, device, and the dtype
+    asked for (None: the memory plan chooses)."""
+    memory, device = _check_memory(memory), pick_device(device)
+    return (
+        memory,
+        device,
+        None if dtype is None else pick_dtype(dtype, device, stage=stage, allow_float16=allow_float16),
+    )
 
 
-def _placer(device: torch.device, memory: str) -> _Placer:
-    """How each model of a bundle is placed: the big ones as ``memory`` says, the small ones (Stage A,
-    EfficientNet, previewer) on the device."""
-    small = {"Stage A", "EfficientNet", "previewer"}
-    return lambda model, name: _place(model, device, "gpu" if name in small else memory)
+def _planned(
+    memory: str,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    stage: str,
+    sizes: dict[str, Size],
+    architecture: str,
+    image_encoder: bool = True,
+) -> tuple[torch.dtype, _Placer]:
+    """A bundle's dtype and placement from the memory plan for ``sizes`` (the bundle's own stage known,
+    the other guessed from the folder); tiny test weights are not planned: they go on the device."""
+    known = "stage_c" if stage == "Stage C" else "stage_b"
+    test = architecture == "tiny"
+    plan = _plan_for_load(memory, device, dtype, sizes, known, image_encoder, test_weights=test)
+    return plan._row(stage).dtype, _placer(device, plan)
+
+
+def _placer(device: torch.device, plan: MemoryPlan) -> _Placer:
+    """How each model of a bundle is placed: as the memory plan says."""
+
+    def place(model: nn.Module, name: str) -> nn.Module:
+        mode = plan._row(name).mode
+        return _place(model, device, "gpu" if mode == "cpu" else mode)
+
+    return place
 
 
 # --- the prior ---------------------------------------------------------------------------------------
@@ -230,13 +255,16 @@ def load_prior(
     variant = files._check_size(variant)
     memory, device, dtype = _settings(memory, device, dtype, "Stage C", allow_float16)
     wanted = {"image_encoder": image_encoder, "effnet": effnet, "previewer": previewer}
-    place = _placer(device, memory)
     if not _is_local_folder(source):
+        sizes = {"stage_c": variant, "stage_b": variant}
+        dtype, place = _planned(memory, device, dtype, "Stage C", sizes, variant, image_encoder)
         with _explain_hub_failure(source):
             return _prior_from_hub(str(source), variant, dtype, device, place, wanted)
     models_dir = Path(source)
-    stage_c = _choose_precision_file(models_dir, files.STAGE_C[variant], dtype)
-    text, image = (_choose_precision_file(models_dir, files._WEIGHTS[n], dtype) for n in files._WEIGHTS)
+    stage_b = _size_present(models_dir, files.STAGE_B)
+    form = dtype or pick_dtype(None, device)  # which file form to read; the plan may cast it
+    stage_c = _choose_precision_file(models_dir, files.STAGE_C[variant], form)
+    text, image = (_choose_precision_file(models_dir, files._WEIGHTS[n], form) for n in files._WEIGHTS)
     optional = {
         "image_encoder": [files._FILES["image_encoder_config"], image, files._FILES["feature_extractor"]],
         "effnet": [files._FILES["effnet"]],
@@ -244,11 +272,12 @@ def load_prior(
     }
     needed = [files._FILES["text_encoder_config"], text, files._FILES["tokenizer"]]
     needed += [f for part, part_files in optional.items() if wanted[part] for f in part_files]
-    stage_b = _size_present(models_dir, files.STAGE_B)
     _check_present(models_dir, [stage_c, *needed], stage_b=stage_b, stage_c=variant)
     fetch = lambda: _fetch_command(models_dir, [stage_c], stage_b, variant)  # noqa: E731
     _, architecture = _inspect_file(models_dir / stage_c.path, "stage_c", variant, fetch)
     _check_files(models_dir, needed)  # everything else: encoders, configs, tokenizer
+    sizes = {"stage_c": variant, "stage_b": stage_b or variant}
+    dtype, place = _planned(memory, device, dtype, "Stage C", sizes, architecture, image_encoder)
 
     from transformers import CLIPVisionModelWithProjection
 
@@ -371,14 +400,16 @@ def load_decoder(
     """
     variant = files._check_size(variant)
     memory, device, dtype = _settings(memory, device, dtype, "Stage B")
-    place = _placer(device, memory)
     if not _is_local_folder(source):
+        sizes = {"stage_c": variant, "stage_b": variant}
+        dtype, place = _planned(memory, device, dtype, "Stage B", sizes, variant)
         with _explain_hub_failure(source):
             return _decoder_from_hub(source, variant, dtype, device, place)
     models_dir = Path(source)
-    stage_b = _choose_precision_file(models_dir, files.STAGE_B[variant], dtype)
-    stage_a = files._FILES["stage_a"]
     stage_c = _size_present(models_dir, files.STAGE_C)
+    form = dtype or pick_dtype(None, device, stage="Stage B")
+    stage_b = _choose_precision_file(models_dir, files.STAGE_B[variant], form)
+    stage_a = files._FILES["stage_a"]
     _check_present(models_dir, [stage_b, stage_a], stage_b=variant, stage_c=stage_c)
     _, architecture = _inspect_file(
         models_dir / stage_b.path,
@@ -389,6 +420,8 @@ def load_decoder(
     _, stage_a_architecture = _inspect_file(
         models_dir / stage_a.path, "stage_a", None, lambda: _fetch_command(models_dir, [stage_a])
     )
+    sizes = {"stage_c": stage_c or variant, "stage_b": variant}
+    dtype, place = _planned(memory, device, dtype, "Stage B", sizes, architecture)
     return Decoder(
         place(_load_unet(models_dir / stage_b.path, "stage_b", architecture, dtype), "Stage B"),
         place(_load_stage_a(models_dir / stage_a.path, stage_a_architecture), "Stage A"),
@@ -484,6 +517,9 @@ def _load_text_encoder(
     """The CLIP text encoder and tokenizer alone (1.4 GB in bfloat16), checked like the bundles' files:
     Stage B's conditioning for reconstruction, without Stage C."""
     memory, device, dtype = _settings(memory, device, dtype, "text encoder")
+    alone = "model_offload" if memory == "auto" else memory  # alone it needs no plan: it takes turns
+    plan = _plan_for_load(alone, device, dtype, {"stage_c": "big", "stage_b": "big"}, None)
+    dtype = plan._row("text encoder").dtype
     if not _is_local_folder(source):
         with _explain_hub_failure(source):
             text_encoder, tokenizer = _text_encoder_from_hub(source, dtype)
@@ -494,4 +530,4 @@ def _load_text_encoder(
         _check_present(models_dir, needed)
         _check_files(models_dir, needed)
         text_encoder, tokenizer = _text_encoder_from_folder(models_dir, weights, dtype)
-    return TextEncoder(_placer(device, memory)(text_encoder, "text encoder"), tokenizer, device, dtype)
+    return TextEncoder(_placer(device, plan)(text_encoder, "text encoder"), tokenizer, device, dtype)
