@@ -193,6 +193,16 @@ def _shell_prefix() -> str:
     return "!" if ipython is not None and ipython.get_ipython() is not None else ""
 
 
+def _variant_words(files: list[ModelFile], stage_b: Size | None, stage_c: Size | None) -> list[str]:
+    """The variant word for the stage files among ``files`` (none without any): the sizes they name,
+    the caller's for the stage they do not, else the same as the named one."""
+    named = {f.group: f.stage_size for f in reversed(files) if f.stage_size}
+    if not named:
+        return []
+    b = named.get("stage_b") or stage_b or named["stage_c"]
+    return [_variant_word(b, named.get("stage_c") or stage_c or b)]
+
+
 def download_command(
     files: Iterable[ModelFile], stage_b: Size | None = None, stage_c: Size | None = None
 ) -> str:
@@ -213,15 +223,10 @@ def download_command(
     files = list(files)
     groups = {f.group for f in files}
     words = ["essential"] if "essential" in groups else []
-    b = next((f.stage_size for f in files if f.group == "stage_b"), None)
-    c = next((f.stage_size for f in files if f.group == "stage_c"), None)
-    if b or c:
-        b = b or stage_b or c
-        words.append(_variant_word(b, c or stage_c or b))
+    words += _variant_words(files, stage_b, stage_c)
     words += [group for group in ("controlnet", "lora") if group in groups]
     precisions = {f.precision for f in files if f.precision}
-    if precisions:
-        words.append(_PRECISION_WORDS["fp32" if precisions == {"fp32"} else "bf16"])
+    words += [_PRECISION_WORDS["fp32" if precisions == {"fp32"} else "bf16"]] if precisions else []
     return f"{_shell_prefix()}bash download_models.sh " + " ".join(words)
 
 

@@ -1,23 +1,12 @@
 """Load Stable Cascade from a local ``models/`` folder (offline) or from the Hub.
 
-A local folder is laid out as ``download_models.sh`` leaves it: the official single files
-(``stage_c_bf16.safetensors`` ...) plus the CLIP text encoder, tokenizer and image encoder in their
-``transformers`` folders. Loading it never opens a network connection: the UNet configs ship in
-this package (``cascade_helpers/configs``), so diffusers' ``from_single_file`` has nothing to look
-up.
-
-Before reading any weights every file is checked: missing files are reported together with the
-exact download command, an interrupted download is recognized from the safetensors header, and a
-file that holds the wrong model (a Stage B in Stage C's slot, a lite checkpoint where big was asked
-for) is named as such. The prior's optional parts are checked then too, and read when first used.
-
+A folder is laid out as ``download_models.sh`` leaves it: the official single files plus the CLIP
+folders of ``transformers``. Loading it opens no connection: the UNet configs ship in this package.
+Every file is checked before any weight is read (missing files with the command that fetches them, a
+cut download, a file holding another model or size); the prior's optional parts are read on first use.
 A Hub repo id (``stabilityai/stable-cascade-prior`` / ``stabilityai/stable-cascade``) loads the
-diffusers folders instead, for users with internet access.
-
-Every model is read from safetensors files only (``use_safetensors=True``, local and Hub): a pickled
-``.bin`` can run code when it is loaded, and a folder or repo that has nothing else fails with the
-library's error naming the missing file instead of falling back to one. (Tokenizers and
-preprocessing configs are plain text and JSON.)
+diffusers folders instead. Weights come from safetensors files only (``use_safetensors=True``): a
+pickled ``.bin`` can run code when loaded, and is never a fallback.
 """
 
 from __future__ import annotations
@@ -111,14 +100,9 @@ def _clip(model_class, where: Path | str, dtype: torch.dtype, **options) -> nn.M
     return model.eval().requires_grad_(False)
 
 
-def _variant(precision: str | None) -> str | None:
-    """The Hub repos and our folders keep bfloat16 weights as the ``bf16`` variant of transformers."""
-    return "bf16" if precision == "bf16" else None
-
-
-def _hub_variant(dtype: torch.dtype) -> str | None:
-    """The Hub repos keep bfloat16 weights as the ``bf16`` variant beside the float32 ones."""
-    return "bf16" if dtype == torch.bfloat16 else None
+def _variant(bf16: bool) -> str | None:
+    """The Hub repos and our folders keep bfloat16 weights as transformers' ``bf16`` variant."""
+    return "bf16" if bf16 else None
 
 
 def _read_clip_image_settings(folder: Path) -> _ClipImageSettings:
@@ -283,7 +267,7 @@ def load_prior(
 
     unet = _load_unet(models_dir / stage_c.path, "stage_c", architecture, dtype)
     text_encoder, tokenizer = _text_encoder_from_folder(models_dir, text, dtype)
-    folder_options = {"variant": _variant(image.precision), "local_files_only": True}
+    folder_options = {"variant": _variant(image.precision == "bf16"), "local_files_only": True}
     return Prior(
         place(unet, "Stage C"),
         place(text_encoder, "text encoder"),
@@ -344,7 +328,11 @@ def _prior_from_hub(
 
     subfolder = "prior" if variant == "big" else "prior_lite"
     unet = StableCascadeUNet.from_pretrained(
-        repo, subfolder=subfolder, variant=_hub_variant(dtype), torch_dtype=dtype, use_safetensors=True
+        repo,
+        subfolder=subfolder,
+        variant=_variant(dtype == torch.bfloat16),
+        torch_dtype=dtype,
+        use_safetensors=True,
     )
     text_encoder, tokenizer = _text_encoder_from_hub(repo, dtype)
     extractor = files._FILES["feature_extractor"].path
@@ -352,7 +340,7 @@ def _prior_from_hub(
     if wanted["image_encoder"]:
         local = Path(snapshot_download(repo, allow_patterns=[extractor]))
         clip_image = _read_clip_image_settings(local / "feature_extractor")
-    hub_options = {"subfolder": "image_encoder", "variant": _hub_variant(dtype)}
+    hub_options = {"subfolder": "image_encoder", "variant": _variant(dtype == torch.bfloat16)}
     return Prior(
         place(unet.eval().requires_grad_(False), "Stage C"),
         place(text_encoder, "text encoder"),
@@ -442,7 +430,7 @@ def _decoder_from_hub(
     unet = StableCascadeUNet.from_pretrained(
         repo,
         subfolder="decoder" if variant == "big" else "decoder_lite",
-        variant=_hub_variant(dtype),
+        variant=_variant(dtype == torch.bfloat16),
         torch_dtype=dtype,
         use_safetensors=True,
     )
@@ -473,7 +461,7 @@ def _text_encoder_from_folder(
         CLIPTextModelWithProjection,
         models_dir / "text_encoder",
         dtype,
-        variant=_variant(weights.precision),
+        variant=_variant(weights.precision == "bf16"),
         local_files_only=True,
     )
     tokenizer = CLIPTokenizer.from_pretrained(
@@ -487,7 +475,11 @@ def _text_encoder_from_hub(repo: str, dtype: torch.dtype) -> tuple[nn.Module, ob
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
     text_encoder = _clip(
-        CLIPTextModelWithProjection, repo, dtype, subfolder="text_encoder", variant=_hub_variant(dtype)
+        CLIPTextModelWithProjection,
+        repo,
+        dtype,
+        subfolder="text_encoder",
+        variant=_variant(dtype == torch.bfloat16),
     )
     return text_encoder, CLIPTokenizer.from_pretrained(repo, subfolder="tokenizer")
 
