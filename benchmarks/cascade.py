@@ -9,7 +9,8 @@ text tower with projection (:data:`BIG_G_TEXT`, 0.69 B parameters). A real-sized
 a download, so the prompt goes through the tiny test tokenizer (``cascade_helpers.tiny``); prompts
 are padded to 77 tokens either way, so the text encoder does the real work.
 
-For each variant, batch and memory mode (``gpu``, ``model_offload``, ``sequential_offload``) it runs,
+For each variant, batch and memory mode (``gpu``, ``model_offload``, ``group_offload``, ``disk_offload``,
+``sequential_offload``) it runs,
 on fresh modules that share one copy of the weights:
 
 - **ours, official settings**: ``generation.text_to_image`` on ``models.Prior`` / ``models.Decoder``
@@ -22,7 +23,8 @@ on fresh modules that share one copy of the weights:
 - **diffusers**: ``StableCascadeCombinedPipeline`` built from the same weights at diffusers' settings
   (its documented 20 + 10 steps, guidance 4 and 0), every model in the working dtype as its
   ``from_pretrained(torch_dtype=...)`` loads them, with one text encoder per sub-pipeline as it
-  holds them, offloaded by its own ``enable_model_cpu_offload`` / ``enable_sequential_cpu_offload``.
+  holds them, offloaded by its own ``enable_model_cpu_offload`` / ``enable_group_offload`` (leaf level,
+  streams) / ``enable_sequential_cpu_offload``.
 
 How a stage is timed: a forward pre-hook on each model (text encoder, Stage C, Stage B; Stage A's
 ``decode``), run before any offloading hook, marks the moment the path moves on to that model's
@@ -46,6 +48,7 @@ the tiny test configs instead: seconds on a CPU, what the test suite runs. Examp
     python benchmarks/cascade.py --variant big-big --batch 4 --compile
     python benchmarks/cascade.py --variant small-small --modes gpu model_offload --repeats 3
     flock /tmp/bigmem.lock python benchmarks/cascade.py --threads 1   # no GPU: lite, 512², 2 + 2 steps, 12 GB RAM
+    flock /tmp/bigmem.lock python benchmarks/cascade.py --ram          # peak RAM per mode, big Stage C, ~9 GB RAM
     python benchmarks/cascade.py --tiny                            # tiny models: a smoke run
 
 Variants are the download script's words: Stage B size, then Stage C size (small = lite). The output
@@ -56,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import gc
 import io
 import re
@@ -69,9 +73,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from cascade_helpers.checkpoints import Architecture, config_dir
-from cascade_helpers.devices import MEMORY_MODES, pick_dtype, place
-from cascade_helpers.files import VARIANT_WORDS, VARIANTS
+from cascade_helpers.checkpoints import config_dir
+from cascade_helpers.devices import _MEMORY_MODES, _group_offload, _place, pick_dtype
+from cascade_helpers.files import _VARIANTS
 from cascade_helpers.generation import text_to_image
 from cascade_helpers.models import Decoder, Prior
 from cascade_helpers.sampling import DIFFUSERS_DECODER, DIFFUSERS_PRIOR, OFFICIAL_DECODER, OFFICIAL_PRIOR
@@ -155,7 +159,7 @@ def random_part(
     return Part(build, state, identity)
 
 
-def unet_builder(kind: str, architecture: Architecture) -> Callable[[], nn.Module]:
+def unet_builder(kind: str, architecture: str) -> Callable[[], nn.Module]:
     """Stage C/B (``StableCascadeUNet``) or Stage A (``PaellaVQModel``) from the shipped config, the
     one the loader reads the official files into."""
     from cascade_helpers.upstream import PaellaVQModel, StableCascadeUNet
@@ -169,9 +173,9 @@ def text_builder(tiny: bool, vocab_size: int) -> Callable[[], nn.Module]:
     """The bigG text encoder (:data:`BIG_G_TEXT`), or the tiny test one for ``vocab_size`` tokens."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    from cascade_helpers.tiny import text_encoder_config
+    from cascade_helpers.tiny import _text_encoder_config
 
-    config = text_encoder_config(vocab_size) if tiny else CLIPTextConfig(**BIG_G_TEXT)
+    config = _text_encoder_config(vocab_size) if tiny else CLIPTextConfig(**BIG_G_TEXT)
     return lambda: CLIPTextModelWithProjection(config)
 
 
@@ -180,10 +184,10 @@ def tiny_tokenizer() -> CLIPTokenizer:
     id of bigG's 49408-token vocabulary, and it pads to 77 tokens like the real one."""
     from transformers import CLIPTokenizer
 
-    from cascade_helpers.tiny import write_tokenizer
+    from cascade_helpers.tiny import _write_tokenizer
 
     with tempfile.TemporaryDirectory(prefix="bench_tokenizer_") as folder:
-        return CLIPTokenizer.from_pretrained(write_tokenizer(Path(folder)), local_files_only=True)
+        return CLIPTokenizer.from_pretrained(_write_tokenizer(Path(folder)), local_files_only=True)
 
 
 # --- per-stage time and peak memory -----------------------------------------------------------------
@@ -296,7 +300,7 @@ class Setup:
     prior_steps: int
     decoder_steps: int
     tokenizer: object
-    architectures: dict[str, Architecture]  # stage_c, stage_b
+    architectures: dict[str, str]  # stage_c, stage_b
     repeats: int
     parts: dict[str, Part] = field(default_factory=dict)  # text, stage_c, stage_b, stage_a
 
@@ -322,16 +326,16 @@ def ours(
         clock.watch(module, stage)
     clock.watch_decode(vqgan)
     prior = Prior(
-        place(stage_c, s.device, mode),
-        place(text_encoder, s.device, mode),
+        _place(stage_c, s.device, mode),
+        _place(text_encoder, s.device, mode),
         s.tokenizer,
         s.device,
         dtype,
         s.architectures["stage_c"],
     )
     decoder = Decoder(
-        place(stage_b, s.device, mode),
-        place(vqgan, s.device, mode, small=True),
+        _place(stage_b, s.device, mode),
+        _place(vqgan, s.device, "gpu"),
         s.device,
         dtype,
         s.architectures["stage_b"],
@@ -390,6 +394,13 @@ def diffusers_pipeline(
         pipe.to(s.device)
     elif mode == "model_offload":
         pipe.enable_model_cpu_offload(device=s.device)
+    elif mode in ("group_offload", "disk_offload"):  # diffusers' own: every model, leaf by leaf
+        disk = (
+            {"offload_to_disk_path": tempfile.mkdtemp(prefix="bench-offload-")}
+            if mode == "disk_offload"
+            else {}
+        )
+        pipe.enable_group_offload(s.device, offload_type="leaf_level", use_stream=True, **disk)
     else:
         pipe.enable_sequential_cpu_offload(device=s.device)
 
@@ -512,6 +523,81 @@ def build_parts(setup: Setup, tiny: bool, seed: int = 0) -> None:
         setup.parts[key] = random_part(build, (kind, architecture), part_dtype, device, seed)
 
 
+# --- peak RAM per memory mode (full-size Stage C, CPU) ------------------------------------------------
+
+RAM_MODES = {  # what stays in RAM, emulated on the CPU: with a GPU, "gpu" would move the weights away
+    "model_offload": "every weight in RAM between calls (also what a CPU run holds)",
+    "group_offload": "every weight in RAM, block by block to the device",
+    "disk_offload": "the weights on disk, block by block to the device",
+}
+
+
+def _rss(field: str) -> int:
+    found = re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text())
+    return int(found.group(1)) * 1024
+
+
+def ram_child(mode: str) -> None:
+    """One mode, in this process: random full-size big Stage C in bfloat16, placed as ``mode`` with the
+    CPU as the device it computes on, then one Stage C call on an 8×8 latent (the weights, not the
+    activations, are what is measured). Prints a JSON line."""
+    import json
+
+    part = random_part(
+        unet_builder("stage_c", "big"), ("stage_c", "big"), torch.bfloat16, torch.device("cpu"), 0
+    )
+    unet = part.fresh(torch.bfloat16)
+    del part  # the module holds the only copy of the weights
+    built = _rss("VmRSS")
+    if mode in ("group_offload", "disk_offload"):
+        _group_offload(unet, torch.device("cpu"), to_disk=mode == "disk_offload")
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # give freed memory back to the system (glibc)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    placed = _rss("VmRSS")
+    _reset_peak(torch.device("cpu"))
+    config = unet.config
+    inputs = {
+        "sample": torch.randn(1, config.in_channels, 8, 8, dtype=torch.bfloat16),
+        "timestep_ratio": torch.full((1,), 0.5, dtype=torch.bfloat16),
+        "clip_text_pooled": torch.randn(1, 1, config.clip_text_pooled_in_channels, dtype=torch.bfloat16),
+        "clip_text": torch.randn(1, 77, config.clip_text_in_channels, dtype=torch.bfloat16),
+        "clip_img": torch.zeros(1, 1, config.clip_image_in_channels, dtype=torch.bfloat16),
+    }
+    start = time.perf_counter()
+    with torch.no_grad():
+        unet(**inputs)
+    seconds = time.perf_counter() - start
+    print(json.dumps({"built": built, "placed": placed, "peak": _rss("VmHWM"), "seconds": seconds}))
+
+
+def ram_per_mode(modes: list[str], threads: int) -> None:
+    """The table of :func:`ram_child` for each mode, each in a fresh process (a peak is per process)."""
+    import json
+    import subprocess
+    import sys
+
+    print(
+        "Peak RAM per memory mode: full-size big Stage C (3.6 B parameters, bfloat16, random weights), "
+        f"one Stage C call on an 8×8 latent on the CPU ({threads} torch thread(s)); GB = 1e9 bytes\n"
+    )
+    print(
+        "| mode | what stays in RAM | RSS after loading | RSS after placing | peak RSS during a call | call s |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
+    for mode in [m for m in modes if m in RAM_MODES]:
+        command = [sys.executable, __file__, "--ram-child", mode, "--threads", str(threads)]
+        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        r = json.loads(out.strip().splitlines()[-1])
+        cells = [
+            mode,
+            RAM_MODES[mode],
+            *(_gb(r[k]) for k in ("built", "placed", "peak")),
+            f"{r['seconds']:.1f}",
+        ]
+        print("| " + " | ".join(cells) + " |", flush=True)
+
+
 # --- the command line -------------------------------------------------------------------------------
 
 
@@ -523,7 +609,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--variant",
         nargs="+",
-        choices=VARIANT_WORDS,
+        choices=tuple(_VARIANTS),
         help="Stage B size-Stage C size, as download_models.sh (default: big-big small-small on a GPU, "
         "small-small on a CPU or with --tiny)",
     )
@@ -533,7 +619,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=1024 if gpu else 512, help="picture side in pixels")
     parser.add_argument("--prior-steps", type=int, default=20 if gpu else 2, help="Stage C steps")
     parser.add_argument("--decoder-steps", type=int, default=10 if gpu else 2, help="Stage B steps")
-    parser.add_argument("--modes", nargs="+", choices=MEMORY_MODES, default=list(MEMORY_MODES))
+    modes = [m for m in _MEMORY_MODES if m != "auto"]
+    parser.add_argument("--modes", nargs="+", choices=modes, default=modes)
+    parser.add_argument(
+        "--ram",
+        action="store_true",
+        help="instead: peak RAM per memory mode of the full-size big Stage C (bf16) computing one step on "
+        "the CPU, each mode in its own process (what a machine such as Colab's VM must hold)",
+    )
+    parser.add_argument("--ram-child", help=argparse.SUPPRESS)
     parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
     parser.add_argument(
         "--compile", action="store_true", help="also time the UNets under torch.compile (GPU)"
@@ -547,6 +641,11 @@ def main(argv: list[str] | None = None) -> None:
         "--threads", type=int, help="torch threads on a CPU (default: torch's; 1 on a CPU shared with others)"
     )
     args = parser.parse_args(argv)
+    if args.ram_child:
+        torch.set_num_threads(args.threads or 1)
+        return ram_child(args.ram_child)
+    if args.ram:
+        return ram_per_mode(args.modes, args.threads or 1)
 
     device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
     if args.threads and not gpu:
@@ -582,7 +681,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = tiny_tokenizer()
     setup = None
     for variant in args.variant or (["big-big", "small-small"] if gpu and not args.tiny else ["small-small"]):
-        stage_b, stage_c = VARIANTS[variant]
+        stage_b, stage_c = _VARIANTS[variant]
         architectures = {
             "stage_c": "tiny" if args.tiny else stage_c,
             "stage_b": "tiny" if args.tiny else stage_b,

@@ -30,7 +30,7 @@ def _temporary_name(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def _atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; write there. When the block ends without an error it
     is renamed to ``path`` (replacing any file there); otherwise it is deleted and ``path`` is left
     as it was. Works for files and for folders (a folder replaces an existing one)."""
@@ -59,7 +59,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_files(folder: str | os.PathLike) -> Iterator[Path]:
+def _atomic_files(folder: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside ``folder`` for a library that writes several files itself
     (transformers' ``save_pretrained``). When the block ends without an error each file is renamed
     into ``folder``, replacing one of the same name and keeping the others (a bf16 and a float32
@@ -79,70 +79,37 @@ def atomic_files(folder: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(temporary, ignore_errors=True)
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """``path.write_bytes(data)``, atomically.
-
-    Args:
-        path: the file to write; its folder is created if missing.
-        data: the whole content.
-
-    Returns:
-        ``path`` as a :class:`~pathlib.Path`.
-    """
-    with atomic_path(path) as temporary:
+def _write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """``path.write_bytes(data)``, atomically."""
+    with _atomic_path(path) as temporary:
         temporary.write_bytes(data)
     return Path(path)
 
 
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    """``path.write_text(text)`` in UTF-8, atomically.
-
-    Args:
-        path: the file to write.
-        text: the whole content.
-
-    Returns:
-        ``path`` as a :class:`~pathlib.Path`.
-    """
-    return write_bytes(path, text.encode("utf-8"))
+def _write_text(path: str | os.PathLike, text: str) -> Path:
+    """``path.write_text(text)`` in UTF-8, atomically."""
+    return _write_bytes(path, text.encode("utf-8"))
 
 
-def write_json(path: str | os.PathLike, value) -> Path:
-    """``value`` as indented JSON, atomically.
-
-    Args:
-        path: the file to write.
-        value: anything :func:`json.dumps` accepts; written with 2-space indents and a final newline.
-
-    Returns:
-        ``path`` as a :class:`~pathlib.Path`.
-    """
-    return write_text(path, json.dumps(value, indent=2) + "\n")
+def _write_json(path: str | os.PathLike, value) -> Path:
+    """``value`` as indented JSON, atomically."""
+    return _write_text(path, json.dumps(value, indent=2) + "\n")
 
 
-def save_safetensors(
+def _save_safetensors(
     path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> Path:
     """``safetensors.torch.save_file``, atomically; tensors are detached, moved to the CPU and made
-    contiguous first (what the format needs).
-
-    Args:
-        path: the ``.safetensors`` file to write.
-        tensors: key → tensor, on any device.
-        metadata: the header's ``__metadata__`` (strings only), or None.
-
-    Returns:
-        ``path`` as a :class:`~pathlib.Path`.
-    """
+    contiguous first (what the format needs)."""
     from safetensors.torch import save_file
 
     prepared = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    with atomic_path(path) as temporary:
+    with _atomic_path(path) as temporary:
         save_file(prepared, str(temporary), metadata=metadata)
     return Path(path)
 
 
-def claim_name(path: str | os.PathLike) -> bool:
+def _claim_name(path: str | os.PathLike) -> bool:
     """Create ``path`` empty if no file has that name yet, atomically; False if one has. The caller
     then owns the name and fills it through :func:`atomic_path`."""
     try:

@@ -1,10 +1,10 @@
 """What is inside an official single-file checkpoint, read from its safetensors header alone.
 
 The released files carry no metadata saying what they are, and a 7 GB file in the wrong slot only
-fails deep inside ``load_state_dict`` with a wall of size mismatches. Here we read the header (a few
-kB, no tensor data), check that the file is complete, tell which model it holds from its key names,
-and which architecture (big, lite or our tiny test size) from its shapes, so the loader can say
-"this is a Stage C lite checkpoint, you asked for big" before touching the weights.
+fails deep inside ``load_state_dict`` with a wall of size mismatches. ``safetensors.safe_open`` reads
+the header (a few kB, no tensor data) and refuses a cut or junk file itself; from the key names we tell
+which model a file holds, from its shapes which architecture (big, lite or our tiny test size), so the
+loader can say "this is a Stage C lite checkpoint, you asked for big" before touching the weights.
 
 The key conversions between the official names and diffusers' names live here too: diffusers
 converts the UNets itself (``from_single_file``); we only need the inverse for writing tiny models in
@@ -13,9 +13,7 @@ the official format, and Stage A's one renamed key.
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -23,47 +21,30 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors import SafetensorError, safe_open
 
-Kind = Literal[
-    "stage_c",
-    "stage_b",
-    "stage_a",
-    "effnet",
-    "previewer",
-    "controlnet",
-    "lora",
-    "text_encoder",
-    "image_encoder",
-]
-Architecture = Literal["big", "lite", "tiny"]
+_Architecture = Literal["big", "lite", "tiny"]
 
-KIND_NAMES: dict[str, str] = {
-    "stage_c": "Stage C (prior)",
-    "stage_b": "Stage B (decoder)",
-    "stage_a": "Stage A (VQGAN)",
-    "effnet": "EfficientNet encoder",
-    "previewer": "previewer",
-    "controlnet": "Stage C ControlNet",
-    "lora": "Stage C LoRA (official format)",
-    "text_encoder": "CLIP text encoder",
-    "image_encoder": "CLIP image encoder",
+#: every kind of file we tell apart → (a key only its files have, checked in this order: Stage B also
+#: has ``clip_norm``...; its name in messages)
+_KINDS: dict[str, tuple[str, str]] = {
+    "stage_c": ("clip_txt_mapper.weight", "Stage C (prior)"),
+    "stage_b": ("effnet_mapper.0.weight", "Stage B (decoder)"),
+    "stage_a": ("vquantizer.codebook.weight", "Stage A (VQGAN)"),
+    "effnet": ("mapper.0.weight", "EfficientNet encoder"),
+    "previewer": ("blocks.0.weight", "previewer"),
+    "controlnet": ("projections.0.0.weight", "Stage C ControlNet"),
+    "lora": ("weights.0.lora_down", "Stage C LoRA (official format)"),
+    "text_encoder": (
+        "text_model.embeddings.token_embedding.weight",
+        "CLIP text encoder",
+    ),  # transformers' keys
+    "image_encoder": ("vision_model.embeddings.patch_embedding.weight", "CLIP image encoder"),
 }
-
-# A key only that model's files have (checked in this order: Stage B also has ``clip_norm``...).
-_SIGNATURE_KEYS: list[tuple[str, Kind]] = [
-    ("clip_txt_mapper.weight", "stage_c"),
-    ("effnet_mapper.0.weight", "stage_b"),
-    ("vquantizer.codebook.weight", "stage_a"),
-    ("mapper.0.weight", "effnet"),
-    ("blocks.0.weight", "previewer"),
-    ("projections.0.0.weight", "controlnet"),
-    ("weights.0.lora_down", "lora"),
-    ("text_model.embeddings.token_embedding.weight", "text_encoder"),  # transformers' CLIP key names
-    ("vision_model.embeddings.patch_embedding.weight", "image_encoder"),
-]
+_KIND_NAMES = {kind: name for kind, (_, name) in _KINDS.items()}
 
 #: config folder shipped in ``cascade_helpers/configs`` for each (kind, architecture)
-CONFIG_DIRS: dict[tuple[str, Architecture], str] = {
+_CONFIG_DIRS: dict[tuple[str, _Architecture], str] = {
     ("stage_c", "big"): "prior",
     ("stage_c", "lite"): "prior_lite",
     ("stage_c", "tiny"): "prior_tiny",
@@ -74,117 +55,83 @@ CONFIG_DIRS: dict[tuple[str, Architecture], str] = {
     ("stage_a", "tiny"): "stage_a_tiny",
 }
 
-
-_MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit; real headers are < 1 MB
+# what safetensors says of a file that ends before (or runs past) the data its header announces
+_INCOMPLETE = ("incomplete metadata", "header too small", "invalid header length")
 
 
 class CheckpointError(ValueError):
     """A model file is unreadable, incomplete, or holds something else than its slot needs."""
 
 
-class TruncatedCheckpointError(CheckpointError):
+class _TruncatedCheckpointError(CheckpointError):
     """The file ends before the data its header announces: an interrupted download."""
 
 
-class WrongCheckpointError(CheckpointError):
+class _WrongCheckpointError(CheckpointError):
     """The file is complete but holds another model (or another size) than the one asked for."""
 
 
 @dataclass(frozen=True)
-class TensorInfo:
+class _TensorInfo:
+    """A tensor's dtype and shape as the header states them: enough to tell an architecture."""
+
     dtype: str
     shape: tuple[int, ...]
 
 
 @dataclass(frozen=True)
-class CheckpointInfo:
+class _CheckpointInfo:
+    """A checked header: which model it holds (None: none we know) and its tensors."""
+
     path: Path
-    kind: Kind | None
-    tensors: dict[str, TensorInfo]
-
-    @property
-    def dtypes(self) -> set[str]:
-        return {t.dtype for t in self.tensors.values()}
+    kind: str | None
+    tensors: dict[str, _TensorInfo]
 
 
-def config_dir(kind: str, architecture: Architecture) -> Path:
+def config_dir(kind: str, architecture: str) -> Path:
     """The local diffusers config folder for a known architecture (what makes loading offline).
 
     Args:
         kind: "stage_c", "stage_b" or "stage_a".
-        architecture: "big", "lite" or "tiny" (Stage A: "big" or "tiny"; a key of :data:`CONFIG_DIRS`).
+        architecture: "big", "lite" or "tiny" (Stage A: "big" or "tiny").
 
     Returns:
         The folder inside ``cascade_helpers/configs`` holding its ``config.json``.
     """
-    return Path(str(resources.files("cascade_helpers") / "configs" / CONFIG_DIRS[(kind, architecture)]))
+    return Path(str(resources.files("cascade_helpers") / "configs" / _CONFIG_DIRS[(kind, architecture)]))
 
 
-def read_header(path: str | os.PathLike) -> CheckpointInfo:
-    """Read a safetensors header, check the file holds all the bytes it announces, identify it."""
+def _read_header(path: str | os.PathLike) -> _CheckpointInfo:
+    """A file's header through ``safe_open`` (which checks it is complete), and the model it holds."""
     path = Path(path)
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise TruncatedCheckpointError(f"{path} is {size} bytes long: too short to be a safetensors file")
-        (header_len,) = struct.unpack("<Q", prefix)
-        if header_len > _MAX_HEADER_BYTES:  # e.g. an HTML error page saved under the file's name
-            raise CheckpointError(f"{path} is not a safetensors file (it starts with {prefix[:8]!r})")
-        if header_len > size - 8:
-            raise TruncatedCheckpointError(
-                f"{path} is cut short ({size} bytes): its header alone should take {header_len} bytes"
-            )
-        try:
-            header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise CheckpointError(f"{path} is not a safetensors file (its header is not JSON)") from error
-    try:  # JSON, but maybe not a safetensors header: every entry needs dtype, shape and offsets
-        header.pop("__metadata__", None)
-        data_end = max((int(entry["data_offsets"][1]) for entry in header.values()), default=0)
-        tensors = {
-            key: TensorInfo(str(entry["dtype"]), tuple(entry["shape"])) for key, entry in header.items()
-        }
-    except (AttributeError, KeyError, TypeError, IndexError, ValueError) as error:
-        raise CheckpointError(f"{path} is not a safetensors file (its header is malformed)") from error
-    expected = 8 + header_len + data_end
-    if size < expected:
-        raise TruncatedCheckpointError(
-            f"{path} is incomplete: {size:,} of {expected:,} bytes ({size / expected:.0%}); the download was interrupted"
-        )
-    return CheckpointInfo(path, identify_kind(tensors), tensors)
+    try:
+        with safe_open(path, "pt") as f:
+            slices = {key: f.get_slice(key) for key in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+            tensors = {key: _TensorInfo(s.get_dtype(), tuple(s.get_shape())) for key, s in slices.items()}
+    except SafetensorError as error:
+        size = path.stat().st_size
+        if any(words in str(error) for words in _INCOMPLETE):
+            raise _TruncatedCheckpointError(
+                f"{path} is incomplete ({size:,} bytes, not what its header announces): the download was "
+                "interrupted"
+            ) from None
+        raise CheckpointError(f"{path} is not a safetensors file ({error})") from None
+    kind = next((kind for kind, (key, _) in _KINDS.items() if key in tensors), None)
+    return _CheckpointInfo(path, kind, tensors)
 
 
-def identify_kind(keys) -> Kind | None:
-    """Which model a state dict (or header) belongs to, from the key names only."""
-    for key, kind in _SIGNATURE_KEYS:
-        if key in keys:
-            return kind
-    return None
-
-
-def describe(info: CheckpointInfo) -> str:
+def _describe(info: _CheckpointInfo) -> str:
     """'a Stage C (prior) lite checkpoint' — for error messages."""
     if info.kind is None:
         return "no Stable Cascade checkpoint we know"
-    architecture = match_architecture(info) if (info.kind, "big") in CONFIG_DIRS else None
-    size = f" {architecture}" if architecture else ""
-    return f"a {KIND_NAMES[info.kind]}{size} checkpoint"
-
-
-# --- architectures ----------------------------------------------------------------------------------
+    architecture = _match_architecture(info) if (info.kind, "big") in _CONFIG_DIRS else None
+    return f"a {_KIND_NAMES[info.kind]}{f' {architecture}' if architecture else ''} checkpoint"
 
 
 @cache
-def official_shapes(kind: str, architecture: Architecture) -> dict[str, tuple[int, ...]]:
-    """Key → shape of the official checkpoint for a known architecture, derived from our config.
-
-    Args:
-        kind, architecture: a key of :data:`CONFIG_DIRS`, as for :func:`config_dir`.
-
-    Returns:
-        Official key → shape, computed once per pair (the model is built on the meta device).
-    """
+def _official_shapes(kind: str, architecture: _Architecture) -> dict[str, tuple[int, ...]]:
+    """Key → shape of the official checkpoint of a known architecture, from our config (built on the
+    meta device, once per pair): what a released file must hold exactly."""
     from accelerate import init_empty_weights
 
     from .upstream import PaellaVQModel, StableCascadeUNet
@@ -193,15 +140,15 @@ def official_shapes(kind: str, architecture: Architecture) -> dict[str, tuple[in
     with init_empty_weights():
         model = model_class.from_config(model_class.load_config(config_dir(kind, architecture)))
     state = model.state_dict()
-    official = stage_a_to_official(state) if kind == "stage_a" else unet_to_official(state, kind)
+    official = _stage_a_to_official(state) if kind == "stage_a" else _unet_to_official(state, kind)
     return {key: tuple(value.shape) for key, value in official.items()}
 
 
-def match_architecture(info: CheckpointInfo) -> Architecture | None:
+def _match_architecture(info: _CheckpointInfo) -> _Architecture | None:
     """The known architecture whose official key set and shapes equal the file's, if any."""
     found = {key: t.shape for key, t in info.tensors.items()}
-    for kind, architecture in CONFIG_DIRS:
-        if kind == info.kind and official_shapes(kind, architecture) == found:
+    for kind, architecture in _CONFIG_DIRS:
+        if kind == info.kind and _official_shapes(kind, architecture) == found:
             return architecture
     return None
 
@@ -209,20 +156,10 @@ def match_architecture(info: CheckpointInfo) -> Architecture | None:
 # --- key conversions --------------------------------------------------------------------------------
 
 
-def unet_to_official(state: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
-    """diffusers ``StableCascadeUNet`` keys → official Stage B/C keys (inverse of diffusers' converter).
-
-    Attention: ``to_q/to_k/to_v`` stack into ``attn.in_proj_*``, ``to_out.0`` is ``attn.out_proj``.
-    Stage B calls the pooled-text mapper ``clip_mapper``.
-
-    Args:
-        state: a diffusers ``StableCascadeUNet`` state dict.
-        kind: "stage_c" or "stage_b".
-
-    Returns:
-        A new state dict with the official keys; the tensors are shared, except the stacked
-        ``in_proj`` ones.
-    """
+def _unet_to_official(state: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
+    """diffusers ``StableCascadeUNet`` keys → official Stage B/C keys, the inverse of diffusers' converter
+    (which has none): ``to_q/to_k/to_v`` stack into ``attn.in_proj_*``, ``to_out.0`` is
+    ``attn.out_proj``, and Stage B calls the pooled-text mapper ``clip_mapper``."""
     official: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if ".to_k." in key or ".to_v." in key:
@@ -243,11 +180,12 @@ def unet_to_official(state: dict[str, torch.Tensor], kind: str) -> dict[str, tor
 _STAGE_A_RENAMES = {"vquantizer.codebook.weight": "vquantizer.embedding.weight"}
 
 
-def stage_a_from_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _stage_a_from_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Official Stage A keys → diffusers ``PaellaVQModel`` keys (only the codebook is named differently)."""
     return {_STAGE_A_RENAMES.get(key, key): value for key, value in state.items()}
 
 
-def stage_a_to_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _stage_a_to_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers ``PaellaVQModel`` keys → official Stage A keys, for the tiny writer."""
     inverse = {v: k for k, v in _STAGE_A_RENAMES.items()}
     return {inverse.get(key, key): value for key, value in state.items()}

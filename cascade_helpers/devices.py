@@ -1,32 +1,41 @@
 """Where the models run and in which precision, and how they share a small GPU.
 
-Three memory modes, as in diffusers:
+Memory modes, each a library's hooks (:mod:`cascade_helpers.memory` plans which model gets which):
 
-- ``"gpu"``: every model lives on the GPU. Fastest; needs the most memory.
-- ``"model_offload"``: big models (text encoder, UNets, image encoder) wait in CPU RAM and move to
-  the GPU when called, sending the previously active one back. Small ones (previewer, EfficientNet,
-  Stage A) stay on the GPU. One big model on the GPU at a time (Stage C big: 7.18 GB of bf16 weights,
-  plus activations; `weights_on_gpu` below gives the weight figures per mode).
+- ``"gpu"``: the model lives on the GPU. Fastest; needs the most memory.
+- ``"model_offload"``: the model waits in CPU RAM and moves to the GPU when called, sending the big
+  model that ran before it back (accelerate's ``CpuOffload`` hook): one big model on the GPU at a time.
+- ``"group_offload"``: diffusers' group offloading: the UNets' blocks (the CLIP encoders' layers) move
+  to the GPU as they run, the next one over a CUDA stream while this one computes; the weights wait in
+  CPU RAM. Little GPU memory, much faster than ``sequential_offload``.
+- ``"disk_offload"``: the same, with the waiting weights on disk instead of in RAM (for machines with
+  little RAM, such as Colab's 12.7 GB).
 - ``"sequential_offload"``: weights stream to the GPU layer by layer (accelerate's ``cpu_offload``).
-  Slowest, smallest footprint.
+- ``"auto"``: :func:`cascade_helpers.memory.plan_memory` chooses for each model.
 
-Precision: Stage C in float16 overflows and produces NaNs (black images); we refuse it unless the
-caller insists. bfloat16 where the GPU supports it, float32 otherwise.
+Small models (previewer, EfficientNet, Stage A) always stay on the device.
+
+Precision: bfloat16 on GPUs that have it natively (Ampere and newer); on older GPUs (Colab's T4)
+float16, except for models that overflow in it (Stage C: black pictures), which run in float32.
+float32 on CPUs and Apple GPUs.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import weakref
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
+from accelerate.hooks import CpuOffload
 from torch import nn
 
-MemoryMode = Literal["gpu", "model_offload", "sequential_offload"]
-MEMORY_MODES: tuple[str, ...] = ("gpu", "model_offload", "sequential_offload")
+MemoryMode = Literal["gpu", "model_offload", "group_offload", "disk_offload", "sequential_offload", "auto"]
+_MEMORY_MODES: tuple[str, ...] = get_args(MemoryMode)
 
 #: every precision word the package accepts (``files.Precision`` values among them) → its dtype
-DTYPE_NAMES: dict[str, torch.dtype] = {
+_DTYPE_NAMES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
     "bfloat16": torch.bfloat16,
     "fp32": torch.float32,
@@ -34,79 +43,90 @@ DTYPE_NAMES: dict[str, torch.dtype] = {
     "fp16": torch.float16,
     "float16": torch.float16,
 }
+#: the models whose activations overflow float16 (NaN, black pictures): float32 where bfloat16 is not
+#: native, and float16 refused unless the caller insists
+_FLOAT16_OVERFLOWS = {"Stage C"}
 
 
-def check_memory(memory: object) -> MemoryMode:
+def _check_memory(memory: object) -> MemoryMode:
     """``memory`` if it names a memory mode, else a ValueError listing them: checked before any
     model is read, not after minutes of loading."""
-    if memory not in MEMORY_MODES:
-        raise ValueError(f"unknown memory mode {memory!r}: use one of {', '.join(MEMORY_MODES)}")
+    if memory not in _MEMORY_MODES:
+        raise ValueError(f"unknown memory mode {memory!r}: use one of {', '.join(_MEMORY_MODES)}")
     return memory  # type: ignore[return-value]
 
 
-class UnsupportedPrecisionError(ValueError):
-    """A precision the model is known to break in."""
-
-
-#: what people write for a device type torch calls otherwise
-_DEVICE_ALIASES = {"gpu": "cuda", "nvidia": "cuda", "apple": "mps", "metal": "mps"}
-
-
-def available_devices() -> list[str]:
-    """The devices torch can compute on here: ``"cpu"``, each CUDA GPU (``"cuda:0"`` ...), ``"mps"``."""
+def _available_devices() -> list[str]:
+    """What this machine computes on, for messages: ``cpu``, each GPU (``cuda:0`` ...), ``mps``."""
     found = ["cpu"]
-    if torch.cuda.is_available():
-        found += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    if torch.backends.mps.is_available():
-        found.append("mps")
+    for kind in ("cuda", "xpu", "mps"):
+        backend = getattr(torch, kind, None)
+        if backend is not None and backend.is_available():
+            count = backend.device_count() if kind != "mps" else 1
+            found += [kind] if kind == "mps" else [f"{kind}:{i}" for i in range(count)]
     return found
 
 
-def _unavailable(device: object, why: str) -> ValueError:
-    return ValueError(
-        f"device={device!r}: {why}. This machine has: {', '.join(available_devices())} "
-        "(device=None picks the best of them)"
-    )
+def _why_missing(device: torch.device) -> str | None:
+    """Why this machine cannot compute on ``device`` (None: it can)."""
+    if device.type == "cpu":
+        return None
+    backend = getattr(torch, device.type, None)  # torch.cuda, torch.mps, torch.xpu ...
+    if backend is None or not hasattr(backend, "is_available"):
+        return f"the package computes on cpu, cuda, mps or xpu, not {device.type}"
+    if not backend.is_available():
+        built_without = device.type == "cuda" and torch.version.cuda is None and torch.version.hip is None
+        return (
+            "this torch was built without CUDA" if built_without else f"no {device.type} device is available"
+        )
+    if device.index is not None and device.index >= backend.device_count():
+        return f"there is no {device.type} device number {device.index}"
+    return None
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
     """The device to compute on: the caller's choice, else CUDA, else Apple MPS, else CPU.
 
     Args:
-        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``, a ``torch.device``, or None. A device
-            this machine lacks (``"cuda"`` without a GPU, a CUDA index past the last GPU) or a name
-            torch does not know (``"gpu"``) is refused with the list of the devices there are.
+        device: anything ``torch.device`` accepts (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``), or
+            None / ``"auto"``: the best there is. A device this machine lacks, or a name torch does not
+            know, is refused with the list of the devices there are.
 
     Returns:
         The device, CUDA with its index (``"cuda"`` and ``"cuda:0"`` compare equal).
     """
-    if device is None:
-        best = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-        device = torch.device(best)
-    elif not isinstance(device, torch.device):
-        try:
-            device = torch.device(device)
-        except (RuntimeError, TypeError, ValueError):
-            alias = _DEVICE_ALIASES.get(str(device).split(":")[0].lower())
-            hint = f" (did you mean {alias!r}?)" if alias else ""
-            raise _unavailable(device, f"torch knows no device of that name{hint}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            why = (
-                "this torch was built without CUDA"
-                if torch.version.cuda is None
-                else "no CUDA GPU is visible"
-            )
-            raise _unavailable(str(device), f"CUDA is not available ({why})")
-        if device.index is None:  # "cuda" and "cuda:0" must compare equal
-            device = torch.device("cuda", torch.cuda.current_device())
-        elif device.index >= torch.cuda.device_count():
-            raise _unavailable(str(device), f"there is no CUDA GPU number {device.index}")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise _unavailable(str(device), "Apple's MPS is not available")
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise _unavailable(str(device), f"the package runs on cpu, cuda or mps, not {device.type}")
-    return device
+    if device is None or device == "auto":
+        device = (
+            "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        )
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        resolved, why = None, "torch knows no device of that name"
+    else:
+        why = _why_missing(resolved)
+    if why:
+        raise ValueError(
+            f"device={str(device)!r}: {why}. This machine has: {', '.join(_available_devices())} "
+            "(device=None picks the best of them)"
+        )
+    if resolved.type == "cuda" and resolved.index is None:  # "cuda" and "cuda:0" must compare equal
+        resolved = torch.device("cuda", torch.cuda.current_device())
+    return resolved
+
+
+def _default_dtype(stage: str, *, gpu: bool, native_bfloat16: bool) -> torch.dtype:
+    """The one per-model precision rule (the memory planner applies it to machines it is told of)."""
+    if not gpu:
+        return torch.float32
+    if native_bfloat16:
+        return torch.bfloat16
+    return torch.float32 if stage in _FLOAT16_OVERFLOWS else torch.float16
+
+
+def _native_bfloat16(device: torch.device) -> bool:
+    """bfloat16 in hardware (CUDA capability ≥ 8.0); torch's default check also counts emulation."""
+    return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def pick_dtype(
@@ -116,149 +136,94 @@ def pick_dtype(
     stage: str = "Stage C",
     allow_float16: bool = False,
 ) -> torch.dtype:
-    """Resolve a dtype name, choose a default for the device, and refuse float16 for Stage C.
+    """Resolve a dtype name, choose a default for the device and the model, refuse float16 where the
+    model overflows in it.
 
     Args:
-        dtype: a ``torch.dtype``, a name from :data:`DTYPE_NAMES` ("bf16", "float32" ...), or None:
-            bfloat16 on a CUDA GPU that supports it, float32 everywhere else (CPU, MPS, older GPUs).
+        dtype: a ``torch.dtype``, a name ("bf16", "bfloat16", "fp32", "float32", "fp16", "float16"), or
+            None: bfloat16 on a GPU that has it natively; on older GPUs float16 (float32 for Stage C,
+            which overflows in float16); float32 on CPUs and Apple GPUs.
         device: the device the model will compute on (from :func:`pick_device`).
-        stage: the model, for the float16 rule: float16 is refused only for "Stage C".
+        stage: the model ("Stage C", "Stage B", "text encoder", "image encoder"), for the float16 rule.
         allow_float16: True lets Stage C run in float16 anyway (to reproduce its black pictures).
 
     Returns:
         torch.bfloat16, torch.float32 or torch.float16.
 
     Raises:
-        UnsupportedPrecisionError: float16 for Stage C without ``allow_float16``.
-        ValueError: an unknown name, or another dtype (float64, int8 ...).
+        ValueError: an unknown name, another dtype (float64, int8 ...), or float16 for Stage C without
+            ``allow_float16``.
     """
     if dtype is None:
-        bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16_ok else torch.float32
-    if isinstance(dtype, str):
-        if dtype not in DTYPE_NAMES:
-            raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPE_NAMES)}")
-        dtype = DTYPE_NAMES[dtype]
-    if dtype == torch.float16 and stage == "Stage C" and not allow_float16:
-        raise UnsupportedPrecisionError(
-            "Stage C overflows in float16: activations exceed float16's range and the images come out "
+        return _default_dtype(stage, gpu=device.type == "cuda", native_bfloat16=_native_bfloat16(device))
+    if isinstance(dtype, str) and dtype not in _DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(_DTYPE_NAMES)}")
+    dtype = _DTYPE_NAMES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if dtype == torch.float16 and stage in _FLOAT16_OVERFLOWS and not allow_float16:
+        raise ValueError(
+            f"{stage} overflows in float16: activations exceed float16's range and the images come out "
             "black (NaN). Use dtype=torch.bfloat16 (GPUs since Ampere) or torch.float32; pass "
             "allow_float16=True only to reproduce the problem."
         )
     if dtype not in (torch.bfloat16, torch.float32, torch.float16):
-        raise ValueError(f"unsupported dtype {dtype}: use torch.bfloat16 or torch.float32")
+        raise ValueError(f"unsupported dtype {dtype}: use torch.bfloat16, torch.float16 or torch.float32")
     return dtype
 
 
-class _ModelOffload:
-    """Keeps at most one of the registered big models on the GPU: a model moves there when it is
-    called and sends the previously active one back to the CPU. One group per process, so the
-    prior's and the decoder's models take turns too.
+class _OneBigModelOnTheGpu(CpuOffload):
+    """accelerate's model-offload hook offloads one fixed previous model; ours, whichever big model ran
+    last, so models called in any order (a second prompt, Stage B then the text encoder) take turns.
+    Its ``execution_device`` is what diffusers pipelines built from our models compute on."""
 
-    The move is an accelerate hook (``model._hf_hook``) that names its ``execution_device``, the way
-    accelerate's and diffusers' own offloading do: a diffusers pipeline built from these models then
-    computes on the GPU although the models wait in CPU RAM between calls."""
+    last: weakref.ref[nn.Module] | None = None  # one group per process: the prior's and decoder's models
 
-    def __init__(self) -> None:
-        self._active: weakref.ref[nn.Module] | None = None
-
-    def add(self, model: nn.Module, device: torch.device) -> None:
-        from accelerate.hooks import ModelHook, add_hook_to_module
-
-        group = self
-
-        class MoveWhenCalled(ModelHook):
-            execution_device = device
-
-            def pre_forward(self, module: nn.Module, *args, **kwargs):
-                group._activate(module, device)
-                return args, kwargs
-
-        model.to("cpu")
-        add_hook_to_module(model, MoveWhenCalled())
-
-    def _activate(self, model: nn.Module, device: torch.device) -> None:
-        active = self._active() if self._active is not None else None
-        if active is model:
-            return
-        if active is not None:
-            active.to("cpu")
-        model.to(device)
-        self._active = weakref.ref(model)
+    def pre_forward(self, module: nn.Module, *args, **kwargs):
+        last = _OneBigModelOnTheGpu.last() if _OneBigModelOnTheGpu.last is not None else None
+        if last is not None and last is not module:
+            last.to("cpu")
+        _OneBigModelOnTheGpu.last = weakref.ref(module)
+        return super().pre_forward(module, *args, **kwargs)
 
 
-_MODEL_OFFLOAD = _ModelOffload()
+def _group_offload(model: nn.Module, device: torch.device, *, to_disk: bool) -> None:
+    """diffusers' group offloading. The UNets go block by block (each block of their levels one group;
+    a whole level at diffusers' default would be 40 % of Stage C), other models layer by layer. Groups
+    are pinned as they move (``low_cpu_mem_usage``): RAM holds one copy of the weights, not two. On disk,
+    each model gets a folder of its own (diffusers reuses files it finds there), removed with it."""
+    from diffusers.hooks import apply_group_offloading
+
+    from .upstream import StableCascadeUNet
+
+    blocks = isinstance(model, StableCascadeUNet)
+    folder = tempfile.mkdtemp(prefix="cascade-offload-") if to_disk else None
+    if folder:
+        weakref.finalize(model, shutil.rmtree, folder, True)
+    apply_group_offloading(
+        model,
+        onload_device=device,
+        offload_type="block_level" if blocks else "leaf_level",
+        num_blocks_per_group=1 if blocks else None,
+        block_modules=["down_blocks", "up_blocks"] if blocks else None,
+        use_stream=device.type == "cuda",
+        low_cpu_mem_usage=True,
+        offload_to_disk_path=folder,
+    )
 
 
-def place(
-    model: nn.Module, device: torch.device, memory: MemoryMode = "gpu", *, small: bool = False
-) -> nn.Module:
-    """Put ``model`` on ``device`` the way ``memory`` says. ``small`` models always stay on the device.
-
-    The bundles in :mod:`cascade_helpers.loading` remember the execution device: with offloading a
-    model's own ``.device`` says "cpu" (or "meta") between calls.
-
-    Args:
-        model: the model, moved or hooked in place.
-        device: where it computes. On the CPU every mode is plain ``.to(device)``.
-        memory: "gpu", "model_offload" or "sequential_offload" (see the module's docstring).
-        small: True for the small models (previewer, EfficientNet, Stage A), which stay on ``device``.
-
-    Returns:
-        ``model`` itself.
-
-    Raises:
-        ValueError: an unknown memory mode.
-    """
-    check_memory(memory)
-    if device.type == "cpu" or memory == "gpu" or small:
+def _place(model: nn.Module, device: torch.device, memory: str = "gpu") -> nn.Module:
+    """Put ``model`` on ``device`` the way ``memory`` (a mode, not "auto") says; on the CPU every mode
+    is plain ``.to(device)`` (nothing to offload to). Returns ``model`` itself."""
+    _check_memory(memory)
+    if device.type == "cpu" or memory == "gpu":
         return model.to(device)
     if memory == "model_offload":
-        _MODEL_OFFLOAD.add(model, device)
-        return model
-    from accelerate import cpu_offload
+        from accelerate.hooks import add_hook_to_module
 
-    cpu_offload(model, execution_device=device)
+        add_hook_to_module(model, _OneBigModelOnTheGpu(execution_device=device))
+    elif memory in ("group_offload", "disk_offload"):
+        _group_offload(model, device, to_disk=memory == "disk_offload")
+    else:
+        from accelerate import cpu_offload
+
+        cpu_offload(model, execution_device=device)
     return model
-
-
-# --- how much the weights take on the GPU ------------------------------------------------------------
-
-
-def weights_on_gpu(
-    stage_c: str, stage_b: str, precision: str, memory: MemoryMode, *, image_encoder: bool = True
-) -> int:
-    """Bytes of model weights on the GPU at the busiest moment of a generation, from the published
-    file sizes in :mod:`cascade_helpers.files`. Weights only: activations, the CUDA context and the
-    allocator's cache come on top and are not included.
-
-    ``"gpu"``: every model. ``"model_offload"``: the biggest of the models that take turns (text
-    encoder, image encoder, Stage C, Stage B) plus the small ones that stay (Stage A, EfficientNet,
-    previewer). ``"sequential_offload"``: the small ones; the others stream through one layer at a time.
-
-    Args:
-        stage_c, stage_b: the stages' sizes, "big" or "lite".
-        precision: "bf16" or "fp32" (the files' precision, for every big model alike).
-        memory: the memory mode.
-        image_encoder: False leaves out the CLIP image encoder (``load_prior(image_encoder=False)``).
-
-    Returns:
-        Bytes, from the published sizes (decimal units: divide by 1e9 for GB).
-    """
-    from . import files
-
-    check_memory(memory)
-    stage_c, stage_b = files.check_size_word(stage_c, "stage_c"), files.check_size_word(stage_b, "stage_b")
-    precision = files.check_precision(precision)
-    big = [
-        files.STAGE_C[stage_c][precision],
-        files.STAGE_B[stage_b][precision],
-        files.TEXT_ENCODER[precision],
-    ]
-    big += [files.IMAGE_ENCODER[precision]] if image_encoder else []
-    small = sum(f.size for f in (files.STAGE_A, files.EFFNET, files.PREVIEWER))
-    if memory == "gpu":
-        return small + sum(f.size for f in big)
-    if memory == "model_offload":
-        return small + max(f.size for f in big)
-    return small

@@ -15,7 +15,7 @@ import PIL.Image
 import PIL.PngImagePlugin
 import torch
 
-from .atomic import atomic_path, claim_name
+from .atomic import _atomic_path, _claim_name
 from .generation import Generation, preview_stage_c
 from .images import as_pil_list, image_grid
 from .models import Prior
@@ -77,9 +77,9 @@ def _claim_run(folder: Path, prefix: str, names: list[str]) -> list[Path]:
     while True:
         number = max(_next_number(folder, prefix), number + 1)  # a lost race moves on, never loops
         paths = [folder / name.format(number=number) for name in names]
-        if claim_name(paths[0]):
+        if _claim_name(paths[0]):
             for path in paths[1:]:  # the other names of this run follow the first one's number
-                claim_name(path)
+                _claim_name(path)
             return paths
 
 
@@ -136,7 +136,7 @@ def save_generation(
         info.add_text(SETTINGS_CHUNK, json.dumps(settings))
         info.add_text("Description", str(prompts[index]))
         info.add_text("Software", "cascade_helpers (Stable Cascade)")
-        with atomic_path(path) as temporary:
+        with _atomic_path(path) as temporary:
             picture.save(temporary, format="PNG", pnginfo=info)
     return paths
 

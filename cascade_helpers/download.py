@@ -32,8 +32,8 @@ from . import files
 from .files import ModelFile
 
 ESSENTIAL, CONTROLNET, LORA, ALL = "essential", "controlnet", "lora", "all"
-VARIANTS = files.VARIANTS
-PRECISIONS = files.PRECISIONS_BY_WORD
+VARIANTS = files._VARIANTS
+PRECISIONS = files._PRECISIONS_BY_WORD
 WORDS = (ESSENTIAL, *VARIANTS, *PRECISIONS, CONTROLNET, LORA, ALL)
 OPTIONS = ("--models-dir", "--dry-run", "--verify", "--help")
 # Partial files live inside the models folder: same disk, so the final move is a rename.
@@ -75,7 +75,7 @@ Interrupted? Run the same command again: finished files are kept, the current on
 Exit codes: 0 all fetched, 1 transfer, checksum, disk or folder failure (named), 2 usage error.
 HF_TOKEN: a Hugging Face token (else the one saved by `hf auth login`), sent with every request to
 the Hub (HF_ENDPOINT), never to the servers the file bytes come from. HF_ENDPOINT: a Hub mirror.
-{files.LICENSE_NOTE}"""
+{files._LICENSE_NOTE}"""
 
 
 class UsageError(ValueError):
@@ -107,11 +107,11 @@ def files_for_words(words: Sequence[str]) -> list[ModelFile]:
         precision_hint = f"{precisions[0]!r} only says in which precision. " if precisions else ""
         raise UsageError(f"{precision_hint}Say what to fetch: essential, a variant, controlnet, lora or all")
     precision = PRECISIONS[precisions[0]] if precisions else "bf16"
-    selected = files.essential_files(precision) if essential else []
+    selected = files._essential_files(precision) if essential else []
     if variants:
         stage_b, stage_c = VARIANTS[variants[0]]
         selected += [files.STAGE_B[stage_b][precision], files.STAGE_C[stage_c][precision]]
-    selected += list(files.CONTROLNETS.values()) if controlnet else []
+    selected += list(files._CONTROLNETS.values()) if controlnet else []
     return selected + ([files.LORA_FERNANDO] if lora else [])
 
 
@@ -168,7 +168,7 @@ def download(
     selected = files_for_words(words)
     models_dir = Path(models_dir).expanduser().resolve()
     check_models_dir(models_dir, write=not dry_run)
-    print(files.LICENSE_NOTE, flush=True)
+    print(files._LICENSE_NOTE, flush=True)
     if dry_run:
         print(dry_run_report(selected, models_dir), flush=True)
     else:
@@ -221,12 +221,12 @@ def dry_run_report(selected: Sequence[ModelFile], models_dir: Path) -> str:
         present += file.size if here else 0
         name = f"{file.path}/ (folder)" if file.folder else file.path
         note = "present: kept if its size matches" if here else file.repo
-        lines.append(f"  {name:<45} {files.human_size(file.size):>9}  {note}")
+        lines.append(f"  {name:<45} {files._human_size(file.size):>9}  {note}")
     total = sum(file.size for file in selected)
     entries = f"{len(selected)} entr" + ("y" if len(selected) == 1 else "ies")
-    lines.append(f"Total: {files.human_size(total)} in {entries} (published sizes)")
+    lines.append(f"Total: {files._human_size(total)} in {entries} (published sizes)")
     if present:
-        lines[-1] += f"; {files.human_size(present)} of it already in {models_dir}/"
+        lines[-1] += f"; {files._human_size(present)} of it already in {models_dir}/"
     return "\n".join(lines)
 
 
@@ -263,7 +263,7 @@ def _fetch_all(
             " (the copy there differs from the Hub's checksum)" if (models_dir / entry.path).exists() else ""
         )
         print(
-            f"[{number}/{len(remote)}] {entry.path} ({files.human_size(entry.size)}) from {entry.repo}{differs}",
+            f"[{number}/{len(remote)}] {entry.path} ({files._human_size(entry.size)}) from {entry.repo}{differs}",
             flush=True,
         )
         _fetch(entry, models_dir, endpoint, token)
@@ -385,7 +385,7 @@ def _failure(
             f"{path} is not in {repo} at {endpoint} (404). If HF_ENDPOINT points to a mirror, check that it mirrors "
             f"{repo}; otherwise the file was moved on the Hub: please report it."
         )
-    progress = f" after {files.human_size(done)} of {files.human_size(size)}" if size else ""
+    progress = f" after {files._human_size(done)} of {files._human_size(size)}" if size else ""
     return DownloadError(
         f"{path}: transfer from {endpoint}/{repo} failed{progress} ({type(error).__name__}: {error}). "
         "Run the same command again: finished files are kept and this one resumes."
@@ -420,8 +420,8 @@ def _check_free_space(models_dir: Path, needed: int) -> None:
     free = shutil.disk_usage(existing).free
     if needed > free:
         raise DownloadError(
-            f"Not enough disk space: {files.human_size(needed)} still to fetch into {models_dir}/, but only "
-            f"{files.human_size(free)} free there. Free {files.human_size(needed - free)} or choose a larger "
+            f"Not enough disk space: {files._human_size(needed)} still to fetch into {models_dir}/, but only "
+            f"{files._human_size(free)} free there. Free {files._human_size(needed - free)} or choose a larger "
             "disk with --models-dir DIR; nothing was fetched."
         )
 

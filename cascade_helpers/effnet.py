@@ -24,11 +24,11 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from .sizes import LATENT_CHANNELS, SMALLEST_ENCODABLE_SIDE, STRIDE, encoder_input_size
+from .sizes import _LATENT_CHANNELS, _SMALLEST_ENCODABLE_SIDE, _STRIDE, _encoder_input_size
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-EFFNET_CHANNELS = 1280  # EfficientNetV2-S features (the ControlNets' bottleneck width too)
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+_EFFNET_CHANNELS = 1280  # EfficientNetV2-S features (the ControlNets' bottleneck width too)
 
 
 class EfficientNetEncoder(nn.Module):
@@ -39,17 +39,17 @@ class EfficientNetEncoder(nn.Module):
         # weights=None: random init here, every value is replaced by load_state_dict.
         self.backbone = torchvision.models.efficientnet_v2_s(weights=None).features.eval()
         self.mapper = nn.Sequential(
-            nn.Conv2d(EFFNET_CHANNELS, LATENT_CHANNELS, kernel_size=1, bias=False),
-            nn.BatchNorm2d(LATENT_CHANNELS, affine=False),
+            nn.Conv2d(_EFFNET_CHANNELS, _LATENT_CHANNELS, kernel_size=1, bias=False),
+            nn.BatchNorm2d(_LATENT_CHANNELS, affine=False),
         )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.mapper(self.backbone(images))
 
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
+def _normalize(images: torch.Tensor) -> torch.Tensor:
     """ImageNet normalization (what the encoder was trained on): pictures in [0, 1] → its input."""
-    return TF.normalize(images, IMAGENET_MEAN, IMAGENET_STD)
+    return TF.normalize(images, _IMAGENET_MEAN, _IMAGENET_STD)
 
 
 def preprocess(images: torch.Tensor, *, downscale: bool = True) -> torch.Tensor:
@@ -68,14 +68,14 @@ def preprocess(images: torch.Tensor, *, downscale: bool = True) -> torch.Tensor:
         ValueError: with ``downscale``, a picture too small to give a side of 32 px.
     """
     if downscale:
-        size = encoder_input_size(*images.shape[-2:])
-        if min(size) < STRIDE:
+        size = _encoder_input_size(*images.shape[-2:])
+        if min(size) < _STRIDE:
             raise ValueError(
                 f"pictures of {images.shape[-2]}×{images.shape[-1]} px are too small for the EfficientNet "
-                f"encoder: each side must be at least {SMALLEST_ENCODABLE_SIDE} px"
+                f"encoder: each side must be at least {_SMALLEST_ENCODABLE_SIDE} px"
             )
         images = TF.resize(images, list(size), interpolation=InterpolationMode.NEAREST)
-    return normalize(images)
+    return _normalize(images)
 
 
 @torch.no_grad()

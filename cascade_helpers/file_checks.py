@@ -2,7 +2,8 @@
 whether each is complete and holds the right model — and, when not, the exact command that fixes it.
 
 Every loader runs these first, so a missing, half-downloaded or misplaced file is named with the
-``bash download_models.sh ...`` line that fetches it, instead of failing deep inside a library.
+``bash download_models.sh ...`` line that fetches it, instead of failing deep inside a library. The
+command is built only when a check fails (``fetch``: a function that builds it).
 """
 
 from __future__ import annotations
@@ -10,190 +11,138 @@ from __future__ import annotations
 import json
 import logging
 import shlex
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from . import files
 from .checkpoints import (
-    KIND_NAMES,
-    Architecture,
+    _KIND_NAMES,
     CheckpointError,
-    CheckpointInfo,
-    TruncatedCheckpointError,
-    WrongCheckpointError,
-    describe,
-    match_architecture,
-    read_header,
+    _Architecture,
+    _CheckpointInfo,
+    _describe,
+    _match_architecture,
+    _read_header,
+    _TruncatedCheckpointError,
+    _WrongCheckpointError,
 )
-from .files import ModelFile, Precision, Size
+from .files import ModelFile, Size, _Precision
 
-logger = logging.getLogger(__name__)
+_logger = logging.getLogger(__name__)
 
 _REFETCH = (
     "The file is damaged: fetch it again (--verify re-hashes the files there and replaces what differs):"
 )
 
 #: where download_models.sh puts files when given no --models-dir (beside the script)
-SCRIPT_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
+_SCRIPT_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 
 
 class MissingModelFileError(FileNotFoundError):
     """Model files are not in the models folder; the message holds the command that fetches them."""
 
 
-def is_present(models_dir: Path, file: ModelFile) -> bool:
-    """The file is there (a folder entry: the folder exists and is not empty).
-
-    Args:
-        models_dir: the models folder.
-        file: the registry entry.
-
-    Returns:
-        True if present; its content is not read.
-    """
+def _is_present(models_dir: Path, file: ModelFile) -> bool:
+    """The file is there (a folder entry: the folder exists and is not empty); nothing is read."""
     path = models_dir / file.path
-    if file.folder:
-        return path.is_dir() and any(path.iterdir())
-    return path.is_file()
+    return path.is_dir() and any(path.iterdir()) if file.folder else path.is_file()
 
 
-def choose_precision_file(
-    models_dir: Path, candidates: dict[Precision, ModelFile], dtype: torch.dtype
+def _choose_precision_file(
+    models_dir: Path, candidates: dict[_Precision, ModelFile], dtype: torch.dtype
 ) -> ModelFile:
-    """The file form matching ``dtype`` if present, else the other form (cast on load). When neither
-    is there, the bf16 form: the download script's default, and half the download.
-
-    Args:
-        models_dir: the models folder.
-        candidates: the two forms of one file, by precision ("bf16", "fp32"), e.g.
-            ``files.TEXT_ENCODER``.
-        dtype: the dtype the model will run in: torch.float32 wants the fp32 form, any other the bf16.
-
-    Returns:
-        The registry entry to read (or, when neither form is there, to name in the error).
-    """
-    wanted: Precision = "fp32" if dtype == torch.float32 else "bf16"
-    other: Precision = "bf16" if wanted == "fp32" else "fp32"
+    """The form matching ``dtype`` (float32 wants fp32) if present, else the other form (cast on load);
+    with neither there, bf16: the download script's default, and half the download."""
+    wanted: _Precision = "fp32" if dtype == torch.float32 else "bf16"
+    other: _Precision = "bf16" if wanted == "fp32" else "fp32"
     for precision in (wanted, other):
-        if is_present(models_dir, candidates[precision]):
+        if _is_present(models_dir, candidates[precision]):
             return candidates[precision]
     return candidates["bf16"]
 
 
-def size_present(models_dir: Path, stage: dict[Size, dict[Precision, ModelFile]]) -> Size | None:
-    """Which size of a stage the folder already holds, to suggest a variant word that keeps it.
-
-    Args:
-        models_dir: the models folder.
-        stage: ``files.STAGE_B`` or ``files.STAGE_C``.
-
-    Returns:
-        "big" or "lite" (the first found, big first), or None if neither is there.
-    """
+def _size_present(models_dir: Path, stage: dict[Size, dict[_Precision, ModelFile]]) -> Size | None:
+    """Which size of a stage (``files.STAGE_B``/``STAGE_C``) the folder holds, big first, so a command
+    for the other stage suggests a variant word that keeps it."""
     for size, by_precision in stage.items():
-        if any(is_present(models_dir, f) for f in by_precision.values()):
+        if any(_is_present(models_dir, f) for f in by_precision.values()):
             return size
     return None
 
 
-def fetch_command(
+def _fetch_command(
     models_dir: Path, needed: list[ModelFile], stage_b: Size | None = None, stage_c: Size | None = None
 ) -> str:
-    """``files.download_command`` for this models folder: ``--models-dir`` unless it is the script's
-    default, as an absolute path (the command runs in the project folder, not in notebooks/).
-
-    Args:
-        models_dir: the models folder.
-        needed: the files to fetch.
-        stage_b, stage_c: the sizes the caller uses, as for :func:`cascade_helpers.files.download_command`.
-
-    Returns:
-        The ``bash download_models.sh ...`` line.
-    """
+    """``files.download_command`` for this folder: ``--models-dir`` (absolute: the command runs in the
+    project folder, not in notebooks/) unless it is the script's default."""
     command = files.download_command(needed, stage_b=stage_b, stage_c=stage_c)
     folder = models_dir.resolve()
-    return command if folder == SCRIPT_MODELS_DIR else f"{command} --models-dir {shlex.quote(str(folder))}"
+    return command if folder == _SCRIPT_MODELS_DIR else f"{command} --models-dir {shlex.quote(str(folder))}"
 
 
-def check_present(
+def _check_present(
     models_dir: Path, needed: list[ModelFile], stage_b: Size | None = None, stage_c: Size | None = None
 ) -> None:
-    """Raise one error naming every missing file and the command that fetches them all.
-
-    Args:
-        models_dir, needed, stage_b, stage_c: as for :func:`fetch_command`.
-
-    Raises:
-        MissingModelFileError: files are missing; the message lists them with the command.
-        NotADirectoryError: ``models_dir`` is a file.
-    """
+    """One ``MissingModelFileError`` naming every missing file and the command that fetches them all
+    (``stage_b``/``stage_c``: the sizes the caller uses, for the variant word)."""
     if models_dir.exists() and not models_dir.is_dir():
         raise NotADirectoryError(
             f"{models_dir} is a file, not a models folder: pass the folder download_models.sh filled "
-            f"(its --models-dir), e.g. {SCRIPT_MODELS_DIR}"
+            f"(its --models-dir), e.g. {_SCRIPT_MODELS_DIR}"
         )
-    missing = [f for f in needed if not is_present(models_dir, f)]
+    missing = [f for f in needed if not _is_present(models_dir, f)]
     if not missing:
         return
     lines = "\n".join(
-        f"  - {models_dir / f.path}  ({f.needed_by}, {files.human_size(f.size)})" for f in missing
+        f"  - {models_dir / f.path}  ({f.needed_by}, {files._human_size(f.size)})" for f in missing
     )
     raise MissingModelFileError(
         f"{len(missing)} model file(s) missing from {models_dir}/:\n{lines}\n"
-        f"Fetch them with (in the project folder):\n  {fetch_command(models_dir, missing, stage_b, stage_c)}"
-        f"\n{files.LICENSE_NOTE}"
+        f"Fetch them with (in the project folder):\n  {_fetch_command(models_dir, missing, stage_b, stage_c)}"
+        f"\n{files._LICENSE_NOTE}"
     )
 
 
-def inspect_file(
-    path: Path, kind: str, size: Size | None, fetch_command: str
-) -> tuple[CheckpointInfo, Architecture | None]:
-    """Header checks: complete, the right model, the right size. Tiny test weights fit any size slot.
-
-    Args:
-        path: the safetensors file.
-        kind: the model its slot needs (a :data:`cascade_helpers.checkpoints.Kind`, e.g. "stage_c").
-        size: the architecture asked for, "big" or "lite"; None checks only the kind (Stage A's
-            architecture is matched even then).
-        fetch_command: the command that fetches the file again, for the messages.
-
-    Returns:
-        The header, and the architecture found ("big", "lite", "tiny"; None when ``size`` is None
-        and ``kind`` is not "stage_a").
-
-    Raises:
-        TruncatedCheckpointError: the file is cut short (an interrupted download).
-        WrongCheckpointError: another model, unknown shapes, or another size than ``size``.
-        CheckpointError: not a safetensors file.
-    """
+def _read_checked(path: Path, fetch: Callable[[], str]) -> _CheckpointInfo:
+    """The header, or the reader's error completed with what to do and the command."""
     try:
-        info = read_header(path)
-    except TruncatedCheckpointError as error:
-        raise TruncatedCheckpointError(
-            f"{error}.\nRe-run the download, it resumes:\n  {fetch_command}"
-        ) from None
+        return _read_header(path)
+    except _TruncatedCheckpointError as error:
+        raise _TruncatedCheckpointError(f"{error}.\nRe-run the download, it resumes:\n  {fetch()}") from None
     except CheckpointError as error:
-        raise CheckpointError(f"{error}.\n{_REFETCH}\n  {fetch_command} --verify") from None
-    expected = f"{KIND_NAMES[kind]}" + (f" {size}" if size else "")
+        raise CheckpointError(f"{error}.\n{_REFETCH}\n  {fetch()} --verify") from None
+
+
+def _inspect_file(
+    path: Path, kind: str, size: Size | None, fetch: Callable[[], str]
+) -> tuple[_CheckpointInfo, _Architecture | None]:
+    """Header checks: complete, the right model (``kind``), the right architecture (``size``; None checks
+    the kind only, Stage A's architecture is matched anyway). Tiny test weights fit any size slot.
+    Returns the header and the architecture found."""
+    info = _read_checked(path, fetch)
+    expected = f"{_KIND_NAMES[kind]}" + (f" {size}" if size else "")
     if info.kind != kind:
-        raise WrongCheckpointError(
-            f"{path} holds {describe(info)}, but this slot needs a {expected} checkpoint. "
-            f"Did files get renamed? Fetch the right one with:\n  {fetch_command}"
+        raise _WrongCheckpointError(
+            f"{path} holds {_describe(info)}, but this slot needs a {expected} checkpoint. "
+            f"Did files get renamed? Fetch the right one with:\n  {fetch()}"
         )
-    architecture = match_architecture(info) if size or kind == "stage_a" else None
-    if (size or kind == "stage_a") and architecture is None:
-        raise WrongCheckpointError(
-            f"{path} is a {KIND_NAMES[kind]} checkpoint with shapes we do not know (fine-tuned with another "
-            f"architecture, or damaged). Fetch the released one with:\n  {fetch_command}"
+    if not size and kind != "stage_a":
+        return info, None
+    architecture = _match_architecture(info)
+    if architecture is None:
+        raise _WrongCheckpointError(
+            f"{path} is a {_KIND_NAMES[kind]} checkpoint with shapes we do not know (fine-tuned with another "
+            f"architecture, or damaged). Fetch the released one with:\n  {fetch()}"
         )
     if size and architecture not in (size, "tiny"):
-        raise WrongCheckpointError(
-            f"{path} holds a {KIND_NAMES[kind]} {architecture} checkpoint, but variant={size!r} was asked for. "
-            f"Pass variant={architecture!r}, or fetch the {size} one with:\n  {fetch_command}"
+        raise _WrongCheckpointError(
+            f"{path} holds a {_KIND_NAMES[kind]} {architecture} checkpoint, but variant={size!r} was asked for. "
+            f"Pass variant={architecture!r}, or fetch the {size} one with:\n  {fetch()}"
         )
     if architecture == "tiny":
-        logger.info("%s holds tiny random test weights: pictures will be noise", path)
+        _logger.info("%s holds tiny random test weights: pictures will be noise", path)
     return info, architecture
 
 
@@ -202,83 +151,88 @@ def inspect_file(
 #: what each single-file weight of the registry must hold, by its path (the UNets and Stage A are
 #: checked with their architecture by the loaders themselves)
 _WEIGHT_KINDS: dict[str, str] = {
-    files.EFFNET.path: "effnet",
-    files.PREVIEWER.path: "previewer",
-    **{f.path: "text_encoder" for f in files.TEXT_ENCODER.values()},
-    **{f.path: "image_encoder" for f in files.IMAGE_ENCODER.values()},
+    files._FILES["effnet"].path: "effnet",
+    files._FILES["previewer"].path: "previewer",
+    **{f.path: name for name, by_precision in files._WEIGHTS.items() for f in by_precision.values()},
 }
 #: the keys our loaders read from a JSON file (beyond it being a JSON object)
 _JSON_KEYS: dict[str, tuple[str, ...]] = {
-    files.FEATURE_EXTRACTOR.path: ("image_mean", "image_std"),
-    files.TEXT_ENCODER_CONFIG.path: ("hidden_size", "vocab_size"),
-    files.IMAGE_ENCODER_CONFIG.path: ("hidden_size", "image_size"),
+    files._FILES["feature_extractor"].path: ("image_mean", "image_std"),
+    files._FILES["text_encoder_config"].path: ("hidden_size", "vocab_size"),
+    files._FILES["image_encoder_config"].path: ("hidden_size", "image_size"),
 }
 #: a CLIP tokenizer folder needs its vocabulary and merges (or the single tokenizer.json)
 _TOKENIZER_NEEDS = (("vocab.json", "merges.txt"), ("tokenizer.json",))
 
 
-def _damaged(path: Path, what: str, command: str) -> CheckpointError:
-    return CheckpointError(f"{path} {what}.\n{_REFETCH}\n  {command} --verify")
+def _damaged(path: Path, what: str, fetch: Callable[[], str]) -> CheckpointError:
+    """The error for a damaged text file: what is wrong, and the command that fetches it again."""
+    return CheckpointError(f"{path} {what}.\n{_REFETCH}\n  {fetch()} --verify")
 
 
-def _check_text(path: Path, command: str, keys: tuple[str, ...] = ()) -> None:
+def _text_problem(path: Path, text: str) -> str | None:
+    """What makes a models folder's text file unusable (None: nothing): empty, NUL bytes, a BPE merges
+    line that is not a pair of tokens."""
+    if not text.strip():
+        return "is empty"
+    if "\0" in text:
+        return "holds NUL bytes, which no text file has"
+    if path.name == "merges.txt":  # BPE merges: an optional "#version" line, then pairs
+        lines = [line for line in text.splitlines() if line and not line.startswith("#version")]
+        bad = next((line for line in lines if len(line.split(" ")) != 2), None)
+        if bad is not None:
+            return f"has a line that is not a pair of tokens: {bad[:40]!r}"
+    return None
+
+
+def _json_problem(text: str, keys: tuple[str, ...]) -> str | None:
+    """What makes a JSON file unusable for the loaders (None: nothing): not JSON, not an object, keys
+    missing."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        return f"is not valid JSON ({error}; cut short?)"
+    if not isinstance(value, dict):
+        return f"holds a JSON {type(value).__name__}, not an object"
+    absent = [key for key in keys if key not in value]
+    return f"lacks {', '.join(map(repr, absent))}" if absent else None
+
+
+def _check_text(path: Path, fetch: Callable[[], str], keys: tuple[str, ...] = ()) -> None:
     """A text file of a models folder: UTF-8, not empty, and (``.json``) a JSON object with ``keys``."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise _damaged(path, "is not UTF-8 text", command) from None
-    if not text.strip() or "\0" in text:
-        raise _damaged(
-            path, "is empty" if not text.strip() else "holds NUL bytes, which no text file has", command
-        )
-    if path.name == "merges.txt":  # BPE merges: an optional "#version" line, then pairs
-        lines = [line for line in text.splitlines() if line and not line.startswith("#version")]
-        bad = next((i for i, line in enumerate(lines) if len(line.split(" ")) != 2), None)
-        if bad is not None:
-            raise _damaged(path, f"has a line that is not a pair of tokens: {lines[bad][:40]!r}", command)
-    if path.suffix != ".json":
-        return
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise _damaged(path, f"is not valid JSON ({error}; cut short?)", command) from None
-    if not isinstance(value, dict):
-        raise _damaged(path, f"holds a JSON {type(value).__name__}, not an object", command)
-    absent = [key for key in keys if key not in value]
-    if absent:
-        raise _damaged(path, f"lacks {', '.join(map(repr, absent))}", command)
+        raise _damaged(path, "is not UTF-8 text", fetch) from None
+    problem = _text_problem(path, text) or (_json_problem(text, keys) if path.suffix == ".json" else None)
+    if problem:
+        raise _damaged(path, problem, fetch)
 
 
-def check_files(models_dir: Path, needed: list[ModelFile]) -> None:
-    """Check that every file in ``needed`` (already known present) can be read and holds what its
-    slot needs, so a half-written, damaged or misplaced file is named with the command that fetches
-    it again instead of failing inside safetensors, json or transformers: weights by their header
-    (complete, the right model), JSON files by parsing them (and the keys the loaders read),
-    folders file by file. Stage B, Stage C and Stage A are checked by the loaders with their size
-    (:func:`inspect_file`).
+def _check_folder(path: Path, fetch: Callable[[], str]) -> None:
+    """A tokenizer folder: the files CLIP's tokenizer needs, each readable text."""
+    names = {p.name for p in path.iterdir()}
+    if not any(all(n in names for n in group) for group in _TOKENIZER_NEEDS):
+        raise _damaged(path, f"lacks {' and '.join(_TOKENIZER_NEEDS[0])} (it holds {sorted(names)})", fetch)
+    for entry in sorted(path.iterdir()):
+        if entry.suffix in (".json", ".txt"):
+            _check_text(entry, fetch)
 
-    Args:
-        models_dir: the models folder.
-        needed: the registry entries the loader will read.
 
-    Raises:
-        CheckpointError: a file is damaged or holds another model (subclasses
-            :class:`~cascade_helpers.checkpoints.TruncatedCheckpointError`, ``WrongCheckpointError``),
-            named with the command that fetches it again.
-    """
+def _check_files(models_dir: Path, needed: list[ModelFile]) -> None:
+    """Every file of ``needed`` (known present) readable and holding what its slot needs, so a damaged
+    or misplaced one is named with its command instead of failing inside safetensors, json or
+    transformers: weights by their header, JSON by parsing it, folders file by file. The UNets and
+    Stage A are checked by the loaders with their size (:func:`_inspect_file`)."""
     for file in needed:
         path = models_dir / file.path
-        command = fetch_command(models_dir, [file])
+
+        def fetch(file: ModelFile = file) -> str:
+            return _fetch_command(models_dir, [file])
+
         if file.folder:
-            names = {p.name for p in path.iterdir()}
-            if not any(all(n in names for n in group) for group in _TOKENIZER_NEEDS):
-                raise _damaged(
-                    path, f"lacks {' and '.join(_TOKENIZER_NEEDS[0])} (it holds {sorted(names)})", command
-                )
-            for entry in sorted(path.iterdir()):
-                if entry.suffix in (".json", ".txt"):
-                    _check_text(entry, command)
+            _check_folder(path, fetch)
         elif file.path in _WEIGHT_KINDS:
-            inspect_file(path, _WEIGHT_KINDS[file.path], None, command)
+            _inspect_file(path, _WEIGHT_KINDS[file.path], None, fetch)
         elif path.suffix == ".json":
-            _check_text(path, command, _JSON_KEYS.get(file.path, ()))
+            _check_text(path, fetch, _JSON_KEYS.get(file.path, ()))

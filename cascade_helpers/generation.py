@@ -252,7 +252,7 @@ def image_to_image(
     Returns:
         A :class:`Generation` whose settings also record ``strength``.
     """
-    strength = values.fraction(strength, "strength", "0 keeps the picture, 1 ignores it")
+    strength = values._fraction(strength, "strength", "0 keeps the picture, 1 ignores it")
     request = make_request(prompt, negative_prompt, **options)
     extra = {"strength": strength}
     steps = {"callback": callback, "decoder_callback": decoder_callback, "progress": progress}
@@ -292,7 +292,7 @@ def controlnet_to_image(
     Returns:
         A :class:`Generation`.
     """
-    init_noise = values.fraction(init_noise, "init_noise", "0 keeps the picture's latents as they are")
+    init_noise = values._fraction(init_noise, "init_noise", "0 keeps the picture's latents as they are")
     request = make_request(prompt, negative_prompt, **options)
     batches = {c.shape[0] for c in control if c is not None}
     if batches != {request.num_images}:

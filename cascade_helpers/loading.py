@@ -1,23 +1,12 @@
 """Load Stable Cascade from a local ``models/`` folder (offline) or from the Hub.
 
-A local folder is laid out as ``download_models.sh`` leaves it: the official single files
-(``stage_c_bf16.safetensors`` ...) plus the CLIP text encoder, tokenizer and image encoder in their
-``transformers`` folders. Loading it never opens a network connection: the UNet configs ship in
-this package (``cascade_helpers/configs``), so diffusers' ``from_single_file`` has nothing to look
-up.
-
-Before reading any weights every file is checked: missing files are reported together with the
-exact download command, an interrupted download is recognized from the safetensors header, and a
-file that holds the wrong model (a Stage B in Stage C's slot, a lite checkpoint where big was asked
-for) is named as such.
-
+A folder is laid out as ``download_models.sh`` leaves it: the official single files plus the CLIP
+folders of ``transformers``. Loading it opens no connection: the UNet configs ship in this package.
+Every file is checked before any weight is read (missing files with the command that fetches them, a
+cut download, a file holding another model or size); the prior's optional parts are read on first use.
 A Hub repo id (``stabilityai/stable-cascade-prior`` / ``stabilityai/stable-cascade``) loads the
-diffusers folders instead, for users with internet access.
-
-Every model is read from safetensors files only (``use_safetensors=True``, local and Hub): a pickled
-``.bin`` can run code when it is loaded, and a folder or repo that has nothing else fails with the
-library's error naming the missing file instead of falling back to one. (Tokenizers and
-preprocessing configs are plain text and JSON.)
+diffusers folders instead. Weights come from safetensors files only (``use_safetensors=True``): a
+pickled ``.bin`` can run code when loaded, and is never a fallback.
 """
 
 from __future__ import annotations
@@ -25,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -33,39 +22,24 @@ from safetensors.torch import load_file
 from torch import nn
 
 from . import files
-from .checkpoints import Architecture, config_dir, stage_a_from_official
-from .devices import MemoryMode, check_memory, pick_device, pick_dtype, place
+from .checkpoints import _Architecture, _stage_a_from_official, config_dir
+from .devices import MemoryMode, _check_memory, _place, pick_device, pick_dtype
 from .effnet import EfficientNetEncoder
 from .file_checks import (
     MissingModelFileError,
-    check_files,
-    check_present,
-    choose_precision_file,
-    fetch_command,
-    inspect_file,
-    size_present,
+    _check_files,
+    _check_present,
+    _choose_precision_file,
+    _fetch_command,
+    _inspect_file,
+    _size_present,
 )
 from .files import ModelFile, Size
-from .models import ClipImageSettings, Decoder, Prior, TextEncoder
+from .memory import MemoryPlan, _plan_for_load
+from .models import Decoder, Prior, TextEncoder, _ClipImageSettings
 from .previewer import Previewer
 
-# the bundles and the missing-file error were defined here before; importing them from here still works
-__all__ = [
-    "ClipImageSettings",
-    "Decoder",
-    "MissingModelFileError",
-    "Prior",
-    "TextEncoder",
-    "is_local_folder",
-    "load_decoder",
-    "load_effnet",
-    "load_prior",
-    "load_stage_a",
-    "load_strict",
-    "load_text_encoder",
-    "load_unet_single_file",
-]
-
+_Placer = Callable[[nn.Module, str], nn.Module]
 
 # --- building blocks ---------------------------------------------------------------------------------
 
@@ -83,18 +57,9 @@ def _quiet_diffusers() -> Iterator[None]:
         diffusers_logging.set_verbosity(level)
 
 
-def load_unet_single_file(path: Path, kind: str, architecture: Architecture, dtype: torch.dtype) -> nn.Module:
-    """An official Stage B/C file → diffusers ``StableCascadeUNet``, with our shipped config (offline).
-
-    Args:
-        path: the single file (already checked: :func:`cascade_helpers.file_checks.inspect_file`).
-        kind: "stage_c" or "stage_b".
-        architecture: "big", "lite" or "tiny": which shipped config to build.
-        dtype: the weights' dtype after loading (cast from the file's).
-
-    Returns:
-        The UNet in eval mode, gradients off, on the CPU.
-    """
+def _load_unet(path: Path, kind: str, architecture: _Architecture, dtype: torch.dtype) -> nn.Module:
+    """An official Stage B/C file (already checked) → diffusers ``StableCascadeUNet`` on the CPU, built
+    with our shipped config: diffusers would look the config up on the Hub."""
     from .upstream import StableCascadeUNet
 
     with _quiet_diffusers():
@@ -104,24 +69,16 @@ def load_unet_single_file(path: Path, kind: str, architecture: Architecture, dty
     return unet.eval().requires_grad_(False)
 
 
-def load_stage_a(path: Path, architecture: Architecture) -> nn.Module:
-    """Official ``stage_a.safetensors`` → diffusers ``PaellaVQModel`` (float32: it is small, and the
-    official code never casts it).
-
-    Args:
-        path: the single file.
-        architecture: "big" (the released one) or "tiny".
-
-    Returns:
-        The VQGAN in eval mode, gradients off, float32, on the CPU; every key must match.
-    """
+def _load_stage_a(path: Path, architecture: _Architecture) -> nn.Module:
+    """Official ``stage_a.safetensors`` → diffusers ``PaellaVQModel``, float32 (it is small, and the
+    official code never casts it), every key matched: diffusers has no single-file loader for it."""
     from accelerate import init_empty_weights
 
     from .upstream import PaellaVQModel
 
     with init_empty_weights():
         vqgan = PaellaVQModel.from_config(PaellaVQModel.load_config(config_dir("stage_a", architecture)))
-    vqgan.load_state_dict(_float32(stage_a_from_official(load_file(str(path)))), strict=True, assign=True)
+    vqgan.load_state_dict(_float32(_stage_a_from_official(load_file(str(path)))), strict=True, assign=True)
     return vqgan.eval().requires_grad_(False)
 
 
@@ -130,40 +87,40 @@ def _float32(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
-def load_strict(module: nn.Module, path: Path) -> nn.Module:
-    """Load an official single file into one of our modules; every key must match.
-
-    Args:
-        module: an :class:`~cascade_helpers.effnet.EfficientNetEncoder` or
-            :class:`~cascade_helpers.previewer.Previewer`, freshly built.
-        path: its safetensors file; floating tensors are cast to float32.
-
-    Returns:
-        ``module``, loaded, in eval mode, gradients off.
-    """
+def _load_strict(module: nn.Module, path: Path) -> nn.Module:
+    """An official single file into one of our modules (EfficientNet, previewer), float32, every key
+    matched: they are not diffusers models."""
     module.load_state_dict(_float32(load_file(str(path))), strict=True)
     return module.eval().requires_grad_(False)
 
 
-def _transformers_variant(file: ModelFile) -> str | None:
-    return "bf16" if file.precision == "bf16" else None
+def _clip(model_class, where: Path | str, dtype: torch.dtype, **options) -> nn.Module:
+    """A transformers CLIP tower from safetensors only, frozen."""
+    model = model_class.from_pretrained(where, dtype=dtype, use_safetensors=True, **options)
+    return model.eval().requires_grad_(False)
 
 
-def read_clip_image_settings(folder: Path) -> ClipImageSettings:
+def _variant(bf16: bool) -> str | None:
+    """The Hub repos and our folders keep bfloat16 weights as transformers' ``bf16`` variant."""
+    return "bf16" if bf16 else None
+
+
+def _read_clip_image_settings(folder: Path) -> _ClipImageSettings:
+    """The image encoder's preprocessing from ``preprocessor_config.json``, in either layout
+    transformers writes (``size`` a number or a dict)."""
     config = json.loads((folder / "preprocessor_config.json").read_text())
-    size = config.get("size", {})
-    crop = config.get("crop_size", {})
+    size, crop = config.get("size", {}), config.get("crop_size", {})
     resize = size.get("shortest_edge", size.get("height", 224)) if isinstance(size, dict) else int(size)
     crop_hw = (
         (crop.get("height", resize), crop.get("width", resize)) if isinstance(crop, dict) else (crop, crop)
     )
-    return ClipImageSettings(resize, crop_hw, tuple(config["image_mean"]), tuple(config["image_std"]))
+    return _ClipImageSettings(resize, crop_hw, tuple(config["image_mean"]), tuple(config["image_std"]))
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w-]*/[\w.-]+")
 
 
-def is_local_folder(source: str | Path) -> bool:
+def _is_local_folder(source: str | Path) -> bool:
     """A folder (existing or not) unless it is a string shaped like a Hub repo id (``owner/name``)
     and no such folder exists here. ``./x/y`` or ``../models`` are always folders."""
     return isinstance(source, Path) or Path(source).is_dir() or not _HUB_ID.fullmatch(source)
@@ -183,8 +140,54 @@ def _explain_hub_failure(repo: str) -> Iterator[None]:
         )
         raise MissingModelFileError(
             f"{repo!r} is not a folder here, and loading it as a Hub repo failed ({error}).{only} For local files "
-            f"pass the models folder, e.g. load_prior('models'); to fetch them: bash download_models.sh essential big-big"
+            f"pass the models folder, e.g. load_prior('models'); to fetch them: "
+            f"{files.download_command([*files._essential_files('bf16'), files.STAGE_C['big']['bf16']])}"
         ) from error
+
+
+def _hub_file(repo: str, file: ModelFile) -> Path:
+    """One single file of a Hub repo, through huggingface_hub's cache."""
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(repo, file.path))
+
+
+def _settings(memory: object, device: object, dtype: object, stage: str, allow_float16: bool = False):
+    """What every loader checks first, before any file is read: memory mode, device, and the dtype
+    asked for (None: the memory plan chooses)."""
+    memory, device = _check_memory(memory), pick_device(device)
+    return (
+        memory,
+        device,
+        None if dtype is None else pick_dtype(dtype, device, stage=stage, allow_float16=allow_float16),
+    )
+
+
+def _planned(
+    memory: str,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    stage: str,
+    sizes: dict[str, Size],
+    architecture: str,
+    image_encoder: bool = True,
+) -> tuple[torch.dtype, _Placer]:
+    """A bundle's dtype and placement from the memory plan for ``sizes`` (the bundle's own stage known,
+    the other guessed from the folder); tiny test weights are not planned: they go on the device."""
+    known = "stage_c" if stage == "Stage C" else "stage_b"
+    test = architecture == "tiny"
+    plan = _plan_for_load(memory, device, dtype, sizes, known, image_encoder, test_weights=test)
+    return plan._row(stage).dtype, _placer(device, plan)
+
+
+def _placer(device: torch.device, plan: MemoryPlan) -> _Placer:
+    """How each model of a bundle is placed: as the memory plan says."""
+
+    def place(model: nn.Module, name: str) -> nn.Module:
+        mode = plan._row(name).mode
+        return _place(model, device, "gpu" if mode == "cpu" else mode)
+
+    return place
 
 
 # --- the prior ---------------------------------------------------------------------------------------
@@ -203,22 +206,24 @@ def load_prior(
     allow_float16: bool = False,
 ) -> Prior:
     """Stage C with its text encoder and tokenizer, and optionally the CLIP image encoder (image
-    variation), the EfficientNet encoder (image-to-image) and the previewer (live previews).
+    variation), the EfficientNet encoder (image-to-image) and the previewer (live previews): their
+    files are checked now and read on first use.
 
     Args:
         source: a models folder (offline; default "models") or the Hub repo
             ``stabilityai/stable-cascade-prior`` (its diffusers folders; EfficientNet and previewer
             from ``stabilityai/stable-cascade``).
         variant: Stage C's size, "big" (official, 3.6 B parameters) or "lite".
-        dtype: defaults to bfloat16 on GPUs that support it, else float32; float16 is refused (NaNs).
+        dtype: for Stage C and the CLIP encoders; None: bfloat16 on GPUs that have it natively,
+            float32 elsewhere (:func:`cascade_helpers.devices.pick_dtype`); float16 is refused (NaNs).
             In a folder the weight files of that precision are read if present, else the other form,
             cast on load.
         device: "cpu", "cuda", "cuda:1", "mps" or None (the best there is).
-        memory: "gpu", "model_offload" or "sequential_offload" (:mod:`cascade_helpers.devices`) for
-            Stage C and the CLIP encoders; EfficientNet and previewer stay on ``device``.
-        image_encoder, effnet, previewer: load these optional parts (all True by default); without
-            them image variation, image-to-image and ControlNet init pictures, and previews fail
-            with an error naming the flag.
+        memory: how Stage C and the CLIP encoders share the GPU (:mod:`cascade_helpers.devices`);
+            EfficientNet and previewer stay on ``device``.
+        image_encoder, effnet, previewer: make these optional parts available (all True by default);
+            without them image variation, image-to-image and ControlNet init pictures, and previews
+            fail with an error naming the flag.
         allow_float16: True lets Stage C run in float16 (only to reproduce its black pictures).
 
     Returns:
@@ -227,130 +232,130 @@ def load_prior(
     Raises:
         MissingModelFileError: files are missing from the folder (named, with the command that fetches
             them), or ``source`` is neither a folder nor a Hub repo that could be loaded.
-        WrongCheckpointError: Stage C's file holds another model or another size than ``variant``.
-        CheckpointError: a file is damaged or cut short (``TruncatedCheckpointError``).
-        ValueError: an unknown variant, memory mode, device or dtype; float16 for Stage C
-            (``UnsupportedPrecisionError``).
+        CheckpointError: a file is damaged, cut short, or holds another model (or another size than
+            ``variant``), named with the command that fetches it again.
+        ValueError: an unknown variant, memory mode, device or dtype; float16 for Stage C.
     """
-    variant = files.check_size_word(variant)
-    memory = check_memory(memory)
-    device = pick_device(device)
-    dtype = pick_dtype(dtype, device, stage="Stage C", allow_float16=allow_float16)
-    if not is_local_folder(source):
+    variant = files._check_size(variant)
+    memory, device, dtype = _settings(memory, device, dtype, "Stage C", allow_float16)
+    wanted = {"image_encoder": image_encoder, "effnet": effnet, "previewer": previewer}
+    if not _is_local_folder(source):
+        sizes = {"stage_c": variant, "stage_b": variant}
+        dtype, place = _planned(memory, device, dtype, "Stage C", sizes, variant, image_encoder)
         with _explain_hub_failure(source):
-            return _load_prior_from_hub(
-                str(source), variant, dtype, device, memory, image_encoder, effnet, previewer
-            )
+            return _prior_from_hub(str(source), variant, dtype, device, place, wanted)
     models_dir = Path(source)
-    stage_c = choose_precision_file(models_dir, files.STAGE_C[variant], dtype)
-    text_weights = choose_precision_file(models_dir, files.TEXT_ENCODER, dtype)
-    needed = [stage_c, files.TEXT_ENCODER_CONFIG, text_weights, files.TOKENIZER]  # Stage C first
-    if image_encoder:
-        image_weights = choose_precision_file(models_dir, files.IMAGE_ENCODER, dtype)
-        needed += [files.IMAGE_ENCODER_CONFIG, image_weights, files.FEATURE_EXTRACTOR]
-    needed += [files.EFFNET] if effnet else []
-    needed += [files.PREVIEWER] if previewer else []
-    stage_b = size_present(models_dir, files.STAGE_B)
-    check_present(models_dir, needed, stage_b=stage_b, stage_c=variant)
-
-    command = fetch_command(models_dir, [stage_c], stage_b, variant)
-    _, architecture = inspect_file(models_dir / stage_c.path, "stage_c", variant, command)
-    check_files(models_dir, needed[1:])  # everything else: encoders, configs, tokenizer
+    stage_b = _size_present(models_dir, files.STAGE_B)
+    form = dtype or pick_dtype(None, device)  # which file form to read; the plan may cast it
+    stage_c = _choose_precision_file(models_dir, files.STAGE_C[variant], form)
+    text, image = (_choose_precision_file(models_dir, files._WEIGHTS[n], form) for n in files._WEIGHTS)
+    optional = {
+        "image_encoder": [files._FILES["image_encoder_config"], image, files._FILES["feature_extractor"]],
+        "effnet": [files._FILES["effnet"]],
+        "previewer": [files._FILES["previewer"]],
+    }
+    needed = [files._FILES["text_encoder_config"], text, files._FILES["tokenizer"]]
+    needed += [f for part, part_files in optional.items() if wanted[part] for f in part_files]
+    _check_present(models_dir, [stage_c, *needed], stage_b=stage_b, stage_c=variant)
+    fetch = lambda: _fetch_command(models_dir, [stage_c], stage_b, variant)  # noqa: E731
+    _, architecture = _inspect_file(models_dir / stage_c.path, "stage_c", variant, fetch)
+    _check_files(models_dir, needed)  # everything else: encoders, configs, tokenizer
+    sizes = {"stage_c": variant, "stage_b": stage_b or variant}
+    dtype, place = _planned(memory, device, dtype, "Stage C", sizes, architecture, image_encoder)
 
     from transformers import CLIPVisionModelWithProjection
 
-    unet = place(
-        load_unet_single_file(models_dir / stage_c.path, "stage_c", architecture, dtype), device, memory
+    unet = _load_unet(models_dir / stage_c.path, "stage_c", architecture, dtype)
+    text_encoder, tokenizer = _text_encoder_from_folder(models_dir, text, dtype)
+    folder_options = {"variant": _variant(image.precision == "bf16"), "local_files_only": True}
+    return Prior(
+        place(unet, "Stage C"),
+        place(text_encoder, "text encoder"),
+        tokenizer,
+        device,
+        dtype,
+        architecture,
+        stage_c_file=models_dir / stage_c.path,
+        clip_image=_read_clip_image_settings(models_dir / "feature_extractor") if image_encoder else None,
+        _parts=_optional_parts(
+            lambda file: models_dir / file.path,
+            lambda: _clip(
+                CLIPVisionModelWithProjection, models_dir / "image_encoder", dtype, **folder_options
+            ),
+            wanted,
+            place,
+        ),
     )
-    text_encoder, tokenizer = _text_encoder_from_folder(models_dir, text_weights, dtype)
-    prior = Prior(
-        unet=unet,
-        text_encoder=place(text_encoder, device, memory),
-        tokenizer=tokenizer,
-        device=device,
-        dtype=dtype,
-        architecture=architecture,
-        files=[models_dir / f.path for f in needed],
-    )
-    if image_encoder:
-        vision = CLIPVisionModelWithProjection.from_pretrained(
-            models_dir / "image_encoder",
-            variant=_transformers_variant(image_weights),
-            dtype=dtype,
-            local_files_only=True,
-            use_safetensors=True,
-        )
-        prior.image_encoder = place(vision.eval().requires_grad_(False), device, memory)
-        prior.clip_image = read_clip_image_settings(models_dir / "feature_extractor")
-    if effnet:
-        prior.effnet = place(
-            load_strict(EfficientNetEncoder(), models_dir / files.EFFNET.path), device, memory, small=True
-        )
-    if previewer:
-        prior.previewer = place(
-            load_strict(Previewer(), models_dir / files.PREVIEWER.path), device, memory, small=True
-        )
-    return prior
 
 
-def _hub_file(repo: str, file: ModelFile) -> Path:
-    from huggingface_hub import hf_hub_download
+def _optional_parts(
+    single_file: Callable[[ModelFile], Path],
+    image_encoder: Callable[[], nn.Module],
+    wanted: dict[str, bool],
+    place: _Placer,
+) -> dict[str, Callable[[], nn.Module]]:
+    """The wanted optional parts of a prior as functions that read and place them on first use
+    (``single_file``: where the official single files are, a folder or the Hub)."""
+    loaders = {
+        "image_encoder": (image_encoder, "image encoder"),
+        "effnet": (
+            lambda: _load_strict(EfficientNetEncoder(), single_file(files._FILES["effnet"])),
+            "EfficientNet",
+        ),
+        "previewer": (lambda: _load_strict(Previewer(), single_file(files._FILES["previewer"])), "previewer"),
+    }
+    return {
+        part: (lambda load=load, name=name: place(load(), name))
+        for part, (load, name) in loaders.items()
+        if wanted[part]
+    }
 
-    return Path(hf_hub_download(repo, file.path))
 
-
-def _hub_variant(dtype: torch.dtype) -> str | None:
-    """The Hub repos keep bfloat16 weights as the ``bf16`` variant beside the float32 ones."""
-    return "bf16" if dtype == torch.bfloat16 else None
-
-
-def _text_encoder_from_hub(repo: str, dtype: torch.dtype) -> tuple[nn.Module, object]:
-    """The ``text_encoder/`` and ``tokenizer/`` folders of a Hub repo (both published repos have them)."""
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
-
-    text_encoder = CLIPTextModelWithProjection.from_pretrained(
-        repo, subfolder="text_encoder", variant=_hub_variant(dtype), dtype=dtype, use_safetensors=True
-    )
-    tokenizer = CLIPTokenizer.from_pretrained(repo, subfolder="tokenizer")
-    return text_encoder.eval().requires_grad_(False), tokenizer
-
-
-def _load_prior_from_hub(repo, variant, dtype, device, memory, image_encoder, effnet, previewer) -> Prior:
+def _prior_from_hub(
+    repo: str,
+    variant: Size,
+    dtype: torch.dtype,
+    device: torch.device,
+    place: _Placer,
+    wanted: dict[str, bool],
+) -> Prior:
     """The diffusers folders of ``stabilityai/stable-cascade-prior``; EfficientNet and previewer come
     as the official single files from ``stabilityai/stable-cascade`` (the prior repo has none)."""
+    from huggingface_hub import snapshot_download
     from transformers import CLIPVisionModelWithProjection
 
     from .upstream import StableCascadeUNet
 
     subfolder = "prior" if variant == "big" else "prior_lite"
     unet = StableCascadeUNet.from_pretrained(
-        repo, subfolder=subfolder, variant=_hub_variant(dtype), torch_dtype=dtype, use_safetensors=True
+        repo,
+        subfolder=subfolder,
+        variant=_variant(dtype == torch.bfloat16),
+        torch_dtype=dtype,
+        use_safetensors=True,
     )
     text_encoder, tokenizer = _text_encoder_from_hub(repo, dtype)
-    prior = Prior(
-        unet=place(unet.eval().requires_grad_(False), device, memory),
-        text_encoder=place(text_encoder, device, memory),
-        tokenizer=tokenizer,
-        device=device,
-        dtype=dtype,
-        architecture=variant,
+    extractor = files._FILES["feature_extractor"].path
+    clip_image = None
+    if wanted["image_encoder"]:
+        local = Path(snapshot_download(repo, allow_patterns=[extractor]))
+        clip_image = _read_clip_image_settings(local / "feature_extractor")
+    hub_options = {"subfolder": "image_encoder", "variant": _variant(dtype == torch.bfloat16)}
+    return Prior(
+        place(unet.eval().requires_grad_(False), "Stage C"),
+        place(text_encoder, "text encoder"),
+        tokenizer,
+        device,
+        dtype,
+        variant,
+        clip_image=clip_image,
+        _parts=_optional_parts(
+            lambda file: _hub_file(files._REPO_DECODER, file),
+            lambda: _clip(CLIPVisionModelWithProjection, repo, dtype, **hub_options),
+            wanted,
+            place,
+        ),
     )
-    if image_encoder:
-        from huggingface_hub import snapshot_download
-
-        vision = CLIPVisionModelWithProjection.from_pretrained(
-            repo, subfolder="image_encoder", variant=_hub_variant(dtype), dtype=dtype, use_safetensors=True
-        )
-        prior.image_encoder = place(vision.eval().requires_grad_(False), device, memory)
-        local = Path(snapshot_download(repo, allow_patterns=[files.FEATURE_EXTRACTOR.path]))
-        prior.clip_image = read_clip_image_settings(local / "feature_extractor")
-    if effnet:
-        path = _hub_file(files.REPO_DECODER, files.EFFNET)
-        prior.effnet = place(load_strict(EfficientNetEncoder(), path), device, memory, small=True)
-    if previewer:
-        path = _hub_file(files.REPO_DECODER, files.PREVIEWER)
-        prior.previewer = place(load_strict(Previewer(), path), device, memory, small=True)
-    return prior
 
 
 # --- the decoder -------------------------------------------------------------------------------------
@@ -370,65 +375,74 @@ def load_decoder(
     Args:
         source: a models folder (offline; default "models") or the Hub repo ``stabilityai/stable-cascade``.
         variant: Stage B's size, "big" (official, 1.5 B parameters) or "lite".
-        dtype: Stage B's dtype; defaults as for :func:`load_prior` (float16 is accepted here).
-            Stage A always runs in float32.
+        dtype: Stage B's dtype; None: bfloat16 on GPUs that have it natively, float16 on older GPUs,
+            float32 elsewhere. Stage A always runs in float32.
         device, memory: as for :func:`load_prior`; Stage A stays on ``device``.
 
     Returns:
         The :class:`~cascade_helpers.models.Decoder`.
 
     Raises:
-        MissingModelFileError, WrongCheckpointError, CheckpointError, ValueError: as for
+        MissingModelFileError, CheckpointError, ValueError: as for
             :func:`load_prior`, for Stage B's and Stage A's files.
     """
-    variant = files.check_size_word(variant)
-    memory = check_memory(memory)
-    device = pick_device(device)
-    dtype = pick_dtype(dtype, device, stage="Stage B")
-    if not is_local_folder(source):
+    variant = files._check_size(variant)
+    memory, device, dtype = _settings(memory, device, dtype, "Stage B")
+    if not _is_local_folder(source):
+        sizes = {"stage_c": variant, "stage_b": variant}
+        dtype, place = _planned(memory, device, dtype, "Stage B", sizes, variant)
         with _explain_hub_failure(source):
-            return _load_decoder_from_hub(source, variant, dtype, device, memory)
+            return _decoder_from_hub(source, variant, dtype, device, place)
     models_dir = Path(source)
-    stage_b = choose_precision_file(models_dir, files.STAGE_B[variant], dtype)
-    stage_c = size_present(models_dir, files.STAGE_C)
-    check_present(models_dir, [stage_b, files.STAGE_A], stage_b=variant, stage_c=stage_c)
-    _, architecture = inspect_file(
+    stage_c = _size_present(models_dir, files.STAGE_C)
+    form = dtype or pick_dtype(None, device, stage="Stage B")
+    stage_b = _choose_precision_file(models_dir, files.STAGE_B[variant], form)
+    stage_a = files._FILES["stage_a"]
+    _check_present(models_dir, [stage_b, stage_a], stage_b=variant, stage_c=stage_c)
+    _, architecture = _inspect_file(
         models_dir / stage_b.path,
         "stage_b",
         variant,
-        fetch_command(models_dir, [stage_b], variant, stage_c),
+        lambda: _fetch_command(models_dir, [stage_b], variant, stage_c),
     )
-    _, stage_a_architecture = inspect_file(
-        models_dir / files.STAGE_A.path, "stage_a", None, fetch_command(models_dir, [files.STAGE_A])
+    _, stage_a_architecture = _inspect_file(
+        models_dir / stage_a.path, "stage_a", None, lambda: _fetch_command(models_dir, [stage_a])
     )
-    unet = load_unet_single_file(models_dir / stage_b.path, "stage_b", architecture, dtype)
-    vqgan = load_stage_a(models_dir / files.STAGE_A.path, stage_a_architecture)
+    sizes = {"stage_c": stage_c or variant, "stage_b": variant}
+    dtype, place = _planned(memory, device, dtype, "Stage B", sizes, architecture)
     return Decoder(
-        unet=place(unet, device, memory),
-        vqgan=place(vqgan, device, memory, small=True),
-        device=device,
-        dtype=dtype,
-        architecture=architecture,
-        files=[models_dir / stage_b.path, models_dir / files.STAGE_A.path],
+        place(_load_unet(models_dir / stage_b.path, "stage_b", architecture, dtype), "Stage B"),
+        place(_load_stage_a(models_dir / stage_a.path, stage_a_architecture), "Stage A"),
+        device,
+        dtype,
+        architecture,
+        stage_b_file=models_dir / stage_b.path,
+        stage_a_file=models_dir / stage_a.path,
     )
 
 
-def _load_decoder_from_hub(repo, variant, dtype, device, memory) -> Decoder:
+def _decoder_from_hub(
+    repo: str, variant: Size, dtype: torch.dtype, device: torch.device, place: _Placer
+) -> Decoder:
+    """The diffusers folders ``decoder``/``decoder_lite`` and ``vqgan`` of ``stabilityai/stable-cascade``."""
     from .upstream import PaellaVQModel, StableCascadeUNet
 
-    subfolder = "decoder" if variant == "big" else "decoder_lite"
     unet = StableCascadeUNet.from_pretrained(
-        repo, subfolder=subfolder, variant=_hub_variant(dtype), torch_dtype=dtype, use_safetensors=True
+        repo,
+        subfolder="decoder" if variant == "big" else "decoder_lite",
+        variant=_variant(dtype == torch.bfloat16),
+        torch_dtype=dtype,
+        use_safetensors=True,
     )
     vqgan = PaellaVQModel.from_pretrained(
         repo, subfolder="vqgan", torch_dtype=torch.float32, use_safetensors=True
     )
     return Decoder(
-        unet=place(unet.eval().requires_grad_(False), device, memory),
-        vqgan=place(vqgan.eval().requires_grad_(False), device, memory, small=True),
-        device=device,
-        dtype=dtype,
-        architecture=variant,
+        place(unet.eval().requires_grad_(False), "Stage B"),
+        place(vqgan.eval().requires_grad_(False), "Stage A"),
+        device,
+        dtype,
+        variant,
     )
 
 
@@ -440,80 +454,72 @@ def _load_decoder_from_hub(repo, variant, dtype, device, memory) -> Decoder:
 def _text_encoder_from_folder(
     models_dir: Path, weights: ModelFile, dtype: torch.dtype
 ) -> tuple[nn.Module, object]:
-    """The ``transformers`` folders ``text_encoder/`` and ``tokenizer/`` (already checked present)."""
+    """The ``transformers`` folders ``text_encoder/`` and ``tokenizer/`` (already checked)."""
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-    text_encoder = CLIPTextModelWithProjection.from_pretrained(
+    text_encoder = _clip(
+        CLIPTextModelWithProjection,
         models_dir / "text_encoder",
-        variant=_transformers_variant(weights),
-        dtype=dtype,
+        dtype,
+        variant=_variant(weights.precision == "bf16"),
         local_files_only=True,
-        use_safetensors=True,
     )
-    tokenizer = CLIPTokenizer.from_pretrained(models_dir / files.TOKENIZER.path, local_files_only=True)
-    return text_encoder.eval().requires_grad_(False), tokenizer
+    tokenizer = CLIPTokenizer.from_pretrained(
+        models_dir / files._FILES["tokenizer"].path, local_files_only=True
+    )
+    return text_encoder, tokenizer
 
 
-def load_effnet(
-    source: str | Path = "models",
-    *,
-    device: str | torch.device | None = None,
+def _text_encoder_from_hub(repo: str, dtype: torch.dtype) -> tuple[nn.Module, object]:
+    """The ``text_encoder/`` and ``tokenizer/`` folders of a Hub repo (both published repos have them)."""
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    text_encoder = _clip(
+        CLIPTextModelWithProjection,
+        repo,
+        dtype,
+        subfolder="text_encoder",
+        variant=_variant(dtype == torch.bfloat16),
+    )
+    return text_encoder, CLIPTokenizer.from_pretrained(repo, subfolder="tokenizer")
+
+
+def _load_effnet(
+    source: str | Path = "models", *, device: str | torch.device | None = None
 ) -> EfficientNetEncoder:
-    """The EfficientNet encoder alone (images → Stage C latents), in float32 — 81 MB instead of the 7 GB
-    Stage C that ``load_prior(..., effnet=True)`` also loads.
-
-    Args:
-        source: a models folder (offline) or the Hub repo ``stabilityai/stable-cascade``.
-        device: as for :func:`load_prior` (no offloading: it is small).
-
-    Returns:
-        The encoder, float32, in eval mode, on ``device``.
-
-    Raises:
-        MissingModelFileError: ``effnet_encoder.safetensors`` is missing (with the command).
-        CheckpointError: it is damaged or holds another model.
-    """
+    """The EfficientNet encoder alone, float32, checked like the bundles' files: reconstruction needs
+    81 MB of it, not the 7 GB Stage C that ``load_prior`` brings."""
     device = pick_device(device)
-    if not is_local_folder(source):
+    if not _is_local_folder(source):
         with _explain_hub_failure(source):
-            return load_strict(EfficientNetEncoder(), _hub_file(source, files.EFFNET)).to(device)
+            return _load_strict(EfficientNetEncoder(), _hub_file(source, files._FILES["effnet"])).to(device)
     models_dir = Path(source)
-    check_present(models_dir, [files.EFFNET])
-    check_files(models_dir, [files.EFFNET])
-    return load_strict(EfficientNetEncoder(), models_dir / files.EFFNET.path).to(device)
+    _check_present(models_dir, [files._FILES["effnet"]])
+    _check_files(models_dir, [files._FILES["effnet"]])
+    return _load_strict(EfficientNetEncoder(), models_dir / files._FILES["effnet"].path).to(device)
 
 
-def load_text_encoder(
+def _load_text_encoder(
     source: str | Path = "models",
     *,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     memory: MemoryMode = "gpu",
 ) -> TextEncoder:
-    """The CLIP text encoder and tokenizer alone (1.4 GB in bfloat16).
-
-    Args:
-        source: a models folder (offline) or a Hub repo with ``text_encoder/`` and ``tokenizer/``
-            folders (``stabilityai/stable-cascade``).
-        dtype, device, memory: as for :func:`load_prior` (float16 is accepted here).
-
-    Returns:
-        The :class:`~cascade_helpers.models.TextEncoder`, which ``conditioning.encode_text`` accepts
-        like a prior.
-
-    Raises:
-        MissingModelFileError, CheckpointError, ValueError: as for :func:`load_prior`.
-    """
-    memory = check_memory(memory)
-    device = pick_device(device)
-    dtype = pick_dtype(dtype, device, stage="text encoder")
-    if not is_local_folder(source):
+    """The CLIP text encoder and tokenizer alone (1.4 GB in bfloat16), checked like the bundles' files:
+    Stage B's conditioning for reconstruction, without Stage C."""
+    memory, device, dtype = _settings(memory, device, dtype, "text encoder")
+    alone = "model_offload" if memory == "auto" else memory  # alone it needs no plan: it takes turns
+    plan = _plan_for_load(alone, device, dtype, {"stage_c": "big", "stage_b": "big"}, None)
+    dtype = plan._row("text encoder").dtype
+    if not _is_local_folder(source):
         with _explain_hub_failure(source):
             text_encoder, tokenizer = _text_encoder_from_hub(source, dtype)
     else:
         models_dir = Path(source)
-        weights = choose_precision_file(models_dir, files.TEXT_ENCODER, dtype)
-        check_present(models_dir, [files.TEXT_ENCODER_CONFIG, weights, files.TOKENIZER])
-        check_files(models_dir, [files.TEXT_ENCODER_CONFIG, weights, files.TOKENIZER])
+        weights = _choose_precision_file(models_dir, files._WEIGHTS["text_encoder"], dtype)
+        needed = [files._FILES["text_encoder_config"], weights, files._FILES["tokenizer"]]
+        _check_present(models_dir, needed)
+        _check_files(models_dir, needed)
         text_encoder, tokenizer = _text_encoder_from_folder(models_dir, weights, dtype)
-    return TextEncoder(place(text_encoder, device, memory), tokenizer, device, dtype)
+    return TextEncoder(_placer(device, plan)(text_encoder, "text encoder"), tokenizer, device, dtype)

@@ -8,19 +8,19 @@ files were found and read.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .checkpoints import Architecture
 from .effnet import EfficientNetEncoder
 from .previewer import Previewer
 
 
 @dataclass(frozen=True)
-class ClipImageSettings:
+class _ClipImageSettings:
     """How the CLIP image encoder wants its input (read from ``feature_extractor/``)."""
 
     resize: int
@@ -40,23 +40,44 @@ _OPTIONAL_PARTS = {
 @dataclass
 class Prior:
     """Stage C and what conditions it. ``device``/``dtype`` are where and how it computes: with
-    offloading the models' own ``.device`` says "cpu" between calls."""
+    offloading the models' own ``.device`` says "cpu" between calls.
+
+    The optional parts (``image_encoder``, ``effnet``, ``previewer``) are read from their files the first
+    time they are used, so what a notebook never calls costs no memory; None when the prior was loaded
+    without them. ``stage_c_file`` is the file Stage C was read from (None from the Hub)."""
 
     unet: nn.Module
     text_encoder: nn.Module
     tokenizer: object
     device: torch.device
     dtype: torch.dtype
-    architecture: Architecture
-    image_encoder: nn.Module | None = None
-    clip_image: ClipImageSettings | None = None
-    effnet: EfficientNetEncoder | None = None
-    previewer: Previewer | None = None
-    files: list[Path] = field(default_factory=list)  # what it was loaded from, Stage C's file first
+    architecture: str
+    stage_c_file: Path | None = None
+    clip_image: _ClipImageSettings | None = None
+    _parts: dict[str, Callable[[], nn.Module] | nn.Module] = field(default_factory=dict, repr=False)
+
+    def _part(self, name: str) -> nn.Module | None:
+        """An optional part, read by its loader on first use and kept."""
+        part = self._parts.get(name)
+        if part is not None and not isinstance(part, nn.Module):
+            part = self._parts[name] = part()
+        return part
+
+    @property
+    def image_encoder(self) -> nn.Module | None:
+        return self._part("image_encoder")
+
+    @property
+    def effnet(self) -> EfficientNetEncoder | None:
+        return self._part("effnet")
+
+    @property
+    def previewer(self) -> Previewer | None:
+        return self._part("previewer")
 
     def require(self, part: str, needed_for: str) -> nn.Module:
-        """The optional ``part`` (``"image_encoder"``, ``"effnet"`` or ``"previewer"``), or an error
-        saying that ``needed_for`` needs it and how to load it.
+        """The optional ``part`` (``"image_encoder"``, ``"effnet"`` or ``"previewer"``), read now if it
+        was not yet, or an error saying that ``needed_for`` needs it and how to load it.
 
         Args:
             part: the attribute, named as ``load_prior``'s flag.
@@ -68,7 +89,7 @@ class Prior:
         Raises:
             ValueError: the prior was loaded without it (the message names the flag to pass).
         """
-        module = getattr(self, part)
+        module = self._part(part)
         if module is None:
             raise ValueError(
                 f"{needed_for} needs {_OPTIONAL_PARTS[part]}, and this prior was loaded without it: "
@@ -79,14 +100,16 @@ class Prior:
 
 @dataclass
 class Decoder:
-    """Stage B (latent diffusion up to Stage A's 4-channel latents) and Stage A (to pixels)."""
+    """Stage B (latent diffusion up to Stage A's 4-channel latents) and Stage A (to pixels), with the
+    files they were read from (None from the Hub)."""
 
     unet: nn.Module
     vqgan: nn.Module
     device: torch.device
     dtype: torch.dtype
-    architecture: Architecture
-    files: list[Path] = field(default_factory=list)  # what it was loaded from: Stage B's file, Stage A's
+    architecture: str
+    stage_b_file: Path | None = None
+    stage_a_file: Path | None = None
 
 
 @dataclass

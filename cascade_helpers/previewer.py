@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .sizes import LATENT_CHANNELS
+from .sizes import _LATENT_CHANNELS
 
 
 def _stage(layer: nn.Conv2d | nn.ConvTranspose2d) -> list[nn.Module]:
@@ -29,7 +29,7 @@ class Previewer(nn.Module):
         super().__init__()
         h = 512  # hidden width of the released previewer
         layers: list[nn.Module] = []
-        layers += _stage(nn.Conv2d(LATENT_CHANNELS, h, kernel_size=1))
+        layers += _stage(nn.Conv2d(_LATENT_CHANNELS, h, kernel_size=1))
         layers += _stage(nn.Conv2d(h, h, kernel_size=3, padding=1))
         layers += _stage(nn.ConvTranspose2d(h, h // 2, kernel_size=2, stride=2))
         layers += _stage(nn.Conv2d(h // 2, h // 2, kernel_size=3, padding=1))

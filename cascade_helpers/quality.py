@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .sizes import ENCODING, LATENT_CHANNELS, check_size
-from .sizes import stage_c_latent_size as latent_size
+from .sizes import _ENCODING, _LATENT_CHANNELS, check_size
+from .sizes import _stage_c_latent_size as latent_size
 
 DEFAULT_SIZE = 1024
 
@@ -120,5 +120,5 @@ def compression(
     Returns:
         The :class:`Compression`.
     """
-    height, width = check_size(height, width, ENCODING)
-    return Compression((3, height, width), (LATENT_CHANNELS, *latent_size(height, width)), latent_dtype)
+    height, width = check_size(height, width, _ENCODING)
+    return Compression((3, height, width), (_LATENT_CHANNELS, *latent_size(height, width)), latent_dtype)

@@ -37,27 +37,29 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from . import files, values
-from .atomic import save_safetensors
-from .checkpoints import CheckpointError, read_header
+from .atomic import _save_safetensors
+from .checkpoints import CheckpointError, _read_header
 from .conditioning import encode_text
 from .devices import MemoryMode, pick_device, pick_dtype
 from .effnet import EfficientNetEncoder
 from .effnet import encode as effnet_encode
-from .file_checks import check_present, choose_precision_file, size_present
+from .file_checks import _check_present, _choose_precision_file, _size_present
 from .files import Size
 from .images import IMAGE_SUFFIXES, ImageInput, batch_images, image_to_tensor, images_in_folder
-from .loading import is_local_folder, load_decoder, load_effnet, load_text_encoder
+from .loading import _is_local_folder, _load_effnet, _load_text_encoder, load_decoder
 from .models import Decoder, TextEncoder
 from .quality import DEFAULT_SIZE, Compression, Quality, compression, mean_quality, quality
 from .sampling import OFFICIAL_DECODER, StageSettings
 from .sizes import (
-    ENCODING,
-    LATENT_CHANNELS,
-    STRIDE,
+    _ENCODING,
+    _LATENT_CHANNELS,
+    _STRIDE,
     check_size,
-    image_size_for_latents,
 )
-from .sizes import stage_c_latent_size as latent_size
+from .sizes import (
+    _image_size_for_latents as image_size_for_latents,
+)
+from .sizes import _stage_c_latent_size as latent_size
 from .stages import decode_stage_a, generate_stage_b
 
 # quality and compression live in cascade_helpers.quality; importing them from here still works
@@ -116,7 +118,7 @@ class Autoencoder:
 
 def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
     """One side or (height, width), checked as the encoder needs it (whole multiples of 32)."""
-    if values.is_whole(size):
+    if values._is_whole(size):
         size = (size, size)
     if not (isinstance(size, Sequence) and not isinstance(size, str) and len(size) == 2):
         raise ValueError(f"size must be one side or (height, width) in pixels, not {size!r}")
@@ -132,7 +134,7 @@ def check_image_size(height: int, width: int) -> tuple[int, int]:
     Returns:
         Both as ints; a ValueError names a side refused.
     """
-    return check_size(height, width, ENCODING)
+    return check_size(height, width, _ENCODING)
 
 
 # --- pictures in ---------------------------------------------------------------------------------------
@@ -151,7 +153,7 @@ def _picture_list(images: Images) -> list[ImageInput]:
 
 def _crop_to_stride(image: torch.Tensor) -> torch.Tensor:
     """Centre crop to the nearest smaller multiples of 32 (no scaling)."""
-    height, width = (side // STRIDE * STRIDE for side in image.shape[-2:])
+    height, width = (side // _STRIDE * _STRIDE for side in image.shape[-2:])
     check_image_size(height, width)
     top, left = (image.shape[-2] - height) // 2, (image.shape[-1] - width) // 2
     return image[..., top : top + height, left : left + width]
@@ -178,7 +180,7 @@ def prepare_images(images: Images, size: int | tuple[int, int] | None = DEFAULT_
     sizes = sorted({tuple(t.shape[-2:]) for t in tensors})
     if len(sizes) > 1:
         raise ValueError(
-            f"the pictures have different sizes {sizes} (after cropping to multiples of {STRIDE}): pass "
+            f"the pictures have different sizes {sizes} (after cropping to multiples of {_STRIDE}): pass "
             f"size=(height, width) to scale them to one size, or encode them separately"
         )
     return torch.stack(tensors)
@@ -190,14 +192,14 @@ def prepare_images(images: Images, size: int | tuple[int, int] | None = DEFAULT_
 def _check_files(models_dir: Path, stage_b: Size, dtype: torch.dtype) -> None:
     """One error naming every missing file (and one download command), before anything loads."""
     needed = [
-        choose_precision_file(models_dir, files.STAGE_B[stage_b], dtype),
-        files.STAGE_A,
-        files.EFFNET,
-        files.TEXT_ENCODER_CONFIG,
-        choose_precision_file(models_dir, files.TEXT_ENCODER, dtype),
-        files.TOKENIZER,
+        _choose_precision_file(models_dir, files.STAGE_B[stage_b], dtype),
+        files._FILES["stage_a"],
+        files._FILES["effnet"],
+        files._FILES["text_encoder_config"],
+        _choose_precision_file(models_dir, files._WEIGHTS["text_encoder"], dtype),
+        files._FILES["tokenizer"],
     ]
-    check_present(models_dir, needed, stage_b=stage_b, stage_c=size_present(models_dir, files.STAGE_C))
+    _check_present(models_dir, needed, stage_b=stage_b, stage_c=_size_present(models_dir, files.STAGE_C))
 
 
 def load_autoencoder(
@@ -223,14 +225,14 @@ def load_autoencoder(
     Returns:
         The :class:`Autoencoder`. Missing files raise one ``MissingModelFileError`` naming them all.
     """
-    files.check_size_word(stage_b, "stage_b")
+    files._check_size(stage_b, "stage_b")
     device = pick_device(device)
     dtype = pick_dtype(dtype, device, stage="Stage B")
-    if is_local_folder(source):
+    if _is_local_folder(source):
         _check_files(Path(source), stage_b, dtype)
     decoder = load_decoder(source, stage_b, dtype=dtype, device=device, memory=memory)
-    effnet = load_effnet(source, device=device)
-    text = load_text_encoder(source, dtype=dtype, device=device, memory=memory)
+    effnet = _load_effnet(source, device=device)
+    text = _load_text_encoder(source, dtype=dtype, device=device, memory=memory)
     empty_pooled = encode_text(text, "").pooled.cpu()
     if not keep_text_encoder:
         text = None
@@ -318,8 +320,8 @@ def decode(
         refused or captions that do not fit.
     """
     latents = latents[None] if latents.dim() == 3 else latents
-    if latents.shape[1] != LATENT_CHANNELS:
-        raise ValueError(f"Stage C latents have {LATENT_CHANNELS} channels, not {latents.shape[1]}")
+    if latents.shape[1] != _LATENT_CHANNELS:
+        raise ValueError(f"Stage C latents have {_LATENT_CHANNELS} channels, not {latents.shape[1]}")
     height, width = (
         check_image_size(*image_size_for_latents(*latents.shape[-2:])) if size is None else _pair(size)
     )
@@ -375,7 +377,7 @@ def is_encoded(path: Path) -> bool:
     if not path.is_file():
         return False
     try:
-        return LATENTS_KEY in read_header(path).tensors
+        return LATENTS_KEY in _read_header(path).tensors
     except CheckpointError:
         return False
 
@@ -390,7 +392,7 @@ def write_latents(path: Path, latents: torch.Tensor, image_size: tuple[int, int]
         image_size, source: the picture's (height, width) and file name, kept in the metadata.
     """
     metadata = {"source": source, "height": str(image_size[0]), "width": str(image_size[1])}
-    save_safetensors(path, {LATENTS_KEY: latents}, metadata)
+    _save_safetensors(path, {LATENTS_KEY: latents}, metadata)
 
 
 def read_latents(path: str | Path) -> StoredLatents:
@@ -402,8 +404,8 @@ def read_latents(path: str | Path) -> StoredLatents:
             raise ValueError(f"{path} holds {keys}: expected one tensor, or one named {LATENTS_KEY!r}")
         latents, metadata = f.get_tensor(key).float(), f.metadata() or {}
     latents = latents[0] if latents.dim() == 4 and len(latents) == 1 else latents
-    if latents.dim() != 3 or latents.shape[0] != LATENT_CHANNELS:
-        raise ValueError(f"{path}: expected {LATENT_CHANNELS}×h×w latents, got {tuple(latents.shape)}")
+    if latents.dim() != 3 or latents.shape[0] != _LATENT_CHANNELS:
+        raise ValueError(f"{path}: expected {_LATENT_CHANNELS}×h×w latents, got {tuple(latents.shape)}")
     if "height" in metadata and "width" in metadata:
         image_size = (int(metadata["height"]), int(metadata["width"]))
     else:

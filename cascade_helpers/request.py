@@ -12,7 +12,7 @@ from typing import Any
 
 from . import values
 from .sampling import OFFICIAL_DECODER, OFFICIAL_PRIOR, StageSettings
-from .sizes import GENERATION, check_size
+from .sizes import _GENERATION, check_size
 
 MAX_IMAGES = 16
 MAX_SEED = 2**63 - 1  # torch's generators take 64 bits; image-to-image also uses seed + 1
@@ -83,7 +83,7 @@ class GenerationRequest:
                 "for all pictures, or one per prompt"
             )
         count = len(prompts) if self.num_images is None else self.num_images
-        if not (values.is_whole(count) and 1 <= count <= MAX_IMAGES):
+        if not (values._is_whole(count) and 1 <= count <= MAX_IMAGES):
             raise ValueError(f"num_images must be from 1 to {MAX_IMAGES} (a whole number), not {count!r}")
         if count % len(prompts):
             raise ValueError(
@@ -91,10 +91,10 @@ class GenerationRequest:
                 f"{len(prompts)} (each prompt gets the same number of pictures)"
             )
         set_(self, "num_images", int(count))
-        height, width = check_size(self.height, self.width, GENERATION)
+        height, width = check_size(self.height, self.width, _GENERATION)
         set_(self, "height", height)
         set_(self, "width", width)
-        if not (values.is_whole(self.seed) and 0 <= self.seed <= MAX_SEED):
+        if not (values._is_whole(self.seed) and 0 <= self.seed <= MAX_SEED):
             raise ValueError(f"seed must be a whole number from 0 to 2**63 - 1, not {self.seed!r}")
         set_(self, "seed", int(self.seed))
         for name in ("prior_settings", "decoder_settings"):

@@ -80,17 +80,19 @@ class StageSettings:
     t_start: float = 1.0
 
     def __post_init__(self) -> None:
-        values.whole(self.steps, "steps", 1, 1000)
-        values.at_least(self.guidance, "guidance", 0.0, "≤ 1 turns guidance off; the official Stage C uses 4")
-        values.at_least(
+        values._whole(self.steps, "steps", 1, 1000)
+        values._at_least(
+            self.guidance, "guidance", 0.0, "≤ 1 turns guidance off; the official Stage C uses 4"
+        )
+        values._at_least(
             self.shift,
             "shift",
             0.0,
             "1 leaves the schedule as it is; the official Stage C uses 2",
             strict=True,
         )
-        values.fraction(self.guidance_rescale, "guidance_rescale", "the official cfg_rho, 0.7")
-        t_start = values.finite(self.t_start, "t_start", "the starting noise level, in (0, 1]")
+        values._fraction(self.guidance_rescale, "guidance_rescale", "the official cfg_rho, 0.7")
+        t_start = values._finite(self.t_start, "t_start", "the starting noise level, in (0, 1]")
         if not 0.0 < t_start <= 1.0:
             raise ValueError(f"t_start (the starting noise level) must be in (0, 1], not {self.t_start}")
         if self.sampler not in SAMPLERS:

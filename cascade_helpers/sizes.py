@@ -17,19 +17,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .values import is_whole
+from .values import _is_whole
 
-LATENT_CHANNELS = 16  # Stage C latents (the EfficientNet encoder's output)
-STAGE_B_CHANNELS = 4  # Stage A latents (Stage B's output)
-DOWNSCALE = 3 / 4  # picture side → EfficientNet input side
-STRIDE = 32  # EfficientNetV2-S reduces each side 32×
-STAGE_A_COMPRESSION = 4  # picture side / Stage A latent side (1024 → 256)
+_LATENT_CHANNELS = 16  # Stage C latents (the EfficientNet encoder's output)
+_STAGE_B_CHANNELS = 4  # Stage A latents (Stage B's output)
+_DOWNSCALE = 3 / 4  # picture side → EfficientNet input side
+_STRIDE = 32  # EfficientNetV2-S reduces each side 32×
+_STAGE_A_COMPRESSION = 4  # picture side / Stage A latent side (1024 → 256)
 #: the smallest picture side the 3/4 downscale leaves one encoder stride of (43 px)
-SMALLEST_ENCODABLE_SIDE = math.ceil(STRIDE / DOWNSCALE)
+_SMALLEST_ENCODABLE_SIDE = math.ceil(_STRIDE / _DOWNSCALE)
 
 
 @dataclass(frozen=True)
-class SideRule:
+class _SideRule:
     """Which picture sides a task accepts: whole multiples of ``multiple`` from ``minimum`` to
     ``maximum`` (None: no upper limit); ``hint`` ends the error message."""
 
@@ -44,7 +44,7 @@ class SideRule:
 
     def accepts(self, side: object) -> bool:
         return (
-            is_whole(side)
+            _is_whole(side)
             and side >= self.minimum
             and (self.maximum is None or side <= self.maximum)
             and side % self.multiple == 0
@@ -52,14 +52,14 @@ class SideRule:
 
 
 #: text-to-image and friends: the sides Stage C and B were trained on
-GENERATION = SideRule(128, 512, 2048, "e.g. 1024, 1152, 1536; any aspect ratio works")
+_GENERATION = _SideRule(128, 512, 2048, "e.g. 1024, 1152, 1536; any aspect ratio works")
 #: encoding pictures to latents and decoding them (reconstruction): what the encoder needs
-ENCODING = SideRule(STRIDE, 2 * STRIDE, None, "1024 gives the released models' 24×24 latents")
+_ENCODING = _SideRule(_STRIDE, 2 * _STRIDE, None, "1024 gives the released models' 24×24 latents")
 #: the picture side LoRA training buckets are made for
-TRAINING = SideRule(128, 256, 2048, "1024 as released")
+_TRAINING = _SideRule(128, 256, 2048, "1024 as released")
 
 
-def check_size(height: object, width: object, rule: SideRule = GENERATION) -> tuple[int, int]:
+def check_size(height: object, width: object, rule: _SideRule = _GENERATION) -> tuple[int, int]:
     """Raise a ValueError naming the side that ``rule`` refuses; return both sides as ``int``.
 
     Args:
@@ -79,42 +79,21 @@ def check_size(height: object, width: object, rule: SideRule = GENERATION) -> tu
     return int(height), int(width)
 
 
-def encoder_input_size(height: int, width: int) -> tuple[int, int]:
-    """The official 3/4 downscale, floored to multiples of 32: 1024×1024 → 768×768.
-
-    Args:
-        height, width: the picture's sides in pixels.
-
-    Returns:
-        ``(height, width)`` of the EfficientNet encoder's input, in pixels.
-    """
-    return int(height * DOWNSCALE // STRIDE * STRIDE), int(width * DOWNSCALE // STRIDE * STRIDE)
+def _encoder_input_size(height: int, width: int) -> tuple[int, int]:
+    """The official 3/4 downscale, floored to multiples of 32: 1024×1024 → 768×768."""
+    return int(height * _DOWNSCALE // _STRIDE * _STRIDE), int(width * _DOWNSCALE // _STRIDE * _STRIDE)
 
 
-def stage_c_latent_size(height: int, width: int) -> tuple[int, int]:
+def _stage_c_latent_size(height: int, width: int) -> tuple[int, int]:
     """Stage C's latent grid for a picture: the encoder's input divided by 32. 1024×1024 → 24×24,
-    1536×640 → 36×15.
-
-    Args:
-        height, width: the picture's sides in pixels.
-
-    Returns:
-        ``(h, w)``: the latent grid.
-    """
-    input_height, input_width = encoder_input_size(height, width)
-    return input_height // STRIDE, input_width // STRIDE
+    1536×640 → 36×15."""
+    input_height, input_width = _encoder_input_size(height, width)
+    return input_height // _STRIDE, input_width // _STRIDE
 
 
-def stage_b_latent_size(height: int, width: int) -> tuple[int, int]:
-    """Stage A's latent grid (what Stage B samples): 1024×1024 → 256×256.
-
-    Args:
-        height, width: the picture's sides in pixels.
-
-    Returns:
-        ``(H/4, W/4)``, rounded up.
-    """
-    return math.ceil(height / STAGE_A_COMPRESSION), math.ceil(width / STAGE_A_COMPRESSION)
+def _stage_b_latent_size(height: int, width: int) -> tuple[int, int]:
+    """Stage A's latent grid (what Stage B samples): 1024×1024 → 256×256."""
+    return math.ceil(height / _STAGE_A_COMPRESSION), math.ceil(width / _STAGE_A_COMPRESSION)
 
 
 def stage_c_shape(height: int, width: int, batch: int) -> tuple[int, int, int, int]:
@@ -127,7 +106,7 @@ def stage_c_shape(height: int, width: int, batch: int) -> tuple[int, int, int, i
     Returns:
         ``(B, 16, h, w)``.
     """
-    return (batch, LATENT_CHANNELS, *stage_c_latent_size(height, width))
+    return (batch, _LATENT_CHANNELS, *_stage_c_latent_size(height, width))
 
 
 def stage_b_shape(height: int, width: int, batch: int) -> tuple[int, int, int, int]:
@@ -140,17 +119,10 @@ def stage_b_shape(height: int, width: int, batch: int) -> tuple[int, int, int, i
     Returns:
         ``(B, 4, H/4, W/4)``, sides rounded up.
     """
-    return (batch, STAGE_B_CHANNELS, *stage_b_latent_size(height, width))
+    return (batch, _STAGE_B_CHANNELS, *_stage_b_latent_size(height, width))
 
 
-def image_size_for_latents(height: int, width: int) -> tuple[int, int]:
+def _image_size_for_latents(height: int, width: int) -> tuple[int, int]:
     """The smallest picture size, in multiples of 32, whose Stage C latents have this grid: what
-    decoding produces when no size is given. 24×24 → 1024×1024, 24×36 → 1024×1536.
-
-    Args:
-        height, width: the Stage C latent grid, h and w.
-
-    Returns:
-        ``(height, width)`` of the picture, in pixels.
-    """
-    return math.ceil(height / DOWNSCALE) * STRIDE, math.ceil(width / DOWNSCALE) * STRIDE
+    decoding produces when no size is given. 24×24 → 1024×1024, 24×36 → 1024×1536."""
+    return math.ceil(height / _DOWNSCALE) * _STRIDE, math.ceil(width / _DOWNSCALE) * _STRIDE

@@ -21,7 +21,7 @@ from .effnet import encode as effnet_encode
 from .images import ImageInput, image_to_tensor, resize_and_crop, scale_short_side
 from .models import Decoder, Prior
 from .sampling import OFFICIAL_DECODER, OFFICIAL_PRIOR, StageSettings, StepCallback, sample, unet_denoiser
-from .sizes import encoder_input_size, stage_b_shape
+from .sizes import _encoder_input_size, stage_b_shape
 
 OFFICIAL_INPUT_SIDE = 768  # the official examples scale input pictures to this short side first
 
@@ -35,7 +35,7 @@ def check_finite(
     stage: str,
     model: torch.nn.Module,
     dtype: torch.dtype,
-    weight_files: Sequence[Path],
+    weight_files: Sequence[Path | None],
     inputs: Mapping[str, Sequence[torch.Tensor | None]],
 ) -> None:
     """Raise :class:`NonFiniteLatentsError` if ``result`` holds NaN or infinities, naming the likely
@@ -61,7 +61,7 @@ def check_finite(
         n for n, p in model.named_parameters() if p.device.type != "meta" and not torch.isfinite(p).all()
     ]
     if broken:
-        named = [str(f) for f in weight_files] or ["the weight file"]
+        named = [str(f) for f in weight_files if f] or ["the weight file"]
         causes.append(
             f"the {stage} weights hold NaN or infinite values ({len(broken)} tensors, e.g. {broken[0]}): a damaged "
             f"weight file ({', '.join(named)}). Run your download command again with --verify: it re-hashes "
@@ -147,7 +147,7 @@ def generate_stage_c(
         "the starting latents (x_init: the input picture's encoding)": (x_init,),
         "the ControlNet features": tuple(control or ()),
     }
-    check_finite(latents, "Stage C", prior.unet, prior.dtype, prior.files[:1], inputs)
+    check_finite(latents, "Stage C", prior.unet, prior.dtype, [prior.stage_c_file], inputs)
     return latents
 
 
@@ -192,7 +192,7 @@ def generate_stage_b(
         progress="Stage B" if progress else False,
     )
     inputs = {"the Stage C latents": (latents,), "the pooled text embeddings": (pooled, negative_pooled)}
-    check_finite(result, "Stage B", decoder.unet, decoder.dtype, decoder.files[:1], inputs)
+    check_finite(result, "Stage B", decoder.unet, decoder.dtype, [decoder.stage_b_file], inputs)
     return result
 
 
@@ -210,7 +210,7 @@ def decode_stage_a(decoder: Decoder, latents: torch.Tensor) -> torch.Tensor:
     scaled = latents.to(decoder.device, torch.float32) * vqgan.config.scale_factor
     pictures = vqgan.decode(scaled).sample
     check_finite(
-        pictures, "Stage A", vqgan, torch.float32, decoder.files[1:], {"the Stage B latents": (latents,)}
+        pictures, "Stage A", vqgan, torch.float32, [decoder.stage_a_file], {"the Stage B latents": (latents,)}
     )
     return pictures.clamp(0, 1).float().cpu()
 
@@ -233,7 +233,7 @@ def encode_picture(prior: Prior, image: ImageInput, height: int, width: int) -> 
         1×16×h×w, float32, on the prior's device; a ValueError without the EfficientNet encoder.
     """
     encoder = prior.require("effnet", "encoding a picture (image-to-image, ControlNet init pictures)")
-    pixels = resize_and_crop(image_to_tensor(image), *encoder_input_size(height, width))
+    pixels = resize_and_crop(image_to_tensor(image), *_encoder_input_size(height, width))
     return effnet_encode(encoder, pixels[None], downscale=False)
 
 

@@ -27,133 +27,87 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import files
-from .atomic import atomic_files, atomic_path, save_safetensors
-from .checkpoints import config_dir, stage_a_to_official, unet_to_official
+from .atomic import _atomic_files, _atomic_path, _save_safetensors
+from .checkpoints import _stage_a_to_official, _unet_to_official, config_dir
 from .controlnet import CONTROLNET_TYPES, TINY_BLOCKS, ControlNet, LargeBottleneck
-from .devices import DTYPE_NAMES
+from .devices import _DTYPE_NAMES
 from .effnet import EfficientNetEncoder
-from .files import Precision, Size
+from .files import Size, _Precision
 from .previewer import Previewer
 
 if TYPE_CHECKING:
     from transformers import CLIPTextConfig
 
-DEFAULT_TINY_DIR = Path("outputs/tiny_models")
+_DEFAULT_TINY_DIR = Path("outputs/tiny_models")
 
 # Sizes of the tiny CLIP models; the tiny UNet configs in cascade_helpers/configs/*_tiny match them.
-TEXT_HIDDEN = 32  # also the pooled/projected size
-IMAGE_EMBED = 24
-IMAGE_SIZE = 32
+_TEXT_HIDDEN = 32  # also the pooled/projected size
+_IMAGE_EMBED = 24
+_IMAGE_SIZE = 32
+_TINY_CLIP = {
+    "hidden_size": _TEXT_HIDDEN,
+    "intermediate_size": 37,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "projection_dim": _TEXT_HIDDEN,
+}
 # Words the tiny tokenizer knows whole (others fall back to characters): what the notebooks and
 # tests prompt with, plus "dog"/"dogs" for the official LoRA token initialization (^dog</w>).
-TINY_WORDS = [
-    "a",
-    "photo",
-    "of",
-    "the",
-    "an",
-    "and",
-    "in",
-    "on",
-    "with",
-    "painting",
-    "astronaut",
-    "riding",
-    "horse",
-    "red",
-    "green",
-    "blue",
-    "cat",
-    "dog",
-    "dogs",
-    "fernando",
-    "person",
-    "rodent",
-    "knight",
-    "city",
-    "night",
-    "mountain",
-    "lake",
-    "house",
-    "sunset",
-    "portrait",
-]
+_TINY_WORDS = (  # noqa: SIM905 (a list literal takes a line per word)
+    "a photo of the an and in on with painting astronaut riding horse red green blue cat dog dogs fernando "
+    "person rodent knight city night mountain lake house sunset portrait"
+).split()
 
 
 def _save_official(state: dict[str, torch.Tensor], path: Path, dtype: torch.dtype | None = None) -> None:
     """A state dict as an official single file, floating tensors in ``dtype`` (atomically)."""
     tensors = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in state.items()}
-    save_safetensors(path, tensors)
+    _save_safetensors(path, tensors)
 
 
 def _tiny_prior_width() -> int:
+    """Stage C's width in the tiny config: what the tiny ControlNets and LoRA must match."""
     return json.loads((config_dir("stage_c", "tiny") / "config.json").read_text())["block_out_channels"][0]
 
 
 def _tiny_unet(kind: str, seed: int):
+    """A seeded random tiny Stage C/B from the shipped tiny config (the writers and tests share it)."""
     from .upstream import StableCascadeUNet
 
     torch.manual_seed(seed)
     return StableCascadeUNet.from_config(StableCascadeUNet.load_config(config_dir(kind, "tiny")))
 
 
-def write_stage_c(models_dir: Path, size: Size, precision: Precision, seed: int = 0) -> Path:
-    """A random tiny Stage C as the official single file, so the loader's header checks and
-    ``from_single_file`` run on it as on the released one.
-
-    Args:
-        models_dir: the models folder.
-        size: "big" or "lite": only the file name (the weights are always the tiny architecture).
-        precision: "bf16" or "fp32": the file name and the tensors' dtype.
-        seed: seeds the random weights (default: what :func:`write_tiny_models` uses).
-
-    Returns:
-        The file written (``stage_c[_lite][_bf16].safetensors``).
-    """
-    path = models_dir / files.STAGE_C[size][precision].path
+def _write_unet(
+    models_dir: Path, kind: str, size: Size, precision: _Precision, seed: int | None = None
+) -> Path:
+    """A random tiny Stage C or B (``kind``) as the official single file
+    (``stage_c[_lite][_bf16].safetensors`` ...), so the loader's header checks and ``from_single_file``
+    run on it as on the released one. ``size`` names the file only (the weights are always the tiny
+    architecture); ``precision`` names it and sets the tensors' dtype; the seed defaults to what
+    :func:`write_tiny_models` uses."""
+    stage = files.STAGE_C if kind == "stage_c" else files.STAGE_B
+    seed = {"stage_c": 0, "stage_b": 1}[kind] if seed is None else seed
+    path = models_dir / stage[size][precision].path
     _save_official(
-        unet_to_official(_tiny_unet("stage_c", seed).state_dict(), "stage_c"), path, DTYPE_NAMES[precision]
+        _unet_to_official(_tiny_unet(kind, seed).state_dict(), kind), path, _DTYPE_NAMES[precision]
     )
     return path
 
 
-def write_stage_b(models_dir: Path, size: Size, precision: Precision, seed: int = 1) -> Path:
-    """A random tiny Stage B as the official single file (see :func:`write_stage_c`).
-
-    Args:
-        models_dir, size, precision, seed: as for :func:`write_stage_c`.
-
-    Returns:
-        The file written (``stage_b[_lite][_bf16].safetensors``).
-    """
-    path = models_dir / files.STAGE_B[size][precision].path
-    _save_official(
-        unet_to_official(_tiny_unet("stage_b", seed).state_dict(), "stage_b"), path, DTYPE_NAMES[precision]
-    )
-    return path
-
-
-def write_stage_a(models_dir: Path, seed: int = 2) -> Path:
-    """A random tiny Stage A as the official ``stage_a.safetensors`` (its ``vquantizer.codebook`` key).
-
-    Args:
-        models_dir: the models folder.
-        seed: seeds the random weights.
-
-    Returns:
-        The file written; float32, as the released one.
-    """
+def _write_stage_a(models_dir: Path, seed: int = 2) -> Path:
+    """A random tiny Stage A as the official ``stage_a.safetensors`` (its ``vquantizer.codebook`` key)."""
     from .upstream import PaellaVQModel
 
     torch.manual_seed(seed)
     vqgan = PaellaVQModel.from_config(PaellaVQModel.load_config(config_dir("stage_a", "tiny")))
-    path = models_dir / files.STAGE_A.path
-    _save_official(stage_a_to_official(vqgan.state_dict()), path)
+    path = models_dir / files._FILES["stage_a"].path
+    _save_official(_stage_a_to_official(vqgan.state_dict()), path)
     return path
 
 
 @torch.no_grad()
-def random_effnet(seed: int = 3) -> EfficientNetEncoder:
+def _random_effnet(seed: int = 3) -> EfficientNetEncoder:
     """The full-size encoder with random weights and latents of order 1.
 
     Freshly initialized, its latents are ~1e-6: below the final BatchNorm's epsilon and subnormal in
@@ -173,62 +127,31 @@ def random_effnet(seed: int = 3) -> EfficientNetEncoder:
     return encoder
 
 
-def write_effnet(models_dir: Path, seed: int = 3) -> Path:
-    """Full-size encoder (81 MB, as released) with random weights (:func:`random_effnet`).
-
-    Args:
-        models_dir: the models folder.
-        seed: seeds the random weights.
-
-    Returns:
-        The file written (``effnet_encoder.safetensors``).
-    """
-    path = models_dir / files.EFFNET.path
-    _save_official(random_effnet(seed).state_dict(), path)
+def _write_effnet(models_dir: Path, seed: int = 3) -> Path:
+    """Full-size encoder (81 MB, as released) with random weights (:func:`_random_effnet`)."""
+    path = models_dir / files._FILES["effnet"].path
+    _save_official(_random_effnet(seed).state_dict(), path)
     return path
 
 
-def write_previewer(models_dir: Path, seed: int = 4) -> Path:
-    """The full-size previewer (it is small) with random weights, as ``previewer.safetensors``.
-
-    Args:
-        models_dir: the models folder.
-        seed: seeds the random weights.
-
-    Returns:
-        The file written.
-    """
+def _write_previewer(models_dir: Path, seed: int = 4) -> Path:
+    """The full-size previewer (it is small) with random weights, as ``previewer.safetensors``."""
     torch.manual_seed(seed)
-    path = models_dir / files.PREVIEWER.path
+    path = models_dir / files._FILES["previewer"].path
     _save_official(Previewer().state_dict(), path)
     return path
 
 
-def _byte_alphabet() -> list[str]:
-    """CLIP's byte-to-unicode alphabet: the 256 symbols its byte-level BPE starts from."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    codes, extra = printable[:], 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            codes.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in codes]
-
-
-def write_tokenizer(models_dir: Path) -> Path:
+def _write_tokenizer(models_dir: Path) -> Path:
     """A CLIP BPE tokenizer with the real one's layout: byte symbols, byte symbols + ``</w>``, merges,
     then ``<|startoftext|>`` and ``<|endoftext|>`` as the highest ids; pads with ``!`` like bigG's."""
     from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    alphabet = _byte_alphabet()
+    alphabet = list(bytes_to_unicode().values())  # the 256 symbols CLIP's byte-level BPE starts from
     tokens = alphabet + [c + "</w>" for c in alphabet]
     merges: list[str] = []
-    for word in TINY_WORDS:
+    for word in _TINY_WORDS:
         prefix = word[0]
         for i, char in enumerate(word[1:], start=1):
             piece = char + ("</w>" if i == len(word) - 1 else "")
@@ -238,8 +161,8 @@ def write_tokenizer(models_dir: Path) -> Path:
                 tokens.append(merged)
             prefix = merged
     tokens += ["<|startoftext|>", "<|endoftext|>"]
-    folder = models_dir / files.TOKENIZER.path
-    with atomic_files(folder) as temporary:
+    folder = models_dir / files._FILES["tokenizer"].path
+    with _atomic_files(folder) as temporary:
         vocab = json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False)
         (temporary / "vocab.json").write_text(vocab, encoding="utf-8")
         (temporary / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
@@ -251,144 +174,87 @@ def write_tokenizer(models_dir: Path) -> Path:
     return folder
 
 
-def text_encoder_config(vocab_size: int) -> CLIPTextConfig:
+def _text_encoder_config(vocab_size: int) -> CLIPTextConfig:
     """The tiny ``CLIPTextConfig``, with bigG's quirks: eos_token_id=2 (pooling at the highest token
-    id), gelu, 77 positions. The benchmarks build their tiny text encoder from it too.
-
-    Args:
-        vocab_size: the tokenizer's vocabulary size.
-
-    Returns:
-        A ``transformers.CLIPTextConfig``.
-    """
+    id), gelu, 77 positions. The benchmarks build their tiny text encoder from it too."""
     from transformers import CLIPTextConfig
 
+    special = {"bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
     return CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        hidden_act="gelu",
-        projection_dim=TEXT_HIDDEN,
-        bos_token_id=0,
-        eos_token_id=2,
-        pad_token_id=1,
+        vocab_size=vocab_size, max_position_embeddings=77, hidden_act="gelu", **_TINY_CLIP, **special
     )
 
 
-def write_text_encoder(models_dir: Path, precision: Precision, seed: int = 5) -> Path:
-    """A tiny ``CLIPTextModelWithProjection`` (:func:`text_encoder_config`). Write the tokenizer first:
-    the vocabulary size comes from it.
-
-    Args:
-        models_dir: the models folder (with ``tokenizer/`` written).
-        precision: "bf16" (saved as the ``bf16`` variant, ``model.bf16.safetensors``) or "fp32".
-        seed: seeds the random weights.
-
-    Returns:
-        The ``text_encoder/`` folder.
-    """
+def _write_text_encoder(models_dir: Path, precision: _Precision, seed: int = 5) -> Path:
+    """A tiny ``CLIPTextModelWithProjection`` (:func:`_text_encoder_config`). Write the tokenizer first:
+    the vocabulary size comes from it."""
     from transformers import CLIPTextModelWithProjection
 
-    vocab_size = len(json.loads((models_dir / files.TOKENIZER.path / "vocab.json").read_text()))
+    vocab_size = len(json.loads((models_dir / files._FILES["tokenizer"].path / "vocab.json").read_text()))
     torch.manual_seed(seed)
-    model = CLIPTextModelWithProjection(text_encoder_config(vocab_size)).to(DTYPE_NAMES[precision])
+    model = CLIPTextModelWithProjection(_text_encoder_config(vocab_size)).to(_DTYPE_NAMES[precision])
     folder = models_dir / "text_encoder"
-    with atomic_files(folder) as temporary:
+    with _atomic_files(folder) as temporary:
         model.save_pretrained(temporary, variant="bf16" if precision == "bf16" else None)
     return folder
 
 
-def write_image_encoder(models_dir: Path, precision: Precision, seed: int = 6) -> Path:
+def _write_image_encoder(models_dir: Path, precision: _Precision, seed: int = 6) -> Path:
     """A tiny ``CLIPVisionModelWithProjection`` (32 px pictures, 24-wide embeddings) and its
-    ``feature_extractor/`` preprocessing config, saved as ``transformers`` saves the real ones.
-
-    Args:
-        models_dir: the models folder.
-        precision: "bf16" (the ``bf16`` variant) or "fp32".
-        seed: seeds the random weights.
-
-    Returns:
-        The ``image_encoder/`` folder.
-    """
+    ``feature_extractor/`` preprocessing config, saved as ``transformers`` saves the real ones."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     torch.manual_seed(seed)
     config = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=IMAGE_SIZE,
-        patch_size=8,
-        projection_dim=IMAGE_EMBED,
+        **{**_TINY_CLIP, "projection_dim": _IMAGE_EMBED}, image_size=_IMAGE_SIZE, patch_size=8
     )
-    model = CLIPVisionModelWithProjection(config).to(DTYPE_NAMES[precision])
+    model = CLIPVisionModelWithProjection(config).to(_DTYPE_NAMES[precision])
     folder = models_dir / "image_encoder"
-    with atomic_files(folder) as temporary:
+    with _atomic_files(folder) as temporary:
         model.save_pretrained(temporary, variant="bf16" if precision == "bf16" else None)
     processor = CLIPImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+        size={"shortest_edge": _IMAGE_SIZE}, crop_size={"height": _IMAGE_SIZE, "width": _IMAGE_SIZE}
     )
-    with atomic_files(models_dir / "feature_extractor") as temporary:
+    with _atomic_files(models_dir / "feature_extractor") as temporary:
         processor.save_pretrained(temporary)
     return folder
 
 
 # --- ControlNets ------------------------------------------------------------------------------------
 
-TINY_LARGE_BOTTLENECK = LargeBottleneck(expand=64, hidden=32, blocks=2, out=48)
+_TINY_LARGE_BOTTLENECK = LargeBottleneck(expand=64, hidden=32, blocks=2, out=48)
 
 
-def write_controlnets(models_dir: Path, precision: Precision = "bf16", seed: int = 7) -> list[Path]:
+def _write_controlnets(models_dir: Path, precision: _Precision = "bf16", seed: int = 7) -> list[Path]:
     """The released ControlNets (canny, inpainting, super-resolution) made for the tiny Stage C, with
     the official key names: projections to the tiny width on ``TINY_BLOCKS`` and a narrow 'large'
-    bottleneck (:data:`TINY_LARGE_BOTTLENECK`; the real one has 169 M parameters). The EfficientNet
+    bottleneck (:data:`_TINY_LARGE_BOTTLENECK`; the real one has 169 M parameters). The EfficientNet
     bottleneck is torchvision's EfficientNetV2-S, whose shapes are fixed: about 54 MB a file in bf16.
-    The last projection layers get random weights instead of the official zeros, so the control shows.
-
-    Args:
-        models_dir: the models folder.
-        precision: the tensors' dtype, "bf16" or "fp32" (the file names are the same).
-        seed: seeds the first ControlNet's weights; each next one ``seed + 1``.
-
-    Returns:
-        The files written, ``controlnet/<name>.safetensors``.
-    """
+    The last projection layers get random weights instead of the official zeros, so the control shows."""
     width = _tiny_prior_width()
     paths = []
     for i, kind in enumerate(k for k in CONTROLNET_TYPES.values() if k.file is not None):
         torch.manual_seed(seed + i)
-        model = ControlNet(kind.c_in, width, TINY_BLOCKS, kind.bottleneck_mode, large=TINY_LARGE_BOTTLENECK)
+        model = ControlNet(kind.c_in, width, TINY_BLOCKS, kind.bottleneck_mode, large=_TINY_LARGE_BOTTLENECK)
         for projection in model.projections:
             projection[-1].reset_parameters()
         paths.append(models_dir / kind.file.path)
-        _save_official(model.state_dict(), paths[-1], DTYPE_NAMES[precision])
+        _save_official(model.state_dict(), paths[-1], _DTYPE_NAMES[precision])
     return paths
 
 
 # --- LoRA --------------------------------------------------------------------------------------------
 
 
-def write_official_lora(models_dir: Path, seed: int = 7) -> Path:
+def _write_official_lora(models_dir: Path, seed: int = 7) -> Path:
     """A tiny ``lora_fernando_10k.safetensors`` in the official format for the tiny Stage C: rank-4
     ``weights.<i>.lora_down/up`` in the official order (per attention block: out_proj, then the
     stacked q/k/v in_proj), and a ``[fernando]`` token delta at id = the tokenizer's size (the id the
     official training gives the first new token). The official file's token width is bigG's 1280;
-    here it is the tiny text encoder's. Write the tokenizer first.
-
-    Args:
-        models_dir: the models folder (with ``tokenizer/`` written).
-        seed: seeds the random factors and the tiny Stage C whose layout they follow.
-
-    Returns:
-        The file written (``lora_fernando_10k.safetensors``, float32).
-    """
+    here it is the tiny text encoder's. Write the tokenizer first."""
     from .lora import official_lora_layout
 
-    vocab_size = len(json.loads((models_dir / files.TOKENIZER.path / "vocab.json").read_text()))
+    vocab_size = len(json.loads((models_dir / files._FILES["tokenizer"].path / "vocab.json").read_text()))
     layout = official_lora_layout(_tiny_unet("stage_c", seed))
     width = _tiny_prior_width()
     generator = torch.Generator().manual_seed(seed)
@@ -396,7 +262,7 @@ def write_official_lora(models_dir: Path, seed: int = 7) -> Path:
     for i, names in enumerate(layout):
         state[f"weights.{i}.lora_down"] = torch.randn(4, width, generator=generator) * 0.05
         state[f"weights.{i}.lora_up"] = torch.randn(len(names) * width, 4, generator=generator)
-    state["embeddings.embeddings"] = torch.randn(1, TEXT_HIDDEN, generator=generator) * 0.05
+    state["embeddings.embeddings"] = torch.randn(1, _TEXT_HIDDEN, generator=generator) * 0.05
     state["embeddings.indices"] = torch.tensor([vocab_size])
     path = models_dir / files.LORA_FERNANDO.path
     _save_official(state, path)
@@ -404,11 +270,11 @@ def write_official_lora(models_dir: Path, seed: int = 7) -> Path:
 
 
 def write_tiny_models(
-    models_dir: str | Path = DEFAULT_TINY_DIR,
+    models_dir: str | Path = _DEFAULT_TINY_DIR,
     *,
     stage_c: Size = "big",
     stage_b: Size = "big",
-    precision: Precision = "bf16",
+    precision: _Precision = "bf16",
     seed: int = 0,
     both_stage_b: bool = False,
     controlnets: bool = False,
@@ -433,35 +299,26 @@ def write_tiny_models(
         ``models_dir``.
     """
     models_dir = Path(models_dir)
-    write_stage_c(models_dir, stage_c, precision, seed)
-    write_stage_b(models_dir, stage_b, precision, seed + 1)
+    _write_unet(models_dir, "stage_c", stage_c, precision, seed)
+    _write_unet(models_dir, "stage_b", stage_b, precision, seed + 1)
     if both_stage_b:
-        write_stage_b(models_dir, "lite" if stage_b == "big" else "big", precision, seed + 8)
-    write_stage_a(models_dir, seed + 2)
-    write_effnet(models_dir, seed + 3)
-    write_previewer(models_dir, seed + 4)
-    write_tokenizer(models_dir)
-    write_text_encoder(models_dir, precision, seed + 5)
-    write_image_encoder(models_dir, precision, seed + 6)
+        _write_unet(models_dir, "stage_b", "lite" if stage_b == "big" else "big", precision, seed + 8)
+    _write_stage_a(models_dir, seed + 2)
+    _write_effnet(models_dir, seed + 3)
+    _write_previewer(models_dir, seed + 4)
+    _write_tokenizer(models_dir)
+    _write_text_encoder(models_dir, precision, seed + 5)
+    _write_image_encoder(models_dir, precision, seed + 6)
     if controlnets:
-        write_controlnets(models_dir, precision, seed + 7)
+        _write_controlnets(models_dir, precision, seed + 7)
     if lora:
-        write_official_lora(models_dir, seed + 7)
+        _write_official_lora(models_dir, seed + 7)
     return models_dir
 
 
-def demo_picture(models_dir: str | Path, stage_b: Size = "big", stage_c: Size = "big") -> Path:
+def _demo_picture(models_dir: str | Path, stage_b: Size = "big", stage_c: Size = "big") -> Path:
     """Load the models in ``models_dir`` through the real loaders and save one 512² picture next to
-    them: the install check of ``python -m cascade_helpers.tiny --demo``.
-
-    Args:
-        models_dir: the models folder (tiny or real weights; loaded on the best device there is).
-        stage_b, stage_c: the sizes to load, "big" or "lite".
-
-    Returns:
-        The picture, ``tiny_demo.png`` in ``models_dir``'s parent folder ("a photo of a red cat",
-        seed 0).
-    """
+    them: the install check of ``python -m cascade_helpers.tiny --demo``."""
     from .generation import text_to_image
     from .loading import load_decoder, load_prior
 
@@ -469,34 +326,30 @@ def demo_picture(models_dir: str | Path, stage_b: Size = "big", stage_c: Size = 
     decoder = load_decoder(models_dir, stage_b)
     result = text_to_image(prior, decoder, "a photo of a red cat", height=512, width=512, seed=0)
     path = Path(models_dir).parent / "tiny_demo.png"
-    with atomic_path(path) as temporary:
+    with _atomic_path(path) as temporary:
         result.images[0].save(temporary, format="PNG")
     return path
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``python -m cascade_helpers.tiny``: write the tiny models, and with ``--demo`` make a picture."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--models-dir", type=Path, default=DEFAULT_TINY_DIR)
-    parser.add_argument("--variant", choices=files.VARIANT_WORDS, default="big-big")
-    parser.add_argument("--precision", choices=tuple(files.PRECISION_WORDS.values()), default="bfloat16")
-    parser.add_argument(
-        "--controlnets", action="store_true", help="also the ControlNets (download_models.sh controlnet)"
-    )
-    parser.add_argument(
-        "--lora", action="store_true", help="also the official example LoRA (download_models.sh lora)"
-    )
-    parser.add_argument(
-        "--both-stage-b", action="store_true", help="also the other Stage B size (reconstruct_images.ipynb)"
-    )
-    parser.add_argument("--all", action="store_true", help="all of the above: every file the notebooks read")
-    parser.add_argument(
-        "--demo", action="store_true", help="then generate one (random-weights) picture with them"
-    )
+    parser.add_argument("--models-dir", type=Path, default=_DEFAULT_TINY_DIR)
+    parser.add_argument("--variant", choices=tuple(files._VARIANTS), default="big-big")
+    parser.add_argument("--precision", choices=tuple(files._PRECISIONS_BY_WORD), default="bfloat16")
+    for flag, what in (
+        ("--controlnets", "also the ControlNets (download_models.sh controlnet)"),
+        ("--lora", "also the official example LoRA (download_models.sh lora)"),
+        ("--both-stage-b", "also the other Stage B size (reconstruct_images.ipynb)"),
+        ("--all", "all of the above: every file the notebooks read"),
+        ("--demo", "then generate one (random-weights) picture with them"),
+    ):
+        parser.add_argument(flag, action="store_true", help=what)
     args = parser.parse_args(argv)
-    stage_b, stage_c = files.VARIANTS[args.variant]
-    precision = files.PRECISIONS_BY_WORD[args.precision]
+    stage_b, stage_c = files._VARIANTS[args.variant]
+    precision = files._PRECISIONS_BY_WORD[args.precision]
     folder = write_tiny_models(
         args.models_dir,
         stage_c=stage_c,
@@ -508,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(f"tiny random models written to {folder}/")
     if args.demo:
-        path = demo_picture(folder, stage_b=stage_b, stage_c=stage_c)
+        path = _demo_picture(folder, stage_b=stage_b, stage_c=stage_c)
         print(f"picture from RANDOM tiny weights (noise, not art) saved to {path}: your install works")
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 
 #: name -> module it is imported from, for every diffusers object this project relies on.
-UPSTREAM_LOCATIONS: dict[str, str] = {
+_UPSTREAM_LOCATIONS: dict[str, str] = {
     "StableCascadeUNet": "diffusers.models.unets.unet_stable_cascade",
     "SDCascadeResBlock": "diffusers.models.unets.unet_stable_cascade",
     "SDCascadeAttnBlock": "diffusers.models.unets.unet_stable_cascade",
@@ -28,18 +28,15 @@ UPSTREAM_LOCATIONS: dict[str, str] = {
 }
 
 
-class UpstreamMovedError(ImportError):
-    """diffusers no longer provides a Stable Cascade class where this project expects it."""
-
-
 def _load(name: str):
-    module_name = UPSTREAM_LOCATIONS[name]
+    """The class from where diffusers keeps it, or an ImportError saying what to do when it moved."""
+    module_name = _UPSTREAM_LOCATIONS[name]
     try:
         return getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError) as error:
         import diffusers
 
-        raise UpstreamMovedError(
+        raise ImportError(
             f"diffusers {diffusers.__version__} has no `{name}` in `{module_name}`. "
             "Stable Cascade is deprecated upstream and this release moved or removed it. "
             "Install a tested diffusers release (see the range in pyproject.toml), "
@@ -48,13 +45,11 @@ def _load(name: str):
 
 
 StableCascadeUNet = _load("StableCascadeUNet")
-SDCascadeResBlock = _load("SDCascadeResBlock")
-SDCascadeAttnBlock = _load("SDCascadeAttnBlock")
-SDCascadeTimestepBlock = _load("SDCascadeTimestepBlock")
+_SDCascadeResBlock = _load("SDCascadeResBlock")
+_SDCascadeAttnBlock = _load("SDCascadeAttnBlock")
+_SDCascadeTimestepBlock = _load("SDCascadeTimestepBlock")
 PaellaVQModel = _load("PaellaVQModel")
 DDPMWuerstchenScheduler = _load("DDPMWuerstchenScheduler")
 StableCascadePriorPipeline = _load("StableCascadePriorPipeline")
 StableCascadeDecoderPipeline = _load("StableCascadeDecoderPipeline")
 StableCascadeCombinedPipeline = _load("StableCascadeCombinedPipeline")
-
-__all__ = [*UPSTREAM_LOCATIONS, "UPSTREAM_LOCATIONS", "UpstreamMovedError"]

@@ -17,88 +17,45 @@ def _real(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
 
 
-def is_whole(value: object) -> bool:
+def _is_whole(value: object) -> bool:
     """A whole number (any integer type, NumPy's too); a bool is not one."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _about(meaning: str) -> str:
+    """What a number means, in brackets, for the end of a message (nothing when not given)."""
     return f" ({meaning})" if meaning else ""
 
 
-def finite(value: object, name: str, meaning: str = "") -> float:
+def _finite(value: object, name: str, meaning: str = "") -> float:
     """``value`` as a float if it is a real, finite number (not a bool), else a ValueError naming
-    ``name`` and, when given, what the number ``meaning`` is.
-
-    Args:
-        value: what the caller passed.
-        name: the argument's name, for the message.
-        meaning: what the number does, for the message (e.g. "0 keeps the picture").
-
-    Returns:
-        ``float(value)``.
-
-    Raises:
-        ValueError: not a real, finite number (NaN, an infinity, a bool, a string).
-    """
+    ``name`` and, when given, what the number ``meaning`` is."""
     if not _real(value):
         raise ValueError(f"{name} must be a finite number{_about(meaning)}, not {value!r}")
     return float(value)
 
 
-def at_least(value: object, name: str, low: float, meaning: str = "", *, strict: bool = False) -> float:
+def _at_least(value: object, name: str, low: float, meaning: str = "", *, strict: bool = False) -> float:
     """``value`` as a float if it is a finite number ≥ ``low`` (> ``low`` with ``strict``), else a
-    ValueError naming ``name`` and the bound.
-
-    Args:
-        value, name, meaning: as for :func:`finite`.
-        low: the smallest value accepted.
-        strict: True refuses ``low`` itself.
-
-    Returns:
-        ``float(value)``.
-
-    Raises:
-        ValueError: not a finite number, a bool, or below the bound.
-    """
+    ValueError naming ``name`` and the bound."""
     if not (_real(value) and (value > low if strict else value >= low)):
         bound = f"{'>' if strict else '≥'} {low:g}"
         raise ValueError(f"{name} must be a finite number {bound}{_about(meaning)}, not {value!r}")
     return float(value)
 
 
-def fraction(value: object, name: str, meaning: str = "") -> float:
+def _fraction(value: object, name: str, meaning: str = "") -> float:
     """``value`` as a float if it is a number in [0, 1], else a ValueError naming ``name`` and the
-    range.
-
-    Args:
-        value, name, meaning: as for :func:`finite`.
-
-    Returns:
-        ``float(value)``.
-
-    Raises:
-        ValueError: not a finite number, a bool, or outside [0, 1].
-    """
+    range."""
     if not (_real(value) and 0.0 <= value <= 1.0):
         raise ValueError(f"{name} must be in [0, 1]{_about(meaning)}, not {value!r}")
     return float(value)
 
 
-def whole(value: object, name: str, low: int, high: int | None = None, meaning: str = "") -> int:
+def _whole(value: object, name: str, low: int, high: int | None = None, meaning: str = "") -> int:
     """``value`` as an ``int`` if it is a whole number from ``low`` to ``high`` (no upper bound when
-    None), else a ValueError naming ``name`` and the range.
-
-    Args:
-        value: what the caller passed.
-        name: the argument's name, for the message.
-        low, high: the smallest and largest accepted values (``high`` None: no largest).
-        meaning: what the number does, for the message.
-
-    Returns:
-        ``int(value)``.
-    """
-    if not (is_whole(value) and value >= low and (high is None or value <= high)):
+    None), else a ValueError naming ``name`` and the range."""
+    if not (_is_whole(value) and value >= low and (high is None or value <= high)):
         bounds = f"from {low} to {high}" if high is not None else f"≥ {low}"
         raise ValueError(f"{name} must be a whole number {bounds}{_about(meaning)}, not {value!r}")
     return int(value)

@@ -30,7 +30,7 @@ def build_hub_cache(tiny_models: Path, cache: Path) -> None:
     (bf16 variants), and the official single files the loaders take from the latter."""
     prior_local = load_prior(tiny_models, "big", dtype="bf16", device="cpu")
     decoder_local = load_decoder(tiny_models, "big", dtype="bf16", device="cpu")
-    prior_repo, decoder_repo = _snapshot(cache, files.REPO_PRIOR), _snapshot(cache, files.REPO_DECODER)
+    prior_repo, decoder_repo = _snapshot(cache, files._REPO_PRIOR), _snapshot(cache, files._REPO_DECODER)
     prior_local.unet.save_pretrained(prior_repo / "prior", variant="bf16")
     decoder_local.unet.save_pretrained(decoder_repo / "decoder", variant="bf16")
     decoder_local.vqgan.save_pretrained(decoder_repo / "vqgan")
@@ -39,7 +39,7 @@ def build_hub_cache(tiny_models: Path, cache: Path) -> None:
         prior_local.tokenizer.save_pretrained(repo / "tokenizer")
     prior_local.image_encoder.save_pretrained(prior_repo / "image_encoder", variant="bf16")
     shutil.copytree(tiny_models / "feature_extractor", prior_repo / "feature_extractor")
-    for file in (files.EFFNET, files.PREVIEWER):
+    for file in (files._FILES["effnet"], files._FILES["previewer"]):
         shutil.copy(tiny_models / file.path, decoder_repo / file.path)
 
 

@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from cascade_helpers.atomic import atomic_path, claim_name, save_safetensors, write_json, write_text
+from cascade_helpers.atomic import _atomic_path, _claim_name, _save_safetensors, _write_json, _write_text
 
 ROOT = Path(__file__).parents[1]
 MIB = 1024 * 1024
@@ -50,8 +50,8 @@ def test_sigkill_halfway_through_atomic_path_keeps_the_previous_file(tmp_path):
     child = _child(
         f"""
         import sys
-        from cascade_helpers.atomic import atomic_path
-        with atomic_path({str(target)!r}) as temporary:
+        from cascade_helpers.atomic import _atomic_path
+        with _atomic_path({str(target)!r}) as temporary:
             with open(temporary, "wb") as out:
                 for chunk in range(32):
                     out.write(bytes([chunk]) * {MIB})
@@ -79,11 +79,11 @@ def test_sigkill_while_save_safetensors_writes_keeps_the_previous_file(tmp_path)
     child = _child(
         f"""
         import torch
-        from cascade_helpers.atomic import save_safetensors
+        from cascade_helpers.atomic import _save_safetensors
         version = 0
         while True:
             version += 1
-            save_safetensors({str(target)!r}, {{"weight": torch.full((16 * {MIB},), float(version))}})
+            _save_safetensors({str(target)!r}, {{"weight": torch.full((16 * {MIB},), float(version))}})
             print(version, flush=True)
         """
     )
@@ -110,8 +110,8 @@ def test_sigkill_while_save_safetensors_writes_keeps_the_previous_file(tmp_path)
 
 def test_an_error_mid_write_removes_the_temporary_and_keeps_the_file(tmp_path):
     target = tmp_path / "settings.json"
-    write_json(target, {"version": 1})
-    with pytest.raises(RuntimeError, match="disk gone"), atomic_path(target) as temporary:
+    _write_json(target, {"version": 1})
+    with pytest.raises(RuntimeError, match="disk gone"), _atomic_path(target) as temporary:
         temporary.write_text("{half")
         raise RuntimeError("disk gone")
     assert target.read_text() == '{\n  "version": 1\n}\n' and _temporaries(tmp_path) == []
@@ -119,10 +119,10 @@ def test_an_error_mid_write_removes_the_temporary_and_keeps_the_file(tmp_path):
 
 def test_a_folder_is_replaced_whole(tmp_path):
     target = tmp_path / "checkpoint"
-    with atomic_path(target) as temporary:
+    with _atomic_path(target) as temporary:
         temporary.mkdir()
         (temporary / "a.txt").write_text("old")
-    with atomic_path(target) as temporary:
+    with _atomic_path(target) as temporary:
         temporary.mkdir()
         (temporary / "b.txt").write_text("new")
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
@@ -130,20 +130,20 @@ def test_a_folder_is_replaced_whole(tmp_path):
 
 
 def test_claim_name_gives_a_name_once(tmp_path):
-    assert claim_name(tmp_path / "x.png") and not claim_name(tmp_path / "x.png")
-    write_text(tmp_path / "x.png", "filled")
+    assert _claim_name(tmp_path / "x.png") and not _claim_name(tmp_path / "x.png")
+    _write_text(tmp_path / "x.png", "filled")
     assert (tmp_path / "x.png").read_text() == "filled"
 
 
 def test_a_finished_write_takes_the_final_name_in_a_new_folder(tmp_path):
     target = tmp_path / "sub" / "a.txt"
-    write_text(target, "new")
+    _write_text(target, "new")
     assert target.read_text() == "new" and _temporaries(target.parent) == []
 
 
 def test_safetensors_round_trip_with_metadata(tmp_path):
     tensor = torch.arange(6.0).reshape(2, 3).t()  # not contiguous: the writer makes it so
-    path = save_safetensors(tmp_path / "x.safetensors", {"x": tensor}, {"source": "test"})
+    path = _save_safetensors(tmp_path / "x.safetensors", {"x": tensor}, {"source": "test"})
     with safe_open(str(path), framework="pt") as f:
         assert torch.equal(f.get_tensor("x"), tensor) and f.metadata() == {"source": "test"}
 
@@ -165,7 +165,7 @@ def test_a_failed_folder_swap_gives_the_old_folder_its_name_back(tmp_path, monke
         real_replace(source, destination)
 
     monkeypatch.setattr(atomic.os, "replace", replace_failing_second)
-    with pytest.raises(OSError, match="disk gone"), atomic_path(target) as temporary:
+    with pytest.raises(OSError, match="disk gone"), _atomic_path(target) as temporary:
         temporary.mkdir()
         (temporary / "new.bin").write_text("new")
     monkeypatch.undo()

@@ -146,7 +146,7 @@ def test_a_callback_that_cannot_be_called_fails_before_sampling(tiny_pipeline):
 def test_an_unknown_memory_mode_fails_before_loading(tiny_models, monkeypatch):
     import cascade_helpers.loading as loading
 
-    monkeypatch.setattr(loading, "load_unet_single_file", lambda *a: pytest.fail("loaded a model first"))
+    monkeypatch.setattr(loading, "_load_unet", lambda *a: pytest.fail("loaded a model first"))
     with pytest.raises(ValueError, match="unknown memory mode 'cpu': use one of gpu, model_offload"):
         load_prior(tiny_models, memory="cpu")
 
@@ -190,12 +190,9 @@ def _absent_cuda() -> str:
 @pytest.mark.parametrize(
     ("device", "message"),
     [
-        (
-            "gpu",
-            r"device='gpu': torch knows no device of that name \(did you mean 'cuda'\?\)\. This machine has: cpu",
-        ),
+        ("gpu", r"device='gpu': torch knows no device of that name\. This machine has: cpu"),
         ("tpu", "device='tpu': torch knows no device of that name. This machine has: cpu"),
-        ("meta", "device='meta': the package runs on cpu, cuda or mps"),
+        ("meta", "device='meta': the package computes on cpu, cuda, mps or xpu"),
         (_absent_cuda(), "This machine has: cpu"),
     ],
 )
@@ -211,7 +208,7 @@ def test_a_loader_given_a_missing_device_says_which_exist(tiny_models):
 
 @pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")
 def test_mps_without_mps():
-    with pytest.raises(ValueError, match="device='mps': Apple's MPS is not available. This machine has: cpu"):
+    with pytest.raises(ValueError, match="device='mps': no mps device is available. This machine has: cpu"):
         pick_device("mps")
 
 

@@ -14,8 +14,8 @@ import shutil
 
 import pytest
 
-from cascade_helpers.checkpoints import CheckpointError, TruncatedCheckpointError, WrongCheckpointError
-from cascade_helpers.loading import load_decoder, load_effnet, load_prior, load_text_encoder
+from cascade_helpers.checkpoints import CheckpointError, _TruncatedCheckpointError, _WrongCheckpointError
+from cascade_helpers.loading import _load_effnet, _load_text_encoder, load_decoder, load_prior
 
 
 def _half(path):
@@ -52,11 +52,11 @@ def _prior(models):
 
 CASES = [
     # file, damage, loader, error, what the message must say (besides the file's path)
-    ("text_encoder/model.bf16.safetensors", _half, _prior, TruncatedCheckpointError, "incomplete: .* the download was interrupted"),
-    ("image_encoder/model.bf16.safetensors", _half, _prior, TruncatedCheckpointError, "incomplete"),
-    ("text_encoder/model.bf16.safetensors", _swap_with("image_encoder/model.bf16.safetensors"), _prior, WrongCheckpointError,
+    ("text_encoder/model.bf16.safetensors", _half, _prior, _TruncatedCheckpointError, "incomplete .*the download was interrupted"),
+    ("image_encoder/model.bf16.safetensors", _half, _prior, _TruncatedCheckpointError, "incomplete"),
+    ("text_encoder/model.bf16.safetensors", _swap_with("image_encoder/model.bf16.safetensors"), _prior, _WrongCheckpointError,
      "holds a CLIP image encoder checkpoint, but this slot needs a CLIP text encoder"),
-    ("image_encoder/model.bf16.safetensors", _swap_with("text_encoder/model.bf16.safetensors"), _prior, WrongCheckpointError,
+    ("image_encoder/model.bf16.safetensors", _swap_with("text_encoder/model.bf16.safetensors"), _prior, _WrongCheckpointError,
      "holds a CLIP text encoder checkpoint"),
     ("feature_extractor/preprocessor_config.json", _half, _prior, CheckpointError, "is not valid JSON"),
     ("feature_extractor/preprocessor_config.json", _drop_key("image_mean"), _prior, CheckpointError, "lacks 'image_mean'"),
@@ -68,10 +68,10 @@ CASES = [
     ("tokenizer/merges.txt", _zeros, _prior, CheckpointError, "holds NUL bytes"),
     ("tokenizer/merges.txt", _text("#version: 0.2\nc a t\n"), _prior, CheckpointError, "not a pair of tokens: 'c a t'"),
     ("effnet_encoder.safetensors", _zeros, _prior, CheckpointError, r"is not a safetensors file"),
-    ("previewer.safetensors", _half, _prior, TruncatedCheckpointError, "incomplete"),
-    ("tokenizer/vocab.json", _half, lambda m: load_text_encoder(m, device="cpu"), CheckpointError, "is not valid JSON"),
-    ("text_encoder/model.bf16.safetensors", _half, lambda m: load_text_encoder(m, device="cpu"), TruncatedCheckpointError, "incomplete"),
-    ("effnet_encoder.safetensors", _half, lambda m: load_effnet(m, device="cpu"), TruncatedCheckpointError, "incomplete"),
+    ("previewer.safetensors", _half, _prior, _TruncatedCheckpointError, "incomplete"),
+    ("tokenizer/vocab.json", _half, lambda m: _load_text_encoder(m, device="cpu"), CheckpointError, "is not valid JSON"),
+    ("text_encoder/model.bf16.safetensors", _half, lambda m: _load_text_encoder(m, device="cpu"), _TruncatedCheckpointError, "incomplete"),
+    ("effnet_encoder.safetensors", _half, lambda m: _load_effnet(m, device="cpu"), _TruncatedCheckpointError, "incomplete"),
     ("stage_a.safetensors", _zeros, lambda m: load_decoder(m, device="cpu"), CheckpointError, "is not a safetensors file"),
 ]  # fmt: skip
 COMMANDS = {

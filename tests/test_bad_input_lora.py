@@ -21,7 +21,7 @@ from cascade_helpers.lora import (
     save_lora,
     set_lora_strength,
 )
-from cascade_helpers.tiny import write_official_lora, write_tokenizer
+from cascade_helpers.tiny import _write_official_lora, _write_tokenizer
 
 FERNANDO = [("[fernando]", "^dog</w>")]
 NAN = float("nan")
@@ -41,8 +41,8 @@ def prior(tiny_models):
 @pytest.fixture(scope="module")
 def official(tmp_path_factory):
     folder = tmp_path_factory.mktemp("lora")
-    write_tokenizer(folder)
-    return load_file(write_official_lora(folder))
+    _write_tokenizer(folder)
+    return load_file(_write_official_lora(folder))
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from accelerate import init_empty_weights
 from safetensors.torch import save_file
 
 from cascade_helpers import controlnet as cn
-from cascade_helpers.checkpoints import TruncatedCheckpointError, WrongCheckpointError, official_shapes
+from cascade_helpers.checkpoints import _official_shapes, _TruncatedCheckpointError, _WrongCheckpointError
 from cascade_helpers.controlnet import (
     OFFICIAL_BLOCKS,
     TINY_BLOCKS,
@@ -28,9 +28,10 @@ from cascade_helpers.controlnet import (
     inject_controlnet,
     resblock_order,
 )
-from cascade_helpers.loading import MissingModelFileError, load_unet_single_file
+from cascade_helpers.file_checks import MissingModelFileError
+from cascade_helpers.loading import _load_unet
 from cascade_helpers.sampling import StageSettings
-from cascade_helpers.tiny import write_controlnets, write_stage_c
+from cascade_helpers.tiny import _write_controlnets, _write_unet
 from tests.sparse import write_sparse_checkpoint
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "official_controlnet.json").read_text())
@@ -123,9 +124,9 @@ def test_torchvision_weights_are_never_downloaded(monkeypatch, no_network):
 def tiny_unet(tmp_path_factory):
     """The tiny Stage C with the fixture's deterministic weights, through our official-file loader."""
     path = tmp_path_factory.mktemp("unet") / "stage_c.safetensors"
-    shapes = {k: torch.empty(v) for k, v in official_shapes("stage_c", "tiny").items()}
+    shapes = {k: torch.empty(v) for k, v in _official_shapes("stage_c", "tiny").items()}
     save_file(_deterministic(shapes), str(path))
-    return load_unet_single_file(path, "stage_c", "tiny", torch.float32)
+    return _load_unet(path, "stage_c", "tiny", torch.float32)
 
 
 def _run_unet(unet, control=None):
@@ -319,7 +320,7 @@ def test_list_inputs_are_joined_per_block_like_gdf():
 @pytest.fixture(scope="module")
 def controlnet_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("controlnets")
-    write_controlnets(folder, "bf16")
+    _write_controlnets(folder, "bf16")
     return folder
 
 
@@ -339,23 +340,23 @@ def test_released_types_load_strictly_in_the_priors_dtype(controlnet_dir, tiny_p
 
 def test_fp32_files_load_too(tmp_path, tiny_pipeline):
     prior, _ = tiny_pipeline
-    write_controlnets(tmp_path, "fp32")
+    _write_controlnets(tmp_path, "fp32")
     path = tmp_path / "controlnet" / "super_resolution.safetensors"
     assert cn.load_controlnet(path, "super_resolution", prior).c_in == 16
 
 
 def test_a_file_of_another_type_says_which_type_it_is(controlnet_dir, tiny_pipeline):
     prior, _ = tiny_pipeline
-    with pytest.raises(WrongCheckpointError, match="holds the canny ControlNet"):
+    with pytest.raises(_WrongCheckpointError, match="holds the canny ControlNet"):
         cn.load_controlnet(controlnet_dir / "controlnet" / "canny.safetensors", "inpainting", prior)
-    with pytest.raises(WrongCheckpointError, match="holds the super_resolution ControlNet"):
+    with pytest.raises(_WrongCheckpointError, match="holds the super_resolution ControlNet"):
         cn.load_controlnet(controlnet_dir / "controlnet" / "super_resolution.safetensors", "canny", prior)
 
 
 def test_a_stage_c_file_is_named_as_such(tmp_path, tiny_pipeline):
     prior, _ = tiny_pipeline
-    path = write_stage_c(tmp_path, "big", "bf16")
-    with pytest.raises(WrongCheckpointError, match="Stage C"):
+    path = _write_unet(tmp_path, "stage_c", "big", "bf16")
+    with pytest.raises(_WrongCheckpointError, match="Stage C"):
         cn.load_controlnet(path, "canny", prior)
 
 
@@ -372,7 +373,7 @@ def test_lite_stage_c_is_told_the_controlnets_need_the_big_one(tmp_path, tiny_pi
     with init_empty_weights(include_buffers=False):
         shapes = {k: tuple(v.shape) for k, v in ControlNet(c_in=1).state_dict().items()}
     path = write_sparse_checkpoint(tmp_path / "controlnet" / "canny.safetensors", shapes, "F32")
-    with pytest.raises(WrongCheckpointError, match=r"lite.*big Stage C"):
+    with pytest.raises(_WrongCheckpointError, match=r"lite.*big Stage C"):
         cn.load_controlnet(tmp_path, "canny", prior)
     assert path.stat().st_size > 200_000_000  # the header of the real 218 MB file, no data written
 
@@ -384,7 +385,7 @@ def test_missing_and_truncated_files_say_what_to_run(tmp_path, tiny_pipeline, co
     cut = tmp_path / "controlnet" / "super_resolution.safetensors"
     cut.parent.mkdir()
     cut.write_bytes((controlnet_dir / "controlnet" / "super_resolution.safetensors").read_bytes()[:5000])
-    with pytest.raises(TruncatedCheckpointError, match="download_models.sh controlnet"):
+    with pytest.raises(_TruncatedCheckpointError, match="download_models.sh controlnet"):
         cn.load_controlnet(tmp_path, "super_resolution", prior)
 
 
@@ -532,7 +533,7 @@ def test_the_init_picture_is_encoded_as_the_official_inpainting_example_does(con
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as TF
 
-    from cascade_helpers.effnet import IMAGENET_MEAN, IMAGENET_STD
+    from cascade_helpers.effnet import _IMAGENET_MEAN, _IMAGENET_STD
     from cascade_helpers.generation import controlnet_to_image
 
     prior, decoder = tiny_pipeline
@@ -551,7 +552,7 @@ def test_the_init_picture_is_encoded_as_the_official_inpainting_example_does(con
         )  # fmt: skip
 
     resized = TF.resize(TF.to_tensor(picture), 384, interpolation=InterpolationMode.BILINEAR, antialias=True)
-    expected = prior.effnet(TF.normalize(resized, IMAGENET_MEAN, IMAGENET_STD)[None]).expand(2, -1, -1, -1)
+    expected = prior.effnet(TF.normalize(resized, _IMAGENET_MEAN, _IMAGENET_STD)[None]).expand(2, -1, -1, -1)
     latents = generate(0.0).stage_c_latents
     scale = expected.abs().max().item()  # relative to the latents' scale
     torch.testing.assert_close(latents, expected, rtol=1e-4, atol=1e-4 * scale)

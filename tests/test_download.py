@@ -195,11 +195,11 @@ def test_help_says_what_essential_includes(no_network, capsys):
 
 def test_every_download_command_line_is_valid_grammar():
     """The loader's error messages print files.download_command: each line must fetch its files."""
-    sets = [[file] for file in files.all_files()]
+    sets = [[file] for file in files._all_files()]
     sets += [
-        files.essential_files("fp32"),
-        [files.STAGE_B["lite"]["bf16"], files.STAGE_A],
-        list(files.CONTROLNETS.values()),
+        files._essential_files("fp32"),
+        [files.STAGE_B["lite"]["bf16"], files._FILES["stage_a"]],
+        list(files._CONTROLNETS.values()),
     ]
     for wanted in sets:
         for stage_b, stage_c in [(None, None), ("lite", "big"), ("big", "lite")]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import sys
+import types
 
 import pytest
 
@@ -10,7 +12,7 @@ from cascade_helpers import files
 
 
 def test_every_local_path_is_listed_once():
-    paths = [f.path for f in files.all_files()]
+    paths = [f.path for f in files._all_files()]
     assert len(paths) == len(set(paths))
 
 
@@ -28,19 +30,17 @@ def test_stage_files_carry_the_official_names(stage, table):
 
 
 def test_bf16_files_are_half_the_fp32_ones():
-    for table in (files.STAGE_C, files.STAGE_B, files.TEXT_ENCODER, files.IMAGE_ENCODER):
-        pairs = table.values() if table in (files.STAGE_C, files.STAGE_B) else [table]
-        for by_precision in pairs:
-            assert by_precision["bf16"].size == pytest.approx(by_precision["fp32"].size / 2, rel=0.02)
+    pairs = [*files.STAGE_C.values(), *files.STAGE_B.values(), *files._WEIGHTS.values()]
+    for by_precision in pairs:
+        assert by_precision["bf16"].size == pytest.approx(by_precision["fp32"].size / 2, rel=0.02)
 
 
 def test_repos_as_released():
     assert files.LORA_FERNANDO.repo == "dome272/stable-cascade"
-    assert (
-        files.IMAGE_ENCODER["bf16"].repo == files.FEATURE_EXTRACTOR.repo == "stabilityai/stable-cascade-prior"
-    )
-    assert {f.repo for f in files.CONTROLNETS.values()} == {"stabilityai/stable-cascade"}
-    assert all(not f.repo.endswith("StableWurst") for f in files.all_files())
+    prior_repo = {files._WEIGHTS["image_encoder"]["bf16"].repo, files._FILES["feature_extractor"].repo}
+    assert prior_repo == {"stabilityai/stable-cascade-prior"}
+    assert {f.repo for f in files._CONTROLNETS.values()} == {"stabilityai/stable-cascade"}
+    assert all(not f.repo.endswith("StableWurst") for f in files._all_files())
 
 
 @pytest.mark.parametrize(
@@ -49,20 +49,32 @@ def test_repos_as_released():
         ([files.STAGE_C["lite"]["bf16"]], {"stage_b": "big"}, "big-small bfloat16"),
         ([files.STAGE_B["lite"]["fp32"]], {}, "small-small float32"),
         (
-            [files.EFFNET, files.STAGE_C["big"]["bf16"], files.STAGE_B["big"]["bf16"]],
+            [files._FILES["effnet"], files.STAGE_C["big"]["bf16"], files.STAGE_B["big"]["bf16"]],
             {},
             "essential big-big bfloat16",
         ),
-        ([files.CONTROLNETS["canny"]], {}, "controlnet"),
-        ([files.LORA_FERNANDO, files.PREVIEWER], {}, "essential lora"),
-        ([files.TEXT_ENCODER["fp32"]], {}, "essential float32"),
+        ([files._CONTROLNETS["canny"]], {}, "controlnet"),
+        ([files.LORA_FERNANDO, files._FILES["previewer"]], {}, "essential lora"),
+        ([files._WEIGHTS["text_encoder"]["fp32"]], {}, "essential float32"),
     ],
 )
 def test_download_command_is_the_shortest_valid_line(wanted, kwargs, command):
     assert files.download_command(wanted, **kwargs) == f"bash download_models.sh {command}"
 
 
+@pytest.mark.parametrize("shell,prefix", [(None, ""), (object(), "!")])
+def test_in_a_notebook_the_command_is_typed_with_a_bang(monkeypatch, shell, prefix):
+    """In an IPython kernel (Colab, JupyterLab) a user types ``!bash ...``; in a terminal ``bash ...``."""
+    monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=lambda: shell))
+    assert files.download_command([files.LORA_FERNANDO]) == f"{prefix}bash download_models.sh lora"
+
+
+def test_without_ipython_the_command_is_for_a_terminal(monkeypatch):
+    monkeypatch.delitem(sys.modules, "IPython", raising=False)
+    assert files.download_command([files.LORA_FERNANDO]).startswith("bash ")
+
+
 def test_human_sizes():
-    assert files.human_size(int(7.18 * files.GB)) == "7.18 GB"
-    assert files.human_size(int(81.5 * files.MB)) == "81.5 MB"
-    assert re.fullmatch(r"\d+ kB", files.human_size(1000))
+    assert files._human_size(int(7.18 * files._GB)) == "7.18 GB"
+    assert files._human_size(int(81.5 * files._MB)) == "81.5 MB"
+    assert re.fullmatch(r"\d+ kB", files._human_size(1000))

@@ -15,7 +15,7 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from cascade_helpers.effnet import IMAGENET_MEAN, IMAGENET_STD
+from cascade_helpers.effnet import _IMAGENET_MEAN, _IMAGENET_STD
 from cascade_helpers.generation import (
     encode_picture,
     image_to_image,
@@ -154,7 +154,7 @@ def test_encoding_follows_the_official_image_to_image_preparation(tiny_pipeline)
     picture = _picture(1)
     resized = TF.resize(TF.to_tensor(picture), 768, interpolation=InterpolationMode.BILINEAR, antialias=True)
     with torch.no_grad():
-        expected = prior.effnet(TF.normalize(resized, IMAGENET_MEAN, IMAGENET_STD)[None])
+        expected = prior.effnet(TF.normalize(resized, _IMAGENET_MEAN, _IMAGENET_STD)[None])
     ours = encode_picture(prior, picture, 1024, 1024)
     assert ours.shape == (1, 16, 24, 24)
     _assert_close(ours, expected)

@@ -19,7 +19,7 @@ MAX_LINES = 550
 
 LAYERS: dict[str, int] = {
     **dict.fromkeys(["files", "sizes", "values", "atomic", "images", "effnet", "previewer", "upstream"], 0),
-    **dict.fromkeys(["checkpoints", "devices", "download"], 1),
+    **dict.fromkeys(["checkpoints", "devices", "memory", "download"], 1),
     **dict.fromkeys(["models", "file_checks"], 2),
     "loading": 3,
     **dict.fromkeys(["conditioning", "sampling", "request"], 4),

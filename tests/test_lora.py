@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cascade_helpers import files
-from cascade_helpers.checkpoints import TruncatedCheckpointError, official_shapes
-from cascade_helpers.loading import load_prior, load_unet_single_file
+from cascade_helpers.checkpoints import _official_shapes, _TruncatedCheckpointError
+from cascade_helpers.loading import _load_unet, load_prior
 from cascade_helpers.lora import (
     LoraError,
     LoraFactors,
@@ -33,7 +33,7 @@ from cascade_helpers.lora import (
     save_lora,
     set_lora_strength,
 )
-from cascade_helpers.tiny import write_text_encoder, write_tokenizer
+from cascade_helpers.tiny import _write_text_encoder, _write_tokenizer
 from tests.recorded_weights import official_weights, seeded_inputs
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "official_lora_tiny.json").read_text())
@@ -58,16 +58,16 @@ def official_lora(token_ids: list[int], blocks: int = 8, width: int = WIDTH, ran
 @pytest.fixture
 def official_unet(tmp_path):
     path = tmp_path / "stage_c.safetensors"
-    save_file(official_weights(official_shapes("stage_c", "tiny")), str(path))
-    return load_unet_single_file(path, "stage_c", "tiny", torch.float32)
+    save_file(official_weights(_official_shapes("stage_c", "tiny")), str(path))
+    return _load_unet(path, "stage_c", "tiny", torch.float32)
 
 
 @pytest.fixture
 def text_side(tmp_path):
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-    tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer(tmp_path))
-    encoder = CLIPTextModelWithProjection.from_pretrained(write_text_encoder(tmp_path, "fp32", seed=5))
+    tokenizer = CLIPTokenizer.from_pretrained(_write_tokenizer(tmp_path))
+    encoder = CLIPTextModelWithProjection.from_pretrained(_write_text_encoder(tmp_path, "fp32", seed=5))
     return encoder.eval(), tokenizer
 
 
@@ -190,7 +190,7 @@ def test_comfyui_keys_hold_the_official_factors(official_unet, text_side):
     load_official_lora(official_unet, lora, encoder, tokenizer, NEW_TOKENS)
     comfy = comfyui_state_dict(lora_factors(official_unet))
     assert len(comfy) == 8 * 4 * 3  # 8 blocks × (q, k, v, out) × (down, up, alpha)
-    official = official_weights(official_shapes("stage_c", "tiny"))
+    official = official_weights(_official_shapes("stage_c", "tiny"))
     in_proj = official["down_blocks.0.2.attention.attn.in_proj_weight"]
     merged = in_proj + lora["weights.1.lora_up"] @ lora["weights.1.lora_down"] / 4
     for third, p in enumerate("qkv"):
@@ -300,7 +300,7 @@ def test_foreign_and_damaged_files_are_named(fresh_prior, tmp_path):
     path = tmp_path / "cut.safetensors"
     save_file(official_lora([1000]), str(path))
     path.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(TruncatedCheckpointError, match="incomplete"):
+    with pytest.raises(_TruncatedCheckpointError, match="incomplete"):
         load_lora(prior, path)
     (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
     with pytest.raises(LoraError, match="safetensors"):
@@ -310,10 +310,10 @@ def test_foreign_and_damaged_files_are_named(fresh_prior, tmp_path):
 
 
 def test_the_tiny_writer_makes_an_official_lora_for_the_tiny_stage_c(fresh_prior, tmp_path):
-    from cascade_helpers.tiny import write_official_lora
+    from cascade_helpers.tiny import _write_official_lora
 
-    write_tokenizer(tmp_path)
-    path = write_official_lora(tmp_path)
+    _write_tokenizer(tmp_path)
+    path = _write_official_lora(tmp_path)
     assert path.name == files.LORA_FERNANDO.name
     state = load_file(path)
     prior = fresh_prior()
@@ -343,10 +343,10 @@ def test_a_sequentially_offloaded_prior_is_refused_before_anything_changes(fresh
     cpu_offload, here with the CPU as execution device): LoRA layers and new tokens cannot join."""
     from accelerate import cpu_offload
 
-    from cascade_helpers.tiny import write_official_lora
+    from cascade_helpers.tiny import _write_official_lora
 
-    write_tokenizer(tmp_path)
-    path = write_official_lora(tmp_path)
+    _write_tokenizer(tmp_path)
+    path = _write_official_lora(tmp_path)
     prior = fresh_prior()
     vocabulary = len(prior.tokenizer)
     for model in (prior.unet, prior.text_encoder):

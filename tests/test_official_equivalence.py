@@ -17,9 +17,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cascade_helpers.checkpoints import official_shapes
+from cascade_helpers.checkpoints import _official_shapes
 from cascade_helpers.effnet import EfficientNetEncoder
-from cascade_helpers.loading import load_stage_a, load_unet_single_file
+from cascade_helpers.loading import _load_stage_a, _load_unet
 from cascade_helpers.previewer import Previewer
 from tests.recorded_weights import official_weights, seeded_inputs
 
@@ -41,7 +41,7 @@ def _digest(shapes: dict[str, tuple[int, ...]]) -> str:
 def test_our_configs_describe_the_official_checkpoints(kind, architecture):
     """The shipped diffusers configs, converted to official key names, have exactly the official keys
     and shapes: a released file loads strictly, and the size detection can trust them."""
-    shapes = official_shapes(kind, architecture)
+    shapes = _official_shapes(kind, architecture)
     expected = STATE_DICTS[f"{kind}/{architecture}"]
     assert len(shapes) == expected["keys"]
     assert _digest(shapes) == expected["sha256"]
@@ -56,7 +56,7 @@ def test_our_modules_have_the_official_state_dicts(name, module):
 
 def _write(tmp_path: Path, kind: str, architecture: str) -> Path:
     path = tmp_path / f"{kind}.safetensors"
-    save_file(official_weights(official_shapes(kind, architecture)), str(path))
+    save_file(official_weights(_official_shapes(kind, architecture)), str(path))
     return path
 
 
@@ -66,7 +66,7 @@ def _expected(name: str, like: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def test_stage_c_matches_the_official_module(tmp_path):
-    unet = load_unet_single_file(_write(tmp_path, "stage_c", "tiny"), "stage_c", "tiny", torch.float32)
+    unet = _load_unet(_write(tmp_path, "stage_c", "tiny"), "stage_c", "tiny", torch.float32)
     x, clip_text, clip_pooled, clip_img = seeded_inputs(
         100, (2, 16, 6, 6), (2, 77, 32), (2, 1, 32), (2, 1, 24)
     )
@@ -77,7 +77,7 @@ def test_stage_c_matches_the_official_module(tmp_path):
 
 @torch.no_grad()
 def test_stage_b_matches_the_official_module(tmp_path):
-    unet = load_unet_single_file(_write(tmp_path, "stage_b", "tiny"), "stage_b", "tiny", torch.float32)
+    unet = _load_unet(_write(tmp_path, "stage_b", "tiny"), "stage_b", "tiny", torch.float32)
     x, effnet, clip_pooled = seeded_inputs(101, (2, 4, 16, 16), (2, 16, 3, 3), (2, 1, 32))
     r = torch.tensor([0.9, 0.3])
     out = unet(x, r, clip_pooled, effnet=effnet).sample
@@ -86,7 +86,7 @@ def test_stage_b_matches_the_official_module(tmp_path):
 
 @torch.no_grad()
 def test_stage_a_decoding_matches_the_official_module(tmp_path):
-    vqgan = load_stage_a(_write(tmp_path, "stage_a", "tiny"), "tiny")
+    vqgan = _load_stage_a(_write(tmp_path, "stage_a", "tiny"), "tiny")
     (latents,) = seeded_inputs(102, (1, 4, 8, 8))
     # the official decode multiplies by its scale factor (0.43) first; our config carries the same factor
     out = vqgan.decode(latents * vqgan.config.scale_factor).sample

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from cascade_helpers.loading import load_strict
+from cascade_helpers.loading import _load_strict
 from cascade_helpers.previewer import Previewer
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "official_previewer.json").read_text())
@@ -42,7 +42,7 @@ def test_takes_no_arguments_and_downloads_nothing(no_network):
 def test_official_file_loads_strictly_and_matches_the_official_output(tmp_path):
     path = tmp_path / "previewer.safetensors"
     save_file(_deterministic_weights(), str(path))
-    previewer = load_strict(Previewer(), path)
+    previewer = _load_strict(Previewer(), path)
     assert all(b.item() == 7 for k, b in previewer.state_dict().items() if k.endswith("num_batches_tracked"))
     latents = torch.randn((1, 16, 2, 3), generator=torch.Generator().manual_seed(103))
     out = previewer(latents)

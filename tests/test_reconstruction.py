@@ -16,11 +16,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cascade_helpers import files, loading, reconstruction
-from cascade_helpers.checkpoints import TruncatedCheckpointError, WrongCheckpointError
+from cascade_helpers.checkpoints import _TruncatedCheckpointError, _WrongCheckpointError
 from cascade_helpers.conditioning import encode_text
 from cascade_helpers.effnet import EfficientNetEncoder
 from cascade_helpers.effnet import encode as effnet_encode
-from cascade_helpers.loading import MissingModelFileError, load_effnet
+from cascade_helpers.file_checks import MissingModelFileError
+from cascade_helpers.loading import _load_effnet
 from cascade_helpers.reconstruction import (
     OFFICIAL_RECONSTRUCTION,
     Quality,
@@ -36,7 +37,7 @@ from cascade_helpers.reconstruction import (
     quality,
     read_latents,
 )
-from cascade_helpers.tiny import random_effnet, write_previewer, write_stage_b
+from cascade_helpers.tiny import _random_effnet, _write_previewer, _write_unet
 from tests.hub_cache import run_against_hub_cache
 from tests.recorded_weights import official_weights
 
@@ -52,7 +53,7 @@ def official_effnet_file(tmp_path_factory) -> Path:
     the official one: test_official_equivalence checks its digest) and the fixture's weights."""
     folder = tmp_path_factory.mktemp("effnet")
     shapes = {k: tuple(v.shape) for k, v in EfficientNetEncoder().state_dict().items()}
-    save_file(official_weights(shapes), str(folder / files.EFFNET.path))
+    save_file(official_weights(shapes), str(folder / files._FILES["effnet"].path))
     return folder
 
 
@@ -66,8 +67,8 @@ def test_the_encoder_keeps_the_official_integer_buffers():
 
 
 def test_load_effnet_loads_an_official_file_strictly(official_effnet_file, no_network):
-    encoder = load_effnet(official_effnet_file, device="cpu")
-    written = load_file(str(official_effnet_file / files.EFFNET.path))
+    encoder = _load_effnet(official_effnet_file, device="cpu")
+    written = load_file(str(official_effnet_file / files._FILES["effnet"].path))
     loaded = encoder.state_dict()
     assert loaded.keys() == written.keys()
     for key, value in written.items():
@@ -84,25 +85,25 @@ def test_load_effnet_from_the_hub_takes_the_official_single_file(monkeypatch, of
         return official_effnet_file / file.path
 
     monkeypatch.setattr(loading, "_hub_file", fake_download)
-    load_effnet(files.REPO_DECODER, device="cpu")
+    _load_effnet(files._REPO_DECODER, device="cpu")
     assert asked == [("stabilityai/stable-cascade", "effnet_encoder.safetensors")]
 
 
 @pytest.mark.parametrize("change", ["missing", "unexpected"])
 def test_a_file_with_other_keys_is_refused(tmp_path, official_effnet_file, change):
-    state = load_file(str(official_effnet_file / files.EFFNET.path))
+    state = load_file(str(official_effnet_file / files._FILES["effnet"].path))
     if change == "missing":
         state.pop("backbone.0.0.weight")
     else:
         state["mapper.2.weight"] = torch.zeros(1)
-    save_file(state, str(tmp_path / files.EFFNET.path))
+    save_file(state, str(tmp_path / files._FILES["effnet"].path))
     with pytest.raises(RuntimeError, match=f"{change.capitalize()} key"):
-        load_effnet(tmp_path, device="cpu")
+        _load_effnet(tmp_path, device="cpu")
 
 
 @torch.no_grad()
 def test_forward_equals_the_official_module(official_effnet_file):
-    encoder = load_effnet(official_effnet_file, device="cpu")
+    encoder = _load_effnet(official_effnet_file, device="cpu")
     normalized = torch.randn((2, 3, 64, 96), generator=torch.Generator().manual_seed(103))
     out = encoder(normalized)
     expected = torch.tensor(OFFICIAL["forward"]["values"]).reshape(OFFICIAL["forward"]["shape"])
@@ -111,7 +112,7 @@ def test_forward_equals_the_official_module(official_effnet_file):
 
 def test_preprocessing_and_encoding_equal_the_official_pipeline(official_effnet_file):
     """3/4 nearest downscale floored to multiples of 32, ImageNet normalization, the encoder."""
-    encoder = load_effnet(official_effnet_file, device="cpu")
+    encoder = _load_effnet(official_effnet_file, device="cpu")
     pictures = torch.rand((2, 3, 150, 200), generator=torch.Generator().manual_seed(104))
     out = effnet_encode(encoder, pictures)
     expected = torch.tensor(OFFICIAL["preprocessed"]["values"]).reshape(OFFICIAL["preprocessed"]["shape"])
@@ -128,15 +129,15 @@ def test_the_encoder_never_fetches_imagenet_weights(monkeypatch, no_network):
 
 def test_load_effnet_says_what_to_do(tmp_path):
     with pytest.raises(MissingModelFileError, match="bash download_models.sh essential"):
-        load_effnet(tmp_path, device="cpu")
-    write_previewer(tmp_path)
-    shutil.move(tmp_path / files.PREVIEWER.path, tmp_path / files.EFFNET.path)
-    with pytest.raises(WrongCheckpointError, match="previewer"):
-        load_effnet(tmp_path, device="cpu")
-    path = tmp_path / files.EFFNET.path
+        _load_effnet(tmp_path, device="cpu")
+    _write_previewer(tmp_path)
+    shutil.move(tmp_path / files._FILES["previewer"].path, tmp_path / files._FILES["effnet"].path)
+    with pytest.raises(_WrongCheckpointError, match="previewer"):
+        _load_effnet(tmp_path, device="cpu")
+    path = tmp_path / files._FILES["effnet"].path
     path.write_bytes(path.read_bytes()[:5000])
-    with pytest.raises(TruncatedCheckpointError, match="download_models.sh essential"):
-        load_effnet(tmp_path, device="cpu")
+    with pytest.raises(_TruncatedCheckpointError, match="download_models.sh essential"):
+        _load_effnet(tmp_path, device="cpu")
 
 
 # --- sizes -------------------------------------------------------------------------------------------------
@@ -170,7 +171,7 @@ def test_decoding_size_is_the_smallest_that_encodes_to_the_latents(latent, image
 
 @pytest.fixture(scope="module")
 def encoder() -> EfficientNetEncoder:
-    return random_effnet(0)
+    return _random_effnet(0)
 
 
 @pytest.mark.parametrize("image", [(512, 512), (512, 768), (768, 1344)], ids=lambda s: "x".join(map(str, s)))
@@ -264,11 +265,16 @@ def test_official_reconstruction_settings():
 
 
 def test_missing_files_are_listed_in_one_error(tmp_path):
-    write_stage_b(tmp_path, "lite", "bf16")
+    _write_unet(tmp_path, "stage_b", "lite", "bf16")
     with pytest.raises(MissingModelFileError) as error:
         load_autoencoder(tmp_path, "lite", device="cpu")
     message = str(error.value)
-    for file in (files.STAGE_A, files.EFFNET, files.TOKENIZER, files.TEXT_ENCODER["bf16"]):
+    for file in (
+        files._FILES["stage_a"],
+        files._FILES["effnet"],
+        files._FILES["tokenizer"],
+        files._WEIGHTS["text_encoder"]["bf16"],
+    ):
         assert file.path in message
     assert "bash download_models.sh essential" in message
 
@@ -296,9 +302,9 @@ def test_load_autoencoder_from_the_hub_layout_offline(tiny_models, tmp_path, aut
 
 def test_available_stage_b(tmp_path):
     assert reconstruction.available_stage_b(tmp_path) == []
-    write_stage_b(tmp_path, "lite", "fp32")
+    _write_unet(tmp_path, "stage_b", "lite", "fp32")
     assert reconstruction.available_stage_b(tmp_path) == ["lite"]
-    write_stage_b(tmp_path, "big", "bf16")
+    _write_unet(tmp_path, "stage_b", "big", "bf16")
     assert reconstruction.available_stage_b(tmp_path) == ["big", "lite"]
 
 

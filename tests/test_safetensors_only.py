@@ -27,7 +27,7 @@ def _from_pretrained_calls():
 def test_every_model_from_pretrained_in_the_package_asks_for_safetensors():
     calls = list(_from_pretrained_calls())
     models = [(where, node) for where, owner, node in calls if not owner.endswith(NO_WEIGHTS)]
-    assert len(models) >= 7, "the scan finds the loaders' calls (text, image encoder, UNets, VQGAN)"
+    assert len(models) >= 4, "the scan finds the loaders' calls (the CLIP towers, the UNets, the VQGAN)"
     missing = [
         where
         for where, node in models
@@ -58,15 +58,16 @@ def recorded(monkeypatch):
 
 
 def test_local_loads_pass_use_safetensors(tiny_models, recorded):
-    from cascade_helpers.loading import load_prior, load_text_encoder
+    from cascade_helpers.loading import _load_text_encoder, load_prior
 
-    load_prior(tiny_models, "big", dtype="fp32", device="cpu")
-    load_text_encoder(tiny_models, dtype="fp32", device="cpu")
+    prior = load_prior(tiny_models, "big", dtype="fp32", device="cpu")
+    _load_text_encoder(tiny_models, dtype="fp32", device="cpu")
+    assert prior.image_encoder is not None  # read on first use
     names = [name for name, _ in recorded]
     assert names == [
         "CLIPTextModelWithProjection",
-        "CLIPVisionModelWithProjection",
         "CLIPTextModelWithProjection",
+        "CLIPVisionModelWithProjection",
     ]
     assert all(kwargs.get("use_safetensors") is True for _, kwargs in recorded), recorded
 
@@ -106,8 +107,8 @@ def test_a_hub_repo_with_only_pickled_weights_fails_clearly(tiny_models, tmp_pat
     def build_then_pickle(models, cache):
         build_hub_cache(models, cache)
         snapshot = "snapshots/" + hub_cache.COMMIT
-        prior = cache / f"models--{files.REPO_PRIOR.replace('/', '--')}" / snapshot
-        decoder = cache / f"models--{files.REPO_DECODER.replace('/', '--')}" / snapshot
+        prior = cache / f"models--{files._REPO_PRIOR.replace('/', '--')}" / snapshot
+        decoder = cache / f"models--{files._REPO_DECODER.replace('/', '--')}" / snapshot
         _pickle_instead(prior / "text_encoder", "pytorch_model.bf16.bin")
         _pickle_instead(decoder / "decoder", "diffusion_pytorch_model.bf16.bin")
 

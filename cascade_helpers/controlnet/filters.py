@@ -18,7 +18,7 @@ from .. import values
 from ..effnet import encode as effnet_encode
 from ..images import WIDE_MODES, ImageInput, batch_images, image_to_tensor, resize_and_crop
 from ..models import Prior
-from ..sizes import GENERATION, check_size, encoder_input_size
+from ..sizes import _GENERATION, _encoder_input_size, check_size
 from .kinds import ControlNetType, controlnet_type, released_file
 from .model import ControlNet
 
@@ -228,7 +228,7 @@ def control_size(height: int, width: int) -> tuple[int, int]:
     Returns:
         ``(height, width)`` of the control picture.
     """
-    return encoder_input_size(*check_size(height, width, GENERATION))
+    return _encoder_input_size(*check_size(height, width, _GENERATION))
 
 
 def control_input(
@@ -300,8 +300,8 @@ def control_features(
     Returns:
         One entry per Stage C ResBlock: the features for that block, or None.
     """
-    strength = values.finite(strength, "strength", "the official cnet_multiplier: 1.0, or 0.8 / 0.3")
-    if not (values.is_whole(batch) and batch >= 1):
+    strength = values._finite(strength, "strength", "the official cnet_multiplier: 1.0, or 0.8 / 0.3")
+    if not (values._is_whole(batch) and batch >= 1):
         raise ValueError(f"batch must be the number of pictures (a whole number ≥ 1), not {batch!r}")
     tensor = control.tensor if isinstance(control, ControlInput) else control
     if tensor.dim() != 4 or tensor.shape[1] != controlnet.c_in:

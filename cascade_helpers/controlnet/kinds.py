@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Literal
 
 from .. import files
-from ..checkpoints import TensorInfo, WrongCheckpointError
-from ..file_checks import check_present, fetch_command, inspect_file
+from ..checkpoints import _TensorInfo, _WrongCheckpointError
+from ..file_checks import _check_present, _fetch_command, _inspect_file
 from ..files import ModelFile
 from ..models import Prior
 from .model import OFFICIAL_BLOCKS, BottleneckMode, ControlNet, LargeBottleneck
@@ -52,7 +52,7 @@ CONTROLNET_TYPES: dict[str, ControlNetType] = {
     "canny": ControlNetType(
         "canny",
         "follow the edges of a picture (OpenCV Canny)",
-        files.CONTROLNETS["canny"],
+        files._CONTROLNETS["canny"],
         c_in=1,
         bottleneck_mode="effnet",
         proj_blocks=OFFICIAL_BLOCKS,
@@ -62,7 +62,7 @@ CONTROLNET_TYPES: dict[str, ControlNetType] = {
     "inpainting": ControlNetType(
         "inpainting",
         "repaint the masked part of a picture (inpainting, outpainting)",
-        files.CONTROLNETS["inpainting"],
+        files._CONTROLNETS["inpainting"],
         c_in=4,
         bottleneck_mode="effnet",
         proj_blocks=OFFICIAL_BLOCKS,
@@ -71,7 +71,7 @@ CONTROLNET_TYPES: dict[str, ControlNetType] = {
     "super_resolution": ControlNetType(
         "super_resolution",
         "EfficientNet features of the half-size picture → the full-size picture",
-        files.CONTROLNETS["super_resolution"],
+        files._CONTROLNETS["super_resolution"],
         c_in=16,
         bottleneck_mode="large",
         proj_blocks=OFFICIAL_BLOCKS,
@@ -129,11 +129,11 @@ class ControlNetShape:
         return f"{what} ({self.bottleneck_mode!r} bottleneck, {self.c_in} input channels)"
 
 
-def _count(tensors: Mapping[str, TensorInfo], pattern: str) -> int:
+def _count(tensors: Mapping[str, _TensorInfo], pattern: str) -> int:
     return len({m.group(1) for key in tensors if (m := re.fullmatch(pattern, key))})
 
 
-def controlnet_shape(tensors: Mapping[str, TensorInfo]) -> ControlNetShape:
+def controlnet_shape(tensors: Mapping[str, _TensorInfo]) -> ControlNetShape:
     """Bottleneck mode, input channels, projection width and count (and 'large' widths) of a file."""
     try:
         c_proj = tensors["projections.0.2.weight"].shape[0]
@@ -152,7 +152,7 @@ def controlnet_shape(tensors: Mapping[str, TensorInfo]) -> ControlNetShape:
             return ControlNetShape("large", first[1], c_proj, projections, large)
         return ControlNetShape("simple", first[1], c_proj, projections)
     except KeyError as missing:
-        raise WrongCheckpointError(f"not an official ControlNet checkpoint: no {missing} tensor") from None
+        raise _WrongCheckpointError(f"not an official ControlNet checkpoint: no {missing} tensor") from None
 
 
 # --- loading -------------------------------------------------------------------------------------------
@@ -164,7 +164,7 @@ def _blocks_for(prior: Prior, kind: ControlNetType) -> tuple[int, ...]:
 
 def _check_fits(path: Path, shape: ControlNetShape, kind: ControlNetType, prior: Prior, command: str) -> None:
     if not shape.matches(kind):
-        raise WrongCheckpointError(
+        raise _WrongCheckpointError(
             f"{path} holds {shape.describe()}, but the {kind.name} ControlNet was asked for "
             f"({kind.bottleneck_mode!r} bottleneck, {kind.c_in} input channels). Load it as the type it is, "
             f"or fetch the {kind.name} one with:\n  {command}"
@@ -172,13 +172,13 @@ def _check_fits(path: Path, shape: ControlNetShape, kind: ControlNetType, prior:
     width = prior.unet.config.block_out_channels[0]
     if shape.c_proj != width:
         lite = " (Stage C lite)" if prior.architecture == "lite" else ""
-        raise WrongCheckpointError(
+        raise _WrongCheckpointError(
             f"{path} projects to Stage C width {shape.c_proj}, but this prior{lite} has width {width}. The "
             f"released ControlNets were trained for the big Stage C only: load_prior(models_dir, 'big')."
         )
     blocks = _blocks_for(prior, kind)
     if shape.projections != len(blocks):
-        raise WrongCheckpointError(
+        raise _WrongCheckpointError(
             f"{path} has {shape.projections} projections, but the {kind.name} config feeds "
             f"{len(blocks)} Stage C blocks {list(blocks)}"
         )
@@ -210,11 +210,11 @@ def load_controlnet(source: str | Path, kind: str | ControlNetType, prior: Prior
     kind = controlnet_type(kind)
     file = released_file(kind)
     path = Path(source)
-    command = fetch_command(path, [file]) if path.is_dir() else files.download_command([file])
+    command = _fetch_command(path, [file]) if path.is_dir() else files.download_command([file])
     if path.is_dir():
-        check_present(path, [file])
+        _check_present(path, [file])
         path = path / file.path
-    info, _ = inspect_file(path, "controlnet", None, command)
+    info, _ = _inspect_file(path, "controlnet", None, lambda: command)
     shape = controlnet_shape(info.tensors)
     _check_fits(path, shape, kind, prior, command)
     with init_empty_weights():

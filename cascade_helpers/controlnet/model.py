@@ -19,7 +19,7 @@ import torchvision
 from torch import nn
 from torch.nn import functional as F
 
-from ..effnet import EFFNET_CHANNELS
+from ..effnet import _EFFNET_CHANNELS
 from ..sampling import Denoiser, unet_denoiser
 
 BottleneckMode = Literal["effnet", "simple", "large"]
@@ -39,7 +39,7 @@ class LargeBottleneck:
     expand: int = 4096 * 4
     hidden: int = 1024
     blocks: int = 8
-    out: int = EFFNET_CHANNELS
+    out: int = _EFFNET_CHANNELS
 
 
 class _LayerNorm2d(nn.LayerNorm):
@@ -130,7 +130,7 @@ class ControlNet(nn.Module):
         self.c_in = c_in
         self.proj_blocks = list(proj_blocks)
         if bottleneck_mode == "effnet":
-            self.backbone, channels = _effnet_backbone(c_in), EFFNET_CHANNELS
+            self.backbone, channels = _effnet_backbone(c_in), _EFFNET_CHANNELS
         elif bottleneck_mode == "simple":
             self.backbone, channels = _simple_backbone(c_in), c_in
         elif bottleneck_mode == "large":
@@ -155,14 +155,14 @@ class ControlNet(nn.Module):
 def resblock_order(unet: nn.Module) -> list[nn.Module]:
     """Stage C's ResBlocks in the order a forward pass runs them (down path, then up path, repeats
     included): position ``i`` is the official ControlNet's block ``i``."""
-    from ..upstream import SDCascadeResBlock
+    from ..upstream import _SDCascadeResBlock
 
     order: list[nn.Module] = []
     paths = ((unet.down_blocks, unet.down_repeat_mappers), (unet.up_blocks, unet.up_repeat_mappers))
     for levels, repeat_mappers in paths:
         for blocks, mappers in zip(levels, repeat_mappers, strict=True):
             for _ in range(len(mappers) + 1):
-                order += [block for block in blocks if isinstance(block, SDCascadeResBlock)]
+                order += [block for block in blocks if isinstance(block, _SDCascadeResBlock)]
     return order
 
 

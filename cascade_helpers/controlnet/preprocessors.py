@@ -152,7 +152,7 @@ def edge_agreement(a: torch.Tensor, b: torch.Tensor, threshold: float = 0.5) -> 
     """
     if a.shape != b.shape:
         raise ValueError(f"edge maps of different sizes: {tuple(a.shape)} and {tuple(b.shape)}")
-    threshold = values.fraction(threshold, "threshold", "a pixel above it is an edge")
+    threshold = values._fraction(threshold, "threshold", "a pixel above it is an edge")
     if threshold == 1.0:  # no pixel of a [0, 1] map is above 1: both maps would look empty and "agree"
         raise ValueError("threshold must be below 1: no pixel of an edge map in [0, 1] is above 1")
     edges_a, edges_b = a > threshold, b > threshold

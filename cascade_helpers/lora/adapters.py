@@ -130,7 +130,7 @@ def apply_factors(
     """
     from peft import LoraConfig, inject_adapter_in_model
 
-    values.finite(strength, "strength", "the LoRA's weight: 0 off, 1 as trained")
+    values._finite(strength, "strength", "the LoRA's weight: 0 off, 1 as trained")
     if not factors:
         return
     if not checked:
@@ -204,7 +204,7 @@ def set_lora_strength(model, strength: float) -> None:
         model: a UNet, a text encoder or a prior.
         strength: any finite number (negative ones reverse the LoRA); NaN would give black pictures.
     """
-    strength = values.finite(strength, "strength", "the LoRA's weight: 0 off, 1 as trained")
+    strength = values._finite(strength, "strength", "the LoRA's weight: 0 off, 1 as trained")
     models = [model.unet, model.text_encoder] if hasattr(model, "unet") else [model]
     for m in models:
         for layer in lora_layers(m).values():

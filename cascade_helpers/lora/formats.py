@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..atomic import save_safetensors
+from ..atomic import _save_safetensors
 from .adapters import LoraError, LoraFactors, other_size_hint
 
 COMFYUI_PREFIX = "lora_prior_unet_"
@@ -59,11 +59,11 @@ _COMFY_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 def official_lora_layout(unet: nn.Module) -> list[tuple[str, ...]]:
     """For each official index ``i``, the diffusers modules ``weights.<i>`` acts on: the attention
     output (``to_out.0``), then q/k/v (the stacked in_proj), block after block."""
-    from ..upstream import SDCascadeAttnBlock
+    from ..upstream import _SDCascadeAttnBlock
 
     layout: list[tuple[str, ...]] = []
     for name, module in unet.named_modules():
-        if isinstance(module, SDCascadeAttnBlock):
+        if isinstance(module, _SDCascadeAttnBlock):
             layout.append((f"{name}.attention.to_out.0",))
             layout.append(tuple(f"{name}.attention.to_{p}" for p in "qkv"))
     return layout
@@ -284,7 +284,7 @@ def save_lora(
         ``path``.
     """
     state, metadata = lora_state_dict(unet_factors, tokens)
-    return save_safetensors(path, state, metadata)
+    return _save_safetensors(path, state, metadata)
 
 
 def save_comfyui(
@@ -309,10 +309,10 @@ def save_comfyui(
         The files written: the LoRA first, then one embedding per token.
     """
     path = Path(path)
-    written = [save_safetensors(path, comfyui_state_dict(unet_factors, prefix))]
+    written = [_save_safetensors(path, comfyui_state_dict(unet_factors, prefix))]
     for token, row in (tokens or {}).items():
         embedding = path.parent / f"{path.stem}_embeddings" / f"{token.strip('[]<>')}.safetensors"
-        written.append(save_safetensors(embedding, {"clip_g": row.float().reshape(1, -1)}))
+        written.append(_save_safetensors(embedding, {"clip_g": row.float().reshape(1, -1)}))
     return written
 
 

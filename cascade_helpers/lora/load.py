@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .. import files, values
-from ..checkpoints import CheckpointError, TruncatedCheckpointError, read_header
+from ..checkpoints import CheckpointError, _read_header, _TruncatedCheckpointError
 from .adapters import LoraError, apply_factors, check_factors, lora_layers, refuse_streamed, remove_lora
 from .formats import comfyui_factors, detect_format, official_factors, our_factors
 from .tokens import (
@@ -112,7 +112,7 @@ def load_official_lora(
             tokenizer and ``new_tokens``, one of ``text_encoder``/``tokenizer`` without the other,
             ``new_tokens`` without them, or a second LoRA on the model.
     """
-    values.finite(strength, "strength", "the LoRA's weight: 0 off, 1 as trained")
+    values._finite(strength, "strength", "the LoRA's weight: 0 off, 1 as trained")
     factors = official_factors(unet, state_dict)
     deltas = state_dict.get("embeddings.embeddings")
     indices = [int(i) for i in state_dict.get("embeddings.indices", torch.zeros(0)).tolist()]
@@ -194,9 +194,9 @@ def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
             hint = f" Fetch the official example with:\n  {files.download_command([files.LORA_FERNANDO])}"
         raise FileNotFoundError(f"no LoRA file at {path}.{hint}")
     try:
-        read_header(path)
-    except TruncatedCheckpointError as error:
-        raise TruncatedCheckpointError(f"{error}. Download or copy the LoRA again.") from None
+        _read_header(path)
+    except _TruncatedCheckpointError as error:
+        raise _TruncatedCheckpointError(f"{error}. Download or copy the LoRA again.") from None
     except CheckpointError as error:
         raise LoraError(f"{error}: LoRA files must be .safetensors") from None
     with safe_open(str(path), framework="pt") as f:
@@ -234,7 +234,7 @@ def load_lora(
         FileNotFoundError, TruncatedCheckpointError: as for :func:`read_lora_file`.
         ValueError: a strength that is not a finite number.
     """
-    values.finite(strength, "strength", "the LoRA's weight: 0 off, 1 as trained")
+    values._finite(strength, "strength", "the LoRA's weight: 0 off, 1 as trained")
     for model in (prior.unet, prior.text_encoder):
         refuse_streamed(model)
     if isinstance(source, Mapping):

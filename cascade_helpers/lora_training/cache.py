@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..atomic import save_safetensors
+from ..atomic import _save_safetensors
 from ..conditioning import encode_image_clip, encode_text
 from ..effnet import encode as effnet_encode
 from ..images import resize_and_crop
@@ -71,7 +71,7 @@ def _load_or_compute(
     if path.is_file():
         return load_file(str(path)), True
     tensors = {k: v.float() for k, v in compute().items()}
-    save_safetensors(path, tensors)  # atomic: a half-written cache file never looks complete
+    _save_safetensors(path, tensors)  # atomic: a half-written cache file never looks complete
     return {k: v.detach().cpu() for k, v in tensors.items()}, False
 
 

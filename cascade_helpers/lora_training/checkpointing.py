@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from ..atomic import atomic_path, write_json
+from ..atomic import _atomic_path, _write_json
 from .config import LoraTrainingConfig, TrainingError
 
 MANIFEST = "manifest.json"
@@ -97,15 +97,15 @@ class CheckpointFolder:
         if main:  # temporaries left by a killed run
             for stale in self.folder.glob(".step-*.tmp"):
                 shutil.rmtree(stale, ignore_errors=True)
-        with atomic_path(final) if main else contextlib.nullcontext() as temporary:
+        with _atomic_path(final) if main else contextlib.nullcontext() as temporary:
             # every process writes its random states into the one folder the main process chose
             (where,) = broadcast_object_list([str(temporary) if main else None])
             accelerator.save_state(where)
             accelerator.wait_for_everyone()
             if main:
-                write_json(Path(where) / CONFIG, dataclasses.asdict(self.config))
+                _write_json(Path(where) / CONFIG, dataclasses.asdict(self.config))
                 files = sorted(p for p in Path(where).iterdir() if p.is_file())
-                write_json(Path(where) / MANIFEST, {"files": {p.name: _sha256(p) for p in files}})
+                _write_json(Path(where) / MANIFEST, {"files": {p.name: _sha256(p) for p in files}})
         if main and self.config.keep_checkpoints:
             for old in self.list()[: -self.config.keep_checkpoints]:
                 shutil.rmtree(old)

@@ -12,10 +12,10 @@ from fractions import Fraction
 from pathlib import Path
 
 from .. import files, values
-from ..atomic import write_json
+from ..atomic import _write_json
 from ..lora import ATTENTION_TARGETS, LoraError, NewToken, check_new_token_entries
 from ..sampling import OFFICIAL_DECODER, OFFICIAL_PRIOR
-from ..sizes import GENERATION, TRAINING, check_size
+from ..sizes import _GENERATION, _TRAINING, check_size
 
 #: the official config's ``multi_aspect_ratio`` (width / height); the reciprocals are added
 OFFICIAL_ASPECT_RATIOS = ("1/1", "1/2", "1/3", "2/3", "3/4", "1/5", "2/5", "3/5", "4/5", "1/6", "5/6", "9/16")
@@ -23,7 +23,7 @@ LORA_FILE = "lora.safetensors"
 #: ``diffusers.optimization.get_scheduler``'s schedules that need nothing but these settings
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 CROPS = ("center", "random")
-PRECISIONS = files.PRECISIONS
+PRECISIONS = files._PRECISIONS
 #: a validation prompt's name becomes part of a file name
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -134,16 +134,16 @@ class LoraTrainingConfig:
         if not targets or not all(isinstance(t, str) and t for t in targets):
             self._fail("targets", "give a regex of module names, or a list of module names")
         for name in ("stage_c", "stage_b"):
-            if getattr(self, name) not in files.SIZES:
-                self._fail(name, f"use one of {files.SIZES}")
+            if getattr(self, name) not in files._SIZES:
+                self._fail(name, f"use one of {files._SIZES}")
 
     def _check_pictures(self) -> None:
         folders = [self.images] if isinstance(self.images, str) else self.images
         if not folders or not all(isinstance(f, str) and f for f in folders):
             self._fail("images", "give a folder of pictures, or a list of folders")
-        for rule, why in ((TRAINING, ""), (GENERATION, "validation pictures are made at this size: ")):
+        for rule, why in ((_TRAINING, ""), (_GENERATION, "validation pictures are made at this size: ")):
             try:
-                if rule is TRAINING or self.validation_prompts:
+                if rule is _TRAINING or self.validation_prompts:
                     check_size(self.resolution, self.resolution, rule)
             except ValueError:
                 self._fail("resolution", f"{why}use {rule.describe()} ({rule.hint})")
@@ -160,25 +160,25 @@ class LoraTrainingConfig:
             if Path(folder).resolve() not in known:
                 self._fail("repeats", f"{folder!r} is not one of the images folders {folders}")
             try:
-                values.whole(count, f"the repeats of {folder!r}", 0, meaning="0 = once per epoch")
+                values._whole(count, f"the repeats of {folder!r}", 0, meaning="0 = once per epoch")
             except ValueError as error:
                 self._fail("repeats", str(error))
-        self._checked("min_image_size", values.whole, 0, meaning="a side in pixels; 0 keeps every picture")
+        self._checked("min_image_size", values._whole, 0, meaning="a side in pixels; 0 keeps every picture")
         if self.max_image_size is not None:
             least = max(self.min_image_size, 1)
             self._checked(
                 "max_image_size",
-                values.whole,
+                values._whole,
                 least,
                 meaning="a side in pixels, at least min_image_size, or None",
             )
 
     def _check_optimization(self) -> None:
         for name in ("rank", "batch_size", "gradient_accumulation", "steps", "lr_num_cycles"):
-            self._checked(name, values.whole, 1)
-        self._checked("warmup_steps", values.whole, 0)
+            self._checked(name, values._whole, 1)
+        self._checked("warmup_steps", values._whole, 0)
         for name in ("alpha", "learning_rate", "max_grad_norm", "lr_power"):
-            self._checked(name, values.at_least, 0, strict=True)
+            self._checked(name, values._at_least, 0, strict=True)
         if self.lr_scheduler not in LR_SCHEDULERS:
             self._fail("lr_scheduler", f"use one of {LR_SCHEDULERS} (diffusers' get_scheduler)")
         if self.precision not in PRECISIONS:
@@ -191,17 +191,19 @@ class LoraTrainingConfig:
             )
         if not isinstance(self.gradient_checkpointing, bool):
             self._fail("gradient_checkpointing", "must be True or False")
-        if self.ema_decay is not None and not 0 < self._checked("ema_decay", values.fraction) < 1:
+        if self.ema_decay is not None and not 0 < self._checked("ema_decay", values._fraction) < 1:
             self._fail("ema_decay", "must be between 0 and 1 (e.g. 0.999), or None for no EMA")
         for name in ("caption_dropout", "image_embed_probability"):
-            self._checked(name, values.fraction, meaning="a probability")
-        if not values.is_whole(self.seed):
+            self._checked(name, values._fraction, meaning="a probability")
+        if not values._is_whole(self.seed):
             self._fail("seed", "must be a whole number")
 
     def _check_checkpoints_and_validation(self) -> None:
-        self._checked("checkpoint_every", values.whole, 1, meaning="steps")
-        self._checked("keep_checkpoints", values.whole, 0, meaning="0 keeps every checkpoint, n the latest n")
-        self._checked("validate_every", values.whole, 0, meaning="steps; 0 validates only at the end")
+        self._checked("checkpoint_every", values._whole, 1, meaning="steps")
+        self._checked(
+            "keep_checkpoints", values._whole, 0, meaning="0 keeps every checkpoint, n the latest n"
+        )
+        self._checked("validate_every", values._whole, 0, meaning="steps; 0 validates only at the end")
         prompts = self.validation_prompts
         if isinstance(prompts, dict):
             for name, prompt in prompts.items():
@@ -217,8 +219,8 @@ class LoraTrainingConfig:
             self._fail("validation_negative_prompt", "must be text")
         for stage in ("prior", "decoder"):
             steps, guidance = f"validation_{stage}_steps", f"validation_{stage}_guidance"
-            self._checked(steps, values.whole, 1, 1000)
-            self._checked(guidance, values.at_least, 0, meaning="≤ 1 turns guidance off")
+            self._checked(steps, values._whole, 1, 1000)
+            self._checked(guidance, values._at_least, 0, meaning="≤ 1 turns guidance off")
 
     @property
     def image_folders(self) -> list[str]:
@@ -237,7 +239,7 @@ class LoraTrainingConfig:
 
     def save(self, path: str | Path) -> Path:
         """Write the settings as JSON (atomically), for ``--config`` and for the record."""
-        return write_json(path, dataclasses.asdict(self))
+        return _write_json(path, dataclasses.asdict(self))
 
     @classmethod
     def from_settings(cls, settings: object, source: str = "the settings") -> LoraTrainingConfig:

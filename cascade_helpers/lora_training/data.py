@@ -18,9 +18,9 @@ from pathlib import Path
 import PIL.Image
 import torch
 
-from ..atomic import atomic_path, write_text
+from ..atomic import _atomic_path, _write_text
 from ..images import image_to_tensor, images_in_folder, scale_short_side
-from ..sizes import DOWNSCALE, STRIDE
+from ..sizes import _DOWNSCALE, _STRIDE
 from .config import TrainingError
 
 #: what reading a damaged or foreign file raises in Pillow (UnidentifiedImageError is an OSError;
@@ -174,9 +174,9 @@ def bucket_sizes(resolution: int, ratios: Sequence[str]) -> list[tuple[int, int]
     """
     values = [float(Fraction(r)) for r in ratios]
     values += [1 / v for v in values if 1 / v not in values]
-    density = (resolution * DOWNSCALE) ** 2
+    density = (resolution * _DOWNSCALE) ** 2
     return [
-        (int((density / r) ** 0.5 // STRIDE * STRIDE), int((density * r) ** 0.5 // STRIDE * STRIDE))
+        (int((density / r) ** 0.5 // _STRIDE * _STRIDE), int((density * r) ** 0.5 // _STRIDE * _STRIDE))
         for r in values
     ]
 
@@ -224,7 +224,7 @@ def save_png(picture: PIL.Image.Image, path: Path) -> Path:
     Returns:
         ``path``.
     """
-    with atomic_path(path) as temporary:
+    with _atomic_path(path) as temporary:
         picture.save(temporary, format="PNG")
     return path
 
@@ -258,7 +258,7 @@ def write_example_images(folder: str | Path, token: str = "[chelsea]") -> Path:
     for name, (picture, caption) in shots.items():
         save_png(picture, folder / f"{name}.png")
         if caption:
-            write_text(folder / f"{name}.txt", caption + "\n")
+            _write_text(folder / f"{name}.txt", caption + "\n")
     return folder
 
 

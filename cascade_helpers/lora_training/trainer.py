@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from ..atomic import save_safetensors
+from ..atomic import _save_safetensors
 from ..lora import (
     COMFYUI_PREFIX,
     LoraError,
@@ -456,7 +456,7 @@ class LoraTrainer:
                 weights.pop(i)
                 if self.accelerator.is_main_process:
                     state = {n: p.detach().float() for n, p in self._trainable_parameters().items()}
-                    save_safetensors(Path(folder) / TRAINABLE, state)
+                    _save_safetensors(Path(folder) / TRAINABLE, state)
 
     def _load_trainable(self, models: list, folder: str) -> None:
         """accelerate's load hook: the trained weights back into the model, by name."""
