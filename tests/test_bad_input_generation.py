@@ -55,7 +55,10 @@ SETTINGS_CASES = [
     ({"t_start": NAN}, "t_start"),
     ({"t_start": INF}, "t_start"),
     ({"sampler": "Official"}, "unknown sampler 'Official' \\(did you mean 'official'\\?\\): use one of"),
-    ({"sampler": "ddim"}, "unknown sampler 'ddim'.*'official', 'diffusers'"),  # ran diffusers' before
+    ({"sampler": "dpm++"}, "unknown sampler 'dpm\\+\\+'.*'official', 'ddim', 'dpmpp_2m', 'diffusers'"),
+    ({"sampler": "ddim", "eta": 1.5}, r"eta must be in \[0, 1\]"),
+    ({"sampler": "ddim", "eta": NAN}, r"eta must be in \[0, 1\]"),
+    ({"eta": 0.5}, "eta=0.5 is an option of sampler='ddim' only, not of 'official'"),
     ({"steps": True}, "steps must be a whole number from 1 to 1000, not True"),
     ({"steps": "20"}, "steps must be a whole number"),
 ]
@@ -78,6 +81,7 @@ def test_settings_saved_in_a_png_are_the_ones_that_ran():
         "guidance_rescale": 0.0,
         "sampler": "official",
         "t_start": 1.0,
+        "eta": 0.0,
     }
     assert type(settings.steps) is int and type(settings.guidance) is float
 
