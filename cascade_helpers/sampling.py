@@ -23,7 +23,7 @@ a callback after every step (live previews).
 The pieces of the official loop are public, so a notebook can write the loop out and change one:
 :func:`schedule` (the shifted logSNR of every step), :func:`noise_condition` (what the UNet is
 conditioned on), :func:`classifier_free_guidance` (guidance and its rescale), :func:`predict_clean`
-and :func:`ddpm_step`. :func:`sample` is those pieces in a loop, with progress and callbacks.
+and :func:`ddpm_step`; the stages run them in one loop with progress and callbacks.
 
 This module knows nothing about ControlNets or loading: list inputs (a ControlNet's per-block
 features, ``cnet``) are joined for the guidance batch like any other input, and whoever builds the
@@ -368,7 +368,7 @@ def initial_noise(
     return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
 
 
-def sample(
+def _sample(
     denoiser: Denoiser,
     shape: tuple[int, ...],
     cond: Mapping[str, torch.Tensor],
@@ -381,7 +381,8 @@ def sample(
     callback: StepCallback | None = None,
     progress: bool | str = True,
 ) -> torch.Tensor:
-    """Run ``settings.steps`` denoising steps of ``settings.sampler`` and return the clean latents.
+    """The loop every stage samples with: ``settings.steps`` steps of ``settings.sampler``, with a
+    progress bar and a per-step callback (live previews), the clean latents as the result.
 
     Args:
         denoiser: ``denoiser(x, r, **inputs)`` predicts the noise in ``x`` at timestep ratio ``r``
@@ -480,7 +481,7 @@ def unet_denoiser(unet: torch.nn.Module, dtype: torch.dtype) -> Denoiser:
         dtype: the dtype it was loaded in (``prior.dtype``/``decoder.dtype``).
 
     Returns:
-        The denoiser, for :func:`sample`.
+        The denoiser the stages sample with.
     """
 
     def denoise(x: torch.Tensor, r: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,11 @@
 """The three stages as plain functions over the loaded models — Stage C (:func:`generate_stage_c`),
 Stage B (:func:`generate_stage_b`), Stage A (:func:`decode_stage_a`) — and the ways a picture enters
-them (:func:`encode_picture` for image-to-image and ControlNet init pictures, :func:`variation_embeddings`
-for image variation) or is looked at early (:func:`preview_stage_c`). :mod:`cascade_helpers.generation`
-chains them; a notebook can call them one by one.
+them (its Stage C latents for image-to-image and ControlNet init pictures, its CLIP embedding for image
+variation) or is looked at early (:func:`preview_stage_c`). :mod:`cascade_helpers.generation` chains
+them; a notebook can call them one by one.
 
-Each stage checks its result once for NaN or infinities (:func:`check_finite`): a black picture is
-refused with its likely cause instead.
+Each stage checks its result once for NaN or infinities: a black picture is refused with its likely
+cause instead (a ``FloatingPointError``).
 """
 
 from __future__ import annotations
@@ -20,17 +20,18 @@ from .controlnet.model import ControlOutputs, controlled_denoiser
 from .effnet import encode as effnet_encode
 from .images import ImageInput, image_to_tensor, resize_and_crop, scale_short_side
 from .models import Decoder, Prior
-from .sampling import OFFICIAL_DECODER, OFFICIAL_PRIOR, StageSettings, StepCallback, sample, unet_denoiser
+from .sampling import OFFICIAL_DECODER, OFFICIAL_PRIOR, StageSettings, StepCallback, _sample, unet_denoiser
 from .sizes import encoder_input_size, stage_b_shape
 
-OFFICIAL_INPUT_SIDE = 768  # the official examples scale input pictures to this short side first
+_OFFICIAL_INPUT_SIDE = 768  # the official examples scale input pictures to this short side first
 
 
-class NonFiniteLatentsError(FloatingPointError):
-    """A stage produced NaN or infinite values: the pictures would come out black."""
+class _NonFiniteLatentsError(FloatingPointError):
+    """A stage produced NaN or infinite values: raised instead of black pictures (catch it as
+    ``FloatingPointError``), with the likely cause in its message."""
 
 
-def check_finite(
+def _check_finite(
     result: torch.Tensor,
     stage: str,
     model: torch.nn.Module,
@@ -38,16 +39,8 @@ def check_finite(
     weight_files: Sequence[Path],
     inputs: Mapping[str, Sequence[torch.Tensor | None]],
 ) -> None:
-    """Raise :class:`NonFiniteLatentsError` if ``result`` holds NaN or infinities, naming the likely
-    cause: an input that already held them, weights that hold them (a damaged file), or float16. The
-    check is one cheap ``isfinite``; the diagnosis, which reads every weight, runs only when it fails.
-
-    Args:
-        result, stage: what the stage produced, and its name ("Stage C", "Stage B" ...) for the message.
-        model, dtype: the stage's model, whose weights are examined on failure, and its precision.
-        weight_files: the files the models were loaded from, named on failure.
-        inputs: what went in, by description, examined on failure.
-    """
+    """One cheap ``isfinite`` per stage result turns a black picture into an error naming its likely
+    cause; the diagnosis, which reads every weight, runs only when the check fails."""
     if torch.isfinite(result).all():
         return
     bad = (~torch.isfinite(result)).sum().item()
@@ -57,6 +50,24 @@ def check_finite(
         for name, tensors in inputs.items()
         if any(t is not None and not torch.isfinite(t).all() for t in tensors)
     ]
+    causes += _model_causes(stage, model, dtype, weight_files)
+    if not causes:
+        causes.append(
+            "no input or weight holds NaN, so the computation overflowed: an extreme guidance or a float16 "
+            "model, or a damaged weight file (run your download command again with --verify)"
+        )
+    raise _NonFiniteLatentsError(
+        f"{stage} produced NaN or infinite values ({bad:,} of {result.numel():,}): the pictures would be black. "
+        f"Likely cause: {'; '.join(causes)}."
+    )
+
+
+def _model_causes(
+    stage: str, model: torch.nn.Module, dtype: torch.dtype, weight_files: Sequence[Path]
+) -> list[str]:
+    """What in the model itself explains NaN results: weights that hold them (a damaged file), or
+    float16, whose range Stage C's activations exceed."""
+    causes = []
     broken = [
         n for n, p in model.named_parameters() if p.device.type != "meta" and not torch.isfinite(p).all()
     ]
@@ -72,15 +83,7 @@ def check_finite(
             f"{stage} ran in float16, whose range its activations exceed: load it with dtype=torch.bfloat16 "
             "or torch.float32"
         )
-    if not causes:
-        causes.append(
-            "no input or weight holds NaN, so the computation overflowed: an extreme guidance or a float16 "
-            "model, or a damaged weight file (run your download command again with --verify)"
-        )
-    raise NonFiniteLatentsError(
-        f"{stage} produced NaN or infinite values ({bad:,} of {result.numel():,}): the pictures would be black. "
-        f"Likely cause: {'; '.join(causes)}."
-    )
+    return causes
 
 
 @torch.no_grad()
@@ -102,7 +105,8 @@ def generate_stage_c(
 
     Args:
         prior: the loaded Stage C with its encoders.
-        text, negative: the prompts' and negative prompts' text conditioning, B rows each (``encode_text``).
+        text, negative: the prompts' and negative prompts' text conditioning, B rows each, of one length
+            (``encode_text``: encode both in one call with ``long_prompts``).
         shape: B×16×h×w (:func:`cascade_helpers.sizes.stage_c_shape`).
         settings: the sampler settings.
         generator: the random generator of the noise (drawn on the CPU).
@@ -114,8 +118,14 @@ def generate_stage_c(
         progress: False hides the tqdm progress bar (for a caller that shows its own).
 
     Returns:
-        B×16×h×w latents, float32, on the prior's device (:class:`NonFiniteLatentsError` if not finite).
+        B×16×h×w latents, float32, on the prior's device (a ``FloatingPointError`` if not finite).
     """
+    if text.hidden.shape[1] != negative.hidden.shape[1]:
+        raise ValueError(
+            f"the prompt's text embeddings are {text.hidden.shape[1]} tokens long and the negative prompt's "
+            f"{negative.hidden.shape[1]}: encode both in one encode_text call (long_prompts pads every prompt "
+            "of a call to the same number of windows)"
+        )
     batch = shape[0]
     zeros = no_image(prior, batch)
     cond = {
@@ -128,7 +138,7 @@ def generate_stage_c(
     if control is not None:
         cond["cnet"] = uncond["cnet"] = list(control)
         denoiser = controlled_denoiser(prior.unet, prior.dtype)
-    latents = sample(
+    latents = _sample(
         denoiser,
         shape,
         cond,
@@ -147,7 +157,7 @@ def generate_stage_c(
         "the starting latents (x_init: the input picture's encoding)": (x_init,),
         "the ControlNet features": tuple(control or ()),
     }
-    check_finite(latents, "Stage C", prior.unet, prior.dtype, prior.files[:1], inputs)
+    _check_finite(latents, "Stage C", prior.unet, prior.dtype, prior.files[:1], inputs)
     return latents
 
 
@@ -175,12 +185,12 @@ def generate_stage_b(
         settings, generator, callback, progress: as for :func:`generate_stage_c`.
 
     Returns:
-        B×4×H/4×W/4 latents, float32, on the decoder's device (NonFiniteLatentsError if not finite).
+        B×4×H/4×W/4 latents, float32, on the decoder's device (a ``FloatingPointError`` if not finite).
     """
     latents = stage_c_latents.to(decoder.device)
     cond = {"effnet": latents, "clip_text_pooled": pooled.to(decoder.device)}
     uncond = {"effnet": torch.zeros_like(latents), "clip_text_pooled": negative_pooled.to(decoder.device)}
-    result = sample(
+    result = _sample(
         unet_denoiser(decoder.unet, decoder.dtype),
         stage_b_shape(*image_size, latents.shape[0]),
         cond,
@@ -192,7 +202,7 @@ def generate_stage_b(
         progress="Stage B" if progress else False,
     )
     inputs = {"the Stage C latents": (latents,), "the pooled text embeddings": (pooled, negative_pooled)}
-    check_finite(result, "Stage B", decoder.unet, decoder.dtype, decoder.files[:1], inputs)
+    _check_finite(result, "Stage B", decoder.unet, decoder.dtype, decoder.files[:1], inputs)
     return result
 
 
@@ -209,14 +219,14 @@ def decode_stage_a(decoder: Decoder, latents: torch.Tensor) -> torch.Tensor:
     vqgan = decoder.vqgan
     scaled = latents.to(decoder.device, torch.float32) * vqgan.config.scale_factor
     pictures = vqgan.decode(scaled).sample
-    check_finite(
+    _check_finite(
         pictures, "Stage A", vqgan, torch.float32, decoder.files[1:], {"the Stage B latents": (latents,)}
     )
     return pictures.clamp(0, 1).float().cpu()
 
 
 @torch.no_grad()
-def encode_picture(prior: Prior, image: ImageInput, height: int, width: int) -> torch.Tensor:
+def _encode_picture(prior: Prior, image: ImageInput, height: int, width: int) -> torch.Tensor:
     """One input picture → the Stage C latents of a height×width generation, prepared as the official
     image-to-image and ControlNet examples prepare it: scaled (bilinear, antialiased) and centre-cropped
     straight to the encoder's input size (768² for 1024², hence 24×24 latents), then normalized.
@@ -238,7 +248,7 @@ def encode_picture(prior: Prior, image: ImageInput, height: int, width: int) -> 
 
 
 @torch.no_grad()
-def variation_embeddings(prior: Prior, image: ImageInput) -> torch.Tensor:
+def _variation_embeddings(prior: Prior, image: ImageInput) -> torch.Tensor:
     """One picture → its CLIP image embedding, prepared as the official image-variation example does:
     short side to 768 px, then CLIP's resize and centre crop (aspect ratio kept, whatever the output's).
 
@@ -248,7 +258,7 @@ def variation_embeddings(prior: Prior, image: ImageInput) -> torch.Tensor:
     Returns:
         1×1×768, float32, on the prior's device; a ValueError without the image encoder.
     """
-    picture = scale_short_side(image_to_tensor(image), OFFICIAL_INPUT_SIDE)
+    picture = scale_short_side(image_to_tensor(image), _OFFICIAL_INPUT_SIDE)
     return encode_image_clip(prior, picture[None])
 
 

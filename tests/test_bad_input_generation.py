@@ -16,16 +16,10 @@ import torch
 from cascade_helpers.controlnet import TINY_BLOCKS, ControlNet, control_features
 from cascade_helpers.devices import pick_device
 from cascade_helpers.display import read_settings, save_generation
-from cascade_helpers.generation import (
-    NonFiniteLatentsError,
-    controlnet_to_image,
-    generate_stage_c,
-    image_to_image,
-    image_variation,
-    text_to_image,
-)
+from cascade_helpers.generation import controlnet_to_image, image_to_image, image_variation, text_to_image
 from cascade_helpers.loading import load_prior
 from cascade_helpers.sampling import OFFICIAL_DECODER, OFFICIAL_PRIOR, StageSettings
+from cascade_helpers.stages import generate_stage_c
 
 # guidance rescale off: its std is taken over the whole batch, which would tie the pictures together
 PRIOR = OFFICIAL_PRIOR.with_(steps=2, guidance_rescale=0.0)
@@ -112,7 +106,7 @@ REQUEST_CASES = [
 def test_bad_requests_are_refused_before_any_model_runs(options, error, message, monkeypatch):
     import cascade_helpers.generation as generation
 
-    monkeypatch.setattr(generation, "_run", lambda *a, **k: pytest.fail("a model ran"))
+    monkeypatch.setattr(generation, "_generate", lambda *a, **k: pytest.fail("a model ran"))
     options = {"prompt": "a cat", **options}
     with pytest.raises(error, match=message):
         text_to_image(None, None, options.pop("prompt"), **options)
@@ -229,7 +223,7 @@ def test_nan_in_stage_c_weights_is_named_as_a_damaged_file(tiny_pipeline):
     try:
         with torch.no_grad():
             weight[0, 0] = float("nan")
-        with pytest.raises(NonFiniteLatentsError) as caught:
+        with pytest.raises(FloatingPointError) as caught:
             text_to_image(prior, decoder, "a cat", **FAST)
     finally:
         with torch.no_grad():
@@ -247,7 +241,7 @@ def test_nan_in_stage_b_weights_is_named(tiny_pipeline):
     try:
         with torch.no_grad():
             weight.view(-1)[0] = float("inf")
-        with pytest.raises(NonFiniteLatentsError, match="Stage B produced NaN.*stage_b_bf16.safetensors"):
+        with pytest.raises(FloatingPointError, match="Stage B produced NaN.*stage_b_bf16.safetensors"):
             text_to_image(prior, decoder, "a cat", **FAST)
     finally:
         with torch.no_grad():
@@ -260,7 +254,7 @@ def test_nan_starting_latents_are_named_as_the_input(tiny_pipeline):
     prior, _ = tiny_pipeline
     text = encode_text(prior, ["a cat"])
     x_init = torch.full((1, 16, 12, 12), float("nan"))
-    with pytest.raises(NonFiniteLatentsError, match="the starting latents .* already held NaN .*picture"):
+    with pytest.raises(FloatingPointError, match="the starting latents .* already held NaN .*picture"):
         generate_stage_c(prior, text, text, (1, 16, 12, 12), PRIOR.with_(t_start=0.5), x_init=x_init)
 
 

@@ -30,10 +30,10 @@ from cascade_helpers.sampling import (
     OFFICIAL_DECODER,
     OFFICIAL_PRIOR,
     StageSettings,
+    _sample,
     diffuse,
     log_snr,
     noise_condition,
-    sample,
     schedule,
     unet_denoiser,
 )
@@ -99,7 +99,7 @@ def test_official_sampler_reproduces_gdf(name, monkeypatch):
     randn, queue = _replay([_tensor(n) for n in run["noises"]])
     monkeypatch.setattr(torch, "randn", randn)
     steps = []
-    result = sample(
+    result = _sample(
         toy_denoiser,
         SHAPE,
         {"c": _tensor(GDF["cond"], (2, 3, 1, 1))},
@@ -151,7 +151,7 @@ def test_ddim_reproduces_the_official_ddim_sampler(name, official_tiny_stage_c, 
     randn, queue = _replay([torch.tensor(n).reshape(x_init.shape) for n in run["noises"]])
     monkeypatch.setattr(torch, "randn", randn)
     steps = []
-    result = sample(
+    result = _sample(
         denoiser, x_init.shape, cond, uncond, settings, device=torch.device("cpu"), x_init=x_init,
         callback=lambda i, denoised, x: steps.append((denoised, x)), progress=False,
     )  # fmt: skip
@@ -176,7 +176,7 @@ def _close_to_scale(actual: torch.Tensor, expected: list[float]) -> None:
 def test_ddim_with_eta_1_is_the_official_sampler():
     """gdf's DDPMSampler is its DDIMSampler with eta 1: the same seed, the same numbers."""
     runs = [
-        sample(
+        _sample(
             toy_denoiser,
             SHAPE,
             {"c": torch.zeros(2, 3, 1, 1)},
@@ -231,7 +231,7 @@ def test_dpmpp_2m_matches_k_diffusion(settings):
     k_sampling = _k_diffusion_sampling()
     cond, uncond = {"c": _tensor(GDF["cond"], (2, 3, 1, 1))}, {"c": _tensor(GDF["uncond"], (2, 3, 1, 1))}
     x_init = torch.randn(SHAPE, generator=torch.Generator().manual_seed(11))
-    ours = sample(
+    ours = _sample(
         toy_denoiser, SHAPE, cond, uncond, settings, device=torch.device("cpu"), x_init=x_init, progress=False
     )
 
@@ -260,7 +260,7 @@ def test_dpmpp_2m_matches_k_diffusion(settings):
 
 def test_callback_once_per_step_in_order():
     calls = []
-    sample(
+    _sample(
         toy_denoiser,
         SHAPE,
         {"c": torch.zeros(2, 3, 1, 1)},
@@ -284,10 +284,10 @@ def test_unguided_sampling_makes_one_call_per_step():
 
     cond = {"c": torch.zeros(2, 3, 1, 1)}
     settings = DIFFUSERS_DECODER.with_(steps=3)
-    sample(counting, SHAPE, cond, None, settings, device=torch.device("cpu"), progress=False)
+    _sample(counting, SHAPE, cond, None, settings, device=torch.device("cpu"), progress=False)
     assert batches == [2, 2, 2]
     batches.clear()
-    sample(
+    _sample(
         counting, SHAPE, cond, cond, settings.with_(guidance=4.0), device=torch.device("cpu"), progress=False
     )
     assert batches == [4, 4, 4]
@@ -295,7 +295,7 @@ def test_unguided_sampling_makes_one_call_per_step():
 
 def test_guidance_without_unconditional_inputs_is_refused():
     with pytest.raises(ValueError, match="unconditional"):
-        sample(
+        _sample(
             toy_denoiser,
             SHAPE,
             {"c": torch.zeros(2, 3, 1, 1)},
