@@ -74,30 +74,24 @@ def _next_number(folder: Path, prefix: str) -> int:
 
 
 def _claim_run(folder: Path, prefix: str, names: list[str], files: list[Path]) -> list[Path]:
-    """Give complete files the names of a run number that is free for all of them, atomically: two
-    notebooks saving into one folder at once never get the same names, and a name only ever holds a
-    whole picture (a lost race moves on to the next number, never loops)."""
+    """Give complete files the names of a run number free for all of them, atomically: two notebooks
+    saving into one folder never get the same names, and a name only ever holds a whole picture
+    (``os.link`` fails on a taken name where a rename would replace it; a lost race moves on)."""
     number = 0
     while True:
         number = max(_next_number(folder, prefix), number + 1)
-        paths = [folder / name.format(number=number) for name in names]
-        if _link_all(files, paths):
-            return paths
-
-
-def _link_all(files: list[Path], paths: list[Path]) -> bool:
-    """Each file under its new name if none of the names is taken (``os.link`` fails on a taken name
-    where a rename would replace it), else nothing linked and False."""
-    done = []
-    for file, path in zip(files, paths, strict=True):
+        paths, linked = [folder / name.format(number=number) for name in names], []
         try:
-            _link_new(file, path)
+            for file, path in zip(files, paths, strict=True):
+                _link_new(file, path)
+                linked.append(path)
+            return paths
         except FileExistsError:
-            for linked in done:
-                linked.unlink()
-            return False
-        done.append(path)
-    return True
+            for path in linked:
+                path.unlink()
+
+
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
 
 
 def _link_new(file: Path, path: Path) -> None:
@@ -105,10 +99,8 @@ def _link_new(file: Path, path: Path) -> None:
     exclusive claim of the name that the complete file then replaces."""
     try:
         os.link(file, path)
-    except FileExistsError:
-        raise
     except OSError as error:
-        if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
+        if isinstance(error, FileExistsError) or error.errno not in _NO_HARD_LINKS:
             raise
         if not claim_name(path):
             raise FileExistsError(path) from error
@@ -138,7 +130,8 @@ def save_generation(
     ``output_dir``, with its settings (prompt, negative prompt, seed, size, each stage's steps,
     guidance, shift, sampler, and its index in the batch) in the PNG's text metadata: the
     ``stable_cascade`` chunk as JSON, each picture's own prompt also as the standard ``Description``.
-    A new run never overwrites an older one, even one another process saves into the same folder.
+    A new run never overwrites an older one, even one another process saves into the same folder, and
+    a name never holds part of a picture: all are written under hidden names first and named at the end.
 
     Args:
         generation: what :func:`~cascade_helpers.generation.text_to_image` and friends return.

@@ -23,7 +23,7 @@ from .controlnet.model import ControlOutputs
 from .images import ImageInput, image_to_tensor, to_pil
 from .models import Decoder, Prior
 from .request import GenerationRequest, _make_request
-from .sampling import StepCallback, diffuse, initial_noise
+from .sampling import _StepCallback, diffuse, initial_noise
 from .sizes import stage_c_shape
 from .stages import _encode_picture, _variation_embeddings, decode_stage_a, generate_stage_b, generate_stage_c
 
@@ -49,13 +49,9 @@ class Generation:
         """Seconds and peak GPU memory of each stage of this run, as one table (``print`` it). On a CPU
         there is no allocator to ask: wall time only, and the table says so."""
         lines = [f"{'stage':<14}{'seconds':>9}  peak GPU memory"]
-        for stage, cost in self.costs.items():
-            memory = (
-                "CPU: wall time only"
-                if cost.peak_gpu_bytes is None
-                else f"{cost.peak_gpu_bytes / 2**30:.2f} GiB"
-            )
-            lines.append(f"{stage:<14}{cost.seconds:>9.2f}  {memory}")
+        for stage, (seconds, peak) in self.costs.items():
+            memory = "CPU: wall time only" if peak is None else f"{peak / 2**30:.2f} GiB"
+            lines.append(f"{stage:<14}{seconds:>9.2f}  {memory}")
         return "\n".join(lines)
 
 
@@ -80,8 +76,8 @@ class _Watch:
     """How a caller watches the run (per-step callbacks of both stages, the progress bars): one object
     through the layers instead of three arguments."""
 
-    callback: StepCallback | None = None
-    decoder_callback: StepCallback | None = None
+    callback: _StepCallback | None = None
+    decoder_callback: _StepCallback | None = None
     progress: bool = True
 
 
@@ -172,12 +168,8 @@ def _generate(
         )
     with _measured("Stage A", decoder.device, costs):
         images = to_pil(decode_stage_a(decoder, stage_b_latents))
-    settings = {
-        **request.as_dict(),
-        "prior_variant": prior.architecture,
-        "decoder_variant": decoder.architecture,
-        **extra,
-    }
+    variants = {"prior_variant": prior.architecture, "decoder_variant": decoder.architecture}
+    settings = {**request.as_dict(), **variants, **extra}
     return Generation(images, stage_c_latents.cpu(), stage_b_latents.cpu(), settings, costs)
 
 
@@ -187,8 +179,8 @@ def text_to_image(
     prompt: str | Sequence[str] | GenerationRequest,
     negative_prompt: str | Sequence[str] = "",
     *,
-    callback: StepCallback | None = None,
-    decoder_callback: StepCallback | None = None,
+    callback: _StepCallback | None = None,
+    decoder_callback: _StepCallback | None = None,
     progress: bool = True,
     **options: Any,
 ) -> Generation:
@@ -218,8 +210,8 @@ def image_variation(
     prompt: str | Sequence[str] | GenerationRequest = "",
     negative_prompt: str | Sequence[str] = "",
     *,
-    callback: StepCallback | None = None,
-    decoder_callback: StepCallback | None = None,
+    callback: _StepCallback | None = None,
+    decoder_callback: _StepCallback | None = None,
     progress: bool = True,
     **options: Any,
 ) -> Generation:
@@ -248,8 +240,8 @@ def image_to_image(
     negative_prompt: str | Sequence[str] = "",
     *,
     strength: float = 0.8,
-    callback: StepCallback | None = None,
-    decoder_callback: StepCallback | None = None,
+    callback: _StepCallback | None = None,
+    decoder_callback: _StepCallback | None = None,
     progress: bool = True,
     **options: Any,
 ) -> Generation:
@@ -286,8 +278,8 @@ def controlnet_to_image(
     *,
     init_image: ImageInput | None = None,
     init_noise: float = 1.0,
-    callback: StepCallback | None = None,
-    decoder_callback: StepCallback | None = None,
+    callback: _StepCallback | None = None,
+    decoder_callback: _StepCallback | None = None,
     progress: bool = True,
     **options: Any,
 ) -> Generation:

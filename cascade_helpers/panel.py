@@ -15,22 +15,10 @@ from .models import Decoder, Prior
 from .sampling import DIFFUSERS_DECODER, DIFFUSERS_PRIOR, OFFICIAL_DECODER, OFFICIAL_PRIOR, StageSettings
 
 #: (height, width) choices of the panel: multiples of 128 the models were trained on, several ratios
-_PANEL_SIZES: tuple[tuple[int, int], ...] = (
-    (1024, 1024),
-    (896, 1152),
-    (1152, 896),
-    (768, 1280),
-    (1280, 768),
-    (640, 1536),
-    (1536, 640),
-    (768, 1024),
-    (1024, 768),
-    (512, 512),
-    (512, 768),
-    (768, 512),
-    (768, 768),
-    (1536, 1536),
-)
+_PANEL_SIZES = (
+    (1024, 1024), (896, 1152), (1152, 896), (768, 1280), (1280, 768), (640, 1536), (1536, 640),
+    (768, 1024), (1024, 768), (512, 512), (512, 768), (768, 512), (768, 768), (1536, 1536),
+)  # fmt: skip
 
 
 class GenerationPanel:

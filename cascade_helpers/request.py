@@ -179,15 +179,11 @@ def _saved(settings: dict, name: str) -> Any:
 
 def _saved_stage(saved: dict, name: str) -> StageSettings:
     """A stage's saved sampler settings as :class:`StageSettings`, an unknown or missing key named."""
-    known = [f.name for f in dataclasses.fields(StageSettings)]
-    unknown = [key for key in saved if key not in known]
-    missing = [key for key in ("steps", "guidance") if key not in saved]
-    if unknown or missing:
-        raise ValueError(
-            f"the settings' {name!r} has {f'unknown keys {unknown}' if unknown else f'no {missing}'}: "
-            f"sampler settings have {', '.join(known)}"
-        )
-    return StageSettings(**saved)
+    try:
+        return StageSettings(**saved)
+    except TypeError as error:  # an unexpected or a missing keyword argument
+        known = ", ".join(f.name for f in dataclasses.fields(StageSettings))
+        raise ValueError(f"the settings' {name!r}: {error} (sampler settings have {known})") from None
 
 
 _REQUEST_FIELDS = tuple(f.name for f in dataclasses.fields(GenerationRequest))

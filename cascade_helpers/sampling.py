@@ -1,33 +1,19 @@
 """The sampling loop for Stage C and Stage B, with the official maths by default.
 
-Every sampler but ``"diffusers"`` runs on the official schedule — a cosine schedule of the log
-signal-to-noise ratio that ``shift`` moves (logSNR + 2·log(1/shift), clamped to the unshifted range),
-the model conditioned on the cosine "time" of each logSNR, classifier-free guidance followed by the
-official guidance rescale (``guidance_rescale`` = ``cfg_rho``: the guided prediction is pulled toward
-the conditional prediction's standard deviation) — and differs only in the step, chosen per stage
-with :class:`StageSettings`:
+Every sampler but ``"diffusers"`` runs on the official schedule (a cosine logSNR schedule that ``shift``
+moves: + 2·log(1/shift), clamped), conditions the model on the cosine time of each logSNR, and guides
+as the official code does (classifier-free guidance, then the rescale ``guidance_rescale`` = ``cfg_rho``
+toward the conditional prediction's std); they differ in the step (:class:`StageSettings`): ``"official"``
+is gdf's ``DDPMSampler`` and ``"ddim"`` its ``DDIMSampler`` with ``eta`` (both return the last denoised
+estimate); ``"dpmpp_2m"`` is DPM-Solver++(2M) (Lu et al. 2022), deterministic and second order for fewer
+steps, returning the last sample over its signal scale (k-diffusion's convention: 1 % noise at the
+schedule's end). ``"diffusers"`` is the diffusers pipelines' ``DDPMWuerstchenScheduler``: no shift, no
+rescale, the time as conditioning. All start from any noise level (``t_start`` < 1) and call back after
+every step. The official loop's pieces are public so a notebook can write it out: :func:`schedule`,
+:func:`noise_condition`, :func:`classifier_free_guidance`, :func:`predict_clean`, :func:`ddpm_step`.
 
-``"official"`` is the official ``gdf`` package's default, ``DDPMSampler``: DDPM steps, and the final
-step's *denoised estimate* as the result. ``"ddim"`` is the official ``DDIMSampler`` with its ``eta``
-(0: deterministic; 1: the official DDPM step). ``"dpmpp_2m"`` is DPM-Solver++(2M) (Lu et al. 2022, as
-k-diffusion's ``sample_dpmpp_2m``): deterministic and second order, for fewer steps; the result is
-the last sample divided by its signal scale (k-diffusion's convention), 1 % noise at the schedule's end.
-
-``"diffusers"`` reproduces ``StableCascadePriorPipeline`` / ``StableCascadeDecoderPipeline``:
-``DDPMWuerstchenScheduler`` steps, the time itself as conditioning, plain guidance (no shift, no
-rescale), and the last sample as the result.
-
-All can start from a given latent at a given noise level (``t_start`` < 1: image-to-image) and call
-a callback after every step (live previews).
-
-The pieces of the official loop are public, so a notebook can write the loop out and change one:
-:func:`schedule` (the shifted logSNR of every step), :func:`noise_condition` (what the UNet is
-conditioned on), :func:`classifier_free_guidance` (guidance and its rescale), :func:`predict_clean`
-and :func:`ddpm_step`; the stages run them in one loop with progress and callbacks.
-
-This module knows nothing about ControlNets or loading: list inputs (a ControlNet's per-block
-features, ``cnet``) are joined for the guidance batch like any other input, and whoever builds the
-denoiser decides what to do with them (:func:`cascade_helpers.controlnet.model.controlled_denoiser`).
+Nothing here knows ControlNets or loading: list inputs (``cnet``) are joined for the guidance batch like
+any other, and the denoiser's builder decides what they mean.
 """
 
 from __future__ import annotations
@@ -51,7 +37,7 @@ Denoiser = Callable[..., torch.Tensor]
 #: a conditioning input: a tensor, or a list of optional tensors (ControlNet features, ``cnet``)
 _Input = torch.Tensor | Sequence[torch.Tensor | None]
 #: called after every step with (step index, denoised estimate, current sample)
-StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+_StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 _SAMPLERS = ("official", "ddim", "dpmpp_2m", "diffusers")
 
@@ -140,9 +126,6 @@ DIFFUSERS_PRIOR = StageSettings(steps=20, guidance=4.0, sampler="diffusers")
 DIFFUSERS_DECODER = StageSettings(steps=10, guidance=0.0, sampler="diffusers")
 
 
-# --- the official schedule ---------------------------------------------------------------------------
-
-
 def _unshifted_log_snr(t: torch.Tensor) -> torch.Tensor:
     """The official ``CosineSchedule``'s logSNR before any shift: :func:`log_snr` moves and clamps it."""
     var = (torch.cos((t + _S) / (1 + _S) * math.pi / 2).clamp(0, 1) ** 2 / _MIN_VAR).clamp(*_VAR_RANGE)
@@ -205,9 +188,6 @@ def diffuse(
     return _per_sample(a, x0) * x0 + _per_sample(b, x0) * noise
 
 
-# --- the steps of the official sampler ---------------------------------------------------------------
-
-
 def schedule(settings: StageSettings) -> torch.Tensor:
     """The logSNR at each of the ``settings.steps + 1`` times from ``t_start`` down to 0, evenly spaced
     in time and moved by ``settings.shift``: step ``i`` goes from ``schedule[i]`` to ``schedule[i + 1]``."""
@@ -262,9 +242,6 @@ def ddpm_step(
     return x_next + sigma * noise
 
 
-# --- the training objective (official gdf: cosine schedule, epsilon target, P2 weighting) ------------
-
-
 def training_times(batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Random diffusion times for one training batch, drawn as the official ``CosineSchedule`` does
     when training: ``(1 - U[0, 1)) + 0.001``, clamped to [0.001, 1] (never exactly clean).
@@ -286,17 +263,9 @@ def p2_loss_weight(log_snr_value: torch.Tensor) -> torch.Tensor:
     return 1.0 / (1.0 + log_snr_value.exp())
 
 
-# --- guidance ----------------------------------------------------------------------------------------
-
-
-def _cat_inputs(cond: Mapping[str, _Input], uncond: Mapping[str, _Input]) -> dict[str, _Input]:
-    """One doubled batch, conditional first. List inputs (ControlNet features, one entry per Stage C
-    ResBlock) are joined entry by entry, None where either side has None, as the official sampler does."""
-    return {k: _cat(cond[k], uncond[k]) for k in cond}
-
-
 def _cat(cond: _Input | None, uncond: _Input | None) -> _Input | None:
-    """One input of :func:`_cat_inputs`: a tensor, or a list of optional tensors joined entry by entry."""
+    """One input of the doubled guidance batch, conditional first; list inputs (a ControlNet's features
+    per ResBlock) entry by entry, None where either side has None, as the official sampler does."""
     if isinstance(cond, torch.Tensor):
         return torch.cat([cond, uncond])
     if cond is None or uncond is None:
@@ -315,7 +284,7 @@ def _guided(
     sampler guides (conditional and unconditional in one doubled batch, then the rescale)."""
     if not settings.guided:
         return lambda x, r: denoiser(x, r, **cond).float()
-    doubled = _cat_inputs(cond, uncond)
+    doubled = {k: _cat(cond[k], uncond[k]) for k in cond}
 
     def predict(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         pred, pred_uncond = denoiser(torch.cat([x, x]), torch.cat([r, r]), **doubled).chunk(2)
@@ -349,9 +318,6 @@ def classifier_free_guidance(
     return guided
 
 
-# --- the loop ----------------------------------------------------------------------------------------
-
-
 def initial_noise(
     shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device
 ) -> torch.Tensor:
@@ -378,36 +344,12 @@ def _sample(
     device: torch.device,
     generator: torch.Generator | None = None,
     x_init: torch.Tensor | None = None,
-    callback: StepCallback | None = None,
+    callback: _StepCallback | None = None,
     progress: bool | str = True,
 ) -> torch.Tensor:
-    """The loop every stage samples with: ``settings.steps`` steps of ``settings.sampler``, with a
-    progress bar and a per-step callback (live previews), the clean latents as the result.
-
-    Args:
-        denoiser: ``denoiser(x, r, **inputs)`` predicts the noise in ``x`` at timestep ratio ``r``
-            (:func:`unet_denoiser`).
-        shape: the latents' shape, B×C×h×w.
-        cond, uncond: the conditioning inputs by name; ``uncond`` is used only with guidance
-            (``settings.guidance`` > 1) and may be None without it. List inputs (ControlNet
-            features) are joined entry by entry.
-        settings: steps, guidance, shift, rescale, sampler (and its ``eta``), ``t_start``.
-        device: where the latents live during sampling.
-        generator: the CPU random generator of every noise draw (None: torch's global one).
-        x_init: the starting latents at time ``settings.t_start`` (already noised), else pure noise
-            is drawn (:func:`initial_noise`).
-        callback: ``callback(step, denoised, sample)`` after every step; the diffusers sampler
-            passes its sample as both.
-        progress: False hides the tqdm bar; a string is its label.
-
-    Returns:
-        float32 latents on ``device``: the last step's denoised estimate ("official", "ddim"), the
-        last sample over its signal scale ("dpmpp_2m") or the last sample ("diffusers").
-
-    Raises:
-        ValueError: guidance without ``uncond``.
-        TypeError: a ``callback`` that is not callable.
-    """
+    """The loop every stage samples with: ``settings.steps`` steps of ``settings.sampler`` from pure noise
+    (drawn from ``generator`` on the CPU) or ``x_init``, guided when ``settings.guidance`` > 1, with a
+    tqdm bar (``progress``: False or its label) and ``callback(step, denoised, sample)`` after each."""
     if settings.guided and uncond is None:
         raise ValueError("guidance needs unconditional inputs")
     if callback is not None and not callable(callback):  # else it fails only after the first step

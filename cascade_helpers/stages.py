@@ -20,7 +20,7 @@ from .controlnet.model import ControlOutputs, controlled_denoiser
 from .effnet import encode as effnet_encode
 from .images import ImageInput, image_to_tensor, resize_and_crop, scale_short_side
 from .models import Decoder, Prior
-from .sampling import OFFICIAL_DECODER, OFFICIAL_PRIOR, StageSettings, StepCallback, _sample, unet_denoiser
+from .sampling import OFFICIAL_DECODER, OFFICIAL_PRIOR, StageSettings, _sample, _StepCallback, unet_denoiser
 from .sizes import encoder_input_size, stage_b_shape
 
 _OFFICIAL_INPUT_SIDE = 768  # the official examples scale input pictures to this short side first
@@ -97,7 +97,7 @@ def generate_stage_c(
     generator: torch.Generator | None = None,
     image_embeds: torch.Tensor | None = None,
     x_init: torch.Tensor | None = None,
-    callback: StepCallback | None = None,
+    callback: _StepCallback | None = None,
     control: ControlOutputs | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
@@ -171,7 +171,7 @@ def generate_stage_b(
     settings: StageSettings = OFFICIAL_DECODER,
     *,
     generator: torch.Generator | None = None,
-    callback: StepCallback | None = None,
+    callback: _StepCallback | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
     """Sample Stage A latents (B×4×H/4×W/4, float32) from Stage C latents.
@@ -227,21 +227,10 @@ def decode_stage_a(decoder: Decoder, latents: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def _encode_picture(prior: Prior, image: ImageInput, height: int, width: int) -> torch.Tensor:
-    """One input picture → the Stage C latents of a height×width generation, prepared as the official
-    image-to-image and ControlNet examples prepare it: scaled (bilinear, antialiased) and centre-cropped
-    straight to the encoder's input size (768² for 1024², hence 24×24 latents), then normalized.
-
-    For a 1024 px short side and a picture of the output's aspect ratio this is exactly the official
-    preparation (which scales to 768 px whatever the output size; we scale with the output). Otherwise
-    the official code keeps the picture's aspect ratio, giving latents of another shape: we crop.
-
-    Args:
-        prior, image: a prior loaded with ``effnet=True``, and the picture (file, PIL, array, tensor).
-        height, width: the generation's size in pixels.
-
-    Returns:
-        1×16×h×w, float32, on the prior's device; a ValueError without the EfficientNet encoder.
-    """
+    """A picture → the Stage C latents of a height×width generation, as the official image-to-image and
+    ControlNet examples prepare it: scaled (bilinear, antialiased) and centre-cropped straight to the
+    encoder's input (768² for 1024²). The official code scales to a 768 px short side whatever the output
+    and keeps the picture's aspect ratio: the same for 1024² outputs of that ratio; otherwise we crop."""
     encoder = prior.require("effnet", "encoding a picture (image-to-image, ControlNet init pictures)")
     pixels = resize_and_crop(image_to_tensor(image), *encoder_input_size(height, width))
     return effnet_encode(encoder, pixels[None], downscale=False)
@@ -249,15 +238,8 @@ def _encode_picture(prior: Prior, image: ImageInput, height: int, width: int) ->
 
 @torch.no_grad()
 def _variation_embeddings(prior: Prior, image: ImageInput) -> torch.Tensor:
-    """One picture → its CLIP image embedding, prepared as the official image-variation example does:
-    short side to 768 px, then CLIP's resize and centre crop (aspect ratio kept, whatever the output's).
-
-    Args:
-        prior, image: a prior loaded with ``image_encoder=True``, and the picture.
-
-    Returns:
-        1×1×768, float32, on the prior's device; a ValueError without the image encoder.
-    """
+    """A picture → its CLIP image embedding as the official image-variation example makes it: short side
+    to 768 px, then CLIP's resize and centre crop (aspect ratio kept, whatever the output's)."""
     picture = scale_short_side(image_to_tensor(image), _OFFICIAL_INPUT_SIDE)
     return encode_image_clip(prior, picture[None])
 
