@@ -1,19 +1,14 @@
 """Text and image conditioning, computed the way the official code computes it.
 
-Stage C is conditioned on three CLIP inputs: ``clip_text`` (the text encoder's last hidden state,
-before its final layer norm, for prompts padded to 77 tokens), ``clip_text_pooled`` (the projected
-pooled embedding, B×1×1280) and ``clip_img`` (a CLIP ViT-L/14 image embedding, B×1×768, zeros when
-there is no image). Stage B uses ``clip_text_pooled`` only.
-
-Long prompts (``long_prompts=True``): CLIP reads 77 tokens, Stage C's cross-attention a sequence of any
-length. The prompt's tokens are cut into windows of 75, each encoded with its own start and end
-tokens and padded to 77 as a whole prompt is, and the windows' hidden states are concatenated
-(77 × windows positions); every prompt of one call gets as many windows as the longest (empty
-windows: the empty prompt's), so a prompt and its negative prompt line up for guidance. The pooled
-embedding is the first window's: it is what the prompt's first 75 tokens gave before, Stage B (which
-reads nothing else) sees the kind of embedding it was trained on, and a mean over windows would mix
-in windows that are mostly padding. A prompt of one window gives exactly the numbers of a 77-token
-encoding.
+Stage C reads three CLIP inputs: ``clip_text`` (the text encoder's last hidden state before its final
+layer norm, for prompts padded to 77 tokens), ``clip_text_pooled`` (the projected pooled embedding,
+B×1×1280) and ``clip_img`` (a CLIP ViT-L/14 image embedding, B×1×768, zeros without a picture); Stage B
+reads ``clip_text_pooled`` only. With ``long_prompts`` the tokens go through CLIP in windows of 75 (each
+with its start and end token, padded to 77), the windows' hidden states one after the other (Stage C's
+cross-attention reads any length), every prompt of a call as many windows as the longest (empty ones: the
+empty prompt's); the pooled embedding is the first window's: what the prompt's start gave before, the kind
+Stage B was trained on (a mean would mix in windows that are mostly padding). One window gives exactly
+the 77-token numbers.
 """
 
 from __future__ import annotations
@@ -94,19 +89,15 @@ def _text_conditioning(
 def encode_text(
     prior: Prior | TextEncoder, prompts: str | list[str], *, long_prompts: bool = False
 ) -> TextEmbeddings:
-    """Prompts → Stage C/B text conditioning (float32, on the prior's device). A :class:`TextEncoder`
-    loaded alone serves as well: Stage B needs no Stage C.
+    """Prompts → Stage C/B text conditioning (float32, on the prior's device).
 
     Args:
-        prior: the loaded prior, or a text encoder loaded alone (``loading.load_text_encoder``).
-        prompts: one prompt or a list; each padded (or cut, with a :class:`PromptTruncatedWarning`)
-            to CLIP's 77 tokens.
-        long_prompts: read prompts beyond 77 tokens in 77-token windows (see the module's docstring)
-            instead of cutting them.
+        prior: the loaded prior, or a text encoder alone (``loading.load_text_encoder``: Stage B needs no C).
+        prompts: one prompt or a list; each padded, or cut with a :class:`PromptTruncatedWarning`, to 77 tokens.
+        long_prompts: read prompts beyond 77 tokens in 77-token windows instead of cutting them.
 
     Returns:
-        :class:`TextEmbeddings`: ``hidden`` B×77×1280 (B×(77·windows)×1280 with ``long_prompts``) and
-        ``pooled`` B×1×1280 for the released text encoder, one row per prompt.
+        ``hidden`` B×77×1280 (B×(77·windows)×1280 with ``long_prompts``), ``pooled`` B×1×1280.
     """
     return _text_conditioning(prior, prompts, long_prompts)
 
@@ -124,18 +115,13 @@ def _clip_image_input(prior: Prior, images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_image_clip(prior: Prior, images: torch.Tensor) -> torch.Tensor:
-    """B×3×H×W pictures → ``clip_img`` conditioning (B×1×E, float32).
+    """B×3×H×W pictures → ``clip_img`` conditioning; a ValueError without the image encoder.
 
     Args:
-        prior: a prior loaded with ``image_encoder=True``.
-        images: B×3×H×W in [0, 1], on any device, not yet prepared: the official CLIP preprocessing
-            runs here.
+        prior, images: a prior loaded with ``image_encoder=True``, and B×3×H×W in [0, 1], not yet prepared.
 
     Returns:
-        B×1×768 for ViT-L/14 (E: the encoder's projection width), float32, on the prior's device.
-
-    Raises:
-        ValueError: the prior was loaded without its image encoder.
+        B×1×768 (the encoder's projection width), float32, on the prior's device.
     """
     image_encoder = prior.require("image_encoder", "a CLIP image embedding (image variation)")
     pixels = _clip_image_input(prior, images.to(prior.device)).to(prior.dtype)
@@ -147,10 +133,9 @@ def no_image(prior: Prior, batch: int) -> torch.Tensor:
     (diffusers would otherwise silently drop the text sequence too).
 
     Args:
-        prior: the loaded prior (its UNet's ``clip_image_in_channels``: 768 for the released ones).
-        batch: B.
+        prior, batch: the loaded prior, and B.
 
     Returns:
-        B×1×768 zeros, float32, on the prior's device.
+        B×1×768 zeros (the UNet's ``clip_image_in_channels``), float32, on the prior's device.
     """
     return torch.zeros(batch, 1, prior.unet.config.clip_image_in_channels, device=prior.device)

@@ -129,17 +129,15 @@ def _stage_c(
         noise = initial_noise(start.latents.shape, _generator(request.seed + 1), prior.device)
         settings = settings.with_(t_start=start.noise_level, steps=steps)
         x_init = diffuse(start.latents, start.noise_level, noise)
+    shape = stage_c_shape(request.height, request.width, request.num_images)
+    inputs = {
+        "generator": generator,
+        "image_embeds": start.image_embeds,
+        "x_init": x_init,
+        "control": start.control,
+    }
     return generate_stage_c(
-        prior,
-        *text,
-        stage_c_shape(request.height, request.width, request.num_images),
-        settings,
-        generator=generator,
-        image_embeds=start.image_embeds,
-        x_init=x_init,
-        callback=watch.callback,
-        control=start.control,
-        progress=watch.progress,
+        prior, *text, shape, settings, callback=watch.callback, progress=watch.progress, **inputs
     )
 
 
@@ -155,16 +153,10 @@ def _generate(
     with _measured("Stage C", prior.device, costs):
         stage_c_latents = _stage_c(prior, request, (text, negative), generator, start, watch)
     with _measured("Stage B", decoder.device, costs):
+        hooks = {"generator": generator, "callback": watch.decoder_callback, "progress": watch.progress}
+        pooled, size = (text.pooled, negative.pooled), (request.height, request.width)
         stage_b_latents = generate_stage_b(
-            decoder,
-            stage_c_latents,
-            text.pooled,
-            negative.pooled,
-            (request.height, request.width),
-            request.decoder_settings,
-            generator=generator,
-            callback=watch.decoder_callback,
-            progress=watch.progress,
+            decoder, stage_c_latents, *pooled, size, request.decoder_settings, **hooks
         )
     with _measured("Stage A", decoder.device, costs):
         images = to_pil(decode_stage_a(decoder, stage_b_latents))
@@ -178,10 +170,6 @@ def text_to_image(
     decoder: Decoder,
     prompt: str | Sequence[str] | GenerationRequest,
     negative_prompt: str | Sequence[str] = "",
-    *,
-    callback: _StepCallback | None = None,
-    decoder_callback: _StepCallback | None = None,
-    progress: bool = True,
     **options: Any,
 ) -> Generation:
     """Pictures from a prompt.
@@ -190,17 +178,16 @@ def text_to_image(
         prior, decoder: the loaded models (:func:`cascade_helpers.loading.load_prior` / ``load_decoder``).
         prompt: a prompt, a list of prompts (one group of pictures each), or a :class:`GenerationRequest`.
         negative_prompt: what guidance steers away from (a string, or one per prompt).
-        callback: ``callback(step, denoised, sample)`` after each Stage C step (live previews).
-        decoder_callback: the same after each Stage B step.
-        progress: False hides both stages' tqdm bars (for a caller that shows its own: the panel).
         **options: any other :class:`GenerationRequest` field (``height``, ``num_images``, ``seed``,
-            ``long_prompts`` ...).
+            ``long_prompts`` ...), and how to watch the run: ``callback(step, denoised, sample)`` after each
+            Stage C step (live previews), ``decoder_callback`` after each Stage B step, ``progress=False``
+            to hide both stages' tqdm bars (for a caller that shows its own: the panel).
 
     Returns:
         A :class:`Generation`: the pictures, both stages' latents, the settings and each stage's cost.
     """
-    request = _make_request(prompt, negative_prompt, **options)
-    return _generate(prior, decoder, request, _Watch(callback, decoder_callback, progress), _Start(), {})
+    request, watch = _make_request(prompt, negative_prompt, **options)
+    return _generate(prior, decoder, request, _Watch(**watch), _Start(), {})
 
 
 def image_variation(
@@ -209,10 +196,6 @@ def image_variation(
     image: ImageInput,
     prompt: str | Sequence[str] | GenerationRequest = "",
     negative_prompt: str | Sequence[str] = "",
-    *,
-    callback: _StepCallback | None = None,
-    decoder_callback: _StepCallback | None = None,
-    progress: bool = True,
     **options: Any,
 ) -> Generation:
     """Variations of a picture: Stage C conditioned on its CLIP image embedding; no prompt needed (the
@@ -220,16 +203,14 @@ def image_variation(
 
     Args:
         image: the picture (file, PIL image, array or tensor).
-        prior, decoder, prompt, negative_prompt, callback, decoder_callback, progress, **options: as for
-            :func:`text_to_image`.
+        prior, decoder, prompt, negative_prompt, **options: as for :func:`text_to_image`.
 
     Returns:
         A :class:`Generation`.
     """
-    request = _make_request(prompt, negative_prompt, **options)
+    request, watch = _make_request(prompt, negative_prompt, **options)
     embeds = _variation_embeddings(prior, image).repeat_interleave(request.num_images, 0)
-    watch = _Watch(callback, decoder_callback, progress)
-    return _generate(prior, decoder, request, watch, _Start(image_embeds=embeds), {})
+    return _generate(prior, decoder, request, _Watch(**watch), _Start(image_embeds=embeds), {})
 
 
 def image_to_image(
@@ -240,9 +221,6 @@ def image_to_image(
     negative_prompt: str | Sequence[str] = "",
     *,
     strength: float = 0.8,
-    callback: _StepCallback | None = None,
-    decoder_callback: _StepCallback | None = None,
-    progress: bool = True,
     **options: Any,
 ) -> Generation:
     """Repaint a picture guided by a prompt.
@@ -251,22 +229,20 @@ def image_to_image(
         image: the picture (file, PIL image, array or tensor), cover-cropped to the output's shape.
         strength: the noise level the picture's Stage C latents are taken to before denoising (official
             example: 0.8): 0 keeps the picture's encoding, 1 ignores it; ``int(steps × strength)`` steps.
-        prior, decoder, prompt, negative_prompt, callback, decoder_callback, progress, **options: as for
-            :func:`text_to_image`.
+        prior, decoder, prompt, negative_prompt, **options: as for :func:`text_to_image`.
 
     Returns:
         A :class:`Generation` whose settings also record ``strength``.
     """
     strength = values.fraction(strength, "strength", "0 keeps the picture, 1 ignores it")
-    request = _make_request(prompt, negative_prompt, **options)
-    watch = _Watch(callback, decoder_callback, progress)
+    request, watch = _make_request(prompt, negative_prompt, **options)
     if strength == 1.0:
         image_to_tensor(image)  # unused at this strength, but a missing or broken picture is still named
         start = _Start()
     else:
         latents = _encode_picture(prior, image, request.height, request.width)
         start = _Start(latents=latents.repeat_interleave(request.num_images, 0), noise_level=strength)
-    return _generate(prior, decoder, request, watch, start, {"strength": strength})
+    return _generate(prior, decoder, request, _Watch(**watch), start, {"strength": strength})
 
 
 def controlnet_to_image(
@@ -278,9 +254,6 @@ def controlnet_to_image(
     *,
     init_image: ImageInput | None = None,
     init_noise: float = 1.0,
-    callback: _StepCallback | None = None,
-    decoder_callback: _StepCallback | None = None,
-    progress: bool = True,
     **options: Any,
 ) -> Generation:
     """Pictures that follow ControlNet features and a prompt.
@@ -291,14 +264,13 @@ def controlnet_to_image(
             official inpainting and outpainting example does with noise level 1.0 (1 % of the picture's
             signal survives; ``int(steps × init_noise)`` steps). Without it, pure noise (canny, SR).
         init_noise: see ``init_image``; 0 keeps the picture's latents as they are.
-        prior, decoder, prompt, negative_prompt, callback, decoder_callback, progress, **options: as for
-            :func:`text_to_image`.
+        prior, decoder, prompt, negative_prompt, **options: as for :func:`text_to_image`.
 
     Returns:
         A :class:`Generation`.
     """
     init_noise = values.fraction(init_noise, "init_noise", "0 keeps the picture's latents as they are")
-    request = _make_request(prompt, negative_prompt, **options)
+    request, watch = _make_request(prompt, negative_prompt, **options)
     batches = {c.shape[0] for c in control if c is not None}
     if batches != {request.num_images}:
         raise ValueError(
@@ -310,4 +282,4 @@ def controlnet_to_image(
         latents = _encode_picture(prior, init_image, request.height, request.width)
         latents = latents.repeat_interleave(request.num_images, 0)
     start = _Start(latents=latents, noise_level=init_noise, control=control)
-    return _generate(prior, decoder, request, _Watch(callback, decoder_callback, progress), start, {})
+    return _generate(prior, decoder, request, _Watch(**watch), start, {})

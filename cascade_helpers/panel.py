@@ -61,14 +61,9 @@ class GenerationPanel:
         self.prompt = w.Textarea(value=prompt, description="Prompt", layout=wide)
         self.negative_prompt = w.Text(description="Negative", layout=wide)
         self.long_prompts = w.Checkbox(description="Long prompts (beyond 77 tokens)", indent=False)
+        samplers = {"official (gdf DDPM)": "official", "DDIM": "ddim", "DPM-Solver++ 2M": "dpmpp_2m"}
         self.sampler = w.ToggleButtons(
-            options=[
-                ("official (gdf DDPM)", "official"),
-                ("DDIM", "ddim"),
-                ("DPM-Solver++ 2M", "dpmpp_2m"),
-                ("diffusers", "diffusers"),
-            ],
-            description="Sampler",
+            options=[*samplers.items(), ("diffusers", "diffusers")], description="Sampler"
         )
         self.eta = w.FloatSlider(
             value=0.0, min=0.0, max=1.0, step=0.05, description="DDIM eta", style=label, disabled=True
@@ -84,11 +79,8 @@ class GenerationPanel:
             value=decoder_guidance, min=0.0, max=5.0, step=0.1, description="Stage B guidance", style=label
         )
         self.seed = w.IntText(value=0, description="Seed")
-        self.size = w.Dropdown(
-            options=[(f"{wd} × {ht}", (ht, wd)) for ht, wd in _PANEL_SIZES],
-            value=(1024, 1024),
-            description="Size",
-        )
+        sizes = [(f"{wd} × {ht}", (ht, wd)) for ht, wd in _PANEL_SIZES]
+        self.size = w.Dropdown(options=sizes, value=(1024, 1024), description="Size")
         self.num_images = w.IntSlider(value=1, min=1, max=4, description="Pictures")
         self.button = w.Button(description="Generate", button_style="primary", icon="play")
         self.progress = w.IntProgress(value=0, min=0, max=steps, description="Stage C")
@@ -102,39 +94,15 @@ class GenerationPanel:
         self.status = w.HTML()
         self.button.on_click(self._on_click)
         self.sampler.observe(self._use_preset_guidance, names="value")
-        controls = w.VBox(
-            [
-                self.sampler,
-                self.eta,
-                self.steps,
-                self.guidance,
-                self.decoder_steps,
-                self.decoder_guidance,
-                self.seed,
-                self.size,
-                self.num_images,
-            ]
-        )
-        self.widget = w.VBox(
-            [
-                self.prompt,
-                self.negative_prompt,
-                self.long_prompts,
-                w.HBox([controls, self.preview]),
-                w.HBox([self.button, w.VBox([self.progress, self.decoder_progress])]),
-                self.status,
-                self.result,
-            ]
-        )
+        stage_c, stage_b = [self.steps, self.guidance], [self.decoder_steps, self.decoder_guidance]
+        controls = w.VBox([self.sampler, self.eta, *stage_c, *stage_b, self.seed, self.size, self.num_images])
+        bars = w.HBox([self.button, w.VBox([self.progress, self.decoder_progress])])
+        top = [self.prompt, self.negative_prompt, self.long_prompts, w.HBox([controls, self.preview]), bars]
+        self.widget = w.VBox([*top, self.status, self.result])
         # class names a page can be checked by (tests/test_browser.py)
-        for widget, name in (
-            (self.widget, "panel"),
-            (self.preview, "preview"),
-            (self.result, "result"),
-            (self.status, "status"),
-            (self.progress, "progress-stage-c"),
-            (self.decoder_progress, "progress-stage-b"),
-        ):
+        names = {"panel": self.widget, "preview": self.preview, "result": self.result, "status": self.status}
+        names |= {"progress-stage-c": self.progress, "progress-stage-b": self.decoder_progress}
+        for name, widget in names.items():
             widget.add_class(f"cascade-{name}")
 
     def _ipython_display_(self) -> None:
@@ -186,21 +154,17 @@ class GenerationPanel:
             self.decoder_progress.value = step + 1
 
         height, width = self.size.value
+        request = {
+            "height": height,
+            "width": width,
+            "num_images": self.num_images.value,
+            "seed": self.seed.value,
+        }
+        request |= {"prior_settings": prior_settings, "decoder_settings": decoder_settings}
+        watch = {"callback": on_prior_step, "decoder_callback": on_decoder_step, "progress": False}
+        prompts = (self.prompt.value, self.negative_prompt.value)
         result = text_to_image(
-            self.prior,
-            self.decoder,
-            self.prompt.value,
-            self.negative_prompt.value,
-            height=height,
-            width=width,
-            num_images=self.num_images.value,
-            seed=self.seed.value,
-            prior_settings=prior_settings,
-            decoder_settings=decoder_settings,
-            long_prompts=self.long_prompts.value,
-            callback=on_prior_step,
-            decoder_callback=on_decoder_step,
-            progress=False,
+            self.prior, self.decoder, *prompts, long_prompts=self.long_prompts.value, **request, **watch
         )
         self.last = result
         self.result.value = _png_bytes(image_grid(result.images))

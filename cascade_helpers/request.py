@@ -187,25 +187,29 @@ def _saved_stage(saved: dict, name: str) -> StageSettings:
 
 
 _REQUEST_FIELDS = tuple(f.name for f in dataclasses.fields(GenerationRequest))
+#: what a generation call takes besides the request: how the caller watches the run (never saved)
+_WATCH_OPTIONS = {"callback": None, "decoder_callback": None, "progress": True}
 
 
-def _check_options(options: dict[str, Any]) -> dict[str, Any]:
+def _check_options(options: dict[str, Any], known: tuple[str, ...] = _REQUEST_FIELDS) -> dict[str, Any]:
     """Refuse an unknown option by name, with the closest known one."""
     for name in options:
-        if name not in _REQUEST_FIELDS:
-            close = difflib.get_close_matches(name, _REQUEST_FIELDS, n=1)
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise TypeError(f"unknown option {name!r}{hint}: a generation takes {', '.join(_REQUEST_FIELDS)}")
+            raise TypeError(f"unknown option {name!r}{hint}: a generation takes {', '.join(known)}")
     return options
 
 
 def _make_request(
     prompt: str | Sequence[str] | GenerationRequest, negative_prompt: str | Sequence[str] = "", **options: Any
-) -> GenerationRequest:
+) -> tuple[GenerationRequest, dict[str, Any]]:
     """What the four entry points accept (a prompt or list with options, or a ready request with options
-    that replace some of its fields) as one checked :class:`GenerationRequest`."""
+    that replace some of its fields) as one checked :class:`GenerationRequest`, and the watch options."""
+    _check_options(options, _REQUEST_FIELDS + tuple(_WATCH_OPTIONS))
+    watch = {name: options.pop(name, default) for name, default in _WATCH_OPTIONS.items()}
     if isinstance(prompt, GenerationRequest):
         if negative_prompt != "":
             options["negative_prompt"] = negative_prompt
-        return prompt.replace(**options)
-    return GenerationRequest(prompt, negative_prompt, **_check_options(options))
+        return prompt.replace(**options), watch
+    return GenerationRequest(prompt, negative_prompt, **options), watch

@@ -136,15 +136,14 @@ _LOG_SNR_RANGE = (float(_unshifted_log_snr(torch.tensor(1.0))), float(_unshifted
 
 
 def log_snr(t: torch.Tensor, shift: float = 1.0) -> torch.Tensor:
-    """logSNR at diffusion time ``t`` ∈ [0, 1] (1 = pure noise). ``shift`` > 1 spends more of the
-    steps at high noise: it subtracts 2·log(shift) and clamps to the unshifted range.
+    """logSNR at diffusion time ``t`` ∈ [0, 1] (1 = pure noise); ``shift`` > 1 spends more steps at high
+    noise (− 2·log(shift), clamped to the unshifted range).
 
     Args:
-        t: times, any shape (clamped to [0, 1]).
-        shift: 1 leaves the cosine schedule as it is (official: 2 for Stage C, 1 for Stage B).
+        t, shift: times of any shape; 1 leaves the cosine schedule as it is (official: 2 Stage C, 1 Stage B).
 
     Returns:
-        The logSNR, float32, same shape as ``t``.
+        The logSNR, float32, shaped like ``t``.
     """
     value = _unshifted_log_snr(t.float().clamp(0, 1))
     if shift != 1:
@@ -175,13 +174,12 @@ def diffuse(
     """Noise clean latents to time ``t`` the way the official training and image-to-image do.
 
     Args:
-        x0: the clean latents, B×C×h×w.
-        t: one time for all (float or 0-d tensor) or one per latent (a B tensor), in [0, 1].
-        noise: Gaussian noise shaped like ``x0``.
+        x0, noise: the clean latents (B×C×h×w) and Gaussian noise of their shape.
+        t: one time for all, or one per latent (a B tensor), in [0, 1].
         shift: the schedule's shift; 1 (unshifted) is what official image-to-image and training use.
 
     Returns:
-        a·x0 + b·noise at that time's logSNR, shaped like ``x0``.
+        a·x0 + b·noise at that time's logSNR.
     """
     t = torch.as_tensor(t, dtype=torch.float32, device=x0.device)
     a, b = _signal_noise_scales(log_snr(t, shift))
@@ -198,9 +196,7 @@ def predict_clean(x: torch.Tensor, eps: torch.Tensor, log_snr_value: torch.Tenso
     """The denoised estimate x0 = (x − b·eps) / a that a noise prediction implies at this logSNR.
 
     Args:
-        x: the current sample.
-        eps: the (guided) noise prediction for it.
-        log_snr_value: the logSNR of ``x`` (a step of :func:`schedule`).
+        x, eps, log_snr_value: the current sample, its (guided) noise prediction, its logSNR.
 
     Returns:
         The denoised estimate, shaped like ``x``.
@@ -218,19 +214,16 @@ def ddpm_step(
     generator: torch.Generator | None = None,
     eta: float = 1.0,
 ) -> torch.Tensor:
-    """One official DDIM step from logSNR ``now`` to ``next``: the next, less noisy sample, with a
-    share ``eta`` of fresh noise drawn on the CPU from ``generator``. ``eta`` = 1 is the official DDPM
-    step (the default sampler), 0 the deterministic DDIM step (no noise drawn).
+    """One official DDIM step from logSNR ``now`` to ``next``, with a share ``eta`` of fresh noise drawn
+    on the CPU: ``eta`` = 1 is the official DDPM step (the default sampler), 0 deterministic DDIM.
 
     Args:
-        x: the current sample.
-        x0, eps: the denoised estimate (:func:`predict_clean`) and the noise prediction.
+        x, x0, eps: the current sample, its denoised estimate (:func:`predict_clean`), the noise prediction.
         log_snr_now, log_snr_next: ``schedule[i]`` and ``schedule[i + 1]``.
-        generator: the CPU random generator of the fresh noise (None: torch's global one).
-        eta: 0 to 1, as the official ``DDIMSampler``'s.
+        generator, eta: the noise's CPU generator (None: torch's global one), and 0 to 1.
 
     Returns:
-        The next sample, shaped like ``x``, on its device.
+        The next sample, on ``x``'s device.
     """
     a, b = _signal_noise_scales(log_snr_now)
     a_next, b_next = _signal_noise_scales(log_snr_next)
@@ -243,12 +236,11 @@ def ddpm_step(
 
 
 def training_times(batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random diffusion times for one training batch, drawn as the official ``CosineSchedule`` does
-    when training: ``(1 - U[0, 1)) + 0.001``, clamped to [0.001, 1] (never exactly clean).
+    """Random diffusion times for a training batch as the official ``CosineSchedule`` draws them:
+    ``(1 - U[0, 1)) + 0.001``, clamped to [0.001, 1] (never exactly clean).
 
     Args:
-        batch: B.
-        generator: a CPU random generator (None: torch's global one).
+        batch, generator: B, and a CPU random generator (None: torch's global one).
 
     Returns:
         B times, float32, on the CPU.
@@ -298,18 +290,16 @@ def _guided(
 def classifier_free_guidance(
     pred: torch.Tensor, pred_uncond: torch.Tensor, guidance: float, rescale: float = 0.0
 ) -> torch.Tensor:
-    """Push the conditional prediction away from the unconditional one (``guidance`` × the
-    difference), then, with ``rescale`` > 0, pull the result back toward the conditional
-    prediction's standard deviation (the official ``cfg_rho``; std over the whole batch, as there):
-    strong guidance otherwise inflates the prediction and burns the colours.
+    """Push the conditional prediction away from the unconditional one (``guidance`` × the difference),
+    then with ``rescale`` > 0 pull it back toward the conditional prediction's std (the official
+    ``cfg_rho``, std over the whole batch): strong guidance otherwise burns the colours.
 
     Args:
-        pred, pred_uncond: the conditional and unconditional predictions, same shape.
-        guidance: 1 returns ``pred``; official: 4 for Stage C, 1.1 for Stage B.
-        rescale: 0 (no rescale) to 1; official: 0.7.
+        pred, pred_uncond: the conditional and unconditional predictions.
+        guidance, rescale: 1 returns ``pred`` (official: 4 Stage C, 1.1 Stage B); 0 to 1 (official 0.7).
 
     Returns:
-        ``pred_uncond + guidance·(pred − pred_uncond)``, rescaled as above.
+        The guided prediction.
     """
     guided = torch.lerp(pred_uncond, pred, guidance)
     if rescale > 0:
@@ -324,9 +314,7 @@ def initial_noise(
     """Gaussian noise drawn on the CPU, so a seed gives the same picture on every device.
 
     Args:
-        shape: the latents' shape (:func:`cascade_helpers.sizes.stage_c_shape` ...).
-        generator: a CPU random generator (None: torch's global one).
-        device: where the noise goes after drawing.
+        shape, generator, device: the latents' shape, a CPU generator (None: the global one), its target.
 
     Returns:
         float32 noise on ``device``.
@@ -340,7 +328,6 @@ def _sample(
     cond: Mapping[str, torch.Tensor],
     uncond: Mapping[str, torch.Tensor] | None,
     settings: StageSettings,
-    *,
     device: torch.device,
     generator: torch.Generator | None = None,
     x_init: torch.Tensor | None = None,
@@ -415,12 +402,11 @@ _STEPPERS = {"official": _ddim, "ddim": _ddim, "dpmpp_2m": _dpmpp_2m, "diffusers
 
 
 def unet_denoiser(unet: torch.nn.Module, dtype: torch.dtype) -> Denoiser:
-    """Adapt a diffusers ``StableCascadeUNet`` to the ``denoiser(x, r, **inputs)`` interface: inputs
-    in the model's dtype, prediction back in float32.
+    """A diffusers ``StableCascadeUNet`` as ``denoiser(x, r, **inputs)``: inputs in the model's dtype,
+    the noise prediction back in float32.
 
     Args:
-        unet: Stage C's or Stage B's UNet.
-        dtype: the dtype it was loaded in (``prior.dtype``/``decoder.dtype``).
+        unet, dtype: Stage C's or Stage B's UNet and the dtype it was loaded in.
 
     Returns:
         The denoiser the stages sample with.

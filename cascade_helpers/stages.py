@@ -101,20 +101,19 @@ def generate_stage_c(
     control: ControlOutputs | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
-    """Sample Stage C latents (B×16×h×w, float32) for text and optionally image conditioning.
+    """Sample Stage C latents for text and optionally image conditioning.
 
     Args:
         prior: the loaded Stage C with its encoders.
-        text, negative: the prompts' and negative prompts' text conditioning, B rows each, of one length
+        text, negative: the prompts' and negative prompts' conditioning, B rows each, of one length
             (``encode_text``: encode both in one call with ``long_prompts``).
-        shape: B×16×h×w (:func:`cascade_helpers.sizes.stage_c_shape`).
-        settings: the sampler settings.
+        shape, settings: B×16×h×w (:func:`cascade_helpers.sizes.stage_c_shape`), the sampler settings.
         generator: the random generator of the noise (drawn on the CPU).
         image_embeds: CLIP image embeddings (B×1×768) for image variation; zeros without.
         x_init: the starting latents, already noised to ``settings.t_start`` (image-to-image).
         callback: ``callback(step, denoised, sample)`` after every step.
         control: ControlNet features for the B pictures (:func:`.controlnet.control_features`); the
-            guided batch's unconditional half gets the same, as in the official notebook.
+            unconditional half of the guided batch gets the same, as in the official notebook.
         progress: False hides the tqdm progress bar (for a caller that shows its own).
 
     Returns:
@@ -138,17 +137,9 @@ def generate_stage_c(
     if control is not None:
         cond["cnet"] = uncond["cnet"] = list(control)
         denoiser = controlled_denoiser(prior.unet, prior.dtype)
+    label = "Stage C" if progress else False
     latents = _sample(
-        denoiser,
-        shape,
-        cond,
-        uncond,
-        settings,
-        device=prior.device,
-        generator=generator,
-        x_init=x_init,
-        callback=callback,
-        progress="Stage C" if progress else False,
+        denoiser, shape, cond, uncond, settings, prior.device, generator, x_init, callback, label
     )
     inputs = {
         "the prompt's text embeddings": (text.hidden, text.pooled),
@@ -174,11 +165,10 @@ def generate_stage_b(
     callback: _StepCallback | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
-    """Sample Stage A latents (B×4×H/4×W/4, float32) from Stage C latents.
+    """Sample Stage A latents from Stage C latents.
 
     Args:
-        decoder: the loaded Stage B and Stage A.
-        stage_c_latents: B×16×h×w.
+        decoder, stage_c_latents: the loaded Stage B and Stage A, and B×16×h×w latents.
         pooled, negative_pooled: the prompts' and negative prompts' pooled text embeddings (B×1×1280);
             the unconditional branch also gets zero Stage C latents, as in the official code.
         image_size: (height, width) of the pictures.
@@ -190,16 +180,10 @@ def generate_stage_b(
     latents = stage_c_latents.to(decoder.device)
     cond = {"effnet": latents, "clip_text_pooled": pooled.to(decoder.device)}
     uncond = {"effnet": torch.zeros_like(latents), "clip_text_pooled": negative_pooled.to(decoder.device)}
+    denoiser, shape = unet_denoiser(decoder.unet, decoder.dtype), stage_b_shape(*image_size, latents.shape[0])
+    label = "Stage B" if progress else False
     result = _sample(
-        unet_denoiser(decoder.unet, decoder.dtype),
-        stage_b_shape(*image_size, latents.shape[0]),
-        cond,
-        uncond,
-        settings,
-        device=decoder.device,
-        generator=generator,
-        callback=callback,
-        progress="Stage B" if progress else False,
+        denoiser, shape, cond, uncond, settings, decoder.device, generator, None, callback, label
     )
     inputs = {"the Stage C latents": (latents,), "the pooled text embeddings": (pooled, negative_pooled)}
     _check_finite(result, "Stage B", decoder.unet, decoder.dtype, decoder.files[:1], inputs)
@@ -208,7 +192,7 @@ def generate_stage_b(
 
 @torch.no_grad()
 def decode_stage_a(decoder: Decoder, latents: torch.Tensor) -> torch.Tensor:
-    """Stage A latents → pictures (B×3×H×W in [0, 1], float32, CPU).
+    """Stage A latents → pictures.
 
     Args:
         decoder, latents: the loaded Stage B and A (A runs in float32), and B×4×H/4×W/4 latents.
@@ -252,7 +236,7 @@ def preview_stage_c(prior: Prior, latents: torch.Tensor) -> torch.Tensor:
         prior, latents: a prior loaded with ``previewer=True``, and B×16×h×w latents.
 
     Returns:
-        B×3×8h×8w in [0, 1], float32, CPU (192² for a 1024² image); a ValueError without the previewer.
+        B×3×8h×8w in [0, 1], float32, CPU (192² for 1024²); a ValueError without the previewer.
     """
     previewer = prior.require("previewer", "a preview of Stage C latents")
     return previewer(latents.to(prior.device, torch.float32)).clamp(0, 1).cpu()

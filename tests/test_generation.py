@@ -285,10 +285,10 @@ def test_the_picture_is_noised_on_the_unshifted_schedule(tiny_pipeline, monkeypa
         seen.setdefault("noise", real_noise(*args, **kwargs))
         return seen["noise"]
 
-    def record_start(denoiser, shape, cond, uncond, settings, **kwargs):
+    def record_start(denoiser, shape, cond, uncond, settings, device, generator, x_init, *rest):
         if "x_init" not in seen:  # Stage C's call comes first
-            seen["x_init"], seen["settings"] = kwargs["x_init"], settings
-        return real_sample(denoiser, shape, cond, uncond, settings, **kwargs)
+            seen["x_init"], seen["settings"] = x_init, settings
+        return real_sample(denoiser, shape, cond, uncond, settings, device, generator, x_init, *rest)
 
     monkeypatch.setattr(generation, "initial_noise", record_noise)
     monkeypatch.setattr(stages, "_sample", record_start)
