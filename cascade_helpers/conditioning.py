@@ -29,6 +29,10 @@ class TextEmbeddings:
     hidden: torch.Tensor  # B×(77·windows)×D, last hidden state before the final layer norm
     pooled: torch.Tensor  # B×1×P, projected pooled embedding
 
+    def repeat(self, n: int) -> TextEmbeddings:
+        """Each row ``n`` times in a row (the same prompt for ``n`` pictures)."""
+        return TextEmbeddings(self.hidden.repeat_interleave(n, 0), self.pooled.repeat_interleave(n, 0))
+
     def select(self, rows: list[int]) -> TextEmbeddings:
         """These rows, in this order (one per picture)."""
         index = torch.tensor(rows, device=self.hidden.device)

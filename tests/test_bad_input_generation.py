@@ -19,6 +19,7 @@ from cascade_helpers.display import read_settings, save_generation
 from cascade_helpers.generation import controlnet_to_image, image_to_image, image_variation, text_to_image
 from cascade_helpers.loading import load_prior
 from cascade_helpers.sampling import OFFICIAL_DECODER, OFFICIAL_PRIOR, StageSettings
+from cascade_helpers.sizes import stage_b_shape
 from cascade_helpers.stages import generate_stage_c
 
 # guidance rescale off: its std is taken over the whole batch, which would tie the pictures together
@@ -285,7 +286,7 @@ def stage_c_only(monkeypatch):
     import cascade_helpers.generation as generation
 
     def stage_b(decoder, latents, pooled, negative_pooled, image_size, *args, **kwargs):
-        return torch.zeros(generation.stage_b_shape(*image_size, latents.shape[0]))
+        return torch.zeros(stage_b_shape(*image_size, latents.shape[0]))
 
     monkeypatch.setattr(generation, "generate_stage_b", stage_b)
     monkeypatch.setattr(

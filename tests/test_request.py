@@ -52,13 +52,18 @@ def test_bad_requests_are_refused_by_name(kwargs, error, message):
 def test_an_unknown_option_is_refused_with_the_closest_name():
     with pytest.raises(TypeError, match=r"unknown option 'num_image' \(did you mean 'num_images'\?\)"):
         _make_request("a cat", num_image=2)
+    with pytest.raises(
+        TypeError, match=r"unknown option 'callbak' \(did you mean 'callback'\?\).*, progress$"
+    ):
+        _make_request("a cat", callbak=print)
     with pytest.raises(TypeError, match="unknown option 'guidance'"):
         GenerationRequest("a cat").replace(guidance=4)
 
 
 def test_a_ready_request_takes_options_that_replace_its_fields():
     base = GenerationRequest("a cat", seed=3)
-    changed = _make_request(base, "blurry", num_images=2)
+    changed, watch = _make_request(base, "blurry", num_images=2, progress=False)
+    assert watch == {"callback": None, "decoder_callback": None, "progress": False}
     assert (changed.prompt, changed.negative_prompt, changed.num_images, changed.seed) == (
         "a cat",
         "blurry",
