@@ -31,8 +31,8 @@ from cascade_helpers import reconstruction
 from cascade_helpers.checkpoints import config_dir
 from cascade_helpers.devices import pick_device, pick_dtype
 from cascade_helpers.effnet import EfficientNetEncoder, preprocess
-from cascade_helpers.generation import stage_b_shape
 from cascade_helpers.loading import Decoder
+from cascade_helpers.sizes import stage_b_shape
 
 
 def compare(ours: Callable[[], object], bare: Callable[[], object], repeats: int) -> tuple[float, float]:

@@ -51,7 +51,6 @@ import torch
 from cascade_helpers.checkpoints import config_dir
 from cascade_helpers.conditioning import TextEmbeddings
 from cascade_helpers.devices import pick_device, pick_dtype
-from cascade_helpers.generation import generate_stage_b, generate_stage_c, stage_b_shape, stage_c_shape
 from cascade_helpers.loading import Decoder, Prior, load_decoder, load_prior
 from cascade_helpers.sampling import (
     OFFICIAL_DECODER,
@@ -59,8 +58,9 @@ from cascade_helpers.sampling import (
     StageSettings,
     log_snr,
     noise_condition,
-    signal_noise_scales,
 )
+from cascade_helpers.sizes import stage_b_shape, stage_c_shape
+from cascade_helpers.stages import generate_stage_b, generate_stage_c
 from cascade_helpers.upstream import StableCascadeUNet
 
 
@@ -156,7 +156,9 @@ def bare_loop(
     inputs = {k: torch.cat([cond[k], uncond[k]]).to(device, dtype) for k in cond}
     levels = log_snr(torch.linspace(settings.t_start, 0.0, settings.steps + 1), settings.shift)
     conditions = [noise_condition(v).expand(2 * shape[0]).to(device, dtype) for v in levels]
-    scales = [tuple(float(s) for s in signal_noise_scales(v)) for v in levels]
+    scales = [
+        (math.sqrt(float(v.sigmoid())), math.sqrt(1 - float(v.sigmoid()))) for v in levels
+    ]  # x = a·x0 + b·ε
     x = torch.randn(shape, generator=generator).to(device)
     x0 = x
     with torch.no_grad():

@@ -1,13 +1,19 @@
 """Text and image conditioning, computed the way the official code computes it.
 
-Stage C is conditioned on three CLIP inputs: ``clip_text`` (the text encoder's last hidden state,
-before its final layer norm, for prompts padded to 77 tokens), ``clip_text_pooled`` (the projected
-pooled embedding, B×1×1280) and ``clip_img`` (a CLIP ViT-L/14 image embedding, B×1×768, zeros when
-there is no image). Stage B uses ``clip_text_pooled`` only.
+Stage C reads three CLIP inputs: ``clip_text`` (the text encoder's last hidden state before its final
+layer norm, for prompts padded to 77 tokens), ``clip_text_pooled`` (the projected pooled embedding,
+B×1×1280) and ``clip_img`` (a CLIP ViT-L/14 image embedding, B×1×768, zeros without a picture); Stage B
+reads ``clip_text_pooled`` only. With ``long_prompts`` the tokens go through CLIP in windows of 75 (each
+with its start and end token, padded to 77), the windows' hidden states one after the other (Stage C's
+cross-attention reads any length), every prompt of a call as many windows as the longest (empty ones: the
+empty prompt's); the pooled embedding is the first window's: what the prompt's start gave before, the kind
+Stage B was trained on (a mean would mix in windows that are mostly padding). One window gives exactly
+the 77-token numbers.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -20,7 +26,7 @@ from .models import Prior, TextEncoder
 
 @dataclass
 class TextEmbeddings:
-    hidden: torch.Tensor  # B×77×D, last hidden state
+    hidden: torch.Tensor  # B×(77·windows)×D, last hidden state before the final layer norm
     pooled: torch.Tensor  # B×1×P, projected pooled embedding
 
     def repeat(self, n: int) -> TextEmbeddings:
@@ -37,74 +43,75 @@ class PromptTruncatedWarning(UserWarning):
     """The prompt is longer than CLIP's 77 tokens; the end was cut off."""
 
 
-def _warn_if_truncated(tokenizer, prompts: list[str]) -> None:
+def _warn_if_truncated(tokenizer, content: list[list[int]], window: int) -> None:
+    """Say which words a 77-token encoding drops, and that ``long_prompts`` keeps them: transformers'
+    own warning (about "indexing errors") is silenced where the prompt is tokenized, as it is wrong here."""
     limit = tokenizer.model_max_length
-    for prompt in prompts:
-        ids = tokenizer(prompt, truncation=False).input_ids
-        if len(ids) > limit:
-            dropped = tokenizer.decode(ids[limit - 1 : -1])
+    for ids in content:
+        if len(ids) > window:
+            dropped = tokenizer.decode(ids[window:])
             warnings.warn(
-                f"the prompt is {len(ids)} tokens long and CLIP reads {limit}: this part is ignored: {dropped!r}",
+                f"the prompt is {len(ids) + 2} tokens long and CLIP reads {limit}: this part is ignored: "
+                f"{dropped!r}. long_prompts=True reads it all (in windows of {limit} tokens)",
                 PromptTruncatedWarning,
-                stacklevel=3,
+                stacklevel=6,  # the caller of encode_text
             )
 
 
-@torch.no_grad()
-def encode_text(prior: Prior | TextEncoder, prompts: str | list[str]) -> TextEmbeddings:
-    """Prompts → Stage C/B text conditioning (float32, on the prior's device). A :class:`TextEncoder`
-    loaded alone serves as well: Stage B needs no Stage C.
+def _windows(tokenizer, prompts: list[str], long_prompts: bool):
+    """Every prompt as the same number of 77-token windows (start, up to 75 tokens, end, padding), one
+    row each, prompt after prompt; one window (the first 75 tokens) without ``long_prompts``."""
+    window = tokenizer.model_max_length - 2  # room for the start and end tokens
+    content = [tokenizer(p, add_special_tokens=False, verbose=False).input_ids for p in prompts]
+    if not long_prompts:
+        _warn_if_truncated(tokenizer, content, window)
+    count = max(1, *(math.ceil(len(ids) / window) for ids in content)) if long_prompts else 1
+    rows = [
+        [tokenizer.bos_token_id, *ids[i * window : (i + 1) * window], tokenizer.eos_token_id]
+        for ids in content
+        for i in range(count)
+    ]
+    padded = tokenizer.pad(
+        {"input_ids": rows}, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
+    )
+    return padded, count
 
-    Args:
-        prior: the loaded prior, or a text encoder loaded alone (``loading.load_text_encoder``).
-        prompts: one prompt or a list; each padded (or cut, with a :class:`PromptTruncatedWarning`)
-            to CLIP's 77 tokens.
 
-    Returns:
-        :class:`TextEmbeddings`: ``hidden`` B×77×1280 and ``pooled`` B×1×1280 for the released text
-        encoder, one row per prompt.
-    """
-    return text_conditioning(prior, prompts)
-
-
-def text_conditioning(prior: Prior | TextEncoder, prompts: str | list[str]) -> TextEmbeddings:
-    """:func:`encode_text` with gradients: LoRA training learns new token embeddings through it.
-
-    Args:
-        prior, prompts: as for :func:`encode_text`.
-
-    Returns:
-        :class:`TextEmbeddings`, as for :func:`encode_text`, attached to the autograd graph.
-    """
+def _text_conditioning(
+    prior: Prior | TextEncoder, prompts: str | list[str], long_prompts: bool = False
+) -> TextEmbeddings:
+    """:func:`encode_text` with gradients: LoRA training learns new token embeddings through it."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    _warn_if_truncated(prior.tokenizer, prompts)
-    tokens = prior.tokenizer(
-        prompts,
-        truncation=True,
-        padding="max_length",
-        max_length=prior.tokenizer.model_max_length,
-        return_tensors="pt",
-    ).to(prior.device)
-    output = prior.text_encoder(**tokens, output_hidden_states=True)
-    return TextEmbeddings(output.hidden_states[-1].float(), output.text_embeds.unsqueeze(1).float())
+    tokens, windows = _windows(prior.tokenizer, prompts, long_prompts)
+    output = prior.text_encoder(**tokens.to(prior.device), output_hidden_states=True)
+    hidden = output.hidden_states[-1].float()
+    pooled = output.text_embeds.float().reshape(len(prompts), windows, -1)[:, :1]
+    return TextEmbeddings(hidden.reshape(len(prompts), windows * hidden.shape[1], -1), pooled)
 
 
-def clip_image_input(prior: Prior, images: torch.Tensor) -> torch.Tensor:
-    """B×3×H×W in [0, 1] → the image encoder's input: bicubic resize of the short side, centre crop,
-    CLIP normalization (the official ``clip_preprocess``, with sizes from ``feature_extractor/``).
-
-    No antialiasing: the official code pins torchvision 0.16, whose ``Resize`` does not antialias
-    tensors by default, and Stage C's image conditioning was trained on embeddings made that way.
-    (diffusers' pipeline goes through PIL, which does antialias.)
+@torch.no_grad()
+def encode_text(
+    prior: Prior | TextEncoder, prompts: str | list[str], *, long_prompts: bool = False
+) -> TextEmbeddings:
+    """Prompts → Stage C/B text conditioning (float32, on the prior's device).
 
     Args:
-        prior: a prior loaded with ``image_encoder=True`` (its ``clip_image`` settings, read from
-            ``feature_extractor/``).
-        images: B×3×H×W in [0, 1], on any device.
+        prior: the loaded prior, or a text encoder alone (``loading.load_text_encoder``: Stage B needs no C).
+        prompts: one prompt or a list; each padded, or cut with a :class:`PromptTruncatedWarning`, to 77 tokens.
+        long_prompts: read prompts beyond 77 tokens in 77-token windows instead of cutting them.
 
     Returns:
-        B×3×crop×crop, normalized, same device and dtype as ``images``.
+        ``hidden`` B×77×1280 (B×(77·windows)×1280 with ``long_prompts``), ``pooled`` B×1×1280.
     """
+    return _text_conditioning(prior, prompts, long_prompts)
+
+
+def _clip_image_input(prior: Prior, images: torch.Tensor) -> torch.Tensor:
+    """B×3×H×W in [0, 1] → the image encoder's input: the official ``clip_preprocess`` (bicubic resize of
+    the short side, centre crop, CLIP normalization, sizes from ``feature_extractor/``). No antialiasing:
+    the official code pins torchvision 0.16, whose ``Resize`` does not antialias tensors, and Stage C's
+    image conditioning was trained on embeddings made that way (diffusers' pipeline goes through PIL,
+    which does)."""
     settings = prior.clip_image
     resized = TF.resize(images, settings.resize, interpolation=InterpolationMode.BICUBIC, antialias=False)
     return TF.normalize(TF.center_crop(resized, list(settings.crop)), settings.mean, settings.std)
@@ -112,20 +119,16 @@ def clip_image_input(prior: Prior, images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_image_clip(prior: Prior, images: torch.Tensor) -> torch.Tensor:
-    """B×3×H×W pictures → ``clip_img`` conditioning (B×1×E, float32).
+    """B×3×H×W pictures → ``clip_img`` conditioning; a ValueError without the image encoder.
 
     Args:
-        prior: a prior loaded with ``image_encoder=True``.
-        images: B×3×H×W in [0, 1], on any device, not yet prepared: :func:`clip_image_input` runs here.
+        prior, images: a prior loaded with ``image_encoder=True``, and B×3×H×W in [0, 1], not yet prepared.
 
     Returns:
-        B×1×768 for ViT-L/14 (E: the encoder's projection width), float32, on the prior's device.
-
-    Raises:
-        ValueError: the prior was loaded without its image encoder.
+        B×1×768 (the encoder's projection width), float32, on the prior's device.
     """
     image_encoder = prior.require("image_encoder", "a CLIP image embedding (image variation)")
-    pixels = clip_image_input(prior, images.to(prior.device)).to(prior.dtype)
+    pixels = _clip_image_input(prior, images.to(prior.device)).to(prior.dtype)
     return image_encoder(pixel_values=pixels).image_embeds.unsqueeze(1).float()
 
 
@@ -134,10 +137,9 @@ def no_image(prior: Prior, batch: int) -> torch.Tensor:
     (diffusers would otherwise silently drop the text sequence too).
 
     Args:
-        prior: the loaded prior (its UNet's ``clip_image_in_channels``: 768 for the released ones).
-        batch: B.
+        prior, batch: the loaded prior, and B.
 
     Returns:
-        B×1×768 zeros, float32, on the prior's device.
+        B×1×768 zeros (the UNet's ``clip_image_in_channels``), float32, on the prior's device.
     """
     return torch.zeros(batch, 1, prior.unet.config.clip_image_in_channels, device=prior.device)

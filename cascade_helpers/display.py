@@ -4,6 +4,7 @@ curve, and PNG files that remember how they were made. (The interactive generati
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -15,11 +16,12 @@ import PIL.Image
 import PIL.PngImagePlugin
 import torch
 
-from .atomic import _atomic_path, _claim_name
-from .generation import Generation, preview_stage_c
+from .atomic import _claim_name, _temporary_name
+from .generation import Generation
 from .images import as_pil_list, image_grid
 from .models import Prior
-from .request import per_picture
+from .request import _per_picture
+from .stages import preview_stage_c
 
 
 def show_images(images, titles: Sequence[str] | None = None, columns: int | None = None, size: float = 4.0):
@@ -50,7 +52,8 @@ def show_images(images, titles: Sequence[str] | None = None, columns: int | None
     return figure
 
 
-def png_bytes(picture: PIL.Image.Image) -> bytes:
+def _png_bytes(picture: PIL.Image.Image) -> bytes:
+    """A picture as PNG bytes: what an ``ipywidgets.Image`` shows."""
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
     return buffer.getvalue()
@@ -59,7 +62,7 @@ def png_bytes(picture: PIL.Image.Image) -> bytes:
 # --- PNG files with their settings -------------------------------------------------------------------
 
 #: the PNG text chunk holding a generation's settings as JSON (what :func:`read_settings` returns)
-SETTINGS_CHUNK = "stable_cascade"
+_SETTINGS_CHUNK = "stable_cascade"
 
 
 def _next_number(folder: Path, prefix: str) -> int:
@@ -70,17 +73,38 @@ def _next_number(folder: Path, prefix: str) -> int:
     return max(numbers, default=0) + 1
 
 
-def _claim_run(folder: Path, prefix: str, names: list[str]) -> list[Path]:
-    """Claim a run number whose file names are all free, atomically (exclusive create): two
-    notebooks saving into one folder at once never get the same names."""
+def _claim_run(folder: Path, prefix: str, names: list[str], files: list[Path]) -> list[Path]:
+    """Give complete files the names of a run number free for all of them, atomically: two notebooks
+    saving into one folder never get the same names, and a name only ever holds a whole picture
+    (``os.link`` fails on a taken name where a rename would replace it; a lost race moves on)."""
     number = 0
     while True:
-        number = max(_next_number(folder, prefix), number + 1)  # a lost race moves on, never loops
-        paths = [folder / name.format(number=number) for name in names]
-        if _claim_name(paths[0]):
-            for path in paths[1:]:  # the other names of this run follow the first one's number
-                _claim_name(path)
+        number = max(_next_number(folder, prefix), number + 1)
+        paths, linked = [folder / name.format(number=number) for name in names], []
+        try:
+            for file, path in zip(files, paths, strict=True):
+                _link_new(file, path)
+                linked.append(path)
             return paths
+        except FileExistsError:
+            for path in linked:
+                path.unlink()
+
+
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
+
+
+def _link_new(file: Path, path: Path) -> None:
+    """``os.link``, or where the file system has no hard links (FAT, some network and cloud drives) an
+    exclusive claim of the name that the complete file then replaces."""
+    try:
+        os.link(file, path)
+    except OSError as error:
+        if isinstance(error, FileExistsError) or error.errno not in _NO_HARD_LINKS:
+            raise
+        if not _claim_name(path):
+            raise FileExistsError(path) from error
+        os.replace(file, path)
 
 
 def _check_prefix(prefix: object) -> str:
@@ -106,7 +130,8 @@ def save_generation(
     ``output_dir``, with its settings (prompt, negative prompt, seed, size, each stage's steps,
     guidance, shift, sampler, and its index in the batch) in the PNG's text metadata: the
     ``stable_cascade`` chunk as JSON, each picture's own prompt also as the standard ``Description``.
-    A new run never overwrites an older one, even one another process saves into the same folder.
+    A new run never overwrites an older one, even one another process saves into the same folder, and
+    a name never holds part of a picture: all are written under hidden names first and named at the end.
 
     Args:
         generation: what :func:`~cascade_helpers.generation.text_to_image` and friends return.
@@ -127,18 +152,29 @@ def save_generation(
     folder.mkdir(parents=True, exist_ok=True)
     seed = generation.settings.get("seed", 0)
     names = [f"{prefix}-{{number:04d}}-seed{seed}-{index}.png" for index in range(len(generation.images))]
-    paths = _claim_run(folder, prefix, names)
     prompt = generation.settings.get("prompt", "")
-    prompts = per_picture([prompt] if isinstance(prompt, str) else list(prompt), len(generation.images))
-    for index, (picture, path) in enumerate(zip(generation.images, paths, strict=True)):
-        settings = {**generation.settings, "index": index}
-        info = PIL.PngImagePlugin.PngInfo()
-        info.add_text(SETTINGS_CHUNK, json.dumps(settings))
-        info.add_text("Description", str(prompts[index]))
-        info.add_text("Software", "cascade_helpers (Stable Cascade)")
-        with _atomic_path(path) as temporary:
-            picture.save(temporary, format="PNG", pnginfo=info)
-    return paths
+    prompts = _per_picture([prompt] if isinstance(prompt, str) else list(prompt), len(generation.images))
+    files = []
+    try:
+        for index, picture in enumerate(generation.images):
+            files.append(_temporary_name(folder / names[index].format(number=0)))
+            picture.save(
+                files[-1], format="PNG", pnginfo=_png_info(generation.settings, index, prompts[index])
+            )
+        return _claim_run(folder, prefix, names, files)
+    finally:
+        for file in files:
+            file.unlink(missing_ok=True)
+
+
+def _png_info(settings: dict, index: int, prompt: str) -> PIL.PngImagePlugin.PngInfo:
+    """One picture's PNG text chunks: the settings as JSON (with its index), its prompt as the standard
+    ``Description`` that image viewers show."""
+    info = PIL.PngImagePlugin.PngInfo()
+    info.add_text(_SETTINGS_CHUNK, json.dumps({**settings, "index": index}))
+    info.add_text("Description", str(prompt))
+    info.add_text("Software", "cascade_helpers (Stable Cascade)")
+    return info
 
 
 def read_settings(path: str | os.PathLike) -> dict:
@@ -146,18 +182,18 @@ def read_settings(path: str | os.PathLike) -> dict:
     batch it is: the same seed, size and ``num_images`` reproduce it)."""
     with PIL.Image.open(path) as picture:
         text = getattr(picture, "text", {})
-        if SETTINGS_CHUNK not in text:
+        if _SETTINGS_CHUNK not in text:
             raise ValueError(
-                f"{path} has no {SETTINGS_CHUNK!r} metadata: it was not saved by save_generation "
+                f"{path} has no {_SETTINGS_CHUNK!r} metadata: it was not saved by save_generation "
                 "(or an editor dropped the PNG text chunks)"
             )
-        return json.loads(text[SETTINGS_CHUNK])
+        return json.loads(text[_SETTINGS_CHUNK])
 
 
 # --- live previews -----------------------------------------------------------------------------------
 
 
-class InPlace:
+class _InPlace:
     """One output area below the running cell that each :meth:`show` replaces (an IPython display
     handle: Jupyter, Colab and VS Code draw it in place, and it stays in the saved notebook).
     Outside IPython it does nothing."""
@@ -198,13 +234,13 @@ class LivePreview:
         self.columns = columns
         self.latest: PIL.Image.Image | None = None
         self.updates = 0
-        self._area = InPlace()
+        self._area = _InPlace()
 
     def __call__(self, step: int, denoised: torch.Tensor, sample: torch.Tensor) -> None:
         self.latest = image_grid(preview_stage_c(self.prior, denoised), self.columns)
         self.updates += 1
         if self.widget is not None:
-            self.widget.value = png_bytes(self.latest)
+            self.widget.value = _png_bytes(self.latest)
         else:
             self._area.show(self.latest)
 
@@ -232,7 +268,7 @@ class LiveLossPlot:
         self.steps = [int(s) for s, _ in history]
         self.values = [float(v) for _, v in history]
         self.every, self.smoothing, self.title = max(1, every), smoothing, title
-        self._area = InPlace()
+        self._area = _InPlace()
 
     def __call__(self, step: int, loss: float) -> None:
         self.steps.append(step)

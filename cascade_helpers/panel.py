@@ -8,35 +8,24 @@ import os
 
 import torch
 
-from .display import LivePreview, png_bytes, save_generation
+from .display import LivePreview, _png_bytes, save_generation
 from .generation import Generation, text_to_image
 from .images import image_grid
 from .models import Decoder, Prior
 from .sampling import DIFFUSERS_DECODER, DIFFUSERS_PRIOR, OFFICIAL_DECODER, OFFICIAL_PRIOR, StageSettings
 
 #: (height, width) choices of the panel: multiples of 128 the models were trained on, several ratios
-PANEL_SIZES: tuple[tuple[int, int], ...] = (
-    (1024, 1024),
-    (896, 1152),
-    (1152, 896),
-    (768, 1280),
-    (1280, 768),
-    (640, 1536),
-    (1536, 640),
-    (768, 1024),
-    (1024, 768),
-    (512, 512),
-    (512, 768),
-    (768, 512),
-    (768, 768),
-    (1536, 1536),
-)
+_PANEL_SIZES = (
+    (1024, 1024), (896, 1152), (1152, 896), (768, 1280), (1280, 768), (640, 1536), (1536, 640),
+    (768, 1024), (1024, 768), (512, 512), (512, 768), (768, 512), (768, 768), (1536, 1536),
+)  # fmt: skip
 
 
 class GenerationPanel:
-    """An ipywidgets panel for text-to-image: prompt, negative prompt, sampler preset, each stage's
-    steps and guidance, seed, size and number of pictures, a Generate button, one progress bar per
-    stage, a live preview and the result grid. Each result is kept in ``last`` and, with
+    """An ipywidgets panel for text-to-image: prompt, negative prompt, long prompts, the sampler (the
+    official DDPM, DDIM with its eta, DPM-Solver++(2M) — all on the official schedule — or diffusers'
+    preset), each stage's steps and guidance, seed, size and number of pictures, a Generate button, one
+    progress bar per stage, a live preview and the result grid. Each result is kept in ``last`` and, with
     ``output_dir``, saved as PNGs with their settings (:func:`save_generation`).
 
     Display it as the last expression of a cell. ``generate()`` is what the button calls; call it
@@ -71,8 +60,13 @@ class GenerationPanel:
         label = {"description_width": "120px"}  # "Stage B guidance" in full
         self.prompt = w.Textarea(value=prompt, description="Prompt", layout=wide)
         self.negative_prompt = w.Text(description="Negative", layout=wide)
+        self.long_prompts = w.Checkbox(description="Long prompts (beyond 77 tokens)", indent=False)
+        samplers = {"official (gdf DDPM)": "official", "DDIM": "ddim", "DPM-Solver++ 2M": "dpmpp_2m"}
         self.sampler = w.ToggleButtons(
-            options=[("official (gdf)", "official"), ("diffusers", "diffusers")], description="Sampler"
+            options=[*samplers.items(), ("diffusers", "diffusers")], description="Sampler"
+        )
+        self.eta = w.FloatSlider(
+            value=0.0, min=0.0, max=1.0, step=0.05, description="DDIM eta", style=label, disabled=True
         )
         self.steps = w.IntSlider(value=steps, min=1, max=100, description="Stage C steps", style=label)
         self.guidance = w.FloatSlider(
@@ -85,11 +79,8 @@ class GenerationPanel:
             value=decoder_guidance, min=0.0, max=5.0, step=0.1, description="Stage B guidance", style=label
         )
         self.seed = w.IntText(value=0, description="Seed")
-        self.size = w.Dropdown(
-            options=[(f"{wd} × {ht}", (ht, wd)) for ht, wd in PANEL_SIZES],
-            value=(1024, 1024),
-            description="Size",
-        )
+        sizes = [(f"{wd} × {ht}", (ht, wd)) for ht, wd in _PANEL_SIZES]
+        self.size = w.Dropdown(options=sizes, value=(1024, 1024), description="Size")
         self.num_images = w.IntSlider(value=1, min=1, max=4, description="Pictures")
         self.button = w.Button(description="Generate", button_style="primary", icon="play")
         self.progress = w.IntProgress(value=0, min=0, max=steps, description="Stage C")
@@ -103,37 +94,15 @@ class GenerationPanel:
         self.status = w.HTML()
         self.button.on_click(self._on_click)
         self.sampler.observe(self._use_preset_guidance, names="value")
-        controls = w.VBox(
-            [
-                self.sampler,
-                self.steps,
-                self.guidance,
-                self.decoder_steps,
-                self.decoder_guidance,
-                self.seed,
-                self.size,
-                self.num_images,
-            ]
-        )
-        self.widget = w.VBox(
-            [
-                self.prompt,
-                self.negative_prompt,
-                w.HBox([controls, self.preview]),
-                w.HBox([self.button, w.VBox([self.progress, self.decoder_progress])]),
-                self.status,
-                self.result,
-            ]
-        )
+        stage_c, stage_b = [self.steps, self.guidance], [self.decoder_steps, self.decoder_guidance]
+        controls = w.VBox([self.sampler, self.eta, *stage_c, *stage_b, self.seed, self.size, self.num_images])
+        bars = w.HBox([self.button, w.VBox([self.progress, self.decoder_progress])])
+        top = [self.prompt, self.negative_prompt, self.long_prompts, w.HBox([controls, self.preview]), bars]
+        self.widget = w.VBox([*top, self.status, self.result])
         # class names a page can be checked by (tests/test_browser.py)
-        for widget, name in (
-            (self.widget, "panel"),
-            (self.preview, "preview"),
-            (self.result, "result"),
-            (self.status, "status"),
-            (self.progress, "progress-stage-c"),
-            (self.decoder_progress, "progress-stage-b"),
-        ):
+        names = {"panel": self.widget, "preview": self.preview, "result": self.result, "status": self.status}
+        names |= {"progress-stage-c": self.progress, "progress-stage-b": self.decoder_progress}
+        for name, widget in names.items():
             widget.add_class(f"cascade-{name}")
 
     def _ipython_display_(self) -> None:
@@ -142,17 +111,23 @@ class GenerationPanel:
         display(self.widget)
 
     def _presets(self) -> tuple[StageSettings, StageSettings]:
-        if self.sampler.value == "official":
-            return OFFICIAL_PRIOR, OFFICIAL_DECODER
-        return DIFFUSERS_PRIOR, DIFFUSERS_DECODER
+        """Both stages' presets for the chosen sampler: diffusers' own, or the official settings with
+        the official schedule's other steppers."""
+        if self.sampler.value == "diffusers":
+            return DIFFUSERS_PRIOR, DIFFUSERS_DECODER
+        eta = self.eta.value if self.sampler.value == "ddim" else 0.0
+        step = {"sampler": self.sampler.value, "eta": eta}
+        return OFFICIAL_PRIOR.with_(**step), OFFICIAL_DECODER.with_(**step)
 
     def _use_preset_guidance(self, _change) -> None:
         """Choosing a sampler loads its preset's guidance (diffusers' Stage B runs without guidance,
-        the official one with 1.1); the steps stay as the user set them."""
+        the official one with 1.1) and offers eta for DDIM only; the steps stay as the user set them."""
         prior, decoder = self._presets()
         self.guidance.value, self.decoder_guidance.value = prior.guidance, decoder.guidance
+        self.eta.disabled = self.sampler.value != "ddim"
 
     def _settings(self) -> tuple[StageSettings, StageSettings]:
+        """The widgets' values as both stages' sampler settings (checked)."""
         prior, decoder = self._presets()
         return (
             prior.with_(steps=self.steps.value, guidance=self.guidance.value),
@@ -179,23 +154,20 @@ class GenerationPanel:
             self.decoder_progress.value = step + 1
 
         height, width = self.size.value
+        request = {
+            "height": height,
+            "width": width,
+            "num_images": self.num_images.value,
+            "seed": self.seed.value,
+        }
+        request |= {"prior_settings": prior_settings, "decoder_settings": decoder_settings}
+        watch = {"callback": on_prior_step, "decoder_callback": on_decoder_step, "progress": False}
+        prompts = (self.prompt.value, self.negative_prompt.value)
         result = text_to_image(
-            self.prior,
-            self.decoder,
-            self.prompt.value,
-            self.negative_prompt.value,
-            height=height,
-            width=width,
-            num_images=self.num_images.value,
-            seed=self.seed.value,
-            prior_settings=prior_settings,
-            decoder_settings=decoder_settings,
-            callback=on_prior_step,
-            decoder_callback=on_decoder_step,
-            progress=False,
+            self.prior, self.decoder, *prompts, long_prompts=self.long_prompts.value, **request, **watch
         )
         self.last = result
-        self.result.value = png_bytes(image_grid(result.images))
+        self.result.value = _png_bytes(image_grid(result.images))
         self.status.value = f"seed {self.seed.value}, {width} × {height}"
         if self.output_dir is not None:
             paths = save_generation(result, self.output_dir)

@@ -14,11 +14,8 @@ from . import values
 from .sampling import OFFICIAL_DECODER, OFFICIAL_PRIOR, StageSettings
 from .sizes import _GENERATION, check_size
 
-MAX_IMAGES = 16
-MAX_SEED = 2**63 - 1  # torch's generators take 64 bits; image-to-image also uses seed + 1
-
-#: a prompt, or one prompt per picture (the diffusers habit)
-Prompt = str | Sequence[str]
+_MAX_IMAGES = 16
+_MAX_SEED = 2**63 - 1  # torch's generators take 64 bits; image-to-image also uses seed + 1
 
 
 def _prompt_tuple(value: object, name: str) -> tuple[str, ...]:
@@ -30,18 +27,23 @@ def _prompt_tuple(value: object, name: str) -> tuple[str, ...]:
     raise TypeError(f"{name} must be a string or a non-empty list of strings, not {value!r}")
 
 
-def per_picture(prompts: Sequence[str], count: int) -> list[str]:
-    """Each of ``count`` pictures' prompt: the prompts take equal shares of the pictures, in order
-    (``["a cat", "a dog"]`` for 4 pictures: cat, cat, dog, dog).
-
-    Args:
-        prompts: one prompt or more, in order.
-        count: how many pictures.
-
-    Returns:
-        ``count`` prompts.
-    """
+def _per_picture(prompts: Sequence[str], count: int) -> list[str]:
+    """The prompts take equal shares of the pictures, in order (``["a cat", "a dog"]`` for 4 pictures:
+    cat, cat, dog, dog): the diffusers habit, shared by the request and the PNGs' descriptions."""
     return [prompts[i * len(prompts) // count] for i in range(count)]
+
+
+def _picture_count(num_images: object, prompts: int) -> int:
+    """``num_images`` checked against the prompts' count (each prompt gets the same number)."""
+    count = prompts if num_images is None else num_images
+    if not (values._is_whole(count) and 1 <= count <= _MAX_IMAGES):
+        raise ValueError(f"num_images must be from 1 to {_MAX_IMAGES} (a whole number), not {count!r}")
+    if count % prompts:
+        raise ValueError(
+            f"num_images={count} cannot be shared among {prompts} prompts: use a multiple of "
+            f"{prompts} (each prompt gets the same number of pictures)"
+        )
+    return int(count)
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,8 @@ class GenerationRequest:
             (default: one per prompt).
         seed: fixes all the noise: the same request gives the same pictures.
         prior_settings, decoder_settings: Stage C's and Stage B's sampler settings.
+        long_prompts: read prompts beyond CLIP's 77 tokens in 77-token windows instead of cutting
+            them (:func:`cascade_helpers.conditioning.encode_text`).
     """
 
     prompt: str | tuple[str, ...] = ""
@@ -69,49 +73,47 @@ class GenerationRequest:
     seed: int = 0
     prior_settings: StageSettings = OFFICIAL_PRIOR
     decoder_settings: StageSettings = OFFICIAL_DECODER
+    long_prompts: bool = False
 
     def __post_init__(self) -> None:
         prompts = _prompt_tuple(self.prompt, "prompt")
         negatives = _prompt_tuple(self.negative_prompt, "negative_prompt")
-        set_ = object.__setattr__  # a frozen dataclass normalizing its own fields
-        for name in ("prompt", "negative_prompt"):
-            value = getattr(self, name)
-            set_(self, name, value if isinstance(value, str) else tuple(value))
         if not isinstance(self.negative_prompt, str) and len(negatives) != len(prompts):
             raise ValueError(
                 f"{len(negatives)} negative prompts for {len(prompts)} prompt(s): give one negative prompt "
                 "for all pictures, or one per prompt"
             )
-        count = len(prompts) if self.num_images is None else self.num_images
-        if not (values._is_whole(count) and 1 <= count <= MAX_IMAGES):
-            raise ValueError(f"num_images must be from 1 to {MAX_IMAGES} (a whole number), not {count!r}")
-        if count % len(prompts):
-            raise ValueError(
-                f"num_images={count} cannot be shared among {len(prompts)} prompts: use a multiple of "
-                f"{len(prompts)} (each prompt gets the same number of pictures)"
-            )
-        set_(self, "num_images", int(count))
-        height, width = check_size(self.height, self.width, _GENERATION)
-        set_(self, "height", height)
-        set_(self, "width", width)
-        if not (values._is_whole(self.seed) and 0 <= self.seed <= MAX_SEED):
+        if not (values._is_whole(self.seed) and 0 <= self.seed <= _MAX_SEED):
             raise ValueError(f"seed must be a whole number from 0 to 2**63 - 1, not {self.seed!r}")
-        set_(self, "seed", int(self.seed))
         for name in ("prior_settings", "decoder_settings"):
             if not isinstance(getattr(self, name), StageSettings):
                 raise TypeError(
                     f"{name} must be a StageSettings (e.g. OFFICIAL_PRIOR), not {getattr(self, name)!r}"
                 )
+        if not isinstance(self.long_prompts, bool):
+            raise TypeError(f"long_prompts must be True or False, not {self.long_prompts!r}")
+        set_ = object.__setattr__  # a frozen dataclass normalizing its own fields
+        set_(self, "prompt", self.prompt if isinstance(self.prompt, str) else prompts)
+        set_(
+            self,
+            "negative_prompt",
+            self.negative_prompt if isinstance(self.negative_prompt, str) else negatives,
+        )
+        set_(self, "num_images", _picture_count(self.num_images, len(prompts)))
+        height, width = check_size(self.height, self.width, _GENERATION)
+        set_(self, "height", height)
+        set_(self, "width", width)
+        set_(self, "seed", int(self.seed))
 
     @property
     def prompts(self) -> list[str]:
         """The prompt of each picture, in order."""
-        return per_picture(_prompt_tuple(self.prompt, "prompt"), self.num_images)
+        return _per_picture(_prompt_tuple(self.prompt, "prompt"), self.num_images)
 
     @property
     def negative_prompts(self) -> list[str]:
         """The negative prompt of each picture, in order."""
-        return per_picture(_prompt_tuple(self.negative_prompt, "negative_prompt"), self.num_images)
+        return _per_picture(_prompt_tuple(self.negative_prompt, "negative_prompt"), self.num_images)
 
     def replace(self, **changes: Any) -> GenerationRequest:
         """A copy with some fields changed (checked again)."""
@@ -129,53 +131,85 @@ class GenerationRequest:
     @classmethod
     def from_dict(cls, settings: dict) -> GenerationRequest:
         """The request saved in a generation's settings (``Generation.settings``, or a PNG's through
-        :func:`cascade_helpers.display.read_settings`): the same request makes the same pictures.
-        Where Stage C started from a picture's latents (image-to-image, ControlNet init pictures) it ran
-        fewer steps than asked: ``prior`` records what it ran, ``requested_prior`` what was asked, and
-        the request takes the latter."""
-        fields = {f.name for f in dataclasses.fields(cls)} - {"prior_settings", "decoder_settings"}
+        :func:`cascade_helpers.display.read_settings`): the same request makes the same pictures. Keys
+        the request does not hold (the models' variants, the picture's index) are ignored; a missing or
+        edited field is named with the type it wants."""
+        if not isinstance(settings, dict):
+            raise TypeError(
+                f"settings must be a dict (what read_settings returns), not {type(settings).__name__}"
+            )
+        fields = {
+            name: _saved(settings, name) for name in _SAVED if name in settings or name not in _OPTIONAL
+        }
         return cls(
-            **{k: v for k, v in settings.items() if k in fields},
-            prior_settings=StageSettings(**settings.get("requested_prior", settings["prior"])),
-            decoder_settings=StageSettings(**settings["decoder"]),
+            prior_settings=_saved_stage(fields.pop("prior"), "prior"),
+            decoder_settings=_saved_stage(fields.pop("decoder"), "decoder"),
+            **fields,
         )
 
 
+#: what a saved request holds (JSON types) and how a message names each; newer fields are optional,
+#: so settings saved before them make the pictures they made then
+_SAVED: dict[str, tuple[type | tuple[type, ...], str]] = {
+    "prompt": ((str, list), "a string or a list of strings"),
+    "negative_prompt": ((str, list), "a string or a list of strings"),
+    "height": (int, "a whole number of pixels"),
+    "width": (int, "a whole number of pixels"),
+    "num_images": (int, "a whole number"),
+    "seed": (int, "a whole number"),
+    "prior": (dict, "a dict of Stage C's sampler settings"),
+    "decoder": (dict, "a dict of Stage B's sampler settings"),
+    "long_prompts": (bool, "true or false"),
+}
+_OPTIONAL = {"long_prompts"}
+
+
+def _saved(settings: dict, name: str) -> Any:
+    """One field of saved settings, refused by name when missing or of another type (an edited PNG)."""
+    kinds, wanted = _SAVED[name]
+    if name not in settings:
+        raise ValueError(
+            f"the settings have no {name!r} ({wanted}): they were not saved by a generation, or edited"
+        )
+    value = settings[name]
+    if not isinstance(value, kinds) or (kinds is int and isinstance(value, bool)):
+        raise TypeError(f"the settings' {name!r} must be {wanted}, not {value!r} ({type(value).__name__})")
+    return value
+
+
+def _saved_stage(saved: dict, name: str) -> StageSettings:
+    """A stage's saved sampler settings as :class:`StageSettings`, an unknown or missing key named."""
+    try:
+        return StageSettings(**saved)
+    except TypeError as error:  # an unexpected or a missing keyword argument
+        known = ", ".join(f.name for f in dataclasses.fields(StageSettings))
+        raise ValueError(f"the settings' {name!r}: {error} (sampler settings have {known})") from None
+
+
 _REQUEST_FIELDS = tuple(f.name for f in dataclasses.fields(GenerationRequest))
+#: what a generation call takes besides the request: how the caller watches the run (never saved)
+_WATCH_OPTIONS = {"callback": None, "decoder_callback": None, "progress": True}
 
 
-def _check_options(options: dict[str, Any]) -> dict[str, Any]:
+def _check_options(options: dict[str, Any], known: tuple[str, ...] = _REQUEST_FIELDS) -> dict[str, Any]:
     """Refuse an unknown option by name, with the closest known one."""
     for name in options:
-        if name not in _REQUEST_FIELDS:
-            close = difflib.get_close_matches(name, _REQUEST_FIELDS, n=1)
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise TypeError(f"unknown option {name!r}{hint}: a generation takes {', '.join(_REQUEST_FIELDS)}")
+            raise TypeError(f"unknown option {name!r}{hint}: a generation takes {', '.join(known)}")
     return options
 
 
-def make_request(
-    prompt: Prompt | GenerationRequest, negative_prompt: Prompt = "", **options: Any
-) -> GenerationRequest:
-    """What the entry points accept, as one :class:`GenerationRequest`: a prompt (or list) with
-    options, or a ready request with options that replace some of its fields.
-
-    Args:
-        prompt: a prompt, a list of prompts, or a whole :class:`GenerationRequest`.
-        negative_prompt: one for all pictures, or one per prompt; with a request, a non-empty value
-            replaces the request's.
-        **options: other fields of :class:`GenerationRequest` (``height``, ``width``,
-            ``num_images``, ``seed``, ``prior_settings``, ``decoder_settings``).
-
-    Returns:
-        The request, checked.
-
-    Raises:
-        TypeError: an unknown option (with the closest known one), or a prompt that is not text.
-        ValueError: a value the request refuses (size, count, seed, negative prompts).
-    """
+def _make_request(
+    prompt: str | Sequence[str] | GenerationRequest, negative_prompt: str | Sequence[str] = "", **options: Any
+) -> tuple[GenerationRequest, dict[str, Any]]:
+    """What the four entry points accept (a prompt or list with options, or a ready request with options
+    that replace some of its fields) as one checked :class:`GenerationRequest`, and the watch options."""
+    _check_options(options, _REQUEST_FIELDS + tuple(_WATCH_OPTIONS))
+    watch = {name: options.pop(name, default) for name, default in _WATCH_OPTIONS.items()}
     if isinstance(prompt, GenerationRequest):
         if negative_prompt != "":
             options["negative_prompt"] = negative_prompt
-        return prompt.replace(**options)
-    return GenerationRequest(prompt, negative_prompt, **_check_options(options))
+        return prompt.replace(**options), watch
+    return GenerationRequest(prompt, negative_prompt, **options), watch

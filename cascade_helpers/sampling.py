@@ -1,36 +1,26 @@
 """The sampling loop for Stage C and Stage B, with the official maths by default.
 
-Two samplers, chosen per stage with :class:`StageSettings`:
+Every sampler but ``"diffusers"`` runs on the official schedule (a cosine logSNR schedule that ``shift``
+moves: + 2·log(1/shift), clamped), conditions the model on the cosine time of each logSNR, and guides
+as the official code does (classifier-free guidance, then the rescale ``guidance_rescale`` = ``cfg_rho``
+toward the conditional prediction's std); they differ in the step (:class:`StageSettings`): ``"official"``
+is gdf's ``DDPMSampler`` and ``"ddim"`` its ``DDIMSampler`` with ``eta`` (both return the last denoised
+estimate); ``"dpmpp_2m"`` is DPM-Solver++(2M) (Lu et al. 2022), deterministic and second order for fewer
+steps, returning the last sample over its signal scale (k-diffusion's convention: 1 % noise at the
+schedule's end). ``"diffusers"`` is the diffusers pipelines' ``DDPMWuerstchenScheduler``: no shift, no
+rescale, the time as conditioning. All start from any noise level (``t_start`` < 1) and call back after
+every step. The official loop's pieces are public so a notebook can write it out: :func:`schedule`,
+:func:`noise_condition`, :func:`classifier_free_guidance`, :func:`predict_clean`, :func:`ddpm_step`.
 
-``"official"`` reproduces the official ``gdf`` package's sampler: a cosine schedule of the
-log signal-to-noise ratio that ``shift`` moves (logSNR + 2·log(1/shift), clamped to the unshifted
-range), the model conditioned on the cosine "time" that corresponds to each logSNR, DDPM steps,
-classifier-free guidance followed by a guidance rescale (``guidance_rescale`` = ``cfg_rho``: the
-guided prediction is pulled toward the conditional prediction's standard deviation), and the
-final step's *denoised estimate* as the result.
-
-``"diffusers"`` reproduces ``StableCascadePriorPipeline`` / ``StableCascadeDecoderPipeline``:
-``DDPMWuerstchenScheduler`` steps, the time itself as conditioning, plain guidance (no shift, no
-rescale), and the last sample as the result.
-
-Both can start from a given latent at a given noise level (``t_start`` < 1: image-to-image) and call
-a callback after every step (live previews).
-
-The pieces of the official loop are public, so a notebook can write the loop out and change one:
-:func:`schedule` (the shifted logSNR of every step), :func:`noise_condition` (what the UNet is
-conditioned on), :func:`classifier_free_guidance` (guidance and its rescale), :func:`predict_clean`
-and :func:`ddpm_step`. :func:`sample` is those pieces in a loop, with progress and callbacks.
-
-This module knows nothing about ControlNets or loading: list inputs (a ControlNet's per-block
-features, ``cnet``) are joined for the guidance batch like any other input, and whoever builds the
-denoiser decides what to do with them (:func:`cascade_helpers.controlnet.controlled_denoiser`).
+Nothing here knows ControlNets or loading: list inputs (``cnet``) are joined for the guidance batch like
+any other, and the denoiser's builder decides what they mean.
 """
 
 from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Literal
 
@@ -45,13 +35,11 @@ _MIN_VAR = math.cos(_S / (1 + _S) * math.pi / 2) ** 2
 
 Denoiser = Callable[..., torch.Tensor]
 #: a conditioning input: a tensor, or a list of optional tensors (ControlNet features, ``cnet``)
-Input = torch.Tensor | Sequence[torch.Tensor | None]
+_Input = torch.Tensor | Sequence[torch.Tensor | None]
 #: called after every step with (step index, denoised estimate, current sample)
-StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+_StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
-
-#: the samplers :class:`StageSettings` knows
-SAMPLERS: tuple[str, ...] = ("official", "diffusers")
+_SAMPLERS = ("official", "ddim", "dpmpp_2m", "diffusers")
 
 
 @dataclass(frozen=True)
@@ -68,16 +56,19 @@ class StageSettings:
         guidance: classifier-free guidance scale, ≥ 0 (official: 4 for Stage C, 1.1 for Stage B).
         shift: > 0; moves the schedule toward noise (official: 2 for Stage C, 1 for Stage B).
         guidance_rescale: the official ``cfg_rho``, 0 to 1 (official: 0.7 for both).
-        sampler: "official" (the gdf sampler) or "diffusers" (no shift, no rescale).
+        sampler: "official" (gdf's DDPM), "ddim" (gdf's DDIM, with ``eta``), "dpmpp_2m"
+            (DPM-Solver++(2M)) or "diffusers" (diffusers' scheduler: no shift, no rescale).
         t_start: the starting noise level in (0, 1]; 1 is pure noise.
+        eta: the "ddim" sampler's share of fresh noise per step, 0 (deterministic) to 1 (= "official").
     """
 
     steps: int
     guidance: float
     shift: float = 1.0
     guidance_rescale: float = 0.0
-    sampler: Literal["official", "diffusers"] = "official"
+    sampler: Literal["official", "ddim", "dpmpp_2m", "diffusers"] = "official"
     t_start: float = 1.0
+    eta: float = 0.0
 
     def __post_init__(self) -> None:
         values._whole(self.steps, "steps", 1, 1000)
@@ -95,19 +86,10 @@ class StageSettings:
         t_start = values._finite(self.t_start, "t_start", "the starting noise level, in (0, 1]")
         if not 0.0 < t_start <= 1.0:
             raise ValueError(f"t_start (the starting noise level) must be in (0, 1], not {self.t_start}")
-        if self.sampler not in SAMPLERS:
-            close = difflib.get_close_matches(str(self.sampler).lower(), SAMPLERS, n=1, cutoff=0.5)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(
-                f"unknown sampler {self.sampler!r}{hint}: use one of {', '.join(map(repr, SAMPLERS))}"
-            )
-        if self.sampler == "diffusers" and (self.shift != 1.0 or self.guidance_rescale != 0.0):
-            raise ValueError(
-                "the diffusers sampler has neither shift nor guidance rescale: set shift=1, guidance_rescale=0"
-            )
+        _check_sampler(self.sampler, self.shift, self.guidance_rescale, self.eta)
         set_ = object.__setattr__  # a frozen dataclass normalizing its own fields (numpy numbers → Python)
         set_(self, "steps", int(self.steps))
-        for name in ("guidance", "shift", "guidance_rescale", "t_start"):
+        for name in ("guidance", "shift", "guidance_rescale", "t_start", "eta"):
             set_(self, name, float(getattr(self, name)))
 
     @property
@@ -123,6 +105,22 @@ class StageSettings:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+def _check_sampler(sampler: object, shift: float, guidance_rescale: float, eta: object) -> None:
+    """A sampler name that is not known, or an option the chosen sampler has not got, would silently
+    run another sampler than the settings (and the PNGs they are saved in) claim."""
+    if sampler not in _SAMPLERS:
+        close = difflib.get_close_matches(str(sampler).lower(), _SAMPLERS, n=1, cutoff=0.5)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown sampler {sampler!r}{hint}: use one of {', '.join(map(repr, _SAMPLERS))}")
+    if sampler == "diffusers" and (shift != 1.0 or guidance_rescale != 0.0):
+        raise ValueError(
+            "the diffusers sampler has neither shift nor guidance rescale: set shift=1, guidance_rescale=0"
+        )
+    values._fraction(eta, "eta", "the ddim sampler's fresh noise per step: 0 deterministic, 1 = DDPM")
+    if eta != 0.0 and sampler != "ddim":
+        raise ValueError(f"eta={eta} is an option of sampler='ddim' only, not of {sampler!r}: leave eta at 0")
+
+
 # The official notebooks' settings, and what diffusers' documentation uses.
 OFFICIAL_PRIOR = StageSettings(steps=20, guidance=4.0, shift=2.0, guidance_rescale=0.7)
 OFFICIAL_DECODER = StageSettings(steps=10, guidance=1.1, shift=1.0, guidance_rescale=0.7)
@@ -130,10 +128,8 @@ DIFFUSERS_PRIOR = StageSettings(steps=20, guidance=4.0, sampler="diffusers")
 DIFFUSERS_DECODER = StageSettings(steps=10, guidance=0.0, sampler="diffusers")
 
 
-# --- the official schedule ---------------------------------------------------------------------------
-
-
 def _unshifted_log_snr(t: torch.Tensor) -> torch.Tensor:
+    """The official ``CosineSchedule``'s logSNR before any shift: :func:`log_snr` moves and clamps it."""
     var = (torch.cos((t + _S) / (1 + _S) * math.pi / 2).clamp(0, 1) ** 2 / _MIN_VAR).clamp(*_VAR_RANGE)
     return torch.log(var / (1 - var))
 
@@ -142,15 +138,14 @@ _LOG_SNR_RANGE = (float(_unshifted_log_snr(torch.tensor(1.0))), float(_unshifted
 
 
 def log_snr(t: torch.Tensor, shift: float = 1.0) -> torch.Tensor:
-    """logSNR at diffusion time ``t`` ∈ [0, 1] (1 = pure noise). ``shift`` > 1 spends more of the
-    steps at high noise: it subtracts 2·log(shift) and clamps to the unshifted range.
+    """logSNR at diffusion time ``t`` ∈ [0, 1] (1 = pure noise); ``shift`` > 1 spends more steps at high
+    noise (− 2·log(shift), clamped to the unshifted range).
 
     Args:
-        t: times, any shape (clamped to [0, 1]).
-        shift: 1 leaves the cosine schedule as it is (official: 2 for Stage C, 1 for Stage B).
+        t, shift: times of any shape; 1 leaves the cosine schedule as it is (official: 2 Stage C, 1 Stage B).
 
     Returns:
-        The logSNR, float32, same shape as ``t``.
+        The logSNR, float32, shaped like ``t``.
     """
     value = _unshifted_log_snr(t.float().clamp(0, 1))
     if shift != 1:
@@ -164,13 +159,14 @@ def noise_condition(log_snr_value: torch.Tensor) -> torch.Tensor:
     return torch.acos((var * _MIN_VAR).sqrt()) / (math.pi / 2) * (1 + _S) - _S
 
 
-def signal_noise_scales(log_snr_value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Variance-preserving scales (a, b) with x_t = a·x0 + b·noise."""
+def _signal_noise_scales(log_snr_value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official ``VPScaler``: variance-preserving scales (a, b) with x_t = a·x0 + b·noise."""
     a2 = log_snr_value.sigmoid()
     return a2.sqrt(), (1 - a2).sqrt()
 
 
 def _per_sample(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """One scale per latent (training's B times) broadcast over C×h×w; a single scale as it is."""
     return value.reshape(-1, *[1] * (like.dim() - 1)) if value.dim() else value
 
 
@@ -180,20 +176,16 @@ def diffuse(
     """Noise clean latents to time ``t`` the way the official training and image-to-image do.
 
     Args:
-        x0: the clean latents, B×C×h×w.
-        t: one time for all (float or 0-d tensor) or one per latent (a B tensor), in [0, 1].
-        noise: Gaussian noise shaped like ``x0``.
+        x0, noise: the clean latents (B×C×h×w) and Gaussian noise of their shape.
+        t: one time for all, or one per latent (a B tensor), in [0, 1].
         shift: the schedule's shift; 1 (unshifted) is what official image-to-image and training use.
 
     Returns:
-        a·x0 + b·noise at that time's logSNR, shaped like ``x0``.
+        a·x0 + b·noise at that time's logSNR.
     """
     t = torch.as_tensor(t, dtype=torch.float32, device=x0.device)
-    a, b = signal_noise_scales(log_snr(t, shift))
+    a, b = _signal_noise_scales(log_snr(t, shift))
     return _per_sample(a, x0) * x0 + _per_sample(b, x0) * noise
-
-
-# --- the steps of the official sampler ---------------------------------------------------------------
 
 
 def schedule(settings: StageSettings) -> torch.Tensor:
@@ -206,14 +198,12 @@ def predict_clean(x: torch.Tensor, eps: torch.Tensor, log_snr_value: torch.Tenso
     """The denoised estimate x0 = (x − b·eps) / a that a noise prediction implies at this logSNR.
 
     Args:
-        x: the current sample.
-        eps: the (guided) noise prediction for it.
-        log_snr_value: the logSNR of ``x`` (a step of :func:`schedule`).
+        x, eps, log_snr_value: the current sample, its (guided) noise prediction, its logSNR.
 
     Returns:
         The denoised estimate, shaped like ``x``.
     """
-    a, b = signal_noise_scales(log_snr_value)
+    a, b = _signal_noise_scales(log_snr_value)
     return (x - eps * b) / a
 
 
@@ -224,36 +214,35 @@ def ddpm_step(
     log_snr_now: torch.Tensor,
     log_snr_next: torch.Tensor,
     generator: torch.Generator | None = None,
+    eta: float = 1.0,
 ) -> torch.Tensor:
-    """One DDPM step (the official DDIM step with eta=1) from logSNR ``now`` to ``next``: the next,
-    less noisy sample, with fresh noise drawn on the CPU from ``generator``.
+    """One official DDIM step from logSNR ``now`` to ``next``, with a share ``eta`` of fresh noise drawn
+    on the CPU: ``eta`` = 1 is the official DDPM step (the default sampler), 0 deterministic DDIM.
 
     Args:
-        x: the current sample.
-        x0, eps: the denoised estimate (:func:`predict_clean`) and the noise prediction.
+        x, x0, eps: the current sample, its denoised estimate (:func:`predict_clean`), the noise prediction.
         log_snr_now, log_snr_next: ``schedule[i]`` and ``schedule[i + 1]``.
-        generator: the CPU random generator of the fresh noise (None: torch's global one).
+        generator, eta: the noise's CPU generator (None: torch's global one), and 0 to 1.
 
     Returns:
-        The next sample, shaped like ``x``, on its device.
+        The next sample, on ``x``'s device.
     """
-    a, b = signal_noise_scales(log_snr_now)
-    a_next, b_next = signal_noise_scales(log_snr_next)
-    sigma = (b_next**2 / b**2).sqrt() * (1 - a**2 / a_next**2).sqrt()
+    a, b = _signal_noise_scales(log_snr_now)
+    a_next, b_next = _signal_noise_scales(log_snr_next)
+    sigma = eta * (b_next**2 / b**2).sqrt() * (1 - a**2 / a_next**2).sqrt()
+    x_next = a_next * x0 + (b_next**2 - sigma**2).sqrt() * eps
+    if eta == 0:
+        return x_next
     noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-    return a_next * x0 + (b_next**2 - sigma**2).sqrt() * eps + sigma * noise
-
-
-# --- the training objective (official gdf: cosine schedule, epsilon target, P2 weighting) ------------
+    return x_next + sigma * noise
 
 
 def training_times(batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random diffusion times for one training batch, drawn as the official ``CosineSchedule`` does
-    when training: ``(1 - U[0, 1)) + 0.001``, clamped to [0.001, 1] (never exactly clean).
+    """Random diffusion times for a training batch as the official ``CosineSchedule`` draws them:
+    ``(1 - U[0, 1)) + 0.001``, clamped to [0.001, 1] (never exactly clean).
 
     Args:
-        batch: B.
-        generator: a CPU random generator (None: torch's global one).
+        batch, generator: B, and a CPU random generator (None: torch's global one).
 
     Returns:
         B times, float32, on the CPU.
@@ -268,16 +257,9 @@ def p2_loss_weight(log_snr_value: torch.Tensor) -> torch.Tensor:
     return 1.0 / (1.0 + log_snr_value.exp())
 
 
-# --- guidance ----------------------------------------------------------------------------------------
-
-
-def _cat_inputs(cond: Mapping[str, Input], uncond: Mapping[str, Input]) -> dict[str, Input]:
-    """One doubled batch, conditional first. List inputs (ControlNet features, one entry per Stage C
-    ResBlock) are joined entry by entry, None where either side has None, as the official sampler does."""
-    return {k: _cat(cond[k], uncond[k]) for k in cond}
-
-
-def _cat(cond: Input | None, uncond: Input | None) -> Input | None:
+def _cat(cond: _Input | None, uncond: _Input | None) -> _Input | None:
+    """One input of the doubled guidance batch, conditional first; list inputs (a ControlNet's features
+    per ResBlock) entry by entry, None where either side has None, as the official sampler does."""
     if isinstance(cond, torch.Tensor):
         return torch.cat([cond, uncond])
     if cond is None or uncond is None:
@@ -286,50 +268,40 @@ def _cat(cond: Input | None, uncond: Input | None) -> Input | None:
     return [torch.cat([c, u]) if c is not None and u is not None else None for c, u in both]
 
 
-def guided_prediction(
+def _guided(
     denoiser: Denoiser,
-    x: torch.Tensor,
-    r: torch.Tensor,
-    cond: Mapping[str, torch.Tensor],
-    doubled: Mapping[str, torch.Tensor] | None,
+    cond: Mapping[str, _Input],
+    uncond: Mapping[str, _Input] | None,
     settings: StageSettings,
-) -> torch.Tensor:
-    """The model's noise prediction with classifier-free guidance (conditional and unconditional in
-    one doubled batch, as the official sampler does), and the official guidance rescale.
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``predict(x, r)``: the float32 noise prediction every sampler steps with, guided as the official
+    sampler guides (conditional and unconditional in one doubled batch, then the rescale)."""
+    if not settings.guided:
+        return lambda x, r: denoiser(x, r, **cond).float()
+    doubled = {k: _cat(cond[k], uncond[k]) for k in cond}
 
-    Args:
-        denoiser: ``denoiser(x, r, **inputs)`` → noise prediction (:func:`unet_denoiser`).
-        x: the current sample, B×C×h×w.
-        r: the noise condition per sample (B; :func:`noise_condition`).
-        cond: the conditional inputs, used alone when ``doubled`` is None.
-        doubled: the conditional then the unconditional inputs joined along the batch (2B), or None
-            for no guidance (one model call).
-        settings: ``guidance`` and ``guidance_rescale``.
+    def predict(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        pred, pred_uncond = denoiser(torch.cat([x, x]), torch.cat([r, r]), **doubled).chunk(2)
+        return classifier_free_guidance(
+            pred, pred_uncond, settings.guidance, settings.guidance_rescale
+        ).float()
 
-    Returns:
-        The noise prediction, B×C×h×w, in the denoiser's output dtype.
-    """
-    if doubled is None:
-        return denoiser(x, r, **cond)
-    pred, pred_uncond = denoiser(torch.cat([x, x]), torch.cat([r, r]), **doubled).chunk(2)
-    return classifier_free_guidance(pred, pred_uncond, settings.guidance, settings.guidance_rescale)
+    return predict
 
 
 def classifier_free_guidance(
     pred: torch.Tensor, pred_uncond: torch.Tensor, guidance: float, rescale: float = 0.0
 ) -> torch.Tensor:
-    """Push the conditional prediction away from the unconditional one (``guidance`` × the
-    difference), then, with ``rescale`` > 0, pull the result back toward the conditional
-    prediction's standard deviation (the official ``cfg_rho``; std over the whole batch, as there):
-    strong guidance otherwise inflates the prediction and burns the colours.
+    """Push the conditional prediction away from the unconditional one (``guidance`` × the difference),
+    then with ``rescale`` > 0 pull it back toward the conditional prediction's std (the official
+    ``cfg_rho``, std over the whole batch): strong guidance otherwise burns the colours.
 
     Args:
-        pred, pred_uncond: the conditional and unconditional predictions, same shape.
-        guidance: 1 returns ``pred``; official: 4 for Stage C, 1.1 for Stage B.
-        rescale: 0 (no rescale) to 1; official: 0.7.
+        pred, pred_uncond: the conditional and unconditional predictions.
+        guidance, rescale: 1 returns ``pred`` (official: 4 Stage C, 1.1 Stage B); 0 to 1 (official 0.7).
 
     Returns:
-        ``pred_uncond + guidance·(pred − pred_uncond)``, rescaled as above.
+        The guided prediction.
     """
     guided = torch.lerp(pred_uncond, pred, guidance)
     if rescale > 0:
@@ -338,18 +310,13 @@ def classifier_free_guidance(
     return guided
 
 
-# --- the loop ----------------------------------------------------------------------------------------
-
-
 def initial_noise(
     shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device
 ) -> torch.Tensor:
     """Gaussian noise drawn on the CPU, so a seed gives the same picture on every device.
 
     Args:
-        shape: the latents' shape (:func:`cascade_helpers.sizes.stage_c_shape` ...).
-        generator: a CPU random generator (None: torch's global one).
-        device: where the noise goes after drawing.
+        shape, generator, device: the latents' shape, a CPU generator (None: the global one), its target.
 
     Returns:
         float32 noise on ``device``.
@@ -357,95 +324,94 @@ def initial_noise(
     return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
 
 
-def sample(
+def _sample(
     denoiser: Denoiser,
     shape: tuple[int, ...],
     cond: Mapping[str, torch.Tensor],
     uncond: Mapping[str, torch.Tensor] | None,
     settings: StageSettings,
-    *,
     device: torch.device,
     generator: torch.Generator | None = None,
     x_init: torch.Tensor | None = None,
-    callback: StepCallback | None = None,
+    callback: _StepCallback | None = None,
     progress: bool | str = True,
 ) -> torch.Tensor:
-    """Run ``settings.steps`` denoising steps and return the clean latents (float32).
-
-    Args:
-        denoiser: ``denoiser(x, r, **inputs)`` predicts the noise in ``x`` at timestep ratio ``r``
-            (:func:`unet_denoiser`).
-        shape: the latents' shape, B×C×h×w.
-        cond, uncond: the conditioning inputs by name; ``uncond`` is used only with guidance
-            (``settings.guidance`` > 1) and may be None without it. List inputs (ControlNet
-            features) are joined entry by entry.
-        settings: steps, guidance, shift, rescale, sampler, ``t_start``.
-        device: where the latents live during sampling.
-        generator: the CPU random generator of every noise draw (None: torch's global one).
-        x_init: the starting latents at time ``settings.t_start`` (already noised), else pure noise
-            is drawn (:func:`initial_noise`).
-        callback: ``callback(step, denoised, sample)`` after every step; the diffusers sampler
-            passes its sample as both.
-        progress: False hides the tqdm bar; a string is its label.
-
-    Returns:
-        float32 latents on ``device``: the last step's denoised estimate (official sampler) or the
-        last sample (diffusers sampler).
-
-    Raises:
-        ValueError: guidance without ``uncond``.
-        TypeError: a ``callback`` that is not callable.
-    """
+    """The loop every stage samples with: ``settings.steps`` steps of ``settings.sampler`` from pure noise
+    (drawn from ``generator`` on the CPU) or ``x_init``, guided when ``settings.guidance`` > 1, with a
+    tqdm bar (``progress``: False or its label) and ``callback(step, denoised, sample)`` after each."""
     if settings.guided and uncond is None:
         raise ValueError("guidance needs unconditional inputs")
     if callback is not None and not callable(callback):  # else it fails only after the first step
         raise TypeError(f"callback must be callable as callback(step, denoised, sample), not {callback!r}")
-    doubled = _cat_inputs(cond, uncond) if settings.guided else None
+    predict = _guided(denoiser, cond, uncond, settings)
     x = initial_noise(shape, generator, device) if x_init is None else x_init.float().to(device)
     desc = progress if isinstance(progress, str) else None
     bar = tqdm(range(settings.steps), desc=desc, disable=progress is False, leave=False)
-    run = _sample_official if settings.sampler == "official" else _sample_diffusers
-    return run(denoiser, x, cond, doubled, settings, generator, callback, bar)
-
-
-def _sample_official(denoiser, x, cond, doubled, settings, generator, callback, bar) -> torch.Tensor:
-    log_snrs = schedule(settings).to(x.device)
-    x0 = x
+    steps = _STEPPERS[settings.sampler](predict, x, settings, generator)
     for i in bar:
-        r = noise_condition(log_snrs[i]).expand(x.shape[0])
-        eps = guided_prediction(denoiser, x, r, cond, doubled, settings).float()
-        x0 = predict_clean(x, eps, log_snrs[i])
-        x = ddpm_step(x, x0, eps, log_snrs[i], log_snrs[i + 1], generator)
+        denoised, current, result = next(steps)
         if callback is not None:
-            callback(i, x0, x)
-    return x0
+            callback(i, denoised, current)
+    return result
 
 
-def _sample_diffusers(denoiser, x, cond, doubled, settings, generator, callback, bar) -> torch.Tensor:
+def _ddim(predict, x, settings, generator) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The official gdf loop (DDPM = DDIM with eta 1): (denoised, sample, result) after each step."""
+    eta = 1.0 if settings.sampler == "official" else settings.eta
+    log_snrs = schedule(settings).to(x.device)
+    for i in range(settings.steps):
+        eps = predict(x, noise_condition(log_snrs[i]).expand(x.shape[0]))
+        x0 = predict_clean(x, eps, log_snrs[i])
+        x = ddpm_step(x, x0, eps, log_snrs[i], log_snrs[i + 1], generator, eta)
+        yield x0, x, x0
+
+
+def _dpmpp_2m(predict, x, settings, generator) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """DPM-Solver++(2M) in the variance-preserving form (x = a·x0 + b·noise, λ = logSNR / 2): each
+    step extrapolates the denoised estimate from this step's and the previous one's (the first step
+    is first order); deterministic, so ``generator`` is unused."""
+    log_snrs = schedule(settings).to(x.device)
+    half = log_snrs / 2
+    previous = None
+    for i in range(settings.steps):
+        eps = predict(x, noise_condition(log_snrs[i]).expand(x.shape[0]))
+        x0 = predict_clean(x, eps, log_snrs[i])
+        h = half[i + 1] - half[i]
+        target = x0
+        if previous is not None:
+            r = (half[i] - half[i - 1]) / h
+            target = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * previous
+        (_, b), (a_next, b_next) = _signal_noise_scales(log_snrs[i]), _signal_noise_scales(log_snrs[i + 1])
+        x = (b_next / b) * x - a_next * torch.expm1(-h) * target
+        previous = x0
+        yield x0, x, x / a_next
+
+
+def _diffusers(predict, x, settings, generator) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """diffusers' ``DDPMWuerstchenScheduler`` on the plain times (no shift, no rescale: checked)."""
     from .upstream import DDPMWuerstchenScheduler
 
     scheduler = DDPMWuerstchenScheduler()
     times = torch.linspace(settings.t_start, 0.0, settings.steps + 1)
     scheduler.set_timesteps(timesteps=times.tolist(), device=x.device)
-    for i in bar:
+    for i in range(settings.steps):
         r = scheduler.timesteps[i].expand(x.shape[0])
-        eps = guided_prediction(denoiser, x, r, cond, doubled, settings)  # rescale is 0 here (checked)
-        x = scheduler.step(eps.float(), r, x, generator=generator).prev_sample
-        if callback is not None:
-            callback(i, x, x)
-    return x
+        x = scheduler.step(predict(x, r), r, x, generator=generator).prev_sample
+        yield x, x, x
+
+
+_STEPPERS = {"official": _ddim, "ddim": _ddim, "dpmpp_2m": _dpmpp_2m, "diffusers": _diffusers}
 
 
 def unet_denoiser(unet: torch.nn.Module, dtype: torch.dtype) -> Denoiser:
-    """Adapt a diffusers ``StableCascadeUNet`` to the ``denoiser(x, r, **inputs)`` interface: inputs
-    in the model's dtype, prediction back in float32.
+    """A diffusers ``StableCascadeUNet`` as ``denoiser(x, r, **inputs)``: inputs in the model's dtype,
+    the noise prediction back in float32.
 
     Args:
-        unet: Stage C's or Stage B's UNet.
-        dtype: the dtype it was loaded in (``prior.dtype``/``decoder.dtype``).
+        unet, dtype: Stage C's or Stage B's UNet and the dtype it was loaded in.
 
     Returns:
-        The denoiser, for :func:`sample`.
+        The denoiser the stages sample with.
     """
 
     def denoise(x: torch.Tensor, r: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:

@@ -99,3 +99,68 @@ def test_two_processes_saving_into_one_folder_keep_every_picture(tmp_path):
     saved = sorted((tmp_path / "out").glob("*.png"))
     kept = {(read_settings(p)["writer"], read_settings(p)["i"]) for p in saved}
     assert len(saved) == 60 and kept == {(w, i) for w in "ab" for i in range(30)}
+
+
+# --- a save that fails or is killed leaves no empty PNG (issue 21: data lost) -----------------------------
+
+
+def test_a_picture_that_cannot_be_saved_leaves_no_file(tmp_path):
+    """PNG has no CMYK: the second picture fails. Names used to be claimed as empty files first, so
+    both final names stayed behind (one 0-byte); now nothing has a final name until all are written."""
+    generation = _generation(2)
+    generation.images[1] = PIL.Image.new("CMYK", (8, 8))
+    with pytest.raises(OSError, match="CMYK"):
+        save_generation(generation, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert [p.name for p in save_generation(_generation(2), tmp_path)] == [
+        f"cascade-0001-seed7-{i}.png" for i in range(2)
+    ]
+
+
+def test_a_save_killed_midway_leaves_no_empty_png(tmp_path):
+    """``kill -9`` while the second picture is written: no final name may hold an empty or partial
+    PNG (the issue found 0-byte ones). The child signals from inside the write and then blocks, so
+    the kill lands there, without timers."""
+    code = textwrap.dedent(
+        f"""
+        import sys, PIL.Image, torch
+        from cascade_helpers.display import save_generation
+        from cascade_helpers.generation import Generation
+        real_save, calls = PIL.Image.Image.save, []
+        def save(self, fp, *args, **kwargs):
+            calls.append(fp)
+            if len(calls) == 2:
+                with open(fp, "wb") as half:
+                    half.write(b"\\x89PNG half")
+                print("writing", flush=True)
+                sys.stdin.read()  # blocks until killed
+            return real_save(self, fp, *args, **kwargs)
+        PIL.Image.Image.save = save
+        pictures = [PIL.Image.new("RGB", (8, 8)) for _ in range(3)]
+        save_generation(Generation(pictures, torch.zeros(3), torch.zeros(3), {{"seed": 1}}), {str(tmp_path)!r})
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdout.readline().strip() == "writing"
+    child.kill()
+    child.wait(timeout=60)
+    assert list(tmp_path.glob("*.png")) == [], "a final name holds an incomplete picture"
+
+
+def test_without_hard_links_the_names_are_still_claimed_whole(tmp_path, monkeypatch):
+    """File systems without hard links (FAT, some cloud drives): the name is claimed exclusively and
+    the complete file replaces the claim; two runs still get two numbers."""
+
+    def no_links(source, target):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    first, second = save_generation(_generation(2), tmp_path), save_generation(_generation(2), tmp_path)
+    assert [p.name for p in first + second] == [
+        f"cascade-{n:04d}-seed7-{i}.png" for n in (1, 2) for i in range(2)
+    ]
+    assert all(read_settings(p)["prompt"] == "a cat" for p in first + second)
+    assert sorted(tmp_path.iterdir()) == sorted(first + second), "no temporary left behind"

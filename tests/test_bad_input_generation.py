@@ -16,16 +16,11 @@ import torch
 from cascade_helpers.controlnet import TINY_BLOCKS, ControlNet, control_features
 from cascade_helpers.devices import pick_device
 from cascade_helpers.display import read_settings, save_generation
-from cascade_helpers.generation import (
-    NonFiniteLatentsError,
-    controlnet_to_image,
-    generate_stage_c,
-    image_to_image,
-    image_variation,
-    text_to_image,
-)
+from cascade_helpers.generation import controlnet_to_image, image_to_image, image_variation, text_to_image
 from cascade_helpers.loading import load_prior
 from cascade_helpers.sampling import OFFICIAL_DECODER, OFFICIAL_PRIOR, StageSettings
+from cascade_helpers.sizes import stage_b_shape
+from cascade_helpers.stages import generate_stage_c
 
 # guidance rescale off: its std is taken over the whole batch, which would tie the pictures together
 PRIOR = OFFICIAL_PRIOR.with_(steps=2, guidance_rescale=0.0)
@@ -55,7 +50,10 @@ SETTINGS_CASES = [
     ({"t_start": NAN}, "t_start"),
     ({"t_start": INF}, "t_start"),
     ({"sampler": "Official"}, "unknown sampler 'Official' \\(did you mean 'official'\\?\\): use one of"),
-    ({"sampler": "ddim"}, "unknown sampler 'ddim'.*'official', 'diffusers'"),  # ran diffusers' before
+    ({"sampler": "dpm++"}, "unknown sampler 'dpm\\+\\+'.*'official', 'ddim', 'dpmpp_2m', 'diffusers'"),
+    ({"sampler": "ddim", "eta": 1.5}, r"eta must be in \[0, 1\]"),
+    ({"sampler": "ddim", "eta": NAN}, r"eta must be in \[0, 1\]"),
+    ({"eta": 0.5}, "eta=0.5 is an option of sampler='ddim' only, not of 'official'"),
     ({"steps": True}, "steps must be a whole number from 1 to 1000, not True"),
     ({"steps": "20"}, "steps must be a whole number"),
 ]
@@ -78,6 +76,7 @@ def test_settings_saved_in_a_png_are_the_ones_that_ran():
         "guidance_rescale": 0.0,
         "sampler": "official",
         "t_start": 1.0,
+        "eta": 0.0,
     }
     assert type(settings.steps) is int and type(settings.guidance) is float
 
@@ -108,7 +107,7 @@ REQUEST_CASES = [
 def test_bad_requests_are_refused_before_any_model_runs(options, error, message, monkeypatch):
     import cascade_helpers.generation as generation
 
-    monkeypatch.setattr(generation, "_run", lambda *a, **k: pytest.fail("a model ran"))
+    monkeypatch.setattr(generation, "_generate", lambda *a, **k: pytest.fail("a model ran"))
     options = {"prompt": "a cat", **options}
     with pytest.raises(error, match=message):
         text_to_image(None, None, options.pop("prompt"), **options)
@@ -222,7 +221,7 @@ def test_nan_in_stage_c_weights_is_named_as_a_damaged_file(tiny_pipeline):
     try:
         with torch.no_grad():
             weight[0, 0] = float("nan")
-        with pytest.raises(NonFiniteLatentsError) as caught:
+        with pytest.raises(FloatingPointError) as caught:
             text_to_image(prior, decoder, "a cat", **FAST)
     finally:
         with torch.no_grad():
@@ -240,7 +239,7 @@ def test_nan_in_stage_b_weights_is_named(tiny_pipeline):
     try:
         with torch.no_grad():
             weight.view(-1)[0] = float("inf")
-        with pytest.raises(NonFiniteLatentsError, match="Stage B produced NaN.*stage_b_bf16.safetensors"):
+        with pytest.raises(FloatingPointError, match="Stage B produced NaN.*stage_b_bf16.safetensors"):
             text_to_image(prior, decoder, "a cat", **FAST)
     finally:
         with torch.no_grad():
@@ -253,7 +252,7 @@ def test_nan_starting_latents_are_named_as_the_input(tiny_pipeline):
     prior, _ = tiny_pipeline
     text = encode_text(prior, ["a cat"])
     x_init = torch.full((1, 16, 12, 12), float("nan"))
-    with pytest.raises(NonFiniteLatentsError, match="the starting latents .* already held NaN .*picture"):
+    with pytest.raises(FloatingPointError, match="the starting latents .* already held NaN .*picture"):
         generate_stage_c(prior, text, text, (1, 16, 12, 12), PRIOR.with_(t_start=0.5), x_init=x_init)
 
 
@@ -284,7 +283,7 @@ def stage_c_only(monkeypatch):
     import cascade_helpers.generation as generation
 
     def stage_b(decoder, latents, pooled, negative_pooled, image_size, *args, **kwargs):
-        return torch.zeros(generation.stage_b_shape(*image_size, latents.shape[0]))
+        return torch.zeros(stage_b_shape(*image_size, latents.shape[0]))
 
     monkeypatch.setattr(generation, "generate_stage_b", stage_b)
     monkeypatch.setattr(

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from cascade_helpers.controlnet import control_input, mask_tensor
-from cascade_helpers.generation import encode_picture, image_to_image, image_variation, variation_embeddings
+from cascade_helpers.generation import image_to_image, image_variation
 from cascade_helpers.images import batch_images, image_to_tensor, to_rgb
+from cascade_helpers.stages import _encode_picture, _variation_embeddings
 
 EIGHT = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (48, 1))  # 48×64 grey gradient, 0..252
 SIXTEEN = EIGHT.astype(np.uint16) * 257  # the same picture in 16 bits: 65535 / 255 = 257
@@ -169,9 +170,9 @@ def test_every_entry_point_reads_a_16_bit_picture_as_its_8_bit_twin(tiny_pipelin
     prior, _ = tiny_pipeline
     eight, sixteen = PIL.Image.fromarray(EIGHT), PIL.Image.fromarray(SIXTEEN)
     torch.testing.assert_close(
-        encode_picture(prior, sixteen, 512, 512), encode_picture(prior, eight, 512, 512)
+        _encode_picture(prior, sixteen, 512, 512), _encode_picture(prior, eight, 512, 512)
     )
-    torch.testing.assert_close(variation_embeddings(prior, sixteen), variation_embeddings(prior, eight))
+    torch.testing.assert_close(_variation_embeddings(prior, sixteen), _variation_embeddings(prior, eight))
     canny = control_input("canny", sixteen, 512, 512).tensor
     assert torch.equal(canny, control_input("canny", eight, 512, 512).tensor)
     assert torch.equal(mask_tensor(sixteen, 512, 512), mask_tensor(eight, 512, 512))  # was all True

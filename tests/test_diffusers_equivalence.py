@@ -12,14 +12,10 @@ import pytest
 import torch
 
 from cascade_helpers.conditioning import encode_text
-from cascade_helpers.generation import (
-    decode_stage_a,
-    generate_stage_b,
-    generate_stage_c,
-    stage_c_shape,
-    text_to_image,
-)
+from cascade_helpers.generation import text_to_image
 from cascade_helpers.sampling import DIFFUSERS_DECODER, DIFFUSERS_PRIOR
+from cascade_helpers.sizes import stage_c_shape
+from cascade_helpers.stages import decode_stage_a, generate_stage_b, generate_stage_c
 from cascade_helpers.upstream import (
     DDPMWuerstchenScheduler,
     StableCascadeDecoderPipeline,

@@ -8,6 +8,8 @@ with torchvision calls (the official notebooks' ``resize_image``, ``clip_preproc
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -15,17 +17,14 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from cascade_helpers.conditioning import PromptTruncatedWarning, encode_text
+from cascade_helpers.display import read_settings, save_generation
 from cascade_helpers.effnet import _IMAGENET_MEAN, _IMAGENET_STD
-from cascade_helpers.generation import (
-    encode_picture,
-    image_to_image,
-    image_variation,
-    preview_stage_c,
-    text_to_image,
-    variation_embeddings,
-)
+from cascade_helpers.generation import image_to_image, image_variation, text_to_image
 from cascade_helpers.request import GenerationRequest
 from cascade_helpers.sampling import OFFICIAL_DECODER, OFFICIAL_PRIOR
+from cascade_helpers.sizes import stage_c_shape
+from cascade_helpers.stages import _encode_picture, _variation_embeddings, generate_stage_c, preview_stage_c
 
 FAST_C = OFFICIAL_PRIOR.with_(steps=5)
 FAST_B = OFFICIAL_DECODER.with_(steps=2)
@@ -118,6 +117,7 @@ def test_settings_record_what_reproduces_the_pictures(tiny_pipeline):
         "guidance_rescale": 0.7,
         "sampler": "official",
         "t_start": 1.0,
+        "eta": 0.0,
     }
 
 
@@ -131,6 +131,49 @@ def test_callback_once_per_stage_c_step(tiny_pipeline):
     _t2i(tiny_pipeline, num_images=2, callback=record)
     assert steps == [0, 1, 2, 3, 4]
     assert shapes == {((2, 16, 12, 12), (2, 16, 12, 12))}
+
+
+def test_a_picture_made_with_a_sampler_is_remade_with_it_from_its_png(tiny_pipeline, tmp_path):
+    """The PNG's settings name the sampler (and eta) of each stage; the request rebuilt from them runs
+    them again: the same latents, which the default sampler would not give."""
+    ddim, dpm = FAST_C.with_(sampler="ddim", eta=0.5), FAST_B.with_(sampler="dpmpp_2m")
+    first = _t2i(tiny_pipeline, prior_settings=ddim, decoder_settings=dpm, seed=3)
+    request = GenerationRequest.from_dict(read_settings(save_generation(first, tmp_path)[0]))
+    assert (request.prior_settings, request.decoder_settings) == (ddim, dpm)
+    again = text_to_image(*tiny_pipeline, request)
+    assert torch.equal(again.stage_c_latents, first.stage_c_latents)
+    assert torch.equal(again.stage_b_latents, first.stage_b_latents)
+    assert not torch.allclose(first.stage_c_latents, _t2i(tiny_pipeline, seed=3).stage_c_latents)
+
+
+def test_long_prompts_reach_stage_c(tiny_pipeline):
+    """Cut, the words past 77 tokens change nothing (and a warning says so); with long_prompts they
+    change the picture, without a warning, and the settings say how the prompt was read."""
+    fits = "a photo of a cat " * 15
+    with pytest.warns(PromptTruncatedWarning):
+        cut = _t2i(tiny_pipeline, prompt=fits + "red horse")
+    assert torch.equal(cut.stage_c_latents, _t2i(tiny_pipeline, prompt=fits).stage_c_latents)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PromptTruncatedWarning)
+        full = _t2i(tiny_pipeline, prompt=fits + "red horse", negative_prompt="blurry", long_prompts=True)
+    assert not torch.allclose(full.stage_c_latents, cut.stage_c_latents)
+    assert full.settings["long_prompts"] is True and cut.settings["long_prompts"] is False
+
+
+def test_text_embeddings_of_two_lengths_are_refused_by_name(tiny_pipeline):
+    prior, _ = tiny_pipeline
+    long = encode_text(prior, "a photo of a cat " * 16, long_prompts=True)
+    with pytest.raises(ValueError, match="154 tokens long and the negative prompt's 77: encode both in one"):
+        generate_stage_c(prior, long, encode_text(prior, ""), stage_c_shape(512, 512, 1), FAST_C)
+
+
+def test_each_stage_cost_is_recorded_and_printed_as_one_table(tiny_pipeline):
+    result = _t2i(tiny_pipeline)
+    assert list(result.costs) == ["text encoder", "Stage C", "Stage B", "Stage A"]
+    assert all(cost.seconds > 0 and cost.peak_gpu_bytes is None for cost in result.costs.values())  # CPU
+    table = result.cost_table().splitlines()
+    assert table[0].split() == ["stage", "seconds", "peak", "GPU", "memory"] and len(table) == 5
+    assert table[2].startswith("Stage C") and table[2].endswith("CPU: wall time only")
 
 
 # --- previews -----------------------------------------------------------------------------------------
@@ -155,7 +198,7 @@ def test_encoding_follows_the_official_image_to_image_preparation(tiny_pipeline)
     resized = TF.resize(TF.to_tensor(picture), 768, interpolation=InterpolationMode.BILINEAR, antialias=True)
     with torch.no_grad():
         expected = prior.effnet(TF.normalize(resized, _IMAGENET_MEAN, _IMAGENET_STD)[None])
-    ours = encode_picture(prior, picture, 1024, 1024)
+    ours = _encode_picture(prior, picture, 1024, 1024)
     assert ours.shape == (1, 16, 24, 24)
     _assert_close(ours, expected)
 
@@ -168,7 +211,7 @@ def test_strength_0_returns_the_pictures_own_encoding(tiny_pipeline):
         prior, decoder, picture, "a photo of a cat", strength=0.0, height=512, width=768, num_images=2,
         decoder_settings=FAST_B, callback=lambda *args: calls.append(args),
     )  # fmt: skip
-    expected = encode_picture(prior, picture, 512, 768)
+    expected = _encode_picture(prior, picture, 512, 768)
     assert result.stage_c_latents.shape == (2, 16, 12, 18)
     assert torch.equal(result.stage_c_latents, expected.expand(2, -1, -1, -1))
     assert calls == [], "nothing to denoise at strength 0"
@@ -204,7 +247,7 @@ def test_partial_strength_runs_the_official_number_of_steps_from_the_picture(tin
 
     first = run(_picture(1))
     assert calls == [0, 1, 2, 3], "int(5 steps × 0.8) = 4 steps"
-    assert first.settings["prior"]["steps"] == 4 and first.settings["prior"]["t_start"] == 0.8
+    assert first.settings["prior"] == FAST_C.as_dict(), "the settings record the request as asked"
     assert first.settings["strength"] == 0.8
     other_picture = run(_picture(2))
     assert not torch.allclose(first.stage_c_latents, other_picture.stage_c_latents), "the picture matters"
@@ -236,19 +279,19 @@ def test_the_picture_is_noised_on_the_unshifted_schedule(tiny_pipeline, monkeypa
 
     prior, decoder = tiny_pipeline
     seen = {}
-    real_noise, real_sample = generation.initial_noise, stages.sample
+    real_noise, real_sample = generation.initial_noise, stages._sample
 
     def record_noise(*args, **kwargs):
         seen.setdefault("noise", real_noise(*args, **kwargs))
         return seen["noise"]
 
-    def record_start(denoiser, shape, cond, uncond, settings, **kwargs):
+    def record_start(denoiser, shape, cond, uncond, settings, device, generator, x_init, *rest):
         if "x_init" not in seen:  # Stage C's call comes first
-            seen["x_init"], seen["settings"] = kwargs["x_init"], settings
-        return real_sample(denoiser, shape, cond, uncond, settings, **kwargs)
+            seen["x_init"], seen["settings"] = x_init, settings
+        return real_sample(denoiser, shape, cond, uncond, settings, device, generator, x_init, *rest)
 
     monkeypatch.setattr(generation, "initial_noise", record_noise)
-    monkeypatch.setattr(stages, "sample", record_start)
+    monkeypatch.setattr(stages, "_sample", record_start)
     picture = _picture(1)
     image_to_image(
         prior, decoder, picture, "a cat", strength=0.8, height=512, width=512, prior_settings=FAST_C,
@@ -257,7 +300,7 @@ def test_the_picture_is_noised_on_the_unshifted_schedule(tiny_pipeline, monkeypa
     s = 0.008
     variance = math.cos((0.8 + s) / (1 + s) * math.pi / 2) ** 2 / math.cos(s / (1 + s) * math.pi / 2) ** 2
     expected = (
-        math.sqrt(variance) * encode_picture(prior, picture, 512, 512)
+        math.sqrt(variance) * _encode_picture(prior, picture, 512, 512)
         + math.sqrt(1 - variance) * seen["noise"]
     )
     torch.testing.assert_close(seen["x_init"], expected)
@@ -285,7 +328,7 @@ def test_variation_embedding_follows_the_official_preparation(tiny_pipeline):
     official = TF.normalize(TF.center_crop(official, list(clip.crop)), clip.mean, clip.std)
     with torch.no_grad():
         expected = prior.image_encoder(pixel_values=official[None]).image_embeds.unsqueeze(1)
-    _assert_close(variation_embeddings(prior, picture), expected)
+    _assert_close(_variation_embeddings(prior, picture), expected)
 
 
 def test_variation_is_conditioned_on_the_picture(tiny_pipeline):
@@ -325,8 +368,8 @@ def _modes() -> dict[str, PIL.Image.Image]:
 def test_any_picture_mode_is_accepted(tiny_pipeline, mode):
     prior, _ = tiny_pipeline
     picture = _modes()[mode]
-    assert encode_picture(prior, picture, 512, 640).shape == (1, 16, 12, 15)
-    assert variation_embeddings(prior, picture).shape == (1, 1, 24)
+    assert _encode_picture(prior, picture, 512, 640).shape == (1, 16, 12, 15)
+    assert _variation_embeddings(prior, picture).shape == (1, 1, 24)
 
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA"])
@@ -344,8 +387,8 @@ def test_image_to_image_from_a_file(tiny_pipeline, tmp_path, mode):
 def test_transparent_pixels_count_as_white_not_black(tiny_pipeline):
     """A cut-out on a transparent background is a subject on white, as a viewer shows it."""
     prior, _ = tiny_pipeline
-    transparent = encode_picture(prior, _modes()["RGBA"], 512, 512)
-    white = encode_picture(prior, PIL.Image.new("RGB", (96, 64), "white"), 512, 512)
+    transparent = _encode_picture(prior, _modes()["RGBA"], 512, 512)
+    white = _encode_picture(prior, PIL.Image.new("RGB", (96, 64), "white"), 512, 512)
     _assert_close(transparent, white)
 
 
@@ -353,10 +396,10 @@ def test_grey_and_array_inputs_match_their_rgb_form(tiny_pipeline):
     prior, _ = tiny_pipeline
     grey = _modes()["L"]
     as_rgb = grey.convert("RGB")
-    _assert_close(variation_embeddings(prior, grey), variation_embeddings(prior, as_rgb))
+    _assert_close(_variation_embeddings(prior, grey), _variation_embeddings(prior, as_rgb))
     as_array = np.asarray(_modes()["RGBA"].convert("RGB"))
     _assert_close(
-        variation_embeddings(prior, as_array), variation_embeddings(prior, PIL.Image.fromarray(as_array))
+        _variation_embeddings(prior, as_array), _variation_embeddings(prior, PIL.Image.fromarray(as_array))
     )
 
 

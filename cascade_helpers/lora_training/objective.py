@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..conditioning import text_conditioning
+from ..conditioning import _text_conditioning
 from ..models import Prior
 from ..sampling import diffuse, log_snr, noise_condition, p2_loss_weight
 
@@ -86,7 +86,7 @@ class StageCObjective(nn.Module):
         fresh = [caption for caption, done in zip(captions, cached, strict=True) if done is None]
         encoded = iter(())
         if fresh:
-            embeddings = text_conditioning(self.prior, fresh)
+            embeddings = _text_conditioning(self.prior, fresh)
             encoded = zip(embeddings.hidden, embeddings.pooled, strict=True)
         hidden, pooled = zip(*[done if done is not None else next(encoded) for done in cached], strict=True)
         conditions = {

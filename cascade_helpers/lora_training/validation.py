@@ -10,11 +10,12 @@ import PIL.Image
 import torch
 
 from ..conditioning import encode_text
-from ..generation import generate_stage_c, preview_stage_c, text_to_image
+from ..generation import text_to_image
 from ..images import image_grid, to_pil
 from ..models import Decoder, Prior
 from ..sampling import OFFICIAL_DECODER, OFFICIAL_PRIOR
 from ..sizes import stage_c_shape
+from ..stages import generate_stage_c, preview_stage_c
 from .config import LoraTrainingConfig
 from .data import save_png
 
