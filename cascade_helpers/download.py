@@ -314,7 +314,8 @@ def _check_free_space(models_dir: Path, todo: Sequence[_Remote]) -> None:
 def _digest(path: Path, entry: _Remote) -> str:
     """``path``'s digest in the algorithm of the Hub's checksum: sha256 (64 hex digits, LFS files) or
     the git blob sha1 (40: small files kept in git, read whole)."""
-    print(f"  checking {entry.path} against the Hub's checksum", flush=True)  # a minute for a big file
+    if entry.size > 100 * files.MB:  # seconds to minutes: say what the pause is
+        print(f"  checking {entry.path} against the Hub's checksum", flush=True)
     if len(entry.checksum) == 40:
         return git_hash(path.read_bytes())
     if len(entry.checksum) != 64:

@@ -217,3 +217,50 @@ def test_the_repository_url_is_named_once_and_everything_uses_it():
         m for text in texts for m in re.findall(r"github(?:\.com)?/([\w.-]+/stable-cascade-notebooks)", text)
     }
     assert spellings <= {OWNER_NAME}, f"other spellings of the repository: {spellings - {OWNER_NAME}}"
+
+
+# --- README's Colab figures --------------------------------------------------------------------------
+
+
+def colab_rows() -> list[str]:
+    """The README's Colab table, computed from the registry's published sizes: download (essential and
+    the variant, bfloat16 files), its minutes at 50 MB/s, every model on the GPU at 2 and 4 bytes per
+    weight, and what waits in RAM under model offload (all but Stage A, EfficientNet and previewer)."""
+    from cascade_helpers import files
+
+    small = files.STAGE_A.size + files.EFFNET.size + files.PREVIEWER.size
+    rows = []
+    for variant, (stage_b, stage_c) in files.VARIANTS.items():
+        big = {
+            p: [
+                files.STAGE_C[stage_c][p],
+                files.STAGE_B[stage_b][p],
+                files.TEXT_ENCODER[p],
+                files.IMAGE_ENCODER[p],
+            ]
+            for p in ("bf16", "fp32")
+        }
+        fetched = files.essential_files("bf16") + [
+            files.STAGE_B[stage_b]["bf16"],
+            files.STAGE_C[stage_c]["bf16"],
+        ]
+        download = sum(f.size for f in fetched)
+        on_gpu = {p: small + sum(f.size for f in big[p]) for p in big}
+        in_ram = sum(f.size for f in big["bf16"])
+        cells = [f"{download / 1e9:.2f} GB", f"{download / 50e6 / 60:.1f} min"]
+        cells += [
+            f"{on_gpu['bf16'] / 1e9:.2f} GB",
+            f"{on_gpu['fp32'] / 1e9:.2f} GB",
+            f"{in_ram / 1e9:.2f} GB",
+        ]
+        rows.append(f"| `{variant}` | " + " | ".join(cells) + " |")
+    return rows
+
+
+def test_readme_colab_figures_are_the_registry_s():
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Colab") : readme.index("## ", readme.index("## Colab") + 3)]
+    table = [line for line in section.splitlines() if line.startswith("| `")]
+    assert table == colab_rows()
+    for claim in ("12.48 of 15 GB", "(11.09 GB)", "12.31 GB leaves 0.4 GB", "5.46 GB fits", "(24.82 GB)"):
+        assert claim in section, claim

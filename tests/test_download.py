@@ -215,7 +215,9 @@ def test_every_download_command_line_is_valid_grammar(tmp_path, no_network, caps
             argv = shlex.split(line.removeprefix("!"))  # a notebook's line runs in a shell too
             assert argv[:2] == ["bash", "download_models.sh"]
             assert main([*argv[2:], "--dry-run", "--models-dir", str(tmp_path)]) == 0, line
-            listed = {row.split()[0].rstrip("/") for row in capsys.readouterr().out.splitlines() if row[:2] == "  "}
+            listed = {
+                row.split()[0].rstrip("/") for row in capsys.readouterr().out.splitlines() if row[:2] == "  "
+            }
             assert {file.path for file in wanted} <= listed, line
 
 
