@@ -1,10 +1,9 @@
 """Fetch the released Stable Cascade weights into a models folder: what ``download_models.sh`` runs.
 
 Why not ``hf_hub_download(local_dir=...)``: it (2.4) deletes its temporary file on failure, so a cut 7 GB
-transfer restarts from zero, and checks the size, not the sha256. So each file goes through huggingface_hub's
-pieces (the ``HEAD`` giving redirect, checksum and size; ``http_get`` with its ``Range`` resume, retries and
-progress bar) into a partial file that outlives the run (``<models>/.cache/cascade-download/``) and takes its
-final name only once its checksum matches the Hub's: sha256 for LFS files, git blob sha1 for small ones.
+transfer restarts from zero, and checks the size, not the sha256. So huggingface_hub's pieces (``HEAD``:
+redirect, checksum, size; ``http_get``: ``Range`` resume, retries, progress bar) fill a partial file that
+outlives the run (``<models>/.cache/cascade-download/``) and is named only once its checksum is the Hub's.
 """
 
 from __future__ import annotations
@@ -33,15 +32,14 @@ _GROUPS = ("essential", "controlnet", "lora")
 _WORDS = (*_GROUPS, *files.VARIANTS, *files.PRECISIONS_BY_WORD, "all")
 _OPTIONS = ("--models-dir", "--dry-run", "--verify", "--help")
 _PARTIAL_DIR = Path(".cache") / "cascade-download"  # in the models folder: same disk, the final move renames
-# One file as the Hub describes it now: ``url`` is where its bytes are (the CDN for LFS files), ``checksum``
-# the Hub's ETag (sha256 for LFS files, git blob sha1 for the others). A folder entry expands into several.
+# One file as the Hub describes it now: ``url`` where its bytes are (the CDN for LFS files), ``checksum`` its ETag
 _Remote = collections.namedtuple("_Remote", "repo path url size checksum")
 _USAGE = """\
 usage: bash download_models.sh [essential] [VARIANT] [bfloat16|float32] [controlnet] [lora] [all]
                                [--models-dir DIR] [--dry-run] [--verify] [--help]"""
 _HELP = f"""{_USAGE}
 
-Fetch the released Stable Cascade weights from the Hugging Face Hub. Words, in any order:
+Fetch the released Stable Cascade weights from the Hugging Face Hub. Words, in any order, and options:
   essential    EfficientNet encoder, Stage A, previewer (as the official script) and what the notebooks
                read offline: CLIP text encoder, tokenizer, CLIP image encoder and its preprocessing config
   VARIANT      big-big, big-small, small-big or small-small: Stage B size - Stage C size (small = lite)
@@ -54,8 +52,8 @@ Fetch the released Stable Cascade weights from the Hugging Face Hub. Words, in a
   --verify     re-hash the files already there; one that differs from the Hub's checksum is fetched
                again (a plain run keeps a file whose size matches)
 Interrupted? Run the same command again: finished files are kept, the current one resumes. Exit codes:
-0 done, 1 transfer, checksum, disk or folder failure (named), 2 usage error. HF_TOKEN (else `hf auth
-login`'s token) goes with every request to the Hub (HF_ENDPOINT), never to the file bytes' servers.
+0 done, 1 a failure (named: transfer, checksum, disk, folder), 2 usage. HF_TOKEN (else the token of `hf
+auth login`) goes with every request to the Hub (HF_ENDPOINT), never to the servers of the file bytes.
 {files.LICENSE_NOTE}"""
 
 
@@ -90,16 +88,14 @@ def _files_for_words(words: Sequence[str]) -> list[ModelFile]:
 
 def _read_words(words: list[str]) -> tuple[set[str], str | None, files.Precision]:
     """The groups, variant and precision the words name: every usage error is found before the network."""
-    if not words:
-        raise UsageError("say what to fetch (--help lists the words)")
     if unknown := [word for word in words if word not in _WORDS]:
         raise UsageError(f"unknown word {unknown[0]!r}{_did_you_mean(unknown[0], _WORDS)}")
     variant = _at_most_one(words, files.VARIANTS, "one variant per run, not {}: run the script once for each")
     precision = _at_most_one(words, files.PRECISIONS_BY_WORD, "one precision per run, not {}")
     groups = set(_GROUPS) if "all" in words else set(words) & set(_GROUPS)
     if not (groups or variant):
-        hint = f"{precision!r} only says in which precision. " if precision else ""
-        raise UsageError(f"{hint}Say what to fetch: essential, a variant, controlnet, lora or all")
+        hint = f"{precision!r} only says in which precision; " if precision else ""
+        raise UsageError(f"{hint}say what to fetch: essential, a variant, controlnet, lora or all (--help)")
     return groups, variant, files.PRECISIONS_BY_WORD.get(precision, "bf16")
 
 
@@ -127,8 +123,8 @@ def download(
         *wanted: the script's words and/or registry entries.
         models_dir: where the files go (created if needed); an empty name is refused.
         dry_run: list the files and their published sizes; fetch nothing.
-        verify: re-hash the files there; one that differs from the Hub's checksum is removed and fetched
-            again (else a file of the Hub's size is kept: verified when named, a later change goes unseen).
+        verify: re-hash the files there; one that differs from the Hub's checksum is fetched again (else a
+            file of the Hub's size is kept: it was verified when named).
 
     Returns:
         The local paths of the registry entries.
@@ -145,6 +141,8 @@ def download(
     print(files.LICENSE_NOTE, flush=True)
     if dry_run:
         print(_dry_run_report(selected, models_dir), flush=True)
+    elif constants.HF_HUB_OFFLINE:
+        raise DownloadError("HF_HUB_OFFLINE is set: huggingface_hub refuses to download. Unset it, re-run.")
     else:
         _fetch_all(selected, models_dir, verify)
     return [models_dir / file.path for file in selected]
@@ -173,21 +171,23 @@ def _dry_run_report(selected: Sequence[ModelFile], models_dir: Path) -> str:
         name = f"{file.path}/ (folder)" if file.folder else file.path
         note = "present: kept if its size matches" if file in present else file.repo
         lines.append(f"  {name:<45} {files.human_size(file.size):>9}  {note}")
-    entries = f"{len(selected)} entr" + ("y" if len(selected) == 1 else "ies")
-    lines.append(f"Total: {files.human_size(sum(f.size for f in selected))} in {entries} (published sizes)")
-    if present:
-        lines[-1] += f"; {files.human_size(sum(f.size for f in present))} of it already in {models_dir}/"
-    return "\n".join(lines)
+    total = f"{files.human_size(sum(f.size for f in selected))} in {len(selected)} entr"
+    total += ("y" if len(selected) == 1 else "ies") + " (published sizes)"
+    here = f"; {files.human_size(sum(f.size for f in present))} of it already in {models_dir}/"
+    return "\n".join([*lines, f"Total: {total}{here if present else ''}"])
 
 
 def _fetch_all(selected: Sequence[ModelFile], models_dir: Path, verify: bool) -> None:
     """Every file is described first, so a 404 or a refused token stops the run before any transfer."""
-    if constants.HF_HUB_OFFLINE:
-        raise DownloadError("HF_HUB_OFFLINE is set: huggingface_hub refuses to download. Unset it, re-run.")
     endpoint = (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")  # read now, not at import
     remote = [entry for file in selected for entry in _describe(file, endpoint)]
     kept = _kept(remote, models_dir, verify)
-    _check_free_space(models_dir, [entry for entry in remote if entry not in kept])
+    todo = [entry for entry in remote if entry not in kept]  # a full disk is found before the first byte
+    needed = sum(max(entry.size - _file_size(_partial_path(models_dir, entry)), 0) for entry in todo)
+    if needed > (free := shutil.disk_usage(models_dir).free):
+        short = f"{files.human_size(needed)} to fetch into {models_dir}/, {files.human_size(free)} free there"
+        more = f"Free {files.human_size(needed - free)} or choose a larger disk with --models-dir DIR"
+        raise DownloadError(f"Not enough disk space: {short}. {more}; nothing was fetched.")
     print(f"{len(remote)} file(s) into {models_dir}/, {len(kept)} already complete", flush=True)
     for number, entry in enumerate(remote, 1):
         line = f"[{number}/{len(remote)}] {entry.path}"
@@ -200,8 +200,7 @@ def _fetch_all(selected: Sequence[ModelFile], models_dir: Path, verify: bool) ->
 
 
 def _kept(remote: Sequence[_Remote], models_dir: Path, verify: bool) -> dict[_Remote, str]:
-    """The files already complete, and why: named only once verified, a file of the right size is
-    complete; ``verify`` re-hashes, and one that differs loses its name now (not after a failed re-fetch)."""
+    """The complete files and why; with ``verify`` one that differs loses its name now, not after a re-fetch."""
     kept = {}
     for entry in remote:
         final = models_dir / entry.path
@@ -251,19 +250,13 @@ def _fetch(entry: _Remote, models_dir: Path, endpoint: str) -> None:
         partial.unlink()
         why = f"the bytes received do not match the Hub's checksum ({entry.checksum}) and were deleted"
         raise DownloadError(f"{entry.path}: {why}. Run it again to fetch it afresh.")
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(partial, final)
-    except OSError as error:
-        why = f"{error.strerror or error}). The verified copy waits in {partial.parent}: fix the folder"
-        raise DownloadError(
-            f"{entry.path}: verified, but it cannot get its name {final} ({why}, run it again."
-        ) from None
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(partial, final)  # a rename: the folder was found writable; an OSError here names both paths
 
 
 def _transfer(entry: _Remote, partial: Path, headers: dict[str, str]) -> None:
-    """``http_get`` into ``partial`` from where it ends, and again while each attempt adds bytes:
-    huggingface_hub up to 1.2 at least gives up on a connection closed mid-body (2.4 resumes)."""
+    """``http_get`` from where ``partial`` ends, again while that adds bytes: huggingface_hub up to 1.2 at
+    least gives up on a connection closed mid-body (2.4 resumes itself)."""
     sizes = {"expected_size": entry.size, "displayed_filename": entry.path}
     while (done := _file_size(partial)) < entry.size:
         try:
@@ -300,15 +293,6 @@ def _partial_path(models_dir: Path, entry: _Remote) -> Path:
 def _file_size(path: Path) -> int:
     """0 for a file not there yet: a partial file that was never started."""
     return path.stat().st_size if path.exists() else 0
-
-
-def _check_free_space(models_dir: Path, todo: Sequence[_Remote]) -> None:
-    """A full disk found before the first byte, not after hours of transfer."""
-    needed = sum(max(entry.size - _file_size(_partial_path(models_dir, entry)), 0) for entry in todo)
-    if needed > (free := shutil.disk_usage(models_dir).free):
-        short = f"{files.human_size(needed)} to fetch into {models_dir}/, {files.human_size(free)} free there"
-        more = f"Free {files.human_size(needed - free)} or choose a larger disk with --models-dir DIR"
-        raise DownloadError(f"Not enough disk space: {short}. {more}; nothing was fetched.")
 
 
 def _digest(path: Path, entry: _Remote) -> str:
