@@ -98,6 +98,12 @@ def tree(folder: Path) -> dict[str, tuple[int, int]]:
     }
 
 
+def probed(cell) -> dict:
+    """The probe's JSON line (a progress bar's late output may share its stream)."""
+    text = "".join(o.get("text", "") for o in cell.outputs if o.get("name") == "stdout")
+    return json.loads(next(line for line in reversed(text.splitlines()) if line.startswith("{")))
+
+
 def outputs(cells: list) -> str:
     """All a user sees of the cells: streams, results, errors."""
     return json.dumps([cell.outputs for cell in cells])
@@ -122,41 +128,63 @@ def colab(tmp_path, hub):
     return content, env, tmp_path / "pip-calls.txt"
 
 
-@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
-def test_setup_and_download_cells_in_a_simulated_colab(colab, hub, notebook):
+def kernel(content: Path, env: dict[str, str], pip_calls: Path, *runs: list[str]):
+    """Run each list of sources in one new kernel started in ``content`` (Colab starts in /content),
+    after the bootstrap; yields the executed cells of each run as it ends, so the caller can look at the
+    files between runs."""
     from nbclient import NotebookClient
 
-    content, env, pip_calls = colab
-    setup, parameters, download = code_cells(notebook)
-    cells = [
-        nbformat.v4.new_code_cell(s)
-        for s in (BOOTSTRAP.format(calls=str(pip_calls)), *[setup, parameters, download, PROBE] * 2)
-    ]
+    cells = [nbformat.v4.new_code_cell(BOOTSTRAP.format(calls=str(pip_calls)))]
+    cells += [nbformat.v4.new_code_cell(source) for run in runs for source in run]
     client = NotebookClient(
         nbformat.v4.new_notebook(cells=cells),
         timeout=600,
         kernel_name="python3",
-        resources={"metadata": {"path": str(content)}},  # Colab starts in /content
+        resources={"metadata": {"path": str(content)}},
     )
-    project = content / OWNER_NAME.split("/")[1]
     with client.setup_kernel(env=env):
-        for index, cell in enumerate(cells[:5]):
-            client.execute_cell(cell, index)
-        first = json.loads(cells[4].outputs[-1]["text"])
-        after_first, pips = tree(content), pip_calls.read_text().splitlines()
-        hub.seen.clear()
-        for index, cell in enumerate(cells[5:], 5):
-            client.execute_cell(cell, index)
-        second = json.loads(cells[8].outputs[-1]["text"])
+        client.execute_cell(cells[0], 0)
+        start = 1
+        for run in runs:
+            for index in range(start, start + len(run)):
+                client.execute_cell(cells[index], index)
+            yield cells[start : start + len(run)]
+            start += len(run)
 
-    assert first == second == {"cwd": str(project), "models": str(project / "models"), "token": True}
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_setup_and_download_cells_in_a_simulated_colab(colab, hub, notebook):
+    content, env, pip_calls = colab
+    cells = [*code_cells(notebook), PROBE]
+    project = content / OWNER_NAME.split("/")[1]
+    runs = kernel(content, env, pip_calls, cells, cells)  # twice in the same kernel
+    first = next(runs)
+    after_first, pips = tree(content), pip_calls.read_text().splitlines()
+    hub.seen.clear()
+    second = next(runs)
+    next(runs, None)  # the kernel shuts down
+
+    assert probed(first[-1]) == probed(second[-1])
+    assert probed(first[-1]) == {"cwd": str(project), "models": str(project / "models"), "token": True}
     assert (project / "download_models.sh").is_file()
     assert not (project / project.name).exists()  # no clone inside the clone
     assert_fetched(hub, project / "models", READS[notebook.stem])
     assert tree(content) == after_first and hub.fetched_paths() == []  # the second run changed nothing
-    assert SECRET not in outputs(cells)
+    assert SECRET not in outputs(first + second)
     assert len(pips) == 1 and pip_calls.read_text().splitlines() == pips  # installed once, not again
     check_pip_line(pips[0], project)
+
+
+def test_after_a_runtime_restart_setup_reuses_the_clone(colab):
+    """A restarted kernel starts in /content again, where the clone already is: no second clone."""
+    content, env, pip_calls = colab
+    setup, parameters, _ = code_cells(NOTEBOOKS[0])
+    project = content / OWNER_NAME.split("/")[1]
+    for _ in kernel(content, env, pip_calls, [setup]):
+        (project / "marker").write_text("a file of the first session")
+    (cells,) = kernel(content, env, pip_calls, [setup, parameters, PROBE])
+    assert probed(cells[-1])["cwd"] == str(project) and (project / "marker").exists()
+    assert not (project / project.name).exists() and "fatal" not in outputs(cells)  # git was not asked again
 
 
 def check_pip_line(line: str, project: Path) -> None:
