@@ -20,6 +20,12 @@ if [ -z "$python" ]; then
     fi
 fi
 
+if ! "$python" -c "import huggingface_hub" 2>/dev/null; then
+    echo "download_models.sh: $python has no huggingface_hub: $python -m pip install huggingface_hub," \
+        "or set PYTHON=/path/to/a/python that has it" >&2
+    exit 1
+fi
+
 # cascade_helpers imports from this checkout even when the package is not installed.
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
 # The default folder comes first: a --models-dir given by the user comes later and wins.

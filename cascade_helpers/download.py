@@ -1,484 +1,331 @@
 """Fetch the released Stable Cascade weights into a models folder: what ``download_models.sh`` runs.
 
-The words are the official script's, ``[essential] <variant> [bfloat16|float32]``, plus
-``controlnet``, ``lora`` and ``all``, in any order, options anywhere. Which files a word means is
-written once, in ``cascade_helpers.files``; this module turns words into those files and moves bytes.
-
-Why not ``hf_hub_download(local_dir=...)``: the installed huggingface_hub (2.4) downloads into a
-process-unique temporary file that it deletes on failure (``_download_to_tmp_and_move``, PR #4228),
-so an interrupted 7 GB transfer restarts from zero on the next run, and it checks the size, not the
-sha256. So each file goes through huggingface_hub's own pieces instead: the ``HEAD`` that resolves the
-Hub's redirect, checksum (ETag) and size, with ``HF_TOKEN`` and ``HF_ENDPOINT`` honoured; and
-``http_get``, with its ``Range`` resume, retries and progress bar. The bytes land in a partial file
-that outlives the run (``<models>/.cache/cascade-download/``) and take their final name only once
-their checksum matches the Hub's: sha256 for LFS files, the git blob sha1 for small ones.
+Why not ``hf_hub_download(local_dir=...)``: it (2.4) deletes its temporary file on failure, so a cut 7 GB
+transfer restarts from zero, and checks the size, not the sha256. So huggingface_hub's pieces (``HEAD``:
+redirect, checksum, size; ``http_get``: ``Range`` resume, retries, progress bar) fill a partial file that
+outlives the run (``<models>/.cache/cascade-download/``) and is named only once its checksum is the Hub's.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import difflib
-import hashlib
 import os
 import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
+
+from huggingface_hub import HfApi, constants, get_hf_file_metadata, get_token, hf_hub_url
+from huggingface_hub.file_download import http_get
+from huggingface_hub.hf_api import RepoFile
+from huggingface_hub.utils import build_hf_headers
+from huggingface_hub.utils.sha import git_hash, sha_fileobj
 
 from . import files
 from .files import ModelFile
 
-ESSENTIAL, CONTROLNET, LORA, ALL = "essential", "controlnet", "lora", "all"
-VARIANTS = files._VARIANTS
-PRECISIONS = files._PRECISIONS_BY_WORD
-WORDS = (ESSENTIAL, *VARIANTS, *PRECISIONS, CONTROLNET, LORA, ALL)
-OPTIONS = ("--models-dir", "--dry-run", "--verify", "--help")
-# Partial files live inside the models folder: same disk, so the final move is a rename.
-PARTIAL_DIR = Path(".cache") / "cascade-download"
-
-USAGE = """\
+_GROUPS = ("essential", "controlnet", "lora")
+_WORDS = (*_GROUPS, *files._VARIANTS, *files._PRECISIONS_BY_WORD, "all")
+_OPTIONS = ("--models-dir", "--dry-run", "--verify", "--help")
+_PARTIAL_DIR = Path(".cache") / "cascade-download"  # in the models folder: same disk, the final move renames
+# One file as the Hub describes it now: ``url`` where its bytes are (the CDN for LFS files), ``checksum`` its ETag
+_Remote = collections.namedtuple("_Remote", "repo path url size checksum")
+_USAGE = """\
 usage: bash download_models.sh [essential] [VARIANT] [bfloat16|float32] [controlnet] [lora] [all]
                                [--models-dir DIR] [--dry-run] [--verify] [--help]"""
+_HELP = f"""{_USAGE}
 
-HELP = f"""{USAGE}
-
-Fetch the released Stable Cascade weights from the Hugging Face Hub. Words, in any order:
-
-  essential    EfficientNet encoder, Stage A and previewer (as the official script), plus what the
-               notebooks need to run offline: the CLIP text encoder and tokenizer (text prompts) and
-               the CLIP image encoder with its preprocessing config (image variation), in the
-               bfloat16 or float32 form that matches the precision word
-  big-big      Stage B big  + Stage C big      (VARIANT = Stage B size - Stage C size;
-  big-small    Stage B big  + Stage C lite      small means the lite models)
-  small-big    Stage B lite + Stage C big
-  small-small  Stage B lite + Stage C lite
+Fetch the released Stable Cascade weights from the Hugging Face Hub. Words, in any order, and options:
+  essential    EfficientNet encoder, Stage A, previewer (as the official script) and what the notebooks
+               read offline: CLIP text encoder, tokenizer, CLIP image encoder and its preprocessing config
+  VARIANT      big-big, big-small, small-big or small-small: Stage B size - Stage C size (small = lite)
   bfloat16     half-size files (the default); float32: full precision
   controlnet   the Stage C ControlNets: canny, inpainting, super_resolution
   lora         the official example LoRA (lora_fernando_10k: [fernando], a dog)
   all          essential + controlnet + lora (+ the variant, if you name one)
-
-Options:
   --models-dir DIR  where the files go (download_models.sh: models/ beside it; python -m: ./models)
-  --dry-run         list what would be fetched, with the published sizes and the total; fetch nothing
-  --verify          re-hash the files already there against the Hub's checksums and fetch again
-                    those that differ (a plain run keeps a file whose size matches: every file was
-                    verified when it got its name, but one changed since would not be noticed)
-  --help            this text
-
-Examples: bash download_models.sh essential big-big bfloat16
-          bash download_models.sh big-small controlnet --dry-run
-
-Interrupted? Run the same command again: finished files are kept, the current one resumes.
-Exit codes: 0 all fetched, 1 transfer, checksum, disk or folder failure (named), 2 usage error.
-HF_TOKEN: a Hugging Face token (else the one saved by `hf auth login`), sent with every request to
-the Hub (HF_ENDPOINT), never to the servers the file bytes come from. HF_ENDPOINT: a Hub mirror.
+  --dry-run    list what would be fetched, with the published sizes and the total; fetch nothing
+  --verify     re-hash the files already there; one that differs from the Hub's checksum is fetched
+               again (a plain run keeps a file whose size matches)
+Interrupted? Run the same command again: finished files are kept, the current one resumes. Exit codes:
+0 done, 1 a failure (named: transfer, checksum, disk, folder), 2 usage. HF_TOKEN (else the token of `hf
+auth login`) goes with every request to the Hub (HF_ENDPOINT), never to the servers of the file bytes.
 {files._LICENSE_NOTE}"""
 
 
 class UsageError(ValueError):
-    """The words do not say what to fetch (exit code 2)."""
+    """The words do not say what to fetch, or the folder is unnamed (exit code 2)."""
 
 
 class DownloadError(RuntimeError):
-    """A transfer, checksum or disk failure (exit code 1). The message names the file and what to do."""
+    """A transfer, checksum, disk or folder failure (exit code 1): the message names the file and what to do."""
 
 
-# --- words -> files --------------------------------------------------------------------------------------
+def _selected(wanted: Sequence[object]) -> list[ModelFile]:
+    """Words through the script's grammar, registry entries as they are: a notebook names what it reads."""
+    words, entries = [], []
+    for item in wanted:
+        if not isinstance(item, str | ModelFile):
+            raise UsageError(f"{item!r}: pass words or files entries, each as its own argument")
+        (words if isinstance(item, str) else entries).append(item)
+    return list(dict.fromkeys((_files_for_words(words) if words or not entries else []) + entries))
 
 
-def files_for_words(words: Sequence[str]) -> list[ModelFile]:
-    """The files ``words`` ask for, in the official script's order: essentials, Stage B, Stage C."""
-    words = [word.lower() for word in words]
-    for word in words:
-        if word not in WORDS:
-            raise UsageError(f"unknown word {word!r}{_did_you_mean(word, WORDS)}")
-    variants = list(dict.fromkeys(w for w in words if w in VARIANTS))
-    precisions = list(dict.fromkeys(w for w in words if w in PRECISIONS))
-    if len(variants) > 1:
-        raise UsageError(f"one variant per run, not {' and '.join(variants)}: run the script once for each")
-    if len(precisions) > 1:
-        raise UsageError("one precision per run: bfloat16 or float32")
-    everything = ALL in words
-    essential, controlnet, lora = (everything or w in words for w in (ESSENTIAL, CONTROLNET, LORA))
-    if not (essential or variants or controlnet or lora):
-        precision_hint = f"{precisions[0]!r} only says in which precision. " if precisions else ""
-        raise UsageError(f"{precision_hint}Say what to fetch: essential, a variant, controlnet, lora or all")
-    precision = PRECISIONS[precisions[0]] if precisions else "bf16"
-    selected = files._essential_files(precision) if essential else []
-    if variants:
-        stage_b, stage_c = VARIANTS[variants[0]]
+def _files_for_words(words: Sequence[str]) -> list[ModelFile]:
+    """The files the words ask for, in the official script's order: essentials, Stage B, Stage C."""
+    groups, variant, precision = _read_words([word.lower() for word in words])
+    selected = files._essential_files(precision) if "essential" in groups else []
+    if variant:
+        stage_b, stage_c = files._VARIANTS[variant]
         selected += [files.STAGE_B[stage_b][precision], files.STAGE_C[stage_c][precision]]
-    selected += list(files._CONTROLNETS.values()) if controlnet else []
-    return selected + ([files.LORA_FERNANDO] if lora else [])
+    selected += list(files._CONTROLNETS.values()) if "controlnet" in groups else []
+    return selected + ([files.LORA_FERNANDO] if "lora" in groups else [])
+
+
+def _read_words(words: list[str]) -> tuple[set[str], str | None, files._Precision]:
+    """The groups, variant and precision the words name: every usage error is found before the network."""
+    if unknown := [word for word in words if word not in _WORDS]:
+        raise UsageError(f"unknown word {unknown[0]!r}{_did_you_mean(unknown[0], _WORDS)}")
+    variant = _at_most_one(words, files._VARIANTS, "one variant per run, not {}: run the script once for each")
+    precision = _at_most_one(words, files._PRECISIONS_BY_WORD, "one precision per run, not {}")
+    groups = set(_GROUPS) if "all" in words else set(words) & set(_GROUPS)
+    if not (groups or variant):
+        hint = f"{precision!r} only says in which precision; " if precision else ""
+        raise UsageError(f"{hint}say what to fetch: essential, a variant, controlnet, lora or all (--help)")
+    return groups, variant, files._PRECISIONS_BY_WORD.get(precision, "bf16")
+
+
+def _at_most_one(words: list[str], choices: Sequence[str], message: str) -> str | None:
+    """Two variants (or precisions) in one run would be a guess at which one was meant: refused."""
+    found = list(dict.fromkeys(word for word in words if word in choices))
+    if len(found) > 1:
+        raise UsageError(message.format(" and ".join(found)))
+    return found[0] if found else None
 
 
 def _did_you_mean(word: str, choices: Sequence[str]) -> str:
+    """A typo's closest valid word, so a usage error says what to type."""
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-# --- the download ------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RemoteFile:
-    """One file as the Hub describes it now (a folder entry of the registry expands into several)."""
-
-    repo: str
-    path: str  # in the repo, and under the models folder
-    resolve_url: str  # the Hub address that was asked
-    url: str  # where the bytes are: the CDN for LFS files
-    size: int
-    checksum: str  # the Hub's ETag: sha256 for LFS files, git blob sha1 for the others
-
-
 def download(
-    *words: str,
-    models_dir: str | Path = "models",
-    dry_run: bool = False,
-    verify: bool = False,
-    endpoint: str | None = None,
-    token: str | None = None,
+    *wanted: str | ModelFile, models_dir: str | Path = "models", dry_run: bool = False, verify: bool = False
 ) -> list[Path]:
-    """Fetch what ``words`` name into ``models_dir``: the words of ``download_models.sh``, e.g.
-    ``download("essential", "big-big", "bfloat16")``.
+    """Fetch the words of ``download_models.sh`` (``download("essential", "big-big")``) or entries of
+    :mod:`cascade_helpers.files` (exactly what a notebook reads), with progress bars; again resumes.
 
     Args:
-        *words: the script's words.
-        models_dir: where the files go (created if needed).
-        dry_run: list the files and sizes; fetch nothing.
-        verify: re-hash the files already there against the Hub's checksums and fetch again those
-            that differ. Without it a file whose size matches the Hub's is kept unread: files get
-            their name only once verified, so only a change made since would go unnoticed.
-        endpoint: the Hub; defaults to ``HF_ENDPOINT``, else huggingface.co.
-        token: defaults to ``HF_TOKEN``, else the token saved by ``hf auth login``. huggingface_hub
-            sends it with every request to the endpoint; the file bytes come from a CDN without it.
+        *wanted: the script's words and/or registry entries.
+        models_dir: where the files go (created if needed); an empty name is refused.
+        dry_run: list the files and their published sizes; fetch nothing.
+        verify: re-hash the files there; one that differs from the Hub's checksum is fetched again (else a
+            file of the Hub's size is kept: it was verified when named).
 
     Returns:
         The local paths of the registry entries.
 
     Raises:
-        UsageError: the words name nothing valid.
-        DownloadError: the models folder cannot be used, or a transfer, checksum or the disk fails;
-            running again resumes.
+        UsageError: ``wanted`` names nothing valid, or ``models_dir`` is empty (exit code 2).
+        DownloadError: the folder cannot be used, or a transfer, checksum or the disk fails (exit code 1).
     """
-    selected = files_for_words(words)
+    selected = _selected(wanted)
+    if not str(models_dir).strip():  # Path("") would be the working folder
+        raise UsageError("--models-dir is empty: name the folder the files go to, e.g. --models-dir models")
     models_dir = Path(models_dir).expanduser().resolve()
-    check_models_dir(models_dir, write=not dry_run)
+    _check_models_dir(models_dir, write=not dry_run)
     print(files._LICENSE_NOTE, flush=True)
     if dry_run:
-        print(dry_run_report(selected, models_dir), flush=True)
+        print(_dry_run_report(selected, models_dir), flush=True)
+    elif constants.HF_HUB_OFFLINE:
+        raise DownloadError("HF_HUB_OFFLINE is set: huggingface_hub refuses to download. Unset it, re-run.")
     else:
-        _fetch_all(selected, models_dir, endpoint, token, verify)
+        _fetch_all(selected, models_dir, verify)
     return [models_dir / file.path for file in selected]
 
 
-def check_models_dir(models_dir: Path, write: bool = True) -> None:
-    """Refuse a models folder that is a file, lies inside a file, or (``write``) cannot be written
-    to, in one sentence that names it, before anything is fetched.
-
-    Args:
-        models_dir: the folder (it need not exist yet).
-        write: True also creates it and writes a temporary file there (a dry run passes False).
-
-    Raises:
-        DownloadError: the folder cannot be used, named with what to do.
-    """
+def _check_models_dir(models_dir: Path, write: bool) -> None:
+    """A folder that is a file, lies in a file or cannot be written is named before anything is fetched."""
     existing = next(path for path in (models_dir, *models_dir.parents) if path.exists())
     if not existing.is_dir():
         where = "is a file" if existing == models_dir else f"is inside {existing}, which is a file"
         raise DownloadError(f"--models-dir {models_dir} {where}, not a folder: choose a folder")
-    if not write:
-        return
     try:
-        models_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=models_dir):
-            pass
+        if write:
+            models_dir.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=models_dir).close()
     except OSError as error:
-        raise DownloadError(
-            f"--models-dir {models_dir} cannot be written to ({error.strerror or error}): choose a folder you "
-            "can write to, or change its permissions"
-        ) from None
+        why = f"cannot be written to ({error.strerror or error}): choose a folder you can write to"
+        raise DownloadError(f"--models-dir {models_dir} {why}, or change its permissions") from None
 
 
-def dry_run_report(selected: Sequence[ModelFile], models_dir: Path) -> str:
-    """What a run would fetch, with the published sizes; no network.
-
-    Args:
-        selected: the registry entries (:func:`files_for_words`).
-        models_dir: the folder, to mark what is already present there.
-
-    Returns:
-        The report: one line per entry (path, published size, "present" or its repo), then the total.
-    """
+def _dry_run_report(selected: Sequence[ModelFile], models_dir: Path) -> str:
+    """What a run would fetch, from the published sizes: no network, so it answers before a download."""
     lines = [f"Dry run, nothing is fetched. Into {models_dir}/:"]
-    present = 0
+    present = [file for file in selected if (models_dir / file.path).exists()]
     for file in selected:
-        here = (models_dir / file.path).exists()
-        present += file.size if here else 0
         name = f"{file.path}/ (folder)" if file.folder else file.path
-        note = "present: kept if its size matches" if here else file.repo
+        note = "present: kept if its size matches" if file in present else file.repo
         lines.append(f"  {name:<45} {files._human_size(file.size):>9}  {note}")
-    total = sum(file.size for file in selected)
-    entries = f"{len(selected)} entr" + ("y" if len(selected) == 1 else "ies")
-    lines.append(f"Total: {files._human_size(total)} in {entries} (published sizes)")
-    if present:
-        lines[-1] += f"; {files._human_size(present)} of it already in {models_dir}/"
-    return "\n".join(lines)
+    total = f"{files._human_size(sum(f.size for f in selected))} in {len(selected)} entr"
+    total += ("y" if len(selected) == 1 else "ies") + " (published sizes)"
+    here = f"; {files._human_size(sum(f.size for f in present))} of it already in {models_dir}/"
+    return "\n".join([*lines, f"Total: {total}{here if present else ''}"])
 
 
-def _fetch_all(
-    selected: Sequence[ModelFile], models_dir: Path, endpoint: str | None, token: str | None, verify: bool
-) -> None:
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        raise DownloadError(
-            "HF_HUB_OFFLINE is set, so huggingface_hub refuses to download: unset it and re-run."
-        )
-    endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
-    remote = [entry for file in selected for entry in _describe(file, endpoint, token)]
-    kept = {
-        entry: "already complete (its size matches), kept" for entry in remote if _complete(models_dir, entry)
-    }
-    if verify:
-        for number, entry in enumerate(kept, 1):
-            print(f"verifying {entry.path} ({number}/{len(kept)}) against the Hub's checksum", flush=True)
-            if _digest(models_dir / entry.path, entry.checksum) == entry.checksum:
-                kept[entry] = "verified against the Hub's checksum, kept"
-        kept = {entry: note for entry, note in kept.items() if note.startswith("verified")}
-    todo = [entry for entry in remote if entry not in kept]
-    _check_free_space(
-        models_dir, sum(max(entry.size - _partial_size(models_dir, entry), 0) for entry in todo)
-    )
-    print(f"{_count(remote)} into {models_dir}/, {len(kept)} already complete", flush=True)
+def _fetch_all(selected: Sequence[ModelFile], models_dir: Path, verify: bool) -> None:
+    """Every file is described first, so a 404 or a refused token stops the run before any transfer."""
+    endpoint = (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")  # read now, not at import
+    remote = [entry for file in selected for entry in _describe(file, endpoint)]
+    kept = _kept(remote, models_dir, verify)
+    todo = [entry for entry in remote if entry not in kept]  # a full disk is found before the first byte
+    needed = sum(max(entry.size - _file_size(_partial_path(models_dir, entry)), 0) for entry in todo)
+    if needed > (free := shutil.disk_usage(models_dir).free):
+        short = f"{files._human_size(needed)} to fetch into {models_dir}/, {files._human_size(free)} free there"
+        more = f"Free {files._human_size(needed - free)} or choose a larger disk with --models-dir DIR"
+        raise DownloadError(f"Not enough disk space: {short}. {more}; nothing was fetched.")
+    print(f"{len(remote)} file(s) into {models_dir}/, {len(kept)} already complete", flush=True)
     for number, entry in enumerate(remote, 1):
+        line = f"[{number}/{len(remote)}] {entry.path}"
         if entry in kept:
-            print(f"[{number}/{len(remote)}] {entry.path}: {kept[entry]}", flush=True)
+            print(f"{line}: {kept[entry]}", flush=True)
+        else:
+            print(f"{line} ({files._human_size(entry.size)}) from {entry.repo}", flush=True)
+            _fetch(entry, models_dir, endpoint)
+    print(f"Done: {len(remote)} file(s) in {models_dir}/", flush=True)
+
+
+def _kept(remote: Sequence[_Remote], models_dir: Path, verify: bool) -> dict[_Remote, str]:
+    """The complete files and why; with ``verify`` one that differs loses its name now, not after a re-fetch."""
+    kept = {}
+    for entry in remote:
+        final = models_dir / entry.path
+        if _file_size(final) != entry.size:
             continue
-        differs = (
-            " (the copy there differs from the Hub's checksum)" if (models_dir / entry.path).exists() else ""
-        )
-        print(
-            f"[{number}/{len(remote)}] {entry.path} ({files._human_size(entry.size)}) from {entry.repo}{differs}",
-            flush=True,
-        )
-        _fetch(entry, models_dir, endpoint, token)
-    print(f"Done: {_count(remote)} in {models_dir}/", flush=True)
+        if not verify:
+            kept[entry] = "already complete (its size matches), kept"
+        elif _digest(final, entry) == entry.checksum:
+            kept[entry] = "verified against the Hub's checksum, kept"
+        else:
+            print(f"  {entry.path} differs from the Hub's checksum: removed, fetched again below", flush=True)
+            final.unlink()
+    return kept
 
 
-def _count(entries: Sequence[RemoteFile]) -> str:
-    return f"{len(entries)} file" + ("" if len(entries) == 1 else "s")
-
-
-def _describe(file: ModelFile, endpoint: str, token: str | None) -> list[RemoteFile]:
-    """Ask the Hub for the size, checksum and address of ``file`` (each file of a folder entry)."""
-    from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
-    from huggingface_hub.hf_api import RepoFile
-
-    paths = [file.path]
+def _describe(file: ModelFile, endpoint: str) -> list[_Remote]:
+    """The Hub's size, checksum and address of ``file`` (of each file of a folder entry)."""
     try:
+        paths = [file.path]
         if file.folder:
-            tree = HfApi(endpoint=endpoint, token=token).list_repo_tree(file.repo, file.path, recursive=True)
+            tree = HfApi(endpoint=endpoint).list_repo_tree(file.repo, file.path, recursive=True)
             paths = sorted(entry.path for entry in tree if isinstance(entry, RepoFile))
-        described = []
-        for path in paths:
-            url = hf_hub_url(file.repo, path, endpoint=endpoint)
-            metadata = get_hf_file_metadata(url, token=token)
-            if metadata.etag is None or metadata.size is None:
-                raise DownloadError(
-                    f"{url} answered without a checksum (ETag) or size: is HF_ENDPOINT a Hub?"
-                )
-            described.append(
-                RemoteFile(file.repo, path, url, metadata.location, metadata.size, metadata.etag)
-            )
-        return described
-    except DownloadError:
-        raise
+        found = {path: get_hf_file_metadata(hf_hub_url(file.repo, path, endpoint=endpoint)) for path in paths}
     except Exception as error:  # the HTTP library under huggingface_hub changed across versions
-        raise _failure(file.path, file.repo, error, endpoint, token) from error
+        raise _failure(file.path, file.repo, error, endpoint) from error
+    if any(None in (meta.etag, meta.size) for meta in found.values()):
+        raise DownloadError(f"{endpoint} gave {file.path} no checksum (ETag) or size: is HF_ENDPOINT a Hub?")
+    return [_Remote(file.repo, path, meta.location, meta.size, meta.etag) for path, meta in found.items()]
 
 
-def _fetch(entry: RemoteFile, models_dir: Path, endpoint: str, token: str | None) -> None:
-    """Transfer ``entry`` into its partial file (resuming it), verify, then give it its final name."""
-    from huggingface_hub.utils import build_hf_headers
-
-    partial = _partial_path(models_dir, entry)
+def _fetch(entry: _Remote, models_dir: Path, endpoint: str) -> None:
+    """Transfer ``entry`` into its partial file (resuming it), verify it, then give it its final name."""
+    final, partial = models_dir / entry.path, _partial_path(models_dir, entry)
     partial.parent.mkdir(parents=True, exist_ok=True)
     for stale in partial.parent.glob(f"{Path(entry.path).name}.*.partial"):
-        if stale != partial:  # left by an older version of the file on the Hub
+        if stale != partial or _file_size(partial) > entry.size:  # an older version's, or too long
             stale.unlink()
-    if _partial_size(models_dir, entry) > entry.size:
-        partial.unlink()
-    headers = build_hf_headers(token=token)
+    headers = build_hf_headers()
     headers["Accept-Encoding"] = "identity"  # byte ranges of the file itself, not of a compressed stream
-    if _origin(entry.url) != _origin(entry.resolve_url):
+    if urlsplit(entry.url)[:2] != urlsplit(endpoint)[:2]:
         headers.pop("authorization", None)  # a signed CDN address: the token stays with the Hub
     try:
         _transfer(entry, partial, headers)
     except Exception as error:  # the HTTP library under huggingface_hub changed across versions
-        raise _failure(
-            entry.path, entry.repo, error, endpoint, token, _partial_size(models_dir, entry), entry.size
-        ) from error
-    if _digest(partial, entry.checksum) != entry.checksum:
+        raise _failure(entry.path, entry.repo, error, endpoint, _file_size(partial), entry.size) from error
+    if _digest(partial, entry) != entry.checksum:
         partial.unlink()
-        raise DownloadError(
-            f"{entry.path}: the bytes received do not match the Hub's checksum ({entry.checksum}); the corrupt copy "
-            "was deleted, nothing is kept under that name. Run the same command again to fetch it afresh."
-        )
-    final = models_dir / entry.path
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(partial, final)
-    except OSError as error:
-        raise DownloadError(
-            f"{entry.path}: verified, but it cannot get its name {final} ({error.strerror or error}). The verified "
-            f"copy waits in {partial.parent}; fix the folder and run the same command again."
-        ) from None
+        why = f"the bytes received do not match the Hub's checksum ({entry.checksum}) and were deleted"
+        raise DownloadError(f"{entry.path}: {why}. Run it again to fetch it afresh.")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(partial, final)  # a rename: the folder was found writable; an OSError here names both paths
 
 
-def _transfer(entry: RemoteFile, partial: Path, headers: dict[str, str]) -> None:
-    """``http_get`` into ``partial`` from where it ends, and again while each attempt adds bytes:
-    huggingface_hub up to 1.0 at least gives up on a connection closed mid-body (newer ones resume)."""
-    from huggingface_hub.file_download import http_get
-
+def _transfer(entry: _Remote, partial: Path, headers: dict[str, str]) -> None:
+    """``http_get`` from where ``partial`` ends, again while that adds bytes: huggingface_hub up to 1.2 at
+    least gives up on a connection closed mid-body (2.4 resumes itself)."""
+    sizes = {"expected_size": entry.size, "displayed_filename": entry.path}
     while (done := _file_size(partial)) < entry.size:
         try:
             with partial.open("ab") as out:
-                http_get(
-                    entry.url,
-                    out,
-                    resume_size=done,
-                    headers=headers,
-                    expected_size=entry.size,
-                    displayed_filename=entry.path,
-                )
+                http_get(entry.url, out, resume_size=done, headers=headers, **sizes)
             return  # http_get checked the size; the caller checks the checksum
         except Exception:
             if _file_size(partial) <= done:
                 raise  # no progress: the caller says what failed and that running again resumes
 
 
-def _failure(
-    path: str, repo: str, error: Exception, endpoint: str, token: str | None, done: int = 0, size: int = 0
-) -> DownloadError:
-    """Say which file failed, why, and what to do next."""
-    from huggingface_hub import get_token
-
-    response = getattr(error, "response", None)
-    status = getattr(response, "status_code", None)
+def _failure(path: str, repo: str, error: Exception, endpoint: str, done=0, size=0) -> DownloadError:
+    """Which file failed, why, and what to do next, from the HTTP status when there is one."""
+    status, where = getattr(getattr(error, "response", None), "status_code", None), f"{endpoint}/{repo}"
     if status in (401, 403):
-        sent = (
-            "The token you gave (HF_TOKEN or hf auth login) was refused"
-            if (token or get_token())
-            else "No token was sent"
-        )
-        return DownloadError(
-            f"{path}: {endpoint}/{repo} answered {status} (access refused). {sent}: set HF_TOKEN to a token of an "
-            f"account that accepted the licence on {endpoint}/{repo} (Colab: Secrets panel, HF_TOKEN), then re-run."
-        )
-    if status == 404:
-        return DownloadError(
-            f"{path} is not in {repo} at {endpoint} (404). If HF_ENDPOINT points to a mirror, check that it mirrors "
-            f"{repo}; otherwise the file was moved on the Hub: please report it."
-        )
-    progress = f" after {files._human_size(done)} of {files._human_size(size)}" if size else ""
-    return DownloadError(
-        f"{path}: transfer from {endpoint}/{repo} failed{progress} ({type(error).__name__}: {error}). "
-        "Run the same command again: finished files are kept and this one resumes."
-    )
+        sent = "The token (HF_TOKEN or hf auth login) was refused" if get_token() else "No token was sent"
+        why = f"{where} answered {status} (access refused). {sent}: set HF_TOKEN to a token of an account"
+        why += f" that accepted the licence on {where} (Colab: Secrets panel, HF_TOKEN), then re-run"
+    elif status == 404:
+        why = f"not in {repo} at {endpoint} (404). If HF_ENDPOINT points to a mirror, check that it"
+        why += f" mirrors {repo}; otherwise the file was moved on the Hub: please report it"
+    else:
+        got = f" after {files._human_size(done)} of {files._human_size(size)}" if size else ""
+        why = f"transfer from {where} failed{got} ({type(error).__name__}: {error}). Run it again (the same"
+        why += " command or notebook cell): finished files are kept and this one resumes"
+    return DownloadError(f"{path}: {why}.")
 
 
-# --- local state -------------------------------------------------------------------------------------------
-
-
-def _complete(models_dir: Path, entry: RemoteFile) -> bool:
-    """A file gets its final name only after verification, so the right size there means complete
-    (unless it changed since: ``--verify`` re-hashes it)."""
-    final = models_dir / entry.path
-    return final.is_file() and final.stat().st_size == entry.size
-
-
-def _partial_path(models_dir: Path, entry: RemoteFile) -> Path:
+def _partial_path(models_dir: Path, entry: _Remote) -> Path:
     """The checksum in the name: a file updated on the Hub never resumes onto the old bytes."""
-    return models_dir / PARTIAL_DIR / f"{entry.path}.{entry.checksum}.partial"
-
-
-def _partial_size(models_dir: Path, entry: RemoteFile) -> int:
-    return _file_size(_partial_path(models_dir, entry))
+    return models_dir / _PARTIAL_DIR / f"{entry.path}.{entry.checksum}.partial"
 
 
 def _file_size(path: Path) -> int:
+    """0 for a file not there yet: a partial file that was never started."""
     return path.stat().st_size if path.exists() else 0
 
 
-def _check_free_space(models_dir: Path, needed: int) -> None:
-    existing = next(path for path in (models_dir, *models_dir.parents) if path.exists())
-    free = shutil.disk_usage(existing).free
-    if needed > free:
-        raise DownloadError(
-            f"Not enough disk space: {files._human_size(needed)} still to fetch into {models_dir}/, but only "
-            f"{files._human_size(free)} free there. Free {files._human_size(needed - free)} or choose a larger "
-            "disk with --models-dir DIR; nothing was fetched."
-        )
-
-
-def _digest(path: Path, checksum: str) -> str:
-    """The digest of ``path`` in the algorithm the Hub's checksum uses: sha256 (64 hex digits, LFS
-    files) or the git blob sha1 (40, files stored in git)."""
-    if len(checksum) == 64:
-        digest = hashlib.sha256()
-    elif len(checksum) == 40:
-        digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
-    else:
-        raise DownloadError(
-            f"{path.name}: the server's checksum {checksum!r} is neither a sha256 nor a git sha1"
-        )
+def _digest(path: Path, entry: _Remote) -> str:
+    """``path``'s digest in the algorithm of the Hub's checksum: sha256 (64 hex digits, LFS files) or
+    the git blob sha1 (40: small files kept in git, read whole)."""
+    if entry.size > 100 * files._MB:  # seconds to minutes: say what the pause is
+        print(f"  checking {entry.path} against the Hub's checksum", flush=True)
+    if len(entry.checksum) == 40:
+        return git_hash(path.read_bytes())
+    if len(entry.checksum) != 64:
+        raise DownloadError(f"{entry.path}: the Hub's checksum {entry.checksum!r} is no sha256 nor git sha1")
     with path.open("rb") as stream:
-        while block := stream.read(8 * 1024 * 1024):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _origin(url: str) -> tuple[str, str]:
-    parts = urlsplit(url)
-    return parts.scheme, parts.netloc
-
-
-# --- command line ------------------------------------------------------------------------------------------
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse would exit with its own usage text
-        raise UsageError(message)
+        return sha_fileobj(stream).hex()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``download_models.sh`` / ``cascade-download``: returns the exit code (0, 1 failure, 2 usage,
-    130 interrupted)."""
-    parser = _Parser(add_help=False)
+    """``download_models.sh`` / ``cascade-download``: the exit code (0, 1 failure, 2 usage, 130 interrupted)."""
+    parser = argparse.ArgumentParser(add_help=False, exit_on_error=False)  # our usage text, not argparse's
     parser.add_argument("words", nargs="*")
-    parser.add_argument("--models-dir", type=Path, default=Path("models"))
-    parser.add_argument("--dry-run", action="store_true")
-    parser.add_argument("--verify", action="store_true")
-    parser.add_argument("--help", "-h", action="store_true")
+    parser.add_argument("--models-dir", default="models")  # a string: "" must stay empty to be refused
+    for flags in (["--dry-run"], ["--verify"], ["--help", "-h"]):
+        parser.add_argument(*flags, action="store_true")
     try:
         args, unknown = parser.parse_known_intermixed_args(argv)
         if args.help:
-            print(HELP)
+            print(_HELP)
             return 0
         if unknown:
-            raise UsageError(
-                f"unknown option {unknown[0]!r}{_did_you_mean(unknown[0].split('=')[0], OPTIONS)}"
-            )
-        if not args.words:
-            raise UsageError("say what to fetch (--help lists the words)")
+            option = unknown[0]
+            raise UsageError(f"unknown option {option!r}{_did_you_mean(option.split('=')[0], _OPTIONS)}")
         download(*args.words, models_dir=args.models_dir, dry_run=args.dry_run, verify=args.verify)
-    except UsageError as error:
-        print(f"{USAGE}\nerror: {error}", file=sys.stderr)
+    except (UsageError, argparse.ArgumentError) as error:
+        print(f"{_USAGE}\nerror: {error}", file=sys.stderr)
         return 2
     except (DownloadError, OSError) as error:  # an OSError here is the disk's: say it in one line
         print(f"error: {error}", file=sys.stderr)

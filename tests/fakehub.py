@@ -111,7 +111,9 @@ class FakeHub:
         self.drops: dict[str, int] = {}  # path -> byte offset at which the next transfer is cut (once)
         self.outage_after_drop = False  # after a drop, the CDN answers 503 until `outage` is cleared
         self.outage = False
-        self.stalls: dict[str, int] = {}  # path -> byte offset at which the next transfer waits for `release`
+        # path -> byte offset at which the next transfer waits for `release`: set by the test (or on exit),
+        # never by a clock, so a slow machine cannot let the transfer finish before the test interrupts it
+        self.stalls: dict[str, int] = {}
         self.stalled = threading.Event()  # set once a stalled transfer has sent its bytes
         self.release = threading.Event()
         self._lock = threading.Lock()
@@ -135,6 +137,7 @@ class FakeHub:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.release.set()  # a stalled transfer ends with the hub
         for server in (self._hub, self._cdn):
             server.shutdown()
             server.server_close()
@@ -283,7 +286,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(data[start : hub.stalls.pop(path)])
             self.wfile.flush()
             hub.stalled.set()
-            hub.release.wait(timeout=30)
+            hub.release.wait()
             self._hang_up()
         else:
             self._send(status, data[start:], headers, body)

@@ -157,3 +157,48 @@ def test_the_readme_says_what_a_rerun_checks_and_when_the_token_is_sent():
     assert "`--verify` re-hashes every file" in readme and "kept when **its size** matches" in readme
     assert "with **every request to the Hub endpoint**" in readme
     assert "if the Hub asks for a token" not in readme
+
+
+# --- issue 21: an empty --models-dir, a --verify whose re-fetch fails ---------------------------------
+
+
+def test_an_empty_models_dir_is_refused_not_the_working_folder(hub, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["lora", "--models-dir", ""]) == 2
+    assert "--models-dir is empty" in capsys.readouterr().err
+    assert not (tmp_path / "lora_fernando_10k.safetensors").exists() and not (tmp_path / ".cache").exists()
+    assert hub.fetched_paths() == []
+
+
+def test_bash_script_refuses_an_empty_models_dir(hub, tmp_path):
+    """The script passes its own --models-dir first; an empty one from the user must not win as '.'."""
+    result = subprocess.run(
+        ["bash", str(SCRIPT), "lora", "--models-dir", ""],
+        cwd=tmp_path,
+        env=script_env(tmp_path, hub),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and "--models-dir is empty" in result.stderr
+    assert not (tmp_path / "lora_fernando_10k.safetensors").exists() and hub.fetched_paths() == []
+
+
+def test_verify_whose_refetch_fails_leaves_no_damaged_file_under_its_name(hub, tmp_path, capsys):
+    """--verify finds a changed file, the re-fetch fails its checksum too: the message says nothing is kept
+    under that name, so nothing may be, and the next plain run fetches it instead of keeping it."""
+    models, path = tmp_path / "m", "stage_a.safetensors"
+    assert main(["essential", "--models-dir", str(models)]) == 0
+    _corrupt_same_size(models / path)
+    hub.corrupt.add(path)
+    capsys.readouterr()
+    assert main(["essential", "--verify", "--models-dir", str(models)]) == 1
+    err = capsys.readouterr().err
+    assert path in err and "checksum" in err
+    assert not (models / path).exists()
+
+    hub.corrupt.clear()
+    hub.seen.clear()
+    assert main(["essential", "--models-dir", str(models)]) == 0
+    assert hub.fetched_paths() == [path]
+    assert_fetched(hub, models, ESSENTIAL["bfloat16"])

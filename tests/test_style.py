@@ -68,10 +68,7 @@ def test_notebook_opens_with_the_template(notebook):
     cells = json.loads(notebook.read_text())["cells"]
     first = "".join(cells[0]["source"])
     assert cells[0]["cell_type"] == "markdown" and first.startswith("# "), "the first cell is the H1 title"
-    assert (
-        f"colab.research.google.com/github/cascade-notebooks/stable-cascade-notebooks/blob/main/notebooks/{notebook.name}"
-        in first
-    )
+    assert "colab.research.google.com/github/" in first, "the Colab badge (its URL: tests/test_colab.py)"
     code = [c for c in cells if c["cell_type"] == "code"]
     setup = "".join(code[0]["source"])
     assert 'if "google.colab" in sys.modules' in setup, "the first code cell is the Colab-only setup"
