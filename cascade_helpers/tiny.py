@@ -386,10 +386,10 @@ def write_official_lora(models_dir: Path, seed: int = 7) -> Path:
     Returns:
         The file written (``lora_fernando_10k.safetensors``, float32).
     """
-    from .lora import official_lora_layout
+    from .lora.formats import _official_lora_layout
 
     vocab_size = len(json.loads((models_dir / files.TOKENIZER.path / "vocab.json").read_text()))
-    layout = official_lora_layout(_tiny_unet("stage_c", seed))
+    layout = _official_lora_layout(_tiny_unet("stage_c", seed))
     width = _tiny_prior_width()
     generator = torch.Generator().manual_seed(seed)
     state = {}

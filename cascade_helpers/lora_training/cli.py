@@ -6,11 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import LoraTrainingConfig, TrainingError, read_settings
-from .trainer import LoraTrainer, make_accelerator
+from .config import LoraTrainingConfig, TrainingError, _read_settings
+from .trainer import LoraTrainer, _make_accelerator
 
 #: the exit status of a run stopped by Ctrl-C (after saving a checkpoint), as shells report SIGINT
-INTERRUPTED = 130
+_INTERRUPTED = 130
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        settings = read_settings(args.config)
+        settings = _read_settings(args.config)
     except TrainingError as error:
         parser.error(str(error))
     try:
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    accelerator = make_accelerator(config)
+    accelerator = _make_accelerator(config)
     device = accelerator.device
     prior = load_prior(
         config.models_dir,
@@ -69,4 +69,4 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"step {result.step}: LoRA in {result.lora or 'not yet (interrupted)'}, checkpoint {result.checkpoint}"
         )
-    return INTERRUPTED if result.interrupted else 0
+    return _INTERRUPTED if result.interrupted else 0

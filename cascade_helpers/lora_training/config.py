@@ -1,5 +1,5 @@
-"""The settings of a LoRA training run, checked when they are made, saved with every checkpoint and
-as JSON for the command line."""
+"""The settings of a LoRA training run, checked when they are made (a value training could not use
+fails here, not after the last step), saved with every checkpoint and as JSON for the command line."""
 
 from __future__ import annotations
 
@@ -13,19 +13,47 @@ from pathlib import Path
 
 from .. import files, values
 from ..atomic import write_json
-from ..lora import ATTENTION_TARGETS, LoraError, NewToken, check_new_token_entries
+from ..lora.adapters import ATTENTION_TARGETS, LoraError
+from ..lora.tokens import _token_entries
 from ..sampling import OFFICIAL_DECODER, OFFICIAL_PRIOR
-from ..sizes import GENERATION, TRAINING, check_size
+from ..sizes import GENERATION, STRIDE, TRAINING
 
 #: the official config's ``multi_aspect_ratio`` (width / height); the reciprocals are added
 OFFICIAL_ASPECT_RATIOS = ("1/1", "1/2", "1/3", "2/3", "3/4", "1/5", "2/5", "3/5", "4/5", "1/6", "5/6", "9/16")
-LORA_FILE = "lora.safetensors"
-#: ``diffusers.optimization.get_scheduler``'s schedules that need nothing but these settings
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-CROPS = ("center", "random")
-PRECISIONS = files.PRECISIONS
-#: a validation prompt's name becomes part of a file name
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_LORA_FILE = "lora.safetensors"
+#: a validation prompt's name becomes part of a file name: portable characters, well under 255 bytes
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+#: the smallest bucket side: two Stage C latents (Stage C halves the latent grid once)
+_SMALLEST_BUCKET_SIDE = 2 * STRIDE
+_WHOLE = {  # setting → (smallest, largest or None, what it means)
+    "rank": (1, None, ""),
+    "batch_size": (1, None, ""),
+    "gradient_accumulation": (1, None, ""),
+    "steps": (1, None, "optimizer updates"),
+    "lr_num_cycles": (1, None, ""),
+    "warmup_steps": (0, None, ""),
+    "min_image_size": (0, None, "a side in pixels; 0 keeps every picture"),
+    "checkpoint_every": (1, None, "steps"),
+    "keep_checkpoints": (0, None, "0 keeps every checkpoint, n the latest n"),
+    "validate_every": (0, None, "steps; 0 validates only at the end"),
+    "validation_prior_steps": (1, 1000, ""),
+    "validation_decoder_steps": (1, 1000, ""),
+    "seed": (0, 2**32 - 1, "the batches, noise, crops and validation pictures are drawn from it"),
+}
+_POSITIVE = ("alpha", "learning_rate", "max_grad_norm", "lr_power")
+_PROBABILITIES = ("caption_dropout", "image_embed_probability")
+_GUIDANCES = ("validation_prior_guidance", "validation_decoder_guidance")
+_CHOICES = {  # setting → (the values it takes, what the message adds)
+    "lr_scheduler": (
+        ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"),
+        " (diffusers' get_scheduler)",
+    ),
+    "precision": (files.PRECISIONS, ""),
+    "dtype": ((None, *files.PRECISIONS), " (Stage C overflows in float16), or None"),
+    "crop": (("center", "random"), ""),
+    "stage_c": (files.SIZES, ""),
+    "stage_b": (files.SIZES, ""),
+}
 
 
 class TrainingError(ValueError):
@@ -47,7 +75,7 @@ class LoraTrainingConfig:
 
     images: str | list[str]
     output_dir: str
-    new_tokens: list[NewToken] = field(default_factory=list)
+    new_tokens: list[tuple[str, str | None]] = field(default_factory=list)
     rank: int = 4
     alpha: float = 1.0
     targets: str | list[str] = ATTENTION_TARGETS
@@ -91,27 +119,23 @@ class LoraTrainingConfig:
     stage_b: str = "lite"
     dtype: str | None = None  # None: "fp32" for precision="fp32", else "bf16"
 
-    #: settings a checkpoint must share with the run that resumes it
+    #: settings a checkpoint must share with the run that resumes it (the schedule's are honoured)
     RESUME_KEYS = (
-        "new_tokens",
-        "rank",
-        "alpha",
-        "targets",
-        "resolution",
-        "aspect_ratios",
-        "batch_size",
-        "gradient_accumulation",
-        "ema_decay",
-        "seed",
-    )
+        "new_tokens", "rank", "alpha", "targets", "resolution", "aspect_ratios", "batch_size",
+        "gradient_accumulation", "ema_decay", "seed",
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if isinstance(self.repeats, (list, tuple)):
             self.repeats = {str(folder): count for folder, count in self.repeats}
+        self._check_numbers()
+        for name, (options, hint) in _CHOICES.items():
+            if getattr(self, name) not in options:
+                self._fail(name, f"use one of {options}{hint}")
         self._check_model()
+        self._check_folders()
         self._check_pictures()
-        self._check_optimization()
-        self._check_checkpoints_and_validation()
+        self._check_validation()
 
     def _fail(self, name: str, expected: str) -> None:
         raise TrainingError(f"LoraTrainingConfig {name}={getattr(self, name)!r}: {expected}")
@@ -124,37 +148,44 @@ class LoraTrainingConfig:
         except ValueError as error:
             self._fail(name, str(error))
 
+    def _check_numbers(self) -> None:
+        for name, (low, high, meaning) in _WHOLE.items():
+            self._checked(name, values.whole, low, high, meaning=meaning)
+        for name in _POSITIVE:
+            self._checked(name, values.at_least, 0, strict=True)
+        for name in _PROBABILITIES:
+            self._checked(name, values.fraction, meaning="a probability")
+        for name in _GUIDANCES:
+            self._checked(name, values.at_least, 0, meaning="≤ 1 turns guidance off")
+        if self.ema_decay is not None and not 0 < self._checked("ema_decay", values.fraction) < 1:
+            self._fail("ema_decay", "must be between 0 and 1 (e.g. 0.999), or None for no EMA")
+        if not isinstance(self.gradient_checkpointing, bool):
+            self._fail("gradient_checkpointing", "must be True or False")
+        if self.precision == "fp32" and self.dtype == "bf16":
+            self._fail(
+                "dtype", "precision='fp32' trains in float32: load the prior in 'fp32' (or leave dtype None)"
+            )
+
     def _check_model(self) -> None:
         try:
-            check_new_token_entries(self.new_tokens)
+            _token_entries(self.new_tokens)
         except LoraError as error:
             self._fail("new_tokens", str(error))
         self.new_tokens = [tuple(t) for t in self.new_tokens]  # JSON reads the pairs as lists
         targets = [self.targets] if isinstance(self.targets, str) else self.targets
         if not targets or not all(isinstance(t, str) and t for t in targets):
             self._fail("targets", "give a regex of module names, or a list of module names")
-        for name in ("stage_c", "stage_b"):
-            if getattr(self, name) not in files.SIZES:
-                self._fail(name, f"use one of {files.SIZES}")
 
-    def _check_pictures(self) -> None:
-        folders = [self.images] if isinstance(self.images, str) else self.images
+    def _check_folders(self) -> None:
+        if not (isinstance(self.output_dir, str) and self.output_dir.strip()):
+            self._fail(
+                "output_dir", "give the folder the run writes into, e.g. 'outputs/lora' ('' is no folder)"
+            )
+        if self.cache_dir is not None and not (isinstance(self.cache_dir, str) and self.cache_dir.strip()):
+            self._fail("cache_dir", "give a folder, or None for <output_dir>/cache")
+        folders = self.image_folders
         if not folders or not all(isinstance(f, str) and f for f in folders):
             self._fail("images", "give a folder of pictures, or a list of folders")
-        for rule, why in ((TRAINING, ""), (GENERATION, "validation pictures are made at this size: ")):
-            try:
-                if rule is TRAINING or self.validation_prompts:
-                    check_size(self.resolution, self.resolution, rule)
-            except ValueError:
-                self._fail("resolution", f"{why}use {rule.describe()} ({rule.hint})")
-        try:
-            ratios = [Fraction(r) for r in self.aspect_ratios]
-        except (TypeError, ValueError, ZeroDivisionError):
-            ratios = []
-        if not ratios or any(r <= 0 for r in ratios):
-            self._fail("aspect_ratios", "give width/height ratios such as ['1/1', '2/3', '9/16']")
-        if self.crop not in CROPS:
-            self._fail("crop", f"use one of {CROPS}")
         known = {Path(f).resolve() for f in folders}
         for folder, count in self.repeats.items():
             if Path(folder).resolve() not in known:
@@ -163,7 +194,27 @@ class LoraTrainingConfig:
                 values.whole(count, f"the repeats of {folder!r}", 0, meaning="0 = once per epoch")
             except ValueError as error:
                 self._fail("repeats", str(error))
-        self._checked("min_image_size", values.whole, 0, meaning="a side in pixels; 0 keeps every picture")
+
+    def _check_pictures(self) -> None:
+        from .data import bucket_sizes
+
+        for rule, why in ((TRAINING, ""), (GENERATION, "validation pictures are made at this size: ")):
+            if (rule is TRAINING or self.validation_prompts) and not rule.accepts(self.resolution):
+                self._fail("resolution", f"{why}use {rule.describe()} ({rule.hint})")
+        try:
+            ratios = [Fraction(r) for r in self.aspect_ratios]
+        except (TypeError, ValueError, ZeroDivisionError):
+            ratios = []
+        if not ratios or any(r <= 0 for r in ratios):
+            self._fail("aspect_ratios", "give width/height ratios such as ['1/1', '2/3', '9/16']")
+        buckets = bucket_sizes(self.resolution, self.aspect_ratios)  # each ratio's, then the reciprocals'
+        for ratio, bucket in zip(self.aspect_ratios, buckets, strict=False):
+            if min(bucket) < _SMALLEST_BUCKET_SIDE:
+                self._fail(
+                    "aspect_ratios",
+                    f"{ratio!r} gives {bucket[1]}×{bucket[0]} px buckets at resolution {self.resolution}: a side "
+                    f"under {_SMALLEST_BUCKET_SIDE} px is too thin for Stage C; use a ratio closer to 1",
+                )
         if self.max_image_size is not None:
             least = max(self.min_image_size, 1)
             self._checked(
@@ -173,41 +224,14 @@ class LoraTrainingConfig:
                 meaning="a side in pixels, at least min_image_size, or None",
             )
 
-    def _check_optimization(self) -> None:
-        for name in ("rank", "batch_size", "gradient_accumulation", "steps", "lr_num_cycles"):
-            self._checked(name, values.whole, 1)
-        self._checked("warmup_steps", values.whole, 0)
-        for name in ("alpha", "learning_rate", "max_grad_norm", "lr_power"):
-            self._checked(name, values.at_least, 0, strict=True)
-        if self.lr_scheduler not in LR_SCHEDULERS:
-            self._fail("lr_scheduler", f"use one of {LR_SCHEDULERS} (diffusers' get_scheduler)")
-        if self.precision not in PRECISIONS:
-            self._fail("precision", f"use one of {PRECISIONS}")
-        if self.dtype not in (None, *PRECISIONS):
-            self._fail("dtype", f"use one of {PRECISIONS} (Stage C overflows in float16), or None")
-        if self.precision == "fp32" and self.dtype == "bf16":
-            self._fail(
-                "dtype", "precision='fp32' trains in float32: load the prior in 'fp32' (or leave dtype None)"
-            )
-        if not isinstance(self.gradient_checkpointing, bool):
-            self._fail("gradient_checkpointing", "must be True or False")
-        if self.ema_decay is not None and not 0 < self._checked("ema_decay", values.fraction) < 1:
-            self._fail("ema_decay", "must be between 0 and 1 (e.g. 0.999), or None for no EMA")
-        for name in ("caption_dropout", "image_embed_probability"):
-            self._checked(name, values.fraction, meaning="a probability")
-        if not values.is_whole(self.seed):
-            self._fail("seed", "must be a whole number")
-
-    def _check_checkpoints_and_validation(self) -> None:
-        self._checked("checkpoint_every", values.whole, 1, meaning="steps")
-        self._checked("keep_checkpoints", values.whole, 0, meaning="0 keeps every checkpoint, n the latest n")
-        self._checked("validate_every", values.whole, 0, meaning="steps; 0 validates only at the end")
+    def _check_validation(self) -> None:
         prompts = self.validation_prompts
         if isinstance(prompts, dict):
             for name, prompt in prompts.items():
                 if not (isinstance(name, str) and _NAME.fullmatch(name)):
                     self._fail(
-                        "validation_prompts", f"the name {name!r} must be letters, digits, '_', '.', '-'"
+                        "validation_prompts",
+                        f"the name {name!r} must be up to 100 letters, digits, '_', '.', '-' (it names a file)",
                     )
                 if not isinstance(prompt, str):
                     self._fail("validation_prompts", f"the prompt named {name!r} must be text")
@@ -215,10 +239,6 @@ class LoraTrainingConfig:
             self._fail("validation_prompts", "give a list of prompts or a dict name → prompt")
         if not isinstance(self.validation_negative_prompt, str):
             self._fail("validation_negative_prompt", "must be text")
-        for stage in ("prior", "decoder"):
-            steps, guidance = f"validation_{stage}_steps", f"validation_{stage}_guidance"
-            self._checked(steps, values.whole, 1, 1000)
-            self._checked(guidance, values.at_least, 0, meaning="≤ 1 turns guidance off")
 
     @property
     def image_folders(self) -> list[str]:
@@ -272,22 +292,15 @@ class LoraTrainingConfig:
         """Read settings saved by :meth:`save` (or written by hand).
 
         Raises:
-            TrainingError: the file is missing or not JSON (:func:`read_settings`), or
-                :meth:`from_settings` refuses what it holds (the message names the file).
+            TrainingError: the file is missing or not JSON, or :meth:`from_settings` refuses what it
+                holds (the message names the file).
         """
-        return cls.from_settings(read_settings(path), str(path))
+        return cls.from_settings(_read_settings(path), str(path))
 
 
-def read_settings(path: str | Path) -> object:
-    """The contents of a JSON settings file, not yet checked (:meth:`LoraTrainingConfig.from_settings`
-    checks them): the command line tells a file it cannot read (exit status 2) from refused settings (1).
-
-    Returns:
-        What the JSON holds.
-
-    Raises:
-        TrainingError: the file cannot be read or is not JSON, naming it.
-    """
+def _read_settings(path: str | Path) -> object:
+    """Why: the command line tells a file it cannot read (exit status 2, argparse's usage error) from
+    refused settings (1), so reading comes apart from checking."""
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:

@@ -43,15 +43,12 @@ def stage_c_loss(
     return (per_sample * p2_loss_weight(snr)).mean()
 
 
-class StageCObjective(nn.Module):
-    """Stage C and its text encoder as one module whose ``forward`` is a batch's loss.
-
-    Why one module: everything that trains — the LoRA in the UNet and the new tokens' rows in the
+class _StageCObjective(nn.Module):
+    """Why one module: everything that trains — the LoRA in the UNet and the new tokens' rows in the
     text encoder — must sit in the module accelerate prepares, so that on several GPUs its
     ``DistributedDataParallel`` averages all their gradients (and skips that during accumulation),
-    and the text encoding of captions with a new token must run inside ``forward``, where the
-    gradient to those rows is recorded.
-    """
+    and captions with a new token must be encoded inside ``forward``, where the gradient to those
+    rows is recorded. ``forward`` is a batch's :func:`stage_c_loss`."""
 
     def __init__(self, prior: Prior) -> None:
         super().__init__()
@@ -69,20 +66,7 @@ class StageCObjective(nn.Module):
         cached: Sequence[tuple[torch.Tensor, torch.Tensor] | None],
         autocast: bool,
     ) -> torch.Tensor:
-        """The official loss of a batch.
-
-        Args:
-            latents, noise: B×16×h×w clean latents and the noise to add.
-            times: B noise levels (:func:`cascade_helpers.sampling.training_times`).
-            clip_img: B×1×E CLIP image embeddings (zeros where none).
-            captions: the B captions ("" for a dropped one).
-            cached: per caption its cached (hidden, pooled) text embeddings, or None to encode it
-                here, with gradients (a caption with a learned token).
-            autocast: compute in bfloat16 autocast.
-
-        Returns:
-            The loss (:func:`stage_c_loss`), a 0-d float32 tensor.
-        """
+        # a caption without cached embeddings (None) has a learned token: encoded here, with gradients
         fresh = [caption for caption, done in zip(captions, cached, strict=True) if done is None]
         encoded = iter(())
         if fresh:

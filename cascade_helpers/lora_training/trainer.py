@@ -1,15 +1,17 @@
 """The training loop: :class:`LoraTrainer` adds the LoRA and new tokens to a prior and repeats the
-official step (:class:`.objective.StageCObjective`) on accelerate's and diffusers' parts —
-``Accelerator.prepare`` / ``accumulate`` / ``backward`` / ``clip_grad_norm_``, ``save_state`` /
-``load_state`` with ``register_for_checkpointing``, ``diffusers.optimization.get_scheduler`` and
-``diffusers.training_utils.EMAModel`` — keeping what is ours: feature caches, aspect buckets with
-repeats, a batch stream that resumes exactly, Ctrl-C that saves and stops, checkpoints that are
-never half-written (:mod:`.checkpointing`), validation pictures (:mod:`.validation`)."""
+official step (:func:`.objective.stage_c_loss`) on accelerate's and diffusers' parts —
+``Accelerator.prepare`` / ``accumulate`` / ``backward`` / ``clip_grad_norm_``,
+``diffusers.optimization.get_scheduler`` and ``diffusers.training_utils.EMAModel`` — keeping what is
+ours: feature caches, aspect buckets with repeats, a batch stream that resumes exactly, Ctrl-C that
+saves and stops, a stop at the first non-finite loss, checkpoints that are never half-written and
+never run code (:mod:`.checkpointing`), one run per output folder, validation pictures."""
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import math
+import shutil
 import signal
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -18,38 +20,29 @@ from pathlib import Path
 
 import PIL.Image
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from ..atomic import save_safetensors
-from ..lora import (
-    COMFYUI_PREFIX,
-    LoraError,
-    LoraFactors,
-    NewTokenEmbedding,
-    all_or_nothing,
-    check_new_tokens,
-    inject_lora,
-    install_new_tokens,
-    lora_factors,
-    refuse_second_lora,
-    save_comfyui,
-    save_lora,
-)
+from ..lora.adapters import _lora_factors, _refuse_unadaptable, inject_lora
+from ..lora.formats import _COMFYUI_PREFIX, _save_comfyui, _save_lora
+from ..lora.load import _all_or_nothing
+from ..lora.tokens import _check_new_tokens, _install_trainable_tokens
 from ..models import Decoder, Prior
 from ..sampling import training_times
-from .cache import CachedImage, CacheReport, cache_images, cache_texts
-from .checkpointing import TRAINABLE, CheckpointFolder, Registered
-from .config import LORA_FILE, LoraTrainingConfig, TrainingError
-from .data import TrainingImage, batch_schedule, bucket_sizes, find_training_images
-from .objective import StageCObjective
-from .validation import save_validation, validation_picture
+from .cache import CachedImage, CacheReport, _cache_images, _cache_texts
+from .checkpointing import _CheckpointFolder
+from .config import _LORA_FILE, LoraTrainingConfig, TrainingError
+from .data import TrainingImage, batch_schedule, find_training_images
+from .objective import _StageCObjective
+from .validation import _save_validation, _validation_picture
+
+_LOCK = ".lock"
+_OWN_FOLDERS = ("", "checkpoints", "validation")  # what only the run holding the lock writes
 
 
 @contextlib.contextmanager
-def stop_on_interrupt() -> Iterator[dict]:
-    """While active, Ctrl-C (the notebook's stop button) only asks the loop to stop after the current
-    step, so the checkpoint it then saves is consistent; a second Ctrl-C aborts at once."""
+def _stop_on_interrupt() -> Iterator[dict]:
+    """Why: Ctrl-C (the notebook's stop button) only asks the loop to stop after the current step, so
+    the checkpoint it then saves is consistent; a second Ctrl-C aborts at once."""
     state = {"requested": False}
     if threading.current_thread() is not threading.main_thread():
         yield state
@@ -70,19 +63,10 @@ def stop_on_interrupt() -> Iterator[dict]:
         signal.signal(signal.SIGINT, previous)
 
 
-def make_accelerator(config: LoraTrainingConfig, cpu: bool = False):
-    """The ``Accelerator`` a run uses: accumulating ``config.gradient_accumulation`` batches per
-    update; with new tokens, on several GPUs, its DDP tolerates a batch in which the tokens' rows get
-    no gradient (no caption with the token, or all dropped). Mixed precision stays off here: the run
-    autocasts itself as ``config.precision`` says.
-
-    Args:
-        config: the run's settings.
-        cpu: train on the CPU even where CUDA is available.
-
-    Returns:
-        The ``accelerate.Accelerator``.
-    """
+def _make_accelerator(config: LoraTrainingConfig, cpu: bool = False):
+    """Why: the run's ``Accelerator`` accumulates ``config.gradient_accumulation`` batches per update
+    and, with new tokens on several GPUs, lets DDP accept a batch in which the tokens' rows get no
+    gradient; mixed precision stays off (the run autocasts as ``config.precision`` says)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
@@ -91,6 +75,16 @@ def make_accelerator(config: LoraTrainingConfig, cpu: bool = False):
         cpu=cpu,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=bool(config.new_tokens))],
     )
+
+
+def _clear_temporaries(folder: Path) -> None:
+    """Why: a run killed while writing (``kill -9`` during the final LoRA save, a checkpoint, a
+    validation picture) leaves its hidden ``.<name>.<id>.tmp`` behind (``atomic.atomic_path``)."""
+    for stale in folder.glob(".*.tmp"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 @dataclass
@@ -112,38 +106,35 @@ class TrainingResult:
     lora: Path | None
 
 
-LossCallback = Callable[[int, float], None]
-ValidationCallback = Callable[[int, list[PIL.Image.Image], list[str]], None]
-
-
 class LoraTrainer:
     """Trains a LoRA (and new tokens) on ``prior`` in place. ``decoder`` makes validation pictures
     full pictures; without it they are the previewer's rough ones. Create it, call :meth:`prepare`
-    (caches; optional), :meth:`train` (resumes from the latest checkpoint), then :meth:`save`.
+    (caches; optional), :meth:`train` (resumes from the latest checkpoint), then use the LoRA file.
 
     Args:
         prior: the Stage C to train, loaded with ``memory="gpu"``.
         config: the run's settings.
         decoder: Stage B/A for validation pictures (optional).
-        accelerator: an ``accelerate.Accelerator`` (:func:`make_accelerator` makes one by default).
+        accelerator: an ``accelerate.Accelerator`` (default: one on the prior's device that
+            accumulates ``config.gradient_accumulation`` batches).
     """
 
     def __init__(
         self, prior: Prior, config: LoraTrainingConfig, decoder: Decoder | None = None, accelerator=None
     ) -> None:
         self.prior, self.config, self.decoder = prior, config, decoder
-        self.accelerator = accelerator or make_accelerator(config, cpu=prior.device.type == "cpu")
+        self.accelerator = accelerator or _make_accelerator(config, cpu=prior.device.type == "cpu")
         self.output_dir = Path(config.output_dir)
         self.images: list[TrainingImage] = []
         self.items: list[CachedImage] = []
         self.texts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.report: CacheReport | None = None
-        self.tokens: NewTokenEmbedding | None = None
+        self.tokens = None  # the new tokens' trainable rows, once prepared
         self.ema = None
         self.losses: list[tuple[int, float]] = []
         self.step = 0
         self.generator = torch.Generator().manual_seed(config.seed * 1000 + self.accelerator.process_index)
-        self.checkpoint_folder = CheckpointFolder(self.output_dir / "checkpoints", self.accelerator, config)
+        self.checkpoint_folder = _CheckpointFolder(self.output_dir / "checkpoints", self.accelerator, config)
         self._check_placement()
 
     # -- set-up ---------------------------------------------------------------------------------------
@@ -159,11 +150,11 @@ class LoraTrainer:
                 raise TrainingError(
                     f"the prior's {name} is on {device}, not {self.prior.device}: load it with memory='gpu' to train"
                 )
-        if not same(self.prior.device, self.accelerator.device):
-            here, there = self.prior.device, self.accelerator.device
+        here, there = self.prior.device, self.accelerator.device
+        if not same(here, there):
             raise TrainingError(
                 f"the prior is on {here} but accelerate trains on {there}: load the prior on {there}, or "
-                f"pass an accelerator made for {here} (make_accelerator(config, cpu=True) for the CPU)"
+                f"pass an accelerator made for {here} (accelerate.Accelerator(cpu=True) for the CPU)"
             )
         dtype = next(self.prior.unet.parameters()).dtype
         if self.config.precision == "fp32" and dtype != torch.float32:
@@ -185,8 +176,8 @@ class LoraTrainer:
     def prepare(self) -> CacheReport:
         """Check that the prior can take the run (no LoRA yet, new tokens it does not know, the parts
         the settings use), cache the features (main process first, the others then read the cache),
-        add the LoRA and the new tokens (both or neither), set up the optimizer, schedule and EMA, and
-        hand them to accelerate. Idempotent.
+        add the LoRA and the new tokens (both or neither), set up the optimizer and EMA and hand them
+        to accelerate. Idempotent.
 
         Returns:
             What was computed and what came from the caches.
@@ -197,59 +188,35 @@ class LoraTrainer:
         """
         if self.report is not None:
             return self.report
+        from diffusers.training_utils import EMAModel
+
         config, prior, accelerator = self.config, self.prior, self.accelerator
         self._check_prior()
         self.images = find_training_images(config.image_folders, config.repeats, config.min_image_size)
         self._check_tokens_in_captions(self.images)
         report = CacheReport()
-        with_image_embeds = config.image_embed_probability > 0
         with accelerator.main_process_first():
-            sizes = bucket_sizes(config.resolution, config.aspect_ratios)
-            self.items = cache_images(
-                prior, self.images, sizes, self.cache_dir, with_image_embeds, report,
-                crop=config.crop, seed=config.seed, max_image_size=config.max_image_size,
-            )  # fmt: skip
+            self.items = _cache_images(prior, self.images, config, self.cache_dir, report)
             plain = [c for c in {i.caption for i in self.images} if not self._has_new_token(c)] + [""]
-            self.texts = cache_texts(prior, plain, self.cache_dir, report)
+            self.texts = _cache_texts(prior, plain, self.cache_dir, report)
         report.text_encoded_each_step = sorted(
             {i.caption for i in self.images if self._has_new_token(i.caption)}
         )
         # peft draws lora_A from the global generator: seed it; a failure takes the LoRA off again
-        with torch.random.fork_rng(devices=[]), all_or_nothing(prior.unet, prior.text_encoder):
+        with torch.random.fork_rng(devices=[]), _all_or_nothing(prior.unet, prior.text_encoder):
             torch.manual_seed(config.seed)
             inject_lora(prior.unet, config.rank, config.alpha, config.targets)
-            self.tokens = install_new_tokens(prior, config.new_tokens)
+            self.tokens = _install_trainable_tokens(prior, config.new_tokens)
         if config.gradient_checkpointing:
             prior.unet.enable_gradient_checkpointing()
-        self.objective = StageCObjective(prior)
+        self.objective = _StageCObjective(prior)
         self.trainable = [p for p in self.objective.parameters() if p.requires_grad]
-        self._set_up_optimization()
-        self.report = report
-        return report
-
-    def _set_up_optimization(self) -> None:
-        from diffusers.optimization import get_scheduler
-        from diffusers.training_utils import EMAModel
-
-        config, accelerator = self.config, self.accelerator
-        optimizer = torch.optim.AdamW(self.trainable, lr=config.learning_rate)
-        # accelerate steps a prepared schedule once per process at each update: count in those steps
-        processes = accelerator.num_processes
-        schedule = get_scheduler(
-            config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps * processes,
-            num_training_steps=config.steps * processes, num_cycles=config.lr_num_cycles, power=config.lr_power,
-        )  # fmt: skip
         if config.ema_decay:
             self.ema = EMAModel(self.trainable, decay=config.ema_decay, foreach=True)
-        self.model, self.optimizer, self.scheduler = accelerator.prepare(self.objective, optimizer, schedule)
-        accelerator.register_save_state_pre_hook(self._save_trainable)
-        accelerator.register_load_state_pre_hook(self._load_trainable)
-        progress = Registered(lambda: {"step": self.step, "losses": list(self.losses)}, self._load_progress)
-        accelerator.register_for_checkpointing(
-            progress, Registered(self._generator_states, self._load_generator_states)
-        )
-        if self.ema is not None:
-            accelerator.register_for_checkpointing(self.ema)
+        optimizer = torch.optim.AdamW(self.trainable, lr=config.learning_rate)
+        self.model, self.optimizer = accelerator.prepare(self.objective, optimizer)
+        self.report = report
+        return report
 
     def _check_prior(self) -> None:
         """What would otherwise fail (or silently differ) after minutes of encoding: a prior that
@@ -257,9 +224,9 @@ class LoraTrainer:
         config, prior = self.config, self.prior
         try:
             for model in (prior.unet, prior.text_encoder):
-                refuse_second_lora(model)
-            check_new_tokens(prior.tokenizer, [token for token, _ in config.new_tokens])
-        except LoraError as error:
+                _refuse_unadaptable(model)
+            _check_new_tokens(prior.tokenizer, [token for token, _ in config.new_tokens])
+        except ValueError as error:
             raise TrainingError(f"cannot train on this prior: {error}") from error
         needs = {"effnet": "LoRA training (the pictures' latents)"}
         if config.image_embed_probability > 0:
@@ -306,29 +273,44 @@ class LoraTrainer:
         clip_img = torch.stack(images).to(device)
         return self.model(latents, noise, times, clip_img, captions, cached, config.precision == "bf16")
 
-    def _optimizer_step(self, batches: Iterator[list[int]]) -> float:
-        """One update: ``gradient_accumulation`` batches through ``accelerator.accumulate`` (their
-        gradients averaged, across processes too), clipped, one optimizer and schedule step, EMA."""
+    def _update(self, batches: Iterator[list[int]]) -> float:
+        """Why: one update is ``gradient_accumulation`` batches through ``accelerator.accumulate``
+        (their gradients averaged, across processes too), then — unless the loss or the gradients are
+        no longer finite, which stops the run before the weights change — clipping, one optimizer and
+        schedule step, and the EMA."""
         accelerator, losses = self.accelerator, []
         for _ in range(self.config.gradient_accumulation):
             with accelerator.accumulate(self.model):
                 loss = self.batch_loss(next(batches))
                 accelerator.backward(loss)
-                # the prepared optimizer and schedule skip steps between syncs themselves, but each
-                # call still costs a few checks: only call them when the update completes
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
-                    self.optimizer.step()
-                    self.scheduler.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.detach())
+                losses.append(loss.detach())
         if not accelerator.sync_gradients:
             raise RuntimeError(
                 "accelerate did not complete the update: its accumulation counter is out of step"
             )
+        norm = float(accelerator.clip_grad_norm_(self.trainable, self.config.max_grad_norm))
+        loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            raise self._diverged(loss, norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.step(self.trainable)
-        return accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+        return loss
+
+    def _diverged(self, loss: float, norm: float) -> TrainingError:
+        checkpoints = self.checkpoints()
+        kept = (
+            f"the last good checkpoint, {checkpoints[-1]}, is kept"
+            if checkpoints
+            else "no checkpoint was saved yet"
+        )
+        return TrainingError(
+            f"the loss diverged at update {self.step + 1} (loss {loss}, gradient norm {norm}): training stopped "
+            f"before that update changed the weights, and saved no LoRA; {kept}. Lower learning_rate (now "
+            f"{self.config.learning_rate}) and run again: it continues from the last checkpoint"
+        )
 
     def _batches(self) -> Iterator[list[int]]:
         """This process's share of the batch stream, from where the run stands."""
@@ -340,13 +322,30 @@ class LoraTrainer:
         done = self.step * self.config.gradient_accumulation * processes
         return itertools.islice(stream, done + index, None, processes)
 
+    def _schedule(self):
+        """Why: the learning rate follows from the settings and the step, so the schedule is built
+        from the config at the step the run stands at: a resume honours a changed ``learning_rate``,
+        schedule, warm-up or ``steps`` (diffusers' ``get_scheduler``, one step per update)."""
+        from diffusers.optimization import get_scheduler
+
+        config, optimizer = self.config, self.optimizer.optimizer  # the optimizer accelerate wraps
+        for group in optimizer.param_groups:
+            group["initial_lr"] = config.learning_rate
+        return get_scheduler(
+            config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.steps,
+            num_cycles=config.lr_num_cycles, power=config.lr_power, last_epoch=self.step - 1,
+        )  # fmt: skip
+
     # -- the loop -------------------------------------------------------------------------------------
 
     def train(
-        self, on_step: LossCallback | None = None, on_validation: ValidationCallback | None = None
+        self,
+        on_step: Callable[[int, float], None] | None = None,
+        on_validation: Callable[[int, list[PIL.Image.Image], list[str]], None] | None = None,
     ) -> TrainingResult:
-        """Train up to ``config.steps`` updates, continuing from the latest checkpoint. Ctrl-C saves a
-        checkpoint and returns (``interrupted``).
+        """Train up to ``config.steps`` updates, continuing from the latest checkpoint, holding a lock
+        on ``output_dir`` (a second run there is refused). Ctrl-C saves a checkpoint and returns
+        (``interrupted``); a loss that stops being finite stops the run, keeping the last checkpoint.
 
         Args:
             on_step: ``on_step(step, loss)`` after each update, on the main process (a live loss
@@ -358,49 +357,79 @@ class LoraTrainer:
             A :class:`TrainingResult`; when complete, the LoRA is saved (:meth:`save`).
 
         Raises:
-            TrainingError: the pictures, captions or a checkpoint do not fit the run (named).
+            TrainingError: the pictures, captions or a checkpoint do not fit the run, another run holds
+                ``output_dir``, or the loss diverged (named).
         """
-        self.prepare()
-        self.resume()
         config, accelerator, main = self.config, self.accelerator, self.accelerator.is_main_process
-        # accelerate's accumulation settings are shared by every Accelerator in a process: set ours
-        accelerator.gradient_accumulation_steps = config.gradient_accumulation
-        accelerator.step = 0
-        batches = self._batches()
-        bar = tqdm(total=config.steps, initial=self.step, desc="training", disable=not main)
-        interrupted, checkpoint = False, None
-        with stop_on_interrupt() as interrupt:
-            while self.step < config.steps:
-                loss = self._optimizer_step(batches)
-                self.step += 1
-                self.losses.append((self.step, loss))
-                bar.update()
-                bar.set_postfix(loss=f"{loss:.4f}")
-                if on_step and main:
-                    on_step(self.step, loss)
-                if interrupt["requested"]:
-                    accelerator.set_trigger()
-                interrupted = accelerator.check_trigger()  # a stop on any process stops them all
-                last = self.step == config.steps
-                if interrupted or last or self.step % config.checkpoint_every == 0:
-                    checkpoint = self.save_checkpoint()
-                if config.validation_prompts and (
-                    last or (config.validate_every and self.step % config.validate_every == 0)
-                ):
-                    self.validate(on_validation)
-                if interrupted:
-                    tqdm.write(
-                        f"stopped at step {self.step}; checkpoint saved in {checkpoint}. Run train() again to continue."
-                    )
-                    break
-        bar.close()
-        lora = self.save() if self.step >= config.steps else None
+        with self._holding_output_dir():
+            self.resume()
+            # accelerate's accumulation settings are shared by every Accelerator in a process: set ours
+            accelerator.gradient_accumulation_steps, accelerator.step = config.gradient_accumulation, 0
+            self.scheduler, batches = self._schedule(), self._batches()
+            interrupted, checkpoint = False, None
+            bar = tqdm(total=config.steps, initial=self.step, desc="training", disable=not main)
+            with _stop_on_interrupt() as interrupt, bar:
+                while self.step < config.steps and not interrupted:
+                    loss = self._update(batches)
+                    self.step += 1
+                    self.losses.append((self.step, loss))
+                    bar.update()
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                    if on_step and main:
+                        on_step(self.step, loss)
+                    if interrupt["requested"]:
+                        accelerator.set_trigger()
+                    interrupted = accelerator.check_trigger()  # a stop on any process stops them all
+                    checkpoint = self._after_update(interrupted, on_validation) or checkpoint
+            if interrupted:
+                tqdm.write(
+                    f"stopped at step {self.step}; checkpoint saved in {checkpoint}. Run train() again to continue."
+                )
+            lora = self.save() if self.step >= config.steps else None
         return TrainingResult(self.step, list(self.losses), interrupted, checkpoint, lora)
+
+    def _after_update(self, interrupted: bool, on_validation) -> Path | None:
+        """Why: after an update, the checkpoint and validation pictures that are due (both at the end)."""
+        config, last = self.config, self.step == self.config.steps
+        checkpoint = None
+        if interrupted or last or self.step % config.checkpoint_every == 0:
+            checkpoint = self.checkpoint_folder.save(self.step, *self._state())
+        if config.validation_prompts and (
+            last or (config.validate_every and self.step % config.validate_every == 0)
+        ):
+            self.validate(on_validation)
+        return checkpoint
+
+    @contextlib.contextmanager
+    def _holding_output_dir(self) -> Iterator[None]:
+        """Why: two runs on one ``output_dir`` would delete each other's checkpoints in progress (as
+        stale temporaries) and mix their files. The main process holds an OS lock on the folder
+        (``filelock``) for the whole run and, holding it, clears the temporaries a killed run left."""
+        if not self.accelerator.is_main_process:
+            yield
+            return
+        from filelock import FileLock, Timeout
+
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(self.output_dir / _LOCK)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise TrainingError(
+                f"another training run is writing into {self.output_dir} (it holds {lock.lock_file}): wait until "
+                "it ends, or give this run another output_dir"
+            ) from None
+        try:
+            for folder in _OWN_FOLDERS:
+                _clear_temporaries(self.output_dir / folder)
+            yield
+        finally:
+            lock.release()
 
     # -- EMA, saving ----------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def trained_weights(self) -> Iterator[None]:
+    def _trained_weights(self) -> Iterator[None]:
         """The weights that get saved: the EMA ones when EMA is on (swapped in for the duration)."""
         if self.ema is None:
             yield
@@ -412,89 +441,83 @@ class LoraTrainer:
         finally:
             self.ema.restore(self.trainable)
 
-    def learned(self) -> tuple[dict[str, LoraFactors], dict[str, torch.Tensor]]:
+    def _learned(self):
         """The trained LoRA factors and new-token embedding rows (EMA weights when EMA is on)."""
-        with self.trained_weights():
-            factors = lora_factors(self.prior.unet)
+        with self._trained_weights():
+            factors = _lora_factors(self.prior.unet)
             rows = self.tokens.rows.detach().clone() if self.tokens else []
         return factors, {token: row for (token, _), row in zip(self.config.new_tokens, rows, strict=True)}
 
     def save(self, path: str | Path | None = None) -> Path:
         """Write the LoRA and the learned tokens in our format (default ``<output_dir>/lora.safetensors``),
         atomically: a save killed halfway leaves the previous file, never half of this one."""
-        factors, tokens = self.learned()
-        path = Path(path) if path else self.output_dir / LORA_FILE
+        factors, tokens = self._learned()
+        path = Path(path) if path else self.output_dir / _LORA_FILE
         if self.accelerator.is_main_process:
-            save_lora(path, factors, tokens)
+            _save_lora(path, factors, tokens)
         return path
 
-    def export_comfyui(self, path: str | Path, prefix: str = COMFYUI_PREFIX) -> list[Path]:
-        """Write the LoRA in ComfyUI/kohya keys (and the tokens as ComfyUI embeddings).
+    def export_comfyui(self, path: str | Path, prefix: str = _COMFYUI_PREFIX) -> list[Path]:
+        """Write the LoRA in ComfyUI/kohya keys, and each learned token as a ComfyUI embedding
+        (``<stem>_embeddings/<token without brackets>.safetensors``: in ComfyUI write
+        ``embedding:<name>`` where you trained ``[name]``). ComfyUI pools the prompt at the end token,
+        the official model at the highest token id (the new token), so results there differ somewhat.
 
         Args:
             path: the LoRA's ``.safetensors`` file.
-            prefix: ``lora_prior_unet_`` (ComfyUI; default) or ``lora_unet_`` (kohya).
+            prefix: ``lora_prior_unet_`` (ComfyUI, OneTrainer; default) or ``lora_unet_`` (kohya).
 
         Returns:
-            The files written (:func:`cascade_helpers.lora.save_comfyui`).
+            The files written: the LoRA first, then one embedding per token.
         """
-        factors, tokens = self.learned()
-        return save_comfyui(path, factors, tokens, prefix)
+        factors, tokens = self._learned()
+        return _save_comfyui(Path(path), factors, tokens, prefix)
 
     # -- checkpoints ----------------------------------------------------------------------------------
 
     def _trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.objective.named_parameters() if p.requires_grad}
 
-    def _is_ours(self, model) -> bool:
-        return self.accelerator.unwrap_model(model) is self.objective
-
-    def _save_trainable(self, models: list, weights: list, folder: str) -> None:
-        """accelerate's save hook: the trained weights only, not a copy of the whole Stage C."""
-        for i in reversed(range(len(models))):
-            if self._is_ours(models[i]):
-                weights.pop(i)
-                if self.accelerator.is_main_process:
-                    state = {n: p.detach().float() for n, p in self._trainable_parameters().items()}
-                    save_safetensors(Path(folder) / TRAINABLE, state)
-
-    def _load_trainable(self, models: list, folder: str) -> None:
-        """accelerate's load hook: the trained weights back into the model, by name."""
-        ours = [m for m in models if self._is_ours(m)]
-        for model in ours:
-            models.remove(model)
-        if not ours:
-            return
-        saved = load_file(str(Path(folder) / TRAINABLE))
-        parameters = self._trainable_parameters()
-        if set(saved) != set(parameters):
-            raise TrainingError(f"{folder} holds other trained weights than this run trains")
-        with torch.no_grad():
-            for name, value in saved.items():
-                parameters[name].copy_(value)
-
-    def _load_progress(self, state: dict) -> None:
-        self.step = int(state["step"])
-        self.losses = [tuple(x) for x in state["losses"]]
-
-    def _generator_states(self) -> dict:
-        """Every process's batch generator (accelerate writes registered state from the main process
-        only, so the states are gathered there first)."""
-        state = self.generator.get_state()[None]
+    def _state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Why: everything a resume needs to continue exactly, as tensors and JSON (nothing that can
+        carry code): the trained weights, their EMA, AdamW's state, every process's batch generator
+        (gathered: the main process writes them all), the step and the losses."""
+        tensors = {f"weights.{n}": p.detach().float() for n, p in self._trainable_parameters().items()}
+        generators = self.generator.get_state()[None]
         if self.accelerator.num_processes > 1:
-            state = self.accelerator.gather(state.to(self.accelerator.device)).cpu()
-        return {"generators": state}
+            generators = self.accelerator.gather(generators.to(self.accelerator.device)).cpu()
+        tensors["generators"] = generators
+        optimizer = self.optimizer.state_dict()
+        for i, state in optimizer["state"].items():
+            tensors |= {f"optimizer.{i}.{key}": torch.as_tensor(value) for key, value in state.items()}
+        progress = {"step": self.step, "losses": self.losses, "param_groups": optimizer["param_groups"]}
+        if self.ema is not None:
+            tensors |= {f"ema.{i}": p for i, p in enumerate(self.ema.shadow_params)}
+            progress["ema_updates"] = self.ema.optimization_step
+        return tensors, progress
 
-    def _load_generator_states(self, state: dict) -> None:
-        saved, index = state["generators"], self.accelerator.process_index
+    def _restore(self, tensors: dict[str, torch.Tensor], progress: dict) -> None:
+        """Why: :meth:`_state` read back into the trainer, the trained weights matched by name."""
+        parameters = self._trainable_parameters()
+        weights = {k.removeprefix("weights."): v for k, v in tensors.items() if k.startswith("weights.")}
+        if set(weights) != set(parameters):
+            raise TrainingError("the checkpoint holds other trained weights than this run trains")
+        with torch.no_grad():
+            for name, value in weights.items():
+                parameters[name].copy_(value)
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value
+        self.optimizer.load_state_dict({"state": state, "param_groups": progress["param_groups"]})
+        if self.ema is not None:
+            shadow = [tensors[f"ema.{i}"].to(self.prior.device) for i in range(len(self.trainable))]
+            self.ema.load_state_dict({"optimization_step": progress["ema_updates"], "shadow_params": shadow})
+        saved, index = tensors["generators"], self.accelerator.process_index
         if index < len(saved):  # a run resumed on more processes starts the extra ones afresh
             self.generator.set_state(saved[index].clone())
-
-    def save_checkpoint(self) -> Path:
-        """Everything needed to continue exactly (trained weights, EMA, optimizer, schedule, step,
-        every random generator, the loss history) via ``accelerator.save_state``, into a temporary
-        folder renamed when complete (:meth:`.checkpointing.CheckpointFolder.save`)."""
-        return self.checkpoint_folder.save(self.step)
+        self.step, self.losses = int(progress["step"]), [tuple(x) for x in progress["losses"]]
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
@@ -506,19 +529,17 @@ class LoraTrainer:
         self.prepare()
         if self.step:
             return self.step
-        folder = self.checkpoint_folder.load_latest()
-        if folder is None:
-            return 0
-        if self.ema is not None:  # accelerate reads registered state onto the CPU
-            self.ema.to(device=self.prior.device)
-        if self.accelerator.is_main_process:
+        folder = self.checkpoint_folder.load_latest(self._restore)
+        if folder is not None and self.accelerator.is_main_process:
             tqdm.write(f"resuming from {folder} (step {self.step})")
         return self.step
 
     # -- validation -----------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def validate(self, on_validation: ValidationCallback | None = None) -> list[PIL.Image.Image]:
+    def validate(
+        self, on_validation: Callable[[int, list[PIL.Image.Image], list[str]], None] | None = None
+    ) -> list[PIL.Image.Image]:
         """Pictures of the validation prompts with the weights being trained (EMA ones if on), saved
         as ``validation/step-NNNNNN.png`` (and ``step-NNNNNN-<name>.png`` per named prompt); through
         the decoder when there is one, else the previewer."""
@@ -526,12 +547,12 @@ class LoraTrainer:
         pictures: list[PIL.Image.Image] = []
         if self.accelerator.is_main_process:
             library = self.config.named_validation_prompts
-            with self.trained_weights():
+            with self._trained_weights():
                 pictures = [
-                    validation_picture(self.prior, self.decoder, self.config, p) for p in library.values()
+                    _validation_picture(self.prior, self.decoder, self.config, p) for p in library.values()
                 ]
             named = isinstance(self.config.validation_prompts, dict)
-            save_validation(self.output_dir / "validation", self.step, pictures, list(library), named)
+            _save_validation(self.output_dir / "validation", self.step, pictures, list(library), named)
             if on_validation:
                 on_validation(self.step, pictures, list(library.values()))
         self.accelerator.wait_for_everyone()
