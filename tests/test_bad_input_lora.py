@@ -217,13 +217,13 @@ def test_a_load_checks_each_thing_once(tiny_models, official, ours, tmp_path, mo
         monkeypatch.setattr(module, name, lambda *a, **k: calls.update([name]) or real(*a, **k))
 
     for module, names in (
-        (load, ("_check_factors", "_check_token_width")),
-        (tokens, ("_check_new_tokens", "_check_token_width")),
+        (load, ("_check_factors", "_check_token_rows")),
+        (tokens, ("_check_new_tokens", "_check_token_rows")),
     ):
         for name in names:
             counted(module, name)
     load_lora(_fresh(tiny_models), official, new_tokens=FERNANDO)
-    assert calls == {"_check_factors": 1, "_check_new_tokens": 1, "_check_token_width": 1}
+    assert calls == {"_check_factors": 1, "_check_new_tokens": 1, "_check_token_rows": 1}
     calls.clear()
     load_lora(_fresh(tiny_models), _our_file(ours, tmp_path))  # UNet and (no) text-encoder factors
-    assert calls == {"_check_factors": 2, "_check_new_tokens": 1, "_check_token_width": 1}
+    assert calls == {"_check_factors": 2, "_check_new_tokens": 1, "_check_token_rows": 1}

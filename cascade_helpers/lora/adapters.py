@@ -99,9 +99,7 @@ def _check_factors(model: nn.Module, factors: Mapping[str, _LoraFactors]) -> Non
     modules = dict(model.named_modules())
     for name, f in factors.items():
         if not hasattr(modules.get(name), "weight"):
-            raise LoraError(
-                f"the LoRA adapts {name}, which this model does not have: it was made for another model"
-            )
+            raise LoraError(f"the LoRA adapts {name}, which this model lacks: it was made for another model")
         if not (torch.isfinite(f.down).all() and torch.isfinite(f.up).all() and math.isfinite(f.alpha)):
             raise LoraError(f"the LoRA's factors for {name} hold NaN or infinite values: the file is damaged")
         out_features, in_features = modules[name].weight.shape[:2]
@@ -114,8 +112,8 @@ def _check_factors(model: nn.Module, factors: Mapping[str, _LoraFactors]) -> Non
 
 
 def _apply_factors(model: nn.Module, factors: Mapping[str, _LoraFactors], strength: float) -> None:
-    """Why: peft has no call that puts given factors on a model, each module with its own rank and
-    alpha: inject layers with per-module patterns, then copy the factors in (checked beforehand)."""
+    """Why: peft has no call that puts given factors (each module its own rank and alpha) on a model:
+    inject layers with per-module patterns, then copy the (checked) factors in."""
     from peft import LoraConfig, inject_adapter_in_model
 
     if not factors:
@@ -138,14 +136,11 @@ def _apply_factors(model: nn.Module, factors: Mapping[str, _LoraFactors], streng
 
 def _lora_factors(model: nn.Module) -> dict[str, _LoraFactors]:
     """The LoRA on ``model``, module by module (detached copies): what every file format writes."""
-    return {
-        name: _LoraFactors(
-            layer.lora_A[_ADAPTER].weight.detach().clone(),
-            layer.lora_B[_ADAPTER].weight.detach().clone(),
-            float(layer.lora_alpha[_ADAPTER]),
-        )
-        for name, layer in _lora_layers(model).items()
-    }
+    factors = {}
+    for name, layer in _lora_layers(model).items():
+        down, up = (weights[_ADAPTER].weight.detach().clone() for weights in (layer.lora_A, layer.lora_B))
+        factors[name] = _LoraFactors(down, up, float(layer.lora_alpha[_ADAPTER]))
+    return factors
 
 
 def set_lora_strength(model, strength: float) -> None:
@@ -163,8 +158,7 @@ def set_lora_strength(model, strength: float) -> None:
 
 
 def _remove_lora(model: nn.Module) -> None:
-    """Why: a load that fails midway must leave the model as loaded; peft's layers come off, each
-    replaced by the layer it wraps."""
+    """Why: a load that fails midway must leave the model as loaded: each peft layer back to its base."""
     from peft.tuners.lora import LoraLayer
 
     for name, module in list(model.named_modules()):
@@ -177,11 +171,10 @@ def _remove_lora(model: nn.Module) -> None:
 @cache
 def _stage_c_widths() -> dict[int, str]:
     """Why: an error about a LoRA of another width names the Stage C each width belongs to."""
-    widths = {}
-    for architecture in ("big", "lite", "tiny"):
-        config = json.loads((config_dir("stage_c", architecture) / "config.json").read_text())
-        widths[config["block_out_channels"][0]] = architecture
-    return widths
+    configs = {
+        a: json.loads((config_dir("stage_c", a) / "config.json").read_text()) for a in ("big", "lite", "tiny")
+    }
+    return {config["block_out_channels"][0]: architecture for architecture, config in configs.items()}
 
 
 def _describe_width(width: int) -> str:

@@ -48,9 +48,10 @@ _COMFYUI_PREFIX = "lora_prior_unet_"
 _UNET_PREFIXES = (_COMFYUI_PREFIX, "lora_unet_")  # ComfyUI / OneTrainer, kohya
 _TEXT_ENCODER_PREFIXES = ("lora_prior_te_", "lora_te_")
 _FORMAT_TAG = "cascade_helpers.lora"
-_COMFY_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+_COMFY_PARTS = (".lora_down.weight", ".lora_up.weight", ".alpha")
+_OUR_PARTS = (".lora_A.weight", ".lora_B.weight", ".alpha")
 _OTHER_KINDS = {"hada_": "LoHa", "lokr_": "LoKr", "dora_scale": "DoRA"}
-_OUR_KEY = re.compile(r"unet\.(.+)\.lora_A\.weight")
+_OUR_KEY = re.compile(r"unet\..+\.lora_A\.weight")
 
 
 # --- the official format -----------------------------------------------------------------------------
@@ -132,32 +133,39 @@ def _weight_modules(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
 
 
-def _comfyui_state_dict(
-    factors: Mapping[str, _LoraFactors], prefix: str = _COMFYUI_PREFIX
-) -> dict[str, torch.Tensor]:
-    """Why: ComfyUI/kohya read ``<prefix><official module>.lora_down.weight``, ``.lora_up.weight``
-    and ``.alpha`` (a 0-d tensor) per module."""
+def _factor_tensors(factors: Mapping[str, _LoraFactors], base, parts: tuple[str, ...]) -> dict:
+    """Why: both formats that name modules store down, up and alpha (0-d) under each module's key base."""
     state = {}
     for name, f in factors.items():
-        base = prefix + _flat(_comfyui_module_name(name))
-        state[f"{base}.lora_down.weight"] = f.down.contiguous()
-        state[f"{base}.lora_up.weight"] = f.up.contiguous()
-        state[f"{base}.alpha"] = torch.tensor(float(f.alpha))
+        values = (f.down.contiguous(), f.up.contiguous(), torch.tensor(float(f.alpha)))
+        state |= {base(name) + part: value for part, value in zip(parts, values, strict=True)}
     return state
 
 
-def _group_comfyui(state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """Why: a ComfyUI/kohya file lists each module's parts as separate keys; other kinds (LoHa,
-    LoKr, DoRA) are named rather than half-read."""
+def _read_factors(state_dict: Mapping[str, torch.Tensor], parts: tuple[str, ...], needed: int) -> dict:
+    """Why: both formats that name modules list each module's parts as separate keys: grouped by key
+    base, the first ``needed`` parts required (a missing alpha means scale 1 where it may be absent),
+    other kinds (LoHa, LoKr, DoRA) named rather than half-read."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state_dict.items():
-        suffix = next((s for s in _COMFY_SUFFIXES if key.endswith(s)), None)
-        if suffix is None:
-            kind = next((kind for marker, kind in _OTHER_KINDS.items() if marker in key), None)
-            what = f"{kind} weights" if kind else "a key we do not know"
-            raise LoraError(f"{key!r} is {what}: only plain LoRA (lora_down / lora_up / alpha) is supported")
-        groups.setdefault(key[: -len(suffix)], {})[suffix] = value
-    return groups
+        part = next((p for p in parts if key.endswith(p)), None)
+        if part is None:
+            kind = next((f"{kind} weights" for marker, kind in _OTHER_KINDS.items() if marker in key), None)
+            raise LoraError(f"{key!r} is {kind or 'a key we do not know'}: only plain LoRA is supported")
+        groups.setdefault(key[: -len(part)], {})[part] = value
+    factors = {}
+    for base, found in groups.items():
+        missing = [p[1:] for p in parts[:needed] if p not in found]
+        if missing:
+            raise LoraError(f"{base} lacks {' and '.join(missing)}: the file is damaged")
+        down, up = found[parts[0]], found[parts[1]]
+        factors[base] = _LoraFactors(down, up, float(found.get(parts[2], down.shape[0])))
+    return factors
+
+
+def _comfyui_state_dict(factors: Mapping[str, _LoraFactors], prefix: str = _COMFYUI_PREFIX) -> dict:
+    """Why: ComfyUI/kohya keys: ``<prefix><official module name, dots as underscores>`` + the parts."""
+    return _factor_tensors(factors, lambda name: prefix + _flat(_comfyui_module_name(name)), _COMFY_PARTS)
 
 
 def _comfyui_names(unet: nn.Module, text_encoder: nn.Module) -> dict[str, tuple[str, str]]:
@@ -175,24 +183,18 @@ def _comfyui_names(unet: nn.Module, text_encoder: nn.Module) -> dict[str, tuple[
 
 def _comfyui_factors(
     state_dict: Mapping[str, torch.Tensor], unet: nn.Module, text_encoder: nn.Module
-) -> tuple[dict[str, _LoraFactors], dict[str, _LoraFactors]]:
+) -> tuple:
     """Why: ComfyUI/kohya keys → (UNet factors, text-encoder factors) in diffusers / transformers
     names; modules the models lack are named together (another size, or another model)."""
     names = _comfyui_names(unet, text_encoder)
     factors: dict[str, dict[str, _LoraFactors]] = {"unet": {}, "text_encoder": {}}
-    unknown = []
-    for base, parts in _group_comfyui(state_dict).items():
-        if ".lora_down.weight" not in parts or ".lora_up.weight" not in parts:
-            raise LoraError(f"{base} lacks lora_down or lora_up: the file is damaged")
-        if base not in names:
-            unknown.append(base)
-            continue
-        down, up = parts[".lora_down.weight"], parts[".lora_up.weight"]
-        alpha = float(parts[".alpha"]) if ".alpha" in parts else float(down.shape[0])  # no alpha: scale 1
-        model, module = names[base]
-        factors[model][module] = _LoraFactors(down, up, alpha)
+    read = _read_factors(state_dict, _COMFY_PARTS, 2)
+    unknown = [base for base in read if base not in names]
     if unknown:
         raise LoraError(_unknown_modules_message(unknown))
+    for base, f in read.items():
+        model, module = names[base]
+        factors[model][module] = f
     return factors["unet"], factors["text_encoder"]
 
 
@@ -231,30 +233,28 @@ def _save_lora(
 ) -> Path:
     """Why: our format keeps diffusers' names and the learned tokens (full rows, their strings in the
     metadata), so a trained LoRA loads back exactly; written atomically."""
-    state = {}
-    for name, f in unet_factors.items():
-        state[f"unet.{name}.lora_A.weight"] = f.down
-        state[f"unet.{name}.lora_B.weight"] = f.up
-        state[f"unet.{name}.alpha"] = torch.tensor(float(f.alpha))
+    state = _factor_tensors(unet_factors, lambda name: f"unet.{name}", _OUR_PARTS)
     if tokens:
         state["tokens.embeddings"] = torch.stack([t.detach().float() for t in tokens.values()])
     return save_safetensors(path, state, {"format": _FORMAT_TAG, "tokens": json.dumps(list(tokens))})
 
 
-def _our_factors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, _LoraFactors]:
-    """Why: our file's ``unet.<module>.lora_A/lora_B/alpha`` back to per-module factors."""
-    names = sorted(m.group(1) for m in map(_OUR_KEY.fullmatch, state_dict) if m)
+def _read_ours(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[dict, dict]:
+    """Why: our file back to per-module factors and the learned tokens (their names in the metadata,
+    their rows as one tensor: the two must agree)."""
+    modules = {k.removeprefix("unet."): v for k, v in state_dict.items() if k.startswith("unet.")}
+    factors = _read_factors(modules, _OUR_PARTS, 3)
     try:
-        return {
-            n: _LoraFactors(
-                state_dict[f"unet.{n}.lora_A.weight"],
-                state_dict[f"unet.{n}.lora_B.weight"],
-                float(state_dict[f"unet.{n}.alpha"]),
-            )
-            for n in names
-        }
-    except KeyError as error:
-        raise LoraError(f"the LoRA lacks {error.args[0]}: the file is damaged") from None
+        tokens = json.loads(metadata.get("tokens", "[]"))
+    except json.JSONDecodeError:
+        tokens = None
+    rows = state_dict.get("tokens.embeddings", torch.zeros(0, 0))
+    if not isinstance(tokens, list) or len(tokens) != rows.shape[0]:
+        raise LoraError(
+            f"the file's metadata names the tokens {metadata.get('tokens')!r} but it holds {rows.shape[0]} "
+            "token embeddings: it is damaged"
+        )
+    return factors, dict(zip(tokens, rows, strict=True))
 
 
 def _detect_format(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:

@@ -6,7 +6,6 @@ modules and new tokens, all or nothing. One LoRA per model at a time: load a fre
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +23,12 @@ from .adapters import (
     _refuse_unadaptable,
     _remove_lora,
 )
-from .formats import _comfyui_factors, _detect_format, _official_factors, _our_factors
+from .formats import _comfyui_factors, _detect_format, _official_factors, _read_ours
 from .tokens import (
     _add_tokens,
     _append_token_rows,
     _check_added_tokens,
-    _check_token_width,
+    _check_token_rows,
     _initial_token_rows,
 )
 
@@ -72,8 +71,8 @@ def _all_or_nothing(unet: nn.Module, text_encoder: nn.Module) -> Iterator[None]:
 
 
 def _official_deltas(
-    state_dict: Mapping[str, torch.Tensor], text_encoder: nn.Module, new_tokens: Sequence
-) -> tuple[list[int], torch.Tensor | None]:
+    state_dict: Mapping, text_encoder: nn.Module, new_tokens: Sequence
+) -> tuple[list, object]:
     """Why: the official file stores token-embedding deltas by id, not the tokens: the ids must be
     rows this text encoder has or the new tokens given will add, the deltas finite and of its width."""
     indices = [int(i) for i in state_dict.get("embeddings.indices", torch.zeros(0)).reshape(-1).tolist()]
@@ -85,9 +84,7 @@ def _official_deltas(
         raise LoraError(
             f"the LoRA names {len(indices)} token ids but holds {rows} embedding deltas: the file is damaged"
         )
-    _check_token_width(deltas, text_encoder)
-    if not torch.isfinite(deltas).all():
-        raise LoraError("the LoRA's token embedding deltas hold NaN or infinite values: the file is damaged")
+    _check_token_rows(deltas, text_encoder, "token embedding deltas")
     vocabulary = text_encoder.get_input_embeddings().weight.shape[0]
     missing = [i for i in indices if not 0 <= i < vocabulary + len(new_tokens)]
     if missing:
@@ -110,7 +107,7 @@ def _load_official(
     factors = _official_factors(prior.unet, state_dict)
     _check_factors(prior.unet, factors)
     indices, deltas = _official_deltas(state_dict, prior.text_encoder, new_tokens)
-    rows = _initial_token_rows(prior.text_encoder, prior.tokenizer, new_tokens, allow_existing=allow_existing)
+    rows = _initial_token_rows(prior.text_encoder, prior.tokenizer, new_tokens, allow_existing)
     with _all_or_nothing(prior.unet, prior.text_encoder):
         _apply_factors(prior.unet, factors, strength)
         _append_token_rows(prior.text_encoder, list(rows.values()))
@@ -188,38 +185,17 @@ def load_lora(
     if new_tokens:
         raise LoraError(f"new_tokens is for official-format files; this {kind} file carries its own tokens")
     if kind == "comfyui":
-        unet_factors, te_factors = _comfyui_factors(state_dict, prior.unet, prior.text_encoder)
-        rows: dict[str, torch.Tensor] = {}
+        (unet_factors, te_factors), rows = _comfyui_factors(state_dict, prior.unet, prior.text_encoder), {}
     else:
-        unet_factors, te_factors, rows = _our_factors(state_dict), {}, _our_tokens(state_dict, metadata)
+        (unet_factors, rows), te_factors = _read_ours(state_dict, metadata), {}
     _check_factors(prior.unet, unet_factors)
     _check_factors(prior.text_encoder, te_factors)
-    _check_added_tokens(prior.text_encoder, prior.tokenizer, rows, allow_existing=allow_existing_tokens)
+    _check_added_tokens(prior.text_encoder, prior.tokenizer, rows, allow_existing_tokens)
     with _all_or_nothing(prior.unet, prior.text_encoder):
         _apply_factors(prior.unet, unet_factors, strength)
         _apply_factors(prior.text_encoder, te_factors, strength)
         _add_tokens(prior.text_encoder, prior.tokenizer, rows)
     return LoadedLora(kind, len(unet_factors), len(te_factors), tuple(rows), strength)
-
-
-def _our_tokens(
-    state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
-) -> dict[str, torch.Tensor]:
-    """Why: our format stores the learned tokens' names in the metadata and their rows as a tensor:
-    the two must agree, and the rows be finite."""
-    try:
-        names = json.loads(metadata.get("tokens", "[]"))
-    except json.JSONDecodeError:
-        names = None
-    rows = state_dict.get("tokens.embeddings", torch.zeros(0, 0))
-    if not isinstance(names, list) or len(names) != rows.shape[0]:
-        raise LoraError(
-            f"the file's metadata names the tokens {metadata.get('tokens')!r} but it holds {rows.shape[0]} "
-            "token embeddings: it is damaged"
-        )
-    if names and not torch.isfinite(rows).all():
-        raise LoraError("the LoRA's token embeddings hold NaN or infinite values: the file is damaged")
-    return dict(zip(names, rows, strict=True))
 
 
 def load_comfyui_embedding(
@@ -242,5 +218,5 @@ def load_comfyui_embedding(
     if rows is None or rows.dim() != 2 or rows.shape[0] != 1:
         raise LoraError(f"{path} is not a one-vector embedding with a 'clip_g' key (keys: {list(state)[:3]})")
     tokens = {token: rows[0]}
-    _check_added_tokens(prior.text_encoder, prior.tokenizer, tokens, allow_existing=allow_existing_tokens)
+    _check_added_tokens(prior.text_encoder, prior.tokenizer, tokens, allow_existing_tokens)
     _add_tokens(prior.text_encoder, prior.tokenizer, tokens)

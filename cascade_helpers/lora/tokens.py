@@ -46,20 +46,27 @@ def _token_entries(new_tokens: object) -> list[tuple[str, re.Pattern | None]]:
     return [_token_entry(entry) for entry in new_tokens]
 
 
-def _check_new_tokens(tokenizer, tokens: Sequence[str], *, allow_existing: bool = False) -> None:
+def _check_new_tokens(
+    text_encoder: nn.Module, tokenizer, tokens: Sequence[str], allow_existing: bool
+) -> None:
     """Why: an added token is matched in the text before anything else, so a token ``"cat"`` would
     take over every "cat" in every prompt (and the start of "category"): refuse a word the tokenizer
-    has (unless ``allow_existing``), a token given twice or added already (a LoRA loaded twice)."""
+    has (unless ``allow_existing``), a token given twice or added already (a LoRA loaded twice), and a
+    tokenizer and text encoder of two sizes (a new token's id is the next row of both)."""
+    rows = text_encoder.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) != rows:
+        raise LoraError(
+            f"the tokenizer has {len(tokenizer)} tokens and the text encoder {rows} embedding rows: they "
+            "disagree (tokens were added to one of them only); load the prior again"
+        )
     added, vocabulary = set(tokenizer.get_added_vocab()), tokenizer.get_vocab()
     for i, token in enumerate(tokens):
         _check_token_text(token)
-        if token in tokens[:i]:
-            raise LoraError(f"the new token {token!r} is given twice")
-        if token in added:
-            raise LoraError(f"the tokenizer already has the token {token!r}: was this LoRA loaded twice?")
+        if token in tokens[:i] or token in added:
+            again = "given twice" if token in tokens[:i] else "added already: was this LoRA loaded twice?"
+            raise LoraError(f"the new token {token!r} is {again}")
         pieces = tokenizer.tokenize(token)
-        existing = token in vocabulary or (len(pieces) == 1 and pieces[0] in vocabulary)
-        if existing and not allow_existing:
+        if not allow_existing and (token in vocabulary or (len(pieces) == 1 and pieces[0] in vocabulary)):
             raise LoraError(
                 f"the new token {token!r} is already a word of the tokenizer ({pieces[0] if pieces else token!r}): "
                 f"adding it would take over every prompt that says {token!r}, and words that start with it. "
@@ -68,35 +75,26 @@ def _check_new_tokens(tokenizer, tokens: Sequence[str], *, allow_existing: bool 
             )
 
 
-def _check_vocabulary(text_encoder: nn.Module, tokenizer) -> None:
-    """Why: a new token's id is the next row of both the tokenizer and the text encoder: they must agree."""
-    rows = text_encoder.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) != rows:
-        raise LoraError(
-            f"the tokenizer has {len(tokenizer)} tokens and the text encoder {rows} embedding rows: "
-            "they disagree (tokens were added to one of them only); load the prior again"
-        )
-
-
-def _check_token_width(rows: torch.Tensor, text_encoder: nn.Module) -> None:
-    """Why: token rows made for another text encoder must be refused before any row is added."""
+def _check_token_rows(rows: torch.Tensor, text_encoder: nn.Module, what: str = "token embeddings") -> None:
+    """Why: token rows made for another text encoder, or damaged, are refused before any row is added."""
     width = text_encoder.get_input_embeddings().weight.shape[1]
     if rows.dim() != 2 or rows.shape[-1] != width:
         raise LoraError(
-            f"the LoRA's token embeddings are {rows.shape[-1] if rows.dim() else 0} wide, this text encoder's are "
-            f"{width}: it was made for another text encoder (Stable Cascade's CLIP bigG is 1280 wide)"
+            f"the LoRA's {what} are {rows.shape[-1] if rows.dim() else 0} wide, this text encoder's are {width}: "
+            "it was made for another text encoder (Stable Cascade's CLIP bigG is 1280 wide)"
         )
+    if not torch.isfinite(rows).all():
+        raise LoraError(f"the LoRA's {what} hold NaN or infinite values: the file is damaged")
 
 
 def _initial_token_rows(
-    text_encoder: nn.Module, tokenizer, new_tokens: Sequence, *, allow_existing: bool = False
-) -> dict[str, torch.Tensor]:
+    text_encoder: nn.Module, tokenizer, new_tokens: Sequence, allow_existing: bool
+) -> dict:
     """Why: the official code starts each new token (id = the vocabulary size, in order) from the
     mean row of the tokens its regex matches, tokens added before it included (zeros when none
     matches, with a warning, as the official code does). Checked first; nothing is changed."""
     entries = _token_entries(new_tokens)
-    _check_new_tokens(tokenizer, [token for token, _ in entries], allow_existing=allow_existing)
-    _check_vocabulary(text_encoder, tokenizer)
+    _check_new_tokens(text_encoder, tokenizer, [token for token, _ in entries], allow_existing)
     all_rows = text_encoder.get_input_embeddings().weight.detach()
     vocabulary = dict(tokenizer.get_vocab())
     rows: dict[str, torch.Tensor] = {}
@@ -123,14 +121,11 @@ def _append_token_rows(text_encoder: nn.Module, rows: Sequence[torch.Tensor]) ->
         weight[old:] = torch.stack([r.to(weight.device, weight.dtype) for r in rows])
 
 
-def _check_added_tokens(
-    text_encoder: nn.Module, tokenizer, tokens: Mapping[str, torch.Tensor], *, allow_existing: bool = False
-) -> None:
+def _check_added_tokens(text_encoder: nn.Module, tokenizer, tokens: Mapping, allow_existing: bool) -> None:
     """Why: everything :func:`_add_tokens` needs, checked before anything changes."""
     if tokens:
-        _check_token_width(torch.stack(list(tokens.values())), text_encoder)
-        _check_new_tokens(tokenizer, list(tokens), allow_existing=allow_existing)
-        _check_vocabulary(text_encoder, tokenizer)
+        _check_token_rows(torch.stack(list(tokens.values())), text_encoder)
+        _check_new_tokens(text_encoder, tokenizer, list(tokens), allow_existing)
 
 
 def _add_tokens(text_encoder: nn.Module, tokenizer, tokens: Mapping[str, torch.Tensor]) -> None:
@@ -163,7 +158,7 @@ def _install_trainable_tokens(prior, new_tokens: Sequence) -> _TrainableTokens |
     """Why: training adds its new tokens, initialized the official way, as trainable rows."""
     if not new_tokens:
         return None
-    rows = _initial_token_rows(prior.text_encoder, prior.tokenizer, new_tokens)
+    rows = _initial_token_rows(prior.text_encoder, prior.tokenizer, new_tokens, False)
     embedding = prior.text_encoder.get_input_embeddings()
     module = _TrainableTokens(embedding, torch.stack(list(rows.values()))).to(prior.device)
     prior.text_encoder.set_input_embeddings(module)

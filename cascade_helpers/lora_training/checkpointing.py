@@ -28,7 +28,6 @@ import json
 import re
 import shutil
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -70,21 +69,22 @@ def _damage(folder: Path) -> str | None:
 
 
 class _CheckpointFolder:
-    """Why: the ``checkpoints/`` folder of a run, written by the main process only, read by all."""
+    """Why: the ``checkpoints/`` folder of a run and the state of its trainer, written by the main
+    process only, read by every process."""
 
-    def __init__(self, folder: Path, accelerator, config: LoraTrainingConfig) -> None:
-        self.folder, self.accelerator, self.config = folder, accelerator, config
+    def __init__(self, trainer) -> None:
+        self.trainer, self.config, self.accelerator = trainer, trainer.config, trainer.accelerator
+        self.folder = trainer.output_dir / "checkpoints"
 
     def list(self) -> list[Path]:
         """Complete checkpoints (named ``step-NNNNNN``), oldest first; temporary ones are hidden."""
-        if not self.folder.is_dir():
-            return []
-        return sorted(p for p in self.folder.iterdir() if _NAME.fullmatch(p.name))
+        return sorted(p for p in self.folder.glob("step-*") if _NAME.fullmatch(p.name))
 
-    def save(self, step: int, tensors: dict[str, torch.Tensor], progress: dict) -> Path:
+    def save(self) -> Path:
         """Write ``step-NNNNNN`` into a hidden temporary folder, manifest last, then rename it: the
         name never holds half a checkpoint, and the older ones stay until this one is complete."""
-        final = self.folder / f"step-{step:06d}"
+        tensors, progress = self._state()
+        final = self.folder / f"step-{self.trainer.step:06d}"
         if self.accelerator.is_main_process:
             with atomic_path(final) as temporary:
                 temporary.mkdir()
@@ -93,15 +93,14 @@ class _CheckpointFolder:
                 write_json(temporary / _CONFIG, dataclasses.asdict(self.config))
                 checksums = {p.name: _sha256(p) for p in sorted(temporary.iterdir())}
                 write_json(temporary / _MANIFEST, {"files": checksums})
-            if self.config.keep_checkpoints:
-                for old in self.list()[: -self.config.keep_checkpoints]:
-                    shutil.rmtree(old)
+            for old in self.list()[: -self.config.keep_checkpoints] if self.config.keep_checkpoints else ():
+                shutil.rmtree(old)
         self.accelerator.wait_for_everyone()
         return final
 
-    def load_latest(self, restore: Callable[[dict[str, torch.Tensor], dict], None]) -> Path | None:
-        """Hand the newest intact checkpoint to ``restore(tensors, progress)`` (a damaged one is named,
-        with what is wrong, and skipped for the one before); None when there is none.
+    def load_latest(self) -> Path | None:
+        """Load the newest intact checkpoint into the trainer (a damaged one is named, with what is
+        wrong, and skipped for the one before); None when there is none.
 
         Raises:
             TrainingError: the checkpoint was made with settings this run cannot continue, it cannot
@@ -111,7 +110,7 @@ class _CheckpointFolder:
         for folder in reversed(self.list()):
             problem = _damage(folder)
             if problem is None:
-                self._load(folder, restore)
+                self._load(folder)
                 return folder
             damaged.append(f"{folder.name}: {problem}")
             if self.accelerator.is_main_process:
@@ -126,11 +125,11 @@ class _CheckpointFolder:
             )
         return None
 
-    def _load(self, folder: Path, restore: Callable[[dict[str, torch.Tensor], dict], None]) -> None:
+    def _load(self, folder: Path) -> None:
         try:
             progress = json.loads((folder / _PROGRESS).read_text())
             self._check_compatible(json.loads((folder / _CONFIG).read_text()), progress["step"], folder)
-            restore(load_file(str(folder / _STATE)), progress)
+            self._restore(load_file(str(folder / _STATE)), progress)
         except TrainingError:
             raise
         except Exception as error:  # checksum-clean files that do not fit: made by another version
@@ -153,3 +152,48 @@ class _CheckpointFolder:
                 f"the checkpoint in {where} is at step {step}, beyond this run's steps={self.config.steps}: "
                 "raise steps to continue it, or use another output_dir to start afresh"
             )
+
+    def _trained(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.trainer.objective.named_parameters() if p.requires_grad}
+
+    def _state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Everything a resume needs to continue exactly: every process's batch generator is gathered
+        (collectively), as the main process writes them all."""
+        trainer = self.trainer
+        tensors = {f"weights.{n}": p.detach().float() for n, p in self._trained().items()}
+        generators = trainer.generator.get_state()[None]
+        if self.accelerator.num_processes > 1:
+            generators = self.accelerator.gather(generators.to(self.accelerator.device)).cpu()
+        tensors["generators"] = generators
+        optimizer = trainer.optimizer.state_dict()
+        for i, state in optimizer["state"].items():
+            tensors |= {f"optimizer.{i}.{key}": torch.as_tensor(value) for key, value in state.items()}
+        progress = {"step": trainer.step, "losses": trainer.losses, "param_groups": optimizer["param_groups"]}
+        if trainer.ema is not None:
+            tensors |= {f"ema.{i}": p for i, p in enumerate(trainer.ema.shadow_params)}
+            progress["ema_updates"] = trainer.ema.optimization_step
+        return tensors, progress
+
+    def _restore(self, tensors: dict[str, torch.Tensor], progress: dict) -> None:
+        trainer, parameters = self.trainer, self._trained()
+        weights = {k.removeprefix("weights."): v for k, v in tensors.items() if k.startswith("weights.")}
+        if set(weights) != set(parameters):
+            raise TrainingError("the checkpoint holds other trained weights than this run trains")
+        with torch.no_grad():
+            for name, value in weights.items():
+                parameters[name].copy_(value)
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value
+        trainer.optimizer.load_state_dict({"state": state, "param_groups": progress["param_groups"]})
+        if trainer.ema is not None:
+            shadow = [tensors[f"ema.{i}"].to(trainer.prior.device) for i in range(len(trainer.trainable))]
+            trainer.ema.load_state_dict(
+                {"optimization_step": progress["ema_updates"], "shadow_params": shadow}
+            )
+        saved, index = tensors["generators"], self.accelerator.process_index
+        if index < len(saved):  # a run resumed on more processes starts the extra ones afresh
+            trainer.generator.set_state(saved[index].clone())
+        trainer.step, trainer.losses = int(progress["step"]), [tuple(x) for x in progress["losses"]]

@@ -56,6 +56,45 @@ _CHOICES = {  # setting → (the values it takes, what the message adds)
 }
 
 
+def _names(value: object) -> bool:
+    """Why: folders and module names come as one string or a list of them (JSON, by hand)."""
+    names = [value] if isinstance(value, str) else value
+    return (
+        isinstance(names, (list, tuple))
+        and bool(names)
+        and all(isinstance(n, str) and n.strip() for n in names)
+    )
+
+
+def _prompts(prompts: object) -> bool:
+    """Why: validation prompts are a list, or a named library whose names become file names."""
+    if isinstance(prompts, dict):
+        return all(isinstance(n, str) and _NAME.fullmatch(n) for n in prompts) and _prompts(
+            list(prompts.values())
+        )
+    return isinstance(prompts, list) and all(isinstance(p, str) for p in prompts)
+
+
+def _fractions(ratios: object) -> list[Fraction]:
+    """Why: aspect ratios are strings such as "2/3"; [] when one is no positive fraction."""
+    try:
+        fractions = [Fraction(r) for r in ratios]
+    except (TypeError, ValueError, ZeroDivisionError):
+        return []
+    return fractions if all(f > 0 for f in fractions) else []
+
+
+_SHAPES = {  # setting → (what its value must be, what the message says)
+    "targets": (_names, "give a regex of module names, or a list of module names"),
+    "images": (_names, "give a folder of pictures, or a list of folders"),
+    "output_dir": (lambda v: isinstance(v, str) and v.strip(), "give the folder the run writes into"),
+    "validation_prompts": (_prompts, "give a list of prompts, or a dict name → prompt (names: up to 100 "
+                           "letters, digits, '_', '.', '-', as they name files)"),
+    "validation_negative_prompt": (lambda v: isinstance(v, str), "must be text"),
+    "gradient_checkpointing": (lambda v: isinstance(v, bool), "must be True or False"),
+}  # fmt: skip
+
+
 class TrainingError(ValueError):
     """Training cannot start or resume as asked (a bad setting, no pictures, a damaged checkpoint ...)."""
 
@@ -129,16 +168,15 @@ class LoraTrainingConfig:
         if isinstance(self.repeats, (list, tuple)):
             self.repeats = {str(folder): count for folder, count in self.repeats}
         self._check_numbers()
-        for name, (options, hint) in _CHOICES.items():
-            if getattr(self, name) not in options:
-                self._fail(name, f"use one of {options}{hint}")
-        self._check_model()
-        self._check_folders()
+        self._check_names()
         self._check_pictures()
-        self._check_validation()
 
     def _fail(self, name: str, expected: str) -> None:
         raise TrainingError(f"LoraTrainingConfig {name}={getattr(self, name)!r}: {expected}")
+
+    def _require(self, name: str, ok: object, expected: str) -> None:
+        if not ok:
+            self._fail(name, expected)
 
     def _checked(self, name: str, check: Callable[..., float], *bounds, **options) -> float:
         """The setting ``name`` through one of :mod:`cascade_helpers.values`' checks (``bounds`` and
@@ -157,88 +195,52 @@ class LoraTrainingConfig:
             self._checked(name, values.fraction, meaning="a probability")
         for name in _GUIDANCES:
             self._checked(name, values.at_least, 0, meaning="≤ 1 turns guidance off")
-        if self.ema_decay is not None and not 0 < self._checked("ema_decay", values.fraction) < 1:
-            self._fail("ema_decay", "must be between 0 and 1 (e.g. 0.999), or None for no EMA")
-        if not isinstance(self.gradient_checkpointing, bool):
-            self._fail("gradient_checkpointing", "must be True or False")
-        if self.precision == "fp32" and self.dtype == "bf16":
-            self._fail(
-                "dtype", "precision='fp32' trains in float32: load the prior in 'fp32' (or leave dtype None)"
-            )
+        if self.ema_decay is not None:
+            decay = self._checked("ema_decay", values.fraction)
+            self._require("ema_decay", 0 < decay < 1, "must be between 0 and 1 (e.g. 0.999), or None: no EMA")
+        if self.max_image_size is not None:
+            most = "a side in pixels, at least min_image_size, or None"
+            self._checked("max_image_size", values.whole, max(self.min_image_size, 1), meaning=most)
 
-    def _check_model(self) -> None:
+    def _check_names(self) -> None:
+        for name, (options, hint) in _CHOICES.items():
+            self._require(name, getattr(self, name) in options, f"use one of {options}{hint}")
+        for name, (ok, expected) in _SHAPES.items():
+            self._require(name, ok(getattr(self, name)), expected)
+        fp32_in_bf16 = self.precision == "fp32" and self.dtype == "bf16"
+        self._require(
+            "dtype", not fp32_in_bf16, "precision='fp32' trains in float32: load the prior in 'fp32'"
+        )
         try:
             _token_entries(self.new_tokens)
         except LoraError as error:
             self._fail("new_tokens", str(error))
         self.new_tokens = [tuple(t) for t in self.new_tokens]  # JSON reads the pairs as lists
-        targets = [self.targets] if isinstance(self.targets, str) else self.targets
-        if not targets or not all(isinstance(t, str) and t for t in targets):
-            self._fail("targets", "give a regex of module names, or a list of module names")
-
-    def _check_folders(self) -> None:
-        if not (isinstance(self.output_dir, str) and self.output_dir.strip()):
-            self._fail(
-                "output_dir", "give the folder the run writes into, e.g. 'outputs/lora' ('' is no folder)"
-            )
-        if self.cache_dir is not None and not (isinstance(self.cache_dir, str) and self.cache_dir.strip()):
-            self._fail("cache_dir", "give a folder, or None for <output_dir>/cache")
-        folders = self.image_folders
-        if not folders or not all(isinstance(f, str) and f for f in folders):
-            self._fail("images", "give a folder of pictures, or a list of folders")
-        known = {Path(f).resolve() for f in folders}
+        known = {Path(f).resolve() for f in self.image_folders}
         for folder, count in self.repeats.items():
-            if Path(folder).resolve() not in known:
-                self._fail("repeats", f"{folder!r} is not one of the images folders {folders}")
-            try:
-                values.whole(count, f"the repeats of {folder!r}", 0, meaning="0 = once per epoch")
-            except ValueError as error:
-                self._fail("repeats", str(error))
+            self._require(
+                "repeats", Path(folder).resolve() in known, f"{folder!r} is none of the images folders"
+            )
+            whole = values.is_whole(count) and count >= 0
+            self._require("repeats", whole, f"{folder!r}: a whole number of repeats ≥ 0 (0 = once per epoch)")
 
     def _check_pictures(self) -> None:
         from .data import bucket_sizes
 
         for rule, why in ((TRAINING, ""), (GENERATION, "validation pictures are made at this size: ")):
-            if (rule is TRAINING or self.validation_prompts) and not rule.accepts(self.resolution):
-                self._fail("resolution", f"{why}use {rule.describe()} ({rule.hint})")
-        try:
-            ratios = [Fraction(r) for r in self.aspect_ratios]
-        except (TypeError, ValueError, ZeroDivisionError):
-            ratios = []
-        if not ratios or any(r <= 0 for r in ratios):
-            self._fail("aspect_ratios", "give width/height ratios such as ['1/1', '2/3', '9/16']")
-        buckets = bucket_sizes(self.resolution, self.aspect_ratios)  # each ratio's, then the reciprocals'
-        for ratio, bucket in zip(self.aspect_ratios, buckets, strict=False):
-            if min(bucket) < _SMALLEST_BUCKET_SIDE:
-                self._fail(
-                    "aspect_ratios",
-                    f"{ratio!r} gives {bucket[1]}×{bucket[0]} px buckets at resolution {self.resolution}: a side "
-                    f"under {_SMALLEST_BUCKET_SIDE} px is too thin for Stage C; use a ratio closer to 1",
-                )
-        if self.max_image_size is not None:
-            least = max(self.min_image_size, 1)
-            self._checked(
-                "max_image_size",
-                values.whole,
-                least,
-                meaning="a side in pixels, at least min_image_size, or None",
-            )
-
-    def _check_validation(self) -> None:
-        prompts = self.validation_prompts
-        if isinstance(prompts, dict):
-            for name, prompt in prompts.items():
-                if not (isinstance(name, str) and _NAME.fullmatch(name)):
-                    self._fail(
-                        "validation_prompts",
-                        f"the name {name!r} must be up to 100 letters, digits, '_', '.', '-' (it names a file)",
-                    )
-                if not isinstance(prompt, str):
-                    self._fail("validation_prompts", f"the prompt named {name!r} must be text")
-        elif not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-            self._fail("validation_prompts", "give a list of prompts or a dict name → prompt")
-        if not isinstance(self.validation_negative_prompt, str):
-            self._fail("validation_negative_prompt", "must be text")
+            if rule is TRAINING or self.validation_prompts:
+                expected = f"{why}use {rule.describe()} ({rule.hint})"
+                self._require("resolution", rule.accepts(self.resolution), expected)
+        ratios = _fractions(self.aspect_ratios)
+        self._require("aspect_ratios", ratios, "give width/height ratios such as ['1/1', '2/3', '9/16']")
+        buckets = bucket_sizes(self.resolution, self.aspect_ratios)[: len(ratios)]  # the reciprocals follow
+        ratio, bucket = min(zip(self.aspect_ratios, buckets, strict=True), key=lambda pair: min(pair[1]))
+        self._require(
+            "aspect_ratios",
+            min(bucket) >= _SMALLEST_BUCKET_SIDE,
+            f"{ratio!r} gives {bucket[1]}×{bucket[0]} px buckets at resolution {self.resolution}: a side under "
+            f"{_SMALLEST_BUCKET_SIDE} px is too thin for Stage C; use a ratio closer to 1",
+        )
 
     @property
     def image_folders(self) -> list[str]:

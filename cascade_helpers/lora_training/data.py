@@ -239,21 +239,13 @@ def write_example_images(folder: str | Path, token: str = "[chelsea]") -> Path:
     return folder
 
 
-def batch_schedule(
+def _batch_schedule(
     buckets: dict[tuple[int, int], list[int]], batch_size: int, seed: int
 ) -> Iterator[list[int]]:
-    """An endless, reproducible stream of batches: each epoch shuffles every bucket, cuts it into
-    batches (the last may be smaller: small datasets lose no picture) and shuffles the batches. A
-    picture with repeats is listed in its bucket that many more times.
-
-    Args:
-        buckets: bucket size → the indices of its pictures (an index listed once per pass).
-        batch_size: pictures per batch; a batch never mixes buckets.
-        seed: the run's seed; epoch ``e`` shuffles with ``seed · 100003 + e``.
-
-    Yields:
-        Lists of picture indices, epoch after epoch, forever.
-    """
+    """Why: an endless stream of batches that a resumed run can replay: each epoch (its generator
+    seeded ``seed · 100003 + epoch``) shuffles every bucket (an index listed once per pass), cuts it
+    into batches that never mix buckets (the last may be smaller: a small dataset loses no picture)
+    and shuffles the batches."""
     for epoch in itertools.count():
         generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
         batches = []

@@ -31,7 +31,7 @@ from ..sampling import training_times
 from .cache import CachedImage, CacheReport, _cache_images, _cache_texts
 from .checkpointing import _CheckpointFolder
 from .config import _LORA_FILE, LoraTrainingConfig, TrainingError
-from .data import TrainingImage, batch_schedule, find_training_images
+from .data import TrainingImage, _batch_schedule, find_training_images
 from .objective import _StageCObjective
 from .validation import _save_validation, _validation_picture
 
@@ -75,6 +75,12 @@ def _make_accelerator(config: LoraTrainingConfig, cpu: bool = False):
         cpu=cpu,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=bool(config.new_tokens))],
     )
+
+
+def _place(device: torch.device | str) -> tuple[str, int]:
+    """Why: "cuda" is "cuda:0" and "cpu" is "cpu:0" when comparing where things are."""
+    device = torch.device(device)
+    return device.type, device.index or 0
 
 
 def _clear_temporaries(folder: Path) -> None:
@@ -134,29 +140,19 @@ class LoraTrainer:
         self.losses: list[tuple[int, float]] = []
         self.step = 0
         self.generator = torch.Generator().manual_seed(config.seed * 1000 + self.accelerator.process_index)
-        self.checkpoint_folder = _CheckpointFolder(self.output_dir / "checkpoints", self.accelerator, config)
+        self.checkpoint_folder = _CheckpointFolder(self)
         self._check_placement()
 
-    # -- set-up ---------------------------------------------------------------------------------------
-
     def _check_placement(self) -> None:
-        def same(a: torch.device, b: torch.device) -> bool:  # "cuda" is "cuda:0", "cpu" is "cpu:0"
-            a, b = torch.device(a), torch.device(b)
-            return (a.type, a.index or 0) == (b.type, b.index or 0)
-
-        for name in ("unet", "text_encoder"):
-            device = next(getattr(self.prior, name).parameters()).device
-            if not same(device, self.prior.device):
+        prior, parts = self.prior, ("unet", "text_encoder")
+        devices = {f"the prior's {part}": next(getattr(prior, part).parameters()).device for part in parts}
+        for what, device in (devices | {"accelerate's device": self.accelerator.device}).items():
+            if _place(device) != _place(prior.device):
                 raise TrainingError(
-                    f"the prior's {name} is on {device}, not {self.prior.device}: load it with memory='gpu' to train"
+                    f"{what} is {device}, the prior's {prior.device}: load the prior with memory='gpu' on the "
+                    "device accelerate trains on (accelerator=accelerate.Accelerator(cpu=True) for the CPU)"
                 )
-        here, there = self.prior.device, self.accelerator.device
-        if not same(here, there):
-            raise TrainingError(
-                f"the prior is on {here} but accelerate trains on {there}: load the prior on {there}, or "
-                f"pass an accelerator made for {here} (accelerate.Accelerator(cpu=True) for the CPU)"
-            )
-        dtype = next(self.prior.unet.parameters()).dtype
+        dtype = next(prior.unet.parameters()).dtype
         if self.config.precision == "fp32" and dtype != torch.float32:
             raise TrainingError(
                 f"precision='fp32' trains in float32, but the prior was loaded in {dtype}: load it with "
@@ -225,7 +221,7 @@ class LoraTrainer:
         try:
             for model in (prior.unet, prior.text_encoder):
                 _refuse_unadaptable(model)
-            _check_new_tokens(prior.tokenizer, [token for token, _ in config.new_tokens])
+            _check_new_tokens(prior.text_encoder, prior.tokenizer, [token for token, _ in config.new_tokens], False)
         except ValueError as error:
             raise TrainingError(f"cannot train on this prior: {error}") from error
         needs = {"effnet": "LoRA training (the pictures' latents)"}
@@ -249,8 +245,6 @@ class LoraTrainer:
                     f"no caption mentions {token}: it would never be learned. Put it in the captions (sidecar .txt or file names)"
                 )
 
-    # -- one step -------------------------------------------------------------------------------------
-
     def batch_loss(self, indices: list[int]) -> torch.Tensor:
         """The official loss of the pictures ``indices``, with the official mix of 5% empty captions
         and 10% image embeddings, drawing from the run's generator."""
@@ -260,13 +254,9 @@ class LoraTrainer:
         with_image = (torch.rand(count, generator=self.generator) < config.image_embed_probability).tolist()
         captions = ["" if drop else self.items[i].caption for i, drop in zip(indices, dropped, strict=True)]
         cached = [tuple(t.to(device) for t in self.texts[c]) if c in self.texts else None for c in captions]
-        width = self.prior.unet.config.clip_image_in_channels
-        images = [
-            self.items[i].image_embeds
-            if use and self.items[i].image_embeds is not None
-            else torch.zeros(1, width)
-            for i, use in zip(indices, with_image, strict=True)
-        ]
+        none = torch.zeros(1, self.prior.unet.config.clip_image_in_channels)
+        embeds = [self.items[i].image_embeds for i in indices]
+        images = [e if use and e is not None else none for e, use in zip(embeds, with_image, strict=True)]
         latents = torch.stack([self.items[i].latents for i in indices]).to(device)
         times = training_times(count, self.generator).to(device)
         noise = torch.randn(latents.shape, generator=self.generator).to(device)
@@ -285,9 +275,7 @@ class LoraTrainer:
                 accelerator.backward(loss)
                 losses.append(loss.detach())
         if not accelerator.sync_gradients:
-            raise RuntimeError(
-                "accelerate did not complete the update: its accumulation counter is out of step"
-            )
+            raise RuntimeError("accelerate did not complete the update: its accumulation count is off")
         norm = float(accelerator.clip_grad_norm_(self.trainable, self.config.max_grad_norm))
         loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
         if not (math.isfinite(loss) and math.isfinite(norm)):
@@ -300,12 +288,8 @@ class LoraTrainer:
         return loss
 
     def _diverged(self, loss: float, norm: float) -> TrainingError:
-        checkpoints = self.checkpoints()
-        kept = (
-            f"the last good checkpoint, {checkpoints[-1]}, is kept"
-            if checkpoints
-            else "no checkpoint was saved yet"
-        )
+        last = self.checkpoints()[-1:]
+        kept = f"the last good checkpoint, {last[0]}, is kept" if last else "no checkpoint was saved yet"
         return TrainingError(
             f"the loss diverged at update {self.step + 1} (loss {loss}, gradient norm {norm}): training stopped "
             f"before that update changed the weights, and saved no LoRA; {kept}. Lower learning_rate (now "
@@ -317,7 +301,7 @@ class LoraTrainer:
         buckets: dict[tuple[int, int], list[int]] = {}
         for i, (item, image) in enumerate(zip(self.items, self.images, strict=True)):
             buckets.setdefault(item.bucket, []).extend([i] * (1 + image.repeats))
-        stream = batch_schedule(buckets, self.config.batch_size, self.config.seed)
+        stream = _batch_schedule(buckets, self.config.batch_size, self.config.seed)
         processes, index = self.accelerator.num_processes, self.accelerator.process_index
         done = self.step * self.config.gradient_accumulation * processes
         return itertools.islice(stream, done + index, None, processes)
@@ -335,8 +319,6 @@ class LoraTrainer:
             config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.steps,
             num_cycles=config.lr_num_cycles, power=config.lr_power, last_epoch=self.step - 1,
         )  # fmt: skip
-
-    # -- the loop -------------------------------------------------------------------------------------
 
     def train(
         self,
@@ -383,7 +365,7 @@ class LoraTrainer:
                     checkpoint = self._after_update(interrupted, on_validation) or checkpoint
             if interrupted:
                 tqdm.write(
-                    f"stopped at step {self.step}; checkpoint saved in {checkpoint}. Run train() again to continue."
+                    f"stopped at step {self.step}; checkpoint saved in {checkpoint}. Run train() to continue."
                 )
             lora = self.save() if self.step >= config.steps else None
         return TrainingResult(self.step, list(self.losses), interrupted, checkpoint, lora)
@@ -393,10 +375,9 @@ class LoraTrainer:
         config, last = self.config, self.step == self.config.steps
         checkpoint = None
         if interrupted or last or self.step % config.checkpoint_every == 0:
-            checkpoint = self.checkpoint_folder.save(self.step, *self._state())
-        if config.validation_prompts and (
-            last or (config.validate_every and self.step % config.validate_every == 0)
-        ):
+            checkpoint = self.checkpoint_folder.save()
+        due = last or (config.validate_every and self.step % config.validate_every == 0)
+        if config.validation_prompts and due:
             self.validate(on_validation)
         return checkpoint
 
@@ -425,8 +406,6 @@ class LoraTrainer:
             yield
         finally:
             lock.release()
-
-    # -- EMA, saving ----------------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def _trained_weights(self) -> Iterator[None]:
@@ -473,52 +452,6 @@ class LoraTrainer:
         factors, tokens = self._learned()
         return _save_comfyui(Path(path), factors, tokens, prefix)
 
-    # -- checkpoints ----------------------------------------------------------------------------------
-
-    def _trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
-        return {n: p for n, p in self.objective.named_parameters() if p.requires_grad}
-
-    def _state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """Why: everything a resume needs to continue exactly, as tensors and JSON (nothing that can
-        carry code): the trained weights, their EMA, AdamW's state, every process's batch generator
-        (gathered: the main process writes them all), the step and the losses."""
-        tensors = {f"weights.{n}": p.detach().float() for n, p in self._trainable_parameters().items()}
-        generators = self.generator.get_state()[None]
-        if self.accelerator.num_processes > 1:
-            generators = self.accelerator.gather(generators.to(self.accelerator.device)).cpu()
-        tensors["generators"] = generators
-        optimizer = self.optimizer.state_dict()
-        for i, state in optimizer["state"].items():
-            tensors |= {f"optimizer.{i}.{key}": torch.as_tensor(value) for key, value in state.items()}
-        progress = {"step": self.step, "losses": self.losses, "param_groups": optimizer["param_groups"]}
-        if self.ema is not None:
-            tensors |= {f"ema.{i}": p for i, p in enumerate(self.ema.shadow_params)}
-            progress["ema_updates"] = self.ema.optimization_step
-        return tensors, progress
-
-    def _restore(self, tensors: dict[str, torch.Tensor], progress: dict) -> None:
-        """Why: :meth:`_state` read back into the trainer, the trained weights matched by name."""
-        parameters = self._trainable_parameters()
-        weights = {k.removeprefix("weights."): v for k, v in tensors.items() if k.startswith("weights.")}
-        if set(weights) != set(parameters):
-            raise TrainingError("the checkpoint holds other trained weights than this run trains")
-        with torch.no_grad():
-            for name, value in weights.items():
-                parameters[name].copy_(value)
-        state: dict[int, dict[str, torch.Tensor]] = {}
-        for key, value in tensors.items():
-            if key.startswith("optimizer."):
-                _, index, name = key.split(".", 2)
-                state.setdefault(int(index), {})[name] = value
-        self.optimizer.load_state_dict({"state": state, "param_groups": progress["param_groups"]})
-        if self.ema is not None:
-            shadow = [tensors[f"ema.{i}"].to(self.prior.device) for i in range(len(self.trainable))]
-            self.ema.load_state_dict({"optimization_step": progress["ema_updates"], "shadow_params": shadow})
-        saved, index = tensors["generators"], self.accelerator.process_index
-        if index < len(saved):  # a run resumed on more processes starts the extra ones afresh
-            self.generator.set_state(saved[index].clone())
-        self.step, self.losses = int(progress["step"]), [tuple(x) for x in progress["losses"]]
-
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
         return self.checkpoint_folder.list()
@@ -529,12 +462,10 @@ class LoraTrainer:
         self.prepare()
         if self.step:
             return self.step
-        folder = self.checkpoint_folder.load_latest(self._restore)
+        folder = self.checkpoint_folder.load_latest()
         if folder is not None and self.accelerator.is_main_process:
             tqdm.write(f"resuming from {folder} (step {self.step})")
         return self.step
-
-    # -- validation -----------------------------------------------------------------------------------
 
     @torch.no_grad()
     def validate(
