@@ -1,34 +1,29 @@
-"""The three LoRA file formats people have, to and from per-module :class:`~.adapters.LoraFactors`.
+"""The three LoRA file formats people have, to and from per-module factors (:mod:`.adapters`).
 
-**The official format** (``train/train_c_lora.py``; the example ``lora_fernando_10k.safetensors``)
-is the state dict of a ``ModuleDict`` and names no modules:
+**The official format** (``train/train_c_lora.py``; the example ``lora_fernando_10k.safetensors``),
+the state dict of a ``ModuleDict``, names no modules:
 
-- ``weights.<i>.lora_down`` (rank × in) and ``weights.<i>.lora_up`` (out × rank), scaled by
-  alpha / rank with alpha = 1. ``i`` counts the ``LoRA`` modules in ``generator.modules()`` order
-  after ``apply_lora(filters=['.attn'])``: for every attention block (down path, then up path) first
-  ``attention.attn.out_proj.weight``, then ``attention.attn.in_proj_weight``, the stacked q/k/v
-  (``lora_up`` is 3·width × rank, ``lora_down`` shared by the three). The out_proj comes first because
-  it is a child module of the ``MultiheadAttention`` registered before the in_proj parametrization.
-- ``embeddings.embeddings`` (n × text width) are deltas added to the token-embedding rows
+- ``weights.<i>.lora_down`` (rank × in) and ``weights.<i>.lora_up`` (out × rank), scale 1 / rank.
+  ``i`` counts the ``LoRA`` modules in ``generator.modules()`` order after
+  ``apply_lora(filters=['.attn'])``: per attention block (down path, then up path) first
+  ``attention.attn.out_proj`` (a child module, registered before the in_proj parametrization), then
+  ``attention.attn.in_proj_weight``, the stacked q/k/v (``lora_up`` 3·width × rank, ``lora_down``
+  shared). diffusers splits in_proj into ``to_q/to_k/to_v`` and names out_proj ``to_out.0``: the
+  official LoRA is a peft LoRA with ``lora_A`` = ``lora_down`` on each of q/k/v, ``lora_B`` = the
+  matching third of ``lora_up``.
+- ``embeddings.embeddings`` (n × text width): deltas added to the token-embedding rows
   ``embeddings.indices``. New tokens (``[fernando]``) were appended to the tokenizer (id = old
-  vocabulary size), their rows initialized to the mean of the rows whose token matches a regex
-  (``^dog</w>``), or zeros when nothing matches.
+  vocabulary size), each started from the mean row of the tokens a regex matches (``^dog</w>``).
 
-diffusers splits ``in_proj`` into ``to_q/to_k/to_v`` and renames ``out_proj`` to ``to_out.0``, so
-the official LoRA is exactly a peft LoRA with ``lora_A`` = ``lora_down`` on each of q/k/v,
-``lora_B`` = the matching third of ``lora_up``, and scale 1 / rank.
+**ComfyUI / kohya** (ComfyUI's ``model_lora_keys_unet`` for Stable Cascade; kohya's sd-scripts
+``stable-cascade`` branch and OneTrainer write it): ``<prefix><module, dots as underscores>`` +
+``.lora_down.weight``, ``.lora_up.weight``, ``.alpha`` (scale alpha / rank; none: scale 1). Prefixes
+``lora_prior_unet_`` (ComfyUI, OneTrainer) or ``lora_unet_`` (kohya), ``lora_prior_te_`` /
+``lora_te_`` for the text encoder (transformers' names); the Stage C names are the official ones
+(``attention.attn.to_q|to_k|to_v|out_proj``).
 
-**ComfyUI / kohya** (what ComfyUI's ``model_lora_keys_unet`` maps for Stable Cascade; kohya's
-sd-scripts ``stable-cascade`` branch and OneTrainer write it): one entry per module,
-``<prefix><module name with dots as underscores>`` + ``.lora_down.weight`` (rank × in),
-``.lora_up.weight`` (out × rank), ``.alpha`` (scale alpha / rank; no alpha means scale 1). The
-prefix is ``lora_prior_unet_`` (ComfyUI, OneTrainer) or ``lora_unet_`` (kohya; ComfyUI reads both);
-text-encoder entries use ``lora_prior_te_`` / ``lora_te_`` and transformers' CLIP module names. The
-module names are the official Stage C's, with attention as ComfyUI/kohya build it:
-``attention.attn.to_q|to_k|to_v|out_proj`` (diffusers: ``attention.to_q|to_k|to_v|to_out.0``).
-
-**Ours**: ``unet.<diffusers module>.lora_A.weight`` / ``.lora_B.weight`` / ``.alpha`` and the learned
-tokens' full embedding rows as ``tokens.embeddings`` with the token strings in the metadata.
+**Ours**: ``unet.<diffusers module>.lora_A.weight`` / ``.lora_B.weight`` / ``.alpha``, and the
+learned tokens' full rows as ``tokens.embeddings``, their strings in the metadata.
 """
 
 from __future__ import annotations
@@ -142,10 +137,8 @@ def _factor_tensors(factors: Mapping[str, _LoraFactors], base, parts: tuple[str,
     return state
 
 
-def _read_factors(state_dict: Mapping[str, torch.Tensor], parts: tuple[str, ...], needed: int) -> dict:
-    """Why: both formats that name modules list each module's parts as separate keys: grouped by key
-    base, the first ``needed`` parts required (a missing alpha means scale 1 where it may be absent),
-    other kinds (LoHa, LoKr, DoRA) named rather than half-read."""
+def _group_parts(state_dict: Mapping[str, torch.Tensor], parts: tuple[str, ...]) -> dict[str, dict]:
+    """Why: a module's parts are separate keys; other kinds (LoHa, LoKr, DoRA) are named, not half-read."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state_dict.items():
         part = next((p for p in parts if key.endswith(p)), None)
@@ -153,8 +146,14 @@ def _read_factors(state_dict: Mapping[str, torch.Tensor], parts: tuple[str, ...]
             kind = next((f"{kind} weights" for marker, kind in _OTHER_KINDS.items() if marker in key), None)
             raise LoraError(f"{key!r} is {kind or 'a key we do not know'}: only plain LoRA is supported")
         groups.setdefault(key[: -len(part)], {})[part] = value
+    return groups
+
+
+def _read_factors(state_dict: Mapping[str, torch.Tensor], parts: tuple[str, ...], needed: int) -> dict:
+    """Why: per-module factors of both formats that name modules, the first ``needed`` parts required
+    (a missing alpha means scale 1 where it may be absent)."""
     factors = {}
-    for base, found in groups.items():
+    for base, found in _group_parts(state_dict, parts).items():
         missing = [p[1:] for p in parts[:needed] if p not in found]
         if missing:
             raise LoraError(f"{base} lacks {' and '.join(missing)}: the file is damaged")

@@ -59,20 +59,25 @@ def _check_new_tokens(
             f"the tokenizer has {len(tokenizer)} tokens and the text encoder {rows} embedding rows: they "
             "disagree (tokens were added to one of them only); load the prior again"
         )
-    added, vocabulary = set(tokenizer.get_added_vocab()), tokenizer.get_vocab()
+    added = set(tokenizer.get_added_vocab())
     for i, token in enumerate(tokens):
         _check_token_text(token)
         if token in tokens[:i] or token in added:
             again = "given twice" if token in tokens[:i] else "added already: was this LoRA loaded twice?"
             raise LoraError(f"the new token {token!r} is {again}")
         pieces = tokenizer.tokenize(token)
-        if not allow_existing and (token in vocabulary or (len(pieces) == 1 and pieces[0] in vocabulary)):
+        if not allow_existing and _known_word(tokenizer.get_vocab(), token, pieces):
             raise LoraError(
                 f"the new token {token!r} is already a word of the tokenizer ({pieces[0] if pieces else token!r}): "
                 f"adding it would take over every prompt that says {token!r}, and words that start with it. "
                 f"Use a new word such as '[{token.strip('[]<>')}]', or pass allow_existing_tokens=True to take "
                 "the word over anyway"
             )
+
+
+def _known_word(vocabulary: Mapping[str, int], token: str, pieces: list[str]) -> bool:
+    """Why: a word the tokenizer has, as written or as its one piece (``cat`` is ``cat</w>``)."""
+    return token in vocabulary or (len(pieces) == 1 and pieces[0] in vocabulary)
 
 
 def _check_token_rows(rows: torch.Tensor, text_encoder: nn.Module, what: str = "token embeddings") -> None:

@@ -68,6 +68,16 @@ def _damage(folder: Path) -> str | None:
     return None
 
 
+def _optimizer_state(tensors: dict[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
+    """Why: AdamW's per-parameter state, stored flat as ``optimizer.<i>.<name>``, as its state dict has it."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    return state
+
+
 class _CheckpointFolder:
     """Why: the ``checkpoints/`` folder of a run and the state of its trainer, written by the main
     process only, read by every process."""
@@ -182,12 +192,9 @@ class _CheckpointFolder:
         with torch.no_grad():
             for name, value in weights.items():
                 parameters[name].copy_(value)
-        state: dict[int, dict[str, torch.Tensor]] = {}
-        for key, value in tensors.items():
-            if key.startswith("optimizer."):
-                _, index, name = key.split(".", 2)
-                state.setdefault(int(index), {})[name] = value
-        trainer.optimizer.load_state_dict({"state": state, "param_groups": progress["param_groups"]})
+        trainer.optimizer.load_state_dict(
+            {"state": _optimizer_state(tensors), "param_groups": progress["param_groups"]}
+        )
         if trainer.ema is not None:
             shadow = [tensors[f"ema.{i}"].to(trainer.prior.device) for i in range(len(trainer.trainable))]
             trainer.ema.load_state_dict(

@@ -27,15 +27,12 @@ def main(argv: list[str] | None = None) -> int:
         cannot be read or is not JSON (argparse's usage error, as for a bad argument).
     """
     from .. import lora_training
-    from ..loading import load_decoder, load_prior
 
     parser = argparse.ArgumentParser(
         description=lora_training.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", type=Path, required=True, help="a LoraTrainingConfig saved as JSON")
-    parser.add_argument(
-        "--no-decoder", action="store_true", help="validate with the previewer (no Stage B in memory)"
-    )
+    parser.add_argument("--no-decoder", action="store_true", help="validate with the previewer (no Stage B)")
     args = parser.parse_args(argv)
     try:
         settings = _read_settings(args.config)
@@ -43,30 +40,28 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     try:
         config = LoraTrainingConfig.from_settings(settings, str(args.config))
-    except TrainingError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    accelerator = _make_accelerator(config)
-    device = accelerator.device
-    prior = load_prior(
-        config.models_dir,
-        config.stage_c,
-        dtype=config.load_dtype,
-        device=device,
-        image_encoder=config.image_embed_probability > 0,
-    )
-    decoder = None
-    if config.validation_prompts and not args.no_decoder and accelerator.is_main_process:
-        decoder = load_decoder(
-            config.models_dir, config.stage_b, dtype=config.load_dtype, device=device, memory="model_offload"
-        )
-    try:
-        result = LoraTrainer(prior, config, decoder, accelerator).train()
+        accelerator = _make_accelerator(config)
+        result = LoraTrainer(*_models(config, accelerator, args.no_decoder), accelerator).train()
     except TrainingError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if accelerator.is_main_process:
-        print(
-            f"step {result.step}: LoRA in {result.lora or 'not yet (interrupted)'}, checkpoint {result.checkpoint}"
-        )
+        lora = result.lora or "not yet (interrupted)"
+        print(f"step {result.step}: LoRA in {lora}, checkpoint {result.checkpoint}")
     return _INTERRUPTED if result.interrupted else 0
+
+
+def _models(config: LoraTrainingConfig, accelerator, no_decoder: bool) -> tuple:
+    """Why: the command line loads what the settings name (a notebook passes loaded models): the prior,
+    the config, and the decoder on the main process when it validates with one."""
+    from ..loading import load_decoder, load_prior
+
+    dtype = config.dtype or ("fp32" if config.precision == "fp32" else "bf16")
+    on = {"dtype": dtype, "device": accelerator.device}
+    prior = load_prior(
+        config.models_dir, config.stage_c, image_encoder=config.image_embed_probability > 0, **on
+    )
+    decoder = None
+    if config.validation_prompts and not no_decoder and accelerator.is_main_process:
+        decoder = load_decoder(config.models_dir, config.stage_b, memory="model_offload", **on)
+    return prior, config, decoder

@@ -26,53 +26,43 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 #: the smallest bucket side: two Stage C latents (Stage C halves the latent grid once)
 _SMALLEST_BUCKET_SIDE = 2 * STRIDE
 _WHOLE = {  # setting → (smallest, largest or None, what it means)
-    "rank": (1, None, ""),
-    "batch_size": (1, None, ""),
-    "gradient_accumulation": (1, None, ""),
-    "steps": (1, None, "optimizer updates"),
-    "lr_num_cycles": (1, None, ""),
-    "warmup_steps": (0, None, ""),
+    "rank": (1, None, ""), "batch_size": (1, None, ""), "gradient_accumulation": (1, None, ""),
+    "steps": (1, None, "optimizer updates"), "lr_num_cycles": (1, None, ""), "warmup_steps": (0, None, ""),
     "min_image_size": (0, None, "a side in pixels; 0 keeps every picture"),
-    "checkpoint_every": (1, None, "steps"),
-    "keep_checkpoints": (0, None, "0 keeps every checkpoint, n the latest n"),
+    "checkpoint_every": (1, None, "steps"), "keep_checkpoints": (0, None, "0 keeps all, n the latest n"),
     "validate_every": (0, None, "steps; 0 validates only at the end"),
-    "validation_prior_steps": (1, 1000, ""),
-    "validation_decoder_steps": (1, 1000, ""),
+    "validation_prior_steps": (1, 1000, ""), "validation_decoder_steps": (1, 1000, ""),
     "seed": (0, 2**32 - 1, "the batches, noise, crops and validation pictures are drawn from it"),
-}
+}  # fmt: skip
 _POSITIVE = ("alpha", "learning_rate", "max_grad_norm", "lr_power")
 _PROBABILITIES = ("caption_dropout", "image_embed_probability")
 _GUIDANCES = ("validation_prior_guidance", "validation_decoder_guidance")
+_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 _CHOICES = {  # setting → (the values it takes, what the message adds)
-    "lr_scheduler": (
-        ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"),
-        " (diffusers' get_scheduler)",
-    ),
-    "precision": (files.PRECISIONS, ""),
+    "lr_scheduler": (_SCHEDULES, " (diffusers' get_scheduler)"), "precision": (files.PRECISIONS, ""),
     "dtype": ((None, *files.PRECISIONS), " (Stage C overflows in float16), or None"),
-    "crop": (("center", "random"), ""),
-    "stage_c": (files.SIZES, ""),
-    "stage_b": (files.SIZES, ""),
-}
+    "crop": (("center", "random"), ""), "stage_c": (files.SIZES, ""), "stage_b": (files.SIZES, ""),
+}  # fmt: skip
+
+
+def _texts(value: object, empty: bool = False) -> bool:
+    """Why: folders, module names and prompts come as lists of strings (non-empty ones but prompts)."""
+    return isinstance(value, (list, tuple)) and all(
+        isinstance(n, str) and (empty or n.strip()) for n in value
+    )
 
 
 def _names(value: object) -> bool:
     """Why: folders and module names come as one string or a list of them (JSON, by hand)."""
-    names = [value] if isinstance(value, str) else value
-    return (
-        isinstance(names, (list, tuple))
-        and bool(names)
-        and all(isinstance(n, str) and n.strip() for n in names)
-    )
+    return _texts([value] if isinstance(value, str) else value) and bool(value)
 
 
 def _prompts(prompts: object) -> bool:
     """Why: validation prompts are a list, or a named library whose names become file names."""
     if isinstance(prompts, dict):
-        return all(isinstance(n, str) and _NAME.fullmatch(n) for n in prompts) and _prompts(
-            list(prompts.values())
-        )
-    return isinstance(prompts, list) and all(isinstance(p, str) for p in prompts)
+        names = all(isinstance(n, str) and _NAME.fullmatch(n) for n in prompts)
+        return names and _prompts(list(prompts.values()))
+    return isinstance(prompts, list) and _texts(prompts, empty=True)
 
 
 def _fractions(ratios: object) -> list[Fraction]:
@@ -208,9 +198,7 @@ class LoraTrainingConfig:
         for name, (ok, expected) in _SHAPES.items():
             self._require(name, ok(getattr(self, name)), expected)
         fp32_in_bf16 = self.precision == "fp32" and self.dtype == "bf16"
-        self._require(
-            "dtype", not fp32_in_bf16, "precision='fp32' trains in float32: load the prior in 'fp32'"
-        )
+        self._require("dtype", not fp32_in_bf16, "precision='fp32' trains in float32: load the prior so")
         try:
             _token_entries(self.new_tokens)
         except LoraError as error:
@@ -218,11 +206,9 @@ class LoraTrainingConfig:
         self.new_tokens = [tuple(t) for t in self.new_tokens]  # JSON reads the pairs as lists
         known = {Path(f).resolve() for f in self.image_folders}
         for folder, count in self.repeats.items():
-            self._require(
-                "repeats", Path(folder).resolve() in known, f"{folder!r} is none of the images folders"
-            )
+            self._require("repeats", Path(folder).resolve() in known, f"{folder!r} is none of the images")
             whole = values.is_whole(count) and count >= 0
-            self._require("repeats", whole, f"{folder!r}: a whole number of repeats ≥ 0 (0 = once per epoch)")
+            self._require("repeats", whole, f"{folder!r}: give a whole number ≥ 0 (0 = once per epoch)")
 
     def _check_pictures(self) -> None:
         from .data import bucket_sizes
@@ -235,12 +221,9 @@ class LoraTrainingConfig:
         self._require("aspect_ratios", ratios, "give width/height ratios such as ['1/1', '2/3', '9/16']")
         buckets = bucket_sizes(self.resolution, self.aspect_ratios)[: len(ratios)]  # the reciprocals follow
         ratio, bucket = min(zip(self.aspect_ratios, buckets, strict=True), key=lambda pair: min(pair[1]))
-        self._require(
-            "aspect_ratios",
-            min(bucket) >= _SMALLEST_BUCKET_SIDE,
-            f"{ratio!r} gives {bucket[1]}×{bucket[0]} px buckets at resolution {self.resolution}: a side under "
-            f"{_SMALLEST_BUCKET_SIDE} px is too thin for Stage C; use a ratio closer to 1",
-        )
+        thin = f"{ratio!r} gives {bucket[1]}×{bucket[0]} px buckets at resolution {self.resolution}: a side under"
+        thin += f" {_SMALLEST_BUCKET_SIDE} px is too thin for Stage C; use a ratio closer to 1"
+        self._require("aspect_ratios", min(bucket) >= _SMALLEST_BUCKET_SIDE, thin)
 
     @property
     def image_folders(self) -> list[str]:
@@ -251,11 +234,6 @@ class LoraTrainingConfig:
         """The validation prompts by name: the library's names, or ``1``, ``2`` ... for a list."""
         prompts = self.validation_prompts
         return dict(prompts) if isinstance(prompts, dict) else {str(i + 1): p for i, p in enumerate(prompts)}
-
-    @property
-    def load_dtype(self) -> str:
-        """The dtype the command line loads the models in."""
-        return self.dtype or ("fp32" if self.precision == "fp32" else "bf16")
 
     def save(self, path: str | Path) -> Path:
         """Write the settings as JSON (atomically), for ``--config`` and for the record."""

@@ -50,33 +50,23 @@ class _StageCObjective(nn.Module):
     and captions with a new token must be encoded inside ``forward``, where the gradient to those
     rows is recorded. ``forward`` is a batch's :func:`stage_c_loss`."""
 
-    def __init__(self, prior: Prior) -> None:
+    def __init__(self, prior: Prior, texts: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         super().__init__()
-        self.unet = prior.unet
-        self.text_encoder = prior.text_encoder
+        self.unet, self.text_encoder = prior.unet, prior.text_encoder
         self.prior = prior  # the tokenizer and device; not a module, so not registered twice
+        self.texts = texts  # caption → cached (hidden, pooled); a caption with a learned token has none
 
     def forward(
-        self,
-        latents: torch.Tensor,
-        noise: torch.Tensor,
-        times: torch.Tensor,
-        clip_img: torch.Tensor,
-        captions: Sequence[str],
-        cached: Sequence[tuple[torch.Tensor, torch.Tensor] | None],
-        autocast: bool,
+        self, latents, noise, times, clip_img, captions: Sequence[str], autocast: bool
     ) -> torch.Tensor:
-        # a caption without cached embeddings (None) has a learned token: encoded here, with gradients
+        device, cached = latents.device, [self.texts.get(caption) for caption in captions]
         fresh = [caption for caption, done in zip(captions, cached, strict=True) if done is None]
         encoded = iter(())
-        if fresh:
+        if fresh:  # encoded here, with gradients to the learned tokens' rows
             embeddings = text_conditioning(self.prior, fresh)
             encoded = zip(embeddings.hidden, embeddings.pooled, strict=True)
-        hidden, pooled = zip(*[done if done is not None else next(encoded) for done in cached], strict=True)
-        conditions = {
-            "clip_text": torch.stack(hidden),
-            "clip_text_pooled": torch.stack(pooled),
-            "clip_img": clip_img,
-        }
-        with torch.autocast(latents.device.type, dtype=torch.bfloat16, enabled=autocast):
+        texts = [next(encoded) if done is None else [t.to(device) for t in done] for done in cached]
+        hidden, pooled = (torch.stack(parts) for parts in zip(*texts, strict=True))
+        conditions = {"clip_text": hidden, "clip_text_pooled": pooled, "clip_img": clip_img}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             return stage_c_loss(self.unet, latents, conditions, times, noise)

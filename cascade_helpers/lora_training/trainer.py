@@ -14,7 +14,7 @@ import math
 import shutil
 import signal
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +83,31 @@ def _place(device: torch.device | str) -> tuple[str, int]:
     return device.type, device.index or 0
 
 
+def _check_placement(prior: Prior, precision: str, accelerator) -> None:
+    """Why: a prior offloaded, on another device than accelerate's, or in bfloat16 for a float32 run
+    cannot be trained as it is: refused before any work, with what to load instead."""
+    parts = {
+        f"the prior's {part}": next(getattr(prior, part).parameters()).device
+        for part in ("unet", "text_encoder")
+    }
+    for what, device in (parts | {"accelerate's device": accelerator.device}).items():
+        if _place(device) != _place(prior.device):
+            raise TrainingError(
+                f"{what} is {device}, the prior's {prior.device}: load the prior with memory='gpu' on the device "
+                "accelerate trains on (accelerator=accelerate.Accelerator(cpu=True) for the CPU)"
+            )
+    dtype = next(prior.unet.parameters()).dtype
+    if precision == "fp32" and dtype != torch.float32:
+        raise TrainingError(
+            f"precision='fp32' trains in float32, but the prior was loaded in {dtype}: load it in 'fp32'"
+        )
+    if accelerator.mixed_precision not in ("no", precision):
+        raise TrainingError(
+            f"accelerate is set to mixed precision {accelerator.mixed_precision!r}, the run to precision={precision!r}: "
+            "launch without --mixed_precision (the run autocasts itself)"
+        )
+
+
 def _clear_temporaries(folder: Path) -> None:
     """Why: a run killed while writing (``kill -9`` during the final LoRA save, a checkpoint, a
     validation picture) leaves its hidden ``.<name>.<id>.tmp`` behind (``atomic.atomic_path``)."""
@@ -123,6 +148,10 @@ class LoraTrainer:
         decoder: Stage B/A for validation pictures (optional).
         accelerator: an ``accelerate.Accelerator`` (default: one on the prior's device that
             accumulates ``config.gradient_accumulation`` batches).
+
+    Raises:
+        TrainingError: a prior the run cannot train (where it is, its dtype, a LoRA or the new tokens
+            it has, a part the settings need), before anything is encoded or changed.
     """
 
     def __init__(
@@ -131,73 +160,53 @@ class LoraTrainer:
         self.prior, self.config, self.decoder = prior, config, decoder
         self.accelerator = accelerator or _make_accelerator(config, cpu=prior.device.type == "cpu")
         self.output_dir = Path(config.output_dir)
+        self.cache_dir = Path(config.cache_dir) if config.cache_dir else self.output_dir / "cache"
         self.images: list[TrainingImage] = []
         self.items: list[CachedImage] = []
-        self.texts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.report: CacheReport | None = None
-        self.tokens = None  # the new tokens' trainable rows, once prepared
-        self.ema = None
+        self.tokens = self.ema = None  # the new tokens' trainable rows and the EMA, once prepared
         self.losses: list[tuple[int, float]] = []
         self.step = 0
         self.generator = torch.Generator().manual_seed(config.seed * 1000 + self.accelerator.process_index)
         self.checkpoint_folder = _CheckpointFolder(self)
-        self._check_placement()
+        self._check_prior()
 
-    def _check_placement(self) -> None:
-        prior, parts = self.prior, ("unet", "text_encoder")
-        devices = {f"the prior's {part}": next(getattr(prior, part).parameters()).device for part in parts}
-        for what, device in (devices | {"accelerate's device": self.accelerator.device}).items():
-            if _place(device) != _place(prior.device):
-                raise TrainingError(
-                    f"{what} is {device}, the prior's {prior.device}: load the prior with memory='gpu' on the "
-                    "device accelerate trains on (accelerator=accelerate.Accelerator(cpu=True) for the CPU)"
+    def _check_prior(self) -> None:
+        """What would otherwise fail (or silently differ) after minutes of encoding."""
+        prior, config, accelerator = self.prior, self.config, self.accelerator
+        _check_placement(prior, config.precision, accelerator)
+        try:
+            for model in (prior.unet, prior.text_encoder):
+                _refuse_unadaptable(model)
+            _check_new_tokens(prior.text_encoder, prior.tokenizer, [t for t, _ in config.new_tokens], False)
+            prior.require("effnet", "LoRA training (the pictures' latents)")
+            if config.image_embed_probability > 0:
+                prior.require(
+                    "image_encoder", f"image_embed_probability={config.image_embed_probability} (0: none)"
                 )
-        dtype = next(prior.unet.parameters()).dtype
-        if self.config.precision == "fp32" and dtype != torch.float32:
-            raise TrainingError(
-                f"precision='fp32' trains in float32, but the prior was loaded in {dtype}: load it with "
-                "dtype='fp32', or train with precision='bf16'"
-            )
-        mixed = self.accelerator.mixed_precision
-        if mixed not in ("no", self.config.precision):
-            raise TrainingError(
-                f"accelerate is set to mixed precision {mixed!r}, the run to precision={self.config.precision!r}: "
-                "launch without --mixed_precision (the run autocasts as its precision says)"
-            )
-
-    @property
-    def cache_dir(self) -> Path:
-        return Path(self.config.cache_dir) if self.config.cache_dir else self.output_dir / "cache"
+            if config.validation_prompts and self.decoder is None and accelerator.is_main_process:
+                prior.require("previewer", "validation without a decoder (or pass decoder=)")
+        except ValueError as error:
+            raise TrainingError(f"cannot train on this prior: {error}") from error
 
     def prepare(self) -> CacheReport:
-        """Check that the prior can take the run (no LoRA yet, new tokens it does not know, the parts
-        the settings use), cache the features (main process first, the others then read the cache),
-        add the LoRA and the new tokens (both or neither), set up the optimizer and EMA and hand them
-        to accelerate. Idempotent.
+        """Find the pictures, cache their features (main process first, the others then read the
+        cache), add the LoRA and the new tokens (both or neither), set up the optimizer and EMA and
+        hand them to accelerate. Idempotent.
 
         Returns:
             What was computed and what came from the caches.
 
         Raises:
-            TrainingError: the prior, the pictures or the captions do not fit the run (named), before
-                anything is encoded or changed.
+            TrainingError: the pictures or the captions do not fit the run (named).
         """
         if self.report is not None:
             return self.report
         from diffusers.training_utils import EMAModel
 
-        config, prior, accelerator = self.config, self.prior, self.accelerator
-        self._check_prior()
+        config, prior, self.report = self.config, self.prior, CacheReport()
         self.images = find_training_images(config.image_folders, config.repeats, config.min_image_size)
-        self._check_tokens_in_captions(self.images)
-        report = CacheReport()
-        with accelerator.main_process_first():
-            self.items = _cache_images(prior, self.images, config, self.cache_dir, report)
-            plain = [c for c in {i.caption for i in self.images} if not self._has_new_token(c)] + [""]
-            self.texts = _cache_texts(prior, plain, self.cache_dir, report)
-        report.text_encoded_each_step = sorted(
-            {i.caption for i in self.images if self._has_new_token(i.caption)}
-        )
+        self._cache()
         # peft draws lora_A from the global generator: seed it; a failure takes the LoRA off again
         with torch.random.fork_rng(devices=[]), _all_or_nothing(prior.unet, prior.text_encoder):
             torch.manual_seed(config.seed)
@@ -205,69 +214,49 @@ class LoraTrainer:
             self.tokens = _install_trainable_tokens(prior, config.new_tokens)
         if config.gradient_checkpointing:
             prior.unet.enable_gradient_checkpointing()
-        self.objective = _StageCObjective(prior)
+        self.objective = _StageCObjective(prior, self.texts)
         self.trainable = [p for p in self.objective.parameters() if p.requires_grad]
         if config.ema_decay:
             self.ema = EMAModel(self.trainable, decay=config.ema_decay, foreach=True)
         optimizer = torch.optim.AdamW(self.trainable, lr=config.learning_rate)
-        self.model, self.optimizer = accelerator.prepare(self.objective, optimizer)
-        self.report = report
-        return report
+        self.model, self.optimizer = self.accelerator.prepare(self.objective, optimizer)
+        return self.report
 
-    def _check_prior(self) -> None:
-        """What would otherwise fail (or silently differ) after minutes of encoding: a prior that
-        carries a LoRA already, new tokens its tokenizer refuses, optional parts the run uses."""
-        config, prior = self.config, self.prior
-        try:
-            for model in (prior.unet, prior.text_encoder):
-                _refuse_unadaptable(model)
-            _check_new_tokens(prior.text_encoder, prior.tokenizer, [token for token, _ in config.new_tokens], False)
-        except ValueError as error:
-            raise TrainingError(f"cannot train on this prior: {error}") from error
-        needs = {"effnet": "LoRA training (the pictures' latents)"}
-        if config.image_embed_probability > 0:
-            needs["image_encoder"] = f"image_embed_probability={config.image_embed_probability} (0: none)"
-        if config.validation_prompts and self.decoder is None and self.accelerator.is_main_process:
-            needs["previewer"] = "validation without a decoder (or pass decoder=)"
-        for part, needed_for in needs.items():
-            try:
-                prior.require(part, needed_for)
-            except ValueError as error:
-                raise TrainingError(str(error)) from error
-
-    def _has_new_token(self, caption: str) -> bool:
-        return any(token in caption for token, _ in self.config.new_tokens)
-
-    def _check_tokens_in_captions(self, images: Sequence[TrainingImage]) -> None:
-        for token, _ in self.config.new_tokens:
-            if not any(token in i.caption for i in images):
-                raise TrainingError(
-                    f"no caption mentions {token}: it would never be learned. Put it in the captions (sidecar .txt or file names)"
-                )
+    def _cache(self) -> None:
+        """The features of every picture and caption, from the caches where there (the main process
+        computes, the others then read); a caption with a learned token is encoded at each step."""
+        tokens, captions = [token for token, _ in self.config.new_tokens], {i.caption for i in self.images}
+        missing = [token for token in tokens if not any(token in caption for caption in captions)]
+        if missing:
+            raise TrainingError(
+                f"no caption mentions {missing[0]}: it would never be learned. Put it in captions"
+            )
+        learned = {caption for caption in captions if any(token in caption for token in tokens)}
+        with self.accelerator.main_process_first():
+            self.items = _cache_images(self.prior, self.images, self.config, self.cache_dir, self.report)
+            self.texts = _cache_texts(self.prior, [*(captions - learned), ""], self.cache_dir, self.report)
+        self.report.text_encoded_each_step = sorted(learned)
 
     def batch_loss(self, indices: list[int]) -> torch.Tensor:
         """The official loss of the pictures ``indices``, with the official mix of 5% empty captions
         and 10% image embeddings, drawing from the run's generator."""
-        config, device = self.config, self.prior.device
+        config, device, items = self.config, self.prior.device, [self.items[i] for i in indices]
         count = len(indices)
         dropped = (torch.rand(count, generator=self.generator) < config.caption_dropout).tolist()
         with_image = (torch.rand(count, generator=self.generator) < config.image_embed_probability).tolist()
-        captions = ["" if drop else self.items[i].caption for i, drop in zip(indices, dropped, strict=True)]
-        cached = [tuple(t.to(device) for t in self.texts[c]) if c in self.texts else None for c in captions]
+        captions = [item.caption * (not drop) for item, drop in zip(items, dropped, strict=True)]
         none = torch.zeros(1, self.prior.unet.config.clip_image_in_channels)
-        embeds = [self.items[i].image_embeds for i in indices]
-        images = [e if use and e is not None else none for e, use in zip(embeds, with_image, strict=True)]
-        latents = torch.stack([self.items[i].latents for i in indices]).to(device)
+        embeds = [item.image_embeds if use else None for item, use in zip(items, with_image, strict=True)]
+        latents = torch.stack([item.latents for item in items]).to(device)
         times = training_times(count, self.generator).to(device)
         noise = torch.randn(latents.shape, generator=self.generator).to(device)
-        clip_img = torch.stack(images).to(device)
-        return self.model(latents, noise, times, clip_img, captions, cached, config.precision == "bf16")
+        images = torch.stack([none if e is None else e for e in embeds]).to(device)
+        return self.model(latents, noise, times, images, captions, config.precision == "bf16")
 
     def _update(self, batches: Iterator[list[int]]) -> float:
-        """Why: one update is ``gradient_accumulation`` batches through ``accelerator.accumulate``
-        (their gradients averaged, across processes too), then — unless the loss or the gradients are
-        no longer finite, which stops the run before the weights change — clipping, one optimizer and
-        schedule step, and the EMA."""
+        """One update: ``gradient_accumulation`` batches through ``accelerator.accumulate``; unless the
+        loss or gradients are no longer finite (the run stops before the weights change), clipping,
+        one optimizer and schedule step, the EMA."""
         accelerator, losses = self.accelerator, []
         for _ in range(self.config.gradient_accumulation):
             with accelerator.accumulate(self.model):
@@ -292,7 +281,7 @@ class LoraTrainer:
         kept = f"the last good checkpoint, {last[0]}, is kept" if last else "no checkpoint was saved yet"
         return TrainingError(
             f"the loss diverged at update {self.step + 1} (loss {loss}, gradient norm {norm}): training stopped "
-            f"before that update changed the weights, and saved no LoRA; {kept}. Lower learning_rate (now "
+            f"before that update changed the weights, saving no LoRA; {kept}. Lower learning_rate (now "
             f"{self.config.learning_rate}) and run again: it continues from the last checkpoint"
         )
 
@@ -307,9 +296,8 @@ class LoraTrainer:
         return itertools.islice(stream, done + index, None, processes)
 
     def _schedule(self):
-        """Why: the learning rate follows from the settings and the step, so the schedule is built
-        from the config at the step the run stands at: a resume honours a changed ``learning_rate``,
-        schedule, warm-up or ``steps`` (diffusers' ``get_scheduler``, one step per update)."""
+        """The schedule built from the config at the step the run stands at: a resume honours a changed
+        ``learning_rate``, schedule, warm-up or ``steps`` (diffusers' ``get_scheduler``, once per update)."""
         from diffusers.optimization import get_scheduler
 
         config, optimizer = self.config, self.optimizer.optimizer  # the optimizer accelerate wraps
