@@ -69,15 +69,16 @@ def _cache_file(folder: Path, *parts: str) -> Path:
     return folder / f"{hashlib.sha1('|'.join(parts).encode()).hexdigest()[:24]}.safetensors"
 
 
-def _load_or_compute(
-    path: Path, compute: Callable[[], dict[str, torch.Tensor]]
-) -> tuple[dict[str, torch.Tensor], bool]:
-    """Why: every cache reads back what is there or computes and writes it (atomically), and says which."""
-    if path.is_file():
-        return load_file(str(path)), True
+def _load_or_compute(path: Path, compute: Callable[[], dict], report: CacheReport, kind: str) -> dict:
+    """Why: every cache reads back what is there or computes and writes it (atomically), and counts which."""
+    hit = path.is_file()
+    counter = f"{kind}_{'cached' if hit else 'computed'}"
+    setattr(report, counter, getattr(report, counter) + 1)
+    if hit:
+        return load_file(str(path))
     tensors = {k: v.float() for k, v in compute().items()}
     save_safetensors(path, tensors)  # atomic: a half-written cache file never looks complete
-    return {k: v.detach().cpu() for k, v in tensors.items()}, False
+    return {k: v.detach().cpu() for k, v in tensors.items()}
 
 
 def _cache_images(
@@ -113,9 +114,7 @@ def _cache_images(
                 tensors["image_embeds"] = encode_image_clip(prior, cropped[None])[0]
             return tensors
 
-        tensors, hit = _load_or_compute(path, compute)
-        report.latents_cached += hit
-        report.latents_computed += not hit
+        tensors = _load_or_compute(path, compute, report, "latents")
         cached.append(CachedImage(tensors["latents"], tensors.get("image_embeds"), image.caption, bucket))
     return cached
 
@@ -134,8 +133,6 @@ def _cache_texts(
             embeddings = encode_text(prior, caption)
             return {"hidden": embeddings.hidden[0], "pooled": embeddings.pooled[0]}
 
-        tensors, hit = _load_or_compute(path, compute)
-        report.texts_cached += hit
-        report.texts_computed += not hit
+        tensors = _load_or_compute(path, compute, report, "texts")
         texts[caption] = (tensors["hidden"], tensors["pooled"])
     return texts

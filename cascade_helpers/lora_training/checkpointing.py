@@ -1,23 +1,17 @@
-"""Checkpoint folders: the training state written into a temporary folder and renamed, so a folder
-named ``step-NNNNNN`` is always complete; a manifest of checksums, so a damaged file is found before
-anything is loaded and the previous intact checkpoint is used instead; the settings the run was made
-with; the rotation that keeps the latest few.
+"""Checkpoint folders: the training state written into a hidden temporary folder and renamed (a
+``step-NNNNNN`` folder is always complete), a manifest of checksums (a damaged file is found before
+anything is loaded, and the checkpoint before it used), the run's settings, the latest few kept.
 
-Nothing in a checkpoint can run code when it is read, so a checkpoint someone sent is safe to resume:
-tensors in safetensors, the rest JSON. Hence not accelerate's ``save_state``/``load_state`` with
+Nothing in a checkpoint can run code when read, so one someone sent is safe to resume: tensors in
+safetensors, the rest JSON. Hence not accelerate's ``save_state``/``load_state`` and
 ``ProjectConfiguration(automatic_checkpoint_naming=True, total_limit=...)``: it unpickles registered
 objects with ``weights_only=False``, writes in place, and deletes old checkpoints before the new one
-is complete. What a folder holds:
-
-- ``state.safetensors`` — the trained weights by name (``weights.<name>``: LoRA factors, new tokens'
-  rows), their EMA when on (``ema.<i>``), AdamW's moments (``optimizer.<i>.<name>``) and every
-  process's batch generator (``generators``);
-- ``progress.json`` — the step, the loss history, AdamW's parameter groups, the EMA's update count;
-- ``config.json`` — the run's settings (a resume checks those that must not change);
-- ``manifest.json`` — the SHA-256 of every file above, written last.
-
-The learning-rate schedule is not stored: it follows from the settings and the step, so a resume
-honours a changed ``learning_rate`` or schedule.
+is complete. A folder holds ``state.safetensors`` (trained weights ``weights.<name>``, their EMA
+``ema.<i>``, AdamW's state ``optimizer.<i>.<name>``, every process's batch generator
+``generators``), ``progress.json`` (step, losses, AdamW's parameter groups, EMA updates),
+``config.json`` (the settings; a resume checks those that must not change) and ``manifest.json``
+(SHA-256 of the others, written last). The learning-rate schedule follows from the settings and the
+step: not stored, so a resume honours a changed ``learning_rate`` or schedule.
 """
 
 from __future__ import annotations
@@ -79,8 +73,7 @@ def _optimizer_state(tensors: dict[str, torch.Tensor]) -> dict[int, dict[str, to
 
 
 class _CheckpointFolder:
-    """Why: the ``checkpoints/`` folder of a run and the state of its trainer, written by the main
-    process only, read by every process."""
+    """Why: a run's ``checkpoints/`` and its trainer's state: written by the main process, read by all."""
 
     def __init__(self, trainer) -> None:
         self.trainer, self.config, self.accelerator = trainer, trainer.config, trainer.accelerator
@@ -91,8 +84,7 @@ class _CheckpointFolder:
         return sorted(p for p in self.folder.glob("step-*") if _NAME.fullmatch(p.name))
 
     def save(self) -> Path:
-        """Write ``step-NNNNNN`` into a hidden temporary folder, manifest last, then rename it: the
-        name never holds half a checkpoint, and the older ones stay until this one is complete."""
+        """``step-NNNNNN``, complete or not at all; the older ones stay until it is."""
         tensors, progress = self._state()
         final = self.folder / f"step-{self.trainer.step:06d}"
         if self.accelerator.is_main_process:
@@ -109,13 +101,7 @@ class _CheckpointFolder:
         return final
 
     def load_latest(self) -> Path | None:
-        """Load the newest intact checkpoint into the trainer (a damaged one is named, with what is
-        wrong, and skipped for the one before); None when there is none.
-
-        Raises:
-            TrainingError: the checkpoint was made with settings this run cannot continue, it cannot
-                be read, or every checkpoint there is damaged.
-        """
+        """The newest intact checkpoint loaded into the trainer (a damaged one named and skipped), or None."""
         damaged = []
         for folder in reversed(self.list()):
             problem = _damage(folder)
@@ -167,8 +153,7 @@ class _CheckpointFolder:
         return {n: p for n, p in self.trainer.objective.named_parameters() if p.requires_grad}
 
     def _state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """Everything a resume needs to continue exactly: every process's batch generator is gathered
-        (collectively), as the main process writes them all."""
+        """What a resume needs to continue exactly (every process's generator gathered: all must call)."""
         trainer = self.trainer
         tensors = {f"weights.{n}": p.detach().float() for n, p in self._trained().items()}
         generators = trainer.generator.get_state()[None]

@@ -229,12 +229,6 @@ class LoraTrainingConfig:
     def image_folders(self) -> list[str]:
         return [self.images] if isinstance(self.images, str) else list(self.images)
 
-    @property
-    def named_validation_prompts(self) -> dict[str, str]:
-        """The validation prompts by name: the library's names, or ``1``, ``2`` ... for a list."""
-        prompts = self.validation_prompts
-        return dict(prompts) if isinstance(prompts, dict) else {str(i + 1): p for i, p in enumerate(prompts)}
-
     def save(self, path: str | Path) -> Path:
         """Write the settings as JSON (atomically), for ``--config`` and for the record."""
         return write_json(path, dataclasses.asdict(self))

@@ -1,10 +1,8 @@
 """The training loop: :class:`LoraTrainer` adds the LoRA and new tokens to a prior and repeats the
-official step (:func:`.objective.stage_c_loss`) on accelerate's and diffusers' parts —
-``Accelerator.prepare`` / ``accumulate`` / ``backward`` / ``clip_grad_norm_``,
-``diffusers.optimization.get_scheduler`` and ``diffusers.training_utils.EMAModel`` — keeping what is
-ours: feature caches, aspect buckets with repeats, a batch stream that resumes exactly, Ctrl-C that
-saves and stops, a stop at the first non-finite loss, checkpoints that are never half-written and
-never run code (:mod:`.checkpointing`), one run per output folder, validation pictures."""
+official step on accelerate's and diffusers' parts (``Accelerator.accumulate``/``backward``/
+``clip_grad_norm_``, ``get_scheduler``, ``EMAModel``), keeping what is ours: caches, buckets, a batch
+stream that resumes exactly, Ctrl-C that saves and stops, a stop at the first non-finite loss,
+checkpoints (:mod:`.checkpointing`), one run per output folder, validation pictures."""
 
 from __future__ import annotations
 
@@ -33,7 +31,7 @@ from .checkpointing import _CheckpointFolder
 from .config import _LORA_FILE, LoraTrainingConfig, TrainingError
 from .data import TrainingImage, _batch_schedule, find_training_images
 from .objective import _StageCObjective
-from .validation import _save_validation, _validation_picture
+from .validation import _validation_pictures
 
 _LOCK = ".lock"
 _OWN_FOLDERS = ("", "checkpoints", "validation")  # what only the run holding the lock writes
@@ -313,9 +311,9 @@ class LoraTrainer:
         on_step: Callable[[int, float], None] | None = None,
         on_validation: Callable[[int, list[PIL.Image.Image], list[str]], None] | None = None,
     ) -> TrainingResult:
-        """Train up to ``config.steps`` updates, continuing from the latest checkpoint, holding a lock
-        on ``output_dir`` (a second run there is refused). Ctrl-C saves a checkpoint and returns
-        (``interrupted``); a loss that stops being finite stops the run, keeping the last checkpoint.
+        """Train up to ``config.steps`` updates from the latest checkpoint, holding a lock on
+        ``output_dir`` (a second run there is refused). Ctrl-C saves a checkpoint and returns
+        (``interrupted``); a loss that is no longer finite stops the run, the last checkpoint kept.
 
         Args:
             on_step: ``on_step(step, loss)`` after each update, on the main process (a live loss
@@ -327,8 +325,7 @@ class LoraTrainer:
             A :class:`TrainingResult`; when complete, the LoRA is saved (:meth:`save`).
 
         Raises:
-            TrainingError: the pictures, captions or a checkpoint do not fit the run, another run holds
-                ``output_dir``, or the loss diverged (named).
+            TrainingError: pictures or a checkpoint that do not fit, another run there, divergence.
         """
         config, accelerator, main = self.config, self.accelerator, self.accelerator.is_main_process
         with self._holding_output_dir():
@@ -353,7 +350,7 @@ class LoraTrainer:
                     checkpoint = self._after_update(interrupted, on_validation) or checkpoint
             if interrupted:
                 tqdm.write(
-                    f"stopped at step {self.step}; checkpoint saved in {checkpoint}. Run train() to continue."
+                    f"stopped at step {self.step}; checkpoint in {checkpoint}. Run train() to continue."
                 )
             lora = self.save() if self.step >= config.steps else None
         return TrainingResult(self.step, list(self.losses), interrupted, checkpoint, lora)
@@ -371,9 +368,8 @@ class LoraTrainer:
 
     @contextlib.contextmanager
     def _holding_output_dir(self) -> Iterator[None]:
-        """Why: two runs on one ``output_dir`` would delete each other's checkpoints in progress (as
-        stale temporaries) and mix their files. The main process holds an OS lock on the folder
-        (``filelock``) for the whole run and, holding it, clears the temporaries a killed run left."""
+        """Two runs on one folder would delete each other's checkpoints in progress and mix their files:
+        the main process holds an OS lock (``filelock``) and, holding it, clears what a killed run left."""
         if not self.accelerator.is_main_process:
             yield
             return
@@ -425,10 +421,10 @@ class LoraTrainer:
         return path
 
     def export_comfyui(self, path: str | Path, prefix: str = _COMFYUI_PREFIX) -> list[Path]:
-        """Write the LoRA in ComfyUI/kohya keys, and each learned token as a ComfyUI embedding
-        (``<stem>_embeddings/<token without brackets>.safetensors``: in ComfyUI write
-        ``embedding:<name>`` where you trained ``[name]``). ComfyUI pools the prompt at the end token,
-        the official model at the highest token id (the new token), so results there differ somewhat.
+        """Write the LoRA in ComfyUI/kohya keys, each learned token as a ComfyUI embedding
+        (``<stem>_embeddings/<token without brackets>.safetensors``: write ``embedding:<name>`` where
+        you trained ``[name]``). ComfyUI pools the prompt at the end token, the official model at the
+        new token, so results there differ somewhat.
 
         Args:
             path: the LoRA's ``.safetensors`` file.
@@ -445,8 +441,7 @@ class LoraTrainer:
         return self.checkpoint_folder.list()
 
     def resume(self) -> int:
-        """Load the latest intact checkpoint, if any, into the trainer (a damaged one is named and
-        the one before it used); returns its step (0 for none)."""
+        """Load the latest intact checkpoint (a damaged one is named, the one before used); its step, or 0."""
         self.prepare()
         if self.step:
             return self.step
@@ -465,14 +460,12 @@ class LoraTrainer:
         self.accelerator.wait_for_everyone()
         pictures: list[PIL.Image.Image] = []
         if self.accelerator.is_main_process:
-            library = self.config.named_validation_prompts
             with self._trained_weights():
-                pictures = [
-                    _validation_picture(self.prior, self.decoder, self.config, p) for p in library.values()
-                ]
-            named = isinstance(self.config.validation_prompts, dict)
-            _save_validation(self.output_dir / "validation", self.step, pictures, list(library), named)
+                folder = self.output_dir / "validation"
+                pictures, prompts = _validation_pictures(
+                    self.prior, self.decoder, self.config, self.step, folder
+                )
             if on_validation:
-                on_validation(self.step, pictures, list(library.values()))
+                on_validation(self.step, pictures, prompts)
         self.accelerator.wait_for_everyone()
         return pictures

@@ -48,13 +48,15 @@ def _validation_picture(
     return to_pil(preview_stage_c(prior, latents))[0]
 
 
-def _save_validation(
-    folder: Path, step: int, pictures: list[PIL.Image.Image], names: list[str], named: bool
-) -> Path:
-    """Why: one grid per step (``step-NNNNNN.png``), and with a named prompt library each picture
-    alone too (``step-NNNNNN-<name>.png``), each written atomically."""
-    grid = _save_png(image_grid(pictures), folder / f"step-{step:06d}.png")
-    if named:
-        for name, picture in zip(names, pictures, strict=True):
-            _save_png(picture, folder / f"step-{step:06d}-{name}.png")
-    return grid
+def _validation_pictures(
+    prior: Prior, decoder: Decoder | None, config: LoraTrainingConfig, step: int, folder: Path
+):
+    """Why: one picture per validation prompt, saved as one grid per step (``step-NNNNNN.png``) and,
+    for a named library, each alone too (``step-NNNNNN-<name>.png``), every file written atomically."""
+    library = config.validation_prompts
+    named = library if isinstance(library, dict) else {str(i + 1): p for i, p in enumerate(library)}
+    pictures = [_validation_picture(prior, decoder, config, prompt) for prompt in named.values()]
+    _save_png(image_grid(pictures), folder / f"step-{step:06d}.png")
+    for name, picture in zip(named, pictures, strict=True) if isinstance(library, dict) else ():
+        _save_png(picture, folder / f"step-{step:06d}-{name}.png")
+    return pictures, list(named.values())
