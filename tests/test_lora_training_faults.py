@@ -206,20 +206,15 @@ class _WritesAFile:
 def test_resuming_a_checkpoint_someone_sent_runs_none_of_its_code(
     fresh_prior, pictures, shared_cache, tmp_path
 ):
-    """Pickles under every name accelerate's ``load_state`` reads (``custom_checkpoint_0.pkl`` it
-    unpickles with ``weights_only=False``), listed in a manifest with matching checksums: resuming
-    writes no file. A checkpoint holds safetensors and JSON, and nothing else is read."""
+    """Pickles under the names accelerate's ``load_state`` unpickles with ``weights_only=False``
+    (``custom_checkpoint_<i>.pkl``), listed in a manifest with matching checksums: resuming writes no
+    file. A checkpoint holds safetensors and JSON, and nothing else is read."""
     import torch
 
     config = make_config(pictures, tmp_path, shared_cache, steps=1)
     LoraTrainer(fresh_prior(), config).train()
     checkpoint, marker = tmp_path / "checkpoints" / "step-000001", tmp_path / "payload-ran"
-    for name in (
-        "custom_checkpoint_0.pkl",
-        "custom_checkpoint_1.pkl",
-        "random_states_0.pkl",
-        "optimizer.bin",
-    ):
+    for name in ("custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl"):
         torch.save({"state": _WritesAFile(marker)}, checkpoint / name)
     manifest = json.loads((checkpoint / "manifest.json").read_text())
     manifest["files"] = {p.name: _sha256(p) for p in checkpoint.iterdir() if p.name != "manifest.json"}
