@@ -1,5 +1,5 @@
-"""peft LoRA layers on a diffusers model: fresh ones to train, given factors put on, read back,
-scaled. What every LoRA file format becomes once loaded (:mod:`.formats`)."""
+"""peft LoRA layers on a diffusers model: fresh ones to train, given factors put on, read back, scaled:
+what every LoRA file format becomes once loaded (:mod:`.formats`)."""
 
 from __future__ import annotations
 
@@ -48,9 +48,8 @@ def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _refuse_unadaptable(model: nn.Module) -> None:
-    """Why: one LoRA per model (a second one would mix with the first), and none on a model whose
-    weights stream in (``memory="sequential_offload"`` keeps them on "meta": peft's layers and new
-    token rows would never reach the GPU) — refused before anything changes."""
+    """Why: one LoRA per model (a second would mix with the first), none on a model whose weights stream
+    in (``sequential_offload`` keeps them on "meta", where peft's layers never reach the GPU)."""
     from peft.tuners.lora import LoraLayer
 
     if any(p.device.type == "meta" for p in model.parameters()):
@@ -102,9 +101,11 @@ def _check_factors(model: nn.Module, factors: Mapping[str, _LoraFactors]) -> Non
             raise LoraError(f"the LoRA adapts {name}, which this model lacks: it was made for another model")
         if not (torch.isfinite(f.down).all() and torch.isfinite(f.up).all() and math.isfinite(f.alpha)):
             raise LoraError(f"the LoRA's factors for {name} hold NaN or infinite values: the file is damaged")
+        if f.up.shape[1] != f.rank:
+            raise LoraError(f"the LoRA's factors for {name} have ranks {f.rank} and {f.up.shape[1]}: damaged")
         out_features, in_features = modules[name].weight.shape[:2]
         lora_out, lora_in = f.up.shape[0], f.down.shape[1]
-        if (lora_out, lora_in, f.up.shape[1]) != (out_features, in_features, f.rank):
+        if (lora_out, lora_in) != (out_features, in_features):
             raise LoraError(
                 f"the LoRA for {name} maps {lora_in} → {lora_out} features, the module {in_features} → "
                 f"{out_features}: {_other_size_hint(lora_in, in_features)}"
@@ -169,18 +170,13 @@ def _remove_lora(model: nn.Module) -> None:
 
 
 @cache
-def _stage_c_widths() -> dict[int, str]:
-    """Why: an error about a LoRA of another width names the Stage C each width belongs to."""
-    configs = {
-        a: json.loads((config_dir("stage_c", a) / "config.json").read_text()) for a in ("big", "lite", "tiny")
-    }
-    return {config["block_out_channels"][0]: architecture for architecture, config in configs.items()}
-
-
 def _describe_width(width: int) -> str:
     """Why: "Stage C lite (width 1536)" says more to a user than a bare number."""
-    architecture = _stage_c_widths().get(width)
-    return f"Stage C {architecture} (width {width})" if architecture else f"a model of width {width}"
+    for architecture in ("big", "lite", "tiny"):
+        config = json.loads((config_dir("stage_c", architecture) / "config.json").read_text())
+        if config["block_out_channels"][0] == width:
+            return f"Stage C {architecture} (width {width})"
+    return f"a model of width {width}"
 
 
 def _other_size_hint(lora_width: int, model_width: int) -> str:

@@ -1,29 +1,25 @@
 """The three LoRA file formats people have, to and from per-module factors (:mod:`.adapters`).
 
-**The official format** (``train/train_c_lora.py``; the example ``lora_fernando_10k.safetensors``),
-the state dict of a ``ModuleDict``, names no modules:
-
-- ``weights.<i>.lora_down`` (rank × in) and ``weights.<i>.lora_up`` (out × rank), scale 1 / rank.
-  ``i`` counts the ``LoRA`` modules in ``generator.modules()`` order after
-  ``apply_lora(filters=['.attn'])``: per attention block (down path, then up path) first
-  ``attention.attn.out_proj`` (a child module, registered before the in_proj parametrization), then
-  ``attention.attn.in_proj_weight``, the stacked q/k/v (``lora_up`` 3·width × rank, ``lora_down``
-  shared). diffusers splits in_proj into ``to_q/to_k/to_v`` and names out_proj ``to_out.0``: the
-  official LoRA is a peft LoRA with ``lora_A`` = ``lora_down`` on each of q/k/v, ``lora_B`` = the
-  matching third of ``lora_up``.
-- ``embeddings.embeddings`` (n × text width): deltas added to the token-embedding rows
-  ``embeddings.indices``. New tokens (``[fernando]``) were appended to the tokenizer (id = old
-  vocabulary size), each started from the mean row of the tokens a regex matches (``^dog</w>``).
+**Official** (``train/train_c_lora.py``; the example ``lora_fernando_10k.safetensors``), a
+``ModuleDict``'s state dict naming no modules: ``weights.<i>.lora_down`` (rank × in) and
+``weights.<i>.lora_up`` (out × rank), scale 1 / rank, ``i`` counting the ``LoRA`` modules in
+``generator.modules()`` order after ``apply_lora(filters=['.attn'])``: per attention block (down path,
+then up path) ``attention.attn.out_proj`` (a child module, registered before the in_proj
+parametrization), then ``in_proj_weight``, the stacked q/k/v (``lora_up`` 3·width × rank, ``lora_down``
+shared: diffusers' ``to_q``/``to_k``/``to_v`` each get ``lora_down`` and a third of ``lora_up``; out_proj
+is ``to_out.0``). ``embeddings.embeddings`` (n × text width): deltas added to the token rows
+``embeddings.indices``; new tokens (``[fernando]``) were appended to the tokenizer (id = old vocabulary
+size), each started from the mean row of the tokens a regex matches (``^dog</w>``).
 
 **ComfyUI / kohya** (ComfyUI's ``model_lora_keys_unet`` for Stable Cascade; kohya's sd-scripts
 ``stable-cascade`` branch and OneTrainer write it): ``<prefix><module, dots as underscores>`` +
-``.lora_down.weight``, ``.lora_up.weight``, ``.alpha`` (scale alpha / rank; none: scale 1). Prefixes
-``lora_prior_unet_`` (ComfyUI, OneTrainer) or ``lora_unet_`` (kohya), ``lora_prior_te_`` /
-``lora_te_`` for the text encoder (transformers' names); the Stage C names are the official ones
+``.lora_down.weight``, ``.lora_up.weight``, ``.alpha`` (scale alpha / rank; none: 1). Prefixes
+``lora_prior_unet_`` (ComfyUI, OneTrainer) or ``lora_unet_`` (kohya), ``lora_prior_te_`` / ``lora_te_``
+for the text encoder (transformers' names); Stage C modules by their official names
 (``attention.attn.to_q|to_k|to_v|out_proj``).
 
-**Ours**: ``unet.<diffusers module>.lora_A.weight`` / ``.lora_B.weight`` / ``.alpha``, and the
-learned tokens' full rows as ``tokens.embeddings``, their strings in the metadata.
+**Ours**: ``unet.<diffusers module>.lora_A.weight`` / ``.lora_B.weight`` / ``.alpha``, and the learned
+tokens' full rows as ``tokens.embeddings``, their strings in the metadata.
 """
 
 from __future__ import annotations
@@ -47,9 +43,6 @@ _COMFY_PARTS = (".lora_down.weight", ".lora_up.weight", ".alpha")
 _OUR_PARTS = (".lora_A.weight", ".lora_B.weight", ".alpha")
 _OTHER_KINDS = {"hada_": "LoHa", "lokr_": "LoKr", "dora_scale": "DoRA"}
 _OUR_KEY = re.compile(r"unet\..+\.lora_A\.weight")
-
-
-# --- the official format -----------------------------------------------------------------------------
 
 
 def _official_lora_layout(unet: nn.Module) -> list[tuple[str, ...]]:
@@ -109,18 +102,11 @@ def _official_factors(unet: nn.Module, state_dict: Mapping[str, torch.Tensor]) -
     return factors
 
 
-# --- ComfyUI / kohya ---------------------------------------------------------------------------------
-
-
-def _comfyui_module_name(diffusers_name: str) -> str:
-    """Why: ComfyUI/kohya name Stage C's attention as the official module does (``attn.out_proj``)."""
+def _comfyui_key(diffusers_name: str) -> str:
+    """Why: ComfyUI/kohya keys name Stage C's attention as the official module does (``attn.out_proj``),
+    with underscores for dots."""
     name = re.sub(r"\.attention\.to_([qkv])$", r".attention.attn.to_\1", diffusers_name)
-    return re.sub(r"\.attention\.to_out\.0$", ".attention.attn.out_proj", name)
-
-
-def _flat(name: str) -> str:
-    """Why: ComfyUI/kohya keys write module names with underscores for dots."""
-    return name.replace(".", "_")
+    return re.sub(r"\.attention\.to_out\.0$", ".attention.attn.out_proj", name).replace(".", "_")
 
 
 def _weight_modules(model: nn.Module) -> list[str]:
@@ -164,7 +150,7 @@ def _read_factors(state_dict: Mapping[str, torch.Tensor], parts: tuple[str, ...]
 
 def _comfyui_state_dict(factors: Mapping[str, _LoraFactors], prefix: str = _COMFYUI_PREFIX) -> dict:
     """Why: ComfyUI/kohya keys: ``<prefix><official module name, dots as underscores>`` + the parts."""
-    return _factor_tensors(factors, lambda name: prefix + _flat(_comfyui_module_name(name)), _COMFY_PARTS)
+    return _factor_tensors(factors, lambda name: prefix + _comfyui_key(name), _COMFY_PARTS)
 
 
 def _comfyui_names(unet: nn.Module, text_encoder: nn.Module) -> dict[str, tuple[str, str]]:
@@ -173,10 +159,12 @@ def _comfyui_names(unet: nn.Module, text_encoder: nn.Module) -> dict[str, tuple[
     names: dict[str, tuple[str, str]] = {}
     for name in _weight_modules(unet):
         for prefix in _UNET_PREFIXES:
-            names[prefix + _flat(_comfyui_module_name(name))] = ("unet", name)
-            names.setdefault(prefix + _flat(name), ("unet", name))
+            names[prefix + _comfyui_key(name)] = ("unet", name)
+            names.setdefault(prefix + name.replace(".", "_"), ("unet", name))
     for name in _weight_modules(text_encoder):
-        names |= {prefix + _flat(name): ("text_encoder", name) for prefix in _TEXT_ENCODER_PREFIXES}
+        names |= {
+            prefix + name.replace(".", "_"): ("text_encoder", name) for prefix in _TEXT_ENCODER_PREFIXES
+        }
     return names
 
 
@@ -185,15 +173,13 @@ def _comfyui_factors(
 ) -> tuple:
     """Why: ComfyUI/kohya keys → (UNet factors, text-encoder factors) in diffusers / transformers
     names; modules the models lack are named together (another size, or another model)."""
-    names = _comfyui_names(unet, text_encoder)
-    factors: dict[str, dict[str, _LoraFactors]] = {"unet": {}, "text_encoder": {}}
-    read = _read_factors(state_dict, _COMFY_PARTS, 2)
+    names, read = _comfyui_names(unet, text_encoder), _read_factors(state_dict, _COMFY_PARTS, 2)
     unknown = [base for base in read if base not in names]
     if unknown:
         raise LoraError(_unknown_modules_message(unknown))
+    factors: dict[str, dict[str, _LoraFactors]] = {"unet": {}, "text_encoder": {}}
     for base, f in read.items():
-        model, module = names[base]
-        factors[model][module] = f
+        factors[names[base][0]][names[base][1]] = f
     return factors["unet"], factors["text_encoder"]
 
 
@@ -222,9 +208,6 @@ def _save_comfyui(
         embedding = path.parent / f"{path.stem}_embeddings" / f"{token.strip('[]<>')}.safetensors"
         written.append(save_safetensors(embedding, {"clip_g": row.float().reshape(1, -1)}))
     return written
-
-
-# --- ours --------------------------------------------------------------------------------------------
 
 
 def _save_lora(

@@ -165,12 +165,10 @@ def load_lora(
         What was applied.
 
     Raises:
-        LoraError: a LoRA for another model or size, an unknown format, a damaged, cut or foreign
-            file, damaged factors or tokens, a token that is already a word (without
-            ``allow_existing_tokens``), ``new_tokens`` for a file that is not official, a second
-            LoRA, or a prior loaded with sequential offload.
-        FileNotFoundError: no file at ``source`` (for the official example, with the command that
-            fetches it).
+        LoraError: a LoRA for another model or size, a second LoRA, a prior loaded with sequential
+            offload, a file or values damaged, cut or foreign, a token already a word (without
+            ``allow_existing_tokens``), or ``new_tokens`` for a file that is not official.
+        FileNotFoundError: no file at ``source`` (for the official example, with the command to fetch it).
         ValueError: a strength that is not a finite number.
     """
     strength = values.finite(strength, "strength", _STRENGTH)

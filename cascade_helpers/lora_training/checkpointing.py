@@ -1,18 +1,13 @@
-"""Checkpoint folders: the training state written into a hidden temporary folder and renamed (a
-``step-NNNNNN`` folder is always complete), a manifest of checksums (a damaged file is found before
-anything is loaded, and the checkpoint before it used), the run's settings, the latest few kept.
-
-Nothing in a checkpoint can run code when read, so one someone sent is safe to resume: tensors in
-safetensors, the rest JSON. Hence not accelerate's ``save_state``/``load_state`` and
-``ProjectConfiguration(automatic_checkpoint_naming=True, total_limit=...)``: it unpickles registered
-objects with ``weights_only=False``, writes in place, and deletes old checkpoints before the new one
-is complete. A folder holds ``state.safetensors`` (trained weights ``weights.<name>``, their EMA
-``ema.<i>``, AdamW's state ``optimizer.<i>.<name>``, every process's batch generator
-``generators``), ``progress.json`` (step, losses, AdamW's parameter groups, EMA updates),
-``config.json`` (the settings; a resume checks those that must not change) and ``manifest.json``
-(SHA-256 of the others, written last). The learning-rate schedule follows from the settings and the
-step: not stored, so a resume honours a changed ``learning_rate`` or schedule.
-"""
+"""Checkpoint folders: written into a hidden temporary folder and renamed (a ``step-NNNNNN`` folder is
+always complete), a manifest of SHA-256 checksums written last (a damaged file is found before anything
+is loaded, and the checkpoint before it used), the latest few kept. Nothing in one can run code when
+read (safetensors and JSON), so a checkpoint someone sent is safe to resume: hence not accelerate's
+``save_state``/``load_state`` with ``ProjectConfiguration(automatic_checkpoint_naming=True,
+total_limit=...)``, which unpickle with ``weights_only=False``, write in place and delete old checkpoints
+before the new one is complete. ``state.safetensors``: ``weights.<name>``, ``ema.<i>``, AdamW's
+``optimizer.<i>.<name>``, every process's ``generators``; ``progress.json``: step, losses, AdamW's groups,
+EMA updates; ``config.json``: the settings. The schedule follows from the settings and the step (not
+stored: a resume honours a changed ``learning_rate``)."""
 
 from __future__ import annotations
 
@@ -60,16 +55,6 @@ def _damage(folder: Path) -> str | None:
         if _sha256(folder / name) != expected:
             return f"{name} is damaged (its bytes changed since it was saved)"
     return None
-
-
-def _optimizer_state(tensors: dict[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
-    """Why: AdamW's per-parameter state, stored flat as ``optimizer.<i>.<name>``, as its state dict has it."""
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
-    return state
 
 
 class _CheckpointFolder:
@@ -177,9 +162,12 @@ class _CheckpointFolder:
         with torch.no_grad():
             for name, value in weights.items():
                 parameters[name].copy_(value)
-        trainer.optimizer.load_state_dict(
-            {"state": _optimizer_state(tensors), "param_groups": progress["param_groups"]}
-        )
+        optimizer: dict[int, dict[str, torch.Tensor]] = {}  # AdamW's state, stored as optimizer.<i>.<name>
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, index, name = key.split(".", 2)
+                optimizer.setdefault(int(index), {})[name] = value
+        trainer.optimizer.load_state_dict({"state": optimizer, "param_groups": progress["param_groups"]})
         if trainer.ema is not None:
             shadow = [tensors[f"ema.{i}"].to(trainer.prior.device) for i in range(len(trainer.trainable))]
             trainer.ema.load_state_dict(

@@ -263,12 +263,8 @@ class LoraTrainingConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> LoraTrainingConfig:
-        """Read settings saved by :meth:`save` (or written by hand).
-
-        Raises:
-            TrainingError: the file is missing or not JSON, or :meth:`from_settings` refuses what it
-                holds (the message names the file).
-        """
+        """Read settings saved by :meth:`save` (or written by hand); a file missing or not JSON, or settings
+        :meth:`from_settings` refuses, raise a ``TrainingError`` naming the file."""
         return cls.from_settings(_read_settings(path), str(path))
 
 

@@ -1,7 +1,5 @@
-"""The training pictures: finding them and their captions, reading them (an unreadable one is named),
-skipping small ones and scaling down large ones, the official aspect buckets, the crop, the order
-batches come in, the example pictures the notebook trains on offline, and PNG files written
-atomically (those and the validation pictures)."""
+"""The training pictures: found with their captions, read (an unreadable one named), sized, bucketed the
+official way, cropped, in the order batches come; the notebook's example pictures; atomic PNG files."""
 
 from __future__ import annotations
 
@@ -65,9 +63,8 @@ def _unreadable(path: Path, error: Exception) -> TrainingError:
 
 
 def _picture_size(path: Path) -> tuple[int, int]:
-    """Why: the bucket is chosen from the header, without decoding the pixels (a cached picture is
-    never decoded); (width, height) as shown, so a phone portrait (EXIF orientation 5–8, turned a
-    quarter as ``PIL.ImageOps.exif_transpose`` turns it) gets a portrait bucket."""
+    """Why: the bucket comes from the header (a cached picture is never decoded): (width, height) as shown,
+    so a phone portrait (EXIF orientation 5–8, turned as ``PIL.ImageOps.exif_transpose`` turns it) is one."""
     try:
         with PIL.Image.open(path) as opened:
             width, height = opened.size
@@ -78,9 +75,8 @@ def _picture_size(path: Path) -> tuple[int, int]:
 
 
 def _scaled_size(height: int, width: int, max_side: int | None) -> tuple[int, int]:
-    """Why: the size :func:`_read_picture` gives, computed without decoding (the cache's bucket): a
-    shorter side over ``max_side`` becomes it, the longer ``int(max_side · long / short)``, as
-    torchvision's resize in ``scale_short_side`` computes it."""
+    """Why: the size :func:`_read_picture` gives, without decoding (the cache's bucket): a shorter side over
+    ``max_side`` becomes it, the longer ``int(max_side · long / short)``, as torchvision's resize computes."""
     short, long = min(height, width), max(height, width)
     if not max_side or short <= max_side:
         return height, width
@@ -89,9 +85,8 @@ def _scaled_size(height: int, width: int, max_side: int | None) -> tuple[int, in
 
 
 def _read_picture(path: Path, max_side: int | None = None) -> torch.Tensor:
-    """Why: a training picture through the package's one reading path (``images.image_to_tensor``:
-    modes, 16-bit, EXIF orientation), an unreadable one named, a large one scaled down to ``max_side``
-    (``max_image_size``) before it is bucketed and cropped."""
+    """Why: a training picture through the one reading path (``images.image_to_tensor``: modes, 16-bit, EXIF
+    orientation), an unreadable one named, a large one scaled down to ``max_side`` before bucketing."""
     try:
         picture = image_to_tensor(path)
     except _UNREADABLE as error:
@@ -163,8 +158,7 @@ def bucket_sizes(resolution: int, ratios: Sequence[str]) -> list[tuple[int, int]
         ratios: width/height ratios as strings :class:`~fractions.Fraction` reads ("1/1", "3/4" ...).
 
     Returns:
-        (height, width) per ratio, then per reciprocal not already listed; 1024 and "1/1" give
-        (768, 768).
+        (height, width) per ratio, then per reciprocal not already listed; 1024 and "1/1" give (768, 768).
     """
     values = [float(Fraction(r)) for r in ratios]
     values += [1 / v for v in values if 1 / v not in values]
@@ -189,9 +183,8 @@ def closest_bucket(height: int, width: int, sizes: Sequence[tuple[int, int]]) ->
 
 
 def _crop_position(crop: str, content: bytes, seed: int) -> tuple[float, float] | None:
-    """Why: a random crop is drawn once per picture, from its bytes and the seed, so that a re-run
-    (and its cache) agrees: (top, left) in [0, 1] for ``images.resize_and_crop``; None (the centre)
-    for ``"center"``."""
+    """Why: a random crop is drawn once per picture, from its bytes and the seed, so a re-run (and its cache)
+    agrees: (top, left) in [0, 1] for ``images.resize_and_crop``; None (the centre) for ``"center"``."""
     if crop == "center":
         return None
     digest = hashlib.sha1(content + str(seed).encode()).digest()
@@ -242,10 +235,9 @@ def write_example_images(folder: str | Path, token: str = "[chelsea]") -> Path:
 def _batch_schedule(
     buckets: dict[tuple[int, int], list[int]], batch_size: int, seed: int
 ) -> Iterator[list[int]]:
-    """Why: an endless stream of batches that a resumed run can replay: each epoch (its generator
-    seeded ``seed · 100003 + epoch``) shuffles every bucket (an index listed once per pass), cuts it
-    into batches that never mix buckets (the last may be smaller: a small dataset loses no picture)
-    and shuffles the batches."""
+    """Why: an endless batch stream a resumed run can replay: each epoch (seeded ``seed · 100003 + epoch``)
+    shuffles every bucket (an index once per pass), cuts it into batches that never mix buckets (the last
+    may be smaller: a small dataset loses no picture) and shuffles the batches."""
     for epoch in itertools.count():
         generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
         batches = []

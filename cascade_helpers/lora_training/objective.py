@@ -44,11 +44,9 @@ def stage_c_loss(
 
 
 class _StageCObjective(nn.Module):
-    """Why one module: everything that trains — the LoRA in the UNet and the new tokens' rows in the
-    text encoder — must sit in the module accelerate prepares, so that on several GPUs its
-    ``DistributedDataParallel`` averages all their gradients (and skips that during accumulation),
-    and captions with a new token must be encoded inside ``forward``, where the gradient to those
-    rows is recorded. ``forward`` is a batch's :func:`stage_c_loss`."""
+    """Why one module: all that trains (the UNet's LoRA, the new tokens' rows) must sit in the module
+    accelerate prepares, so DDP averages all their gradients, and captions with a new token are encoded
+    in ``forward``, where the gradient to those rows is recorded: a batch's :func:`stage_c_loss`."""
 
     def __init__(self, prior: Prior, texts: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         super().__init__()

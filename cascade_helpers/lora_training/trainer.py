@@ -1,8 +1,6 @@
-"""The training loop: :class:`LoraTrainer` adds the LoRA and new tokens to a prior and repeats the
-official step on accelerate's and diffusers' parts (``Accelerator.accumulate``/``backward``/
-``clip_grad_norm_``, ``get_scheduler``, ``EMAModel``), keeping what is ours: caches, buckets, a batch
-stream that resumes exactly, Ctrl-C that saves and stops, a stop at the first non-finite loss,
-checkpoints (:mod:`.checkpointing`), one run per output folder, validation pictures."""
+"""The training loop: :class:`LoraTrainer` repeats the official step on accelerate's and diffusers' parts
+(``Accelerator.accumulate``, ``get_scheduler``, ``EMAModel``) around what is ours: caches, buckets, a batch
+stream that resumes exactly, Ctrl-C that saves, a stop at the first non-finite loss, one run per folder."""
 
 from __future__ import annotations
 
@@ -50,9 +48,7 @@ def _stop_on_interrupt() -> Iterator[dict]:
         if state["requested"]:
             raise KeyboardInterrupt
         state["requested"] = True
-        tqdm.write(
-            "stopping after this step and saving a checkpoint (interrupt again to abort without saving)"
-        )
+        tqdm.write("stopping after this step, saving a checkpoint (interrupt again to abort, not saving)")
 
     previous = signal.signal(signal.SIGINT, request)
     try:
@@ -62,9 +58,8 @@ def _stop_on_interrupt() -> Iterator[dict]:
 
 
 def _make_accelerator(config: LoraTrainingConfig, cpu: bool = False):
-    """Why: the run's ``Accelerator`` accumulates ``config.gradient_accumulation`` batches per update
-    and, with new tokens on several GPUs, lets DDP accept a batch in which the tokens' rows get no
-    gradient; mixed precision stays off (the run autocasts as ``config.precision`` says)."""
+    """Why: ``config.gradient_accumulation`` batches per update; with new tokens, DDP must accept a batch
+    where their rows get no gradient; no mixed precision (the run autocasts as ``config.precision`` says)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
@@ -75,12 +70,6 @@ def _make_accelerator(config: LoraTrainingConfig, cpu: bool = False):
     )
 
 
-def _place(device: torch.device | str) -> tuple[str, int]:
-    """Why: "cuda" is "cuda:0" and "cpu" is "cpu:0" when comparing where things are."""
-    device = torch.device(device)
-    return device.type, device.index or 0
-
-
 def _check_placement(prior: Prior, precision: str, accelerator) -> None:
     """Why: a prior offloaded, on another device than accelerate's, or in bfloat16 for a float32 run
     cannot be trained as it is: refused before any work, with what to load instead."""
@@ -89,7 +78,8 @@ def _check_placement(prior: Prior, precision: str, accelerator) -> None:
         for part in ("unet", "text_encoder")
     }
     for what, device in (parts | {"accelerate's device": accelerator.device}).items():
-        if _place(device) != _place(prior.device):
+        device, expected = torch.device(device), prior.device  # "cuda" is "cuda:0", "cpu" "cpu:0"
+        if (device.type, device.index or 0) != (expected.type, expected.index or 0):
             raise TrainingError(
                 f"{what} is {device}, the prior's {prior.device}: load the prior with memory='gpu' on the device "
                 "accelerate trains on (accelerator=accelerate.Accelerator(cpu=True) for the CPU)"
@@ -104,16 +94,6 @@ def _check_placement(prior: Prior, precision: str, accelerator) -> None:
             f"accelerate is set to mixed precision {accelerator.mixed_precision!r}, the run to precision={precision!r}: "
             "launch without --mixed_precision (the run autocasts itself)"
         )
-
-
-def _clear_temporaries(folder: Path) -> None:
-    """Why: a run killed while writing (``kill -9`` during the final LoRA save, a checkpoint, a
-    validation picture) leaves its hidden ``.<name>.<id>.tmp`` behind (``atomic.atomic_path``)."""
-    for stale in folder.glob(".*.tmp"):
-        if stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            stale.unlink(missing_ok=True)
 
 
 @dataclass
@@ -136,16 +116,14 @@ class TrainingResult:
 
 
 class LoraTrainer:
-    """Trains a LoRA (and new tokens) on ``prior`` in place. ``decoder`` makes validation pictures
-    full pictures; without it they are the previewer's rough ones. Create it, call :meth:`prepare`
-    (caches; optional), :meth:`train` (resumes from the latest checkpoint), then use the LoRA file.
+    """Trains a LoRA (and new tokens) on ``prior`` in place: :meth:`prepare` (caches; optional), then
+    :meth:`train` (resumes from the latest checkpoint). Validation uses the previewer without ``decoder``.
 
     Args:
         prior: the Stage C to train, loaded with ``memory="gpu"``.
         config: the run's settings.
         decoder: Stage B/A for validation pictures (optional).
-        accelerator: an ``accelerate.Accelerator`` (default: one on the prior's device that
-            accumulates ``config.gradient_accumulation`` batches).
+        accelerator: an ``accelerate.Accelerator`` (default: one on the prior's device).
 
     Raises:
         TrainingError: a prior the run cannot train (where it is, its dtype, a LoRA or the new tokens
@@ -179,18 +157,15 @@ class LoraTrainer:
             _check_new_tokens(prior.text_encoder, prior.tokenizer, [t for t, _ in config.new_tokens], False)
             prior.require("effnet", "LoRA training (the pictures' latents)")
             if config.image_embed_probability > 0:
-                prior.require(
-                    "image_encoder", f"image_embed_probability={config.image_embed_probability} (0: none)"
-                )
+                prior.require("image_encoder", f"image_embed_probability={config.image_embed_probability}")
             if config.validation_prompts and self.decoder is None and accelerator.is_main_process:
                 prior.require("previewer", "validation without a decoder (or pass decoder=)")
         except ValueError as error:
             raise TrainingError(f"cannot train on this prior: {error}") from error
 
     def prepare(self) -> CacheReport:
-        """Find the pictures, cache their features (main process first, the others then read the
-        cache), add the LoRA and the new tokens (both or neither), set up the optimizer and EMA and
-        hand them to accelerate. Idempotent.
+        """Find the pictures, cache their features (the main process computes, the others read), add the
+        LoRA and new tokens (both or neither), hand the optimizer to accelerate. Idempotent.
 
         Returns:
             What was computed and what came from the caches.
@@ -244,12 +219,11 @@ class LoraTrainer:
         with_image = (torch.rand(count, generator=self.generator) < config.image_embed_probability).tolist()
         captions = [item.caption * (not drop) for item, drop in zip(items, dropped, strict=True)]
         none = torch.zeros(1, self.prior.unet.config.clip_image_in_channels)
-        embeds = [item.image_embeds if use else None for item, use in zip(items, with_image, strict=True)]
+        images = torch.stack([i.image_embeds if u else none for i, u in zip(items, with_image, strict=True)])
         latents = torch.stack([item.latents for item in items]).to(device)
         times = training_times(count, self.generator).to(device)
         noise = torch.randn(latents.shape, generator=self.generator).to(device)
-        images = torch.stack([none if e is None else e for e in embeds]).to(device)
-        return self.model(latents, noise, times, images, captions, config.precision == "bf16")
+        return self.model(latents, noise, times, images.to(device), captions, config.precision == "bf16")
 
     def _update(self, batches: Iterator[list[int]]) -> float:
         """One update: ``gradient_accumulation`` batches through ``accelerator.accumulate``; unless the
@@ -349,9 +323,7 @@ class LoraTrainer:
                     interrupted = accelerator.check_trigger()  # a stop on any process stops them all
                     checkpoint = self._after_update(interrupted, on_validation) or checkpoint
             if interrupted:
-                tqdm.write(
-                    f"stopped at step {self.step}; checkpoint in {checkpoint}. Run train() to continue."
-                )
+                tqdm.write(f"stopped at step {self.step}, checkpoint {checkpoint}: run train() to continue")
             lora = self.save() if self.step >= config.steps else None
         return TrainingResult(self.step, list(self.losses), interrupted, checkpoint, lora)
 
@@ -378,18 +350,16 @@ class LoraTrainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         lock = FileLock(self.output_dir / _LOCK)
         try:
-            lock.acquire(timeout=0)
+            held = lock.acquire(timeout=0)
         except Timeout:
             raise TrainingError(
                 f"another training run is writing into {self.output_dir} (it holds {lock.lock_file}): wait until "
                 "it ends, or give this run another output_dir"
             ) from None
-        try:
-            for folder in _OWN_FOLDERS:
-                _clear_temporaries(self.output_dir / folder)
+        with held:  # what a killed run left: atomic.atomic_path's hidden temporaries (a kill -9 mid-save)
+            for stale in (s for folder in _OWN_FOLDERS for s in (self.output_dir / folder).glob(".*.tmp")):
+                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
             yield
-        finally:
-            lock.release()
 
     @contextlib.contextmanager
     def _trained_weights(self) -> Iterator[None]:
@@ -422,9 +392,8 @@ class LoraTrainer:
 
     def export_comfyui(self, path: str | Path, prefix: str = _COMFYUI_PREFIX) -> list[Path]:
         """Write the LoRA in ComfyUI/kohya keys, each learned token as a ComfyUI embedding
-        (``<stem>_embeddings/<token without brackets>.safetensors``: write ``embedding:<name>`` where
-        you trained ``[name]``). ComfyUI pools the prompt at the end token, the official model at the
-        new token, so results there differ somewhat.
+        (``<stem>_embeddings/<token without brackets>.safetensors``: write ``embedding:<name>`` for
+        ``[name]``; ComfyUI pools the prompt at the end token, the official model at the new token).
 
         Args:
             path: the LoRA's ``.safetensors`` file.
@@ -443,9 +412,7 @@ class LoraTrainer:
     def resume(self) -> int:
         """Load the latest intact checkpoint (a damaged one is named, the one before used); its step, or 0."""
         self.prepare()
-        if self.step:
-            return self.step
-        folder = self.checkpoint_folder.load_latest()
+        folder = None if self.step else self.checkpoint_folder.load_latest()
         if folder is not None and self.accelerator.is_main_process:
             tqdm.write(f"resuming from {folder} (step {self.step})")
         return self.step
@@ -461,10 +428,7 @@ class LoraTrainer:
         pictures: list[PIL.Image.Image] = []
         if self.accelerator.is_main_process:
             with self._trained_weights():
-                folder = self.output_dir / "validation"
-                pictures, prompts = _validation_pictures(
-                    self.prior, self.decoder, self.config, self.step, folder
-                )
+                pictures, prompts = _validation_pictures(self.prior, self.decoder, self.config, self.step)
             if on_validation:
                 on_validation(self.step, pictures, prompts)
         self.accelerator.wait_for_everyone()

@@ -48,12 +48,10 @@ def _validation_picture(
     return to_pil(preview_stage_c(prior, latents))[0]
 
 
-def _validation_pictures(
-    prior: Prior, decoder: Decoder | None, config: LoraTrainingConfig, step: int, folder: Path
-):
-    """Why: one picture per validation prompt, saved as one grid per step (``step-NNNNNN.png``) and,
-    for a named library, each alone too (``step-NNNNNN-<name>.png``), every file written atomically."""
-    library = config.validation_prompts
+def _validation_pictures(prior: Prior, decoder: Decoder | None, config: LoraTrainingConfig, step: int):
+    """Why: one picture per validation prompt, saved as one grid per step (``validation/step-NNNNNN.png``)
+    and, for a named library, each alone too (``step-NNNNNN-<name>.png``), every file written atomically."""
+    library, folder = config.validation_prompts, Path(config.output_dir) / "validation"
     named = library if isinstance(library, dict) else {str(i + 1): p for i, p in enumerate(library)}
     pictures = [_validation_picture(prior, decoder, config, prompt) for prompt in named.values()]
     _save_png(image_grid(pictures), folder / f"step-{step:06d}.png")
