@@ -129,6 +129,8 @@ BAD_LOADS = [
      "token embeddings hold NaN"),
     ("new_tokens for our format", lambda p, o, u, t: load_lora(p, _our_file(u, t), new_tokens=FERNANDO),
      "new_tokens is for official-format files"),
+    ("our factors of two ranks", lambda p, o, u, t: load_lora(p, _our_file(u, t, _wider_up(u))),
+     r"factors for down_blocks\.0\.2\.attention\.to_k have ranks 4 and 5: damaged"),
     # ComfyUI: the text-encoder half fails after the UNet half
     ("comfy text-encoder entry of another width", lambda p, o, u, t: load_lora(p, _comfy_with_bad_text_encoder_entry(p, o)),
      "maps 7 → 32 features, the module 32 → 32"),
@@ -141,6 +143,13 @@ def _first_layers(official, count):
     """An official file cut after its first ``count`` layers (an interrupted copy, say)."""
     index = {k: re.match(r"weights\.(\d+)\.", k) for k in official}
     return {k: v for k, v in official.items() if not index[k] or int(index[k].group(1)) < count}
+
+
+def _wider_up(ours):
+    """One module's up factor with a column more than its down factor has rows (issue 21: this was
+    named as a LoRA "made for Stage C tiny (width 32)" on a Stage C tiny of width 32)."""
+    key = next(k for k in ours[0] if k.endswith(".lora_B.weight"))
+    return {key: torch.zeros(ours[0][key].shape[0], ours[0][key].shape[1] + 1)}
 
 
 def _our_embedding(tmp_path):
