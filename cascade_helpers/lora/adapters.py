@@ -48,8 +48,7 @@ def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _refuse_unadaptable(model: nn.Module) -> None:
-    """Why: one LoRA per model (a second would mix with the first), none on a model whose weights stream
-    in (``sequential_offload`` keeps them on "meta", where peft's layers never reach the GPU)."""
+    """Why: one LoRA per model (a second mixes in), none on streamed (meta) weights peft cannot reach."""
     from peft.tuners.lora import LoraLayer
 
     if any(p.device.type == "meta" for p in model.parameters()):
@@ -93,8 +92,7 @@ def inject_lora(model: nn.Module, rank: int = 4, alpha: float = 1.0, targets=ATT
 
 
 def _check_factors(model: nn.Module, factors: Mapping[str, _LoraFactors]) -> None:
-    """Why: a LoRA file names modules and shapes; one made for another model must be named as such
-    before anything changes (peft would fail halfway, or silently adapt the wrong thing)."""
+    """Why: a LoRA made for another model is named before anything changes (peft would fail halfway)."""
     modules = dict(model.named_modules())
     for name, f in factors.items():
         if not hasattr(modules.get(name), "weight"):
@@ -113,8 +111,7 @@ def _check_factors(model: nn.Module, factors: Mapping[str, _LoraFactors]) -> Non
 
 
 def _apply_factors(model: nn.Module, factors: Mapping[str, _LoraFactors], strength: float) -> None:
-    """Why: peft has no call that puts given factors (each module its own rank and alpha) on a model:
-    inject layers with per-module patterns, then copy the (checked) factors in."""
+    """Why: peft cannot put given factors (per-module rank and alpha) on a model: inject, then copy in."""
     from peft import LoraConfig, inject_adapter_in_model
 
     if not factors:

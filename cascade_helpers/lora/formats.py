@@ -46,8 +46,7 @@ _OUR_KEY = re.compile(r"unet\..+\.lora_A\.weight")
 
 
 def _official_lora_layout(unet: nn.Module) -> list[tuple[str, ...]]:
-    """Why: the official file names no modules; index ``i`` is the i-th of these, block after block:
-    the attention output (``to_out.0``), then q/k/v (the stacked in_proj)."""
+    """Why: the official file names no modules: index i is the i-th of these (out_proj, then q/k/v)."""
     from ..upstream import SDCascadeAttnBlock
 
     layout: list[tuple[str, ...]] = []
@@ -73,8 +72,7 @@ def _official_count(state_dict: Mapping[str, torch.Tensor]) -> int:
 
 
 def _official_factors(unet: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict[str, _LoraFactors]:
-    """Why: the official ``weights.<i>`` become per-module factors of the diffusers UNet (q/k/v split,
-    official scale 1 / rank = alpha 1), after checking the file fits the loaded Stage C."""
+    """Why: official ``weights.<i>`` as diffusers factors (q/k/v split, alpha 1), checked to fit first."""
     layout, count = _official_lora_layout(unet), _official_count(state_dict)
     model_width = unet.config.block_out_channels[0]
     lora_width = state_dict["weights.0.lora_down"].shape[1] if count else model_width
@@ -103,8 +101,7 @@ def _official_factors(unet: nn.Module, state_dict: Mapping[str, torch.Tensor]) -
 
 
 def _comfyui_key(diffusers_name: str) -> str:
-    """Why: ComfyUI/kohya keys name Stage C's attention as the official module does (``attn.out_proj``),
-    with underscores for dots."""
+    """Why: ComfyUI/kohya keys use the official attention names (``attn.out_proj``), dots as underscores."""
     name = re.sub(r"\.attention\.to_([qkv])$", r".attention.attn.to_\1", diffusers_name)
     return re.sub(r"\.attention\.to_out\.0$", ".attention.attn.out_proj", name).replace(".", "_")
 
@@ -136,8 +133,7 @@ def _group_parts(state_dict: Mapping[str, torch.Tensor], parts: tuple[str, ...])
 
 
 def _read_factors(state_dict: Mapping[str, torch.Tensor], parts: tuple[str, ...], needed: int) -> dict:
-    """Why: per-module factors of both formats that name modules, the first ``needed`` parts required
-    (a missing alpha means scale 1 where it may be absent)."""
+    """Why: both formats that name modules, the first ``needed`` parts required (no alpha: scale 1)."""
     factors = {}
     for base, found in _group_parts(state_dict, parts).items():
         missing = [p[1:] for p in parts[:needed] if p not in found]
@@ -154,8 +150,7 @@ def _comfyui_state_dict(factors: Mapping[str, _LoraFactors], prefix: str = _COMF
 
 
 def _comfyui_names(unet: nn.Module, text_encoder: nn.Module) -> dict[str, tuple[str, str]]:
-    """Why: every key base a ComfyUI/kohya file may use → (``"unet"`` or ``"text_encoder"``, module):
-    both prefixes, official and diffusers' own (flattened) UNet names."""
+    """Why: each key base a ComfyUI/kohya file may use → (model, module), both prefixes, both UNet names."""
     names: dict[str, tuple[str, str]] = {}
     for name in _weight_modules(unet):
         for prefix in _UNET_PREFIXES:
@@ -171,8 +166,7 @@ def _comfyui_names(unet: nn.Module, text_encoder: nn.Module) -> dict[str, tuple[
 def _comfyui_factors(
     state_dict: Mapping[str, torch.Tensor], unet: nn.Module, text_encoder: nn.Module
 ) -> tuple:
-    """Why: ComfyUI/kohya keys → (UNet factors, text-encoder factors) in diffusers / transformers
-    names; modules the models lack are named together (another size, or another model)."""
+    """Why: ComfyUI/kohya keys → (UNet, text-encoder) factors; unknown modules are named together."""
     names, read = _comfyui_names(unet, text_encoder), _read_factors(state_dict, _COMFY_PARTS, 2)
     unknown = [base for base in read if base not in names]
     if unknown:
@@ -200,9 +194,7 @@ def _unknown_modules_message(unknown: list[str]) -> str:
 def _save_comfyui(
     path: Path, unet_factors: Mapping[str, _LoraFactors], tokens: Mapping[str, torch.Tensor], prefix: str
 ) -> list[Path]:
-    """Why: ComfyUI reads a LoRA and each learned token apart: the LoRA in ComfyUI/kohya keys, each
-    token as an embedding (``{"clip_g": 1 × width}``, what its Stable Cascade tokenizer reads) in
-    ``<stem>_embeddings/<token without brackets>.safetensors``, each file written atomically."""
+    """Why: ComfyUI reads a LoRA and each token (``{"clip_g": 1 × width}``) as separate files."""
     written = [save_safetensors(path, _comfyui_state_dict(unet_factors, prefix))]
     for token, row in tokens.items():
         embedding = path.parent / f"{path.stem}_embeddings" / f"{token.strip('[]<>')}.safetensors"
@@ -213,8 +205,7 @@ def _save_comfyui(
 def _save_lora(
     path: Path, unet_factors: Mapping[str, _LoraFactors], tokens: Mapping[str, torch.Tensor]
 ) -> Path:
-    """Why: our format keeps diffusers' names and the learned tokens (full rows, their strings in the
-    metadata), so a trained LoRA loads back exactly; written atomically."""
+    """Why: our format keeps diffusers' names and the learned tokens, so a LoRA loads back exactly."""
     state = _factor_tensors(unet_factors, lambda name: f"unet.{name}", _OUR_PARTS)
     if tokens:
         state["tokens.embeddings"] = torch.stack([t.detach().float() for t in tokens.values()])
@@ -222,8 +213,7 @@ def _save_lora(
 
 
 def _read_ours(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[dict, dict]:
-    """Why: our file back to per-module factors and the learned tokens (their names in the metadata,
-    their rows as one tensor: the two must agree)."""
+    """Why: our file back to factors and tokens (names in the metadata, rows in a tensor: they must agree)."""
     modules = {k.removeprefix("unet."): v for k, v in state_dict.items() if k.startswith("unet.")}
     factors = _read_factors(modules, _OUR_PARTS, 3)
     try:

@@ -1,7 +1,5 @@
-"""Loading a LoRA file of any of the three formats onto a loaded prior: UNet modules, text-encoder
-modules and new tokens, all or nothing. One LoRA per model at a time: load a fresh prior to change it
-(or set its strength to 0).
-"""
+"""A LoRA file of any of the three formats onto a loaded prior (UNet, text encoder, new tokens), all or
+nothing. One LoRA per model at a time: load a fresh prior to change it (or set its strength to 0)."""
 
 from __future__ import annotations
 
@@ -53,9 +51,7 @@ class LoadedLora:
 
 @contextlib.contextmanager
 def _all_or_nothing(unet: nn.Module, text_encoder: nn.Module) -> Iterator[None]:
-    """Why: a failure midway (out of memory while peft adds layers) must leave the prior as it was,
-    so that a corrected retry works: the LoRA layers come off, the token embedding the block replaced
-    or grew is put back. Checks run before the block; the tokenizer changes last in it."""
+    """Why: a failure midway leaves the prior as it was (LoRA off, embedding back), so a retry works."""
     embedding = text_encoder.get_input_embeddings()
     rows = embedding.weight.shape[0]
     bare = [model for model in (unet, text_encoder) if not _lora_layers(model)]
@@ -73,8 +69,7 @@ def _all_or_nothing(unet: nn.Module, text_encoder: nn.Module) -> Iterator[None]:
 def _official_deltas(
     state_dict: Mapping, text_encoder: nn.Module, new_tokens: Sequence
 ) -> tuple[list, object]:
-    """Why: the official file stores token-embedding deltas by id, not the tokens: the ids must be
-    rows this text encoder has or the new tokens given will add, the deltas finite and of its width."""
+    """Why: official token deltas are stored by id: ids this encoder has or will add, finite, its width."""
     indices = [int(i) for i in state_dict.get("embeddings.indices", torch.zeros(0)).reshape(-1).tolist()]
     deltas = state_dict.get("embeddings.embeddings")
     if not indices:
@@ -100,10 +95,7 @@ def _official_deltas(
 def _load_official(
     prior, state_dict: Mapping[str, torch.Tensor], new_tokens: Sequence, strength: float, allow_existing: bool
 ) -> None:
-    """Why: the official format names neither modules nor tokens. Each new token is added and
-    initialized as official training did, then the stored deltas are added at the stored ids (in the
-    weight's dtype, as ``ReToken`` adds): the UNet and text encoder then compute what the official
-    model with this LoRA computes."""
+    """Why: new tokens started as official training did, then the deltas added at their ids (``ReToken``)."""
     factors = _official_factors(prior.unet, state_dict)
     _check_factors(prior.unet, factors)
     indices, deltas = _official_deltas(state_dict, prior.text_encoder, new_tokens)

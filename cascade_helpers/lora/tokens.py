@@ -1,8 +1,6 @@
-"""New words for the text encoder: tokens added to the tokenizer, initialized the official way (the
-mean embedding of existing tokens that match a regex), as fixed rows for inference or trainable rows
-for training. Every check runs before anything changes; the tokenizer changes last (its added
-tokens cannot be taken back).
-"""
+"""New words for the text encoder, initialized the official way (the mean embedding of the tokens a regex
+matches), as fixed rows or trainable ones. Every check runs before anything changes; the tokenizer
+changes last (its added tokens cannot be taken back)."""
 
 from __future__ import annotations
 
@@ -39,8 +37,7 @@ def _token_entry(entry: object) -> tuple[str, re.Pattern | None]:
 
 
 def _token_entries(new_tokens: object) -> list[tuple[str, re.Pattern | None]]:
-    """Why: the training settings check their ``new_tokens`` with this before any tokenizer is at
-    hand, and loading uses the compiled regexes."""
+    """Why: the config checks ``new_tokens`` before any tokenizer is at hand; loading uses the regexes."""
     if isinstance(new_tokens, str) or not isinstance(new_tokens, Sequence):
         raise LoraError(f"new_tokens is a list of {_PAIR}, not {new_tokens!r}")
     return [_token_entry(entry) for entry in new_tokens]
@@ -49,10 +46,7 @@ def _token_entries(new_tokens: object) -> list[tuple[str, re.Pattern | None]]:
 def _check_new_tokens(
     text_encoder: nn.Module, tokenizer, tokens: Sequence[str], allow_existing: bool
 ) -> None:
-    """Why: an added token is matched in the text before anything else, so a token ``"cat"`` would
-    take over every "cat" in every prompt (and the start of "category"): refuse a word the tokenizer
-    has (unless ``allow_existing``), a token given twice or added already (a LoRA loaded twice), and a
-    tokenizer and text encoder of two sizes (a new token's id is the next row of both)."""
+    """Why: an added token wins over words ("cat" would take over every prompt): refuse what would clash."""
     rows = text_encoder.get_input_embeddings().weight.shape[0]
     if len(tokenizer) != rows:
         raise LoraError(
@@ -95,9 +89,7 @@ def _check_token_rows(rows: torch.Tensor, text_encoder: nn.Module, what: str = "
 def _initial_token_rows(
     text_encoder: nn.Module, tokenizer, new_tokens: Sequence, allow_existing: bool
 ) -> dict:
-    """Why: the official code starts each new token (id = the vocabulary size, in order) from the
-    mean row of the tokens its regex matches, tokens added before it included (zeros when none
-    matches, with a warning, as the official code does). Checked first; nothing is changed."""
+    """Why: as official, a new token starts from the mean row its regex matches (none: zeros, warned)."""
     entries = _token_entries(new_tokens)
     _check_new_tokens(text_encoder, tokenizer, [token for token, _ in entries], allow_existing)
     all_rows = text_encoder.get_input_embeddings().weight.detach()
@@ -140,8 +132,7 @@ def _add_tokens(text_encoder: nn.Module, tokenizer, tokens: Mapping[str, torch.T
 
 
 class _TrainableTokens(nn.Module):
-    """Why: only the new tokens' rows may learn (the official ``ReToken`` trains deltas on the same
-    rows): the text encoder's embedding with trainable rows after its vocabulary."""
+    """Why: only the new tokens' rows learn (as the official ``ReToken``), after the vocabulary."""
 
     def __init__(self, base: nn.Embedding, rows: torch.Tensor) -> None:
         super().__init__()

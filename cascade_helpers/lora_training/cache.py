@@ -1,6 +1,5 @@
-"""Feature caches: EfficientNet latents, CLIP image embeddings and text embeddings, computed once and
-kept on disk, keyed by file contents and a fingerprint of the encoder, so later epochs and later runs
-never run the encoders again."""
+"""Feature caches: EfficientNet latents, CLIP image and text embeddings computed once, kept on disk keyed
+by file contents and the encoder's fingerprint, so later epochs and runs never run the encoders again."""
 
 from __future__ import annotations
 
@@ -24,8 +23,7 @@ from .data import TrainingImage, _crop_position, _read_picture, _scaled_size, bu
 
 
 def _fingerprint(module: nn.Module) -> str:
-    """Why: cached features of another model (or other weights) must never be reused: a short hash
-    of the model's first and last weights keys every cache entry."""
+    """Why: features of other weights must never be reused: a hash of the first and last weights keys them."""
     digest = hashlib.sha1(type(module).__name__.encode())
     parameters = list(module.parameters())
     for p in (parameters[0], parameters[-1]):
@@ -88,9 +86,7 @@ def _cache_images(
     folder: Path,
     report: CacheReport,
 ) -> list[CachedImage]:
-    """Why: the EfficientNet latents (and CLIP image embeddings) of every picture, in its closest
-    bucket, computed once: keyed by the file's bytes, the bucket, the encoders' fingerprints, the crop
-    and the maximum size (all change the latents)."""
+    """Why: latents (and image embeddings) once, keyed by the bytes, bucket, encoders, crop and size."""
     effnet = prior.require("effnet", "LoRA training")
     with_image_embeds, most = config.image_embed_probability > 0, config.max_image_size
     keys = [_fingerprint(effnet), _fingerprint(prior.image_encoder) if with_image_embeds else "-"]
@@ -122,8 +118,7 @@ def _cache_images(
 def _cache_texts(
     prior: Prior, captions: Sequence[str], folder: Path, report: CacheReport
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Why: the text conditioning (hidden 77×D, pooled 1×P, float32, CPU) of each distinct caption,
-    computed once, keyed by the caption and the text encoder's fingerprint."""
+    """Why: each distinct caption's text conditioning once, keyed by it and the text encoder's fingerprint."""
     key = _fingerprint(prior.text_encoder)
     texts = {}
     for caption in dict.fromkeys(captions):

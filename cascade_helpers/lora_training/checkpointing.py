@@ -39,8 +39,7 @@ def _sha256(path: Path) -> str:
 
 
 def _damage(folder: Path) -> str | None:
-    """Why: a file missing or changed since it was saved (no manifest, a disk error, an edit) must be
-    found before anything is loaded; None when every file is as written."""
+    """Why: a file missing or changed since it was saved is found before anything loads (None: intact)."""
     try:
         files = json.loads((folder / _MANIFEST).read_text())["files"]
     except FileNotFoundError:
@@ -155,13 +154,11 @@ class _CheckpointFolder:
         return tensors, progress
 
     def _restore(self, tensors: dict[str, torch.Tensor], progress: dict) -> None:
-        trainer, parameters = self.trainer, self._trained()
+        trainer = self.trainer
         weights = {k.removeprefix("weights."): v for k, v in tensors.items() if k.startswith("weights.")}
-        if set(weights) != set(parameters):
+        if set(weights) != set(self._trained()):
             raise TrainingError("the checkpoint holds other trained weights than this run trains")
-        with torch.no_grad():
-            for name, value in weights.items():
-                parameters[name].copy_(value)
+        trainer.objective.load_state_dict(weights, strict=False)  # the trained ones: the rest stays
         optimizer: dict[int, dict[str, torch.Tensor]] = {}  # AdamW's state, stored as optimizer.<i>.<name>
         for key, value in tensors.items():
             if key.startswith("optimizer."):

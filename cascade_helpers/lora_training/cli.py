@@ -14,18 +14,11 @@ _INTERRUPTED = 130
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``accelerate launch -m cascade_helpers.lora_training --config run.json``: the same training
-    on every GPU accelerate starts, each with its share of the batches.
-
-    Args:
-        argv: the arguments (default: the command line's).
-
-    Returns:
-        The exit status: 0 when the run is complete, 130 when Ctrl-C stopped it (a checkpoint is
-        saved: run the same command to continue), 1 when the settings (a value, a missing or unknown
-        setting) or the data are refused, with ``error: ...`` on stderr; 2 for a config file that
-        cannot be read or is not JSON (argparse's usage error, as for a bad argument).
-    """
+    """``accelerate launch -m cascade_helpers.lora_training --config run.json`` (``argv``, default: the
+    command line's): the same training on every GPU accelerate starts, each with its share of the batches.
+    Exit status 0 when complete, 130 when Ctrl-C stopped it (a checkpoint is saved: run the same command to
+    continue), 1 when the settings or data are refused (``error: ...`` on stderr), 2 for a config file
+    that cannot be read or is not JSON (argparse's usage error, as for a bad argument)."""
     from .. import lora_training
 
     parser = argparse.ArgumentParser(
@@ -52,8 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _models(config: LoraTrainingConfig, accelerator, no_decoder: bool) -> tuple:
-    """Why: the command line loads what the settings name (a notebook passes loaded models): the prior,
-    the config, and the decoder on the main process when it validates with one."""
+    """Why: the command line loads what the settings name (a notebook passes loaded models)."""
     from ..loading import load_decoder, load_prior
 
     dtype = config.dtype or ("fp32" if config.precision == "fp32" else "bf16")

@@ -92,15 +92,12 @@ class TrainingError(ValueError):
 @dataclass
 class LoraTrainingConfig:
     """Everything a run needs; checked on construction (an error names the setting), saved with every
-    checkpoint and as JSON for ``accelerate launch``. README's LoRA section lists every setting.
-
-    ``steps`` counts optimizer updates, each over ``batch_size × gradient_accumulation`` pictures
-    per GPU. ``resolution`` is the picture side the buckets are made for (their area is
-    resolution²), also the validation size. ``new_tokens``: ``(token, regex)`` pairs as in the
-    official ``train_tokens``, e.g. ``[("[chelsea]", "^cat</w>")]``. ``images`` is one folder or a
-    list of folders; ``repeats`` maps some of them to extra passes per epoch (SimpleTuner's meaning:
-    0 = each picture once per epoch, 1 = twice), as a dict or a list of ``(folder, repeats)``.
-    """
+    checkpoint and as JSON for ``accelerate launch``; README's LoRA section describes every setting.
+    ``steps`` counts optimizer updates of ``batch_size × gradient_accumulation`` pictures per GPU;
+    ``resolution`` is the side the buckets are made for (area resolution²), also the validation size;
+    ``new_tokens`` are ``(token, regex)`` pairs as the official ``train_tokens`` (``[("[chelsea]",
+    "^cat</w>")]``); ``repeats`` maps folders of ``images`` to extra passes per epoch (0 = once, 1 = twice),
+    as a dict or a list of ``(folder, repeats)``."""
 
     images: str | list[str]
     output_dir: str
@@ -169,8 +166,7 @@ class LoraTrainingConfig:
             self._fail(name, expected)
 
     def _checked(self, name: str, check: Callable[..., float], *bounds, **options) -> float:
-        """The setting ``name`` through one of :mod:`cascade_helpers.values`' checks (``bounds`` and
-        ``options`` after the value and name), its ValueError a TrainingError naming the setting."""
+        """The setting through a :mod:`cascade_helpers.values` check, its error naming the setting."""
         try:
             return check(getattr(self, name), name, *bounds, **options)
         except ValueError as error:
@@ -269,8 +265,7 @@ class LoraTrainingConfig:
 
 
 def _read_settings(path: str | Path) -> object:
-    """Why: the command line tells a file it cannot read (exit status 2, argparse's usage error) from
-    refused settings (1), so reading comes apart from checking."""
+    """Why: an unreadable file (exit 2, argparse's usage error) is told from refused settings (1)."""
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:

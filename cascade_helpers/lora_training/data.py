@@ -38,9 +38,7 @@ class TrainingImage:
 
 
 def _caption_for(path: Path) -> str:
-    """Why: a caption comes from a sidecar ``<name>.txt``, else from the file name (underscores
-    become spaces, a trailing number ``_03`` or `` (2)`` goes: ``[chelsea]_on_a_sofa_02.png`` reads
-    "[chelsea] on a sofa"); a sidecar that is not UTF-8 is named with the fix."""
+    """Why: a caption from a UTF-8 sidecar ``.txt``, else the name (``[a]_on_a_sofa_02``: "[a] on a sofa")."""
     sidecar = path.with_suffix(".txt")
     if sidecar.is_file():
         try:
@@ -63,8 +61,7 @@ def _unreadable(path: Path, error: Exception) -> TrainingError:
 
 
 def _picture_size(path: Path) -> tuple[int, int]:
-    """Why: the bucket comes from the header (a cached picture is never decoded): (width, height) as shown,
-    so a phone portrait (EXIF orientation 5–8, turned as ``PIL.ImageOps.exif_transpose`` turns it) is one."""
+    """Why: the bucket comes from the header, as shown (EXIF orientation 5–8 turned): no decoding."""
     try:
         with PIL.Image.open(path) as opened:
             width, height = opened.size
@@ -75,8 +72,7 @@ def _picture_size(path: Path) -> tuple[int, int]:
 
 
 def _scaled_size(height: int, width: int, max_side: int | None) -> tuple[int, int]:
-    """Why: the size :func:`_read_picture` gives, without decoding (the cache's bucket): a shorter side over
-    ``max_side`` becomes it, the longer ``int(max_side · long / short)``, as torchvision's resize computes."""
+    """Why: the size :func:`_read_picture` gives (torchvision's resize), without decoding."""
     short, long = min(height, width), max(height, width)
     if not max_side or short <= max_side:
         return height, width
@@ -85,8 +81,7 @@ def _scaled_size(height: int, width: int, max_side: int | None) -> tuple[int, in
 
 
 def _read_picture(path: Path, max_side: int | None = None) -> torch.Tensor:
-    """Why: a training picture through the one reading path (``images.image_to_tensor``: modes, 16-bit, EXIF
-    orientation), an unreadable one named, a large one scaled down to ``max_side`` before bucketing."""
+    """Why: the one reading path (``images.image_to_tensor``), unreadable files named, large ones reduced."""
     try:
         picture = image_to_tensor(path)
     except _UNREADABLE as error:
@@ -136,11 +131,8 @@ def find_training_images(
     for folder in map(Path, folders):
         found += _folder_images(folder, extra.get(folder.resolve(), 0), min_image_size, skipped)
     if skipped:
-        warnings.warn(
-            f"skipped {len(skipped)} picture(s) whose shorter side is under min_image_size={min_image_size} px: "
-            + ", ".join(skipped),
-            stacklevel=2,
-        )
+        under = f"whose shorter side is under min_image_size={min_image_size} px"
+        warnings.warn(f"skipped {len(skipped)} picture(s) {under}: {', '.join(skipped)}", stacklevel=2)
     if not found:
         reason = f" at least {min_image_size} px on the shorter side" if skipped else ""
         raise TrainingError(
@@ -183,8 +175,7 @@ def closest_bucket(height: int, width: int, sizes: Sequence[tuple[int, int]]) ->
 
 
 def _crop_position(crop: str, content: bytes, seed: int) -> tuple[float, float] | None:
-    """Why: a random crop is drawn once per picture, from its bytes and the seed, so a re-run (and its cache)
-    agrees: (top, left) in [0, 1] for ``images.resize_and_crop``; None (the centre) for ``"center"``."""
+    """Why: a random crop drawn from the bytes and seed, so a re-run and its cache agree (None: centre)."""
     if crop == "center":
         return None
     digest = hashlib.sha1(content + str(seed).encode()).digest()
@@ -200,9 +191,8 @@ def _save_png(picture: PIL.Image.Image, path: Path) -> Path:
 
 
 def write_example_images(folder: str | Path, token: str = "[chelsea]") -> Path:
-    """Six training pictures of one cat, offline: scikit-image's ``chelsea`` photo (shipped with
-    the package) cropped and mirrored into landscape, square and portrait shots; four captioned by
-    a sidecar ``.txt``, two by their file name.
+    """Six training pictures of one cat, offline: scikit-image's ``chelsea`` photo cropped and mirrored
+    into landscape, square and portrait shots; four captioned by a sidecar ``.txt``, two by their name.
 
     Args:
         folder: where the PNG files go (created if missing; files of the same names are replaced).
@@ -235,9 +225,7 @@ def write_example_images(folder: str | Path, token: str = "[chelsea]") -> Path:
 def _batch_schedule(
     buckets: dict[tuple[int, int], list[int]], batch_size: int, seed: int
 ) -> Iterator[list[int]]:
-    """Why: an endless batch stream a resumed run can replay: each epoch (seeded ``seed · 100003 + epoch``)
-    shuffles every bucket (an index once per pass), cuts it into batches that never mix buckets (the last
-    may be smaller: a small dataset loses no picture) and shuffles the batches."""
+    """Why: a replayable stream: per epoch, shuffled buckets cut into batches that never mix buckets."""
     for epoch in itertools.count():
         generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
         batches = []

@@ -44,9 +44,7 @@ def stage_c_loss(
 
 
 class _StageCObjective(nn.Module):
-    """Why one module: all that trains (the UNet's LoRA, the new tokens' rows) must sit in the module
-    accelerate prepares, so DDP averages all their gradients, and captions with a new token are encoded
-    in ``forward``, where the gradient to those rows is recorded: a batch's :func:`stage_c_loss`."""
+    """Why: all that trains must sit in the module accelerate prepares, so DDP averages every gradient."""
 
     def __init__(self, prior: Prior, texts: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         super().__init__()

@@ -37,8 +37,7 @@ _OWN_FOLDERS = ("", "checkpoints", "validation")  # what only the run holding th
 
 @contextlib.contextmanager
 def _stop_on_interrupt() -> Iterator[dict]:
-    """Why: Ctrl-C (the notebook's stop button) only asks the loop to stop after the current step, so
-    the checkpoint it then saves is consistent; a second Ctrl-C aborts at once."""
+    """Why: Ctrl-C stops after the current step (a consistent checkpoint); a second aborts at once."""
     state = {"requested": False}
     if threading.current_thread() is not threading.main_thread():
         yield state
@@ -58,24 +57,20 @@ def _stop_on_interrupt() -> Iterator[dict]:
 
 
 def _make_accelerator(config: LoraTrainingConfig, cpu: bool = False):
-    """Why: ``config.gradient_accumulation`` batches per update; with new tokens, DDP must accept a batch
-    where their rows get no gradient; no mixed precision (the run autocasts as ``config.precision`` says)."""
+    """Why: accumulation from the config; DDP accepts new tokens' rows without a gradient."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=bool(config.new_tokens))]
     return Accelerator(
-        gradient_accumulation_steps=config.gradient_accumulation,
-        cpu=cpu,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=bool(config.new_tokens))],
+        gradient_accumulation_steps=config.gradient_accumulation, cpu=cpu, kwargs_handlers=handlers
     )
 
 
 def _check_placement(prior: Prior, precision: str, accelerator) -> None:
-    """Why: a prior offloaded, on another device than accelerate's, or in bfloat16 for a float32 run
-    cannot be trained as it is: refused before any work, with what to load instead."""
+    """Why: a prior elsewhere than accelerate's device, or of another dtype, is refused up front."""
     parts = {
-        f"the prior's {part}": next(getattr(prior, part).parameters()).device
-        for part in ("unet", "text_encoder")
+        f"the prior's {p}": next(getattr(prior, p).parameters()).device for p in ("unet", "text_encoder")
     }
     for what, device in (parts | {"accelerate's device": accelerator.device}).items():
         device, expected = torch.device(device), prior.device  # "cuda" is "cuda:0", "cpu" "cpu:0"
@@ -196,8 +191,7 @@ class LoraTrainer:
         return self.report
 
     def _cache(self) -> None:
-        """The features of every picture and caption, from the caches where there (the main process
-        computes, the others then read); a caption with a learned token is encoded at each step."""
+        """Features from the caches (the main process computes); learned-token captions each step."""
         tokens, captions = [token for token, _ in self.config.new_tokens], {i.caption for i in self.images}
         missing = [token for token in tokens if not any(token in caption for caption in captions)]
         if missing:
@@ -226,9 +220,7 @@ class LoraTrainer:
         return self.model(latents, noise, times, images.to(device), captions, config.precision == "bf16")
 
     def _update(self, batches: Iterator[list[int]]) -> float:
-        """One update: ``gradient_accumulation`` batches through ``accelerator.accumulate``; unless the
-        loss or gradients are no longer finite (the run stops before the weights change), clipping,
-        one optimizer and schedule step, the EMA."""
+        """One update of accumulated batches; a non-finite loss stops before the weights change."""
         accelerator, losses = self.accelerator, []
         for _ in range(self.config.gradient_accumulation):
             with accelerator.accumulate(self.model):
@@ -268,8 +260,7 @@ class LoraTrainer:
         return itertools.islice(stream, done + index, None, processes)
 
     def _schedule(self):
-        """The schedule built from the config at the step the run stands at: a resume honours a changed
-        ``learning_rate``, schedule, warm-up or ``steps`` (diffusers' ``get_scheduler``, once per update)."""
+        """The schedule from the config at this step: a resume honours a changed one."""
         from diffusers.optimization import get_scheduler
 
         config, optimizer = self.config, self.optimizer.optimizer  # the optimizer accelerate wraps
@@ -340,8 +331,7 @@ class LoraTrainer:
 
     @contextlib.contextmanager
     def _holding_output_dir(self) -> Iterator[None]:
-        """Two runs on one folder would delete each other's checkpoints in progress and mix their files:
-        the main process holds an OS lock (``filelock``) and, holding it, clears what a killed run left."""
+        """One run per folder (an OS lock); the holder clears what a killed run left."""
         if not self.accelerator.is_main_process:
             yield
             return

@@ -1,6 +1,5 @@
-"""Validation pictures during training: each prompt of the run's library through Stage C (with the
-weights being trained) and the decoder, or the previewer when no decoder is loaded; saved as one grid
-per step and one picture per named prompt."""
+"""Validation pictures during training: each prompt through Stage C (the weights being trained) and the
+decoder, or the previewer without one; saved as one grid per step and one picture per named prompt."""
 
 from __future__ import annotations
 
@@ -24,10 +23,7 @@ from .data import _save_png
 def _validation_picture(
     prior: Prior, decoder: Decoder | None, config: LoraTrainingConfig, prompt: str
 ) -> PIL.Image.Image:
-    """Why: validation shows the LoRA as it is now, with the run's validation settings (negative
-    prompt, both stages' steps and guidance, the seed) at the training resolution: through the
-    decoder when there is one, else the previewer's rough picture of the Stage C latents (3/16 of
-    the side: 192² for 1024)."""
+    """Why: the LoRA as it is now, with the validation settings: decoded, or the previewer's."""
     size, negative = config.resolution, config.validation_negative_prompt
     prior_settings = OFFICIAL_PRIOR.with_(
         steps=config.validation_prior_steps, guidance=float(config.validation_prior_guidance)
@@ -49,8 +45,7 @@ def _validation_picture(
 
 
 def _validation_pictures(prior: Prior, decoder: Decoder | None, config: LoraTrainingConfig, step: int):
-    """Why: one picture per validation prompt, saved as one grid per step (``validation/step-NNNNNN.png``)
-    and, for a named library, each alone too (``step-NNNNNN-<name>.png``), every file written atomically."""
+    """Why: one grid per step and, for named prompts, each picture alone, written atomically."""
     library, folder = config.validation_prompts, Path(config.output_dir) / "validation"
     named = library if isinstance(library, dict) else {str(i + 1): p for i, p in enumerate(library)}
     pictures = [_validation_picture(prior, decoder, config, prompt) for prompt in named.values()]
