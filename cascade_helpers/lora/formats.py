@@ -1,22 +1,19 @@
 """The three LoRA file formats people have, to and from per-module factors (:mod:`.adapters`).
 
-**Official** (``train/train_c_lora.py``; the example ``lora_fernando_10k.safetensors``), a
-``ModuleDict``'s state dict naming no modules: ``weights.<i>.lora_down`` (rank × in) and
-``weights.<i>.lora_up`` (out × rank), scale 1 / rank, ``i`` counting the ``LoRA`` modules in
-``generator.modules()`` order after ``apply_lora(filters=['.attn'])``: per attention block (down path,
-then up path) ``attention.attn.out_proj`` (a child module, registered before the in_proj
-parametrization), then ``in_proj_weight``, the stacked q/k/v (``lora_up`` 3·width × rank, ``lora_down``
-shared: diffusers' ``to_q``/``to_k``/``to_v`` each get ``lora_down`` and a third of ``lora_up``; out_proj
-is ``to_out.0``). ``embeddings.embeddings`` (n × text width): deltas added to the token rows
+**Official** (``train/train_c_lora.py``; the example ``lora_fernando_10k.safetensors``), naming no
+modules: ``weights.<i>.lora_down`` (rank × in), ``weights.<i>.lora_up`` (out × rank), scale 1 / rank,
+``i`` counting the ``LoRA`` modules in ``generator.modules()`` order after ``apply_lora(filters=['.attn'])``:
+per attention block (down path, then up path) ``attention.attn.out_proj`` (a child module, registered
+before the in_proj parametrization), then ``in_proj_weight``, the stacked q/k/v (``lora_up`` 3·width ×
+rank: diffusers' ``to_q``/``to_k``/``to_v`` each get ``lora_down`` and a third of it; out_proj is
+``to_out.0``). ``embeddings.embeddings`` (n × text width): deltas added to the token rows
 ``embeddings.indices``; new tokens (``[fernando]``) were appended to the tokenizer (id = old vocabulary
 size), each started from the mean row of the tokens a regex matches (``^dog</w>``).
 
-**ComfyUI / kohya** (ComfyUI's ``model_lora_keys_unet`` for Stable Cascade; kohya's sd-scripts
-``stable-cascade`` branch and OneTrainer write it): ``<prefix><module, dots as underscores>`` +
-``.lora_down.weight``, ``.lora_up.weight``, ``.alpha`` (scale alpha / rank; none: 1). Prefixes
-``lora_prior_unet_`` (ComfyUI, OneTrainer) or ``lora_unet_`` (kohya), ``lora_prior_te_`` / ``lora_te_``
-for the text encoder (transformers' names); Stage C modules by their official names
-(``attention.attn.to_q|to_k|to_v|out_proj``).
+**ComfyUI / kohya** (ComfyUI's ``model_lora_keys_unet``; kohya's ``stable-cascade`` branch, OneTrainer):
+``<prefix><module, dots as underscores>`` + ``.lora_down.weight``, ``.lora_up.weight``, ``.alpha`` (scale
+alpha / rank; none: 1); prefixes ``lora_prior_unet_`` (ComfyUI, OneTrainer) or ``lora_unet_`` (kohya),
+``lora_prior_te_`` / ``lora_te_`` for the text encoder; Stage C modules by their official names.
 
 **Ours**: ``unet.<diffusers module>.lora_A.weight`` / ``.lora_B.weight`` / ``.alpha``, and the learned
 tokens' full rows as ``tokens.embeddings``, their strings in the metadata.

@@ -1,13 +1,11 @@
-"""Checkpoint folders: written into a hidden temporary folder and renamed (a ``step-NNNNNN`` folder is
-always complete), a manifest of SHA-256 checksums written last (a damaged file is found before anything
-is loaded, and the checkpoint before it used), the latest few kept. Nothing in one can run code when
-read (safetensors and JSON), so a checkpoint someone sent is safe to resume: hence not accelerate's
-``save_state``/``load_state`` with ``ProjectConfiguration(automatic_checkpoint_naming=True,
-total_limit=...)``, which unpickle with ``weights_only=False``, write in place and delete old checkpoints
-before the new one is complete. ``state.safetensors``: ``weights.<name>``, ``ema.<i>``, AdamW's
-``optimizer.<i>.<name>``, every process's ``generators``; ``progress.json``: step, losses, AdamW's groups,
-EMA updates; ``config.json``: the settings. The schedule follows from the settings and the step (not
-stored: a resume honours a changed ``learning_rate``)."""
+"""Checkpoint folders, written into a hidden temporary folder and renamed (``step-NNNNNN`` is always
+complete), with SHA-256 checksums written last (a damaged one is found before anything loads, and the one
+before it used), the latest few kept. They hold safetensors and JSON only, so one someone sent cannot run
+code: hence not accelerate's ``save_state``/``load_state`` and ``ProjectConfiguration(total_limit=...)``,
+which unpickle with ``weights_only=False``, write in place and delete old checkpoints before the new one
+is complete. ``state.safetensors``: ``weights.<name>``, ``ema.<i>``, AdamW's ``optimizer.<i>.<name>``,
+``generators``; ``progress.json``: step, losses, AdamW's groups, EMA updates; ``config.json``: the
+settings. The schedule follows from the settings and the step: a resume honours a changed one."""
 
 from __future__ import annotations
 
