@@ -67,8 +67,8 @@ def build_stage_c(model: str, device: torch.device, dtype: torch.dtype):
 
 def one_configuration(args) -> dict:
     """Time ``args.steps`` training steps after one warm-up step; report speed and peak memory."""
-    from cascade_helpers.lora import inject_lora
-    from cascade_helpers.lora_training import stage_c_loss
+    from cascade_helpers.lora.adapters import inject_lora
+    from cascade_helpers.lora_training.objective import stage_c_loss
     from cascade_helpers.sampling import training_times
 
     device = torch.device(args.device)
@@ -159,12 +159,9 @@ def compare_with_the_old_loop(args) -> None:
     from pathlib import Path
 
     from cascade_helpers.loading import load_prior
-    from cascade_helpers.lora_training import (
-        LoraTrainer,
-        LoraTrainingConfig,
-        batch_schedule,
-        write_example_images,
-    )
+    from cascade_helpers.lora_training.config import LoraTrainingConfig
+    from cascade_helpers.lora_training.data import write_example_images
+    from cascade_helpers.lora_training.trainer import LoraTrainer
     from cascade_helpers.tiny import write_tiny_models
 
     if args.device == "cpu":
@@ -184,10 +181,7 @@ def compare_with_the_old_loop(args) -> None:
         optimizer = torch.optim.AdamW(trainer.trainable, lr=config.learning_rate)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)  # the old constant rate
         ema = [p.detach().float().clone() for p in trainer.trainable]
-        buckets: dict[tuple[int, int], list[int]] = {}
-        for i, item in enumerate(trainer.items):
-            buckets.setdefault(item.bucket, []).append(i)
-        batches = batch_schedule(buckets, config.batch_size, config.seed)
+        batches = trainer._batches()  # the trainer's own stream, from step 0: the same batches
         new, old, end_of_old = [], [], [None]
         bar = tqdm(desc="the old loop", total=config.steps)
 

@@ -252,10 +252,10 @@ def _write_official_lora(models_dir: Path, seed: int = 7) -> Path:
     stacked q/k/v in_proj), and a ``[fernando]`` token delta at id = the tokenizer's size (the id the
     official training gives the first new token). The official file's token width is bigG's 1280;
     here it is the tiny text encoder's. Write the tokenizer first."""
-    from .lora import official_lora_layout
+    from .lora.formats import _official_lora_layout
 
     vocab_size = len(json.loads((models_dir / files._FILES["tokenizer"].path / "vocab.json").read_text()))
-    layout = official_lora_layout(_tiny_unet("stage_c", seed))
+    layout = _official_lora_layout(_tiny_unet("stage_c", seed))
     width = _tiny_prior_width()
     generator = torch.Generator().manual_seed(seed)
     state = {}

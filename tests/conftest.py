@@ -63,7 +63,7 @@ def pictures(tmp_path_factory) -> Path:
     """Two small pictures of the example cat, one bucket at resolution 256 (192² EfficientNet input)."""
     import PIL.Image
 
-    from cascade_helpers.lora_training import write_example_images
+    from cascade_helpers.lora_training.data import write_example_images
 
     folder = write_example_images(tmp_path_factory.mktemp("example"))
     chosen = tmp_path_factory.mktemp("pictures")

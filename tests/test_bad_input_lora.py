@@ -7,20 +7,16 @@ behind shows up in the next check.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from cascade_helpers.loading import load_prior
-from cascade_helpers.lora import (
-    LoraError,
-    load_comfyui_embedding,
-    load_lora,
-    lora_factors,
-    save_lora,
-    set_lora_strength,
-)
+from cascade_helpers.lora.adapters import LoraError, _lora_factors, set_lora_strength
+from cascade_helpers.lora.formats import _comfyui_state_dict, _official_factors, _save_lora
+from cascade_helpers.lora.load import load_comfyui_embedding, load_lora
 from cascade_helpers.tiny import _write_official_lora, _write_tokenizer
 
 FERNANDO = [("[fernando]", "^dog</w>")]
@@ -51,8 +47,8 @@ def ours(tmp_path_factory, tiny_models, official):
     source = _fresh(tiny_models)
     load_lora(source, official, new_tokens=FERNANDO)
     row = source.text_encoder.get_input_embeddings().weight[-1].detach().clone()
-    path = save_lora(
-        tmp_path_factory.mktemp("ours") / "ours.safetensors", lora_factors(source.unet), {"[fernando]": row}
+    path = _save_lora(
+        tmp_path_factory.mktemp("ours") / "ours.safetensors", _lora_factors(source.unet), {"[fernando]": row}
     )
     return load_file(path), {"format": "cascade_helpers.lora", "tokens": json.dumps(["[fernando]"])}
 
@@ -81,9 +77,7 @@ def _our_file(ours, tmp_path, tensors=None, metadata=None):
 def _comfy_with_bad_text_encoder_entry(prior, official):
     """Valid UNet entries (those of the official LoRA, as ComfyUI keys) and one text-encoder entry of
     the wrong width: the second half of the load fails after the first half could have changed things."""
-    from cascade_helpers.lora import comfyui_state_dict, official_factors
-
-    state = comfyui_state_dict(official_factors(prior.unet, official))
+    state = _comfyui_state_dict(_official_factors(prior.unet, official))
     key = "lora_prior_te_text_model_encoder_layers_0_self_attn_q_proj"
     state |= {f"{key}.lora_down.weight": torch.zeros(2, 7), f"{key}.lora_up.weight": torch.zeros(32, 2)}
     return state
@@ -110,6 +104,8 @@ BAD_LOADS = [
      "token embedding deltas hold NaN"),
     ("negative token id", lambda p, o, u, t: load_lora(p, o | {"embeddings.indices": torch.tensor([-3])}, new_tokens=FERNANDO),
      r"trained token id\(s\) \[-3\]"),
+    ("cut official file", lambda p, o, u, t: load_lora(p, _first_layers(o, 10), new_tokens=FERNANDO),
+     r"holds 10 layers, Stage C tiny \(width 32\) needs 16 .*cut short"),
     ("NaN factors", lambda p, o, u, t: load_lora(p, o | {"weights.3.lora_up": torch.full_like(o["weights.3.lora_up"], NAN)}, new_tokens=FERNANDO),
      "factors for .* hold NaN or infinite values: the file is damaged"),
     # strengths
@@ -133,12 +129,27 @@ BAD_LOADS = [
      "token embeddings hold NaN"),
     ("new_tokens for our format", lambda p, o, u, t: load_lora(p, _our_file(u, t), new_tokens=FERNANDO),
      "new_tokens is for official-format files"),
+    ("our factors of two ranks", lambda p, o, u, t: load_lora(p, _our_file(u, t, _wider_up(u))),
+     r"factors for down_blocks\.0\.2\.attention\.to_k have ranks 4 and 5: damaged"),
     # ComfyUI: the text-encoder half fails after the UNet half
     ("comfy text-encoder entry of another width", lambda p, o, u, t: load_lora(p, _comfy_with_bad_text_encoder_entry(p, o)),
      "maps 7 → 32 features, the module 32 → 32"),
     ("embedding for an existing word", lambda p, o, u, t: load_comfyui_embedding(p, _our_embedding(t), "dog"),
      "the new token 'dog' is already a word"),
 ]  # fmt: skip
+
+
+def _first_layers(official, count):
+    """An official file cut after its first ``count`` layers (an interrupted copy, say)."""
+    index = {k: re.match(r"weights\.(\d+)\.", k) for k in official}
+    return {k: v for k, v in official.items() if not index[k] or int(index[k].group(1)) < count}
+
+
+def _wider_up(ours):
+    """One module's up factor with a column more than its down factor has rows (issue 21: this was
+    named as a LoRA "made for Stage C tiny (width 32)" on a Stage C tiny of width 32)."""
+    key = next(k for k in ours[0] if k.endswith(".lora_B.weight"))
+    return {key: torch.zeros(ours[0][key].shape[0], ours[0][key].shape[1] + 1)}
 
 
 def _our_embedding(tmp_path):
@@ -162,13 +173,13 @@ def test_a_failure_midway_is_undone_and_the_retry_works(tiny_models, official, m
 
     prior = _fresh(tiny_models)
     before = _state(prior)
-    real = load.append_token_rows
+    real = load._append_token_rows
 
     def out_of_memory(text_encoder, rows):
         real(text_encoder, rows)
         raise RuntimeError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(load, "append_token_rows", out_of_memory)
+    monkeypatch.setattr(load, "_append_token_rows", out_of_memory)
     with pytest.raises(RuntimeError, match="out of memory"):
         load_lora(prior, official, new_tokens=FERNANDO)
     _assert_unchanged(prior, before)
@@ -201,14 +212,12 @@ def test_taking_over_an_existing_word_needs_the_keyword(tiny_models, ours, tmp_p
     assert prior.tokenizer.tokenize("cat")[0] == "cat"  # the added token, no longer the word cat</w>
 
 
-def test_a_load_checks_each_thing_once_and_the_parts_still_check_alone(
-    tiny_models, official, ours, tmp_path, monkeypatch
-):
+def test_a_load_checks_each_thing_once(tiny_models, official, ours, tmp_path, monkeypatch):
     """``load_lora`` checks everything before it changes anything, then applies without checking the
-    same factors (a pass over every weight) and tokens again; called alone, the parts check."""
+    same factors (a pass over every weight) and tokens again."""
     import collections
 
-    from cascade_helpers.lora import LoraFactors, adapters, add_tokens, apply_factors, load, tokens
+    from cascade_helpers.lora import load, tokens
 
     calls = collections.Counter()
 
@@ -216,18 +225,14 @@ def test_a_load_checks_each_thing_once_and_the_parts_still_check_alone(
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, **k: calls.update([name]) or real(*a, **k))
 
-    for module in (adapters, load, tokens):
-        for name in ("check_factors", "check_new_tokens", "check_token_width"):
-            if hasattr(module, name):
-                counted(module, name)
+    for module, names in (
+        (load, ("_check_factors", "_check_token_rows")),
+        (tokens, ("_check_new_tokens", "_check_token_rows")),
+    ):
+        for name in names:
+            counted(module, name)
     load_lora(_fresh(tiny_models), official, new_tokens=FERNANDO)
-    assert calls == {"check_factors": 1, "check_new_tokens": 1, "check_token_width": 1}
+    assert calls == {"_check_factors": 1, "_check_new_tokens": 1, "_check_token_rows": 1}
     calls.clear()
     load_lora(_fresh(tiny_models), _our_file(ours, tmp_path))  # UNet and (no) text-encoder factors
-    assert calls == {"check_factors": 2, "check_new_tokens": 1, "check_token_width": 1}
-    prior = _fresh(tiny_models)
-    name, nan = "down_blocks.0.2.attention.to_q", torch.full((2, 32), NAN)
-    with pytest.raises(LoraError, match="hold NaN"):
-        apply_factors(prior.unet, {name: LoraFactors(nan, torch.zeros(32, 2), 1.0)})
-    with pytest.raises(LoraError, match="'cat' is already a word"):
-        add_tokens(prior.text_encoder, prior.tokenizer, {"cat": torch.zeros(32)})
+    assert calls == {"_check_factors": 2, "_check_new_tokens": 1, "_check_token_rows": 1}

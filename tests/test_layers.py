@@ -85,4 +85,4 @@ def test_the_detector_sees_imports():
     """The checks above could pass by seeing nothing: the detector finds what generation imports."""
     assert {"sampling", "controlnet", "models", "sizes"} <= _imported_concepts(PACKAGE / "generation.py")
     assert "lora" in _imported_concepts(PACKAGE / "lora" / "load.py")  # same subpackage
-    assert "checkpoints" in _imported_concepts(PACKAGE / "lora" / "load.py")
+    assert "files" in _imported_concepts(PACKAGE / "lora" / "load.py")

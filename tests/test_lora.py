@@ -11,6 +11,7 @@ order and loaded from the state dict below; the token insertion of ``train/train
 from __future__ import annotations
 
 import json
+import types
 from pathlib import Path
 
 import pytest
@@ -18,21 +19,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cascade_helpers import files
-from cascade_helpers.checkpoints import _official_shapes, _TruncatedCheckpointError
-from cascade_helpers.loading import _load_unet, load_prior
-from cascade_helpers.lora import (
-    LoraError,
-    LoraFactors,
-    comfyui_state_dict,
-    load_comfyui_embedding,
-    load_lora,
-    load_official_lora,
-    lora_factors,
-    official_lora_layout,
-    save_comfyui,
-    save_lora,
-    set_lora_strength,
+from cascade_helpers.checkpoints import _official_shapes
+from cascade_helpers.loading import load_prior, _load_unet
+from cascade_helpers.lora.adapters import LoraError, _lora_factors, set_lora_strength
+from cascade_helpers.lora.formats import (
+    _comfyui_state_dict,
+    _official_factors,
+    _official_lora_layout,
+    _save_comfyui,
+    _save_lora,
 )
+from cascade_helpers.lora.load import load_comfyui_embedding, load_lora
 from cascade_helpers.tiny import _write_text_encoder, _write_tokenizer
 from tests.recorded_weights import official_weights, seeded_inputs
 
@@ -71,6 +68,12 @@ def text_side(tmp_path):
     return encoder.eval(), tokenizer
 
 
+def _prior(unet, text_side) -> types.SimpleNamespace:
+    """The parts of a prior ``load_lora`` uses, around the official UNet and the tiny text side."""
+    encoder, tokenizer = text_side
+    return types.SimpleNamespace(unet=unet, text_encoder=encoder, tokenizer=tokenizer)
+
+
 def _fixture_lora(tokenizer) -> dict:
     # [fernando] (new: id = vocabulary size) and the existing dogs</w>, as train_tokens
     # [['[fernando]', '^dog</w>'], ['^dogs</w>', None]] give them
@@ -102,7 +105,7 @@ def _encode(encoder, tokenizer, prompts):
 
 
 def test_the_official_order_is_out_proj_then_in_proj_per_block(official_unet):
-    layout = official_lora_layout(official_unet)
+    layout = _official_lora_layout(official_unet)
     assert len(layout) == 16  # 8 attention blocks in the tiny Stage C
     assert layout[:3] == [
         ("down_blocks.0.2.attention.to_out.0",),
@@ -120,7 +123,7 @@ def test_official_lora_reproduces_the_official_model(official_unet, text_side):
     encoder, tokenizer = text_side
     lora = _fixture_lora(tokenizer)
     without = _run(official_unet)
-    load_official_lora(official_unet, lora, encoder, tokenizer, NEW_TOKENS)
+    load_lora(_prior(official_unet, text_side), lora, new_tokens=NEW_TOKENS)
 
     out = _run(official_unet)
     expected = torch.tensor(FIXTURE["unet_output"]).reshape(out.shape)
@@ -138,7 +141,7 @@ def test_official_lora_reproduces_the_official_model(official_unet, text_side):
 def test_strength_scales_the_lora(official_unet, text_side):
     encoder, tokenizer = text_side
     base = _run(official_unet)
-    load_official_lora(official_unet, _fixture_lora(tokenizer), encoder, tokenizer, NEW_TOKENS)
+    load_lora(_prior(official_unet, text_side), _fixture_lora(tokenizer), new_tokens=NEW_TOKENS)
     full = _run(official_unet)
     set_lora_strength(official_unet, 0.0)
     torch.testing.assert_close(_run(official_unet), base)
@@ -147,11 +150,11 @@ def test_strength_scales_the_lora(official_unet, text_side):
     assert 0 < (half - base).abs().max() < (full - base).abs().max()
 
 
-def test_a_lora_for_another_size_is_refused_clearly(official_unet):
+def test_a_lora_for_another_size_is_refused_clearly(official_unet, text_side):
     big = {f"weights.{i}.lora_down": torch.zeros(4, 2048) for i in range(128)}
     big |= {f"weights.{i}.lora_up": torch.zeros(2048 * (1 + i % 2 * 2), 4) for i in range(128)}
     with pytest.raises(LoraError, match="made for Stage C big .* loaded model is Stage C tiny"):
-        load_official_lora(official_unet, big)
+        load_lora(_prior(official_unet, text_side), big)
 
 
 def test_the_official_example_lora_does_not_load_into_lite():
@@ -163,32 +166,31 @@ def test_the_official_example_lora_does_not_load_into_lite():
 
     with init_empty_weights():
         lite = StableCascadeUNet.from_config(StableCascadeUNet.load_config(config_dir("stage_c", "lite")))
-    layout = official_lora_layout(lite)
+    layout = _official_lora_layout(lite)
     assert len(layout) == 64
     fernando_shapes = {f"weights.{i}.lora_down": torch.zeros(4, 2048) for i in range(128)}
     fernando_shapes |= {
         f"weights.{i}.lora_up": torch.zeros(2048 * (3 if i % 2 else 1), 4) for i in range(128)
     }
     with pytest.raises(LoraError, match="128 layers of width 2048 .* 32 attention blocks of width 1536"):
-        load_official_lora(lite, fernando_shapes)
+        _official_factors(lite, fernando_shapes)  # load_lora refuses the empty ("meta") weights first
 
 
 def test_a_missing_new_token_is_a_clear_error(official_unet, text_side):
-    encoder, tokenizer = text_side
+    tokenizer = text_side[1]
     with pytest.raises(LoraError, match=r"new_tokens=\[\('\[fernando\]', '\^dog</w>'\)\]"):
-        load_official_lora(official_unet, _fixture_lora(tokenizer), encoder, tokenizer)
+        load_lora(_prior(official_unet, text_side), _fixture_lora(tokenizer))
     with pytest.raises(LoraError, match="1280 wide"):
         lora = _fixture_lora(tokenizer) | {"embeddings.embeddings": torch.zeros(2, 1280)}
-        load_official_lora(official_unet, lora, encoder, tokenizer, NEW_TOKENS)
+        load_lora(_prior(official_unet, text_side), lora, new_tokens=NEW_TOKENS)
 
 
 def test_comfyui_keys_hold_the_official_factors(official_unet, text_side):
     """ComfyUI computes W + alpha / rank · up @ down per module; with our export that equals the
     official in_proj / out_proj weight with its LoRA merged (W + up @ down / rank), third by third."""
-    encoder, tokenizer = text_side
-    lora = _fixture_lora(tokenizer)
-    load_official_lora(official_unet, lora, encoder, tokenizer, NEW_TOKENS)
-    comfy = comfyui_state_dict(lora_factors(official_unet))
+    lora = _fixture_lora(text_side[1])
+    load_lora(_prior(official_unet, text_side), lora, new_tokens=NEW_TOKENS)
+    comfy = _comfyui_state_dict(_lora_factors(official_unet))
     assert len(comfy) == 8 * 4 * 3  # 8 blocks × (q, k, v, out) × (down, up, alpha)
     official = official_weights(_official_shapes("stage_c", "tiny"))
     in_proj = official["down_blocks.0.2.attention.attn.in_proj_weight"]
@@ -228,8 +230,8 @@ def test_comfyui_and_kohya_files_load_back_to_the_same_model(fresh_prior, tmp_pa
     lora = official_lora([len(source.tokenizer)])
     load_lora(source, lora, new_tokens=NEW_TOKENS)
     row = source.text_encoder.get_input_embeddings().weight[-1].detach()
-    written = save_comfyui(
-        tmp_path / "comfy.safetensors", lora_factors(source.unet), {"[fernando]": row}, prefix=prefix
+    written = _save_comfyui(
+        tmp_path / "comfy.safetensors", _lora_factors(source.unet), {"[fernando]": row}, prefix
     )
     assert written[1].name == "fernando.safetensors" and load_file(written[1])["clip_g"].shape == (1, WIDTH)
     assert all(k.startswith(prefix) for k in load_file(written[0]))
@@ -248,7 +250,7 @@ def test_our_format_round_trips_with_its_tokens(fresh_prior, tmp_path):
     source = fresh_prior()
     load_lora(source, official_lora([len(source.tokenizer)]), new_tokens=NEW_TOKENS)
     row = source.text_encoder.get_input_embeddings().weight[-1].detach()
-    path = save_lora(tmp_path / "ours.safetensors", lora_factors(source.unet), {"[fernando]": row})
+    path = _save_lora(tmp_path / "ours.safetensors", _lora_factors(source.unet), {"[fernando]": row})
     target = fresh_prior()
     info = load_lora(target, path, strength=1.0)
     assert (info.format, info.tokens) == ("cascade_helpers", ("[fernando]",))
@@ -300,7 +302,7 @@ def test_foreign_and_damaged_files_are_named(fresh_prior, tmp_path):
     path = tmp_path / "cut.safetensors"
     save_file(official_lora([1000]), str(path))
     path.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(_TruncatedCheckpointError, match="incomplete"):
+    with pytest.raises(LoraError, match="incomplete.*cut short"):
         load_lora(prior, path)
     (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
     with pytest.raises(LoraError, match="safetensors"):
@@ -325,16 +327,15 @@ def test_the_tiny_writer_makes_an_official_lora_for_the_tiny_stage_c(fresh_prior
 def test_factors_keep_their_own_rank_and_alpha(fresh_prior):
     prior = fresh_prior()
     name = "down_blocks.0.2.attention.to_q"
-    factors = {name: LoraFactors(torch.ones(2, WIDTH), torch.ones(WIDTH, 2), alpha=8.0)}
     load_lora(
         prior,
         {
-            f"unet.{name}.lora_A.weight": factors[name].down,
-            f"unet.{name}.lora_B.weight": factors[name].up,
+            f"unet.{name}.lora_A.weight": torch.ones(2, WIDTH),
+            f"unet.{name}.lora_B.weight": torch.ones(WIDTH, 2),
             f"unet.{name}.alpha": torch.tensor(8.0),
         },
     )
-    (back,) = lora_factors(prior.unet).values()
+    (back,) = _lora_factors(prior.unet).values()
     assert (back.rank, back.alpha) == (2, 8.0)
 
 
@@ -353,4 +354,4 @@ def test_a_sequentially_offloaded_prior_is_refused_before_anything_changes(fresh
         cpu_offload(model, execution_device=torch.device("cpu"))
     with pytest.raises(LoraError, match="sequential_offload.*model_offload"):
         load_lora(prior, path, new_tokens=NEW_TOKENS)
-    assert len(prior.tokenizer) == vocabulary and not lora_factors(prior.unet)
+    assert len(prior.tokenizer) == vocabulary and not _lora_factors(prior.unet)

@@ -18,6 +18,7 @@ import types
 from pathlib import Path
 from unittest import mock
 
+import PIL.ExifTags
 import PIL.Image
 import pytest
 import torch
@@ -25,24 +26,22 @@ from training_setup import make_config
 
 from cascade_helpers.conditioning import encode_text
 from cascade_helpers.images import resize_and_crop
-from cascade_helpers.lora import load_lora
-from cascade_helpers.lora_training import (
-    CacheReport,
-    LoraTrainer,
-    LoraTrainingConfig,
-    TrainingError,
+from cascade_helpers.lora.load import load_comfyui_embedding, load_lora
+from cascade_helpers.lora_training.cache import CacheReport, _cache_images
+from cascade_helpers.lora_training.cli import main
+from cascade_helpers.lora_training.config import LoraTrainingConfig, TrainingError
+from cascade_helpers.lora_training.data import (
+    _caption_for,
+    _crop_position,
+    _read_picture,
+    _scaled_size,
     bucket_sizes,
-    cache_images,
-    caption_for,
     closest_bucket,
-    crop_position,
     find_training_images,
-    main,
-    read_picture,
-    scaled_size,
-    stage_c_loss,
     write_example_images,
 )
+from cascade_helpers.lora_training.objective import stage_c_loss
+from cascade_helpers.lora_training.trainer import LoraTrainer
 from cascade_helpers.sampling import diffuse, log_snr, noise_condition, p2_loss_weight, training_times
 
 OBJECTIVE = json.loads((Path(__file__).parent / "fixtures" / "official_training_objective.json").read_text())
@@ -101,9 +100,11 @@ def test_buckets_follow_the_official_bucketeer():
 def test_captions_come_from_a_sidecar_or_the_file_name(tmp_path):
     (tmp_path / "x.png").touch()
     (tmp_path / "x.txt").write_text("a photo of [chelsea]\n")
-    assert caption_for(tmp_path / "x.png") == "a photo of [chelsea]"
-    assert caption_for(tmp_path / "a_photo_of_[chelsea]_on_a_sofa_02.png") == "a photo of [chelsea] on a sofa"
-    assert caption_for(tmp_path / "portrait (3).jpg") == "portrait"
+    assert _caption_for(tmp_path / "x.png") == "a photo of [chelsea]"
+    assert (
+        _caption_for(tmp_path / "a_photo_of_[chelsea]_on_a_sofa_02.png") == "a photo of [chelsea] on a sofa"
+    )
+    assert _caption_for(tmp_path / "portrait (3).jpg") == "portrait"
 
 
 # --- training on the tiny models ---------------------------------------------------------------------
@@ -159,8 +160,6 @@ def test_saved_lora_reproduces_the_trained_model(fresh_prior, pictures, shared_c
             load_lora(loaded, path)
         else:
             load_lora(loaded, comfy)
-            from cascade_helpers.lora import load_comfyui_embedding
-
             load_comfyui_embedding(loaded, embedding, "[chelsea]")
         for prompt in ("a photo of [chelsea] the cat", "a red cat"):
             expected, got = encode_text(trainer.prior, prompt), encode_text(loaded, prompt)
@@ -291,19 +290,11 @@ def test_the_command_line_trains_from_a_saved_config(tiny_models, pictures, shar
     config = make_config(pictures, tmp_path, shared_cache, steps=1, models_dir=str(tiny_models), dtype="fp32")
     assert main(["--config", str(config.save(tmp_path / "run.json"))]) == 0
     assert (tmp_path / "lora.safetensors").is_file()
-    # accelerate's checkpoint files, ours, and the manifest that lists them all
+    # the training state (safetensors and JSON only), the settings, and the manifest that lists them
     checkpoint = tmp_path / "checkpoints" / "step-000001"
     manifest = json.loads((checkpoint / "manifest.json").read_text())["files"]
-    expected = {
-        "optimizer.bin",
-        "scheduler.bin",
-        "random_states_0.pkl",
-        "trainable.safetensors",
-        "config.json",
-    }
-    assert expected <= set(manifest) and set(manifest) | {"manifest.json"} == {
-        p.name for p in checkpoint.iterdir()
-    }
+    assert set(manifest) == {"state.safetensors", "progress.json", "config.json"}
+    assert {p.name for p in checkpoint.iterdir()} == set(manifest) | {"manifest.json"}
 
 
 # --- accelerate's and diffusers' parts ---------------------------------------------------------------
@@ -312,13 +303,13 @@ def test_the_command_line_trains_from_a_saved_config(tiny_models, pictures, shar
 def test_the_loop_runs_on_accelerate_and_diffusers_parts(
     fresh_prior, pictures, shared_cache, tmp_path, monkeypatch
 ):
-    """Updates go through ``Accelerator.accumulate``/``backward``, checkpoints through
-    ``save_state``/``load_state``, the schedule comes from ``get_scheduler``, EMA is ``EMAModel``."""
+    """Updates go through ``Accelerator.accumulate``/``backward``, the schedule comes from
+    ``get_scheduler``, EMA is ``EMAModel``; checkpoints hold no pickle (nothing that can run code)."""
     import diffusers.optimization
     from accelerate import Accelerator
     from diffusers.training_utils import EMAModel
 
-    calls = {"accumulate": 0, "backward": 0, "save_state": 0, "load_state": 0, "get_scheduler": 0}
+    calls = {"accumulate": 0, "backward": 0, "get_scheduler": 0}
 
     def spy(owner, name):
         real = getattr(owner, name)
@@ -329,7 +320,7 @@ def test_the_loop_runs_on_accelerate_and_diffusers_parts(
 
         monkeypatch.setattr(owner, name, counted)
 
-    for name in ("accumulate", "backward", "save_state", "load_state"):
+    for name in ("accumulate", "backward"):
         spy(Accelerator, name)
     spy(diffusers.optimization, "get_scheduler")
     config = make_config(pictures, tmp_path, shared_cache, steps=1, gradient_accumulation=2, ema_decay=0.9)
@@ -337,7 +328,60 @@ def test_the_loop_runs_on_accelerate_and_diffusers_parts(
     first.train()
     assert isinstance(first.ema, EMAModel)
     assert LoraTrainer(fresh_prior(), config).resume() == 1
-    assert calls == {"accumulate": 2, "backward": 2, "save_state": 1, "load_state": 1, "get_scheduler": 2}
+    assert calls == {"accumulate": 2, "backward": 2, "get_scheduler": 1}
+    (checkpoint,) = first.checkpoints()
+    assert {p.suffix for p in checkpoint.iterdir()} == {".safetensors", ".json"}
+
+
+def test_a_diverging_loss_stops_at_its_update_and_keeps_the_last_good_checkpoint(
+    fresh_prior, pictures, shared_cache, tmp_path
+):
+    """learning_rate=1e30 makes the second loss NaN: the run stops there (before that update), saves
+    no LoRA under the final name and keeps the checkpoint of the first update."""
+    config = make_config(pictures, tmp_path, shared_cache, learning_rate=1e30, checkpoint_every=1)
+    trainer = LoraTrainer(fresh_prior(), config)
+    with pytest.raises(
+        TrainingError, match=r"diverged at update 2 .*step-000001, is kept. Lower learning_rate"
+    ):
+        trainer.train()
+    assert trainer.step == 1 and [p.name for p in trainer.checkpoints()] == ["step-000001"]
+    assert not (tmp_path / "lora.safetensors").exists()
+
+
+def test_a_resume_trains_with_the_schedule_the_config_says(fresh_prior, pictures, shared_cache, tmp_path):
+    """A changed learning rate and schedule are honoured on resume (the schedule is rebuilt at the
+    checkpoint's step); a checkpoint beyond ``steps`` is refused by name."""
+    LoraTrainer(fresh_prior(), make_config(pictures, tmp_path, shared_cache, steps=1)).train()  # 1e-2
+    config = make_config(pictures, tmp_path, shared_cache, steps=4, learning_rate=1e-3, lr_scheduler="linear")
+    trainer, rates = LoraTrainer(fresh_prior(), config), []
+    trainer.train(on_step=lambda step, loss: rates.append(trainer.optimizer.param_groups[0]["lr"]))
+    # diffusers' linear decay to 0 over 4 updates, from 1e-3: the rate for the next update
+    assert rates == pytest.approx([1e-3 * (4 - step) / 4 for step in (2, 3, 4)])
+    with pytest.raises(TrainingError, match=r"step-000004 is at step 4, beyond this run's steps=3"):
+        LoraTrainer(fresh_prior(), make_config(pictures, tmp_path, shared_cache, steps=3)).resume()
+
+
+def test_a_second_run_on_the_same_output_dir_is_refused_by_name(
+    fresh_prior, pictures, shared_cache, tmp_path
+):
+    """The first run holds a lock on its folder: a second one there is refused before it touches
+    anything, the first one's checkpoint in progress included."""
+    config = make_config(pictures, tmp_path, shared_cache, steps=1)
+    in_progress = tmp_path / "checkpoints" / ".step-000001.0123abcd.tmp"
+    refusals = []
+
+    def start_a_second_run(step, loss):
+        in_progress.mkdir(parents=True)  # as the first run's checkpoint save would be writing it
+        with pytest.raises(
+            TrainingError, match=f"another training run is writing into {tmp_path}"
+        ) as refused:
+            LoraTrainer(fresh_prior(), config).train()
+        refusals.append(refused.value)
+        assert in_progress.is_dir()
+        in_progress.rmdir()
+
+    assert LoraTrainer(fresh_prior(), config).train(on_step=start_a_second_run).lora.is_file()
+    assert len(refusals) == 1
 
 
 def test_ema_is_diffusers_ema_with_its_warm_up(fresh_prior, pictures, shared_cache, tmp_path):
@@ -422,6 +466,12 @@ def test_the_learning_rate_follows_the_cosine_schedule_after_warm_up(
         ("validation_decoder_steps", 0),
         ("aspect_ratios", ["1/0"]),
         ("resolution", 100),
+        # issue 21: values the config took and training could not use
+        ("output_dir", ""),  # the working folder
+        ("seed", 2**64),  # beyond torch's generators
+        ("seed", -1),  # validation pictures refuse it after the last step
+        ("aspect_ratios", ["100/1"]),  # a 32 px (0 px at resolution 256) bucket side
+        ("validation_prompts", {"x" * 300: "a cat"}),  # "File name too long" after the last step
     ],
 )
 def test_a_bad_setting_is_refused_and_named(pictures, tmp_path, option, value):
@@ -502,8 +552,8 @@ def test_small_pictures_are_skipped_by_name_and_large_ones_scaled_down(tmp_path)
     assert [i.path.name for i in found] == ["wide_cat.png"]
     with pytest.raises(TrainingError, match="no pictures at least 300 px"), pytest.warns(UserWarning):
         find_training_images(tmp_path, min_image_size=300)
-    assert read_picture(tmp_path / "wide_cat.png", max_side=50).shape == (3, 50, 100)
-    assert read_picture(tmp_path / "wide_cat.png", max_side=500).shape == (3, 100, 200)
+    assert _read_picture(tmp_path / "wide_cat.png", max_side=50).shape == (3, 50, 100)
+    assert _read_picture(tmp_path / "wide_cat.png", max_side=500).shape == (3, 100, 200)
 
 
 @pytest.mark.parametrize(("height", "width"), [(101, 333), (333, 101), (77, 77), (50, 300), (299, 300)])
@@ -512,8 +562,18 @@ def test_the_size_from_the_header_is_the_size_read_picture_gives(tmp_path, heigh
     (image,) = find_training_images(tmp_path)
     assert image.size == (height, width)
     for max_side in (None, 50, 64, 100, 500):
-        decoded = read_picture(tmp_path / "cat.png", max_side).shape[-2:]
-        assert scaled_size(*image.size, max_side) == tuple(decoded), max_side
+        decoded = _read_picture(tmp_path / "cat.png", max_side).shape[-2:]
+        assert _scaled_size(*image.size, max_side) == tuple(decoded), max_side
+
+
+def test_a_phone_portrait_gets_a_portrait_bucket(tmp_path):
+    """EXIF orientation 6 (a phone held upright): stored 60 wide, 40 high, shown 40 wide, 60 high."""
+    exif = PIL.Image.Exif()
+    exif[PIL.ExifTags.Base.Orientation] = 6
+    PIL.Image.new("RGB", (60, 40)).save(tmp_path / "portrait.jpg", exif=exif)
+    (image,) = find_training_images(tmp_path)
+    assert image.size == (60, 40)  # (height, width) as shown
+    assert closest_bucket(*image.size, bucket_sizes(1024, ["1/1", "2/3"])) == (928, 608)  # portrait
 
 
 def test_a_cached_picture_is_not_decoded_again(fresh_prior, pictures, tmp_path, monkeypatch):
@@ -536,16 +596,16 @@ def test_a_cache_entry_keyed_without_crop_and_size_is_not_read(fresh_prior, pict
 
     from safetensors.torch import save_file
 
-    from cascade_helpers.lora_training.cache import _cache_file, fingerprint
+    from cascade_helpers.lora_training.cache import _cache_file, _fingerprint
 
-    prior, sizes = fresh_prior(), bucket_sizes(256, ["1/1"])
+    prior, config = fresh_prior(), make_config(pictures, tmp_path, tmp_path, aspect_ratios=["1/1"])
     images = find_training_images(pictures)[:1]
     digest = hashlib.sha1(images[0].path.read_bytes()).hexdigest()
-    keyless = _cache_file(tmp_path / "latents", digest, str((192, 192)), fingerprint(prior.effnet), "-")
+    keyless = _cache_file(tmp_path / "latents", digest, str((192, 192)), _fingerprint(prior.effnet), "-")
     keyless.parent.mkdir()
     save_file({"latents": torch.zeros(16, 6, 6)}, str(keyless))
     report = CacheReport()
-    (item,) = cache_images(prior, images, sizes, tmp_path, False, report)
+    (item,) = _cache_images(prior, images, config, tmp_path, report)
     assert (report.latents_computed, report.latents_cached) == (1, 0)
     assert item.latents.abs().sum() > 0
 
@@ -555,19 +615,22 @@ def test_a_random_crop_is_a_window_of_the_scaled_picture_chosen_once_per_picture
     torch.testing.assert_close(resize_and_crop(picture, 10, 10, (0.0, 0.0)), picture[:, :, :10])
     torch.testing.assert_close(resize_and_crop(picture, 10, 10, (0.0, 1.0)), picture[:, :, 10:])
     torch.testing.assert_close(resize_and_crop(picture, 10, 10, (0.0, 0.5)), resize_and_crop(picture, 10, 10))
-    assert crop_position("center", b"picture", 0) is None
-    position = crop_position("random", b"picture", 0)
-    assert position == crop_position("random", b"picture", 0) != crop_position("random", b"picture", 1)
+    assert _crop_position("center", b"picture", 0) is None
+    position = _crop_position("random", b"picture", 0)
+    assert position == _crop_position("random", b"picture", 0) != _crop_position("random", b"picture", 1)
     assert all(0 <= v <= 1 for v in position)
 
 
 def test_random_crops_change_the_cached_latents(fresh_prior, tmp_path):
     folder = write_example_images(tmp_path / "pictures")  # landscape and portrait shots: crops differ
-    prior, sizes = fresh_prior(), bucket_sizes(256, ["1/1"])
+    prior = fresh_prior()
     images = [i for i in find_training_images(folder) if i.path.stem == "chelsea_sofa"]  # 451 × 300
-    report = CacheReport()
-    centre = cache_images(prior, images, sizes, tmp_path / "cache", False, report)
-    random = cache_images(prior, images, sizes, tmp_path / "cache", False, report, crop="random", seed=3)
+    report, cache = CacheReport(), tmp_path / "cache"
+    centre = _cache_images(
+        prior, images, make_config(folder, tmp_path, cache, aspect_ratios=["1/1"]), cache, report
+    )
+    config = make_config(folder, tmp_path, cache, aspect_ratios=["1/1"], crop="random", seed=3)
+    random = _cache_images(prior, images, config, cache, report)
     assert (report.latents_computed, report.latents_cached) == (2, 0)  # its own cache entry
     assert not torch.equal(centre[0].latents, random[0].latents)
 

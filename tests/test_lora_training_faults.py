@@ -16,14 +16,11 @@ import PIL.Image
 import pytest
 from training_setup import make_config
 
-from cascade_helpers.lora import inject_lora, lora_layers
-from cascade_helpers.lora_training import (
-    INTERRUPTED,
-    LoraTrainer,
-    TrainingError,
-    find_training_images,
-    main,
-)
+from cascade_helpers.lora.adapters import _lora_layers, inject_lora
+from cascade_helpers.lora_training.cli import _INTERRUPTED, main
+from cascade_helpers.lora_training.config import TrainingError
+from cascade_helpers.lora_training.data import find_training_images
+from cascade_helpers.lora_training.trainer import LoraTrainer
 
 ROOT = Path(__file__).parents[1]
 
@@ -118,9 +115,9 @@ def test_a_word_the_tokenizer_has_is_refused_before_encoding_and_the_corrected_r
     bad = make_config(pictures, tmp_path / "bad", tmp_path / "cache", new_tokens=[("cat", "^dog</w>")])
     with pytest.raises(TrainingError, match="the new token 'cat' is already a word of the tokenizer"):
         LoraTrainer(prior, bad).prepare()
-    assert encoded == [] and not lora_layers(prior.unet)
+    assert encoded == [] and not _lora_layers(prior.unet)
     LoraTrainer(prior, make_config(pictures, tmp_path / "good", tmp_path / "cache")).prepare()
-    assert len(encoded) == 2 and lora_layers(prior.unet)
+    assert len(encoded) == 2 and _lora_layers(prior.unet)
     assert prior.tokenizer.tokenize("[chelsea]") == ["[chelsea]"]
 
 
@@ -146,12 +143,12 @@ def test_a_failure_while_adding_the_tokens_takes_the_lora_off_and_the_retry_work
     config = make_config(pictures, tmp_path, shared_cache)
     with pytest.raises(RuntimeError, match="out of memory"):
         LoraTrainer(prior, config).prepare()
-    assert not lora_layers(prior.unet)
+    assert not _lora_layers(prior.unet)
     assert prior.text_encoder.get_input_embeddings() is embedding and embedding.num_embeddings == rows
     monkeypatch.undo()
     trainer = LoraTrainer(prior, config)  # was "already carries a LoRA"
     trainer.prepare()
-    assert lora_layers(prior.unet) and trainer.tokens is prior.text_encoder.get_input_embeddings()
+    assert _lora_layers(prior.unet) and trainer.tokens is prior.text_encoder.get_input_embeddings()
 
 
 # --- the command line's exit status ------------------------------------------------------------------
@@ -182,19 +179,58 @@ def test_a_damaged_checkpoint_is_named_and_the_one_before_it_resumed(
 ):
     config = make_config(pictures, tmp_path, shared_cache, steps=2, checkpoint_every=1, keep_checkpoints=0)
     LoraTrainer(fresh_prior(), config).train()
-    (tmp_path / "checkpoints" / "step-000002" / "optimizer.bin").write_bytes(b"garbage")
+    (tmp_path / "checkpoints" / "step-000002" / "state.safetensors").write_bytes(b"garbage")
     rerun = LoraTrainer(fresh_prior(), config)
-    with pytest.warns(UserWarning, match=r"step-000002 cannot be resumed: optimizer\.bin is damaged"):
+    with pytest.warns(UserWarning, match=r"step-000002 cannot be resumed: state\.safetensors is damaged"):
         assert rerun.resume() == 1
-    (tmp_path / "checkpoints" / "step-000001" / "random_states_0.pkl").write_bytes(b"")
+    (tmp_path / "checkpoints" / "step-000001" / "progress.json").write_bytes(b"")
     with (
         pytest.raises(
-            TrainingError,
-            match=r"no checkpoint .* can be resumed .*step-000001: random_states_0\.pkl is damaged",
+            TrainingError, match=r"no checkpoint .* can be resumed .*step-000001: progress\.json is damaged"
         ),
         pytest.warns(UserWarning),
     ):
         LoraTrainer(fresh_prior(), config).resume()
+
+
+class _WritesAFile:
+    """Unpickling this creates ``path``: what a crafted checkpoint could run instead."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+def test_resuming_a_checkpoint_someone_sent_runs_none_of_its_code(
+    fresh_prior, pictures, shared_cache, tmp_path
+):
+    """Pickles under the names accelerate's ``load_state`` unpickles with ``weights_only=False``
+    (``custom_checkpoint_<i>.pkl``), listed in a manifest with matching checksums: resuming writes no
+    file. A checkpoint holds safetensors and JSON, and nothing else is read."""
+    import torch
+
+    config = make_config(pictures, tmp_path, shared_cache, steps=1)
+    LoraTrainer(fresh_prior(), config).train()
+    checkpoint, marker = tmp_path / "checkpoints" / "step-000001", tmp_path / "payload-ran"
+    for name in ("custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl"):
+        torch.save({"state": _WritesAFile(marker)}, checkpoint / name)
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    manifest["files"] = {p.name: _sha256(p) for p in checkpoint.iterdir() if p.name != "manifest.json"}
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+    try:
+        step = LoraTrainer(fresh_prior(), make_config(pictures, tmp_path, shared_cache, steps=2)).resume()
+    except TrainingError:
+        step = None
+    assert not marker.exists(), "resuming ran code from the checkpoint"
+    assert step == 1  # the files it reads are intact: resumed, the others ignored
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # --- nothing half-written ----------------------------------------------------------------------------
@@ -226,8 +262,8 @@ def test_a_failed_validation_save_leaves_no_half_picture(
     assert list((tmp_path / "validation").iterdir()) == []
 
 
-def test_kill_9_during_the_final_save_keeps_the_lora_of_an_earlier_run(
-    tiny_models, pictures, shared_cache, tmp_path
+def test_kill_9_during_the_final_save_keeps_the_earlier_lora_and_the_next_run_clears_its_temporary(
+    tiny_models, fresh_prior, pictures, shared_cache, tmp_path
 ):
     config = make_config(pictures, tmp_path, shared_cache, steps=1, models_dir=str(tiny_models), dtype="fp32")
     earlier = tmp_path / "lora.safetensors"
@@ -244,6 +280,11 @@ def test_kill_9_during_the_final_save_keeps_the_lora_of_an_earlier_run(
         process.kill()
     assert earlier.read_bytes() == b"a good LoRA from an earlier run"
     assert (tmp_path / "checkpoints" / "step-000001").is_dir()
+    assert list(tmp_path.glob(".lora.safetensors.*.tmp")), "the kill left the half-written temporary"
+    # the next run (it resumes the complete run and saves its LoRA) clears what the killed one left
+    result = LoraTrainer(fresh_prior(), config).train()
+    assert result.lora == earlier and earlier.read_bytes() != b"a good LoRA from an earlier run"
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_ctrl_c_stops_the_command_line_with_status_130_after_saving(
@@ -255,6 +296,6 @@ def test_ctrl_c_stops_the_command_line_with_status_130_after_saving(
         status = process.wait(300)
     finally:
         process.kill()
-    assert status == INTERRUPTED == 130, (tmp_path / "stderr.txt").read_text()[-2000:]
+    assert status == _INTERRUPTED == 130, (tmp_path / "stderr.txt").read_text()[-2000:]
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000001"]
     assert not (tmp_path / "lora.safetensors").exists()  # not trained to the end: no LoRA yet

@@ -4,7 +4,7 @@ The fixtures were recorded from the official Stability-AI/StableCascade modules 
 ``stage_b.py``, ``stage_a.py``, ``effnet.py``, ``previewer.py``): the key names and shapes of every
 released architecture, and the float32 outputs of the tiny architectures for deterministic weights.
 Here the same weights go through our path — an official-format safetensors file, loaded with
-``load_unet_single_file`` / ``load_stage_a`` into the diffusers models — and must give the same numbers.
+``_load_unet`` / ``load_stage_a`` into the diffusers models — and must give the same numbers.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ and the settings of a short run on the tiny models."""
 
 from __future__ import annotations
 
-from cascade_helpers.lora_training import LoraTrainingConfig
+from cascade_helpers.lora_training.config import LoraTrainingConfig
 
 TOKEN = [("[chelsea]", "^cat</w>")]
 

@@ -1,6 +1,5 @@
-"""peft LoRA layers on a diffusers model: add fresh ones to train, put given factors on, read them
-back, scale their effect. What every LoRA file format becomes once loaded (:mod:`.formats`).
-"""
+"""peft LoRA layers on a diffusers model: fresh ones to train, given factors put on, read back, scaled:
+what every LoRA file format becomes once loaded (:mod:`.formats`)."""
 
 from __future__ import annotations
 
@@ -18,9 +17,10 @@ from torch import nn
 from .. import values
 from ..checkpoints import config_dir
 
-ADAPTER = "lora"
+_ADAPTER = "lora"
 #: what the official filter ``'.attn'`` selects, in diffusers' names: attention q, k, v and output
 ATTENTION_TARGETS = r".*\.attention\.(to_q|to_k|to_v|to_out\.0)"
+_STRENGTH = "the LoRA's weight: 0 off, 1 as trained"
 
 
 class LoraError(ValueError):
@@ -28,11 +28,11 @@ class LoraError(ValueError):
 
 
 @dataclass(frozen=True)
-class LoraFactors:
-    """One module's LoRA: weight += alpha / rank · up @ down."""
+class _LoraFactors:
+    """One module's LoRA, whichever file format it came from: weight += alpha / rank · up @ down."""
 
-    down: torch.Tensor  # rank × in (× kh × kw for convolutions): peft's lora_A
-    up: torch.Tensor  # out × rank (× 1 × 1): peft's lora_B
+    down: torch.Tensor  # rank × in: peft's lora_A
+    up: torch.Tensor  # out × rank: peft's lora_B
     alpha: float
 
     @property
@@ -40,43 +40,23 @@ class LoraFactors:
         return self.down.shape[0]
 
 
-def lora_layers(model: nn.Module, adapter: str = ADAPTER) -> dict[str, nn.Module]:
-    """The peft LoRA layers of ``model`` that carry ``adapter``, by module name.
-
-    Args:
-        model: a UNet or text encoder.
-        adapter: the peft adapter name; the package uses one, "lora".
-
-    Returns:
-        Module name → peft ``LoraLayer``.
-    """
+def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The peft LoRA layers of ``model`` by module name: what a LoRA put on it consists of."""
     from peft.tuners.lora import LoraLayer
 
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A}
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer) and _ADAPTER in m.lora_A}
 
 
-def refuse_streamed(model: nn.Module) -> None:
-    """With ``memory="sequential_offload"`` accelerate keeps the weights off the model (on the "meta"
-    device) and streams them in per layer: LoRA layers and new token rows added there would never
-    reach the GPU (peft leaves them on the CPU, the embedding resize breaks the stream)."""
+def _refuse_unadaptable(model: nn.Module) -> None:
+    """Why: one LoRA per model (a second mixes in), none on streamed (meta) weights peft cannot reach."""
+    from peft.tuners.lora import LoraLayer
+
     if any(p.device.type == "meta" for p in model.parameters()):
         raise LoraError(
             "this model was loaded with memory='sequential_offload', whose weights stream in layer by layer: "
             "a LoRA cannot be added to it. Load the prior with memory='model_offload' (one big model on the "
             "GPU at a time) or memory='gpu'"
         )
-
-
-def refuse_second_lora(model: nn.Module) -> None:
-    """Refuse a model that already carries LoRA layers (one LoRA per model: a second one would mix
-    with the first), or whose weights stream in (:func:`refuse_streamed`), before anything changes.
-
-    Raises:
-        LoraError: naming what to load instead.
-    """
-    from peft.tuners.lora import LoraLayer
-
-    refuse_streamed(model)
     if any(isinstance(m, LoraLayer) for m in model.modules()):
         raise LoraError(
             "this model already carries a LoRA. Load a fresh prior (load_prior) to use another one, "
@@ -105,94 +85,59 @@ def inject_lora(model: nn.Module, rank: int = 4, alpha: float = 1.0, targets=ATT
     from peft import LoraConfig, inject_adapter_in_model
     from peft.tuners.tuners_utils import cast_adapter_dtype
 
-    refuse_second_lora(model)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets)
-    inject_adapter_in_model(config, model, adapter_name=ADAPTER)
-    cast_adapter_dtype(model, ADAPTER)
-    return list(lora_layers(model))
+    _refuse_unadaptable(model)
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets), model, _ADAPTER)
+    cast_adapter_dtype(model, _ADAPTER)
+    return list(_lora_layers(model))
 
 
-def apply_factors(
-    model: nn.Module, factors: Mapping[str, LoraFactors], strength: float = 1.0, *, checked: bool = False
-) -> None:
-    """Put given LoRA factors on the named modules of ``model`` (each its own rank and alpha).
+def _check_factors(model: nn.Module, factors: Mapping[str, _LoraFactors]) -> None:
+    """Why: a LoRA made for another model is named before anything changes (peft would fail halfway)."""
+    modules = dict(model.named_modules())
+    for name, f in factors.items():
+        if not hasattr(modules.get(name), "weight"):
+            raise LoraError(f"the LoRA adapts {name}, which this model lacks: it was made for another model")
+        if not (torch.isfinite(f.down).all() and torch.isfinite(f.up).all() and math.isfinite(f.alpha)):
+            raise LoraError(f"the LoRA's factors for {name} hold NaN or infinite values: the file is damaged")
+        if f.up.shape[1] != f.rank:
+            raise LoraError(f"the LoRA's factors for {name} have ranks {f.rank} and {f.up.shape[1]}: damaged")
+        out_features, in_features = modules[name].weight.shape[:2]
+        lora_out, lora_in = f.up.shape[0], f.down.shape[1]
+        if (lora_out, lora_in) != (out_features, in_features):
+            raise LoraError(
+                f"the LoRA for {name} maps {lora_in} → {lora_out} features, the module {in_features} → "
+                f"{out_features}: {_other_size_hint(lora_in, in_features)}"
+            )
 
-    Args:
-        model: a UNet or text encoder without a LoRA.
-        factors: module name → :class:`LoraFactors`; empty does nothing.
-        strength: the LoRA's weight (:func:`set_lora_strength`): 0 off, 1 as trained.
-        checked: the caller ran :func:`check_factors` on these factors already (``load_lora`` checks
-            everything before it changes anything): skip the second pass over every factor.
 
-    Raises:
-        LoraError: what :func:`check_factors` refuses (checked before anything changes).
-        ValueError: a strength that is not a finite number.
-    """
+def _apply_factors(model: nn.Module, factors: Mapping[str, _LoraFactors], strength: float) -> None:
+    """Why: peft cannot put given factors (per-module rank and alpha) on a model: inject, then copy in."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    values._finite(strength, "strength", "the LoRA's weight: 0 off, 1 as trained")
     if not factors:
         return
-    if not checked:
-        check_factors(model, factors)
-    ranks = Counter(f.rank for f in factors.values())
     config = LoraConfig(
-        r=ranks.most_common(1)[0][0],
+        r=Counter(f.rank for f in factors.values()).most_common(1)[0][0],
         lora_alpha=1.0,
         target_modules=list(factors),
         rank_pattern={re.escape(name): f.rank for name, f in factors.items()},
         alpha_pattern={re.escape(name): f.alpha for name, f in factors.items()},
     )
-    inject_adapter_in_model(config, model, adapter_name=ADAPTER)
-    layers = lora_layers(model)
+    inject_adapter_in_model(config, model, adapter_name=_ADAPTER)
+    layers = _lora_layers(model)
     with torch.no_grad():
         for name, f in factors.items():
-            layer = layers[name]
-            layer.lora_A[ADAPTER].weight.copy_(f.down)
-            layer.lora_B[ADAPTER].weight.copy_(f.up)
+            layers[name].lora_A[_ADAPTER].weight.copy_(f.down)
+            layers[name].lora_B[_ADAPTER].weight.copy_(f.up)
     set_lora_strength(model, strength)
 
 
-def check_factors(model: nn.Module, factors: Mapping[str, LoraFactors]) -> None:
-    """Refuse, before anything changes, factors that :func:`apply_factors` could not put on
-    ``model``: a second LoRA, a streamed model, modules it lacks, shapes that differ.
-
-    Args:
-        model, factors: as for :func:`apply_factors`.
-
-    Raises:
-        LoraError: naming the module, and for another width the Stage C the LoRA was made for; also
-            for NaN or infinite factors.
-    """
-    if not factors:
-        return
-    refuse_second_lora(model)
-    modules = dict(model.named_modules())
-    for name, f in factors.items():
-        if name not in modules or not hasattr(modules[name], "weight"):
-            raise LoraError(
-                f"the LoRA adapts {name}, which this model does not have: it was made for another model"
-            )
-        if not (torch.isfinite(f.down).all() and torch.isfinite(f.up).all() and math.isfinite(f.alpha)):
-            raise LoraError(f"the LoRA's factors for {name} hold NaN or infinite values: the file is damaged")
-        out_features, in_features = modules[name].weight.shape[:2]
-        lora_out, lora_in = f.up.shape[0], f.down.shape[1]
-        if (lora_out, lora_in) != (out_features, in_features) or f.up.shape[1] != f.rank:
-            raise LoraError(
-                f"the LoRA for {name} maps {lora_in} → {lora_out} features, the module {in_features} → "
-                f"{out_features}: {other_size_hint(lora_in, in_features)}"
-            )
-
-
-def lora_factors(model: nn.Module) -> dict[str, LoraFactors]:
-    """The LoRA currently on ``model``, module by module (detached copies)."""
+def _lora_factors(model: nn.Module) -> dict[str, _LoraFactors]:
+    """The LoRA on ``model``, module by module (detached copies): what every file format writes."""
     factors = {}
-    for name, layer in lora_layers(model).items():
-        factors[name] = LoraFactors(
-            layer.lora_A[ADAPTER].weight.detach().clone(),
-            layer.lora_B[ADAPTER].weight.detach().clone(),
-            float(layer.lora_alpha[ADAPTER]),
-        )
+    for name, layer in _lora_layers(model).items():
+        down, up = (weights[_ADAPTER].weight.detach().clone() for weights in (layer.lora_A, layer.lora_B))
+        factors[name] = _LoraFactors(down, up, float(layer.lora_alpha[_ADAPTER]))
     return factors
 
 
@@ -204,16 +149,14 @@ def set_lora_strength(model, strength: float) -> None:
         model: a UNet, a text encoder or a prior.
         strength: any finite number (negative ones reverse the LoRA); NaN would give black pictures.
     """
-    strength = values._finite(strength, "strength", "the LoRA's weight: 0 off, 1 as trained")
-    models = [model.unet, model.text_encoder] if hasattr(model, "unet") else [model]
-    for m in models:
-        for layer in lora_layers(m).values():
-            layer.set_scale(ADAPTER, strength)
+    strength = values._finite(strength, "strength", _STRENGTH)
+    for m in [model.unet, model.text_encoder] if hasattr(model, "unet") else [model]:
+        for layer in _lora_layers(m).values():
+            layer.set_scale(_ADAPTER, strength)
 
 
-def remove_lora(model: nn.Module) -> None:
-    """Take every peft LoRA layer off ``model``, each replaced by the layer it wraps: the model is
-    again as loaded. What a failed :func:`~cascade_helpers.lora.load_lora` undoes."""
+def _remove_lora(model: nn.Module) -> None:
+    """Why: a load that fails midway must leave the model as loaded: each peft layer back to its base."""
     from peft.tuners.lora import LoraLayer
 
     for name, module in list(model.named_modules()):
@@ -223,34 +166,18 @@ def remove_lora(model: nn.Module) -> None:
     model.__dict__.pop("peft_config", None)  # what inject_adapter_in_model leaves on the model
 
 
-# --- sizes, for error messages -----------------------------------------------------------------------
-
-
 @cache
-def _stage_c_widths() -> dict[int, str]:
-    """Attention width → Stage C architecture, from the shipped configs."""
-    widths = {}
+def _describe_width(width: int) -> str:
+    """Why: "Stage C lite (width 1536)" says more to a user than a bare number."""
     for architecture in ("big", "lite", "tiny"):
         config = json.loads((config_dir("stage_c", architecture) / "config.json").read_text())
-        widths[config["block_out_channels"][0]] = architecture
-    return widths
+        if config["block_out_channels"][0] == width:
+            return f"Stage C {architecture} (width {width})"
+    return f"a model of width {width}"
 
 
-def _describe_width(width: int) -> str:
-    architecture = _stage_c_widths().get(width)
-    return f"Stage C {architecture} (width {width})" if architecture else f"a model of width {width}"
-
-
-def other_size_hint(lora_width: int, model_width: int) -> str:
-    """The end of an error about a LoRA made for another model: which Stage C each width is, and
-    what to load instead.
-
-    Args:
-        lora_width, model_width: the LoRA's and the loaded model's feature widths.
-
-    Returns:
-        The sentence, naming Stage C big, lite or tiny where a width is one of theirs.
-    """
+def _other_size_hint(lora_width: int, model_width: int) -> str:
+    """Why: the one ending of every "made for another Stage C" error: both models, and what to load."""
     return (
         f"the LoRA was made for {_describe_width(lora_width)}, the loaded model is {_describe_width(model_width)}. "
         "Load the Stage C it was trained for (load_prior(..., variant='big' or 'lite'))"

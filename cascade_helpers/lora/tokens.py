@@ -1,7 +1,6 @@
-"""New words for the text encoder: tokens added to the tokenizer, initialized the official way (the
-mean embedding of existing tokens that match a regex), as fixed rows for inference or trainable rows
-for training.
-"""
+"""New words for the text encoder, initialized the official way (the mean embedding of the tokens a regex
+matches), as fixed rows or trainable ones. Every check runs before anything changes; the tokenizer
+changes last (its added tokens cannot be taken back)."""
 
 from __future__ import annotations
 
@@ -14,41 +13,54 @@ from torch import nn
 
 from .adapters import LoraError
 
-#: a token to add and the regex of existing tokens whose mean embedding initializes it (the official
-#: ``train_tokens`` entries), e.g. ``("[fernando]", "^dog</w>")``
-NewToken = tuple[str, str | None]
+_PAIR = "(token, regex) pairs such as ('[fernando]', '^dog</w>')"
 
 
-def token_embedding(text_encoder: nn.Module) -> nn.Embedding:
-    return text_encoder.get_input_embeddings()
+def _check_token_text(token: object) -> None:
+    """Why: a token that is no text, or only blanks, would match nothing or everything."""
+    if not isinstance(token, str) or not token.strip():
+        raise LoraError(f"a new token must be a non-empty string such as '[fernando]', not {token!r}")
 
 
-def check_new_tokens(tokenizer, tokens: Sequence[str], *, allow_existing: bool = False) -> None:
-    """Refuse, before anything changes, a token that cannot be added as a new word: not a string,
-    given twice, added already (a LoRA loaded twice), or — unless ``allow_existing`` — a word the
-    tokenizer already has. An added token is matched in the text before anything else, so a LoRA
-    whose new token is ``"cat"`` would take over every "cat" in every prompt, and the start of
-    "category" too; the official tokens are bracketed (``[fernando]``) so that they never collide.
+def _token_entry(entry: object) -> tuple[str, re.Pattern | None]:
+    """Why: one ``(token, regex)`` pair checked and compiled, so that a typo fails before any change."""
+    if isinstance(entry, str) or not isinstance(entry, Sequence) or len(entry) != 2:
+        raise LoraError(f"new_tokens entries are {_PAIR}, not {entry!r}")
+    token, pattern = entry
+    _check_token_text(token)
+    if pattern is not None and not isinstance(pattern, str):
+        raise LoraError(f"the regex of {token!r} must be a string or None, not {pattern!r}")
+    try:
+        return token, None if pattern is None else re.compile(pattern)
+    except re.error as error:
+        raise LoraError(f"the regex {pattern!r} of the new token {token!r} is not valid: {error}") from None
 
-    Args:
-        tokenizer: the CLIP tokenizer the tokens would join.
-        tokens: the new tokens.
-        allow_existing: take over existing words anyway.
 
-    Raises:
-        LoraError: the first token refused, and why.
-    """
+def _token_entries(new_tokens: object) -> list[tuple[str, re.Pattern | None]]:
+    """Why: the config checks ``new_tokens`` before any tokenizer is at hand; loading uses the regexes."""
+    if isinstance(new_tokens, str) or not isinstance(new_tokens, Sequence):
+        raise LoraError(f"new_tokens is a list of {_PAIR}, not {new_tokens!r}")
+    return [_token_entry(entry) for entry in new_tokens]
+
+
+def _check_new_tokens(
+    text_encoder: nn.Module, tokenizer, tokens: Sequence[str], allow_existing: bool
+) -> None:
+    """Why: an added token wins over words ("cat" would take over every prompt): refuse what would clash."""
+    rows = text_encoder.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) != rows:
+        raise LoraError(
+            f"the tokenizer has {len(tokenizer)} tokens and the text encoder {rows} embedding rows: they "
+            "disagree (tokens were added to one of them only); load the prior again"
+        )
     added = set(tokenizer.get_added_vocab())
-    vocabulary = tokenizer.get_vocab()
     for i, token in enumerate(tokens):
         _check_token_text(token)
-        if token in tokens[:i]:
-            raise LoraError(f"the new token {token!r} is given twice")
-        if token in added:
-            raise LoraError(f"the tokenizer already has the token {token!r}: was this LoRA loaded twice?")
+        if token in tokens[:i] or token in added:
+            again = "given twice" if token in tokens[:i] else "added already: was this LoRA loaded twice?"
+            raise LoraError(f"the new token {token!r} is {again}")
         pieces = tokenizer.tokenize(token)
-        existing = token in vocabulary or (len(pieces) == 1 and pieces[0] in vocabulary)
-        if existing and not allow_existing:
+        if not allow_existing and _known_word(tokenizer.get_vocab(), token, pieces):
             raise LoraError(
                 f"the new token {token!r} is already a word of the tokenizer ({pieces[0] if pieces else token!r}): "
                 f"adding it would take over every prompt that says {token!r}, and words that start with it. "
@@ -57,193 +69,70 @@ def check_new_tokens(tokenizer, tokens: Sequence[str], *, allow_existing: bool =
             )
 
 
-def _check_token_text(token: object) -> None:
-    if not isinstance(token, str) or not token.strip():
-        raise LoraError(f"a new token must be a non-empty string such as '[fernando]', not {token!r}")
+def _known_word(vocabulary: Mapping[str, int], token: str, pieces: list[str]) -> bool:
+    """Why: a word the tokenizer has, as written or as its one piece (``cat`` is ``cat</w>``)."""
+    return token in vocabulary or (len(pieces) == 1 and pieces[0] in vocabulary)
 
 
-def check_new_token_entries(new_tokens: Sequence[NewToken]) -> list[tuple[str, re.Pattern | None]]:
-    """``(token, regex or None)`` pairs, each token a non-empty string and each regex compiled: a typo
-    fails here, before any change (and before any tokenizer is at hand: the training settings check
-    their ``new_tokens`` with it).
-
-    Returns:
-        ``(token, compiled regex or None)`` per entry, in order.
-
-    Raises:
-        LoraError: ``new_tokens`` is not a list of pairs, or names the first bad token or regex.
-    """
-    if isinstance(new_tokens, str) or not isinstance(new_tokens, Sequence):
+def _check_token_rows(rows: torch.Tensor, text_encoder: nn.Module, what: str = "token embeddings") -> None:
+    """Why: token rows made for another text encoder, or damaged, are refused before any row is added."""
+    width = text_encoder.get_input_embeddings().weight.shape[1]
+    if rows.dim() != 2 or rows.shape[-1] != width:
         raise LoraError(
-            f"new_tokens is a list of (token, regex) pairs such as [('[fernando]', '^dog</w>')], not {new_tokens!r}"
+            f"the LoRA's {what} are {rows.shape[-1] if rows.dim() else 0} wide, this text encoder's are {width}: "
+            "it was made for another text encoder (Stable Cascade's CLIP bigG is 1280 wide)"
         )
-    entries = []
-    for entry in new_tokens:
-        if isinstance(entry, str) or not isinstance(entry, Sequence) or len(entry) != 2:
-            raise LoraError(
-                f"new_tokens entries are (token, regex) pairs such as ('[fernando]', '^dog</w>'), not {entry!r}"
-            )
-        token, pattern = entry
-        _check_token_text(token)
-        if pattern is not None and not isinstance(pattern, str):
-            raise LoraError(f"the regex of {token!r} must be a string or None, not {pattern!r}")
-        try:
-            entries.append((token, None if pattern is None else re.compile(pattern)))
-        except re.error as error:
-            raise LoraError(
-                f"the regex {pattern!r} of the new token {token!r} is not valid: {error}"
-            ) from None
-    return entries
+    if not torch.isfinite(rows).all():
+        raise LoraError(f"the LoRA's {what} hold NaN or infinite values: the file is damaged")
 
 
-def _check_vocabulary(text_encoder: nn.Module, tokenizer) -> None:
-    """A LoraError unless the tokenizer has as many tokens as the text encoder has rows: a new
-    token's id is the next row of both."""
-    rows = token_embedding(text_encoder).weight.shape[0]
-    if len(tokenizer) != rows:
-        raise LoraError(
-            f"the tokenizer has {len(tokenizer)} tokens and the text encoder {rows} embedding rows: "
-            "they disagree (tokens were added to one of them only); load the prior again"
-        )
-
-
-def initial_token_rows(
-    text_encoder: nn.Module, tokenizer, new_tokens: Sequence[NewToken], *, allow_existing: bool = False
-) -> dict[str, torch.Tensor]:
-    """The initial embedding rows of ``new_tokens``, as the official code makes them: each token will
-    get id = current vocabulary size (in order), and its row is the mean of the rows whose token
-    matches its regex (tokens added before it included), or zeros when nothing matches (the official
-    code warns and does the same). Nothing is changed: :func:`add_tokens` (inference) or
-    :func:`install_new_tokens` (training) adds them. Checked first (:func:`check_new_tokens`).
-
-    Args:
-        text_encoder, tokenizer: the prior's.
-        new_tokens: ``(token, regex or None)`` pairs, the official ``train_tokens`` entries.
-        allow_existing: let a token be a word the tokenizer already has.
-
-    Returns:
-        Token → embedding row, in order.
-
-    Raises:
-        LoraError: a malformed entry or regex, a token :func:`check_new_tokens` refuses, or a
-            tokenizer and text encoder that disagree on the vocabulary size.
-    """
-    entries = check_new_token_entries(new_tokens)
-    check_new_tokens(tokenizer, [token for token, _ in entries], allow_existing=allow_existing)
-    _check_vocabulary(text_encoder, tokenizer)
-    weight = token_embedding(text_encoder).weight.detach()
+def _initial_token_rows(
+    text_encoder: nn.Module, tokenizer, new_tokens: Sequence, allow_existing: bool
+) -> dict:
+    """Why: as official, a new token starts from the mean row its regex matches (none: zeros, warned)."""
+    entries = _token_entries(new_tokens)
+    _check_new_tokens(text_encoder, tokenizer, [token for token, _ in entries], allow_existing)
+    all_rows = text_encoder.get_input_embeddings().weight.detach()
     vocabulary = dict(tokenizer.get_vocab())
     rows: dict[str, torch.Tensor] = {}
     for token, pattern in entries:
-        rows[token] = _initial_row(weight, list(rows.values()), vocabulary, pattern)
-        vocabulary[token] = weight.shape[0] + len(rows) - 1
+        ids = sorted(i for t, i in vocabulary.items() if pattern and pattern.search(t))
+        if pattern and not ids:
+            warnings.warn(
+                f"no token matches {pattern.pattern!r}: the new token starts from zeros", stacklevel=3
+            )
+        rows[token] = all_rows[ids].mean(dim=0) if ids else torch.zeros_like(all_rows[0])
+        vocabulary[token] = len(all_rows)
+        all_rows = torch.cat([all_rows, rows[token][None]])
     return rows
 
 
-def _initial_row(
-    weight: torch.Tensor, added: list[torch.Tensor], vocabulary: Mapping[str, int], pattern: re.Pattern | None
-) -> torch.Tensor:
-    all_rows = torch.cat([weight, *[r[None] for r in added]]) if added else weight
-    if pattern is None:
-        return torch.zeros_like(weight[0])
-    ids = [i for t, i in vocabulary.items() if pattern.search(t) and i < all_rows.shape[0]]
-    if not ids:
-        warnings.warn(f"no token matches {pattern.pattern!r}: the new token starts from zeros", stacklevel=3)
-        return torch.zeros_like(weight[0])
-    return all_rows[sorted(ids)].mean(dim=0)
-
-
-def append_token_rows(text_encoder: nn.Module, rows: Sequence[torch.Tensor]) -> None:
-    """Grow the text encoder's vocabulary by ``rows`` (in order: ids old size, old size + 1, ...).
-
-    Args:
-        text_encoder: the CLIP text encoder; its token embedding is resized in place.
-        rows: the new rows, each of the text encoder's width; none does nothing.
-    """
+def _append_token_rows(text_encoder: nn.Module, rows: Sequence[torch.Tensor]) -> None:
+    """Why: transformers' resize adds rows but cannot fill them: grow the vocabulary by ``rows``."""
     if not rows:
         return
-    old = token_embedding(text_encoder).weight.shape[0]
+    old = text_encoder.get_input_embeddings().weight.shape[0]
     text_encoder.resize_token_embeddings(old + len(rows), mean_resizing=False)
-    weight = token_embedding(text_encoder).weight
+    weight = text_encoder.get_input_embeddings().weight
     with torch.no_grad():
         weight[old:] = torch.stack([r.to(weight.device, weight.dtype) for r in rows])
 
 
-def check_token_width(rows: torch.Tensor, text_encoder: nn.Module) -> None:
-    """Refuse token rows made for another text encoder before any row is added.
-
-    Args:
-        rows: n × width token embeddings (or deltas) from a file.
-        text_encoder: the text encoder they would join (1280 wide for Stable Cascade's CLIP bigG).
-
-    Raises:
-        LoraError: ``rows`` is not 2-D or has another width.
-    """
-    width = token_embedding(text_encoder).weight.shape[1]
-    if rows.dim() != 2 or rows.shape[-1] != width:
-        raise LoraError(
-            f"the LoRA's token embeddings are {rows.shape[-1] if rows.dim() else 0} wide, this text encoder's are "
-            f"{width}: it was made for another text encoder (Stable Cascade's CLIP bigG is 1280 wide)"
-        )
+def _check_added_tokens(text_encoder: nn.Module, tokenizer, tokens: Mapping, allow_existing: bool) -> None:
+    """Why: everything :func:`_add_tokens` needs, checked before anything changes."""
+    if tokens:
+        _check_token_rows(torch.stack(list(tokens.values())), text_encoder)
+        _check_new_tokens(text_encoder, tokenizer, list(tokens), allow_existing)
 
 
-def check_added_tokens(
-    text_encoder: nn.Module, tokenizer, tokens: Mapping[str, torch.Tensor], *, allow_existing: bool = False
-) -> None:
-    """Everything :func:`add_tokens` checks, before anything changes: rows of the text encoder's
-    width, tokens :func:`check_new_tokens` accepts, a tokenizer and text encoder of one vocabulary.
-
-    Args:
-        text_encoder, tokenizer: the prior's.
-        tokens: token → embedding row; none passes.
-        allow_existing: let a token be a word the tokenizer already has.
-
-    Raises:
-        LoraError: the first thing refused, named.
-    """
-    if not tokens:
-        return
-    check_token_width(torch.stack(list(tokens.values())), text_encoder)
-    check_new_tokens(tokenizer, list(tokens), allow_existing=allow_existing)
-    _check_vocabulary(text_encoder, tokenizer)
-
-
-def add_tokens(
-    text_encoder: nn.Module,
-    tokenizer,
-    tokens: Mapping[str, torch.Tensor],
-    *,
-    allow_existing: bool = False,
-    checked: bool = False,
-) -> None:
-    """Teach a tokenizer and its text encoder new tokens with given embedding rows. Everything is
-    checked before anything changes (:func:`check_added_tokens`); the tokenizer changes last.
-
-    Args:
-        text_encoder, tokenizer: the prior's.
-        tokens: token → embedding row (the text encoder's width).
-        allow_existing: let a token be a word the tokenizer already has (it takes the word over).
-        checked: the caller ran :func:`check_added_tokens` already (``load_lora`` checks everything
-            before it changes anything): do not check again.
-
-    Raises:
-        LoraError: a token refused (:func:`check_new_tokens`), rows of another width, or a tokenizer
-            and text encoder that disagree on the vocabulary size.
-    """
-    if not tokens:
-        return
-    if not checked:
-        check_added_tokens(text_encoder, tokenizer, tokens, allow_existing=allow_existing)
-    append_token_rows(text_encoder, list(tokens.values()))
+def _add_tokens(text_encoder: nn.Module, tokenizer, tokens: Mapping[str, torch.Tensor]) -> None:
+    """Why: new words with given rows (a LoRA file's, an embedding's); the tokenizer changes last."""
+    _append_token_rows(text_encoder, list(tokens.values()))
     tokenizer.add_tokens(list(tokens))
 
 
-# --- trainable rows (LoRA training) ------------------------------------------------------------------
-
-
-class NewTokenEmbedding(nn.Module):
-    """The text encoder's token embedding with trainable rows for tokens added after its vocabulary:
-    only those rows learn (the official ``ReToken`` trains deltas on the same rows)."""
+class _TrainableTokens(nn.Module):
+    """Why: only the new tokens' rows learn (as the official ``ReToken``), after the vocabulary."""
 
     def __init__(self, base: nn.Embedding, rows: torch.Tensor) -> None:
         super().__init__()
@@ -261,25 +150,13 @@ class NewTokenEmbedding(nn.Module):
         return torch.where((ids >= size)[..., None], new, known)
 
 
-def install_new_tokens(
-    prior, new_tokens: Sequence[NewToken], *, allow_existing: bool = False
-) -> NewTokenEmbedding | None:
-    """Add ``new_tokens`` to the tokenizer, initialized the official way, with trainable embeddings.
-
-    Args:
-        prior: the loaded prior (its tokenizer and text encoder change).
-        new_tokens: ``(token, regex or None)`` pairs (:func:`initial_token_rows`).
-        allow_existing: let a token be a word the tokenizer already has.
-
-    Returns:
-        The trainable embedding, or None without new tokens.
-    """
+def _install_trainable_tokens(prior, new_tokens: Sequence) -> _TrainableTokens | None:
+    """Why: training adds its new tokens, initialized the official way, as trainable rows."""
     if not new_tokens:
         return None
-    rows = initial_token_rows(prior.text_encoder, prior.tokenizer, new_tokens, allow_existing=allow_existing)
-    module = NewTokenEmbedding(token_embedding(prior.text_encoder), torch.stack(list(rows.values()))).to(
-        prior.device
-    )
+    rows = _initial_token_rows(prior.text_encoder, prior.tokenizer, new_tokens, False)
+    embedding = prior.text_encoder.get_input_embeddings()
+    module = _TrainableTokens(embedding, torch.stack(list(rows.values()))).to(prior.device)
     prior.text_encoder.set_input_embeddings(module)
     prior.tokenizer.add_tokens(list(rows))
     return module

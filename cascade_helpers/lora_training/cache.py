@@ -1,6 +1,5 @@
-"""Feature caches: EfficientNet latents, CLIP image embeddings and text embeddings, computed once and
-kept on disk, keyed by file contents and a fingerprint of the encoder, so later epochs and later runs
-never run the encoders again."""
+"""Feature caches: EfficientNet latents, CLIP image and text embeddings computed once, kept on disk keyed
+by file contents and the encoder's fingerprint, so later epochs and runs never run the encoders again."""
 
 from __future__ import annotations
 
@@ -19,12 +18,12 @@ from ..conditioning import encode_image_clip, encode_text
 from ..effnet import encode as effnet_encode
 from ..images import resize_and_crop
 from ..models import Prior
-from .data import TrainingImage, closest_bucket, crop_position, read_picture, scaled_size
+from .config import LoraTrainingConfig
+from .data import TrainingImage, _crop_position, _read_picture, _scaled_size, bucket_sizes, closest_bucket
 
 
-def fingerprint(module: nn.Module) -> str:
-    """A short hash of a model's first and last weights: cached features of another model (or other
-    weights) are never reused."""
+def _fingerprint(module: nn.Module) -> str:
+    """Why: features of other weights must never be reused: a hash of the first and last weights keys them."""
     digest = hashlib.sha1(type(module).__name__.encode())
     parameters = list(module.parameters())
     for p in (parameters[0], parameters[-1]):
@@ -55,6 +54,8 @@ class CacheReport:
 
 @dataclass
 class CachedImage:
+    """A training picture as the loop reads it: its latents (and image embedding), caption, bucket."""
+
     latents: torch.Tensor  # 16 × h × w, float32
     image_embeds: torch.Tensor | None  # 1 × E, float32
     caption: str
@@ -62,91 +63,63 @@ class CachedImage:
 
 
 def _cache_file(folder: Path, *parts: str) -> Path:
+    """Why: a cache entry's name is a hash of everything that decides its contents."""
     return folder / f"{hashlib.sha1('|'.join(parts).encode()).hexdigest()[:24]}.safetensors"
 
 
-def _load_or_compute(
-    path: Path, compute: Callable[[], dict[str, torch.Tensor]]
-) -> tuple[dict[str, torch.Tensor], bool]:
-    if path.is_file():
-        return load_file(str(path)), True
+def _load_or_compute(path: Path, compute: Callable[[], dict], report: CacheReport, kind: str) -> dict:
+    """Why: every cache reads back what is there or computes and writes it (atomically), and counts which."""
+    hit = path.is_file()
+    counter = f"{kind}_{'cached' if hit else 'computed'}"
+    setattr(report, counter, getattr(report, counter) + 1)
+    if hit:
+        return load_file(str(path))
     tensors = {k: v.float() for k, v in compute().items()}
     _save_safetensors(path, tensors)  # atomic: a half-written cache file never looks complete
-    return {k: v.detach().cpu() for k, v in tensors.items()}, False
+    return {k: v.detach().cpu() for k, v in tensors.items()}
 
 
-def cache_images(
+def _cache_images(
     prior: Prior,
     images: Sequence[TrainingImage],
-    sizes: Sequence[tuple[int, int]],
+    config: LoraTrainingConfig,
     folder: Path,
-    with_image_embeds: bool,
     report: CacheReport,
-    *,
-    crop: str = "center",
-    seed: int = 0,
-    max_image_size: int | None = None,
 ) -> list[CachedImage]:
-    """EfficientNet latents (and CLIP image embeddings) of every picture, from the cache when there.
-
-    Args:
-        prior: the prior whose EfficientNet (and image encoder) encode the pictures.
-        images: the pictures.
-        sizes: the aspect buckets (EfficientNet input sizes); each picture goes to the closest.
-        folder: the cache folder.
-        with_image_embeds: also compute CLIP image embeddings.
-        report: counts what was computed and what was read back.
-        crop: ``"center"`` or ``"random"`` (:func:`.data.crop_position`).
-        seed: the run's seed (random crops).
-        max_image_size: pictures with a larger shorter side are scaled down to it first.
-
-    Returns:
-        One :class:`CachedImage` per picture, in order.
-    """
+    """Why: latents (and image embeddings) once, keyed by the bytes, bucket, encoders, crop and size."""
     effnet = prior.require("effnet", "LoRA training")
-    keys = [fingerprint(effnet), fingerprint(prior.image_encoder) if with_image_embeds else "-"]
+    with_image_embeds, most = config.image_embed_probability > 0, config.max_image_size
+    keys = [_fingerprint(effnet), _fingerprint(prior.image_encoder) if with_image_embeds else "-"]
+    sizes = bucket_sizes(config.resolution, config.aspect_ratios)
     cached = []
     for image in tqdm(images, desc="caching latents", leave=False):
         # the bucket from the header's size: a picture already in the cache is never decoded
-        bucket = closest_bucket(*scaled_size(*image.size, max_image_size), sizes)
+        bucket = closest_bucket(*_scaled_size(*image.size, most), sizes)
         content = image.path.read_bytes()
-        position = crop_position(crop, content, seed)
-        settings = (f"crop={position}", f"max={max_image_size or None}")  # they change the latents
+        position = _crop_position(config.crop, content, config.seed)
+        settings = (f"crop={position}", f"max={most or None}")  # they change the latents
         path = _cache_file(
             folder / "latents", hashlib.sha1(content).hexdigest(), str(bucket), *keys, *settings
         )
 
         def compute(image=image, bucket=bucket, position=position):
-            picture = read_picture(image.path, max_image_size)
-            cropped = resize_and_crop(picture, *bucket, position)
+            cropped = resize_and_crop(_read_picture(image.path, most), *bucket, position)
             # as official training encodes: already at the bucket size, ImageNet normalization only
             tensors = {"latents": effnet_encode(effnet, cropped[None], downscale=False)[0]}
             if with_image_embeds:
                 tensors["image_embeds"] = encode_image_clip(prior, cropped[None])[0]
             return tensors
 
-        tensors, hit = _load_or_compute(path, compute)
-        report.latents_cached += hit
-        report.latents_computed += not hit
+        tensors = _load_or_compute(path, compute, report, "latents")
         cached.append(CachedImage(tensors["latents"], tensors.get("image_embeds"), image.caption, bucket))
     return cached
 
 
-def cache_texts(
+def _cache_texts(
     prior: Prior, captions: Sequence[str], folder: Path, report: CacheReport
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Text conditioning (hidden 77×D, pooled 1×P) of each caption, from the cache when there.
-
-    Args:
-        prior: the prior whose text encoder encodes the captions (its fingerprint keys the cache).
-        captions: the captions; each distinct one is encoded once.
-        folder: the cache folder (``text/`` inside it).
-        report: counts what was computed and what was read back.
-
-    Returns:
-        Caption → (hidden 77×1280, pooled 1×1280), float32, CPU.
-    """
-    key = fingerprint(prior.text_encoder)
+    """Why: each distinct caption's text conditioning once, keyed by it and the text encoder's fingerprint."""
+    key = _fingerprint(prior.text_encoder)
     texts = {}
     for caption in dict.fromkeys(captions):
         path = _cache_file(folder / "text", caption, key)
@@ -155,8 +128,6 @@ def cache_texts(
             embeddings = encode_text(prior, caption)
             return {"hidden": embeddings.hidden[0], "pooled": embeddings.pooled[0]}
 
-        tensors, hit = _load_or_compute(path, compute)
-        report.texts_cached += hit
-        report.texts_computed += not hit
+        tensors = _load_or_compute(path, compute, report, "texts")
         texts[caption] = (tensors["hidden"], tensors["pooled"])
     return texts

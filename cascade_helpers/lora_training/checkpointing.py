@@ -1,51 +1,34 @@
-"""Checkpoint folders: ``accelerator.save_state`` written into a temporary folder and renamed, so a
-folder named ``step-NNNNNN`` is always complete; a manifest of checksums, so a damaged file is found
-before anything is loaded and the previous intact checkpoint is used instead; the settings the run
-was made with; the rotation that keeps the latest few.
-
-What a checkpoint folder holds (accelerate's names, plus ours):
-
-- ``trainable.safetensors`` — the trained weights only (LoRA factors, new tokens' rows), by name;
-  written by our save hook instead of accelerate's copy of the whole model;
-- ``optimizer.bin``, ``scheduler.bin`` — accelerate's, of the prepared optimizer and lr schedule;
-- ``random_states_<process>.pkl`` — accelerate's: Python, NumPy and torch generators and its
-  accumulation counter, one per process;
-- ``custom_checkpoint_<i>.pkl`` — objects registered with ``register_for_checkpointing``: the step
-  and loss history, our batch generator (every process's state), the EMA weights when on;
-- ``config.json`` — the run's settings (a resume checks the ones that must not change);
-- ``manifest.json`` — the SHA-256 of every file above, written last.
-"""
+"""Checkpoint folders, written into a hidden temporary folder and renamed (``step-NNNNNN`` is always
+complete), with SHA-256 checksums written last (a damaged one is found before anything loads, and the one
+before it used), the latest few kept. They hold safetensors and JSON only, so one someone sent cannot run
+code: hence not accelerate's ``save_state``/``load_state`` and ``ProjectConfiguration(total_limit=...)``,
+which unpickle with ``weights_only=False``, write in place and delete old checkpoints before the new one
+is complete. ``state.safetensors``: ``weights.<name>``, ``ema.<i>``, AdamW's ``optimizer.<i>.<name>``,
+``generators``; ``progress.json``: step, losses, AdamW's groups, EMA updates; ``config.json``: the
+settings. The schedule follows from the settings and the step: a resume honours a changed one."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import re
 import shutil
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
-from ..atomic import _atomic_path, _write_json
+import torch
+from safetensors.torch import load_file
+
+from ..atomic import _atomic_path, _save_safetensors, _write_json
 from .config import LoraTrainingConfig, TrainingError
 
-MANIFEST = "manifest.json"
-CONFIG = "config.json"
-TRAINABLE = "trainable.safetensors"
+_STATE, _PROGRESS, _CONFIG, _MANIFEST = "state.safetensors", "progress.json", "config.json", "manifest.json"
 _NAME = re.compile(r"step-\d{6}")
 
 
-class Registered:
-    """Anything as an object accelerate can ``register_for_checkpointing``: a getter and a setter of
-    its state (accelerate only needs ``state_dict`` / ``load_state_dict``)."""
-
-    def __init__(self, state: Callable[[], dict], load: Callable[[dict], None]) -> None:
-        self.state_dict, self.load_state_dict = state, load
-
-
 def _sha256(path: Path) -> str:
+    """Why: the manifest's checksum of one file, read in blocks (a state file can be large)."""
     digest = hashlib.sha256()
     with path.open("rb") as file:
         for block in iter(lambda: file.read(1 << 20), b""):
@@ -53,93 +36,66 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def damage(folder: Path) -> str | None:
-    """Why the checkpoint in ``folder`` cannot be trusted (a file missing or changed since it was
-    saved, no manifest), or None when every file is as written."""
+def _damage(folder: Path) -> str | None:
+    """Why: a file missing or changed since it was saved is found before anything loads (None: intact)."""
     try:
-        files = json.loads((folder / MANIFEST).read_text())["files"]
+        files = json.loads((folder / _MANIFEST).read_text())["files"]
     except FileNotFoundError:
-        return f"it has no {MANIFEST} (not made by this version, or not finished)"
+        return f"it has no {_MANIFEST} (not made by this version, or not finished)"
     except (OSError, ValueError, KeyError, TypeError) as error:
-        return f"its {MANIFEST} is damaged ({error})"
-    if not isinstance(files, dict):
-        return f"its {MANIFEST} is damaged (no list of files)"
+        return f"its {_MANIFEST} is damaged ({error})"
+    if not isinstance(files, dict) or not {_STATE, _PROGRESS, _CONFIG} <= set(files):
+        return f"its {_MANIFEST} does not list {_STATE}, {_PROGRESS} and {_CONFIG} (not made by this version)"
     for name, expected in files.items():
-        path = folder / name
-        if not path.is_file():
+        if not (folder / name).is_file():
             return f"{name} is missing"
-        if _sha256(path) != expected:
+        if _sha256(folder / name) != expected:
             return f"{name} is damaged (its bytes changed since it was saved)"
     return None
 
 
-class CheckpointFolder:
-    """The ``checkpoints/`` folder of a run, written and read through ``accelerator``."""
+class _CheckpointFolder:
+    """Why: a run's ``checkpoints/`` and its trainer's state: written by the main process, read by all."""
 
-    def __init__(self, folder: Path, accelerator, config: LoraTrainingConfig) -> None:
-        self.folder, self.accelerator, self.config = folder, accelerator, config
+    def __init__(self, trainer) -> None:
+        self.trainer, self.config, self.accelerator = trainer, trainer.config, trainer.accelerator
+        self.folder = trainer.output_dir / "checkpoints"
 
     def list(self) -> list[Path]:
         """Complete checkpoints (named ``step-NNNNNN``), oldest first; temporary ones are hidden."""
-        if not self.folder.is_dir():
-            return []
-        return sorted(p for p in self.folder.iterdir() if _NAME.fullmatch(p.name))
+        return sorted(p for p in self.folder.glob("step-*") if _NAME.fullmatch(p.name))
 
-    def save(self, step: int) -> Path:
-        """Save everything accelerate holds (and our registered state) as ``step-NNNNNN``: first into
-        a hidden temporary folder, with the settings and a manifest, then renamed, so the name never
-        holds half a checkpoint and the previous checkpoints stay until this one is complete."""
-        from accelerate.utils import broadcast_object_list
-
-        accelerator, main = self.accelerator, self.accelerator.is_main_process
-        final = self.folder / f"step-{step:06d}"
-        accelerator.wait_for_everyone()
-        if main:  # temporaries left by a killed run
-            for stale in self.folder.glob(".step-*.tmp"):
-                shutil.rmtree(stale, ignore_errors=True)
-        with _atomic_path(final) if main else contextlib.nullcontext() as temporary:
-            # every process writes its random states into the one folder the main process chose
-            (where,) = broadcast_object_list([str(temporary) if main else None])
-            accelerator.save_state(where)
-            accelerator.wait_for_everyone()
-            if main:
-                _write_json(Path(where) / CONFIG, dataclasses.asdict(self.config))
-                files = sorted(p for p in Path(where).iterdir() if p.is_file())
-                _write_json(Path(where) / MANIFEST, {"files": {p.name: _sha256(p) for p in files}})
-        if main and self.config.keep_checkpoints:
-            for old in self.list()[: -self.config.keep_checkpoints]:
+    def save(self) -> Path:
+        """``step-NNNNNN``, complete or not at all; the older ones stay until it is."""
+        tensors, progress = self._state()
+        final = self.folder / f"step-{self.trainer.step:06d}"
+        if self.accelerator.is_main_process:
+            with _atomic_path(final) as temporary:
+                temporary.mkdir()
+                _save_safetensors(temporary / _STATE, tensors)
+                _write_json(temporary / _PROGRESS, progress)
+                _write_json(temporary / _CONFIG, dataclasses.asdict(self.config))
+                checksums = {p.name: _sha256(p) for p in sorted(temporary.iterdir())}
+                _write_json(temporary / _MANIFEST, {"files": checksums})
+            for old in self.list()[: -self.config.keep_checkpoints] if self.config.keep_checkpoints else ():
                 shutil.rmtree(old)
-        accelerator.wait_for_everyone()
+        self.accelerator.wait_for_everyone()
         return final
 
     def load_latest(self) -> Path | None:
-        """Load the newest intact checkpoint into the accelerator (a damaged one is named, with what
-        is wrong, and skipped for the one before); None when there is none.
-
-        Raises:
-            TrainingError: the checkpoint was made with settings this run cannot continue, or every
-                checkpoint there is damaged.
-        """
+        """The newest intact checkpoint loaded into the trainer (a damaged one named and skipped), or None."""
         damaged = []
         for folder in reversed(self.list()):
-            problem = damage(folder)
-            if problem:
-                damaged.append(f"{folder.name}: {problem}")
-                if self.accelerator.is_main_process:
-                    warnings.warn(
-                        f"the checkpoint {folder} cannot be resumed: {problem}. Trying the one before it.",
-                        stacklevel=3,
-                    )
-                continue
-            self._check_compatible(json.loads((folder / CONFIG).read_text()), folder)
-            try:
-                self.accelerator.load_state(str(folder))
-            except Exception as error:  # a checksum-clean file accelerate still cannot read
-                raise TrainingError(
-                    f"could not load the checkpoint {folder} ({type(error).__name__}: {error}). Move it "
-                    f"out of {self.folder} to resume from the one before, or use another output_dir"
-                ) from error
-            return folder
+            problem = _damage(folder)
+            if problem is None:
+                self._load(folder)
+                return folder
+            damaged.append(f"{folder.name}: {problem}")
+            if self.accelerator.is_main_process:
+                warnings.warn(
+                    f"the checkpoint {folder} cannot be resumed: {problem}. Trying the one before it.",
+                    stacklevel=3,
+                )
         if damaged:
             raise TrainingError(
                 f"no checkpoint in {self.folder} can be resumed ({'; '.join(damaged)}). Delete them to "
@@ -147,7 +103,20 @@ class CheckpointFolder:
             )
         return None
 
-    def _check_compatible(self, saved: dict, where: Path) -> None:
+    def _load(self, folder: Path) -> None:
+        try:
+            progress = json.loads((folder / _PROGRESS).read_text())
+            self._check_compatible(json.loads((folder / _CONFIG).read_text()), progress["step"], folder)
+            self._restore(load_file(str(folder / _STATE)), progress)
+        except TrainingError:
+            raise
+        except Exception as error:  # checksum-clean files that do not fit: made by another version
+            raise TrainingError(
+                f"could not load the checkpoint {folder} ({type(error).__name__}: {error}). Move it "
+                f"out of {self.folder} to resume from the one before, or use another output_dir"
+            ) from error
+
+    def _check_compatible(self, saved: dict, step: int, where: Path) -> None:
         current = dataclasses.asdict(self.config)
         for key in LoraTrainingConfig.RESUME_KEYS:
             before = [tuple(t) for t in saved.get(key, [])] if key == "new_tokens" else saved.get(key)
@@ -156,3 +125,50 @@ class CheckpointFolder:
                     f"the checkpoint in {where} was made with {key}={saved.get(key)!r}, this run has "
                     f"{current[key]!r}. Use the same setting to continue it, or another output_dir to start afresh."
                 )
+        if step > self.config.steps:
+            raise TrainingError(
+                f"the checkpoint in {where} is at step {step}, beyond this run's steps={self.config.steps}: "
+                "raise steps to continue it, or use another output_dir to start afresh"
+            )
+
+    def _trained(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.trainer.objective.named_parameters() if p.requires_grad}
+
+    def _state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """What a resume needs to continue exactly (every process's generator gathered: all must call)."""
+        trainer = self.trainer
+        tensors = {f"weights.{n}": p.detach().float() for n, p in self._trained().items()}
+        generators = trainer.generator.get_state()[None]
+        if self.accelerator.num_processes > 1:
+            generators = self.accelerator.gather(generators.to(self.accelerator.device)).cpu()
+        tensors["generators"] = generators
+        optimizer = trainer.optimizer.state_dict()
+        for i, state in optimizer["state"].items():
+            tensors |= {f"optimizer.{i}.{key}": torch.as_tensor(value) for key, value in state.items()}
+        progress = {"step": trainer.step, "losses": trainer.losses, "param_groups": optimizer["param_groups"]}
+        if trainer.ema is not None:
+            tensors |= {f"ema.{i}": p for i, p in enumerate(trainer.ema.shadow_params)}
+            progress["ema_updates"] = trainer.ema.optimization_step
+        return tensors, progress
+
+    def _restore(self, tensors: dict[str, torch.Tensor], progress: dict) -> None:
+        trainer = self.trainer
+        weights = {k.removeprefix("weights."): v for k, v in tensors.items() if k.startswith("weights.")}
+        if set(weights) != set(self._trained()):
+            raise TrainingError("the checkpoint holds other trained weights than this run trains")
+        trainer.objective.load_state_dict(weights, strict=False)  # the trained ones: the rest stays
+        optimizer: dict[int, dict[str, torch.Tensor]] = {}  # AdamW's state, stored as optimizer.<i>.<name>
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, index, name = key.split(".", 2)
+                optimizer.setdefault(int(index), {})[name] = value
+        trainer.optimizer.load_state_dict({"state": optimizer, "param_groups": progress["param_groups"]})
+        if trainer.ema is not None:
+            shadow = [tensors[f"ema.{i}"].to(trainer.prior.device) for i in range(len(trainer.trainable))]
+            trainer.ema.load_state_dict(
+                {"optimization_step": progress["ema_updates"], "shadow_params": shadow}
+            )
+        saved, index = tensors["generators"], self.accelerator.process_index
+        if index < len(saved):  # a run resumed on more processes starts the extra ones afresh
+            trainer.generator.set_state(saved[index].clone())
+        trainer.step, trainer.losses = int(progress["step"]), [tuple(x) for x in progress["losses"]]

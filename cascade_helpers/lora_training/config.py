@@ -1,5 +1,5 @@
-"""The settings of a LoRA training run, checked when they are made, saved with every checkpoint and
-as JSON for the command line."""
+"""The settings of a LoRA training run, checked when they are made (a value training could not use
+fails here, not after the last step), saved with every checkpoint and as JSON for the command line."""
 
 from __future__ import annotations
 
@@ -13,19 +13,76 @@ from pathlib import Path
 
 from .. import files, values
 from ..atomic import _write_json
-from ..lora import ATTENTION_TARGETS, LoraError, NewToken, check_new_token_entries
+from ..lora.adapters import ATTENTION_TARGETS, LoraError
+from ..lora.tokens import _token_entries
 from ..sampling import OFFICIAL_DECODER, OFFICIAL_PRIOR
-from ..sizes import _GENERATION, _TRAINING, check_size
+from ..sizes import _GENERATION, _STRIDE, _TRAINING
 
 #: the official config's ``multi_aspect_ratio`` (width / height); the reciprocals are added
 OFFICIAL_ASPECT_RATIOS = ("1/1", "1/2", "1/3", "2/3", "3/4", "1/5", "2/5", "3/5", "4/5", "1/6", "5/6", "9/16")
-LORA_FILE = "lora.safetensors"
-#: ``diffusers.optimization.get_scheduler``'s schedules that need nothing but these settings
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-CROPS = ("center", "random")
-PRECISIONS = files._PRECISIONS
-#: a validation prompt's name becomes part of a file name
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_LORA_FILE = "lora.safetensors"
+#: a validation prompt's name becomes part of a file name: portable characters, well under 255 bytes
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+#: the smallest bucket side: two Stage C latents (Stage C halves the latent grid once)
+_SMALLEST_BUCKET_SIDE = 2 * _STRIDE
+_WHOLE = {  # setting → (smallest, largest or None, what it means)
+    "rank": (1, None, ""), "batch_size": (1, None, ""), "gradient_accumulation": (1, None, ""),
+    "steps": (1, None, "optimizer updates"), "lr_num_cycles": (1, None, ""), "warmup_steps": (0, None, ""),
+    "min_image_size": (0, None, "a side in pixels; 0 keeps every picture"),
+    "checkpoint_every": (1, None, "steps"), "keep_checkpoints": (0, None, "0 keeps all, n the latest n"),
+    "validate_every": (0, None, "steps; 0 validates only at the end"),
+    "validation_prior_steps": (1, 1000, ""), "validation_decoder_steps": (1, 1000, ""),
+    "seed": (0, 2**32 - 1, "the batches, noise, crops and validation pictures are drawn from it"),
+}  # fmt: skip
+_POSITIVE = ("alpha", "learning_rate", "max_grad_norm", "lr_power")
+_PROBABILITIES = ("caption_dropout", "image_embed_probability")
+_GUIDANCES = ("validation_prior_guidance", "validation_decoder_guidance")
+_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+_CHOICES = {  # setting → (the values it takes, what the message adds)
+    "lr_scheduler": (_SCHEDULES, " (diffusers' get_scheduler)"), "precision": (files._PRECISIONS, ""),
+    "dtype": ((None, *files._PRECISIONS), " (Stage C overflows in float16), or None"),
+    "crop": (("center", "random"), ""), "stage_c": (files._SIZES, ""), "stage_b": (files._SIZES, ""),
+}  # fmt: skip
+
+
+def _texts(value: object, empty: bool = False) -> bool:
+    """Why: folders, module names and prompts come as lists of strings (non-empty ones but prompts)."""
+    return isinstance(value, (list, tuple)) and all(
+        isinstance(n, str) and (empty or n.strip()) for n in value
+    )
+
+
+def _names(value: object) -> bool:
+    """Why: folders and module names come as one string or a list of them (JSON, by hand)."""
+    return _texts([value] if isinstance(value, str) else value) and bool(value)
+
+
+def _prompts(prompts: object) -> bool:
+    """Why: validation prompts are a list, or a named library whose names become file names."""
+    if isinstance(prompts, dict):
+        names = all(isinstance(n, str) and _NAME.fullmatch(n) for n in prompts)
+        return names and _prompts(list(prompts.values()))
+    return isinstance(prompts, list) and _texts(prompts, empty=True)
+
+
+def _fractions(ratios: object) -> list[Fraction]:
+    """Why: aspect ratios are strings such as "2/3"; [] when one is no positive fraction."""
+    try:
+        fractions = [Fraction(r) for r in ratios]
+    except (TypeError, ValueError, ZeroDivisionError):
+        return []
+    return fractions if all(f > 0 for f in fractions) else []
+
+
+_SHAPES = {  # setting → (what its value must be, what the message says)
+    "targets": (_names, "give a regex of module names, or a list of module names"),
+    "images": (_names, "give a folder of pictures, or a list of folders"),
+    "output_dir": (lambda v: isinstance(v, str) and v.strip(), "give the folder the run writes into"),
+    "validation_prompts": (_prompts, "give a list of prompts, or a dict name → prompt (names: up to 100 "
+                           "letters, digits, '_', '.', '-', as they name files)"),
+    "validation_negative_prompt": (lambda v: isinstance(v, str), "must be text"),
+    "gradient_checkpointing": (lambda v: isinstance(v, bool), "must be True or False"),
+}  # fmt: skip
 
 
 class TrainingError(ValueError):
@@ -35,19 +92,16 @@ class TrainingError(ValueError):
 @dataclass
 class LoraTrainingConfig:
     """Everything a run needs; checked on construction (an error names the setting), saved with every
-    checkpoint and as JSON for ``accelerate launch``. README's LoRA section lists every setting.
-
-    ``steps`` counts optimizer updates, each over ``batch_size × gradient_accumulation`` pictures
-    per GPU. ``resolution`` is the picture side the buckets are made for (their area is
-    resolution²), also the validation size. ``new_tokens``: ``(token, regex)`` pairs as in the
-    official ``train_tokens``, e.g. ``[("[chelsea]", "^cat</w>")]``. ``images`` is one folder or a
-    list of folders; ``repeats`` maps some of them to extra passes per epoch (SimpleTuner's meaning:
-    0 = each picture once per epoch, 1 = twice), as a dict or a list of ``(folder, repeats)``.
-    """
+    checkpoint and as JSON for ``accelerate launch``; README's LoRA section describes every setting.
+    ``steps`` counts optimizer updates of ``batch_size × gradient_accumulation`` pictures per GPU;
+    ``resolution`` is the side the buckets are made for (area resolution²), also the validation size;
+    ``new_tokens`` are ``(token, regex)`` pairs as the official ``train_tokens`` (``[("[chelsea]",
+    "^cat</w>")]``); ``repeats`` maps folders of ``images`` to extra passes per epoch (0 = once, 1 = twice),
+    as a dict or a list of ``(folder, repeats)``."""
 
     images: str | list[str]
     output_dir: str
-    new_tokens: list[NewToken] = field(default_factory=list)
+    new_tokens: list[tuple[str, str | None]] = field(default_factory=list)
     rank: int = 4
     alpha: float = 1.0
     targets: str | list[str] = ATTENTION_TARGETS
@@ -91,151 +145,85 @@ class LoraTrainingConfig:
     stage_b: str = "lite"
     dtype: str | None = None  # None: "fp32" for precision="fp32", else "bf16"
 
-    #: settings a checkpoint must share with the run that resumes it
+    #: settings a checkpoint must share with the run that resumes it (the schedule's are honoured)
     RESUME_KEYS = (
-        "new_tokens",
-        "rank",
-        "alpha",
-        "targets",
-        "resolution",
-        "aspect_ratios",
-        "batch_size",
-        "gradient_accumulation",
-        "ema_decay",
-        "seed",
-    )
+        "new_tokens", "rank", "alpha", "targets", "resolution", "aspect_ratios", "batch_size",
+        "gradient_accumulation", "ema_decay", "seed",
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if isinstance(self.repeats, (list, tuple)):
             self.repeats = {str(folder): count for folder, count in self.repeats}
-        self._check_model()
+        self._check_numbers()
+        self._check_names()
         self._check_pictures()
-        self._check_optimization()
-        self._check_checkpoints_and_validation()
 
     def _fail(self, name: str, expected: str) -> None:
         raise TrainingError(f"LoraTrainingConfig {name}={getattr(self, name)!r}: {expected}")
 
+    def _require(self, name: str, ok: object, expected: str) -> None:
+        if not ok:
+            self._fail(name, expected)
+
     def _checked(self, name: str, check: Callable[..., float], *bounds, **options) -> float:
-        """The setting ``name`` through one of :mod:`cascade_helpers.values`' checks (``bounds`` and
-        ``options`` after the value and name), its ValueError a TrainingError naming the setting."""
+        """The setting through a :mod:`cascade_helpers.values` check, its error naming the setting."""
         try:
             return check(getattr(self, name), name, *bounds, **options)
         except ValueError as error:
             self._fail(name, str(error))
 
-    def _check_model(self) -> None:
+    def _check_numbers(self) -> None:
+        for name, (low, high, meaning) in _WHOLE.items():
+            self._checked(name, values._whole, low, high, meaning=meaning)
+        for name in _POSITIVE:
+            self._checked(name, values._at_least, 0, strict=True)
+        for name in _PROBABILITIES:
+            self._checked(name, values._fraction, meaning="a probability")
+        for name in _GUIDANCES:
+            self._checked(name, values._at_least, 0, meaning="≤ 1 turns guidance off")
+        if self.ema_decay is not None:
+            decay = self._checked("ema_decay", values._fraction)
+            self._require("ema_decay", 0 < decay < 1, "must be between 0 and 1 (e.g. 0.999), or None: no EMA")
+        if self.max_image_size is not None:
+            most = "a side in pixels, at least min_image_size, or None"
+            self._checked("max_image_size", values._whole, max(self.min_image_size, 1), meaning=most)
+
+    def _check_names(self) -> None:
+        for name, (options, hint) in _CHOICES.items():
+            self._require(name, getattr(self, name) in options, f"use one of {options}{hint}")
+        for name, (ok, expected) in _SHAPES.items():
+            self._require(name, ok(getattr(self, name)), expected)
+        fp32_in_bf16 = self.precision == "fp32" and self.dtype == "bf16"
+        self._require("dtype", not fp32_in_bf16, "precision='fp32' trains in float32: load the prior so")
         try:
-            check_new_token_entries(self.new_tokens)
+            _token_entries(self.new_tokens)
         except LoraError as error:
             self._fail("new_tokens", str(error))
         self.new_tokens = [tuple(t) for t in self.new_tokens]  # JSON reads the pairs as lists
-        targets = [self.targets] if isinstance(self.targets, str) else self.targets
-        if not targets or not all(isinstance(t, str) and t for t in targets):
-            self._fail("targets", "give a regex of module names, or a list of module names")
-        for name in ("stage_c", "stage_b"):
-            if getattr(self, name) not in files._SIZES:
-                self._fail(name, f"use one of {files._SIZES}")
+        known = {Path(f).resolve() for f in self.image_folders}
+        for folder, count in self.repeats.items():
+            self._require("repeats", Path(folder).resolve() in known, f"{folder!r} is none of the images")
+            whole = values._is_whole(count) and count >= 0
+            self._require("repeats", whole, f"{folder!r}: give a whole number ≥ 0 (0 = once per epoch)")
 
     def _check_pictures(self) -> None:
-        folders = [self.images] if isinstance(self.images, str) else self.images
-        if not folders or not all(isinstance(f, str) and f for f in folders):
-            self._fail("images", "give a folder of pictures, or a list of folders")
+        from .data import bucket_sizes
+
         for rule, why in ((_TRAINING, ""), (_GENERATION, "validation pictures are made at this size: ")):
-            try:
-                if rule is _TRAINING or self.validation_prompts:
-                    check_size(self.resolution, self.resolution, rule)
-            except ValueError:
-                self._fail("resolution", f"{why}use {rule.describe()} ({rule.hint})")
-        try:
-            ratios = [Fraction(r) for r in self.aspect_ratios]
-        except (TypeError, ValueError, ZeroDivisionError):
-            ratios = []
-        if not ratios or any(r <= 0 for r in ratios):
-            self._fail("aspect_ratios", "give width/height ratios such as ['1/1', '2/3', '9/16']")
-        if self.crop not in CROPS:
-            self._fail("crop", f"use one of {CROPS}")
-        known = {Path(f).resolve() for f in folders}
-        for folder, count in self.repeats.items():
-            if Path(folder).resolve() not in known:
-                self._fail("repeats", f"{folder!r} is not one of the images folders {folders}")
-            try:
-                values._whole(count, f"the repeats of {folder!r}", 0, meaning="0 = once per epoch")
-            except ValueError as error:
-                self._fail("repeats", str(error))
-        self._checked("min_image_size", values._whole, 0, meaning="a side in pixels; 0 keeps every picture")
-        if self.max_image_size is not None:
-            least = max(self.min_image_size, 1)
-            self._checked(
-                "max_image_size",
-                values._whole,
-                least,
-                meaning="a side in pixels, at least min_image_size, or None",
-            )
-
-    def _check_optimization(self) -> None:
-        for name in ("rank", "batch_size", "gradient_accumulation", "steps", "lr_num_cycles"):
-            self._checked(name, values._whole, 1)
-        self._checked("warmup_steps", values._whole, 0)
-        for name in ("alpha", "learning_rate", "max_grad_norm", "lr_power"):
-            self._checked(name, values._at_least, 0, strict=True)
-        if self.lr_scheduler not in LR_SCHEDULERS:
-            self._fail("lr_scheduler", f"use one of {LR_SCHEDULERS} (diffusers' get_scheduler)")
-        if self.precision not in PRECISIONS:
-            self._fail("precision", f"use one of {PRECISIONS}")
-        if self.dtype not in (None, *PRECISIONS):
-            self._fail("dtype", f"use one of {PRECISIONS} (Stage C overflows in float16), or None")
-        if self.precision == "fp32" and self.dtype == "bf16":
-            self._fail(
-                "dtype", "precision='fp32' trains in float32: load the prior in 'fp32' (or leave dtype None)"
-            )
-        if not isinstance(self.gradient_checkpointing, bool):
-            self._fail("gradient_checkpointing", "must be True or False")
-        if self.ema_decay is not None and not 0 < self._checked("ema_decay", values._fraction) < 1:
-            self._fail("ema_decay", "must be between 0 and 1 (e.g. 0.999), or None for no EMA")
-        for name in ("caption_dropout", "image_embed_probability"):
-            self._checked(name, values._fraction, meaning="a probability")
-        if not values._is_whole(self.seed):
-            self._fail("seed", "must be a whole number")
-
-    def _check_checkpoints_and_validation(self) -> None:
-        self._checked("checkpoint_every", values._whole, 1, meaning="steps")
-        self._checked(
-            "keep_checkpoints", values._whole, 0, meaning="0 keeps every checkpoint, n the latest n"
-        )
-        self._checked("validate_every", values._whole, 0, meaning="steps; 0 validates only at the end")
-        prompts = self.validation_prompts
-        if isinstance(prompts, dict):
-            for name, prompt in prompts.items():
-                if not (isinstance(name, str) and _NAME.fullmatch(name)):
-                    self._fail(
-                        "validation_prompts", f"the name {name!r} must be letters, digits, '_', '.', '-'"
-                    )
-                if not isinstance(prompt, str):
-                    self._fail("validation_prompts", f"the prompt named {name!r} must be text")
-        elif not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-            self._fail("validation_prompts", "give a list of prompts or a dict name → prompt")
-        if not isinstance(self.validation_negative_prompt, str):
-            self._fail("validation_negative_prompt", "must be text")
-        for stage in ("prior", "decoder"):
-            steps, guidance = f"validation_{stage}_steps", f"validation_{stage}_guidance"
-            self._checked(steps, values._whole, 1, 1000)
-            self._checked(guidance, values._at_least, 0, meaning="≤ 1 turns guidance off")
+            if rule is _TRAINING or self.validation_prompts:
+                expected = f"{why}use {rule.describe()} ({rule.hint})"
+                self._require("resolution", rule.accepts(self.resolution), expected)
+        ratios = _fractions(self.aspect_ratios)
+        self._require("aspect_ratios", ratios, "give width/height ratios such as ['1/1', '2/3', '9/16']")
+        buckets = bucket_sizes(self.resolution, self.aspect_ratios)[: len(ratios)]  # the reciprocals follow
+        ratio, bucket = min(zip(self.aspect_ratios, buckets, strict=True), key=lambda pair: min(pair[1]))
+        thin = f"{ratio!r} gives {bucket[1]}×{bucket[0]} px buckets at resolution {self.resolution}: a side under"
+        thin += f" {_SMALLEST_BUCKET_SIDE} px is too thin for Stage C; use a ratio closer to 1"
+        self._require("aspect_ratios", min(bucket) >= _SMALLEST_BUCKET_SIDE, thin)
 
     @property
     def image_folders(self) -> list[str]:
         return [self.images] if isinstance(self.images, str) else list(self.images)
-
-    @property
-    def named_validation_prompts(self) -> dict[str, str]:
-        """The validation prompts by name: the library's names, or ``1``, ``2`` ... for a list."""
-        prompts = self.validation_prompts
-        return dict(prompts) if isinstance(prompts, dict) else {str(i + 1): p for i, p in enumerate(prompts)}
-
-    @property
-    def load_dtype(self) -> str:
-        """The dtype the command line loads the models in."""
-        return self.dtype or ("fp32" if self.precision == "fp32" else "bf16")
 
     def save(self, path: str | Path) -> Path:
         """Write the settings as JSON (atomically), for ``--config`` and for the record."""
@@ -271,25 +259,13 @@ class LoraTrainingConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> LoraTrainingConfig:
-        """Read settings saved by :meth:`save` (or written by hand).
-
-        Raises:
-            TrainingError: the file is missing or not JSON (:func:`read_settings`), or
-                :meth:`from_settings` refuses what it holds (the message names the file).
-        """
-        return cls.from_settings(read_settings(path), str(path))
+        """Read settings saved by :meth:`save` (or written by hand); a file missing or not JSON, or settings
+        :meth:`from_settings` refuses, raise a ``TrainingError`` naming the file."""
+        return cls.from_settings(_read_settings(path), str(path))
 
 
-def read_settings(path: str | Path) -> object:
-    """The contents of a JSON settings file, not yet checked (:meth:`LoraTrainingConfig.from_settings`
-    checks them): the command line tells a file it cannot read (exit status 2) from refused settings (1).
-
-    Returns:
-        What the JSON holds.
-
-    Raises:
-        TrainingError: the file cannot be read or is not JSON, naming it.
-    """
+def _read_settings(path: str | Path) -> object:
+    """Why: an unreadable file (exit 2, argparse's usage error) is told from refused settings (1)."""
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:

@@ -1,7 +1,5 @@
-"""The training pictures: finding them and their captions, reading them (an unreadable one is named),
-skipping small ones and scaling down large ones, the official aspect buckets, the crop, the order
-batches come in, the example pictures the notebook trains on offline, and PNG files written
-atomically (those and the validation pictures)."""
+"""The training pictures: found with their captions, read (an unreadable one named), sized, bucketed the
+official way, cropped, in the order batches come; the notebook's example pictures; atomic PNG files."""
 
 from __future__ import annotations
 
@@ -15,6 +13,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
+import PIL.ExifTags
 import PIL.Image
 import torch
 
@@ -30,20 +29,16 @@ _UNREADABLE = (OSError, SyntaxError, ValueError, EOFError, PIL.Image.Decompressi
 
 @dataclass(frozen=True)
 class TrainingImage:
+    """A training picture found in a folder: its caption, its size as shown (EXIF orientation applied)."""
+
     path: Path
     caption: str
     size: tuple[int, int]  # (height, width) in pixels, from the file's header (before max_image_size)
     repeats: int = 0  # extra passes per epoch (0: once)
 
 
-def caption_for(path: Path) -> str:
-    """The sidecar ``<name>.txt`` if there is one, else the file name: underscores become spaces and
-    a trailing number (``_03``, `` (2)``) is dropped, so ``[chelsea]_on_a_sofa_02.png`` reads
-    "[chelsea] on a sofa".
-
-    Raises:
-        TrainingError: the sidecar is not UTF-8 text (named, with the fix).
-    """
+def _caption_for(path: Path) -> str:
+    """Why: a caption from a UTF-8 sidecar ``.txt``, else the name (``[a]_on_a_sofa_02``: "[a] on a sofa")."""
     sidecar = path.with_suffix(".txt")
     if sidecar.is_file():
         try:
@@ -58,33 +53,26 @@ def caption_for(path: Path) -> str:
 
 
 def _unreadable(path: Path, error: Exception) -> TrainingError:
+    """Why: Pillow's errors do not say which training picture, nor what to do about it."""
     return TrainingError(
         f"cannot read the training picture {path} ({type(error).__name__}: {error}): the file is damaged "
         "or not a picture; replace it or move it out of the training folder"
     )
 
 
-def picture_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the file's header, without decoding the pixels."""
+def _picture_size(path: Path) -> tuple[int, int]:
+    """Why: the bucket comes from the header, as shown (EXIF orientation 5–8 turned): no decoding."""
     try:
         with PIL.Image.open(path) as opened:
-            return opened.size
+            width, height = opened.size
+            turned = opened.getexif().get(PIL.ExifTags.Base.Orientation) in (5, 6, 7, 8)
     except _UNREADABLE as error:
         raise _unreadable(path, error) from error
+    return (height, width) if turned else (width, height)
 
 
-def scaled_size(height: int, width: int, max_side: int | None) -> tuple[int, int]:
-    """The size :func:`read_picture` gives a picture of height×width, computed without decoding it:
-    with ``max_side``, a larger shorter side becomes ``max_side`` and the longer one
-    ``int(max_side · long / short)``, as ``scale_short_side`` (torchvision's resize) computes it.
-
-    Args:
-        height, width: the picture's size in pixels (its header's).
-        max_side: the largest shorter side (``max_image_size``); None or 0 keeps the size.
-
-    Returns:
-        (height, width) after scaling.
-    """
+def _scaled_size(height: int, width: int, max_side: int | None) -> tuple[int, int]:
+    """Why: the size :func:`_read_picture` gives (torchvision's resize), without decoding."""
     short, long = min(height, width), max(height, width)
     if not max_side or short <= max_side:
         return height, width
@@ -92,20 +80,8 @@ def scaled_size(height: int, width: int, max_side: int | None) -> tuple[int, int
     return (longer, max_side) if width <= height else (max_side, longer)
 
 
-def read_picture(path: Path, max_side: int | None = None) -> torch.Tensor:
-    """A training picture as 3×H×W in [0, 1]; with ``max_side``, scaled down (aspect kept) so its
-    shorter side is at most that, before it is bucketed and cropped.
-
-    Args:
-        path: the picture file.
-        max_side: the largest shorter side in pixels (``max_image_size``); None or 0 keeps the size.
-
-    Returns:
-        3×H×W float32 in [0, 1], CPU.
-
-    Raises:
-        TrainingError: the file cannot be decoded (truncated, damaged, not a picture), named.
-    """
+def _read_picture(path: Path, max_side: int | None = None) -> torch.Tensor:
+    """Why: the one reading path (``images.image_to_tensor``), unreadable files named, large ones reduced."""
     try:
         picture = image_to_tensor(path)
     except _UNREADABLE as error:
@@ -113,6 +89,22 @@ def read_picture(path: Path, max_side: int | None = None) -> torch.Tensor:
     if max_side and min(picture.shape[-2:]) > max_side:
         picture = scale_short_side(picture, max_side)
     return picture
+
+
+def _folder_images(
+    folder: Path, repeats: int, min_image_size: int, skipped: list[str]
+) -> list[TrainingImage]:
+    """Why: one folder's pictures with their captions; those under ``min_image_size`` go to ``skipped``."""
+    if not folder.is_dir():
+        raise TrainingError(f"no folder of training pictures at {folder}")
+    found = []
+    for path in images_in_folder(folder):
+        width, height = _picture_size(path)
+        if min(width, height) < min_image_size:
+            skipped.append(f"{path} ({width}×{height})")
+        else:
+            found.append(TrainingImage(path, _caption_for(path), (height, width), repeats))
+    return found
 
 
 def find_training_images(
@@ -131,32 +123,21 @@ def find_training_images(
         One :class:`TrainingImage` per picture (path, caption, size, repeats), folder by folder, by name.
 
     Raises:
-        TrainingError: a folder is missing, or no picture is left.
+        TrainingError: a folder is missing, no picture is left, or a picture or caption cannot be read.
     """
     folders = [folders] if isinstance(folders, (str, os.PathLike)) else list(folders)
     extra = {Path(folder).resolve(): count for folder, count in (repeats or {}).items()}
     found, skipped = [], []
     for folder in map(Path, folders):
-        if not folder.is_dir():
-            raise TrainingError(f"no folder of training pictures at {folder}")
-        for path in images_in_folder(folder):
-            width, height = picture_size(path)
-            if min(width, height) < min_image_size:
-                skipped.append(f"{path} ({width}×{height})")
-                continue
-            found.append(
-                TrainingImage(path, caption_for(path), (height, width), extra.get(folder.resolve(), 0))
-            )
+        found += _folder_images(folder, extra.get(folder.resolve(), 0), min_image_size, skipped)
     if skipped:
-        warnings.warn(
-            f"skipped {len(skipped)} picture(s) whose shorter side is under min_image_size={min_image_size} px: "
-            + ", ".join(skipped),
-            stacklevel=2,
-        )
+        under = f"whose shorter side is under min_image_size={min_image_size} px"
+        warnings.warn(f"skipped {len(skipped)} picture(s) {under}: {', '.join(skipped)}", stacklevel=2)
     if not found:
-        where = ", ".join(map(str, folders))
         reason = f" at least {min_image_size} px on the shorter side" if skipped else ""
-        raise TrainingError(f"{where} hold(s) no pictures{reason} (.png, .jpg, .webp ...)")
+        raise TrainingError(
+            f"{', '.join(map(str, folders))} hold(s) no pictures{reason} (.png, .jpg, .webp ...)"
+        )
     return found
 
 
@@ -169,8 +150,7 @@ def bucket_sizes(resolution: int, ratios: Sequence[str]) -> list[tuple[int, int]
         ratios: width/height ratios as strings :class:`~fractions.Fraction` reads ("1/1", "3/4" ...).
 
     Returns:
-        (height, width) per ratio, then per reciprocal not already listed; 1024 and "1/1" give
-        (768, 768).
+        (height, width) per ratio, then per reciprocal not already listed; 1024 and "1/1" give (768, 768).
     """
     values = [float(Fraction(r)) for r in ratios]
     values += [1 / v for v in values if 1 / v not in values]
@@ -194,19 +174,8 @@ def closest_bucket(height: int, width: int, sizes: Sequence[tuple[int, int]]) ->
     return min(sizes, key=lambda s: abs(width / height - s[1] / s[0]))
 
 
-def crop_position(crop: str, content: bytes, seed: int) -> tuple[float, float] | None:
-    """Where a picture's crop window sits: None (the centre) for ``"center"``; for ``"random"`` a
-    (top, left) drawn from the picture's bytes and the seed, so a re-run (and its cache) agrees.
-
-    Args:
-        crop: "center" or "random" (any other value is treated as "random": the config checks it).
-        content: the picture file's bytes.
-        seed: the run's seed.
-
-    Returns:
-        None, or (top, left) in [0, 1], rounded to 4 decimals, for
-        :func:`cascade_helpers.images.resize_and_crop`.
-    """
+def _crop_position(crop: str, content: bytes, seed: int) -> tuple[float, float] | None:
+    """Why: a random crop drawn from the bytes and seed, so a re-run and its cache agree (None: centre)."""
     if crop == "center":
         return None
     digest = hashlib.sha1(content + str(seed).encode()).digest()
@@ -214,25 +183,16 @@ def crop_position(crop: str, content: bytes, seed: int) -> tuple[float, float] |
     return tuple(round(v, 4) for v in torch.rand(2, generator=generator).tolist())
 
 
-def save_png(picture: PIL.Image.Image, path: Path) -> Path:
-    """A PNG written atomically: an interrupted save never leaves half a picture under ``path``.
-
-    Args:
-        picture: the picture.
-        path: the file.
-
-    Returns:
-        ``path``.
-    """
+def _save_png(picture: PIL.Image.Image, path: Path) -> Path:
+    """Why: an interrupted save must never leave half a picture under ``path`` (atomic)."""
     with _atomic_path(path) as temporary:
         picture.save(temporary, format="PNG")
     return path
 
 
 def write_example_images(folder: str | Path, token: str = "[chelsea]") -> Path:
-    """Six training pictures of one cat, offline: scikit-image's ``chelsea`` photo (shipped with
-    the package) cropped and mirrored into landscape, square and portrait shots; four captioned by
-    a sidecar ``.txt``, two by their file name.
+    """Six training pictures of one cat, offline: scikit-image's ``chelsea`` photo cropped and mirrored
+    into landscape, square and portrait shots; four captioned by a sidecar ``.txt``, two by their name.
 
     Args:
         folder: where the PNG files go (created if missing; files of the same names are replaced).
@@ -256,27 +216,16 @@ def write_example_images(folder: str | Path, token: str = "[chelsea]") -> Path:
         f"a_photo_of_{token}_the_cat_02": (mirrored.crop((100, 20, 300, 300)), None),
     }
     for name, (picture, caption) in shots.items():
-        save_png(picture, folder / f"{name}.png")
+        _save_png(picture, folder / f"{name}.png")
         if caption:
             _write_text(folder / f"{name}.txt", caption + "\n")
     return folder
 
 
-def batch_schedule(
+def _batch_schedule(
     buckets: dict[tuple[int, int], list[int]], batch_size: int, seed: int
 ) -> Iterator[list[int]]:
-    """An endless, reproducible stream of batches: each epoch shuffles every bucket, cuts it into
-    batches (the last may be smaller: small datasets lose no picture) and shuffles the batches. A
-    picture with repeats is listed in its bucket that many more times.
-
-    Args:
-        buckets: bucket size → the indices of its pictures (an index listed once per pass).
-        batch_size: pictures per batch; a batch never mixes buckets.
-        seed: the run's seed; epoch ``e`` shuffles with ``seed · 100003 + e``.
-
-    Yields:
-        Lists of picture indices, epoch after epoch, forever.
-    """
+    """Why: a replayable stream: per epoch, shuffled buckets cut into batches that never mix buckets."""
     for epoch in itertools.count():
         generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
         batches = []

@@ -43,56 +43,26 @@ def stage_c_loss(
     return (per_sample * p2_loss_weight(snr)).mean()
 
 
-class StageCObjective(nn.Module):
-    """Stage C and its text encoder as one module whose ``forward`` is a batch's loss.
+class _StageCObjective(nn.Module):
+    """Why: all that trains must sit in the module accelerate prepares, so DDP averages every gradient."""
 
-    Why one module: everything that trains — the LoRA in the UNet and the new tokens' rows in the
-    text encoder — must sit in the module accelerate prepares, so that on several GPUs its
-    ``DistributedDataParallel`` averages all their gradients (and skips that during accumulation),
-    and the text encoding of captions with a new token must run inside ``forward``, where the
-    gradient to those rows is recorded.
-    """
-
-    def __init__(self, prior: Prior) -> None:
+    def __init__(self, prior: Prior, texts: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         super().__init__()
-        self.unet = prior.unet
-        self.text_encoder = prior.text_encoder
+        self.unet, self.text_encoder = prior.unet, prior.text_encoder
         self.prior = prior  # the tokenizer and device; not a module, so not registered twice
+        self.texts = texts  # caption → cached (hidden, pooled); a caption with a learned token has none
 
     def forward(
-        self,
-        latents: torch.Tensor,
-        noise: torch.Tensor,
-        times: torch.Tensor,
-        clip_img: torch.Tensor,
-        captions: Sequence[str],
-        cached: Sequence[tuple[torch.Tensor, torch.Tensor] | None],
-        autocast: bool,
+        self, latents, noise, times, clip_img, captions: Sequence[str], autocast: bool
     ) -> torch.Tensor:
-        """The official loss of a batch.
-
-        Args:
-            latents, noise: B×16×h×w clean latents and the noise to add.
-            times: B noise levels (:func:`cascade_helpers.sampling.training_times`).
-            clip_img: B×1×E CLIP image embeddings (zeros where none).
-            captions: the B captions ("" for a dropped one).
-            cached: per caption its cached (hidden, pooled) text embeddings, or None to encode it
-                here, with gradients (a caption with a learned token).
-            autocast: compute in bfloat16 autocast.
-
-        Returns:
-            The loss (:func:`stage_c_loss`), a 0-d float32 tensor.
-        """
+        device, cached = latents.device, [self.texts.get(caption) for caption in captions]
         fresh = [caption for caption, done in zip(captions, cached, strict=True) if done is None]
         encoded = iter(())
-        if fresh:
+        if fresh:  # encoded here, with gradients to the learned tokens' rows
             embeddings = _text_conditioning(self.prior, fresh)
             encoded = zip(embeddings.hidden, embeddings.pooled, strict=True)
-        hidden, pooled = zip(*[done if done is not None else next(encoded) for done in cached], strict=True)
-        conditions = {
-            "clip_text": torch.stack(hidden),
-            "clip_text_pooled": torch.stack(pooled),
-            "clip_img": clip_img,
-        }
-        with torch.autocast(latents.device.type, dtype=torch.bfloat16, enabled=autocast):
+        texts = [next(encoded) if done is None else [t.to(device) for t in done] for done in cached]
+        hidden, pooled = (torch.stack(parts) for parts in zip(*texts, strict=True))
+        conditions = {"clip_text": hidden, "clip_text_pooled": pooled, "clip_img": clip_img}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             return stage_c_loss(self.unet, latents, conditions, times, noise)

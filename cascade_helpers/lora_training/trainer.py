@@ -1,55 +1,43 @@
-"""The training loop: :class:`LoraTrainer` adds the LoRA and new tokens to a prior and repeats the
-official step (:class:`.objective.StageCObjective`) on accelerate's and diffusers' parts —
-``Accelerator.prepare`` / ``accumulate`` / ``backward`` / ``clip_grad_norm_``, ``save_state`` /
-``load_state`` with ``register_for_checkpointing``, ``diffusers.optimization.get_scheduler`` and
-``diffusers.training_utils.EMAModel`` — keeping what is ours: feature caches, aspect buckets with
-repeats, a batch stream that resumes exactly, Ctrl-C that saves and stops, checkpoints that are
-never half-written (:mod:`.checkpointing`), validation pictures (:mod:`.validation`)."""
+"""The training loop: :class:`LoraTrainer` repeats the official step on accelerate's and diffusers' parts
+(``Accelerator.accumulate``, ``get_scheduler``, ``EMAModel``) around what is ours: caches, buckets, a batch
+stream that resumes exactly, Ctrl-C that saves, a stop at the first non-finite loss, one run per folder."""
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import math
+import shutil
 import signal
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import PIL.Image
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from ..atomic import _save_safetensors
-from ..lora import (
-    COMFYUI_PREFIX,
-    LoraError,
-    LoraFactors,
-    NewTokenEmbedding,
-    all_or_nothing,
-    check_new_tokens,
-    inject_lora,
-    install_new_tokens,
-    lora_factors,
-    refuse_second_lora,
-    save_comfyui,
-    save_lora,
-)
+from ..lora.adapters import _lora_factors, _refuse_unadaptable, inject_lora
+from ..lora.formats import _COMFYUI_PREFIX, _save_comfyui, _save_lora
+from ..lora.load import _all_or_nothing
+from ..lora.tokens import _check_new_tokens, _install_trainable_tokens
 from ..models import Decoder, Prior
 from ..sampling import training_times
-from .cache import CachedImage, CacheReport, cache_images, cache_texts
-from .checkpointing import TRAINABLE, CheckpointFolder, Registered
-from .config import LORA_FILE, LoraTrainingConfig, TrainingError
-from .data import TrainingImage, batch_schedule, bucket_sizes, find_training_images
-from .objective import StageCObjective
-from .validation import save_validation, validation_picture
+from .cache import CachedImage, CacheReport, _cache_images, _cache_texts
+from .checkpointing import _CheckpointFolder
+from .config import _LORA_FILE, LoraTrainingConfig, TrainingError
+from .data import TrainingImage, _batch_schedule, find_training_images
+from .objective import _StageCObjective
+from .validation import _validation_pictures
+
+_LOCK = ".lock"
+_OWN_FOLDERS = ("", "checkpoints", "validation")  # what only the run holding the lock writes
 
 
 @contextlib.contextmanager
-def stop_on_interrupt() -> Iterator[dict]:
-    """While active, Ctrl-C (the notebook's stop button) only asks the loop to stop after the current
-    step, so the checkpoint it then saves is consistent; a second Ctrl-C aborts at once."""
+def _stop_on_interrupt() -> Iterator[dict]:
+    """Why: Ctrl-C stops after the current step (a consistent checkpoint); a second aborts at once."""
     state = {"requested": False}
     if threading.current_thread() is not threading.main_thread():
         yield state
@@ -59,9 +47,7 @@ def stop_on_interrupt() -> Iterator[dict]:
         if state["requested"]:
             raise KeyboardInterrupt
         state["requested"] = True
-        tqdm.write(
-            "stopping after this step and saving a checkpoint (interrupt again to abort without saving)"
-        )
+        tqdm.write("stopping after this step, saving a checkpoint (interrupt again to abort, not saving)")
 
     previous = signal.signal(signal.SIGINT, request)
     try:
@@ -70,27 +56,39 @@ def stop_on_interrupt() -> Iterator[dict]:
         signal.signal(signal.SIGINT, previous)
 
 
-def make_accelerator(config: LoraTrainingConfig, cpu: bool = False):
-    """The ``Accelerator`` a run uses: accumulating ``config.gradient_accumulation`` batches per
-    update; with new tokens, on several GPUs, its DDP tolerates a batch in which the tokens' rows get
-    no gradient (no caption with the token, or all dropped). Mixed precision stays off here: the run
-    autocasts itself as ``config.precision`` says.
-
-    Args:
-        config: the run's settings.
-        cpu: train on the CPU even where CUDA is available.
-
-    Returns:
-        The ``accelerate.Accelerator``.
-    """
+def _make_accelerator(config: LoraTrainingConfig, cpu: bool = False):
+    """Why: accumulation from the config; DDP accepts new tokens' rows without a gradient."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=bool(config.new_tokens))]
     return Accelerator(
-        gradient_accumulation_steps=config.gradient_accumulation,
-        cpu=cpu,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=bool(config.new_tokens))],
+        gradient_accumulation_steps=config.gradient_accumulation, cpu=cpu, kwargs_handlers=handlers
     )
+
+
+def _check_placement(prior: Prior, precision: str, accelerator) -> None:
+    """Why: a prior elsewhere than accelerate's device, or of another dtype, is refused up front."""
+    parts = {
+        f"the prior's {p}": next(getattr(prior, p).parameters()).device for p in ("unet", "text_encoder")
+    }
+    for what, device in (parts | {"accelerate's device": accelerator.device}).items():
+        device, expected = torch.device(device), prior.device  # "cuda" is "cuda:0", "cpu" "cpu:0"
+        if (device.type, device.index or 0) != (expected.type, expected.index or 0):
+            raise TrainingError(
+                f"{what} is {device}, the prior's {prior.device}: load the prior with memory='gpu' on the device "
+                "accelerate trains on (accelerator=accelerate.Accelerator(cpu=True) for the CPU)"
+            )
+    dtype = next(prior.unet.parameters()).dtype
+    if precision == "fp32" and dtype != torch.float32:
+        raise TrainingError(
+            f"precision='fp32' trains in float32, but the prior was loaded in {dtype}: load it in 'fp32'"
+        )
+    if accelerator.mixed_precision not in ("no", precision):
+        raise TrainingError(
+            f"accelerate is set to mixed precision {accelerator.mixed_precision!r}, the run to precision={precision!r}: "
+            "launch without --mixed_precision (the run autocasts itself)"
+        )
 
 
 @dataclass
@@ -112,241 +110,175 @@ class TrainingResult:
     lora: Path | None
 
 
-LossCallback = Callable[[int, float], None]
-ValidationCallback = Callable[[int, list[PIL.Image.Image], list[str]], None]
-
-
 class LoraTrainer:
-    """Trains a LoRA (and new tokens) on ``prior`` in place. ``decoder`` makes validation pictures
-    full pictures; without it they are the previewer's rough ones. Create it, call :meth:`prepare`
-    (caches; optional), :meth:`train` (resumes from the latest checkpoint), then :meth:`save`.
+    """Trains a LoRA (and new tokens) on ``prior`` in place: :meth:`prepare` (caches; optional), then
+    :meth:`train` (resumes from the latest checkpoint). Validation uses the previewer without ``decoder``.
 
     Args:
         prior: the Stage C to train, loaded with ``memory="gpu"``.
         config: the run's settings.
         decoder: Stage B/A for validation pictures (optional).
-        accelerator: an ``accelerate.Accelerator`` (:func:`make_accelerator` makes one by default).
+        accelerator: an ``accelerate.Accelerator`` (default: one on the prior's device).
+
+    Raises:
+        TrainingError: a prior the run cannot train (where it is, its dtype, a LoRA or the new tokens
+            it has, a part the settings need), before anything is encoded or changed.
     """
 
     def __init__(
         self, prior: Prior, config: LoraTrainingConfig, decoder: Decoder | None = None, accelerator=None
     ) -> None:
         self.prior, self.config, self.decoder = prior, config, decoder
-        self.accelerator = accelerator or make_accelerator(config, cpu=prior.device.type == "cpu")
+        self.accelerator = accelerator or _make_accelerator(config, cpu=prior.device.type == "cpu")
         self.output_dir = Path(config.output_dir)
+        self.cache_dir = Path(config.cache_dir) if config.cache_dir else self.output_dir / "cache"
         self.images: list[TrainingImage] = []
         self.items: list[CachedImage] = []
-        self.texts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.report: CacheReport | None = None
-        self.tokens: NewTokenEmbedding | None = None
-        self.ema = None
+        self.tokens = self.ema = None  # the new tokens' trainable rows and the EMA, once prepared
         self.losses: list[tuple[int, float]] = []
         self.step = 0
         self.generator = torch.Generator().manual_seed(config.seed * 1000 + self.accelerator.process_index)
-        self.checkpoint_folder = CheckpointFolder(self.output_dir / "checkpoints", self.accelerator, config)
-        self._check_placement()
+        self.checkpoint_folder = _CheckpointFolder(self)
+        self._check_prior()
 
-    # -- set-up ---------------------------------------------------------------------------------------
-
-    def _check_placement(self) -> None:
-        def same(a: torch.device, b: torch.device) -> bool:  # "cuda" is "cuda:0", "cpu" is "cpu:0"
-            a, b = torch.device(a), torch.device(b)
-            return (a.type, a.index or 0) == (b.type, b.index or 0)
-
-        for name in ("unet", "text_encoder"):
-            device = next(getattr(self.prior, name).parameters()).device
-            if not same(device, self.prior.device):
-                raise TrainingError(
-                    f"the prior's {name} is on {device}, not {self.prior.device}: load it with memory='gpu' to train"
-                )
-        if not same(self.prior.device, self.accelerator.device):
-            here, there = self.prior.device, self.accelerator.device
-            raise TrainingError(
-                f"the prior is on {here} but accelerate trains on {there}: load the prior on {there}, or "
-                f"pass an accelerator made for {here} (make_accelerator(config, cpu=True) for the CPU)"
-            )
-        dtype = next(self.prior.unet.parameters()).dtype
-        if self.config.precision == "fp32" and dtype != torch.float32:
-            raise TrainingError(
-                f"precision='fp32' trains in float32, but the prior was loaded in {dtype}: load it with "
-                "dtype='fp32', or train with precision='bf16'"
-            )
-        mixed = self.accelerator.mixed_precision
-        if mixed not in ("no", self.config.precision):
-            raise TrainingError(
-                f"accelerate is set to mixed precision {mixed!r}, the run to precision={self.config.precision!r}: "
-                "launch without --mixed_precision (the run autocasts as its precision says)"
-            )
-
-    @property
-    def cache_dir(self) -> Path:
-        return Path(self.config.cache_dir) if self.config.cache_dir else self.output_dir / "cache"
+    def _check_prior(self) -> None:
+        """What would otherwise fail (or silently differ) after minutes of encoding."""
+        prior, config, accelerator = self.prior, self.config, self.accelerator
+        _check_placement(prior, config.precision, accelerator)
+        try:
+            for model in (prior.unet, prior.text_encoder):
+                _refuse_unadaptable(model)
+            _check_new_tokens(prior.text_encoder, prior.tokenizer, [t for t, _ in config.new_tokens], False)
+            prior.require("effnet", "LoRA training (the pictures' latents)")
+            if config.image_embed_probability > 0:
+                prior.require("image_encoder", f"image_embed_probability={config.image_embed_probability}")
+            if config.validation_prompts and self.decoder is None and accelerator.is_main_process:
+                prior.require("previewer", "validation without a decoder (or pass decoder=)")
+        except ValueError as error:
+            raise TrainingError(f"cannot train on this prior: {error}") from error
 
     def prepare(self) -> CacheReport:
-        """Check that the prior can take the run (no LoRA yet, new tokens it does not know, the parts
-        the settings use), cache the features (main process first, the others then read the cache),
-        add the LoRA and the new tokens (both or neither), set up the optimizer, schedule and EMA, and
-        hand them to accelerate. Idempotent.
+        """Find the pictures, cache their features (the main process computes, the others read), add the
+        LoRA and new tokens (both or neither), hand the optimizer to accelerate. Idempotent.
 
         Returns:
             What was computed and what came from the caches.
 
         Raises:
-            TrainingError: the prior, the pictures or the captions do not fit the run (named), before
-                anything is encoded or changed.
+            TrainingError: the pictures or the captions do not fit the run (named).
         """
         if self.report is not None:
             return self.report
-        config, prior, accelerator = self.config, self.prior, self.accelerator
-        self._check_prior()
-        self.images = find_training_images(config.image_folders, config.repeats, config.min_image_size)
-        self._check_tokens_in_captions(self.images)
-        report = CacheReport()
-        with_image_embeds = config.image_embed_probability > 0
-        with accelerator.main_process_first():
-            sizes = bucket_sizes(config.resolution, config.aspect_ratios)
-            self.items = cache_images(
-                prior, self.images, sizes, self.cache_dir, with_image_embeds, report,
-                crop=config.crop, seed=config.seed, max_image_size=config.max_image_size,
-            )  # fmt: skip
-            plain = [c for c in {i.caption for i in self.images} if not self._has_new_token(c)] + [""]
-            self.texts = cache_texts(prior, plain, self.cache_dir, report)
-        report.text_encoded_each_step = sorted(
-            {i.caption for i in self.images if self._has_new_token(i.caption)}
-        )
-        # peft draws lora_A from the global generator: seed it; a failure takes the LoRA off again
-        with torch.random.fork_rng(devices=[]), all_or_nothing(prior.unet, prior.text_encoder):
-            torch.manual_seed(config.seed)
-            inject_lora(prior.unet, config.rank, config.alpha, config.targets)
-            self.tokens = install_new_tokens(prior, config.new_tokens)
-        if config.gradient_checkpointing:
-            prior.unet.enable_gradient_checkpointing()
-        self.objective = StageCObjective(prior)
-        self.trainable = [p for p in self.objective.parameters() if p.requires_grad]
-        self._set_up_optimization()
-        self.report = report
-        return report
-
-    def _set_up_optimization(self) -> None:
-        from diffusers.optimization import get_scheduler
         from diffusers.training_utils import EMAModel
 
-        config, accelerator = self.config, self.accelerator
-        optimizer = torch.optim.AdamW(self.trainable, lr=config.learning_rate)
-        # accelerate steps a prepared schedule once per process at each update: count in those steps
-        processes = accelerator.num_processes
-        schedule = get_scheduler(
-            config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps * processes,
-            num_training_steps=config.steps * processes, num_cycles=config.lr_num_cycles, power=config.lr_power,
-        )  # fmt: skip
+        config, prior, self.report = self.config, self.prior, CacheReport()
+        self.images = find_training_images(config.image_folders, config.repeats, config.min_image_size)
+        self._cache()
+        # peft draws lora_A from the global generator: seed it; a failure takes the LoRA off again
+        with torch.random.fork_rng(devices=[]), _all_or_nothing(prior.unet, prior.text_encoder):
+            torch.manual_seed(config.seed)
+            inject_lora(prior.unet, config.rank, config.alpha, config.targets)
+            self.tokens = _install_trainable_tokens(prior, config.new_tokens)
+        if config.gradient_checkpointing:
+            prior.unet.enable_gradient_checkpointing()
+        self.objective = _StageCObjective(prior, self.texts)
+        self.trainable = [p for p in self.objective.parameters() if p.requires_grad]
         if config.ema_decay:
             self.ema = EMAModel(self.trainable, decay=config.ema_decay, foreach=True)
-        self.model, self.optimizer, self.scheduler = accelerator.prepare(self.objective, optimizer, schedule)
-        accelerator.register_save_state_pre_hook(self._save_trainable)
-        accelerator.register_load_state_pre_hook(self._load_trainable)
-        progress = Registered(lambda: {"step": self.step, "losses": list(self.losses)}, self._load_progress)
-        accelerator.register_for_checkpointing(
-            progress, Registered(self._generator_states, self._load_generator_states)
-        )
-        if self.ema is not None:
-            accelerator.register_for_checkpointing(self.ema)
+        optimizer = torch.optim.AdamW(self.trainable, lr=config.learning_rate)
+        self.model, self.optimizer = self.accelerator.prepare(self.objective, optimizer)
+        return self.report
 
-    def _check_prior(self) -> None:
-        """What would otherwise fail (or silently differ) after minutes of encoding: a prior that
-        carries a LoRA already, new tokens its tokenizer refuses, optional parts the run uses."""
-        config, prior = self.config, self.prior
-        try:
-            for model in (prior.unet, prior.text_encoder):
-                refuse_second_lora(model)
-            check_new_tokens(prior.tokenizer, [token for token, _ in config.new_tokens])
-        except LoraError as error:
-            raise TrainingError(f"cannot train on this prior: {error}") from error
-        needs = {"effnet": "LoRA training (the pictures' latents)"}
-        if config.image_embed_probability > 0:
-            needs["image_encoder"] = f"image_embed_probability={config.image_embed_probability} (0: none)"
-        if config.validation_prompts and self.decoder is None and self.accelerator.is_main_process:
-            needs["previewer"] = "validation without a decoder (or pass decoder=)"
-        for part, needed_for in needs.items():
-            try:
-                prior.require(part, needed_for)
-            except ValueError as error:
-                raise TrainingError(str(error)) from error
-
-    def _has_new_token(self, caption: str) -> bool:
-        return any(token in caption for token, _ in self.config.new_tokens)
-
-    def _check_tokens_in_captions(self, images: Sequence[TrainingImage]) -> None:
-        for token, _ in self.config.new_tokens:
-            if not any(token in i.caption for i in images):
-                raise TrainingError(
-                    f"no caption mentions {token}: it would never be learned. Put it in the captions (sidecar .txt or file names)"
-                )
-
-    # -- one step -------------------------------------------------------------------------------------
+    def _cache(self) -> None:
+        """Features from the caches (the main process computes); learned-token captions each step."""
+        tokens, captions = [token for token, _ in self.config.new_tokens], {i.caption for i in self.images}
+        missing = [token for token in tokens if not any(token in caption for caption in captions)]
+        if missing:
+            raise TrainingError(
+                f"no caption mentions {missing[0]}: it would never be learned. Put it in captions"
+            )
+        learned = {caption for caption in captions if any(token in caption for token in tokens)}
+        with self.accelerator.main_process_first():
+            self.items = _cache_images(self.prior, self.images, self.config, self.cache_dir, self.report)
+            self.texts = _cache_texts(self.prior, [*(captions - learned), ""], self.cache_dir, self.report)
+        self.report.text_encoded_each_step = sorted(learned)
 
     def batch_loss(self, indices: list[int]) -> torch.Tensor:
         """The official loss of the pictures ``indices``, with the official mix of 5% empty captions
         and 10% image embeddings, drawing from the run's generator."""
-        config, device = self.config, self.prior.device
+        config, device, items = self.config, self.prior.device, [self.items[i] for i in indices]
         count = len(indices)
         dropped = (torch.rand(count, generator=self.generator) < config.caption_dropout).tolist()
         with_image = (torch.rand(count, generator=self.generator) < config.image_embed_probability).tolist()
-        captions = ["" if drop else self.items[i].caption for i, drop in zip(indices, dropped, strict=True)]
-        cached = [tuple(t.to(device) for t in self.texts[c]) if c in self.texts else None for c in captions]
-        width = self.prior.unet.config.clip_image_in_channels
-        images = [
-            self.items[i].image_embeds
-            if use and self.items[i].image_embeds is not None
-            else torch.zeros(1, width)
-            for i, use in zip(indices, with_image, strict=True)
-        ]
-        latents = torch.stack([self.items[i].latents for i in indices]).to(device)
+        captions = [item.caption * (not drop) for item, drop in zip(items, dropped, strict=True)]
+        none = torch.zeros(1, self.prior.unet.config.clip_image_in_channels)
+        images = torch.stack([i.image_embeds if u else none for i, u in zip(items, with_image, strict=True)])
+        latents = torch.stack([item.latents for item in items]).to(device)
         times = training_times(count, self.generator).to(device)
         noise = torch.randn(latents.shape, generator=self.generator).to(device)
-        clip_img = torch.stack(images).to(device)
-        return self.model(latents, noise, times, clip_img, captions, cached, config.precision == "bf16")
+        return self.model(latents, noise, times, images.to(device), captions, config.precision == "bf16")
 
-    def _optimizer_step(self, batches: Iterator[list[int]]) -> float:
-        """One update: ``gradient_accumulation`` batches through ``accelerator.accumulate`` (their
-        gradients averaged, across processes too), clipped, one optimizer and schedule step, EMA."""
+    def _update(self, batches: Iterator[list[int]]) -> float:
+        """One update of accumulated batches; a non-finite loss stops before the weights change."""
         accelerator, losses = self.accelerator, []
         for _ in range(self.config.gradient_accumulation):
             with accelerator.accumulate(self.model):
                 loss = self.batch_loss(next(batches))
                 accelerator.backward(loss)
-                # the prepared optimizer and schedule skip steps between syncs themselves, but each
-                # call still costs a few checks: only call them when the update completes
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
-                    self.optimizer.step()
-                    self.scheduler.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.detach())
+                losses.append(loss.detach())
         if not accelerator.sync_gradients:
-            raise RuntimeError(
-                "accelerate did not complete the update: its accumulation counter is out of step"
-            )
+            raise RuntimeError("accelerate did not complete the update: its accumulation count is off")
+        norm = float(accelerator.clip_grad_norm_(self.trainable, self.config.max_grad_norm))
+        loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            raise self._diverged(loss, norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.step(self.trainable)
-        return accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+        return loss
+
+    def _diverged(self, loss: float, norm: float) -> TrainingError:
+        last = self.checkpoints()[-1:]
+        kept = f"the last good checkpoint, {last[0]}, is kept" if last else "no checkpoint was saved yet"
+        return TrainingError(
+            f"the loss diverged at update {self.step + 1} (loss {loss}, gradient norm {norm}): training stopped "
+            f"before that update changed the weights, saving no LoRA; {kept}. Lower learning_rate (now "
+            f"{self.config.learning_rate}) and run again: it continues from the last checkpoint"
+        )
 
     def _batches(self) -> Iterator[list[int]]:
         """This process's share of the batch stream, from where the run stands."""
         buckets: dict[tuple[int, int], list[int]] = {}
         for i, (item, image) in enumerate(zip(self.items, self.images, strict=True)):
             buckets.setdefault(item.bucket, []).extend([i] * (1 + image.repeats))
-        stream = batch_schedule(buckets, self.config.batch_size, self.config.seed)
+        stream = _batch_schedule(buckets, self.config.batch_size, self.config.seed)
         processes, index = self.accelerator.num_processes, self.accelerator.process_index
         done = self.step * self.config.gradient_accumulation * processes
         return itertools.islice(stream, done + index, None, processes)
 
-    # -- the loop -------------------------------------------------------------------------------------
+    def _schedule(self):
+        """The schedule from the config at this step: a resume honours a changed one."""
+        from diffusers.optimization import get_scheduler
+
+        config, optimizer = self.config, self.optimizer.optimizer  # the optimizer accelerate wraps
+        for group in optimizer.param_groups:
+            group["initial_lr"] = config.learning_rate
+        return get_scheduler(
+            config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.steps,
+            num_cycles=config.lr_num_cycles, power=config.lr_power, last_epoch=self.step - 1,
+        )  # fmt: skip
 
     def train(
-        self, on_step: LossCallback | None = None, on_validation: ValidationCallback | None = None
+        self,
+        on_step: Callable[[int, float], None] | None = None,
+        on_validation: Callable[[int, list[PIL.Image.Image], list[str]], None] | None = None,
     ) -> TrainingResult:
-        """Train up to ``config.steps`` updates, continuing from the latest checkpoint. Ctrl-C saves a
-        checkpoint and returns (``interrupted``).
+        """Train up to ``config.steps`` updates from the latest checkpoint, holding a lock on
+        ``output_dir`` (a second run there is refused). Ctrl-C saves a checkpoint and returns
+        (``interrupted``); a loss that is no longer finite stops the run, the last checkpoint kept.
 
         Args:
             on_step: ``on_step(step, loss)`` after each update, on the main process (a live loss
@@ -358,49 +290,69 @@ class LoraTrainer:
             A :class:`TrainingResult`; when complete, the LoRA is saved (:meth:`save`).
 
         Raises:
-            TrainingError: the pictures, captions or a checkpoint do not fit the run (named).
+            TrainingError: pictures or a checkpoint that do not fit, another run there, divergence.
         """
-        self.prepare()
-        self.resume()
         config, accelerator, main = self.config, self.accelerator, self.accelerator.is_main_process
-        # accelerate's accumulation settings are shared by every Accelerator in a process: set ours
-        accelerator.gradient_accumulation_steps = config.gradient_accumulation
-        accelerator.step = 0
-        batches = self._batches()
-        bar = tqdm(total=config.steps, initial=self.step, desc="training", disable=not main)
-        interrupted, checkpoint = False, None
-        with stop_on_interrupt() as interrupt:
-            while self.step < config.steps:
-                loss = self._optimizer_step(batches)
-                self.step += 1
-                self.losses.append((self.step, loss))
-                bar.update()
-                bar.set_postfix(loss=f"{loss:.4f}")
-                if on_step and main:
-                    on_step(self.step, loss)
-                if interrupt["requested"]:
-                    accelerator.set_trigger()
-                interrupted = accelerator.check_trigger()  # a stop on any process stops them all
-                last = self.step == config.steps
-                if interrupted or last or self.step % config.checkpoint_every == 0:
-                    checkpoint = self.save_checkpoint()
-                if config.validation_prompts and (
-                    last or (config.validate_every and self.step % config.validate_every == 0)
-                ):
-                    self.validate(on_validation)
-                if interrupted:
-                    tqdm.write(
-                        f"stopped at step {self.step}; checkpoint saved in {checkpoint}. Run train() again to continue."
-                    )
-                    break
-        bar.close()
-        lora = self.save() if self.step >= config.steps else None
+        with self._holding_output_dir():
+            self.resume()
+            # accelerate's accumulation settings are shared by every Accelerator in a process: set ours
+            accelerator.gradient_accumulation_steps, accelerator.step = config.gradient_accumulation, 0
+            self.scheduler, batches = self._schedule(), self._batches()
+            interrupted, checkpoint = False, None
+            bar = tqdm(total=config.steps, initial=self.step, desc="training", disable=not main)
+            with _stop_on_interrupt() as interrupt, bar:
+                while self.step < config.steps and not interrupted:
+                    loss = self._update(batches)
+                    self.step += 1
+                    self.losses.append((self.step, loss))
+                    bar.update()
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                    if on_step and main:
+                        on_step(self.step, loss)
+                    if interrupt["requested"]:
+                        accelerator.set_trigger()
+                    interrupted = accelerator.check_trigger()  # a stop on any process stops them all
+                    checkpoint = self._after_update(interrupted, on_validation) or checkpoint
+            if interrupted:
+                tqdm.write(f"stopped at step {self.step}, checkpoint {checkpoint}: run train() to continue")
+            lora = self.save() if self.step >= config.steps else None
         return TrainingResult(self.step, list(self.losses), interrupted, checkpoint, lora)
 
-    # -- EMA, saving ----------------------------------------------------------------------------------
+    def _after_update(self, interrupted: bool, on_validation) -> Path | None:
+        """Why: after an update, the checkpoint and validation pictures that are due (both at the end)."""
+        config, last = self.config, self.step == self.config.steps
+        checkpoint = None
+        if interrupted or last or self.step % config.checkpoint_every == 0:
+            checkpoint = self.checkpoint_folder.save()
+        due = last or (config.validate_every and self.step % config.validate_every == 0)
+        if config.validation_prompts and due:
+            self.validate(on_validation)
+        return checkpoint
 
     @contextlib.contextmanager
-    def trained_weights(self) -> Iterator[None]:
+    def _holding_output_dir(self) -> Iterator[None]:
+        """One run per folder (an OS lock); the holder clears what a killed run left."""
+        if not self.accelerator.is_main_process:
+            yield
+            return
+        from filelock import FileLock, Timeout
+
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(self.output_dir / _LOCK)
+        try:
+            held = lock.acquire(timeout=0)
+        except Timeout:
+            raise TrainingError(
+                f"another training run is writing into {self.output_dir} (it holds {lock.lock_file}): wait until "
+                "it ends, or give this run another output_dir"
+            ) from None
+        with held:  # what a killed run left: atomic.atomic_path's hidden temporaries (a kill -9 mid-save)
+            for stale in (s for folder in _OWN_FOLDERS for s in (self.output_dir / folder).glob(".*.tmp")):
+                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+            yield
+
+    @contextlib.contextmanager
+    def _trained_weights(self) -> Iterator[None]:
         """The weights that get saved: the EMA ones when EMA is on (swapped in for the duration)."""
         if self.ema is None:
             yield
@@ -412,127 +364,62 @@ class LoraTrainer:
         finally:
             self.ema.restore(self.trainable)
 
-    def learned(self) -> tuple[dict[str, LoraFactors], dict[str, torch.Tensor]]:
+    def _learned(self):
         """The trained LoRA factors and new-token embedding rows (EMA weights when EMA is on)."""
-        with self.trained_weights():
-            factors = lora_factors(self.prior.unet)
+        with self._trained_weights():
+            factors = _lora_factors(self.prior.unet)
             rows = self.tokens.rows.detach().clone() if self.tokens else []
         return factors, {token: row for (token, _), row in zip(self.config.new_tokens, rows, strict=True)}
 
     def save(self, path: str | Path | None = None) -> Path:
         """Write the LoRA and the learned tokens in our format (default ``<output_dir>/lora.safetensors``),
         atomically: a save killed halfway leaves the previous file, never half of this one."""
-        factors, tokens = self.learned()
-        path = Path(path) if path else self.output_dir / LORA_FILE
+        factors, tokens = self._learned()
+        path = Path(path) if path else self.output_dir / _LORA_FILE
         if self.accelerator.is_main_process:
-            save_lora(path, factors, tokens)
+            _save_lora(path, factors, tokens)
         return path
 
-    def export_comfyui(self, path: str | Path, prefix: str = COMFYUI_PREFIX) -> list[Path]:
-        """Write the LoRA in ComfyUI/kohya keys (and the tokens as ComfyUI embeddings).
+    def export_comfyui(self, path: str | Path, prefix: str = _COMFYUI_PREFIX) -> list[Path]:
+        """Write the LoRA in ComfyUI/kohya keys, each learned token as a ComfyUI embedding
+        (``<stem>_embeddings/<token without brackets>.safetensors``: write ``embedding:<name>`` for
+        ``[name]``; ComfyUI pools the prompt at the end token, the official model at the new token).
 
         Args:
             path: the LoRA's ``.safetensors`` file.
-            prefix: ``lora_prior_unet_`` (ComfyUI; default) or ``lora_unet_`` (kohya).
+            prefix: ``lora_prior_unet_`` (ComfyUI, OneTrainer; default) or ``lora_unet_`` (kohya).
 
         Returns:
-            The files written (:func:`cascade_helpers.lora.save_comfyui`).
+            The files written: the LoRA first, then one embedding per token.
         """
-        factors, tokens = self.learned()
-        return save_comfyui(path, factors, tokens, prefix)
-
-    # -- checkpoints ----------------------------------------------------------------------------------
-
-    def _trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
-        return {n: p for n, p in self.objective.named_parameters() if p.requires_grad}
-
-    def _is_ours(self, model) -> bool:
-        return self.accelerator.unwrap_model(model) is self.objective
-
-    def _save_trainable(self, models: list, weights: list, folder: str) -> None:
-        """accelerate's save hook: the trained weights only, not a copy of the whole Stage C."""
-        for i in reversed(range(len(models))):
-            if self._is_ours(models[i]):
-                weights.pop(i)
-                if self.accelerator.is_main_process:
-                    state = {n: p.detach().float() for n, p in self._trainable_parameters().items()}
-                    _save_safetensors(Path(folder) / TRAINABLE, state)
-
-    def _load_trainable(self, models: list, folder: str) -> None:
-        """accelerate's load hook: the trained weights back into the model, by name."""
-        ours = [m for m in models if self._is_ours(m)]
-        for model in ours:
-            models.remove(model)
-        if not ours:
-            return
-        saved = load_file(str(Path(folder) / TRAINABLE))
-        parameters = self._trainable_parameters()
-        if set(saved) != set(parameters):
-            raise TrainingError(f"{folder} holds other trained weights than this run trains")
-        with torch.no_grad():
-            for name, value in saved.items():
-                parameters[name].copy_(value)
-
-    def _load_progress(self, state: dict) -> None:
-        self.step = int(state["step"])
-        self.losses = [tuple(x) for x in state["losses"]]
-
-    def _generator_states(self) -> dict:
-        """Every process's batch generator (accelerate writes registered state from the main process
-        only, so the states are gathered there first)."""
-        state = self.generator.get_state()[None]
-        if self.accelerator.num_processes > 1:
-            state = self.accelerator.gather(state.to(self.accelerator.device)).cpu()
-        return {"generators": state}
-
-    def _load_generator_states(self, state: dict) -> None:
-        saved, index = state["generators"], self.accelerator.process_index
-        if index < len(saved):  # a run resumed on more processes starts the extra ones afresh
-            self.generator.set_state(saved[index].clone())
-
-    def save_checkpoint(self) -> Path:
-        """Everything needed to continue exactly (trained weights, EMA, optimizer, schedule, step,
-        every random generator, the loss history) via ``accelerator.save_state``, into a temporary
-        folder renamed when complete (:meth:`.checkpointing.CheckpointFolder.save`)."""
-        return self.checkpoint_folder.save(self.step)
+        factors, tokens = self._learned()
+        return _save_comfyui(Path(path), factors, tokens, prefix)
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
         return self.checkpoint_folder.list()
 
     def resume(self) -> int:
-        """Load the latest intact checkpoint, if any, into the trainer (a damaged one is named and
-        the one before it used); returns its step (0 for none)."""
+        """Load the latest intact checkpoint (a damaged one is named, the one before used); its step, or 0."""
         self.prepare()
-        if self.step:
-            return self.step
-        folder = self.checkpoint_folder.load_latest()
-        if folder is None:
-            return 0
-        if self.ema is not None:  # accelerate reads registered state onto the CPU
-            self.ema.to(device=self.prior.device)
-        if self.accelerator.is_main_process:
+        folder = None if self.step else self.checkpoint_folder.load_latest()
+        if folder is not None and self.accelerator.is_main_process:
             tqdm.write(f"resuming from {folder} (step {self.step})")
         return self.step
 
-    # -- validation -----------------------------------------------------------------------------------
-
     @torch.no_grad()
-    def validate(self, on_validation: ValidationCallback | None = None) -> list[PIL.Image.Image]:
+    def validate(
+        self, on_validation: Callable[[int, list[PIL.Image.Image], list[str]], None] | None = None
+    ) -> list[PIL.Image.Image]:
         """Pictures of the validation prompts with the weights being trained (EMA ones if on), saved
         as ``validation/step-NNNNNN.png`` (and ``step-NNNNNN-<name>.png`` per named prompt); through
         the decoder when there is one, else the previewer."""
         self.accelerator.wait_for_everyone()
         pictures: list[PIL.Image.Image] = []
         if self.accelerator.is_main_process:
-            library = self.config.named_validation_prompts
-            with self.trained_weights():
-                pictures = [
-                    validation_picture(self.prior, self.decoder, self.config, p) for p in library.values()
-                ]
-            named = isinstance(self.config.validation_prompts, dict)
-            save_validation(self.output_dir / "validation", self.step, pictures, list(library), named)
+            with self._trained_weights():
+                pictures, prompts = _validation_pictures(self.prior, self.decoder, self.config, self.step)
             if on_validation:
-                on_validation(self.step, pictures, list(library.values()))
+                on_validation(self.step, pictures, prompts)
         self.accelerator.wait_for_everyone()
         return pictures

@@ -1,6 +1,5 @@
-"""Validation pictures during training: each prompt of the run's library through Stage C (with the
-weights being trained) and the decoder, or the previewer when no decoder is loaded; saved as one grid
-per step and one picture per named prompt."""
+"""Validation pictures during training: each prompt through Stage C (the weights being trained) and the
+decoder, or the previewer without one; saved as one grid per step and one picture per named prompt."""
 
 from __future__ import annotations
 
@@ -17,26 +16,14 @@ from ..sampling import OFFICIAL_DECODER, OFFICIAL_PRIOR
 from ..sizes import stage_c_shape
 from ..stages import generate_stage_c, preview_stage_c
 from .config import LoraTrainingConfig
-from .data import save_png
+from .data import _save_png
 
 
 @torch.no_grad()
-def validation_picture(
+def _validation_picture(
     prior: Prior, decoder: Decoder | None, config: LoraTrainingConfig, prompt: str
 ) -> PIL.Image.Image:
-    """One picture of ``prompt`` at the training resolution, with the run's validation settings
-    (negative prompt, both stages' steps and guidance, the run's seed): through the decoder when
-    there is one, else the previewer's rough picture of the Stage C latents.
-
-    Args:
-        prior: the prior being trained (its LoRA and new tokens as they are now).
-        decoder: Stage B and A, or None for the previewer.
-        config: the run's settings (``resolution``, ``seed``, the ``validation_*`` ones).
-        prompt: the validation prompt.
-
-    Returns:
-        resolution² with the decoder; the previewer's picture (3/16 of it: 192² for 1024) without.
-    """
+    """Why: the LoRA as it is now, with the validation settings: decoded, or the previewer's."""
     size, negative = config.resolution, config.validation_negative_prompt
     prior_settings = OFFICIAL_PRIOR.with_(
         steps=config.validation_prior_steps, guidance=float(config.validation_prior_guidance)
@@ -57,24 +44,12 @@ def validation_picture(
     return to_pil(preview_stage_c(prior, latents))[0]
 
 
-def save_validation(
-    folder: Path, step: int, pictures: list[PIL.Image.Image], names: list[str], named: bool
-) -> Path:
-    """``step-NNNNNN.png`` (all pictures side by side) in ``folder``, and with a named prompt library
-    also ``step-NNNNNN-<name>.png`` per picture.
-
-    Args:
-        folder: the validation folder (created if missing).
-        step: the training step, in the file names (6 digits).
-        pictures: one per prompt, in the library's order.
-        names: the prompts' names (the library's keys).
-        named: True when the library is named (a dict): then each picture is also saved alone.
-
-    Returns:
-        The grid's path.
-    """
-    grid = save_png(image_grid(pictures), folder / f"step-{step:06d}.png")
-    if named:
-        for name, picture in zip(names, pictures, strict=True):
-            save_png(picture, folder / f"step-{step:06d}-{name}.png")
-    return grid
+def _validation_pictures(prior: Prior, decoder: Decoder | None, config: LoraTrainingConfig, step: int):
+    """Why: one grid per step and, for named prompts, each picture alone, written atomically."""
+    library, folder = config.validation_prompts, Path(config.output_dir) / "validation"
+    named = library if isinstance(library, dict) else {str(i + 1): p for i, p in enumerate(library)}
+    pictures = [_validation_picture(prior, decoder, config, prompt) for prompt in named.values()]
+    _save_png(image_grid(pictures), folder / f"step-{step:06d}.png")
+    for name, picture in zip(named, pictures, strict=True) if isinstance(library, dict) else ():
+        _save_png(picture, folder / f"step-{step:06d}-{name}.png")
+    return pictures, list(named.values())
