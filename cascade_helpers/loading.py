@@ -46,6 +46,8 @@ from .file_checks import (
     size_present,
 )
 from .files import ModelFile, Size
+from .float8 import _check_float8, store_in_float8
+from .float16 import rescale_for_float16
 from .models import ClipImageSettings, Decoder, Prior, TextEncoder
 from .previewer import Previewer
 
@@ -201,6 +203,7 @@ def load_prior(
     effnet: bool = True,
     previewer: bool = True,
     allow_float16: bool = False,
+    float8: bool = False,
 ) -> Prior:
     """Stage C with its text encoder and tokenizer, and optionally the CLIP image encoder (image
     variation), the EfficientNet encoder (image-to-image) and the previewer (live previews).
@@ -210,7 +213,8 @@ def load_prior(
             ``stabilityai/stable-cascade-prior`` (its diffusers folders; EfficientNet and previewer
             from ``stabilityai/stable-cascade``).
         variant: Stage C's size, "big" (official, 3.6 B parameters) or "lite".
-        dtype: defaults to bfloat16 on GPUs that support it, else float32; float16 is refused (NaNs).
+        dtype: defaults to bfloat16 on GPUs that support it, else float32. float16 rescales Stage C's
+            last block group (:mod:`cascade_helpers.float16`), which would overflow otherwise.
             In a folder the weight files of that precision are read if present, else the other form,
             cast on load.
         device: "cpu", "cuda", "cuda:1", "mps" or None (the best there is).
@@ -219,7 +223,9 @@ def load_prior(
         image_encoder, effnet, previewer: load these optional parts (all True by default); without
             them image variation, image-to-image and ControlNet init pictures, and previews fail
             with an error naming the flag.
-        allow_float16: True lets Stage C run in float16 (only to reproduce its black pictures).
+        allow_float16: True runs Stage C in float16 without the rescale (only to reproduce its black
+            pictures).
+        float8: store Stage C's weights in float8 (:mod:`cascade_helpers.float8`): a byte a weight.
 
     Returns:
         The :class:`~cascade_helpers.models.Prior`.
@@ -229,17 +235,19 @@ def load_prior(
             them), or ``source`` is neither a folder nor a Hub repo that could be loaded.
         WrongCheckpointError: Stage C's file holds another model or another size than ``variant``.
         CheckpointError: a file is damaged or cut short (``TruncatedCheckpointError``).
-        ValueError: an unknown variant, memory mode, device or dtype; float16 for Stage C
-            (``UnsupportedPrecisionError``).
+        ValueError: an unknown variant, memory mode, device or dtype; float8 with sequential offload;
+            float16 for a Stage C the rescale cannot help (``UnsupportedPrecisionError``, saying why).
     """
     variant = files.check_size_word(variant)
     memory = check_memory(memory)
+    _check_float8(float8, memory)
     device = pick_device(device)
-    dtype = pick_dtype(dtype, device, stage="Stage C", allow_float16=allow_float16)
+    dtype = pick_dtype(dtype, device, stage="Stage C", allow_float16=True)  # float16: rescaled on load
+    precision = (dtype, device, not allow_float16, float8)
     if not is_local_folder(source):
         with _explain_hub_failure(source):
             return _load_prior_from_hub(
-                str(source), variant, dtype, device, memory, image_encoder, effnet, previewer
+                str(source), variant, precision, memory, image_encoder, effnet, previewer
             )
     models_dir = Path(source)
     stage_c = choose_precision_file(models_dir, files.STAGE_C[variant], dtype)
@@ -259,9 +267,8 @@ def load_prior(
 
     from transformers import CLIPVisionModelWithProjection
 
-    unet = place(
-        load_unet_single_file(models_dir / stage_c.path, "stage_c", architecture, dtype), device, memory
-    )
+    unet = load_unet_single_file(models_dir / stage_c.path, "stage_c", architecture, dtype)
+    unet = place(_fit_precision(unet, *precision), device, memory)
     text_encoder, tokenizer = _text_encoder_from_folder(models_dir, text_weights, dtype)
     prior = Prior(
         unet=unet,
@@ -315,20 +322,32 @@ def _text_encoder_from_hub(repo: str, dtype: torch.dtype) -> tuple[nn.Module, ob
     return text_encoder.eval().requires_grad_(False), tokenizer
 
 
-def _load_prior_from_hub(repo, variant, dtype, device, memory, image_encoder, effnet, previewer) -> Prior:
+def _fit_precision(
+    unet: nn.Module, dtype: torch.dtype, device: torch.device, rescale: bool, float8: bool
+) -> nn.Module:
+    """The float16 rescale and float8 storage, before the UNet is placed: both need it whole."""
+    if rescale and dtype == torch.float16:
+        rescale_for_float16(unet, device=device)
+    if float8:
+        store_in_float8(unet, dtype)
+    return unet
+
+
+def _load_prior_from_hub(repo, variant, precision, memory, image_encoder, effnet, previewer) -> Prior:
     """The diffusers folders of ``stabilityai/stable-cascade-prior``; EfficientNet and previewer come
     as the official single files from ``stabilityai/stable-cascade`` (the prior repo has none)."""
     from transformers import CLIPVisionModelWithProjection
 
     from .upstream import StableCascadeUNet
 
+    dtype, device = precision[:2]
     subfolder = "prior" if variant == "big" else "prior_lite"
     unet = StableCascadeUNet.from_pretrained(
         repo, subfolder=subfolder, variant=_hub_variant(dtype), torch_dtype=dtype, use_safetensors=True
     )
     text_encoder, tokenizer = _text_encoder_from_hub(repo, dtype)
     prior = Prior(
-        unet=place(unet.eval().requires_grad_(False), device, memory),
+        unet=place(_fit_precision(unet.eval().requires_grad_(False), *precision), device, memory),
         text_encoder=place(text_encoder, device, memory),
         tokenizer=tokenizer,
         device=device,
@@ -363,6 +382,7 @@ def load_decoder(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     memory: MemoryMode = "gpu",
+    float8: bool = False,
 ) -> Decoder:
     """Stage B (``variant`` big or lite) and Stage A. The decoder needs no text encoder of its own:
     it is conditioned on the pooled prompt embedding the prior's text encoder already computed.
@@ -373,6 +393,7 @@ def load_decoder(
         dtype: Stage B's dtype; defaults as for :func:`load_prior` (float16 is accepted here).
             Stage A always runs in float32.
         device, memory: as for :func:`load_prior`; Stage A stays on ``device``.
+        float8: store Stage B's weights in float8, as for :func:`load_prior`.
 
     Returns:
         The :class:`~cascade_helpers.models.Decoder`.
@@ -383,11 +404,12 @@ def load_decoder(
     """
     variant = files.check_size_word(variant)
     memory = check_memory(memory)
+    _check_float8(float8, memory)
     device = pick_device(device)
     dtype = pick_dtype(dtype, device, stage="Stage B")
     if not is_local_folder(source):
         with _explain_hub_failure(source):
-            return _load_decoder_from_hub(source, variant, dtype, device, memory)
+            return _load_decoder_from_hub(source, variant, dtype, device, memory, float8)
     models_dir = Path(source)
     stage_b = choose_precision_file(models_dir, files.STAGE_B[variant], dtype)
     stage_c = size_present(models_dir, files.STAGE_C)
@@ -402,6 +424,7 @@ def load_decoder(
         models_dir / files.STAGE_A.path, "stage_a", None, fetch_command(models_dir, [files.STAGE_A])
     )
     unet = load_unet_single_file(models_dir / stage_b.path, "stage_b", architecture, dtype)
+    unet = _fit_precision(unet, dtype, device, False, float8)
     vqgan = load_stage_a(models_dir / files.STAGE_A.path, stage_a_architecture)
     return Decoder(
         unet=place(unet, device, memory),
@@ -413,7 +436,7 @@ def load_decoder(
     )
 
 
-def _load_decoder_from_hub(repo, variant, dtype, device, memory) -> Decoder:
+def _load_decoder_from_hub(repo, variant, dtype, device, memory, float8) -> Decoder:
     from .upstream import PaellaVQModel, StableCascadeUNet
 
     subfolder = "decoder" if variant == "big" else "decoder_lite"
@@ -423,8 +446,9 @@ def _load_decoder_from_hub(repo, variant, dtype, device, memory) -> Decoder:
     vqgan = PaellaVQModel.from_pretrained(
         repo, subfolder="vqgan", torch_dtype=torch.float32, use_safetensors=True
     )
+    unet = _fit_precision(unet.eval().requires_grad_(False), dtype, device, False, float8)
     return Decoder(
-        unet=place(unet.eval().requires_grad_(False), device, memory),
+        unet=place(unet, device, memory),
         vqgan=place(vqgan.eval().requires_grad_(False), device, memory, small=True),
         device=device,
         dtype=dtype,

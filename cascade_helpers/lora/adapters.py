@@ -17,6 +17,7 @@ from torch import nn
 
 from .. import values
 from ..checkpoints import config_dir
+from ..float16 import _lora_rows
 
 ADAPTER = "lora"
 #: what the official filter ``'.attn'`` selects, in diffusers' names: attention q, k, v and output
@@ -144,12 +145,12 @@ def apply_factors(
         alpha_pattern={re.escape(name): f.alpha for name, f in factors.items()},
     )
     inject_adapter_in_model(config, model, adapter_name=ADAPTER)
-    layers = lora_layers(model)
+    layers, rows = lora_layers(model), _lora_rows(model)  # rows: a float16-rescaled layer's
     with torch.no_grad():
         for name, f in factors.items():
             layer = layers[name]
             layer.lora_A[ADAPTER].weight.copy_(f.down)
-            layer.lora_B[ADAPTER].weight.copy_(f.up)
+            layer.lora_B[ADAPTER].weight.copy_(f.up * rows[name] if name in rows else f.up)
     set_lora_strength(model, strength)
 
 
@@ -186,11 +187,12 @@ def check_factors(model: nn.Module, factors: Mapping[str, LoraFactors]) -> None:
 
 def lora_factors(model: nn.Module) -> dict[str, LoraFactors]:
     """The LoRA currently on ``model``, module by module (detached copies)."""
-    factors = {}
+    factors, rows = {}, _lora_rows(model)
     for name, layer in lora_layers(model).items():
+        up = layer.lora_B[ADAPTER].weight.detach()
         factors[name] = LoraFactors(
             layer.lora_A[ADAPTER].weight.detach().clone(),
-            layer.lora_B[ADAPTER].weight.detach().clone(),
+            up / rows[name].to(up.device) if name in rows else up.clone(),  # without the float16 rescale
             float(layer.lora_alpha[ADAPTER]),
         )
     return factors
