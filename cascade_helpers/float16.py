@@ -133,8 +133,8 @@ def _calibration_inputs(unet: nn.Module, device: torch.device) -> dict[str, torc
 
 @torch.no_grad()
 def _largest_outputs(unet: nn.Module, device: torch.device) -> dict[str, float]:
-    """The largest |output| of every module over one pass in float32, each layer moved to ``device``
-    and cast up only while it runs: a float16 Stage C needs no float32 copy of itself."""
+    """The largest |output| of every module over one pass in float32, in the order they finish, each
+    layer moved to ``device`` and cast up only while it runs: a float16 Stage C needs no float32 copy."""
     largest: dict[str, float] = {}
     homes: dict[nn.Module, tuple[torch.device, torch.dtype]] = {}
 
@@ -170,11 +170,10 @@ def _choose_scale(largest: dict[str, float], last: int) -> int:
     refusal when a layer outside the group, which the rescale leaves alone, overflows float16 there."""
     group = {("up_blocks", f"{last}"), ("up_upscalers", f"{last - 1}"), ("up_upscalers", f"{last}")}
     group.add(("up_repeat_mappers", f"{last}"))
-    outside = {name: value for name, value in largest.items() if tuple(name.split(".")[:2]) not in group}
-    worst = max(outside, key=lambda name: math.inf if math.isnan(outside[name]) else outside[name])
-    if not outside[worst] <= _FLOAT16_MAX:
+    over = [n for n, v in largest.items() if tuple(n.split(".")[:2]) not in group and not v <= _FLOAT16_MAX]
+    if over:  # in the order the layers ran: the first is where the overflow starts
         raise UnsupportedPrecisionError(
-            f"Stage C cannot run in float16 even rescaled: {worst} reaches {outside[worst]:.3g} in a calibration "
+            f"Stage C cannot run in float16 even rescaled: {over[0]} reaches {largest[over[0]]:.3g} in a calibration "
             "pass, outside the last block group the rescale covers (float16 ends at 65504). Use "
             "dtype=torch.bfloat16 or torch.float32"
         )

@@ -130,6 +130,7 @@ def apply_factors(
         ValueError: a strength that is not a finite number.
     """
     from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.tuners_utils import cast_adapter_dtype
 
     values.finite(strength, "strength", "the LoRA's weight: 0 off, 1 as trained")
     if not factors:
@@ -146,6 +147,8 @@ def apply_factors(
     )
     inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     layers, rows = lora_layers(model), _lora_rows(model)  # rows: a float16-rescaled layer's
+    if rows:  # float32 LoRA weights, where the rescaled factors keep every bit
+        cast_adapter_dtype(model, ADAPTER)
     with torch.no_grad():
         for name, f in factors.items():
             layer = layers[name]
