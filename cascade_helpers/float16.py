@@ -173,19 +173,19 @@ def _choose_scale(largest: dict[str, float], last: int) -> int:
     over = [n for n, v in largest.items() if tuple(n.split(".")[:2]) not in group and not v <= _FLOAT16_MAX]
     if over:  # in the order the layers ran: the first is where the overflow starts
         raise UnsupportedPrecisionError(
-            f"Stage C cannot run in float16 even rescaled: {over[0]} reaches {largest[over[0]]:.3g} in a calibration "
-            "pass, outside the last block group the rescale covers (float16 ends at 65504). Use "
+            f"Stage C cannot run in float16 even rescaled: {over[0]} reaches {largest[over[0]]:.3g} in a "
+            "calibration pass, outside the last block group the rescale covers (float16 ends at 65504). Use "
             "dtype=torch.bfloat16 or torch.float32"
         )
     blocks = [name for name in largest if name.startswith(f"up_blocks.{last}.") and name.count(".") == 2]
-    hidden = max(
-        largest[name] for name in [f"up_upscalers.{last - 1}", *blocks]
-    )  # the group's input, each output
-    if not math.isfinite(hidden):
+    hidden = [largest[name] for name in [f"up_upscalers.{last - 1}", *blocks]]  # the group's input, outputs
+    if not all(math.isfinite(value) for value in hidden):
         raise UnsupportedPrecisionError(
-            f"Stage C's calibration pass gave {hidden} in float32: damaged weights?"
+            "Stage C's calibration pass gave NaN or infinite values in float32: its weights hold some (a damaged "
+            "file: run your download command again with --verify)"
         )
-    return 2 ** max(0, math.ceil(math.log2(hidden * _HEADROOM / _FLOAT16_MAX)))
+    need = max(hidden) * _HEADROOM / _FLOAT16_MAX
+    return 2 ** math.ceil(math.log2(need)) if need > 1 else 1
 
 
 def rescale_for_float16(

@@ -53,3 +53,8 @@ def _check_float8(float8: object, memory: str) -> None:
             "float8=True with memory='sequential_offload' is not supported: use memory='model_offload' (one "
             "model on the GPU at a time, in float8: half the bytes)"
         )
+
+
+def _stored_in_float8(model: nn.Module) -> bool:
+    """Whether some of ``model``'s weights are float8: layers added later (LoRA) must not inherit it."""
+    return any(p.dtype == torch.float8_e4m3fn for p in model.parameters())

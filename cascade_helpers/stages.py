@@ -58,7 +58,9 @@ def check_finite(
         if any(t is not None and not torch.isfinite(t).all() for t in tensors)
     ]
     broken = [
-        n for n, p in model.named_parameters() if p.device.type != "meta" and not torch.isfinite(p).all()
+        n
+        for n, p in model.named_parameters()
+        if p.device.type != "meta" and not torch.isfinite(p.float()).all()
     ]
     if broken:
         named = [str(f) for f in weight_files] or ["the weight file"]

@@ -17,6 +17,7 @@ from torch import nn
 
 from .. import values
 from ..checkpoints import config_dir
+from ..float8 import _stored_in_float8
 from ..float16 import _lora_rows
 
 ADAPTER = "lora"
@@ -130,7 +131,6 @@ def apply_factors(
         ValueError: a strength that is not a finite number.
     """
     from peft import LoraConfig, inject_adapter_in_model
-    from peft.tuners.tuners_utils import cast_adapter_dtype
 
     values.finite(strength, "strength", "the LoRA's weight: 0 off, 1 as trained")
     if not factors:
@@ -147,8 +147,12 @@ def apply_factors(
     )
     inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     layers, rows = lora_layers(model), _lora_rows(model)  # rows: a float16-rescaled layer's
-    if rows:  # float32 LoRA weights, where the rescaled factors keep every bit
-        cast_adapter_dtype(model, ADAPTER)
+    if rows or _stored_in_float8(
+        model
+    ):  # LoRA in float32: rescaled factors keep every bit; float8 cannot compute
+        for layer in layers.values():
+            layer.lora_A[ADAPTER].float()
+            layer.lora_B[ADAPTER].float()
     with torch.no_grad():
         for name, f in factors.items():
             layer = layers[name]
