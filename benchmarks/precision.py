@@ -14,14 +14,14 @@ official code computes it in float32 under autocast):
   that error as a multiple of bfloat16's;
 - the weights' bytes (what sits on the GPU), as a ratio of bfloat16's.
 
-Random weights do not overflow float16, so the calibration picks scale 1 for them (``--calibrate``
-runs it and says so); ``--scale`` forces a scale to measure what the rescale costs in float16 (weights
-divided by it fall towards float16's subnormals). Random weights bound the arithmetic, not the
-pictures' quality.
+The random weights start where official training starts (its initialization, seeded): they do not
+overflow float16, so the calibration picks scale 1 for them (``--calibrate`` runs it and says so);
+``--scale`` forces a scale to measure what the rescale costs in float16 (weights divided by it fall
+towards float16's subnormals). Random weights bound the arithmetic, not the pictures' quality.
 
-Memory: one model at a time, rebuilt from the same seed for each variant; the float32 Stage C big
-takes 14.4 GB (run it under ``flock /work/brief/bigmem.lock``). float16 matmuls are slow on CPUs
-without native float16: minutes per call.
+Memory: one model at a time (four Stage C builds from the same seed); the float32 Stage C big takes
+14.4 GB (run it under ``flock /work/brief/bigmem.lock``). float16 matmuls are slow on CPUs without
+native float16: minutes per call.
 
     python benchmarks/precision.py --tiny                         # seconds, any machine
     flock /work/brief/bigmem.lock python benchmarks/precision.py  # Stage C big + Stage B big
@@ -32,30 +32,69 @@ from __future__ import annotations
 import argparse
 import gc
 import time
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from cascade_helpers.checkpoints import config_dir
+from cascade_helpers.devices import UnsupportedPrecisionError
 from cascade_helpers.float8 import store_in_float8
 from cascade_helpers.float16 import rescale_for_float16
 
 
 def build(kind: str, architecture: str, dtype: torch.dtype) -> nn.Module:
-    """A random UNet at full size, its weights rounded to bfloat16 (as the published bf16 files),
-    then cast to ``dtype`` tensor by tensor: the peak is the float32 model, never two copies."""
+    """A random UNet at full size, initialized as official training starts (:func:`official_init`) in
+    bfloat16 (as the published bf16 files), then cast to ``dtype`` tensor by tensor: never two copies."""
+    from accelerate import init_empty_weights
+
     from cascade_helpers.upstream import StableCascadeUNet
 
-    torch.manual_seed(0)
-    unet = StableCascadeUNet.from_config(StableCascadeUNet.load_config(config_dir(kind, architecture)))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with init_empty_weights():
+            unet = StableCascadeUNet.from_config(
+                StableCascadeUNet.load_config(config_dir(kind, architecture))
+            )
+        unet = unet.to_empty(device="cpu")
+    finally:
+        torch.set_default_dtype(default)
+    official_init(unet)
     for p in unet.parameters():
-        p.data = p.data.to(torch.bfloat16).to(dtype)
+        p.data = p.data.to(dtype)
     embed = unet.get_timestep_ratio_embedding  # in float32, as the official code does under autocast:
     unet.get_timestep_ratio_embedding = lambda r, max_positions=10000: embed(r.float(), max_positions).to(
         r.dtype
     )
     return unet.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def official_init(unet: nn.Module) -> None:
+    """The official ``_init_weights`` (StageC, StageB), seeded, except the output layer's zeros (which
+    would make every output 0): Xavier weights and zero biases, small conditioning mappers, each
+    ResBlock's last linear × √(1 / ResBlocks per path), TimestepBlock mappers at zero. torch's default
+    initialization instead lets 56 random gains 1 + a compound until the first up group alone
+    overflows float16 (measured: 1e5), which trained weights do not do."""
+    from cascade_helpers.upstream import SDCascadeResBlock, SDCascadeTimestepBlock
+
+    torch.manual_seed(0)
+    for module in unet.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if name == "weight" and p.dim() >= 2:
+                nn.init.xavier_uniform_(p)
+            else:  # biases, GlobalResponseNorm's gamma and beta
+                nn.init.zeros_(p)
+    for name in ("clip_txt_pooled_mapper", "clip_txt_mapper", "clip_img_mapper"):
+        if hasattr(unet, name):
+            nn.init.normal_(getattr(unet, name).weight, std=0.02)
+    nn.init.xavier_uniform_(unet.embedding[1].weight, 0.02)
+    depth = sum(unet.config.down_num_layers_per_block)
+    for block in (b for level in [*unet.down_blocks, *unet.up_blocks] for b in level):
+        if isinstance(block, SDCascadeResBlock):
+            block.channelwise[-1].weight *= (1 / depth) ** 0.5
+        elif isinstance(block, SDCascadeTimestepBlock):
+            nn.init.zeros_(block.mapper.weight)
 
 
 def inputs(unet: nn.Module, size: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -98,108 +137,65 @@ def errors(output: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]
     ).item()
 
 
-def measure(
-    name: str, make: Callable[[], nn.Module], dtype: torch.dtype, size: int, reference: torch.Tensor | None
-) -> dict:
-    """Build one variant, call it once, free it."""
-    unet = make()
+def measure(name: str, unet: nn.Module, dtype: torch.dtype, size: int, reference: dict | None) -> dict:
+    """One call of ``unet`` in ``dtype``, its errors against ``reference`` (printed at once: a long
+    run that fails later keeps what it measured)."""
     output, seconds = call(unet, size, dtype)
     row = {"variant": name, "bytes": weight_bytes(unet), "seconds": seconds, "output": output}
-    row["errors"] = errors(output, reference) if reference is not None else (0.0, 0.0)
-    del unet
-    gc.collect()
+    row["errors"] = errors(output, reference["output"]) if reference is not None else (0.0, 0.0)
+    print(f"  measured {name}: errors {row['errors']}, {seconds:.1f} s", flush=True)
     return row
 
 
 def stage_c_rows(architecture: str, scale: int, size: int, calibrate: bool) -> list[dict]:
-    def rescaled(dtype: torch.dtype, chosen: int | None) -> Callable[[], nn.Module]:
-        def make() -> nn.Module:
-            unet = build("stage_c", architecture, dtype)
-            rescale_for_float16(unet, chosen)
-            return unet
-
-        return make
-
-    def float8() -> nn.Module:
-        unet = build("stage_c", architecture, torch.bfloat16)
-        store_in_float8(unet, torch.bfloat16)
-        return unet
-
-    reference = measure(
-        "float32", lambda: build("stage_c", architecture, torch.float32), torch.float32, size, None
-    )
-    rows = [
-        reference,
-        measure(
-            f"float32, rescaled ÷{scale}",
-            rescaled(torch.float32, scale),
-            torch.float32,
-            size,
-            reference["output"],
-        ),
-    ]
-    rows.append(
-        measure(
-            "bfloat16",
-            lambda: build("stage_c", architecture, torch.bfloat16),
-            torch.bfloat16,
-            size,
-            reference["output"],
-        )
-    )
-    rows.append(
-        measure(
-            "float16, no rescale",
-            lambda: build("stage_c", architecture, torch.float16),
-            torch.float16,
-            size,
-            reference["output"],
-        )
-    )
-    rows.append(
-        measure(
-            f"float16, rescaled ÷{scale}",
-            rescaled(torch.float16, scale),
-            torch.float16,
-            size,
-            reference["output"],
-        )
-    )
+    """float32 and rescaled; bfloat16, float16 and rescaled float16 on one model; the calibration;
+    float8: four builds, each freed before the next."""
+    unet = build("stage_c", architecture, torch.float32)
+    reference = measure("float32", unet, torch.float32, size, None)
+    rescale_for_float16(unet, scale)
+    rows = [reference, measure(f"float32, rescaled ÷{scale}", unet, torch.float32, size, reference)]
+    del unet
+    gc.collect()
+    unet = build("stage_c", architecture, torch.bfloat16)
+    rows.append(measure("bfloat16", unet, torch.bfloat16, size, reference))
+    unet.to(torch.float16)
+    rows.append(measure("float16, no rescale", unet, torch.float16, size, reference))
+    rescale_for_float16(unet, scale)
+    rows.append(measure(f"float16, rescaled ÷{scale}", unet, torch.float16, size, reference))
+    del unet
+    gc.collect()
     if calibrate:  # what load_prior(dtype="float16") does at load: one float32 pass, layer by layer
         unet = build("stage_c", architecture, torch.float16)
         start = time.perf_counter()
-        chosen = rescale_for_float16(unet)
+        try:
+            chosen: object = rescale_for_float16(unet)
+        except UnsupportedPrecisionError as error:
+            chosen = f"refused ({error})"
         rows[-1]["calibration"] = (chosen, time.perf_counter() - start)
+        print(f"  calibration: {rows[-1]['calibration']}", flush=True)
         del unet
-        gc.collect()
-    rows.append(
-        measure("float8 storage, bfloat16 compute", float8, torch.bfloat16, size, reference["output"])
-    )
+    gc.collect()
+    unet = build("stage_c", architecture, torch.bfloat16)
+    store_in_float8(unet, torch.bfloat16)
+    rows.append(measure("float8 storage, bfloat16 compute", unet, torch.bfloat16, size, reference))
+    del unet
+    gc.collect()
     return rows
 
 
 def stage_b_rows(architecture: str, size: int) -> list[dict]:
-    def float8() -> nn.Module:
-        unet = build("stage_b", architecture, torch.bfloat16)
-        store_in_float8(unet, torch.bfloat16)
-        return unet
-
-    reference = measure(
-        "float32", lambda: build("stage_b", architecture, torch.float32), torch.float32, size, None
-    )
-    rows = [reference]
-    rows.append(
-        measure(
-            "bfloat16",
-            lambda: build("stage_b", architecture, torch.bfloat16),
-            torch.bfloat16,
-            size,
-            reference["output"],
-        )
-    )
-    rows.append(
-        measure("float8 storage, bfloat16 compute", float8, torch.bfloat16, size, reference["output"])
-    )
+    """float32, bfloat16 and float8 storage: two builds."""
+    unet = build("stage_b", architecture, torch.float32)
+    reference = measure("float32", unet, torch.float32, size, None)
+    unet.to(torch.bfloat16)  # exact: the weights were bfloat16 numbers
+    rows = [reference, measure("bfloat16", unet, torch.bfloat16, size, reference)]
+    del unet
+    gc.collect()
+    unet = build("stage_b", architecture, torch.bfloat16)
+    store_in_float8(unet, torch.bfloat16)
+    rows.append(measure("float8 storage, bfloat16 compute", unet, torch.bfloat16, size, reference))
+    del unet
+    gc.collect()
     return rows
 
 

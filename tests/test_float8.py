@@ -8,7 +8,10 @@ upcasting must compute exactly that, and store a byte per such weight.
 from __future__ import annotations
 
 import copy
+import importlib.util
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +25,7 @@ from cascade_helpers.sampling import OFFICIAL_DECODER, OFFICIAL_PRIOR
 from cascade_helpers.stages import NonFiniteLatentsError, generate_stage_c
 from cascade_helpers.tiny import write_official_lora
 
+ROOT = Path(__file__).resolve().parents[1]
 TEXT_ONLY = {"image_encoder": False, "effnet": False, "previewer": False}
 FAST = {
     "height": 512,
@@ -115,3 +119,24 @@ def test_float8_flags_are_checked_before_anything_is_read(tmp_path):
             load(tmp_path, device="cpu", float8="yes")
         with pytest.raises(ValueError, match="sequential_offload.*model_offload"):
             load(tmp_path, device="cpu", float8=True, memory="sequential_offload")
+
+
+def test_the_precision_benchmark_prints_every_figure(capsys, no_network):
+    """The smoke run on the tiny models; the full-size figures are the benchmark's business."""
+    spec = importlib.util.spec_from_file_location("precision_benchmark", ROOT / "benchmarks" / "precision.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    threads = torch.get_num_threads()
+    try:
+        benchmark.main(["--tiny", "--threads", "1", "--calibrate"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    figures = r"( [\d.e+-]+ \| ×[\d.]+ \|){3} [\d.]+ \|$"
+    for variant in ("float32", "bfloat16", "float16, no rescale", "float16, rescaled ÷256", "float8 storage"):
+        assert re.search(rf"^\| {re.escape(variant)}[^|]* \|{figures}", out, re.MULTILINE), (
+            f"{variant}:\n{out}"
+        )
+    assert re.search(r"^\| float32, rescaled ÷256 \| [\d.e+-]+ \| ×2\.00 \| 0\.00e\+00 \|", out, re.MULTILINE)
+    assert "calibration on the float16 weights (load_prior's): scale 1," in out
+    assert out.count("| float8 storage, bfloat16 compute |") == 2  # Stage C and Stage B
