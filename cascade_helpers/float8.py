@@ -1,26 +1,35 @@
 """Stage C and Stage B weights stored in float8 (``torch.float8_e4m3fn``): one byte a weight instead of
-two, each layer cast up to the compute dtype only while it runs, as ComfyUI's ``--fp8_e4m3fn-unet``
-does. ``load_prior(..., float8=True)`` / ``load_decoder(..., float8=True)``.
+two, each layer cast up to the compute dtype only while it runs (as ComfyUI's ``--fp8_e4m3fn-unet``).
+``load_prior(..., float8=True)`` / ``load_decoder(..., float8=True)``.
 
-This is diffusers' layerwise casting (``ModelMixin.enable_layerwise_casting``), not code of ours. It
-casts without a per-channel scale; torchao's weight-only int8 (per-row scales) errs less, but would
-be a new dependency whose tensor subclasses the offload hooks and peft's LoRA layers must all
-handle. What stays in the compute dtype: the last up-block group and the upscaler feeding it (as
-KBlueLeaf's float16 fix advises: its hidden states are the largest, and the float16 rescale divides
-those weights, which float8's few exponent bits would round to zero), LayerNorms, and LoRA layers.
+Each weight tensor is multiplied by a power of two before the cast, so that its largest value lands
+near float8's largest (448), and divided by it again (exactly) when cast up. Why not the libraries:
+diffusers' layerwise casting (``enable_layerwise_casting``) casts without a scale, and Stable
+Cascade's weights (about 0.01) then fall among float8's subnormals, 2⁻⁹ apart: one call of the big
+Stage C erred 0.30 against float32 (``benchmarks/precision.py``, random weights, official init), 16
+times bfloat16's; torchao's scaled float8 would be a new dependency whose tensor subclasses the
+offload hooks and peft's LoRA layers must all handle. Biases stay in the compute dtype (few bytes),
+and so do the last up-block group and the upscaler feeding it (KBlueLeaf's advice: its hidden states
+are the largest, and the float16 rescale divides those weights).
 
 Random weights bound the arithmetic (``benchmarks/precision.py``), not the pictures' quality.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
+_FLOAT8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+_LAYERS = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
+
 
 def store_in_float8(unet: nn.Module, compute_dtype: torch.dtype) -> int:
-    """Store ``unet``'s Linear and Conv weights in float8, cast up to ``compute_dtype`` per layer when
-    it runs; the last up-block group and the upscaler feeding it stay as they are.
+    """Store ``unet``'s Linear and Conv weights in float8, each with a power-of-two scale, cast up to
+    ``compute_dtype`` per layer when it runs; the last up-block group and the upscaler feeding it stay
+    as they are.
 
     Args:
         unet: a Stage C or Stage B (diffusers ``StableCascadeUNet``), before it is placed or offloaded.
@@ -29,18 +38,38 @@ def store_in_float8(unet: nn.Module, compute_dtype: torch.dtype) -> int:
     Returns:
         The bytes its parameters and buffers take now.
     """
-    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
-
     last = len(unet.up_blocks) - 1
-    group = (
-        rf"^up_blocks\.{last}\.",
-        rf"^up_repeat_mappers\.{last}\.",
-        rf"^up_upscalers\.({last - 1}|{last})\.",
+    kept = (
+        f"up_blocks.{last}.",
+        f"up_repeat_mappers.{last}.",
+        f"up_upscalers.{last - 1}.",
+        f"up_upscalers.{last}.",
     )
-    keep = (*DEFAULT_SKIP_MODULES_PATTERN, *group)
-    unet.enable_layerwise_casting(torch.float8_e4m3fn, compute_dtype, skip_modules_pattern=keep)
+    for name, module in unet.named_modules():
+        if isinstance(module, _LAYERS) and not name.startswith(kept):
+            _store(module, compute_dtype)
     tensors = [*unet.parameters(), *unet.buffers()]
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _store(module: nn.Module, compute_dtype: torch.dtype) -> None:
+    """One layer's weight to scaled float8, and the hooks that swap the cast-up weight in for its call
+    (restored even when the call fails): the stored tensor is the parameter, so moves reach it."""
+    weight = module.weight.data
+    peak = weight.abs().max().item()
+    scale = 2.0 ** math.floor(math.log2(_FLOAT8_MAX / peak)) if peak > 0 else 1.0
+    module.weight.data = (weight.float() * scale).to(torch.float8_e4m3fn)
+    stored: list[torch.Tensor] = []
+
+    def upcast(layer: nn.Module, args: tuple) -> None:
+        stored.append(layer.weight.data)
+        layer.weight.data = stored[-1].to(compute_dtype).div_(scale)  # exact: a power of two
+
+    def restore(layer: nn.Module, args: tuple, output: object) -> None:
+        layer.weight.data = stored.pop()
+
+    module.register_forward_pre_hook(upcast)
+    module.register_forward_hook(restore, always_call=True)
 
 
 def _check_float8(float8: object, memory: str) -> None:

@@ -1,7 +1,8 @@
 """float8 weight storage (cascade_helpers/float8.py) through load_prior / load_decoder.
 
 The independent expectation: the same model in bfloat16 with every Linear and Conv weight outside the
-last up-block group (and the upscaler feeding it) rounded through float8 by hand. Layer-by-layer
+last up-block group (and the upscaler feeding it) rounded through float8 by hand, each tensor scaled by
+the power of two that brings its largest value to float8's range first. Layer-by-layer
 upcasting must compute exactly that, and store a byte per such weight.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import math
 import re
 import shutil
 from pathlib import Path
@@ -41,13 +43,15 @@ def _kept(name: str, last: int) -> bool:
 
 
 def _rounded_by_hand(unet: nn.Module) -> int:
-    """Round the weights float8 storage holds through float8, in place; the count of such tensors."""
+    """Round the weights float8 storage holds through float8 as the module docstring says (times the
+    power of two that brings the largest to at most 448, then back), in place; the count of them."""
     last, rounded = len(unet.up_blocks) - 1, 0
     for name, module in unet.named_modules():
         if isinstance(module, nn.Linear | nn.Conv2d | nn.ConvTranspose2d) and not _kept(name, last):
-            for p in module.parameters(recurse=False):
-                p.data = p.data.to(torch.float8_e4m3fn).to(p.dtype)
-                rounded += 1
+            weight = module.weight.data
+            scale = 2.0 ** math.floor(math.log2(448 / weight.abs().max().item()))
+            module.weight.data = (weight.float() * scale).to(torch.float8_e4m3fn).to(weight.dtype) / scale
+            rounded += 1
     return rounded
 
 
