@@ -24,6 +24,7 @@ Memory: one model at a time (four Stage C builds from the same seed); the float3
 native float16: minutes per call.
 
     python benchmarks/precision.py --tiny                         # seconds, any machine
+    python benchmarks/precision.py --no-float16                   # without the slow CPU float16 calls
     flock /work/brief/bigmem.lock python benchmarks/precision.py  # Stage C big + Stage B big
 """
 
@@ -147,9 +148,9 @@ def measure(name: str, unet: nn.Module, dtype: torch.dtype, size: int, reference
     return row
 
 
-def stage_c_rows(architecture: str, scale: int, size: int, calibrate: bool) -> list[dict]:
-    """float32 and rescaled; bfloat16, float16 and rescaled float16 on one model; the calibration;
-    float8: four builds, each freed before the next."""
+def stage_c_rows(architecture: str, scale: int, size: int, calibrate: bool, float16: bool) -> list[dict]:
+    """float32 and rescaled; bfloat16, float16 and rescaled float16 (unless not ``float16``) on one
+    model; the calibration; float8: four builds, each freed before the next."""
     unet = build("stage_c", architecture, torch.float32)
     reference = measure("float32", unet, torch.float32, size, None)
     rescale_for_float16(unet, scale)
@@ -158,10 +159,11 @@ def stage_c_rows(architecture: str, scale: int, size: int, calibrate: bool) -> l
     gc.collect()
     unet = build("stage_c", architecture, torch.bfloat16)
     rows.append(measure("bfloat16", unet, torch.bfloat16, size, reference))
-    unet.to(torch.float16)
-    rows.append(measure("float16, no rescale", unet, torch.float16, size, reference))
-    rescale_for_float16(unet, scale)
-    rows.append(measure(f"float16, rescaled ÷{scale}", unet, torch.float16, size, reference))
+    if float16:
+        unet.to(torch.float16)
+        rows.append(measure("float16, no rescale", unet, torch.float16, size, reference))
+        rescale_for_float16(unet, scale)
+        rows.append(measure(f"float16, rescaled ÷{scale}", unet, torch.float16, size, reference))
     del unet
     gc.collect()
     if calibrate:  # what load_prior(dtype="float16") does at load: one float32 pass, layer by layer
@@ -229,6 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scale", type=int, default=256, help="the forced rescale, a power of two")
     parser.add_argument("--size", type=int, default=24, help="Stage C's latent side (24: a 1024² picture)")
     parser.add_argument("--stage-b-size", type=int, default=64, help="Stage B's latent side (256 for 1024²)")
+    parser.add_argument("--no-float16", action="store_true", help="skip the float16 calls (slow on CPUs)")
     parser.add_argument("--calibrate", action="store_true", help="also calibrate the scale and time it")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
@@ -241,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         table(
             f"Stage C {architecture}, 1×16×{args.size}×{args.size}",
-            stage_c_rows(architecture, args.scale, args.size, args.calibrate),
+            stage_c_rows(architecture, args.scale, args.size, args.calibrate, not args.no_float16),
         )
     )
     print()

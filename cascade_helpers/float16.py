@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from .devices import UnsupportedPrecisionError
+from .float8 import _last_group, _stored_in_float8
 
 _FLOAT16_MAX = 65504.0
 _HEADROOM = 16
@@ -57,8 +58,12 @@ def _group(unet: nn.Module) -> int:
         why = "it is not a Stable Cascade Stage C (diffusers' StableCascadeUNet with two or more levels)"
     elif not all(type(block) in known for block in unet.up_blocks[last]):
         why = "its last block group holds blocks other than ResBlock, TimestepBlock and AttnBlock"
-    elif hasattr(unet, _SCALE) or any(hasattr(m, "base_layer") for m in unet.modules()):
-        why = "it is rescaled already, or carries a LoRA (rescale first, then load the LoRA)"
+    elif (
+        hasattr(unet, _SCALE)
+        or _stored_in_float8(unet)
+        or any(hasattr(m, "base_layer") for m in unet.modules())
+    ):
+        why = "it is rescaled already, or carries a LoRA or float8 weights (rescale first, then add those)"
     else:
         return last
     raise UnsupportedPrecisionError(
@@ -165,18 +170,21 @@ def _largest_outputs(unet: nn.Module, device: torch.device) -> dict[str, float]:
     return largest
 
 
-def _choose_scale(largest: dict[str, float], last: int) -> int:
-    """The power of two that brings the group's largest |hidden| to float16's range with headroom; a
-    refusal when a layer outside the group, which the rescale leaves alone, overflows float16 there."""
-    group = {("up_blocks", f"{last}"), ("up_upscalers", f"{last - 1}"), ("up_upscalers", f"{last}")}
-    group.add(("up_repeat_mappers", f"{last}"))
-    over = [n for n, v in largest.items() if tuple(n.split(".")[:2]) not in group and not v <= _FLOAT16_MAX]
+def _refuse_overflow_outside(largest: dict[str, float], last: int) -> None:
+    """Refuse float16 when a layer outside the group, which the rescale leaves alone, overflows it."""
+    group = _last_group(last)
+    over = [n for n, v in largest.items() if not f"{n}.".startswith(group) and not v <= _FLOAT16_MAX]
     if over:  # in the order the layers ran: the first is where the overflow starts
         raise UnsupportedPrecisionError(
             f"Stage C cannot run in float16 even rescaled: {over[0]} reaches {largest[over[0]]:.3g} in a "
             "calibration pass, outside the last block group the rescale covers (float16 ends at 65504). Use "
             "dtype=torch.bfloat16 or torch.float32"
         )
+
+
+def _choose_scale(largest: dict[str, float], last: int) -> int:
+    """The power of two that brings the group's largest |hidden| to float16's range with headroom."""
+    _refuse_overflow_outside(largest, last)
     blocks = [name for name in largest if name.startswith(f"up_blocks.{last}.") and name.count(".") == 2]
     hidden = [largest[name] for name in [f"up_upscalers.{last - 1}", *blocks]]  # the group's input, outputs
     if not all(math.isfinite(value) for value in hidden):
@@ -196,7 +204,7 @@ def rescale_for_float16(
     calls it; call it yourself on a diffusers ``StableCascadeUNet`` loaded in any dtype.
 
     Args:
-        unet: Stage C's UNet (big, lite or tiny), without a LoRA.
+        unet: Stage C's UNet (big, lite or tiny), without a LoRA or float8 weights (add them after).
         scale: the power of two to divide the group's hidden state by; None calibrates it (one pass).
         device: where the calibration computes (default: where the weights are); the weights stay put.
 
@@ -204,8 +212,9 @@ def rescale_for_float16(
         The scale applied (1: nothing needed it).
 
     Raises:
-        UnsupportedPrecisionError: not a Stage C the rescale covers, rescaled already, with a LoRA, or a
-            calibrated value outside the group near float16's limit (then float16 cannot work).
+        UnsupportedPrecisionError: not a Stage C the rescale covers, rescaled already, with a LoRA or
+            float8 weights, or a calibrated value outside the group past float16's limit (then float16
+            cannot work).
         ValueError: a scale that is not a power of two.
     """
     last = _group(unet)

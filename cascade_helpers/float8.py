@@ -10,7 +10,8 @@ Stage C erred 0.30 against float32 (``benchmarks/precision.py``, random weights,
 times bfloat16's; torchao's scaled float8 would be a new dependency whose tensor subclasses the
 offload hooks and peft's LoRA layers must all handle. Biases stay in the compute dtype (few bytes),
 and so do the last up-block group and the upscaler feeding it (KBlueLeaf's advice: its hidden states
-are the largest, and the float16 rescale divides those weights).
+are the largest, and the float16 rescale divides those weights), and a weight holding NaN or inf (a
+damaged file, which the NaN diagnosis then names: float8 would turn inf into 448).
 
 Random weights bound the arithmetic (``benchmarks/precision.py``), not the pictures' quality.
 """
@@ -38,13 +39,7 @@ def store_in_float8(unet: nn.Module, compute_dtype: torch.dtype) -> int:
     Returns:
         The bytes its parameters and buffers take now.
     """
-    last = len(unet.up_blocks) - 1
-    kept = (
-        f"up_blocks.{last}.",
-        f"up_repeat_mappers.{last}.",
-        f"up_upscalers.{last - 1}.",
-        f"up_upscalers.{last}.",
-    )
+    kept = _last_group(len(unet.up_blocks) - 1)
     for name, module in unet.named_modules():
         if isinstance(module, _LAYERS) and not name.startswith(kept):
             _store(module, compute_dtype)
@@ -52,12 +47,26 @@ def store_in_float8(unet: nn.Module, compute_dtype: torch.dtype) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _last_group(last: int) -> tuple[str, ...]:
+    """Module name prefixes of the last up-block group and the upscalers around it: what float8 keeps
+    out, and what the float16 rescale covers (so a value there may pass float16's range)."""
+    return (
+        f"up_blocks.{last}.",
+        f"up_repeat_mappers.{last}.",
+        f"up_upscalers.{last - 1}.",
+        f"up_upscalers.{last}.",
+    )
+
+
 def _store(module: nn.Module, compute_dtype: torch.dtype) -> None:
     """One layer's weight to scaled float8, and the hooks that swap the cast-up weight in for its call
     (restored even when the call fails): the stored tensor is the parameter, so moves reach it."""
     weight = module.weight.data
     peak = weight.abs().max().item()
-    scale = 2.0 ** math.floor(math.log2(_FLOAT8_MAX / peak)) if peak > 0 else 1.0
+    if not peak < math.inf:  # NaN or inf (float8 turns inf into 448): kept, for the NaN diagnosis to name
+        return
+    exponent = math.floor(math.log2(_FLOAT8_MAX / peak)) if peak > 0 else 0
+    scale = 2.0 ** min(exponent, 126)  # within float32's range
     module.weight.data = (weight.float() * scale).to(torch.float8_e4m3fn)
     stored: list[torch.Tensor] = []
 

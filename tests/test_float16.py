@@ -22,6 +22,7 @@ from cascade_helpers.controlnet.filters import control_features
 from cascade_helpers.controlnet.kinds import TINY_BLOCKS
 from cascade_helpers.controlnet.model import ControlNet
 from cascade_helpers.devices import UnsupportedPrecisionError
+from cascade_helpers.float8 import store_in_float8
 from cascade_helpers.float16 import rescale_for_float16
 from cascade_helpers.generation import controlnet_to_image, text_to_image
 from cascade_helpers.loading import load_decoder, load_prior, load_unet_single_file
@@ -272,6 +273,10 @@ def test_what_the_rescale_does_not_cover_is_refused(tiny_models, tiny_unet):
     load_lora(with_lora, lora_state_dict(_factors_on_every_rescaled_kind(with_lora.unet))[0])
     with pytest.raises(UnsupportedPrecisionError, match="carries a LoRA"):
         rescale_for_float16(with_lora.unet)
+    in_float8 = copy.deepcopy(tiny_unet)
+    store_in_float8(in_float8, torch.float32)
+    with pytest.raises(UnsupportedPrecisionError, match="float8 weights"):
+        rescale_for_float16(in_float8)
     for scale in (3, 0, 2.0, True):
         with pytest.raises(ValueError, match="power of two"):
             rescale_for_float16(copy.deepcopy(tiny_unet), scale)

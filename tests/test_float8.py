@@ -17,12 +17,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
+from training_setup import make_config
 
 from cascade_helpers.conditioning import encode_text
 from cascade_helpers.generation import text_to_image
 from cascade_helpers.loading import load_decoder, load_prior
 from cascade_helpers.lora.load import load_lora
+from cascade_helpers.lora_training.config import TrainingError
+from cascade_helpers.lora_training.trainer import LoraTrainer
 from cascade_helpers.sampling import OFFICIAL_DECODER, OFFICIAL_PRIOR
 from cascade_helpers.stages import NonFiniteLatentsError, generate_stage_c
 from cascade_helpers.tiny import write_official_lora
@@ -115,6 +119,29 @@ def test_a_nan_in_a_float8_model_is_diagnosed(tiny_models):
         generate_stage_c(
             prior, text, text, (1, 16, 12, 12), OFFICIAL_PRIOR.with_(t_start=0.5, steps=2), x_init=x_init
         )
+
+
+def test_a_damaged_weight_in_float8_is_named(tiny_models, tmp_path):
+    """An infinite weight stays out of float8 (which would saturate it to 448: a silently wrong
+    picture), so that the NaN diagnosis names it."""
+    folder = tmp_path / "models"
+    shutil.copytree(tiny_models, folder)
+    path = folder / "stage_c_bf16.safetensors"
+    weights = load_file(path)
+    weights["clip_txt_pooled_mapper.weight"][0, 0] = float("inf")
+    save_file(weights, path)
+    prior = load_prior(folder, dtype="bf16", device="cpu", float8=True, **TEXT_ONLY)
+    assert prior.unet.clip_txt_pooled_mapper.weight.dtype == torch.bfloat16
+    assert prior.unet.clip_txt_mapper.weight.dtype == torch.float8_e4m3fn  # the other layers
+    decoder = load_decoder(folder, dtype="bf16", device="cpu", float8=True)
+    with pytest.raises(NonFiniteLatentsError, match=r"clip_txt_pooled_mapper\.weight\): a damaged"):
+        text_to_image(prior, decoder, "a cat", **FAST)
+
+
+def test_lora_training_refuses_a_float8_prior_by_name(tiny_models, pictures, tmp_path):
+    prior = load_prior(tiny_models, dtype="bf16", device="cpu", float8=True, **TEXT_ONLY)
+    with pytest.raises(TrainingError, match="float8=True cannot train: load the prior without float8"):
+        LoraTrainer(prior, make_config(pictures, tmp_path, tmp_path, precision="bf16"))
 
 
 def test_float8_flags_are_checked_before_anything_is_read(tmp_path):

@@ -131,6 +131,7 @@ def apply_factors(
         ValueError: a strength that is not a finite number.
     """
     from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.tuners_utils import cast_adapter_dtype
 
     values.finite(strength, "strength", "the LoRA's weight: 0 off, 1 as trained")
     if not factors:
@@ -147,17 +148,13 @@ def apply_factors(
     )
     inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     layers, rows = lora_layers(model), _lora_rows(model)  # rows: a float16-rescaled layer's
-    if rows or _stored_in_float8(
-        model
-    ):  # LoRA in float32: rescaled factors keep every bit; float8 cannot compute
-        for layer in layers.values():
-            layer.lora_A[ADAPTER].float()
-            layer.lora_B[ADAPTER].float()
+    if rows or _stored_in_float8(model):  # float32: rescaled factors keep every bit; float8 ones would not
+        cast_adapter_dtype(model, ADAPTER)
     with torch.no_grad():
         for name, f in factors.items():
             layer = layers[name]
             layer.lora_A[ADAPTER].weight.copy_(f.down)
-            layer.lora_B[ADAPTER].weight.copy_(f.up * rows[name] if name in rows else f.up)
+            layer.lora_B[ADAPTER].weight.copy_(f.up * rows.get(name, 1.0))
     set_lora_strength(model, strength)
 
 

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ..atomic import save_safetensors
+from ..float8 import _stored_in_float8
 from ..lora import (
     COMFYUI_PREFIX,
     LoraError,
@@ -165,6 +166,8 @@ class LoraTrainer:
                 f"the prior is on {here} but accelerate trains on {there}: load the prior on {there}, or "
                 f"pass an accelerator made for {here} (make_accelerator(config, cpu=True) for the CPU)"
             )
+        if _stored_in_float8(self.prior.unet):  # backward would see the float8 weights swapped back in
+            raise TrainingError("a prior loaded with float8=True cannot train: load the prior without float8")
         dtype = next(self.prior.unet.parameters()).dtype
         if self.config.precision == "fp32" and dtype != torch.float32:
             raise TrainingError(
