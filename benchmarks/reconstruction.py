@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device, stage="Stage B")
+    dtype = pick_dtype(args.dtype, device)
     n = args.images
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type}, no GPU used"
     print(f"device: {where}; torch {torch.__version__}, {torch.get_num_threads()} CPU threads")

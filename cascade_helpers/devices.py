@@ -16,8 +16,8 @@ Memory modes, each a library's hooks (:mod:`cascade_helpers.memory` plans which 
 Small models (previewer, EfficientNet, Stage A) always stay on the device.
 
 Precision: bfloat16 on GPUs that have it natively (Ampere and newer); on older GPUs (Colab's T4)
-float16, except for models that overflow in it (Stage C: black pictures), which run in float32.
-float32 on CPUs and Apple GPUs.
+float16 (Stage C through the rescale of :mod:`cascade_helpers.float16`, which keeps it from
+overflowing); float32 on CPUs and Apple GPUs.
 """
 
 from __future__ import annotations
@@ -43,9 +43,10 @@ _DTYPE_NAMES: dict[str, torch.dtype] = {
     "fp16": torch.float16,
     "float16": torch.float16,
 }
-#: the models whose activations overflow float16 (NaN, black pictures): float32 where bfloat16 is not
-#: native, and float16 refused unless the caller insists
-_FLOAT16_OVERFLOWS = {"Stage C"}
+
+
+class UnsupportedPrecisionError(ValueError):
+    """A precision this model cannot compute in (float16 for a Stage C the rescale cannot help)."""
 
 
 def _check_memory(memory: object) -> MemoryMode:
@@ -115,13 +116,11 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     return resolved
 
 
-def _default_dtype(stage: str, *, gpu: bool, native_bfloat16: bool) -> torch.dtype:
-    """The one per-model precision rule (the memory planner applies it to machines it is told of)."""
+def _default_dtype(*, gpu: bool, native_bfloat16: bool) -> torch.dtype:
+    """The one precision rule (the memory planner applies it to machines it is told of)."""
     if not gpu:
         return torch.float32
-    if native_bfloat16:
-        return torch.bfloat16
-    return torch.float32 if stage in _FLOAT16_OVERFLOWS else torch.float16
+    return torch.bfloat16 if native_bfloat16 else torch.float16
 
 
 def _native_bfloat16(device: torch.device) -> bool:
@@ -129,42 +128,26 @@ def _native_bfloat16(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
-def pick_dtype(
-    dtype: str | torch.dtype | None,
-    device: torch.device,
-    *,
-    stage: str = "Stage C",
-    allow_float16: bool = False,
-) -> torch.dtype:
-    """Resolve a dtype name, choose a default for the device and the model, refuse float16 where the
-    model overflows in it.
+def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """Resolve a dtype name, or choose the default for the device.
 
     Args:
         dtype: a ``torch.dtype``, a name ("bf16", "bfloat16", "fp32", "float32", "fp16", "float16"), or
-            None: bfloat16 on a GPU that has it natively; on older GPUs float16 (float32 for Stage C,
-            which overflows in float16); float32 on CPUs and Apple GPUs.
+            None: bfloat16 on a GPU that has it natively, float16 on older GPUs (Stage C rescaled on
+            load), float32 on CPUs and Apple GPUs.
         device: the device the model will compute on (from :func:`pick_device`).
-        stage: the model ("Stage C", "Stage B", "text encoder", "image encoder"), for the float16 rule.
-        allow_float16: True lets Stage C run in float16 anyway (to reproduce its black pictures).
 
     Returns:
         torch.bfloat16, torch.float32 or torch.float16.
 
     Raises:
-        ValueError: an unknown name, another dtype (float64, int8 ...), or float16 for Stage C without
-            ``allow_float16``.
+        ValueError: an unknown name, or another dtype (float64, int8 ...).
     """
     if dtype is None:
-        return _default_dtype(stage, gpu=device.type == "cuda", native_bfloat16=_native_bfloat16(device))
+        return _default_dtype(gpu=device.type == "cuda", native_bfloat16=_native_bfloat16(device))
     if isinstance(dtype, str) and dtype not in _DTYPE_NAMES:
         raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(_DTYPE_NAMES)}")
     dtype = _DTYPE_NAMES.get(dtype, dtype) if isinstance(dtype, str) else dtype
-    if dtype == torch.float16 and stage in _FLOAT16_OVERFLOWS and not allow_float16:
-        raise ValueError(
-            f"{stage} overflows in float16: activations exceed float16's range and the images come out "
-            "black (NaN). Use dtype=torch.bfloat16 (GPUs since Ampere) or torch.float32; pass "
-            "allow_float16=True only to reproduce the problem."
-        )
     if dtype not in (torch.bfloat16, torch.float32, torch.float16):
         raise ValueError(f"unsupported dtype {dtype}: use torch.bfloat16, torch.float16 or torch.float32")
     return dtype

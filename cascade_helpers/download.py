@@ -90,7 +90,9 @@ def _read_words(words: list[str]) -> tuple[set[str], str | None, files._Precisio
     """The groups, variant and precision the words name: every usage error is found before the network."""
     if unknown := [word for word in words if word not in _WORDS]:
         raise UsageError(f"unknown word {unknown[0]!r}{_did_you_mean(unknown[0], _WORDS)}")
-    variant = _at_most_one(words, files._VARIANTS, "one variant per run, not {}: run the script once for each")
+    variant = _at_most_one(
+        words, files._VARIANTS, "one variant per run, not {}: run the script once for each"
+    )
     precision = _at_most_one(words, files._PRECISIONS_BY_WORD, "one precision per run, not {}")
     groups = set(_GROUPS) if "all" in words else set(words) & set(_GROUPS)
     if not (groups or variant):
@@ -185,7 +187,9 @@ def _fetch_all(selected: Sequence[ModelFile], models_dir: Path, verify: bool) ->
     todo = [entry for entry in remote if entry not in kept]  # a full disk is found before the first byte
     needed = sum(max(entry.size - _file_size(_partial_path(models_dir, entry)), 0) for entry in todo)
     if needed > (free := shutil.disk_usage(models_dir).free):
-        short = f"{files._human_size(needed)} to fetch into {models_dir}/, {files._human_size(free)} free there"
+        short = (
+            f"{files._human_size(needed)} to fetch into {models_dir}/, {files._human_size(free)} free there"
+        )
         more = f"Free {files._human_size(needed - free)} or choose a larger disk with --models-dir DIR"
         raise DownloadError(f"Not enough disk space: {short}. {more}; nothing was fetched.")
     print(f"{len(remote)} file(s) into {models_dir}/, {len(kept)} already complete", flush=True)

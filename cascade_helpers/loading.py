@@ -35,6 +35,8 @@ from .file_checks import (
     _size_present,
 )
 from .files import ModelFile, Size
+from .float8 import _check_float8, store_in_float8
+from .float16 import rescale_for_float16
 from .memory import MemoryPlan, _plan_for_load
 from .models import Decoder, Prior, TextEncoder, _ClipImageSettings
 from .previewer import Previewer
@@ -152,15 +154,22 @@ def _hub_file(repo: str, file: ModelFile) -> Path:
     return Path(hf_hub_download(repo, file.path))
 
 
-def _settings(memory: object, device: object, dtype: object, stage: str, allow_float16: bool = False):
-    """What every loader checks first, before any file is read: memory mode, device, and the dtype
-    asked for (None: the memory plan chooses)."""
+def _settings(memory: object, device: object, dtype: object, float8: object):
+    """What every loader checks first, before any file is read: memory mode, float8, device, and the
+    dtype asked for (None: the memory plan chooses)."""
     memory, device = _check_memory(memory), pick_device(device)
-    return (
-        memory,
-        device,
-        None if dtype is None else pick_dtype(dtype, device, stage=stage, allow_float16=allow_float16),
-    )
+    _check_float8(float8, memory)
+    return memory, device, None if dtype is None else pick_dtype(dtype, device)
+
+
+def _fit_precision(unet: nn.Module, device: torch.device, rescale: bool, float8: bool) -> nn.Module:
+    """The float16 rescale and float8 storage, before the UNet is placed: both need it whole."""
+    dtype = next(unet.parameters()).dtype
+    if rescale and dtype == torch.float16:
+        rescale_for_float16(unet, device=device)
+    if float8:
+        store_in_float8(unet, dtype)
+    return unet
 
 
 def _planned(
@@ -204,6 +213,7 @@ def load_prior(
     effnet: bool = True,
     previewer: bool = True,
     allow_float16: bool = False,
+    float8: bool = False,
 ) -> Prior:
     """Stage C with its text encoder and tokenizer, and optionally the CLIP image encoder (image
     variation), the EfficientNet encoder (image-to-image) and the previewer (live previews): their
@@ -214,8 +224,9 @@ def load_prior(
             ``stabilityai/stable-cascade-prior`` (its diffusers folders; EfficientNet and previewer
             from ``stabilityai/stable-cascade``).
         variant: Stage C's size, "big" (official, 3.6 B parameters) or "lite".
-        dtype: for Stage C and the CLIP encoders; None: bfloat16 on GPUs that have it natively,
-            float32 elsewhere (:func:`cascade_helpers.devices.pick_dtype`); float16 is refused (NaNs).
+        dtype: for Stage C and the CLIP encoders; None: as the memory plan chooses (bfloat16 on GPUs
+            that have it natively, float16 on older ones, float32 on CPUs). float16 rescales Stage C's
+            last block group on load (:mod:`cascade_helpers.float16`), which would overflow otherwise.
             In a folder the weight files of that precision are read if present, else the other form,
             cast on load.
         device: "cpu", "cuda", "cuda:1", "mps" or None (the best there is).
@@ -224,7 +235,9 @@ def load_prior(
         image_encoder, effnet, previewer: make these optional parts available (all True by default);
             without them image variation, image-to-image and ControlNet init pictures, and previews
             fail with an error naming the flag.
-        allow_float16: True lets Stage C run in float16 (only to reproduce its black pictures).
+        allow_float16: True runs Stage C in float16 without the rescale (only to reproduce its black
+            pictures).
+        float8: store Stage C's weights in float8 (:mod:`cascade_helpers.float8`): a byte a weight.
 
     Returns:
         The :class:`~cascade_helpers.models.Prior`.
@@ -234,16 +247,18 @@ def load_prior(
             them), or ``source`` is neither a folder nor a Hub repo that could be loaded.
         CheckpointError: a file is damaged, cut short, or holds another model (or another size than
             ``variant``), named with the command that fetches it again.
-        ValueError: an unknown variant, memory mode, device or dtype; float16 for Stage C.
+        ValueError: an unknown variant, memory mode, device or dtype; float8 with sequential offload;
+            float16 for a Stage C the rescale cannot help (``UnsupportedPrecisionError``, saying why).
     """
     variant = files._check_size(variant)
-    memory, device, dtype = _settings(memory, device, dtype, "Stage C", allow_float16)
+    memory, device, dtype = _settings(memory, device, dtype, float8)
+    precision = {"rescale": not allow_float16, "float8": float8}
     wanted = {"image_encoder": image_encoder, "effnet": effnet, "previewer": previewer}
     if not _is_local_folder(source):
         sizes = {"stage_c": variant, "stage_b": variant}
         dtype, place = _planned(memory, device, dtype, "Stage C", sizes, variant, image_encoder)
         with _explain_hub_failure(source):
-            return _prior_from_hub(str(source), variant, dtype, device, place, wanted)
+            return _prior_from_hub(str(source), variant, dtype, device, place, wanted, precision)
     models_dir = Path(source)
     stage_b = _size_present(models_dir, files.STAGE_B)
     form = dtype or pick_dtype(None, device)  # which file form to read; the plan may cast it
@@ -265,7 +280,9 @@ def load_prior(
 
     from transformers import CLIPVisionModelWithProjection
 
-    unet = _load_unet(models_dir / stage_c.path, "stage_c", architecture, dtype)
+    unet = _fit_precision(
+        _load_unet(models_dir / stage_c.path, "stage_c", architecture, dtype), device, **precision
+    )
     text_encoder, tokenizer = _text_encoder_from_folder(models_dir, text, dtype)
     folder_options = {"variant": _variant(image.precision == "bf16"), "local_files_only": True}
     return Prior(
@@ -318,6 +335,7 @@ def _prior_from_hub(
     device: torch.device,
     place: _Placer,
     wanted: dict[str, bool],
+    precision: dict[str, bool],
 ) -> Prior:
     """The diffusers folders of ``stabilityai/stable-cascade-prior``; EfficientNet and previewer come
     as the official single files from ``stabilityai/stable-cascade`` (the prior repo has none)."""
@@ -342,7 +360,7 @@ def _prior_from_hub(
         clip_image = _read_clip_image_settings(local / "feature_extractor")
     hub_options = {"subfolder": "image_encoder", "variant": _variant(dtype == torch.bfloat16)}
     return Prior(
-        place(unet.eval().requires_grad_(False), "Stage C"),
+        place(_fit_precision(unet.eval().requires_grad_(False), device, **precision), "Stage C"),
         place(text_encoder, "text encoder"),
         tokenizer,
         device,
@@ -368,6 +386,7 @@ def load_decoder(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     memory: MemoryMode = "gpu",
+    float8: bool = False,
 ) -> Decoder:
     """Stage B (``variant`` big or lite) and Stage A. The decoder needs no text encoder of its own:
     it is conditioned on the pooled prompt embedding the prior's text encoder already computed.
@@ -378,6 +397,7 @@ def load_decoder(
         dtype: Stage B's dtype; None: bfloat16 on GPUs that have it natively, float16 on older GPUs,
             float32 elsewhere. Stage A always runs in float32.
         device, memory: as for :func:`load_prior`; Stage A stays on ``device``.
+        float8: store Stage B's weights in float8, as for :func:`load_prior`.
 
     Returns:
         The :class:`~cascade_helpers.models.Decoder`.
@@ -387,15 +407,15 @@ def load_decoder(
             :func:`load_prior`, for Stage B's and Stage A's files.
     """
     variant = files._check_size(variant)
-    memory, device, dtype = _settings(memory, device, dtype, "Stage B")
+    memory, device, dtype = _settings(memory, device, dtype, float8)
     if not _is_local_folder(source):
         sizes = {"stage_c": variant, "stage_b": variant}
         dtype, place = _planned(memory, device, dtype, "Stage B", sizes, variant)
         with _explain_hub_failure(source):
-            return _decoder_from_hub(source, variant, dtype, device, place)
+            return _decoder_from_hub(source, variant, dtype, device, place, float8)
     models_dir = Path(source)
     stage_c = _size_present(models_dir, files.STAGE_C)
-    form = dtype or pick_dtype(None, device, stage="Stage B")
+    form = dtype or pick_dtype(None, device)
     stage_b = _choose_precision_file(models_dir, files.STAGE_B[variant], form)
     stage_a = files._FILES["stage_a"]
     _check_present(models_dir, [stage_b, stage_a], stage_b=variant, stage_c=stage_c)
@@ -411,7 +431,12 @@ def load_decoder(
     sizes = {"stage_c": stage_c or variant, "stage_b": variant}
     dtype, place = _planned(memory, device, dtype, "Stage B", sizes, architecture)
     return Decoder(
-        place(_load_unet(models_dir / stage_b.path, "stage_b", architecture, dtype), "Stage B"),
+        place(
+            _fit_precision(
+                _load_unet(models_dir / stage_b.path, "stage_b", architecture, dtype), device, False, float8
+            ),
+            "Stage B",
+        ),
         place(_load_stage_a(models_dir / stage_a.path, stage_a_architecture), "Stage A"),
         device,
         dtype,
@@ -422,7 +447,7 @@ def load_decoder(
 
 
 def _decoder_from_hub(
-    repo: str, variant: Size, dtype: torch.dtype, device: torch.device, place: _Placer
+    repo: str, variant: Size, dtype: torch.dtype, device: torch.device, place: _Placer, float8: bool
 ) -> Decoder:
     """The diffusers folders ``decoder``/``decoder_lite`` and ``vqgan`` of ``stabilityai/stable-cascade``."""
     from .upstream import PaellaVQModel, StableCascadeUNet
@@ -438,7 +463,7 @@ def _decoder_from_hub(
         repo, subfolder="vqgan", torch_dtype=torch.float32, use_safetensors=True
     )
     return Decoder(
-        place(unet.eval().requires_grad_(False), "Stage B"),
+        place(_fit_precision(unet.eval().requires_grad_(False), device, False, float8), "Stage B"),
         place(vqgan.eval().requires_grad_(False), "Stage A"),
         device,
         dtype,
@@ -508,7 +533,7 @@ def _load_text_encoder(
 ) -> TextEncoder:
     """The CLIP text encoder and tokenizer alone (1.4 GB in bfloat16), checked like the bundles' files:
     Stage B's conditioning for reconstruction, without Stage C."""
-    memory, device, dtype = _settings(memory, device, dtype, "text encoder")
+    memory, device, dtype = _settings(memory, device, dtype, float8=False)
     alone = "model_offload" if memory == "auto" else memory  # alone it needs no plan: it takes turns
     plan = _plan_for_load(alone, device, dtype, {"stage_c": "big", "stage_b": "big"}, None)
     dtype = plan._row("text encoder").dtype

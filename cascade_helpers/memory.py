@@ -218,7 +218,7 @@ def _dtype_choices(machine: Machine, dtype: torch.dtype | None) -> list[tuple[to
     if dtype is not None:
         return [(dtype, dtype)]
     gpu, native = bool(machine.gpu), machine.native_bfloat16
-    prior, decoder = (_default_dtype(s, gpu=gpu, native_bfloat16=native) for s in ("Stage C", "Stage B"))
+    prior = decoder = _default_dtype(gpu=gpu, native_bfloat16=native)
     return (
         [(prior, decoder)]
         if gpu

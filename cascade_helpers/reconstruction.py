@@ -227,7 +227,7 @@ def load_autoencoder(
     """
     files._check_size(stage_b, "stage_b")
     device = pick_device(device)
-    dtype = pick_dtype(dtype, device, stage="Stage B")
+    dtype = pick_dtype(dtype, device)
     if _is_local_folder(source):
         _check_files(Path(source), stage_b, dtype)
     decoder = load_decoder(source, stage_b, dtype=dtype, device=device, memory=memory)

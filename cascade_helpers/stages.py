@@ -69,7 +69,9 @@ def _model_causes(
     float16, whose range Stage C's activations exceed."""
     causes = []
     broken = [
-        n for n, p in model.named_parameters() if p.device.type != "meta" and not torch.isfinite(p).all()
+        n
+        for n, p in model.named_parameters()
+        if p.device.type != "meta" and not torch.isfinite(p.float()).all()
     ]
     if broken:
         named = [str(f) for f in weight_files if f] or ["the weight file"]

@@ -20,7 +20,7 @@ MAX_LINES = 550
 LAYERS: dict[str, int] = {
     **dict.fromkeys(["files", "sizes", "values", "atomic", "images", "effnet", "previewer", "upstream"], 0),
     **dict.fromkeys(["checkpoints", "devices", "memory", "download"], 1),
-    **dict.fromkeys(["models", "file_checks"], 2),
+    **dict.fromkeys(["models", "file_checks", "float16", "float8"], 2),
     "loading": 3,
     **dict.fromkeys(["conditioning", "sampling", "request"], 4),
     **dict.fromkeys(["stages", "generation", "controlnet", "lora"], 5),

@@ -134,11 +134,11 @@ def test_a_big_stage_b_asked_for_as_lite_is_named(tmp_path):
         load_decoder(tmp_path, "lite", device="cpu")
 
 
-def test_float16_stage_c_is_refused_with_the_reason(tiny_models):
-    with pytest.raises(ValueError, match=r"(?s)NaN.*bfloat16"):
-        load_prior(tiny_models, "big", dtype=torch.float16, device="cpu")
+def test_float16_stage_c_is_rescaled_and_allow_float16_keeps_it_raw(tiny_models):
+    prior = load_prior(tiny_models, "big", dtype=torch.float16, device="cpu", **TEXT_ONLY)
+    assert prior.unet.dtype == torch.float16 and prior.unet._float16_scale >= 1  # tests/test_float16.py
     prior = load_prior(tiny_models, "big", dtype=torch.float16, device="cpu", allow_float16=True, **TEXT_ONLY)
-    assert prior.unet.dtype == torch.float16
+    assert prior.unet.dtype == torch.float16 and not hasattr(prior.unet, "_float16_scale")
 
 
 def test_unknown_variant(tiny_models):

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from cascade_helpers import files
 from cascade_helpers.checkpoints import _official_shapes
-from cascade_helpers.loading import load_prior, _load_unet
+from cascade_helpers.loading import _load_unet, load_prior
 from cascade_helpers.lora.adapters import LoraError, _lora_factors, set_lora_strength
 from cascade_helpers.lora.formats import (
     _comfyui_state_dict,

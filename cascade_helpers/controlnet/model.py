@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..effnet import _EFFNET_CHANNELS
+from ..float16 import _hidden_scale
 from ..sampling import Denoiser, unet_denoiser
 
 BottleneckMode = Literal["effnet", "simple", "large"]
@@ -184,7 +185,7 @@ def _check_control_outputs(order: list[nn.Module], control_outputs: ControlOutpu
             )
 
 
-def _add_control(x: torch.Tensor, control: torch.Tensor, position: int) -> torch.Tensor:
+def _add_control(x: torch.Tensor, control: torch.Tensor, position: int, scale: int) -> torch.Tensor:
     if control.shape[0] not in (1, x.shape[0]):
         raise ValueError(
             f"control features for ResBlock {position} hold {control.shape[0]} pictures, but Stage C runs on "
@@ -192,7 +193,7 @@ def _add_control(x: torch.Tensor, control: torch.Tensor, position: int) -> torch
             f"and unconditional inputs, as generate_stage_c(control=...) does)"
         )
     resized = F.interpolate(control.float(), size=x.shape[-2:], mode="bilinear", align_corners=True)
-    return x + resized.to(x.device, x.dtype)
+    return x + (resized / scale).to(x.device, x.dtype)  # scale: the float16 rescale's (1 without it)
 
 
 @contextlib.contextmanager
@@ -236,7 +237,7 @@ def inject_controlnet(unet: nn.Module, control_outputs: ControlOutputs) -> Itera
         control = control_outputs[position] if position < len(control_outputs) else None
         if control is None:
             return None
-        return (_add_control(args[0], control, position), *args[1:])
+        return (_add_control(args[0], control, position, _hidden_scale(block)), *args[1:])
 
     handles = []
     try:

@@ -16,6 +16,8 @@ from torch import nn
 
 from .. import values
 from ..checkpoints import config_dir
+from ..float8 import _stored_in_float8
+from ..float16 import _lora_rows
 
 _ADAPTER = "lora"
 #: what the official filter ``'.attn'`` selects, in diffusers' names: attention q, k, v and output
@@ -113,6 +115,7 @@ def _check_factors(model: nn.Module, factors: Mapping[str, _LoraFactors]) -> Non
 def _apply_factors(model: nn.Module, factors: Mapping[str, _LoraFactors], strength: float) -> None:
     """Why: peft cannot put given factors (per-module rank and alpha) on a model: inject, then copy in."""
     from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.tuners_utils import cast_adapter_dtype
 
     if not factors:
         return
@@ -124,19 +127,22 @@ def _apply_factors(model: nn.Module, factors: Mapping[str, _LoraFactors], streng
         alpha_pattern={re.escape(name): f.alpha for name, f in factors.items()},
     )
     inject_adapter_in_model(config, model, adapter_name=_ADAPTER)
-    layers = _lora_layers(model)
+    layers, rows = _lora_layers(model), _lora_rows(model)  # rows: a float16-rescaled layer's
+    if rows or _stored_in_float8(model):  # float32: rescaled factors keep every bit; float8 ones would not
+        cast_adapter_dtype(model, _ADAPTER)
     with torch.no_grad():
         for name, f in factors.items():
             layers[name].lora_A[_ADAPTER].weight.copy_(f.down)
-            layers[name].lora_B[_ADAPTER].weight.copy_(f.up)
+            layers[name].lora_B[_ADAPTER].weight.copy_(f.up * rows.get(name, 1.0))
     set_lora_strength(model, strength)
 
 
 def _lora_factors(model: nn.Module) -> dict[str, _LoraFactors]:
     """The LoRA on ``model``, module by module (detached copies): what every file format writes."""
-    factors = {}
+    factors, rows = {}, _lora_rows(model)
     for name, layer in _lora_layers(model).items():
         down, up = (weights[_ADAPTER].weight.detach().clone() for weights in (layer.lora_A, layer.lora_B))
+        up = up / rows[name].to(up.device) if name in rows else up  # without the float16 rescale
         factors[name] = _LoraFactors(down, up, float(layer.lora_alpha[_ADAPTER]))
     return factors
 

@@ -18,6 +18,7 @@ import PIL.Image
 import torch
 from tqdm.auto import tqdm
 
+from ..float8 import _stored_in_float8
 from ..lora.adapters import _lora_factors, _refuse_unadaptable, inject_lora
 from ..lora.formats import _COMFYUI_PREFIX, _save_comfyui, _save_lora
 from ..lora.load import _all_or_nothing
@@ -79,6 +80,8 @@ def _check_placement(prior: Prior, precision: str, accelerator) -> None:
                 f"{what} is {device}, the prior's {prior.device}: load the prior with memory='gpu' on the device "
                 "accelerate trains on (accelerator=accelerate.Accelerator(cpu=True) for the CPU)"
             )
+    if _stored_in_float8(prior.unet):  # backward would see the float8 weights swapped back in
+        raise TrainingError("a prior loaded with float8=True cannot train: load the prior without float8")
     dtype = next(prior.unet.parameters()).dtype
     if precision == "fp32" and dtype != torch.float32:
         raise TrainingError(
