@@ -1,6 +1,8 @@
 """Getting pictures in and out: any PIL mode, file, array or tensor in; float tensors and PIL out.
 
-Inside the package an image is a float tensor in [0, 1], channels first (3×H×W, or B×3×H×W).
+Inside the package an image is a float tensor in [0, 1], channels first (3×H×W, or B×3×H×W). Every
+picture enters through :func:`image_to_tensor`, which also turns files and PIL images upright by their
+EXIF orientation (a phone stores a portrait sideways, with Orientation 6, and viewers turn it).
 """
 
 from __future__ import annotations
@@ -11,20 +13,25 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from . import values
+
 ImageInput = PIL.Image.Image | torch.Tensor | np.ndarray | str | os.PathLike
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
-
-#: PIL modes whose pixels are not 8-bit: 16-bit grey (16-bit PNG and TIFF files, in each byte order),
-#: 32-bit integers (what older Pillow made of 16-bit files) and 32-bit floats
-WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+# PIL modes whose pixels are not 8-bit: 16-bit grey (16-bit PNG and TIFF files, in each byte order),
+# 32-bit integers (what older Pillow made of 16-bit files) and 32-bit floats
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 _SIXTEEN_BIT = 65535
 # a float picture may overshoot [0, 1] by rounding; by more than an 8-bit step it was meant otherwise
 _FLOAT_TOLERANCE = 1 / 255
+# EXIF orientations that turn a picture a quarter turn (transposed or rotated): width and height swap
+_SIDEWAYS = (5, 6, 7, 8)
+_ORIENTATION = 0x0112
 
 
 def _wide_grey(image: PIL.Image.Image) -> np.ndarray:
@@ -43,14 +50,9 @@ def _wide_grey(image: PIL.Image.Image) -> np.ndarray:
     return (values / _SIXTEEN_BIT).astype(np.float32)
 
 
-def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    """Any PIL mode to 8-bit RGB; transparency becomes white (what a viewer shows behind it), not
-    black, and 16-bit, 32-bit and float grey pictures are scaled, not clipped."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in WIDE_MODES:
-        grey = np.round(_wide_grey(image) * 255).astype(np.uint8)
-        return PIL.Image.fromarray(grey).convert("RGB")  # uint8 H×W: mode L
+def _to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """Any 8-bit PIL mode to RGB with transparency on white (what a viewer shows behind it): PIL's own
+    ``convert("RGB")`` puts it on black."""
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -58,6 +60,13 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
         background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return PIL.Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def _upright_size(image: PIL.Image.Image) -> tuple[int, int]:
+    """(width, height) once the EXIF orientation is applied, from the header alone: training picks a
+    picture's aspect bucket before (or without) decoding it."""
+    width, height = image.size
+    return (height, width) if image.getexif().get(_ORIENTATION) in _SIDEWAYS else (width, height)
 
 
 def _open(path: str | os.PathLike) -> torch.Tensor:
@@ -77,9 +86,11 @@ def _open(path: str | os.PathLike) -> torch.Tensor:
 
 
 def _pil_to_tensor(image: PIL.Image.Image) -> torch.Tensor:
-    if image.mode in WIDE_MODES:  # no 8-bit round trip: keep the 16-bit precision
+    """The one way a PIL picture becomes pixels: upright (EXIF), 16-bit and float grey scaled, not clipped."""
+    image = PIL.ImageOps.exif_transpose(image)
+    if image.mode in _WIDE_MODES:  # no 8-bit round trip: keep the 16-bit precision
         return torch.from_numpy(_wide_grey(image))[None].expand(3, -1, -1).contiguous()
-    return TF.to_tensor(to_rgb(image))
+    return TF.to_tensor(_to_rgb(image))
 
 
 def _unit_floats(values: torch.Tensor, what: str) -> torch.Tensor:
@@ -104,7 +115,7 @@ def _unit_floats(values: torch.Tensor, what: str) -> torch.Tensor:
 
 def _to_unit(values: torch.Tensor, what: str) -> torch.Tensor:
     """Array or tensor pixels of any dtype → float32 in [0, 1]: bool as 0/1, integers as 0–255,
-    floats as 0–1 (:func:`_unit_floats`)."""
+    floats as 0–1 (:func:`_unit_floats`); edge maps are compared on the same scale."""
     if values.numel() == 0:
         raise ValueError(f"{what} is empty")
     if values.dtype == torch.bool:
@@ -134,6 +145,33 @@ def _numpy_to_tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(array, dtype=array.dtype.newbyteorder("=")))
 
 
+def _channels_first(raw: torch.Tensor) -> torch.Tensor:
+    """Arrays come channels last (H×W×C, as PIL and OpenCV give them) or first (C×H×W, as torch), or
+    without channels (H×W): one C×H×W layout with 1 to 4 channels, else the shape is named."""
+    shape = tuple(raw.shape)
+    raw = raw[0] if raw.dim() == 4 and raw.shape[0] == 1 else raw
+    if raw.dim() == 2:
+        raw = raw[None]
+    elif raw.dim() == 3 and 1 <= raw.shape[-1] <= 4 and not 1 <= raw.shape[0] <= 4:
+        raw = raw.permute(2, 0, 1)
+    if raw.dim() != 3 or not 1 <= raw.shape[0] <= 4:
+        raise ValueError(
+            f"expected one picture (H×W, H×W×C or C×H×W with 1 to 4 channels), got shape {shape}"
+        )
+    return raw
+
+
+def _array_to_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Array and tensor pictures the way PIL pictures are read: grey + alpha, RGB or RGBA, alpha on white."""
+    raw = _numpy_to_tensor(image) if isinstance(image, np.ndarray) else image.detach().cpu()
+    what = f"the picture ({type(image).__name__} of shape {tuple(raw.shape)}, dtype {image.dtype})"
+    pixels = _to_unit(_channels_first(raw), what)
+    colour, alpha = (pixels[:1], pixels[1:]) if pixels.shape[0] <= 2 else (pixels[:3], pixels[3:])
+    if alpha.shape[0]:
+        colour = colour * alpha + (1 - alpha)
+    return colour.expand(3, -1, -1).contiguous()
+
+
 def image_to_tensor(image: ImageInput) -> torch.Tensor:
     """One picture → 3×H×W float tensor in [0, 1].
 
@@ -142,7 +180,8 @@ def image_to_tensor(image: ImageInput) -> torch.Tensor:
             white); or an array or tensor H×W, H×W×C or C×H×W (or 1×C×H×W) with 1 to 4 channels
             (grey, grey + alpha, RGB, RGBA; alpha on white) holding 0-255 integers of any integer
             dtype, 0-1 floats, or booleans. A float array beyond 0-1 is refused: 0-255 floats and
-            -1-1 floats both exist, and guessing would give a washed-out or black picture.
+            -1-1 floats both exist, and guessing would give a washed-out or black picture. Files and
+            PIL images are turned upright by their EXIF orientation.
 
     Returns:
         The picture, float32, channels first.
@@ -151,75 +190,76 @@ def image_to_tensor(image: ImageInput) -> torch.Tensor:
         return _open(image)
     if isinstance(image, PIL.Image.Image):
         return _pil_to_tensor(image)
-    if not isinstance(image, (np.ndarray, torch.Tensor)):
-        raise TypeError(
-            f"a picture must be a file path, a PIL image, a numpy array or a torch tensor, not {type(image).__name__}"
-        )
-    raw = _numpy_to_tensor(image) if isinstance(image, np.ndarray) else image.detach().cpu()
-    shape = tuple(raw.shape)
-    if raw.dim() == 4 and raw.shape[0] == 1:
-        raw = raw[0]
-    if raw.dim() == 3 and raw.shape[-1] in (1, 2, 3, 4) and raw.shape[0] not in (1, 2, 3, 4):
-        raw = raw.permute(2, 0, 1)
-    elif raw.dim() == 2:
-        raw = raw[None]
-    if raw.dim() != 3 or raw.shape[0] not in (1, 2, 3, 4):
+    if isinstance(image, (np.ndarray, torch.Tensor)):
+        return _array_to_tensor(image)
+    raise TypeError(
+        f"a picture must be a file path, a PIL image, a numpy array or a torch tensor, not {type(image).__name__}"
+    )
+
+
+def _images_in_folder(folder: str | os.PathLike) -> list[Path]:
+    """The picture files of a folder, sorted by name: what a folder means wherever one is passed."""
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+
+
+def _picture_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
+    """Every function that takes "pictures" takes a folder, one picture, a list, or a B×C×H×W batch."""
+    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
+        pictures = list(images)
+    elif isinstance(images, (str, os.PathLike)) and Path(images).is_dir():
+        pictures = list(_images_in_folder(images))
+    elif isinstance(images, (str, os.PathLike)) or not isinstance(images, Sequence):
+        pictures = [images]
+    else:
+        pictures = list(images)
+    if not pictures:
         raise ValueError(
-            f"expected one picture (H×W, H×W×C or C×H×W with 1 to 4 channels), got shape {shape}"
+            f"no pictures in {images!r}: pass a picture, a list of pictures or a folder that holds some"
         )
-    pixels = _to_unit(raw, f"the picture ({type(image).__name__} of shape {shape}, dtype {image.dtype})")
-    colour, alpha = (pixels[:1], pixels[1:]) if pixels.shape[0] <= 2 else (pixels[:3], pixels[3:])
-    if alpha.shape[0]:  # transparency on white, as for PIL pictures
-        colour = colour * alpha + (1 - alpha)
-    return colour.expand(3, -1, -1).contiguous()
-
-
-def images_in_folder(folder: str | os.PathLike) -> list[Path]:
-    """The picture files in a folder, sorted by name."""
-    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return pictures
 
 
 def resize_and_crop(
     image: torch.Tensor, height: int, width: int, position: tuple[float, float] | None = None
 ) -> torch.Tensor:
-    """Scale so the picture covers height×width, then cut the centre: no stretching, no borders.
+    """Cut the part of the picture that has height×width's aspect ratio, then scale it to height×width:
+    no stretching, no borders. The cut comes first, so nothing larger than the picture or the result is
+    ever made (scaling a 20000×20 picture to cover 768² first would take 7 GB).
 
     Args:
         image: 3×H×W or B×3×H×W.
         height, width: the size wanted.
-        position: where the window sits in what overhangs, (top, left) from 0 to 1 each; None is
-            the centre. LoRA training's random crop draws it.
+        position: where the cut sits in what overhangs, (top, left) from 0 to 1 each; None is the
+            centre. LoRA training's random crop draws it.
 
     Returns:
-        ``image`` resized (bilinear, antialiased) and cropped to height×width, same dtype and device.
+        The cut, resized (bilinear, antialiased) to height×width, same dtype and device.
     """
     h, w = image.shape[-2:]
     scale = max(height / h, width / w)
-    size = [max(height, round(h * scale)), max(width, round(w * scale))]
-    resized = TF.resize(image, size, interpolation=InterpolationMode.BILINEAR, antialias=True)
-    if position is None:
-        return TF.center_crop(resized, [height, width])
-    top, left = round((size[0] - height) * position[0]), round((size[1] - width) * position[1])
-    return TF.crop(resized, top, left, height, width)
+    cut_h, cut_w = min(h, max(1, round(height / scale))), min(w, max(1, round(width / scale)))
+    top, left = (0.5, 0.5) if position is None else position
+    return TF.resized_crop(
+        image,
+        round((h - cut_h) * top),
+        round((w - cut_w) * left),
+        cut_h,
+        cut_w,
+        [height, width],
+        interpolation=InterpolationMode.BILINEAR,
+        antialias=True,
+    )
 
 
-def scale_short_side(image: torch.Tensor, side: int) -> torch.Tensor:
-    """Bilinear, antialiased resize to a short side of ``side`` px, aspect ratio kept: the official
-    notebooks' ``resize_image`` (768 px) for every input picture.
-
-    Args:
-        image: 3×H×W or B×3×H×W.
-        side: the short side wanted, in pixels.
-
-    Returns:
-        The resized picture(s), same dtype and device.
-    """
+def _scale_short_side(image: torch.Tensor, side: int) -> torch.Tensor:
+    """The official notebooks' ``resize_image`` (bilinear, antialiased, aspect ratio kept) in one place:
+    image variation scales to 768 px with it, training caps its pictures' size."""
     return TF.resize(image, side, interpolation=InterpolationMode.BILINEAR, antialias=True)
 
 
 def batch_images(images: ImageInput | Sequence[ImageInput], height: int, width: int) -> torch.Tensor:
     """One or several pictures (a list, a folder, or a B×C×H×W array or tensor) → B×3×height×width,
-    each scaled and centre-cropped.
+    each cut to the aspect ratio and scaled (:func:`resize_and_crop`).
 
     Args:
         images: one picture as :func:`image_to_tensor` takes it, a sequence of them, a folder (its
@@ -227,19 +267,13 @@ def batch_images(images: ImageInput | Sequence[ImageInput], height: int, width: 
         height, width: the size of every picture in the batch, in pixels.
 
     Returns:
-        B×3×height×width, float32 in [0, 1], CPU (:func:`resize_and_crop` of each).
+        B×3×height×width, float32 in [0, 1], CPU.
     """
-    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
-        images = list(images)
-    if isinstance(images, (str, os.PathLike)) and Path(images).is_dir():
-        images = images_in_folder(images)
-    if not isinstance(images, Sequence) or isinstance(images, (str, os.PathLike)):
-        images = [images]
-    return torch.stack([resize_and_crop(image_to_tensor(i), height, width) for i in images])
+    return torch.stack([resize_and_crop(image_to_tensor(p), height, width) for p in _picture_list(images)])
 
 
 def to_pil(images: torch.Tensor) -> list[PIL.Image.Image]:
-    """B×3×H×W (or 3×H×W) in [0, 1] → PIL images."""
+    """B×3×H×W (or 3×H×W) in [0, 1] → PIL images (rounded to 8 bits, not truncated)."""
     if images.dim() == 3:
         images = images[None]
     arrays = (
@@ -248,14 +282,25 @@ def to_pil(images: torch.Tensor) -> list[PIL.Image.Image]:
     return [PIL.Image.fromarray(a) for a in arrays]
 
 
-def as_pil_list(images) -> list[PIL.Image.Image]:
+def _as_pil_list(images) -> list[PIL.Image.Image]:
+    """Whatever shows pictures takes PIL pictures or a tensor batch alike."""
     if isinstance(images, torch.Tensor):
         return to_pil(images)
     return list(images)
 
 
+def _cell(picture: PIL.Image.Image | None, size: tuple[int, int]) -> PIL.Image.Image:
+    """``make_image_grid`` sizes every cell like the first picture, on black: here each cell is as large
+    as the largest picture, pasted at its top left on white, and empty cells are white."""
+    cell = PIL.Image.new("RGB", size, "white")
+    if picture is not None:
+        cell.paste(picture.convert("RGB"))
+    return cell
+
+
 def image_grid(images, columns: int | None = None) -> PIL.Image.Image:
-    """Paste pictures (PIL list or B×3×H×W tensor) into one grid image, row by row.
+    """Paste pictures (PIL list or B×3×H×W tensor) into one grid image, row by row
+    (``diffusers.utils.make_image_grid``).
 
     Args:
         images: PIL images, or a B×3×H×W (or 3×H×W) tensor in [0, 1].
@@ -266,15 +311,15 @@ def image_grid(images, columns: int | None = None) -> PIL.Image.Image:
         cell's top left.
 
     Raises:
-        ValueError: no pictures.
+        ValueError: no pictures, or ``columns`` not a whole number ≥ 1.
     """
-    pictures = as_pil_list(images)
+    from diffusers.utils import make_image_grid
+
+    pictures = _as_pil_list(images)
     if not pictures:
         raise ValueError("no pictures to put in a grid")
-    columns = columns or len(pictures)
+    columns = len(pictures) if columns is None else values.whole(columns, "columns", 1, meaning="per row")
     rows = -(-len(pictures) // columns)
-    width, height = max(p.width for p in pictures), max(p.height for p in pictures)
-    grid = PIL.Image.new("RGB", (columns * width, rows * height), "white")
-    for i, picture in enumerate(pictures):
-        grid.paste(picture.convert("RGB"), ((i % columns) * width, (i // columns) * height))
-    return grid
+    size = (max(p.width for p in pictures), max(p.height for p in pictures))
+    cells = [_cell(p, size) for p in pictures] + [_cell(None, size)] * (rows * columns - len(pictures))
+    return make_image_grid(cells, rows, columns)

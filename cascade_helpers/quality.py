@@ -10,10 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .sizes import ENCODING, LATENT_CHANNELS, check_size
-from .sizes import stage_c_latent_size as latent_size
-
-DEFAULT_SIZE = 1024
+from .sizes import ENCODING, LATENT_CHANNELS, check_size, stage_c_latent_size
 
 
 @dataclass(frozen=True)
@@ -23,6 +20,13 @@ class Quality:
 
     psnr: float
     ssim: float
+
+    @staticmethod
+    def mean(qualities: Sequence[Quality]) -> Quality:
+        """The mean PSNR and SSIM of several pictures (an infinite PSNR makes the mean infinite)."""
+        return Quality(
+            float(np.mean([q.psnr for q in qualities])), float(np.mean([q.ssim for q in qualities]))
+        )
 
 
 def quality(originals: torch.Tensor, reconstructions: torch.Tensor) -> list[Quality]:
@@ -60,17 +64,30 @@ def quality(originals: torch.Tensor, reconstructions: torch.Tensor) -> list[Qual
     return results
 
 
-def mean_quality(qualities: Sequence[Quality]) -> Quality:
-    return Quality(float(np.mean([q.psnr for q in qualities])), float(np.mean([q.ssim for q in qualities])))
-
-
 @dataclass(frozen=True)
 class Compression:
-    """How much smaller the latents are than the picture they encode."""
+    """How much smaller the latents of an uint8 height×width picture are, stored as ``latent_dtype``
+    (``encode_folder``'s default: float16). The sides are checked as the encoder takes them (whole
+    multiples of 32, at least 64)."""
 
-    image_shape: tuple[int, int, int]  # 3×H×W, stored as uint8
-    latent_shape: tuple[int, int, int]  # 16×h×w
-    latent_dtype: torch.dtype
+    height: int = 1024
+    width: int = 1024
+    latent_dtype: torch.dtype = torch.float16
+
+    def __post_init__(self) -> None:
+        height, width = check_size(self.height, self.width, ENCODING)
+        object.__setattr__(self, "height", height)
+        object.__setattr__(self, "width", width)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """3×H×W, stored as uint8."""
+        return 3, self.height, self.width
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """16×h×w: 16×24×24 for 1024²."""
+        return LATENT_CHANNELS, *stage_c_latent_size(self.height, self.width)
 
     @property
     def spatial(self) -> float:
@@ -106,19 +123,3 @@ class Compression:
             f"numbers: {self.values:.1f}× fewer\n"
             f"bytes: {self.bytes:.1f}× smaller"
         )
-
-
-def compression(
-    height: int = DEFAULT_SIZE, width: int = DEFAULT_SIZE, latent_dtype: torch.dtype = torch.float16
-) -> Compression:
-    """The compression of an uint8 picture of this size into latents stored as ``latent_dtype``.
-
-    Args:
-        height, width: the picture's sides in pixels (whole multiples of 32, at least 64).
-        latent_dtype: how the latents are stored (``encode_folder`` default: float16).
-
-    Returns:
-        The :class:`Compression`.
-    """
-    height, width = check_size(height, width, ENCODING)
-    return Compression((3, height, width), (LATENT_CHANNELS, *latent_size(height, width)), latent_dtype)

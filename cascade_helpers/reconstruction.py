@@ -3,15 +3,15 @@
 The EfficientNet encoder compresses a 1024×1024 picture to 16×24×24 latents (42.67× per side), and
 Stage B + Stage A decode them back. That makes the pair a tool for training your own models in this
 highly compressed space: encode a data set once (:func:`encode_folder`), train on the latents, decode
-what your model produces (:func:`decode`).
+what your model produces (:func:`decode`). How good and how small: :mod:`cascade_helpers.quality`.
 
 Faithful to the official ``inference/reconstruct_images.ipynb``:
 
-- pictures are scaled to cover the target size and centre-cropped (the official data loader's
-  ``Resize`` + ``CenterCrop``), then downscaled by 3/4 with nearest neighbour, floored to multiples
-  of 32, and ImageNet-normalized before the encoder (:func:`cascade_helpers.effnet.preprocess`);
+- pictures are cut to the target's aspect ratio in the centre and scaled to it (the official data
+  loader's ``Resize`` + ``CenterCrop``), then downscaled by 3/4 with nearest neighbour, floored to
+  multiples of 32, and ImageNet-normalized before the encoder (:func:`cascade_helpers.effnet.preprocess`);
 - Stage B samples with cfg 1.1, shift 1, 10 steps from t = 1 (with the official guidance rescale
-  0.7): the same settings as text-to-image's Stage B, :data:`OFFICIAL_RECONSTRUCTION`;
+  0.7): the same settings as text-to-image's Stage B, ``sampling.OFFICIAL_DECODER``;
 - the unconditional branch gets zero latents and the empty caption; the conditional branch gets the
   latents and a caption — the official notebook uses its data set's captions, we default to the
   empty caption (a reconstruction tool has no captions) and accept captions if you have them.
@@ -26,78 +26,43 @@ of the picture) then divide by 8, which its three 2× downsamplings need.
 
 from __future__ import annotations
 
-import os
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from . import files, values
 from .atomic import save_safetensors
-from .checkpoints import CheckpointError, read_header
 from .conditioning import encode_text
 from .devices import MemoryMode, pick_device, pick_dtype
 from .effnet import EfficientNetEncoder
 from .effnet import encode as effnet_encode
 from .file_checks import check_present, choose_precision_file, size_present
 from .files import Size
-from .images import IMAGE_SUFFIXES, ImageInput, batch_images, image_to_tensor, images_in_folder
+from .images import (
+    _IMAGE_SUFFIXES,
+    ImageInput,
+    _images_in_folder,
+    _picture_list,
+    batch_images,
+    image_to_tensor,
+)
 from .loading import is_local_folder, load_decoder, load_effnet, load_text_encoder
 from .models import Decoder, TextEncoder
-from .quality import DEFAULT_SIZE, Compression, Quality, compression, mean_quality, quality
 from .sampling import OFFICIAL_DECODER, StageSettings
-from .sizes import (
-    ENCODING,
-    LATENT_CHANNELS,
-    STRIDE,
-    check_size,
-    image_size_for_latents,
-)
-from .sizes import stage_c_latent_size as latent_size
+from .sizes import ENCODING, LATENT_CHANNELS, STRIDE, check_size, image_size_for_latents
 from .stages import decode_stage_a, generate_stage_b
 
-# quality and compression live in cascade_helpers.quality; importing them from here still works
-__all__ = [
-    "DEFAULT_SIZE",
-    "LATENT_SUFFIX",
-    "LATENTS_KEY",
-    "OFFICIAL_RECONSTRUCTION",
-    "OFFICIAL_SEED",
-    "Autoencoder",
-    "Compression",
-    "FolderEncoding",
-    "Images",
-    "Quality",
-    "StoredLatents",
-    "available_stage_b",
-    "check_image_size",
-    "compression",
-    "decode",
-    "encode",
-    "encode_folder",
-    "image_size_for_latents",
-    "is_encoded",
-    "latent_path",
-    "latent_size",
-    "load_autoencoder",
-    "mean_quality",
-    "prepare_images",
-    "quality",
-    "read_latents",
-    "write_latents",
-]
-
-#: Stage B settings of the official reconstruction notebook: cfg 1.1, shift 1, 10 steps, t_start 1.
-OFFICIAL_RECONSTRUCTION: StageSettings = OFFICIAL_DECODER
-OFFICIAL_SEED = 42
-LATENTS_KEY = "latents"
-LATENT_SUFFIX = ".safetensors"
-
-Images = ImageInput | Sequence[ImageInput]
+_LATENTS_KEY = "latents"
+_LATENT_SUFFIX = ".safetensors"
+_DEFAULT_SIZE = 1024
+# metadata key of what made a latents file: the encoding settings and the picture's sha256
+_ENCODED_WITH = "encoded_with"
 
 
 @dataclass
@@ -111,70 +76,31 @@ class Autoencoder:
     text: TextEncoder | None = None  # kept only for decoding with captions
 
 
-# --- sizes -------------------------------------------------------------------------------------------
+# --- sizes and pictures in -------------------------------------------------------------------------------
 
 
 def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
-    """One side or (height, width), checked as the encoder needs it (whole multiples of 32)."""
+    """One side or (height, width), checked as the encoder needs it (whole multiples of 32, ≥ 64)."""
     if values.is_whole(size):
         size = (size, size)
     if not (isinstance(size, Sequence) and not isinstance(size, str) and len(size) == 2):
         raise ValueError(f"size must be one side or (height, width) in pixels, not {size!r}")
-    return check_image_size(*size)
-
-
-def check_image_size(height: int, width: int) -> tuple[int, int]:
-    """Picture sides must be multiples of 32 (see the module's docstring), at least 64 px.
-
-    Args:
-        height, width: the picture's sides in pixels.
-
-    Returns:
-        Both as ints; a ValueError names a side refused.
-    """
-    return check_size(height, width, ENCODING)
-
-
-# --- pictures in ---------------------------------------------------------------------------------------
-
-
-def _picture_list(images: Images) -> list[ImageInput]:
-    """A folder, one picture, a list of pictures or a B×3×H×W tensor → a list of single pictures."""
-    if isinstance(images, (str, os.PathLike)) and Path(images).is_dir():
-        return list(images_in_folder(images))
-    if isinstance(images, torch.Tensor) and images.dim() == 4:
-        return list(images.unbind(0))
-    if isinstance(images, (str, os.PathLike, torch.Tensor, np.ndarray)) or not isinstance(images, Sequence):
-        return [images]
-    return list(images)
+    return check_size(*size, ENCODING)
 
 
 def _crop_to_stride(image: torch.Tensor) -> torch.Tensor:
-    """Centre crop to the nearest smaller multiples of 32 (no scaling)."""
+    """``size=None`` keeps a picture's own size: its centre, cut to multiples of 32 (no scaling)."""
     height, width = (side // STRIDE * STRIDE for side in image.shape[-2:])
-    check_image_size(height, width)
+    check_size(height, width, ENCODING)
     top, left = (image.shape[-2] - height) // 2, (image.shape[-1] - width) // 2
     return image[..., top : top + height, left : left + width]
 
 
-def prepare_images(images: Images, size: int | tuple[int, int] | None = DEFAULT_SIZE) -> torch.Tensor:
-    """Pictures (PIL, arrays, tensors, files, a folder) → one B×3×H×W batch in [0, 1].
-
-    Args:
-        images: a folder, one picture, a list of them, or a B×3×H×W tensor.
-        size: (height, width), or one side for squares (multiples of 32): each picture is scaled to
-            cover it and centre-cropped, as the official data loader does. None keeps the pictures'
-            own size, centre-cropped to multiples of 32; they must then all have the same size.
-
-    Returns:
-        B×3×H×W, float32, CPU; a ValueError for no pictures, a size refused or sizes that differ.
-    """
-    pictures = _picture_list(images)
-    if not pictures:
-        raise ValueError("no pictures to encode")
+def _prepare(images: ImageInput | Sequence[ImageInput], size: int | tuple[int, int] | None) -> torch.Tensor:
+    """The encoder's pictures as one batch: all at ``size``, or at their own (equal) size."""
     if size is not None:
-        return batch_images(pictures, *_pair(size))
-    tensors = [_crop_to_stride(image_to_tensor(picture)) for picture in pictures]
+        return batch_images(images, *_pair(size))
+    tensors = [_crop_to_stride(image_to_tensor(picture)) for picture in _picture_list(images)]
     sizes = sorted({tuple(t.shape[-2:]) for t in tensors})
     if len(sizes) > 1:
         raise ValueError(
@@ -182,6 +108,11 @@ def prepare_images(images: Images, size: int | tuple[int, int] | None = DEFAULT_
             f"size=(height, width) to scale them to one size, or encode them separately"
         )
     return torch.stack(tensors)
+
+
+def _batch_size(batch_size: object) -> int:
+    """``range(0, n, -1)`` is empty: a batch size below 1 would encode or decode nothing, silently."""
+    return values.whole(batch_size, "batch_size", 1, meaning="pictures or latents at once")
 
 
 # --- loading -------------------------------------------------------------------------------------------
@@ -204,10 +135,10 @@ def load_autoencoder(
     source: str | Path = "models",
     stage_b: Size = "big",
     *,
+    keep_text_encoder: bool = False,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     memory: MemoryMode = "gpu",
-    keep_text_encoder: bool = False,
 ) -> Autoencoder:
     """The EfficientNet encoder, Stage B (``stage_b`` big or lite) and Stage A — no Stage C.
 
@@ -217,8 +148,8 @@ def load_autoencoder(
     Args:
         source: a models folder or the Hub repo ``stabilityai/stable-cascade``.
         stage_b: "big" or "lite".
-        dtype, device, memory: as for :func:`.loading.load_decoder`; the encoder runs in float32.
         keep_text_encoder: keep it, to decode with captions.
+        dtype, device, memory: as for :func:`.loading.load_decoder`; the encoder runs in float32.
 
     Returns:
         The :class:`Autoencoder`. Missing files raise one ``MissingModelFileError`` naming them all.
@@ -252,6 +183,7 @@ def available_stage_b(models_dir: str | Path) -> list[Size]:
 
 
 def _encode_batch(effnet: EfficientNetEncoder, batch: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Prepared pictures through the encoder ``batch_size`` at a time; the latents come back to the CPU."""
     return torch.cat(
         [effnet_encode(effnet, chunk, downscale=True).cpu() for chunk in batch.split(batch_size)]
     )
@@ -259,9 +191,9 @@ def _encode_batch(effnet: EfficientNetEncoder, batch: torch.Tensor, batch_size: 
 
 def encode(
     effnet: EfficientNetEncoder,
-    images: Images,
+    images: ImageInput | Sequence[ImageInput],
     *,
-    size: int | tuple[int, int] | None = DEFAULT_SIZE,
+    size: int | tuple[int, int] | None = _DEFAULT_SIZE,
     batch_size: int = 8,
 ) -> torch.Tensor:
     """Pictures → Stage C latents (B×16×h×w, float32, CPU); 1024×1024 pictures give 24×24 latents.
@@ -269,16 +201,20 @@ def encode(
 
     Args:
         effnet: the encoder (``load_effnet``, ``Autoencoder.effnet``).
-        images, size: as for :func:`prepare_images`.
+        images: a folder, one picture (PIL, array, tensor, file), a list of them, or a B×3×H×W tensor.
+        size: (height, width), or one side for squares (multiples of 32): each picture is cut to its
+            aspect ratio in the centre and scaled to it, as the official data loader does. None keeps
+            the pictures' own size, cut to multiples of 32; they must then all have the same size.
         batch_size: pictures through the encoder at once.
 
     Returns:
         B×16×h×w, float32, CPU.
     """
-    return _encode_batch(effnet, prepare_images(images, size), batch_size)
+    return _encode_batch(effnet, _prepare(images, size), _batch_size(batch_size))
 
 
 def _pooled(autoencoder: Autoencoder, captions: str | Sequence[str] | None, batch: int) -> torch.Tensor:
+    """Stage B's pooled text conditioning: the empty caption's unless captions are given (one or one each)."""
     if captions is None:
         return autoencoder.empty_pooled.expand(batch, -1, -1)
     captions = [captions] * batch if isinstance(captions, str) else list(captions)
@@ -291,13 +227,26 @@ def _pooled(autoencoder: Autoencoder, captions: str | Sequence[str] | None, batc
     return encode_text(autoencoder.text, captions).pooled.cpu()
 
 
+def _checked_latents(latents: torch.Tensor, what: str) -> torch.Tensor:
+    """Latents enter from files and other models: integers (an int8 tensor would decode as its integer
+    values) and NaN (a black picture) are refused here, with the channel count, as float32."""
+    if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
+        kind = latents.dtype if isinstance(latents, torch.Tensor) else type(latents).__name__
+        raise ValueError(f"{what}: Stage C latents are a float tensor, not {kind}")
+    if latents.dim() < 3 or latents.shape[-3] != LATENT_CHANNELS:
+        raise ValueError(f"{what}: expected {LATENT_CHANNELS}×h×w latents, got shape {tuple(latents.shape)}")
+    if not torch.isfinite(latents).all():
+        raise ValueError(f"{what} hold NaN or infinite values: they would decode to a black picture")
+    return latents.float()
+
+
 def decode(
     autoencoder: Autoencoder,
     latents: torch.Tensor,
     *,
     size: int | tuple[int, int] | None = None,
-    settings: StageSettings = OFFICIAL_RECONSTRUCTION,
-    seed: int = OFFICIAL_SEED,
+    settings: StageSettings = OFFICIAL_DECODER,
+    seed: int = 42,
     captions: str | Sequence[str] | None = None,
     batch_size: int = 4,
 ) -> torch.Tensor:
@@ -306,32 +255,30 @@ def decode(
 
     Args:
         autoencoder: from :func:`load_autoencoder`.
-        latents: B×16×h×w or 16×h×w.
+        latents: B×16×h×w or 16×h×w, floating point.
         size: (height, width) or one side, multiples of 32; default from the latents (24×24 → 1024²).
-        settings: Stage B's sampler settings (official: cfg 1.1, shift 1, 10 steps).
+        settings: Stage B's sampler settings (the official reconstruction's: cfg 1.1, shift 1, 10 steps).
         seed: seeds Stage B's noise, drawn on the CPU (official: 42).
         captions: one for all or one per latent (needs ``keep_text_encoder=True``); default: the empty one.
         batch_size: latents decoded at once.
 
     Returns:
-        B×3×H×W in [0, 1], float32, CPU; a ValueError for latents without 16 channels, a size
-        refused or captions that do not fit.
+        B×3×H×W in [0, 1], float32, CPU; a ValueError for latents that are not 16-channel floats, a
+        size refused or captions that do not fit.
     """
+    latents = _checked_latents(latents, "the latents")
     latents = latents[None] if latents.dim() == 3 else latents
-    if latents.shape[1] != LATENT_CHANNELS:
-        raise ValueError(f"Stage C latents have {LATENT_CHANNELS} channels, not {latents.shape[1]}")
-    height, width = (
-        check_image_size(*image_size_for_latents(*latents.shape[-2:])) if size is None else _pair(size)
-    )
+    batch_size = _batch_size(batch_size)
+    height, width = _pair(image_size_for_latents(*latents.shape[-2:]) if size is None else size)
     pooled = _pooled(autoencoder, captions, len(latents))
     negative = autoencoder.empty_pooled.expand(len(latents), -1, -1)
-    generator = torch.Generator("cpu").manual_seed(seed)
+    generator = torch.Generator("cpu").manual_seed(values.whole(seed, "seed", 0, 2**64 - 1))
     pictures = []
     for start in range(0, len(latents), batch_size):
         chunk = slice(start, start + batch_size)
         stage_b = generate_stage_b(
             autoencoder.decoder,
-            latents[chunk].float(),
+            latents[chunk],
             pooled[chunk],
             negative[chunk],
             (height, width),
@@ -347,68 +294,99 @@ def decode(
 
 @dataclass
 class StoredLatents:
+    """One latents file's contents: the latents, the picture size they encode (what decoding should
+    produce) and the picture's file name, when known."""
+
     latents: torch.Tensor  # 16×h×w, float32
-    image_size: tuple[int, int]  # the picture size they encode (what decoding should produce)
-    source: str  # the picture's file name, when known
+    image_size: tuple[int, int]
+    source: str
 
 
-@dataclass
-class FolderEncoding:
-    written: list[Path]
-    skipped: list[Path]  # already encoded by an earlier run
+def _latent_path(image: Path, out_dir: Path) -> Path:
+    """``cat.png`` → ``out_dir/cat.png.safetensors``: the full name, since ``cat.png`` and ``cat.jpg`` differ."""
+    return Path(out_dir) / (Path(image).name + _LATENT_SUFFIX)
 
 
-def latent_path(image: Path, out_dir: Path) -> Path:
-    """``cat.png`` → ``out_dir/cat.png.safetensors`` (the full name: ``cat.png`` and ``cat.jpg`` differ).
+def _encoded_with(picture: Path, size: int | tuple[int, int] | None, dtype: torch.dtype) -> str:
+    """What decides that a latents file is done: the settings and the picture's bytes, so a new size or a
+    picture edited under the same name is encoded again instead of keeping stale latents."""
+    settings = {
+        "size": None if size is None else list(_pair(size)),
+        "dtype": str(dtype).removeprefix("torch."),
+        "sha256": hashlib.sha256(picture.read_bytes()).hexdigest(),
+    }
+    return json.dumps(settings, sort_keys=True)
 
-    Args:
-        image, out_dir: the picture file and the latents folder.
 
-    Returns:
-        The latents file's path.
-    """
-    return Path(out_dir) / (Path(image).name + LATENT_SUFFIX)
-
-
-def is_encoded(path: Path) -> bool:
-    """A complete latents file (an interrupted write leaves no file, a damaged one counts as missing)."""
+def _is_encoded(path: Path, encoded_with: str) -> bool:
+    """A complete latents file made by these settings from this picture; an interrupted write leaves no
+    file, and a damaged one counts as missing."""
     if not path.is_file():
         return False
     try:
-        return LATENTS_KEY in read_header(path).tensors
-    except CheckpointError:
+        with safe_open(str(path), framework="pt") as f:
+            keys, metadata = f.keys(), f.metadata() or {}  # safe_open has no `in`
+        return _LATENTS_KEY in keys and metadata.get(_ENCODED_WITH) == encoded_with
+    except (SafetensorError, OSError):
         return False
 
 
-def write_latents(path: Path, latents: torch.Tensor, image_size: tuple[int, int], source: str) -> None:
-    """Save one picture's latents (16×h×w) atomically (a temporary file, then renamed), so an
-    interruption never leaves a half-written ``.safetensors``.
-
-    Args:
-        path: the latents file (:func:`latent_path`).
-        latents: 16×h×w, stored in their dtype under the key ``latents``.
-        image_size, source: the picture's (height, width) and file name, kept in the metadata.
-    """
-    metadata = {"source": source, "height": str(image_size[0]), "width": str(image_size[1])}
-    save_safetensors(path, {LATENTS_KEY: latents}, metadata)
+def _read_tensor(path: str | Path) -> tuple[torch.Tensor, dict[str, str]]:
+    """The one tensor of a latents file (ours are named ``latents``) and its metadata; a damaged file is
+    named, not a bare safetensors error."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            key = _LATENTS_KEY if _LATENTS_KEY in keys else (keys[0] if len(keys) == 1 else None)
+            if key is None:
+                raise ValueError(f"{path} holds {keys}: expected one tensor, or one named {_LATENTS_KEY!r}")
+            return f.get_tensor(key), f.metadata() or {}
+    except SafetensorError as error:
+        raise ValueError(
+            f"{path} is not a complete safetensors file ({error}): write or copy it again"
+        ) from None
 
 
 def read_latents(path: str | Path) -> StoredLatents:
-    """One latents file: ours, or any safetensors file holding one 16×h×w (or 1×16×h×w) tensor."""
-    with safe_open(str(path), framework="pt") as f:
-        keys = list(f.keys())
-        key = LATENTS_KEY if LATENTS_KEY in keys else (keys[0] if len(keys) == 1 else None)
-        if key is None:
-            raise ValueError(f"{path} holds {keys}: expected one tensor, or one named {LATENTS_KEY!r}")
-        latents, metadata = f.get_tensor(key).float(), f.metadata() or {}
-    latents = latents[0] if latents.dim() == 4 and len(latents) == 1 else latents
-    if latents.dim() != 3 or latents.shape[0] != LATENT_CHANNELS:
+    """One latents file: ours, or any safetensors file holding one 16×h×w (or 1×16×h×w) float tensor.
+
+    Args:
+        path: the ``.safetensors`` file.
+
+    Returns:
+        The :class:`StoredLatents`; their picture size from the file's metadata, else the smallest
+        that encodes to them.
+    """
+    latents, metadata = _read_tensor(path)
+    latents = _checked_latents(latents[0] if latents.dim() == 4 and len(latents) == 1 else latents, str(path))
+    if latents.dim() != 3:
         raise ValueError(f"{path}: expected {LATENT_CHANNELS}×h×w latents, got {tuple(latents.shape)}")
-    if "height" in metadata and "width" in metadata:
+    if {"height", "width"} <= metadata.keys():
         image_size = (int(metadata["height"]), int(metadata["width"]))
     else:
         image_size = image_size_for_latents(*latents.shape[-2:])
     return StoredLatents(latents, image_size, metadata.get("source", Path(path).name))
+
+
+def _same_size_batches(paths: list[Path], size: int | tuple[int, int] | None):
+    """Prepared pictures grouped by size (with ``size=None`` pictures keep their own)."""
+    groups: dict[tuple[int, int], list[tuple[Path, torch.Tensor]]] = {}
+    for path in paths:
+        picture = _prepare(path, size)[0]
+        groups.setdefault(tuple(picture.shape[-2:]), []).append((path, picture))
+    for members in groups.values():
+        yield [p for p, _ in members], torch.stack([t for _, t in members])
+
+
+def _pending(
+    folder: Path, out_dir: Path, size: int | tuple[int, int] | None, dtype: torch.dtype
+) -> tuple[list[Path], dict[Path, str]]:
+    """The pictures of ``folder`` still to encode with these settings, and what every file records."""
+    pictures = _images_in_folder(folder)
+    if not pictures:
+        raise FileNotFoundError(f"no pictures in {folder} (looked for {', '.join(_IMAGE_SUFFIXES)})")
+    made_with = {p: _encoded_with(p, size, dtype) for p in pictures}
+    return [p for p in pictures if not _is_encoded(_latent_path(p, out_dir), made_with[p])], made_with
 
 
 def encode_folder(
@@ -416,59 +394,52 @@ def encode_folder(
     folder: str | Path,
     out_dir: str | Path,
     *,
-    size: int | tuple[int, int] | None = DEFAULT_SIZE,
+    size: int | tuple[int, int] | None = _DEFAULT_SIZE,
     batch_size: int = 8,
     dtype: torch.dtype = torch.float16,
     progress: bool = True,
-) -> FolderEncoding:
+) -> list[Path]:
     """Encode every picture in ``folder`` to ``out_dir/<name>.safetensors`` (key ``latents``, 16×h×w
-    in ``dtype``; metadata: source name, picture height and width).
+    in ``dtype``; metadata: source name, picture height and width, and what made them).
 
-    Resumable: pictures whose file is already complete are skipped, so an interrupted run picks up
-    where it stopped, and each file is written atomically.
+    Resumable: a picture whose file is complete and was made with these settings from these bytes is
+    skipped, so an interrupted run picks up where it stopped; a picture changed under the same name,
+    or another ``size`` or ``dtype``, is encoded again. Each file is written atomically.
 
     Args:
         effnet, folder, out_dir: the encoder, the pictures (not searched recursively), the latents.
         size, batch_size: as for :func:`encode`.
-        dtype: float16 halves the files and keeps the latents' precision (values of a few units).
+        dtype: a floating dtype; float16 halves the files and keeps the latents' precision (values of a
+            few units).
         progress: False hides the progress bar.
 
     Returns:
-        The files written now, and those skipped as already complete.
+        The latents files written now (not those skipped as already done).
 
     Raises:
         FileNotFoundError: the folder holds no pictures.
     """
-    folder, out_dir = Path(folder), Path(out_dir)
-    pictures = images_in_folder(folder)
-    if not pictures:
-        raise FileNotFoundError(f"no pictures in {folder} (looked for {', '.join(IMAGE_SUFFIXES)})")
+    folder, out_dir, batch_size = Path(folder), Path(out_dir), _batch_size(batch_size)
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch dtype such as torch.float16, not {dtype!r}")
+    pending, made_with = _pending(folder, out_dir, size, dtype)
     out_dir.mkdir(parents=True, exist_ok=True)
-    done = {p for p in pictures if is_encoded(latent_path(p, out_dir))}
-    pending = [p for p in pictures if p not in done]
-    result = FolderEncoding([], [latent_path(p, out_dir) for p in pictures if p in done])
+    written = []
+    done = len(made_with) - len(pending)
     with tqdm(
-        total=len(pictures),
-        initial=len(result.skipped),
-        desc="Encoding",
-        unit="picture",
-        disable=not progress,
+        total=len(made_with), initial=done, desc="Encoding", unit="picture", disable=not progress
     ) as bar:
         for start in range(0, len(pending), batch_size):
             for paths, batch in _same_size_batches(pending[start : start + batch_size], size):
+                height, width = batch.shape[-2:]
                 for path, latents in zip(paths, _encode_batch(effnet, batch, batch_size), strict=True):
-                    target = latent_path(path, out_dir)
-                    write_latents(target, latents.to(dtype), tuple(batch.shape[-2:]), path.name)
-                    result.written.append(target)
+                    metadata = {"source": path.name, "height": str(height), "width": str(width)}
+                    target = _latent_path(path, out_dir)
+                    save_safetensors(
+                        target,
+                        {_LATENTS_KEY: latents.to(dtype)},
+                        {**metadata, _ENCODED_WITH: made_with[path]},
+                    )
+                    written.append(target)
                     bar.update(1)
-    return result
-
-
-def _same_size_batches(paths: list[Path], size: int | tuple[int, int] | None):
-    """Prepared pictures grouped by size (with ``size=None`` pictures keep their own)."""
-    groups: dict[tuple[int, int], list[tuple[Path, torch.Tensor]]] = {}
-    for path in paths:
-        picture = prepare_images(path, size)[0]
-        groups.setdefault(tuple(picture.shape[-2:]), []).append((path, picture))
-    for members in groups.values():
-        yield [p for p, _ in members], torch.stack([t for _, t in members])
+    return written

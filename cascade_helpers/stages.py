@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from .conditioning import TextEmbeddings, encode_image_clip, no_image
-from .controlnet.model import ControlOutputs, controlled_denoiser
+from .controlnet.model import ControlOutputs, _controlled_denoiser
 from .effnet import encode as effnet_encode
-from .images import ImageInput, image_to_tensor, resize_and_crop, scale_short_side
+from .images import ImageInput, _scale_short_side, image_to_tensor, resize_and_crop
 from .models import Decoder, Prior
 from .sampling import OFFICIAL_DECODER, OFFICIAL_PRIOR, StageSettings, StepCallback, sample, unet_denoiser
 from .sizes import encoder_input_size, stage_b_shape
@@ -127,7 +127,7 @@ def generate_stage_c(
     denoiser = unet_denoiser(prior.unet, prior.dtype)
     if control is not None:
         cond["cnet"] = uncond["cnet"] = list(control)
-        denoiser = controlled_denoiser(prior.unet, prior.dtype)
+        denoiser = _controlled_denoiser(prior.unet, prior.dtype)
     latents = sample(
         denoiser,
         shape,
@@ -248,7 +248,7 @@ def variation_embeddings(prior: Prior, image: ImageInput) -> torch.Tensor:
     Returns:
         1×1×768, float32, on the prior's device; a ValueError without the image encoder.
     """
-    picture = scale_short_side(image_to_tensor(image), OFFICIAL_INPUT_SIDE)
+    picture = _scale_short_side(image_to_tensor(image), OFFICIAL_INPUT_SIDE)
     return encode_image_clip(prior, picture[None])
 
 

@@ -1,8 +1,9 @@
 """The official ControlNet configs, what a ControlNet file holds, and loading one.
 
 :data:`CONTROLNET_TYPES` holds the official configs (``configs/inference/controlnet_c_3b_*.yaml``:
-checkpoint, filter, bottleneck, Stage C blocks) in one place. :func:`load_controlnet` checks a file
-before loading it: complete, the type asked for, and fitting this Stage C.
+checkpoint, filter, bottleneck, Stage C blocks) of the three released ControlNets in one place.
+:func:`load_controlnet` checks a file before loading it: complete, the type asked for, and fitting
+this Stage C.
 """
 
 from __future__ import annotations
@@ -11,159 +12,112 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+
+from torch import nn
 
 from .. import files
 from ..checkpoints import TensorInfo, WrongCheckpointError
 from ..file_checks import check_present, fetch_command, inspect_file
 from ..files import ModelFile
 from ..models import Prior
-from .model import OFFICIAL_BLOCKS, BottleneckMode, ControlNet, LargeBottleneck
+from .model import ControlNet, resblock_order
 
-
-class ControlNetNotReleasedError(FileNotFoundError):
-    """The official code defines this ControlNet, but no checkpoint was ever published."""
-
-
-# --- the official configs ------------------------------------------------------------------------------
-
-Filter = Literal["canny", "inpaint", "super_resolution", "identity"]
-
-#: the same pattern for the tiny test Stage C (8 ResBlocks: 0-3 down, 4-7 up): first and last of each half
-TINY_BLOCKS = (0, 2, 5, 7)
+# the Stage C ResBlocks the released ControlNets feed (of the big Stage C's 64)
+_OFFICIAL_BLOCKS = (0, 4, 8, 12, 51, 55, 59, 63)
 
 
 @dataclass(frozen=True)
-class ControlNetType:
-    """One official ControlNet config (``configs/inference/controlnet_c_3b_*.yaml``): which checkpoint,
-    which bottleneck and input channels, which Stage C blocks, which filter with which settings."""
+class _ControlNetType:
+    """One official ControlNet config: users choose a ControlNet by its name in :data:`CONTROLNET_TYPES`
+    and read these fields (checkpoint, bottleneck and input channels, filter and its settings, blocks)."""
 
     name: str
+    file: ModelFile
     description: str
-    file: ModelFile | None  # None: defined in the official code, never released
     c_in: int
-    bottleneck_mode: BottleneckMode
-    proj_blocks: tuple[int, ...]
-    filter: Filter
+    bottleneck_mode: str
+    filter: str
     filter_params: Mapping[str, float] = field(default_factory=dict)
+    proj_blocks: tuple[int, ...] = _OFFICIAL_BLOCKS
 
 
-CONTROLNET_TYPES: dict[str, ControlNetType] = {
-    "canny": ControlNetType(
-        "canny",
-        "follow the edges of a picture (OpenCV Canny)",
-        files.CONTROLNETS["canny"],
-        c_in=1,
-        bottleneck_mode="effnet",
-        proj_blocks=OFFICIAL_BLOCKS,
-        filter="canny",
-        filter_params={"resize": 224, "low": 100, "high": 200},
-    ),
-    "inpainting": ControlNetType(
-        "inpainting",
-        "repaint the masked part of a picture (inpainting, outpainting)",
-        files.CONTROLNETS["inpainting"],
-        c_in=4,
-        bottleneck_mode="effnet",
-        proj_blocks=OFFICIAL_BLOCKS,
-        filter="inpaint",
-    ),
-    "super_resolution": ControlNetType(
-        "super_resolution",
-        "EfficientNet features of the half-size picture → the full-size picture",
-        files.CONTROLNETS["super_resolution"],
-        c_in=16,
-        bottleneck_mode="large",
-        proj_blocks=OFFICIAL_BLOCKS,
-        filter="super_resolution",
-        filter_params={"scale_factor": 0.5},
-    ),
-    "face_identity": ControlNetType(
-        "face_identity",
-        "ArcFace identity vectors of detected faces (never released)",
-        None,
-        c_in=512,
-        bottleneck_mode="simple",
-        proj_blocks=tuple(range(64)),
-        filter="identity",
-    ),
-}
+CONTROLNET_TYPES: dict[str, _ControlNetType] = {
+    name: _ControlNetType(name, files.CONTROLNETS[name], *config)
+    for name, *config in [
+        ("canny", "follow the edges of a picture (OpenCV Canny)", 1, "effnet", "canny",
+         {"resize": 224, "low": 100, "high": 200}),
+        ("inpainting", "repaint the masked part of a picture (inpainting, outpainting)", 4, "effnet", "inpaint"),
+        ("super_resolution", "EfficientNet features of the half-size picture → the full-size one", 16, "large",
+         "super_resolution", {"scale_factor": 0.5}),
+    ]
+}  # fmt: skip
 
 
-def controlnet_type(kind: str | ControlNetType) -> ControlNetType:
-    if isinstance(kind, ControlNetType):
-        return kind
-    if kind not in CONTROLNET_TYPES:
-        raise KeyError(f"unknown ControlNet {kind!r}: use one of {', '.join(CONTROLNET_TYPES)}")
-    return CONTROLNET_TYPES[kind]
-
-
-def released_file(kind: ControlNetType) -> ModelFile:
-    if kind.file is None:
-        raise ControlNetNotReleasedError(
-            f"the {kind.name} ControlNet is defined in the official code, but its checkpoint was never "
-            f"published (it was uploaded to the Hub and deleted): there is nothing to load"
+def _controlnet_type(kind: str) -> _ControlNetType:
+    """A ControlNet named by the user, or one message that lists the names (and says that the official
+    code's face-identity ControlNet was never released)."""
+    if kind in CONTROLNET_TYPES:
+        return CONTROLNET_TYPES[kind]
+    released = ", ".join(CONTROLNET_TYPES)
+    if kind == "face_identity":
+        raise ValueError(
+            "the face_identity ControlNet is defined in the official code, but its checkpoint was never "
+            f"published (it was uploaded to the Hub and deleted): there is nothing to load. Released: {released}"
         )
-    return kind.file
+    raise ValueError(f"unknown ControlNet {kind!r}: use one of {released}")
+
+
+def _fed_blocks(unet: nn.Module, kind: _ControlNetType) -> list[int]:
+    """The official blocks this Stage C has: all eight in the big Stage C, the first of each path in the
+    tiny test one, so a ControlNet file always has one projection per block it feeds."""
+    count = len(resblock_order(unet))
+    return [block for block in kind.proj_blocks if block < count]
 
 
 # --- reading a checkpoint ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class ControlNetShape:
-    """What a ControlNet file holds, read from its safetensors header."""
+class _ControlNetShape:
+    """What a ControlNet file holds, from its safetensors header: a wrong file is named by what it is."""
 
-    bottleneck_mode: BottleneckMode
+    bottleneck_mode: str
     c_in: int
     c_proj: int
     projections: int
-    large: LargeBottleneck | None = None
-
-    def matches(self, kind: ControlNetType) -> bool:
-        return (self.bottleneck_mode, self.c_in) == (kind.bottleneck_mode, kind.c_in)
 
     def describe(self) -> str:
-        known = [k.name for k in CONTROLNET_TYPES.values() if self.matches(k)]
+        known = [k.name for k in CONTROLNET_TYPES.values() if (k.bottleneck_mode, k.c_in) == self.key]
         what = f"the {known[0]} ControlNet" if known else "an unknown ControlNet"
         return f"{what} ({self.bottleneck_mode!r} bottleneck, {self.c_in} input channels)"
 
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.bottleneck_mode, self.c_in
 
-def _count(tensors: Mapping[str, TensorInfo], pattern: str) -> int:
-    return len({m.group(1) for key in tensors if (m := re.fullmatch(pattern, key))})
 
-
-def controlnet_shape(tensors: Mapping[str, TensorInfo]) -> ControlNetShape:
-    """Bottleneck mode, input channels, projection width and count (and 'large' widths) of a file."""
+def _controlnet_shape(tensors: Mapping[str, TensorInfo]) -> _ControlNetShape:
+    """Bottleneck mode, input channels, projection width and count of a file, from its key names."""
     try:
         c_proj = tensors["projections.0.2.weight"].shape[0]
-        projections = _count(tensors, r"projections\.(\d+)\.0\.weight")
+        projections = len({m[1] for k in tensors if (m := re.fullmatch(r"projections\.(\d+)\.0\.weight", k))})
         if "backbone.0.1.running_mean" in tensors:  # EfficientNet: stem convolution + BatchNorm
-            return ControlNetShape("effnet", tensors["backbone.0.0.weight"].shape[1], c_proj, projections)
-        first = tensors["backbone.0.weight"].shape
-        if "backbone.3.blocks.0.weight" in tensors:
-            blocks = _count(tensors, r"backbone\.(\d+)\.blocks\.0\.weight")
-            large = LargeBottleneck(
-                expand=first[0],
-                hidden=tensors["backbone.2.weight"].shape[0],
-                blocks=blocks,
-                out=tensors[f"backbone.{3 + blocks}.weight"].shape[0],
-            )
-            return ControlNetShape("large", first[1], c_proj, projections, large)
-        return ControlNetShape("simple", first[1], c_proj, projections)
+            return _ControlNetShape("effnet", tensors["backbone.0.0.weight"].shape[1], c_proj, projections)
+        if "backbone.3.blocks.0.weight" in tensors:  # 1×1 convolutions, then residual blocks
+            return _ControlNetShape("large", tensors["backbone.0.weight"].shape[1], c_proj, projections)
     except KeyError as missing:
         raise WrongCheckpointError(f"not an official ControlNet checkpoint: no {missing} tensor") from None
+    raise WrongCheckpointError("not a released ControlNet: its bottleneck is neither 'effnet' nor 'large'")
 
 
 # --- loading -------------------------------------------------------------------------------------------
 
 
-def _blocks_for(prior: Prior, kind: ControlNetType) -> tuple[int, ...]:
-    return TINY_BLOCKS if prior.architecture == "tiny" else kind.proj_blocks
-
-
-def _check_fits(path: Path, shape: ControlNetShape, kind: ControlNetType, prior: Prior, command: str) -> None:
-    if not shape.matches(kind):
+def _check_fits(
+    path: Path, shape: _ControlNetShape, kind: _ControlNetType, prior: Prior, command: str
+) -> None:
+    """Another type, another Stage C width or block count: each named before loading, with what to do."""
+    if shape.key != (kind.bottleneck_mode, kind.c_in):
         raise WrongCheckpointError(
             f"{path} holds {shape.describe()}, but the {kind.name} ControlNet was asked for "
             f"({kind.bottleneck_mode!r} bottleneck, {kind.c_in} input channels). Load it as the type it is, "
@@ -176,23 +130,23 @@ def _check_fits(path: Path, shape: ControlNetShape, kind: ControlNetType, prior:
             f"{path} projects to Stage C width {shape.c_proj}, but this prior{lite} has width {width}. The "
             f"released ControlNets were trained for the big Stage C only: load_prior(models_dir, 'big')."
         )
-    blocks = _blocks_for(prior, kind)
+    blocks = _fed_blocks(prior.unet, kind)
     if shape.projections != len(blocks):
         raise WrongCheckpointError(
             f"{path} has {shape.projections} projections, but the {kind.name} config feeds "
-            f"{len(blocks)} Stage C blocks {list(blocks)}"
+            f"{len(blocks)} blocks of this Stage C {blocks}"
         )
 
 
-def load_controlnet(source: str | Path, kind: str | ControlNetType, prior: Prior) -> ControlNet:
+def load_controlnet(source: str | Path, kind: str, prior: Prior) -> ControlNet:
     """A released ControlNet from a models folder (``controlnet/<name>.safetensors``) or a file, on the
     prior's device in the prior's dtype. Checked first: the file is complete, it holds the ControlNet
     type asked for, and it fits this Stage C (the released ones fit the big Stage C only).
 
     Args:
         source: a models folder, or the ControlNet's safetensors file itself.
-        kind: "canny", "inpainting" or "super_resolution" (a key of :data:`CONTROLNET_TYPES`), or a type.
-        prior: the loaded prior it will steer: its device, dtype, width and architecture.
+        kind: "canny", "inpainting" or "super_resolution" (a key of :data:`CONTROLNET_TYPES`).
+        prior: the loaded prior it will steer: its device, dtype, width and ResBlocks.
 
     Returns:
         The ControlNet in eval mode, gradients off.
@@ -201,30 +155,22 @@ def load_controlnet(source: str | Path, kind: str | ControlNetType, prior: Prior
         MissingModelFileError: the folder lacks the file (with the command that fetches it).
         WrongCheckpointError: another ControlNet type, or one for another Stage C width or block count.
         CheckpointError: the file is damaged or cut short.
-        ControlNetNotReleasedError: a type never published (face_identity).
-        KeyError: an unknown kind.
+        ValueError: an unknown kind, or the never-released face_identity one.
     """
     from accelerate import init_empty_weights
     from safetensors.torch import load_file
 
-    kind = controlnet_type(kind)
-    file = released_file(kind)
+    kind = _controlnet_type(kind)
     path = Path(source)
-    command = fetch_command(path, [file]) if path.is_dir() else files.download_command([file])
+    command = fetch_command(path, [kind.file]) if path.is_dir() else files.download_command([kind.file])
     if path.is_dir():
-        check_present(path, [file])
-        path = path / file.path
+        check_present(path, [kind.file])
+        path = path / kind.file.path
     info, _ = inspect_file(path, "controlnet", None, command)
-    shape = controlnet_shape(info.tensors)
+    shape = _controlnet_shape(info.tensors)
     _check_fits(path, shape, kind, prior, command)
     with init_empty_weights():
-        controlnet = ControlNet(
-            kind.c_in,
-            shape.c_proj,
-            _blocks_for(prior, kind),
-            kind.bottleneck_mode,
-            large=shape.large or LargeBottleneck(),
-        )
+        controlnet = ControlNet(kind.c_in, shape.c_proj, _fed_blocks(prior.unet, kind), kind.bottleneck_mode)
     state = {k: v.to(prior.dtype) if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
     controlnet.load_state_dict(state, strict=True, assign=True)
     return controlnet.to(prior.device).eval().requires_grad_(False)

@@ -19,7 +19,7 @@ import PIL.Image
 import torch
 
 from ..atomic import atomic_path, write_text
-from ..images import image_to_tensor, images_in_folder, scale_short_side
+from ..images import _images_in_folder, _scale_short_side, _upright_size, image_to_tensor
 from ..sizes import DOWNSCALE, STRIDE
 from .config import TrainingError
 
@@ -65,10 +65,11 @@ def _unreadable(path: Path, error: Exception) -> TrainingError:
 
 
 def picture_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the file's header, without decoding the pixels."""
+    """(width, height) from the file's header, without decoding the pixels, as the picture is read
+    (EXIF orientation applied)."""
     try:
         with PIL.Image.open(path) as opened:
-            return opened.size
+            return _upright_size(opened)
     except _UNREADABLE as error:
         raise _unreadable(path, error) from error
 
@@ -76,7 +77,7 @@ def picture_size(path: Path) -> tuple[int, int]:
 def scaled_size(height: int, width: int, max_side: int | None) -> tuple[int, int]:
     """The size :func:`read_picture` gives a picture of height×width, computed without decoding it:
     with ``max_side``, a larger shorter side becomes ``max_side`` and the longer one
-    ``int(max_side · long / short)``, as ``scale_short_side`` (torchvision's resize) computes it.
+    ``int(max_side · long / short)``, as ``images._scale_short_side`` (torchvision's resize) computes it.
 
     Args:
         height, width: the picture's size in pixels (its header's).
@@ -111,7 +112,7 @@ def read_picture(path: Path, max_side: int | None = None) -> torch.Tensor:
     except _UNREADABLE as error:
         raise _unreadable(path, error) from error
     if max_side and min(picture.shape[-2:]) > max_side:
-        picture = scale_short_side(picture, max_side)
+        picture = _scale_short_side(picture, max_side)
     return picture
 
 
@@ -139,7 +140,7 @@ def find_training_images(
     for folder in map(Path, folders):
         if not folder.is_dir():
             raise TrainingError(f"no folder of training pictures at {folder}")
-        for path in images_in_folder(folder):
+        for path in _images_in_folder(folder):
             width, height = picture_size(path)
             if min(width, height) < min_image_size:
                 skipped.append(f"{path} ({width}×{height})")
