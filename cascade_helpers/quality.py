@@ -24,14 +24,13 @@ class Quality:
     @staticmethod
     def mean(qualities: Sequence[Quality]) -> Quality:
         """The mean PSNR and SSIM of several pictures (an infinite PSNR makes the mean infinite)."""
-        return Quality(
-            float(np.mean([q.psnr for q in qualities])), float(np.mean([q.ssim for q in qualities]))
-        )
+        psnr, ssim = np.mean([(q.psnr, q.ssim) for q in qualities], axis=0)
+        return Quality(float(psnr), float(ssim))
 
 
 def quality(originals: torch.Tensor, reconstructions: torch.Tensor) -> list[Quality]:
-    """PSNR and SSIM per picture (B×3×H×W in [0, 1]) with scikit-image: data range 1, SSIM with the
-    Gaussian window of Wang et al. (σ = 1.5, population covariance), over the three colour channels.
+    """PSNR and SSIM per picture with scikit-image (data range 1; SSIM over the colour channels with the
+    Gaussian window of Wang et al.: σ 1.5, population covariance).
 
     Args:
         originals, reconstructions: B×3×H×W in [0, 1], the same shape.
@@ -47,17 +46,9 @@ def quality(originals: torch.Tensor, reconstructions: torch.Tensor) -> list[Qual
         )
     results = []
     for original, reconstruction in zip(originals, reconstructions, strict=True):
-        a = original.permute(1, 2, 0).double().cpu().numpy()
-        b = reconstruction.permute(1, 2, 0).double().cpu().numpy()
-        ssim = structural_similarity(
-            a,
-            b,
-            data_range=1.0,
-            channel_axis=-1,
-            gaussian_weights=True,
-            sigma=1.5,
-            use_sample_covariance=False,
-        )
+        a, b = (x.permute(1, 2, 0).double().cpu().numpy() for x in (original, reconstruction))
+        gaussian = {"gaussian_weights": True, "sigma": 1.5, "use_sample_covariance": False}
+        ssim = structural_similarity(a, b, data_range=1.0, channel_axis=-1, **gaussian)
         with np.errstate(divide="ignore"):  # identical pictures: PSNR is +inf, not worth a warning
             psnr = peak_signal_noise_ratio(a, b, data_range=1.0)
         results.append(Quality(float(psnr), float(ssim)))
@@ -76,7 +67,7 @@ class Compression:
 
     def __post_init__(self) -> None:
         height, width = check_size(self.height, self.width, ENCODING)
-        object.__setattr__(self, "height", height)
+        object.__setattr__(self, "height", height)  # frozen: set the checked ints this way
         object.__setattr__(self, "width", width)
 
     @property
@@ -113,12 +104,10 @@ class Compression:
         return self.image_bytes / self.latent_bytes
 
     def __str__(self) -> str:
-        image = "×".join(map(str, self.image_shape))
-        latent = "×".join(map(str, self.latent_shape))
-        dtype = str(self.latent_dtype).removeprefix("torch.")
+        image, latent = ("×".join(map(str, shape)) for shape in (self.image_shape, self.latent_shape))
         return (
             f"picture {image} (uint8): {self.image_bytes:,} bytes\n"
-            f"latents {latent} ({dtype}): {self.latent_bytes:,} bytes\n"
+            f"latents {latent} ({str(self.latent_dtype).removeprefix('torch.')}): {self.latent_bytes:,} bytes\n"
             f"spatial compression (side): {self.spatial:.2f}×\n"
             f"numbers: {self.values:.1f}× fewer\n"
             f"bytes: {self.bytes:.1f}× smaller"

@@ -1,27 +1,15 @@
-"""Stable Cascade as an image autoencoder: pictures → 16-channel Stage C latents → pictures.
+"""Stable Cascade as an image autoencoder: pictures → 16-channel Stage C latents → pictures, a tool for
+training your own models in that space: encode a data set once (:func:`encode_folder`), train on the
+latents, decode what your model produces (:func:`decode`). How good and how small: :mod:`.quality`.
 
-The EfficientNet encoder compresses a 1024×1024 picture to 16×24×24 latents (42.67× per side), and
-Stage B + Stage A decode them back. That makes the pair a tool for training your own models in this
-highly compressed space: encode a data set once (:func:`encode_folder`), train on the latents, decode
-what your model produces (:func:`decode`). How good and how small: :mod:`cascade_helpers.quality`.
-
-Faithful to the official ``inference/reconstruct_images.ipynb``:
-
-- pictures are cut to the target's aspect ratio in the centre and scaled to it (the official data
-  loader's ``Resize`` + ``CenterCrop``), then downscaled by 3/4 with nearest neighbour, floored to
-  multiples of 32, and ImageNet-normalized before the encoder (:func:`cascade_helpers.effnet.preprocess`);
-- Stage B samples with cfg 1.1, shift 1, 10 steps from t = 1 (with the official guidance rescale
-  0.7): the same settings as text-to-image's Stage B, ``sampling.OFFICIAL_DECODER``;
-- the unconditional branch gets zero latents and the empty caption; the conditional branch gets the
-  latents and a caption — the official notebook uses its data set's captions, we default to the
-  empty caption (a reconstruction tool has no captions) and accept captions if you have them.
-
-Differences we chose: the encoder runs in float32 (the official notebook runs everything under
-bfloat16 autocast; the encoder is small), and the seed (42, as there) seeds noise drawn on the CPU,
-so a seed gives the same pictures on every device but not the official notebook's exact draw.
-
-Sizes are kept to multiples of 32: Stage A decodes 4× its latents, and Stage B's latents (a quarter
-of the picture) then divide by 8, which its three 2× downsamplings need.
+Faithful to the official ``inference/reconstruct_images.ipynb``: pictures cut to the target's aspect
+ratio in the centre and scaled to it (its data loader's ``Resize`` + ``CenterCrop``), then the
+encoder's own preprocessing (:func:`cascade_helpers.effnet.preprocess`); Stage B with the official
+settings (``sampling.OFFICIAL_DECODER``: cfg 1.1, shift 1, 10 steps, rescale 0.7), the empty caption
+by default (the official notebook has its data set's captions; pass yours with ``captions``). We chose
+float32 for the encoder (it is small) and noise drawn on the CPU from the seed (42, as there): the same
+pictures on every device, not the official notebook's draw. Sides are multiples of 32: Stage A decodes
+4× its latents, and Stage B's (a quarter of the picture) divide by 8 for its three 2× downsamplings.
 """
 
 from __future__ import annotations
@@ -59,10 +47,8 @@ from .sizes import ENCODING, LATENT_CHANNELS, STRIDE, check_size, image_size_for
 from .stages import decode_stage_a, generate_stage_b
 
 _LATENTS_KEY = "latents"
-_LATENT_SUFFIX = ".safetensors"
 _DEFAULT_SIZE = 1024
-# metadata key of what made a latents file: the encoding settings and the picture's sha256
-_ENCODED_WITH = "encoded_with"
+_ENCODED_WITH = "encoded_with"  # a latents file's metadata: the settings and the picture's sha256
 
 
 @dataclass
@@ -76,13 +62,9 @@ class Autoencoder:
     text: TextEncoder | None = None  # kept only for decoding with captions
 
 
-# --- sizes and pictures in -------------------------------------------------------------------------------
-
-
 def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
     """One side or (height, width), checked as the encoder needs it (whole multiples of 32, ≥ 64)."""
-    if values.is_whole(size):
-        size = (size, size)
+    size = (size, size) if values.is_whole(size) else size
     if not (isinstance(size, Sequence) and not isinstance(size, str) and len(size) == 2):
         raise ValueError(f"size must be one side or (height, width) in pixels, not {size!r}")
     return check_size(*size, ENCODING)
@@ -115,19 +97,12 @@ def _batch_size(batch_size: object) -> int:
     return values.whole(batch_size, "batch_size", 1, meaning="pictures or latents at once")
 
 
-# --- loading -------------------------------------------------------------------------------------------
-
-
 def _check_files(models_dir: Path, stage_b: Size, dtype: torch.dtype) -> None:
     """One error naming every missing file (and one download command), before anything loads."""
-    needed = [
-        choose_precision_file(models_dir, files.STAGE_B[stage_b], dtype),
-        files.STAGE_A,
-        files.EFFNET,
-        files.TEXT_ENCODER_CONFIG,
-        choose_precision_file(models_dir, files.TEXT_ENCODER, dtype),
-        files.TOKENIZER,
-    ]
+    weights, text_weights = (
+        choose_precision_file(models_dir, f, dtype) for f in (files.STAGE_B[stage_b], files.TEXT_ENCODER)
+    )
+    needed = [weights, files.STAGE_A, files.EFFNET, files.TEXT_ENCODER_CONFIG, text_weights, files.TOKENIZER]
     check_present(models_dir, needed, stage_b=stage_b, stage_c=size_present(models_dir, files.STAGE_C))
 
 
@@ -140,10 +115,8 @@ def load_autoencoder(
     device: str | torch.device | None = None,
     memory: MemoryMode = "gpu",
 ) -> Autoencoder:
-    """The EfficientNet encoder, Stage B (``stage_b`` big or lite) and Stage A — no Stage C.
-
-    Stage B is conditioned on a pooled CLIP text embedding; for reconstruction that is the empty
-    caption's, computed here once with the text encoder, which is then released (1.4 GB).
+    """The EfficientNet encoder, Stage B and Stage A — no Stage C. Stage B's conditioning, the empty
+    caption's pooled CLIP embedding, is computed once here with the text encoder, then released (1.4 GB).
 
     Args:
         source: a models folder or the Hub repo ``stabilityai/stable-cascade``.
@@ -172,14 +145,12 @@ def load_autoencoder(
 
 def available_stage_b(models_dir: str | Path) -> list[Size]:
     """The Stage B sizes whose file (either precision) is in the models folder."""
+    folder = Path(models_dir)
     return [
         size
-        for size, by_precision in files.STAGE_B.items()
-        if any((Path(models_dir) / f.path).is_file() for f in by_precision.values())
+        for size, forms in files.STAGE_B.items()
+        if any((folder / f.path).is_file() for f in forms.values())
     ]
-
-
-# --- encode and decode -----------------------------------------------------------------------------------
 
 
 def _encode_batch(effnet: EfficientNetEncoder, batch: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -196,15 +167,14 @@ def encode(
     size: int | tuple[int, int] | None = _DEFAULT_SIZE,
     batch_size: int = 8,
 ) -> torch.Tensor:
-    """Pictures → Stage C latents (B×16×h×w, float32, CPU); 1024×1024 pictures give 24×24 latents.
-    All pictures are held in memory: for a data set, :func:`encode_folder` streams them from disk.
+    """Pictures → Stage C latents (24×24 for 1024²), all in memory (:func:`encode_folder` streams them).
 
     Args:
         effnet: the encoder (``load_effnet``, ``Autoencoder.effnet``).
-        images: a folder, one picture (PIL, array, tensor, file), a list of them, or a B×3×H×W tensor.
-        size: (height, width), or one side for squares (multiples of 32): each picture is cut to its
-            aspect ratio in the centre and scaled to it, as the official data loader does. None keeps
-            the pictures' own size, cut to multiples of 32; they must then all have the same size.
+        images: what :func:`cascade_helpers.images.batch_images` takes.
+        size: (height, width), or one side (multiples of 32): each picture cut to its aspect ratio in
+            the centre and scaled to it, as the official data loader does. None keeps the pictures' own
+            (equal) size, cut to multiples of 32.
         batch_size: pictures through the encoder at once.
 
     Returns:
@@ -228,8 +198,7 @@ def _pooled(autoencoder: Autoencoder, captions: str | Sequence[str] | None, batc
 
 
 def _checked_latents(latents: torch.Tensor, what: str) -> torch.Tensor:
-    """Latents enter from files and other models: integers (an int8 tensor would decode as its integer
-    values) and NaN (a black picture) are refused here, with the channel count, as float32."""
+    """Latents from files or models: int8 (decoded as integers), NaN (black) refused; float32."""
     if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
         kind = latents.dtype if isinstance(latents, torch.Tensor) else type(latents).__name__
         raise ValueError(f"{what}: Stage C latents are a float tensor, not {kind}")
@@ -250,8 +219,7 @@ def decode(
     captions: str | Sequence[str] | None = None,
     batch_size: int = 4,
 ) -> torch.Tensor:
-    """Stage C latents (B×16×h×w or 16×h×w, from :func:`encode` or from your own model) → pictures
-    (B×3×H×W in [0, 1], float32, CPU) with Stage B then Stage A.
+    """Stage C latents (from :func:`encode` or from your own model) → pictures, with Stage B then Stage A.
 
     Args:
         autoencoder: from :func:`load_autoencoder`.
@@ -263,8 +231,7 @@ def decode(
         batch_size: latents decoded at once.
 
     Returns:
-        B×3×H×W in [0, 1], float32, CPU; a ValueError for latents that are not 16-channel floats, a
-        size refused or captions that do not fit.
+        B×3×H×W in [0, 1], float32, CPU.
     """
     latents = _checked_latents(latents, "the latents")
     latents = latents[None] if latents.dim() == 3 else latents
@@ -273,11 +240,10 @@ def decode(
     pooled = _pooled(autoencoder, captions, len(latents))
     negative = autoencoder.empty_pooled.expand(len(latents), -1, -1)
     generator = torch.Generator("cpu").manual_seed(values.whole(seed, "seed", 0, 2**64 - 1))
-    pictures = []
-    for start in range(0, len(latents), batch_size):
-        chunk = slice(start, start + batch_size)
+    decoder, pictures = autoencoder.decoder, []
+    for chunk in (slice(start, start + batch_size) for start in range(0, len(latents), batch_size)):
         stage_b = generate_stage_b(
-            autoencoder.decoder,
+            decoder,
             latents[chunk],
             pooled[chunk],
             negative[chunk],
@@ -285,31 +251,26 @@ def decode(
             settings,
             generator=generator,
         )
-        pictures.append(decode_stage_a(autoencoder.decoder, stage_b))
+        pictures.append(decode_stage_a(decoder, stage_b))
     return torch.cat(pictures)
-
-
-# --- a data set on disk ----------------------------------------------------------------------------------
 
 
 @dataclass
 class StoredLatents:
-    """One latents file's contents: the latents, the picture size they encode (what decoding should
-    produce) and the picture's file name, when known."""
+    """One latents file: the latents, the picture size they encode, the picture's name."""
 
     latents: torch.Tensor  # 16×h×w, float32
-    image_size: tuple[int, int]
+    image_size: tuple[int, int]  # (height, width)
     source: str
 
 
 def _latent_path(image: Path, out_dir: Path) -> Path:
     """``cat.png`` → ``out_dir/cat.png.safetensors``: the full name, since ``cat.png`` and ``cat.jpg`` differ."""
-    return Path(out_dir) / (Path(image).name + _LATENT_SUFFIX)
+    return Path(out_dir) / f"{Path(image).name}.safetensors"
 
 
 def _encoded_with(picture: Path, size: int | tuple[int, int] | None, dtype: torch.dtype) -> str:
-    """What decides that a latents file is done: the settings and the picture's bytes, so a new size or a
-    picture edited under the same name is encoded again instead of keeping stale latents."""
+    """What makes a file current: the settings and the picture's bytes, not only its name."""
     settings = {
         "size": None if size is None else list(_pair(size)),
         "dtype": str(dtype).removeprefix("torch."),
@@ -318,22 +279,8 @@ def _encoded_with(picture: Path, size: int | tuple[int, int] | None, dtype: torc
     return json.dumps(settings, sort_keys=True)
 
 
-def _is_encoded(path: Path, encoded_with: str) -> bool:
-    """A complete latents file made by these settings from this picture; an interrupted write leaves no
-    file, and a damaged one counts as missing."""
-    if not path.is_file():
-        return False
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            keys, metadata = f.keys(), f.metadata() or {}  # safe_open has no `in`
-        return _LATENTS_KEY in keys and metadata.get(_ENCODED_WITH) == encoded_with
-    except (SafetensorError, OSError):
-        return False
-
-
 def _read_tensor(path: str | Path) -> tuple[torch.Tensor, dict[str, str]]:
-    """The one tensor of a latents file (ours are named ``latents``) and its metadata; a damaged file is
-    named, not a bare safetensors error."""
+    """A latents file's one tensor and metadata; a damaged file named, not a bare safetensors error."""
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())
@@ -368,6 +315,14 @@ def read_latents(path: str | Path) -> StoredLatents:
     return StoredLatents(latents, image_size, metadata.get("source", Path(path).name))
 
 
+def _is_encoded(path: Path, encoded_with: str) -> bool:
+    """Done: a complete file made with these settings from these bytes (a damaged one is not)."""
+    try:
+        return path.is_file() and _read_tensor(path)[1].get(_ENCODED_WITH) == encoded_with
+    except ValueError:
+        return False
+
+
 def _same_size_batches(paths: list[Path], size: int | tuple[int, int] | None):
     """Prepared pictures grouped by size (with ``size=None`` pictures keep their own)."""
     groups: dict[tuple[int, int], list[tuple[Path, torch.Tensor]]] = {}
@@ -400,24 +355,18 @@ def encode_folder(
     progress: bool = True,
 ) -> list[Path]:
     """Encode every picture in ``folder`` to ``out_dir/<name>.safetensors`` (key ``latents``, 16×h×w
-    in ``dtype``; metadata: source name, picture height and width, and what made them).
-
-    Resumable: a picture whose file is complete and was made with these settings from these bytes is
-    skipped, so an interrupted run picks up where it stopped; a picture changed under the same name,
-    or another ``size`` or ``dtype``, is encoded again. Each file is written atomically.
+    in ``dtype``; metadata: source name, picture size, and what made them), each written atomically.
+    Resumable: a picture whose complete file was made with these settings from these bytes is skipped;
+    one edited since, or another ``size`` or ``dtype``, is encoded again.
 
     Args:
         effnet, folder, out_dir: the encoder, the pictures (not searched recursively), the latents.
         size, batch_size: as for :func:`encode`.
-        dtype: a floating dtype; float16 halves the files and keeps the latents' precision (values of a
-            few units).
+        dtype: a floating dtype; float16 halves the files and keeps the latents' precision.
         progress: False hides the progress bar.
 
     Returns:
-        The latents files written now (not those skipped as already done).
-
-    Raises:
-        FileNotFoundError: the folder holds no pictures.
+        The latents files written now (not those already done); a FileNotFoundError for no pictures.
     """
     folder, out_dir, batch_size = Path(folder), Path(out_dir), _batch_size(batch_size)
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
@@ -431,15 +380,10 @@ def encode_folder(
     ) as bar:
         for start in range(0, len(pending), batch_size):
             for paths, batch in _same_size_batches(pending[start : start + batch_size], size):
-                height, width = batch.shape[-2:]
+                sides = {"height": str(batch.shape[-2]), "width": str(batch.shape[-1])}
                 for path, latents in zip(paths, _encode_batch(effnet, batch, batch_size), strict=True):
-                    metadata = {"source": path.name, "height": str(height), "width": str(width)}
-                    target = _latent_path(path, out_dir)
-                    save_safetensors(
-                        target,
-                        {_LATENTS_KEY: latents.to(dtype)},
-                        {**metadata, _ENCODED_WITH: made_with[path]},
-                    )
-                    written.append(target)
+                    written.append(_latent_path(path, out_dir))
+                    metadata = {"source": path.name, **sides, _ENCODED_WITH: made_with[path]}
+                    save_safetensors(written[-1], {_LATENTS_KEY: latents.to(dtype)}, metadata)
                     bar.update(1)
     return written

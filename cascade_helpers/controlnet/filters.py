@@ -1,10 +1,6 @@
 """What each ControlNet sees: the official filters (canny, inpainting, super-resolution), the
-outpainting canvas, and running a ControlNet once per generation.
-
-An inpainting mask is any black-and-white picture (white: regenerate), e.g. drawn with
-``PIL.ImageDraw``; it covers the picture it masks, whatever its own size, and is cut and scaled
-exactly as that picture is.
-"""
+outpainting canvas, and running a ControlNet once per generation. An inpainting mask is any
+black-and-white picture (white: regenerate), e.g. drawn with ``PIL.ImageDraw``."""
 
 from __future__ import annotations
 
@@ -24,35 +20,25 @@ from ..sizes import GENERATION, check_size, encoder_input_size
 from .kinds import _controlnet_type
 from .model import ControlNet
 
-# --- masks ---------------------------------------------------------------------------------------------
-
 
 def outpainting_canvas(
     image: ImageInput, height: int, width: int, *, top: float, bottom: float, left: float, right: float
 ) -> tuple[PIL.Image.Image, PIL.Image.Image]:
-    """The picture shrunk into the middle of a black height×width canvas, and the mask of the borders
-    around it (the official outpainting example pastes the picture on a larger black canvas the same way).
+    """The picture shrunk into the middle of a black height×width canvas, as the official outpainting
+    example pastes it, and the mask of the borders around it.
 
     Args:
-        image: the picture (file, PIL image, array or tensor); cut and scaled to fill the inner box.
+        image: the picture; cut and scaled to fill the inner box.
         height, width: the canvas size in pixels.
-        top, bottom, left, right: each border to outpaint, as a fraction of the height (top, bottom) or
-            width (left, right); 0 leaves that side as it is.
+        top, bottom, left, right: each border, as a fraction of the height or width (0: none).
 
     Returns:
-        The RGB canvas, and its mask: a mode "L" picture, white (255) on the borders to extend, black inside.
-
-    Raises:
-        ValueError: borders outside [0, 1] or leaving no room for the picture.
+        The RGB canvas, and its mode "L" mask: white (255) on the borders to extend, black inside.
     """
     for name, border in (("top", top), ("bottom", bottom), ("left", left), ("right", right)):
         values.fraction(border, name, "a fraction of the canvas")
-    x0, y0, x1, y1 = (
-        round(left * width),
-        round(top * height),
-        round((1 - right) * width),
-        round((1 - bottom) * height),
-    )
+    x0, x1 = round(left * width), round((1 - right) * width)
+    y0, y1 = round(top * height), round((1 - bottom) * height)
     if x1 <= x0 or y1 <= y0:
         raise ValueError(
             f"borders top={top}, bottom={bottom}, left={left}, right={right} leave no room inside"
@@ -65,23 +51,16 @@ def outpainting_canvas(
 
 
 def _grey_mask(mask: ImageInput) -> torch.Tensor:
-    """A mask picture → 1×h×w in [0, 1]: its alpha is dropped (a mask's transparent pixels do not mean
-    "regenerate", which alpha on white would make them), 16-bit masks are scaled, bool arrays are 0/1."""
+    """A mask → 1×h×w, alpha dropped: transparent does not mean "regenerate" (alpha on white would)."""
     if isinstance(mask, PIL.Image.Image) and mask.mode not in _WIDE_MODES:
         mask = mask.convert("L")
-    if isinstance(mask, (torch.Tensor, np.ndarray)) and mask.dtype in (torch.bool, np.bool_):
-        mask = torch.as_tensor(mask).float()
     return image_to_tensor(mask).mean(0, keepdim=True)
 
 
 def _mask_like(mask: torch.Tensor, picture: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """The mask stretched over the picture it masks, then cut and scaled as that picture is: a mask of
-    another shape than the picture would otherwise be cut elsewhere (36 % drawn, 60 % used)."""
+    """The mask stretched over its picture, then cut as it is (cut alone: 36 % drawn, 60 % used)."""
     over_picture = TF.resize(mask, list(picture.shape[-2:]), antialias=True)
     return resize_and_crop(over_picture, height, width) > 0.5
-
-
-# --- filters: picture → what the ControlNet sees ------------------------------------------------------
 
 
 @dataclass
@@ -95,8 +74,7 @@ class ControlInput:
 def _canny_edges(
     images: torch.Tensor, resize: int | None = 224, low: int = 100, high: int = 200
 ) -> torch.Tensor:
-    """The official ``CannyFilter``: bilinear resize to resize×resize, ``cv2.Canny(low, high)`` on the
-    8-bit RGB picture (truncated, not rounded, as there), resized back bilinearly; B×1×H×W in [0, 1]."""
+    """The official CannyFilter: 224² bilinear, cv2.Canny on truncated 8-bit RGB, resized back."""
     import cv2
 
     size = images.shape[-2:]
@@ -112,8 +90,7 @@ def _canny_edges(
 
 
 def _inpaint_control(image: ImageInput, mask: ImageInput, size: tuple[int, int]) -> ControlInput:
-    """The official ``InpaintFilter`` with the user's mask (its saliency-model guess is not used): masked
-    pixels white, the mask appended as a fourth channel; each picture gets the mask cut as it is cut."""
+    """The official InpaintFilter with the user's mask: masked pixels white, the mask appended."""
     pictures = [image_to_tensor(p) for p in _picture_list(image)]
     grey = _grey_mask(mask)
     masks = torch.stack([_mask_like(grey, p, *size) for p in pictures])
@@ -124,8 +101,7 @@ def _inpaint_control(image: ImageInput, mask: ImageInput, size: tuple[int, int])
 
 @torch.no_grad()
 def _super_resolution_control(prior: Prior, half_size: torch.Tensor, scale_factor: float) -> ControlInput:
-    """The official ``SREffnetFilter`` from the half-size picture on: EfficientNet features of it (no 3/4
-    step), enlarged 1/scale_factor× (nearest), and the picture enlarged the same way to show."""
+    """The official SREffnetFilter from the half-size picture: its features, enlarged."""
     encoder = prior.require("effnet", "super-resolution")
     features = effnet_encode(encoder, half_size, downscale=False)
     up = 1 / scale_factor
@@ -136,8 +112,7 @@ def _super_resolution_control(prior: Prior, half_size: torch.Tensor, scale_facto
 
 
 def _control_size(height: int, width: int) -> tuple[int, int]:
-    """Control pictures are made at the generation's EfficientNet input size (768² for 1024²), the size
-    the official examples ran the ControlNets at; the generation's size is checked here."""
+    """The generation's size checked, and its EfficientNet input size: the official control size."""
     return encoder_input_size(*check_size(height, width, GENERATION))
 
 
@@ -150,24 +125,20 @@ def control_input(
     mask: ImageInput | None = None,
     prior: Prior | None = None,
 ) -> ControlInput:
-    """Apply ``kind``'s official filter to a picture (any size: cut to the aspect ratio and scaled) for
-    a height×width generation. Inpainting needs a ``mask`` (white = regenerate); super-resolution needs
-    the ``prior`` (its EfficientNet encoder) and treats the picture as the half-size one.
+    """Apply ``kind``'s official filter to one picture or several (any size: cut to the aspect ratio and
+    scaled) for a height×width generation, at its EfficientNet input size (768² for 1024²).
 
     Args:
         kind: "canny", "inpainting" or "super_resolution" (a key of ``CONTROLNET_TYPES``).
-        image: one picture or several (as :func:`cascade_helpers.images.batch_images` takes them).
-        height, width: the generation's size; the control picture is made at its EfficientNet input
-            size (768² for 1024²).
-        mask: for inpainting: any black-and-white picture (white: regenerate), stretched over the
-            picture if its shape differs, e.g. the one :func:`outpainting_canvas` returns.
-        prior: for super-resolution: the loaded prior.
+        image: what :func:`cascade_helpers.images.batch_images` takes; for super-resolution the
+            half-size picture.
+        height, width: the generation's size.
+        mask: inpainting's: any black-and-white picture (white: regenerate), stretched over the picture
+            if its shape differs, then cut as the picture is (e.g. :func:`outpainting_canvas`'s).
+        prior: super-resolution's: the loaded prior (its EfficientNet encoder).
 
     Returns:
         :class:`ControlInput`: the ControlNet's input (B×c_in×h×w) and a picture of it to show.
-
-    Raises:
-        ValueError: inpainting without ``mask``, super-resolution without ``prior``, an unknown kind.
     """
     kind = _controlnet_type(kind)
     size = _control_size(height, width)
@@ -190,12 +161,26 @@ def control_input(
     return _super_resolution_control(prior, batch_images(image, *half), params["scale_factor"])
 
 
+def _control_tensor(controlnet: ControlNet, tensor: torch.Tensor) -> torch.Tensor:
+    """Another type's control, integers or NaN named here, not met as a wrong picture."""
+    if tensor.dim() != 4 or tensor.shape[1] != controlnet.c_in:
+        raise ValueError(
+            f"this ControlNet takes B×{controlnet.c_in}×H×W control input, got {tuple(tensor.shape)}: "
+            f"prepare it with control_input() for the same ControlNet type"
+        )
+    if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+        raise ValueError(
+            f"the control input must hold finite floats (control_input makes them), not {tensor.dtype} or NaN"
+        )
+    return tensor
+
+
 @torch.no_grad()
 def control_features(
     controlnet: ControlNet, control: ControlInput | torch.Tensor, strength: float = 1.0, batch: int = 1
 ) -> list[torch.Tensor | None]:
-    """Run the ControlNet once and scale its outputs by ``strength``, repeated for ``batch`` pictures
-    from one control picture (the official notebook runs it once per generation too).
+    """Run the ControlNet once (as the official notebook does per generation) and scale its outputs by
+    ``strength``, repeated for ``batch`` pictures from one control picture.
 
     Args:
         controlnet: the loaded ControlNet (:func:`load_controlnet`).
@@ -209,17 +194,7 @@ def control_features(
     strength = values.finite(strength, "strength", "the official cnet_multiplier: 1.0, or 0.8 / 0.3")
     if not (values.is_whole(batch) and batch >= 1):
         raise ValueError(f"batch must be the number of pictures (a whole number ≥ 1), not {batch!r}")
-    tensor = control.tensor if isinstance(control, ControlInput) else control
-    if tensor.dim() != 4 or tensor.shape[1] != controlnet.c_in:
-        raise ValueError(
-            f"this ControlNet takes B×{controlnet.c_in}×H×W control input, got {tuple(tensor.shape)}: "
-            f"prepare it with control_input() for the same ControlNet type"
-        )
-    if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
-        raise ValueError(
-            f"the control input must hold finite floats (control_input makes them), not {tensor.dtype} "
-            "values or NaN: an integer or NaN control steers Stage C to a wrong picture"
-        )
+    tensor = _control_tensor(controlnet, control.tensor if isinstance(control, ControlInput) else control)
     if batch % tensor.shape[0]:
         raise ValueError(f"{tensor.shape[0]} control pictures cannot be spread over a batch of {batch}")
     weight = next(controlnet.parameters())

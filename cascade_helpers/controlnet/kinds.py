@@ -1,9 +1,5 @@
-"""The official ControlNet configs, what a ControlNet file holds, and loading one.
-
-:data:`CONTROLNET_TYPES` holds the official configs (``configs/inference/controlnet_c_3b_*.yaml``:
-checkpoint, filter, bottleneck, Stage C blocks) of the three released ControlNets in one place.
-:func:`load_controlnet` checks a file before loading it: complete, the type asked for, and fitting
-this Stage C.
+"""The official configs of the three released ControlNets in one place (:data:`CONTROLNET_TYPES`:
+checkpoint, filter, bottleneck, Stage C blocks), and loading one, checked first (:func:`load_controlnet`).
 """
 
 from __future__ import annotations
@@ -22,14 +18,12 @@ from ..files import ModelFile
 from ..models import Prior
 from .model import ControlNet, resblock_order
 
-# the Stage C ResBlocks the released ControlNets feed (of the big Stage C's 64)
-_OFFICIAL_BLOCKS = (0, 4, 8, 12, 51, 55, 59, 63)
+_OFFICIAL_BLOCKS = (0, 4, 8, 12, 51, 55, 59, 63)  # the big Stage C's ResBlocks the released ones feed
 
 
 @dataclass(frozen=True)
 class _ControlNetType:
-    """One official ControlNet config: users choose a ControlNet by its name in :data:`CONTROLNET_TYPES`
-    and read these fields (checkpoint, bottleneck and input channels, filter and its settings, blocks)."""
+    """One official config (configs/inference/controlnet_c_3b_*.yaml): users pick it by name."""
 
     name: str
     file: ModelFile
@@ -54,8 +48,7 @@ CONTROLNET_TYPES: dict[str, _ControlNetType] = {
 
 
 def _controlnet_type(kind: str) -> _ControlNetType:
-    """A ControlNet named by the user, or one message that lists the names (and says that the official
-    code's face-identity ControlNet was never released)."""
+    """A ControlNet by name; one message for a typo and for the never-released face_identity."""
     if kind in CONTROLNET_TYPES:
         return CONTROLNET_TYPES[kind]
     released = ", ".join(CONTROLNET_TYPES)
@@ -68,94 +61,67 @@ def _controlnet_type(kind: str) -> _ControlNetType:
 
 
 def _fed_blocks(unet: nn.Module, kind: _ControlNetType) -> list[int]:
-    """The official blocks this Stage C has: all eight in the big Stage C, the first of each path in the
-    tiny test one, so a ControlNet file always has one projection per block it feeds."""
+    """The official blocks this Stage C has (the tiny one: 0, 4): one projection each in a file."""
     count = len(resblock_order(unet))
     return [block for block in kind.proj_blocks if block < count]
 
 
-# --- reading a checkpoint ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _ControlNetShape:
-    """What a ControlNet file holds, from its safetensors header: a wrong file is named by what it is."""
-
-    bottleneck_mode: str
-    c_in: int
-    c_proj: int
-    projections: int
-
-    def describe(self) -> str:
-        known = [k.name for k in CONTROLNET_TYPES.values() if (k.bottleneck_mode, k.c_in) == self.key]
-        what = f"the {known[0]} ControlNet" if known else "an unknown ControlNet"
-        return f"{what} ({self.bottleneck_mode!r} bottleneck, {self.c_in} input channels)"
-
-    @property
-    def key(self) -> tuple[str, int]:
-        return self.bottleneck_mode, self.c_in
-
-
-def _controlnet_shape(tensors: Mapping[str, TensorInfo]) -> _ControlNetShape:
-    """Bottleneck mode, input channels, projection width and count of a file, from its key names."""
+def _controlnet_shape(tensors: Mapping[str, TensorInfo]) -> tuple[str, int, int, int]:
+    """Bottleneck, input channels, projection width and count from the header: what a file is."""
     try:
         c_proj = tensors["projections.0.2.weight"].shape[0]
         projections = len({m[1] for k in tensors if (m := re.fullmatch(r"projections\.(\d+)\.0\.weight", k))})
         if "backbone.0.1.running_mean" in tensors:  # EfficientNet: stem convolution + BatchNorm
-            return _ControlNetShape("effnet", tensors["backbone.0.0.weight"].shape[1], c_proj, projections)
+            return "effnet", tensors["backbone.0.0.weight"].shape[1], c_proj, projections
         if "backbone.3.blocks.0.weight" in tensors:  # 1×1 convolutions, then residual blocks
-            return _ControlNetShape("large", tensors["backbone.0.weight"].shape[1], c_proj, projections)
+            return "large", tensors["backbone.0.weight"].shape[1], c_proj, projections
     except KeyError as missing:
         raise WrongCheckpointError(f"not an official ControlNet checkpoint: no {missing} tensor") from None
     raise WrongCheckpointError("not a released ControlNet: its bottleneck is neither 'effnet' nor 'large'")
 
 
-# --- loading -------------------------------------------------------------------------------------------
-
-
 def _check_fits(
-    path: Path, shape: _ControlNetShape, kind: _ControlNetType, prior: Prior, command: str
+    path: Path, tensors: Mapping[str, TensorInfo], kind: _ControlNetType, prior: Prior, command: str
 ) -> None:
     """Another type, another Stage C width or block count: each named before loading, with what to do."""
-    if shape.key != (kind.bottleneck_mode, kind.c_in):
+    bottleneck, c_in, c_proj, projections = _controlnet_shape(tensors)
+    if (bottleneck, c_in) != (kind.bottleneck_mode, kind.c_in):
+        known = [
+            k.name for k in CONTROLNET_TYPES.values() if (k.bottleneck_mode, k.c_in) == (bottleneck, c_in)
+        ]
         raise WrongCheckpointError(
-            f"{path} holds {shape.describe()}, but the {kind.name} ControlNet was asked for "
-            f"({kind.bottleneck_mode!r} bottleneck, {kind.c_in} input channels). Load it as the type it is, "
-            f"or fetch the {kind.name} one with:\n  {command}"
+            f"{path} holds {f'the {known[0]}' if known else 'an unknown'} ControlNet ({bottleneck!r} bottleneck, "
+            f"{c_in} input channels), but the {kind.name} ControlNet was asked for ({kind.bottleneck_mode!r} "
+            f"bottleneck, {kind.c_in} input channels). Load it as the type it is, or fetch the {kind.name} one "
+            f"with:\n  {command}"
         )
     width = prior.unet.config.block_out_channels[0]
-    if shape.c_proj != width:
+    if c_proj != width:
         lite = " (Stage C lite)" if prior.architecture == "lite" else ""
         raise WrongCheckpointError(
-            f"{path} projects to Stage C width {shape.c_proj}, but this prior{lite} has width {width}. The "
+            f"{path} projects to Stage C width {c_proj}, but this prior{lite} has width {width}. The "
             f"released ControlNets were trained for the big Stage C only: load_prior(models_dir, 'big')."
         )
-    blocks = _fed_blocks(prior.unet, kind)
-    if shape.projections != len(blocks):
+    if projections != len(blocks := _fed_blocks(prior.unet, kind)):
         raise WrongCheckpointError(
-            f"{path} has {shape.projections} projections, but the {kind.name} config feeds "
-            f"{len(blocks)} blocks of this Stage C {blocks}"
+            f"{path} has {projections} projections, but the {kind.name} config feeds {len(blocks)} blocks "
+            f"of this Stage C {blocks}"
         )
 
 
 def load_controlnet(source: str | Path, kind: str, prior: Prior) -> ControlNet:
     """A released ControlNet from a models folder (``controlnet/<name>.safetensors``) or a file, on the
-    prior's device in the prior's dtype. Checked first: the file is complete, it holds the ControlNet
-    type asked for, and it fits this Stage C (the released ones fit the big Stage C only).
+    prior's device in its dtype, checked first: a missing file (``MissingModelFileError``, with the
+    command that fetches it), a damaged one (``CheckpointError``), another type, or one for another Stage C
+    width or block count (``WrongCheckpointError``: the released ones fit the big Stage C only).
 
     Args:
         source: a models folder, or the ControlNet's safetensors file itself.
         kind: "canny", "inpainting" or "super_resolution" (a key of :data:`CONTROLNET_TYPES`).
-        prior: the loaded prior it will steer: its device, dtype, width and ResBlocks.
+        prior: the loaded prior it will steer.
 
     Returns:
         The ControlNet in eval mode, gradients off.
-
-    Raises:
-        MissingModelFileError: the folder lacks the file (with the command that fetches it).
-        WrongCheckpointError: another ControlNet type, or one for another Stage C width or block count.
-        CheckpointError: the file is damaged or cut short.
-        ValueError: an unknown kind, or the never-released face_identity one.
     """
     from accelerate import init_empty_weights
     from safetensors.torch import load_file
@@ -167,10 +133,10 @@ def load_controlnet(source: str | Path, kind: str, prior: Prior) -> ControlNet:
         check_present(path, [kind.file])
         path = path / kind.file.path
     info, _ = inspect_file(path, "controlnet", None, command)
-    shape = _controlnet_shape(info.tensors)
-    _check_fits(path, shape, kind, prior, command)
+    _check_fits(path, info.tensors, kind, prior, command)
+    width = prior.unet.config.block_out_channels[0]
     with init_empty_weights():
-        controlnet = ControlNet(kind.c_in, shape.c_proj, _fed_blocks(prior.unet, kind), kind.bottleneck_mode)
+        controlnet = ControlNet(kind.c_in, width, _fed_blocks(prior.unet, kind), kind.bottleneck_mode)
     state = {k: v.to(prior.dtype) if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
     controlnet.load_state_dict(state, strict=True, assign=True)
     return controlnet.to(prior.device).eval().requires_grad_(False)

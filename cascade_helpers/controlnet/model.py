@@ -1,16 +1,7 @@
-"""The official Stage C ControlNet module, and how its outputs reach diffusers' Stage C.
-
-:class:`ControlNet` has the official parameter names and shapes, so the released files load strictly.
-:func:`inject_controlnet` adds its outputs to a diffusers ``StableCascadeUNet`` with forward pre-hooks,
-giving the official Stage C's output; the sampler's denoiser for Stage C takes the official ``cnet``
-input through the same hooks.
-
-diffusers has no ControlNet for Stable Cascade; the official code has a small one. It encodes a control
-picture with a "bottleneck" (EfficientNetV2-S features, or for the super-resolution model 1×1
-convolutions around eight residual blocks of 3×3 convolutions), then one projection per chosen Stage C
-ResBlock; each projection is added to the input of its ResBlock, resized bilinearly to the block's
-resolution. The ResBlocks are numbered in the order a forward pass runs them, down path then up path:
-the big Stage C has 64, and the released ControlNets feed blocks 0, 4, 8, 12, 51, 55, 59 and 63.
+"""The official Stage C ControlNet module (its parameter names: the released files load strictly), and
+:func:`inject_controlnet`, which adds its outputs to diffusers' Stage C (no ControlNet of its own) as the
+official Stage C adds its ``cnet``. ResBlocks are numbered in the order a forward pass runs them, down
+path then up path: the big Stage C has 64; the released ControlNets feed 0, 4, 8, 12, 51, 55, 59, 63.
 """
 
 from __future__ import annotations
@@ -48,14 +39,10 @@ class _CNetResBlock(nn.Module):
 
     def __init__(self, c: int) -> None:
         super().__init__()
-        self.blocks = nn.Sequential(
-            _LayerNorm2d(c),
-            nn.GELU(),
-            nn.Conv2d(c, c, kernel_size=3, padding=1),
-            _LayerNorm2d(c),
-            nn.GELU(),
-            nn.Conv2d(c, c, kernel_size=3, padding=1),
-        )
+        twice = [
+            layer for _ in range(2) for layer in (_LayerNorm2d(c), nn.GELU(), nn.Conv2d(c, c, 3, padding=1))
+        ]
+        self.blocks = nn.Sequential(*twice)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.blocks(x)
@@ -93,17 +80,10 @@ def _projection(channels: int, c_proj: int) -> nn.Sequential:
 
 
 class ControlNet(nn.Module):
-    """The official Stage C ControlNet, with its parameter names and shapes.
-
-    ``c_in`` channels of control picture go through the bottleneck (``'effnet'``: EfficientNetV2-S
-    features, its stem replaced when ``c_in`` ≠ 3, as canny and inpainting have it; ``'large'``: 1×1
-    convolutions and residual blocks, the super-resolution ControlNet's), then one projection to
-    ``c_proj`` channels (Stage C's width) per entry of ``proj_blocks``. The official code's third
-    bottleneck, ``'simple'``, served only the face-identity ControlNet, which was never released.
-
-    ``forward`` returns a list of length ``max(proj_blocks) + 1``: at each position in ``proj_blocks``
-    the projection for that Stage C ResBlock, at the bottleneck's resolution; None elsewhere.
-    """
+    """The official ControlNet: ``c_in`` channels through the bottleneck (``'effnet'``: EfficientNetV2-S,
+    canny's and inpainting's; ``'large'``: super-resolution's; the official ``'simple'`` one served only
+    the never-released face-identity ControlNet), then a projection to ``c_proj`` channels per entry of
+    ``proj_blocks``. ``forward`` returns ``max(proj_blocks) + 1`` entries, None where no block is fed."""
 
     def __init__(
         self, c_in: int, c_proj: int, proj_blocks: Sequence[int], bottleneck_mode: str = "effnet"
@@ -124,9 +104,6 @@ class ControlNet(nn.Module):
         for block, projection in zip(self.proj_blocks, self.projections, strict=True):
             outputs[block] = projection(features)
         return outputs
-
-
-# --- injection into diffusers' StableCascadeUNet -------------------------------------------------------
 
 
 def resblock_order(unet: nn.Module) -> list[nn.Module]:
@@ -183,25 +160,18 @@ def _add_control(x: torch.Tensor, control: torch.Tensor, position: int) -> torch
 def inject_controlnet(unet: nn.Module, control_outputs: ControlOutputs) -> Iterator[nn.Module]:
     """While open, every call of ``unet`` (a diffusers ``StableCascadeUNet``) adds
     ``control_outputs[i]`` to the input of its ResBlock ``i``, bilinearly resized to that block's size,
-    as the official Stage C does with its ``cnet`` argument. None entries, and positions past the end
-    of a shorter list, add nothing. The count starts again at every UNet call (a sampling loop calls it
-    many times); on leaving, the hooks are removed and the UNet is exactly as before.
-
-    Each ResBlock module knows its own position(s), so blocks that gradient checkpointing runs again
-    during the backward pass get the same control as in the forward pass: call ``backward`` inside the
-    context too.
+    as the official Stage C does with its ``cnet`` argument; None entries, and positions past the end of
+    a shorter list, add nothing. On leaving, the hooks are removed. Each ResBlock knows its position(s),
+    so gradient checkpointing's reruns get the same control: call ``backward`` inside the context too.
 
     Args:
         unet: Stage C's UNet.
         control_outputs: one entry per ResBlock position (:func:`resblock_order`): features
-            B×2048×h×w for the big Stage C (B: 1 or the batch the UNet runs on), or None.
+            B×2048×h×w for the big Stage C (B: 1 or the batch the UNet runs on), or None. Features for a
+            position this Stage C lacks, of another width, batch or dtype raise a ValueError.
 
     Yields:
         ``unet``, hooked.
-
-    Raises:
-        ValueError: features for a position this Stage C lacks, or of the wrong channel count (a
-            ControlNet for another Stage C width); on a call, features for another batch size.
     """
     order = resblock_order(unet)
     _check_control_outputs(order, control_outputs)
@@ -233,8 +203,7 @@ def inject_controlnet(unet: nn.Module, control_outputs: ControlOutputs) -> Itera
 
 
 def _controlled_denoiser(unet: nn.Module, dtype: torch.dtype) -> Denoiser:
-    """The sampler joins ``cnet`` (the official Stage C's name for ControlNet features) into the
-    guidance batch like any input; this denoiser adds it to the ResBlocks during each UNet call."""
+    """The sampler joins cnet (the official name) into the guidance batch; this adds it."""
     denoise = unet_denoiser(unet, dtype)
 
     def controlled(

@@ -1,17 +1,8 @@
-"""controlnet_aux's preprocessors as control-picture sources for the canny ControlNet, and a measure of
-how far their edges are from the official filter's.
-
-Users of the SD/SDXL ControlNets make their control pictures with ``controlnet_aux``. The Stable
-Cascade canny ControlNet was trained on the official filter (``control_input("canny", ...)``: 224 px,
-``cv2.Canny(100, 200)``, resized back), which stays the default; ``controlnet_aux.CannyDetector``
-detects at 512 px and resizes with other kernels, so it draws other edges. A ControlNet follows
-best the kind of picture it was trained on: :func:`edge_agreement` measures the difference, and the
-ControlNet notebook shows the pictures each control gives.
-
-Only the detectors that need no weights are built here by name, and only those that draw lines, the
-one kind of control picture a released Stable Cascade ControlNet reads.
-The others download their weights from the Hub (``lllyasviel/Annotators``): asking for one by name
-says how to load it; a loaded detector object can then be passed instead of the name.
+"""controlnet_aux's detectors (what SD/SDXL users make control pictures with) as control pictures for the
+canny ControlNet, and :func:`edge_agreement`, a measure of how far their edges are from the official
+filter's (224 px, ``cv2.Canny(100, 200)``, resized back: what the canny ControlNet was trained on, and
+the default). Built here by name: the detectors that need no weights and draw lines, the one kind of
+picture a released Stable Cascade ControlNet reads; the others download weights from the Hub.
 """
 
 from __future__ import annotations
@@ -30,28 +21,17 @@ from .. import values
 from ..images import ImageInput, _to_unit, batch_images, image_to_tensor, to_pil
 from .filters import ControlInput, _control_size
 
-# name → controlnet_aux class of the detectors that need no download and draw lines
-_WEIGHT_FREE: dict[str, str] = {"canny": "CannyDetector", "lineart_standard": "LineartStandardDetector"}
-# the Hub repo controlnet_aux's other detectors load their weights from
-_ANNOTATORS_REPO = "lllyasviel/Annotators"
-# controlnet_aux.processor names of detectors that draw lines (the canny ControlNet's kind of picture)
-_LINE_KINDS = ("canny", "lineart", "softedge", "scribble", "mlsd")
-
-
-def _controlnet_aux():
-    """Import controlnet_aux without its import-time chatter: a warning that the optional mediapipe is
-    missing, timm registry notices and a torch.jit deprecation, none of which concern the detectors
-    used here."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import controlnet_aux
-        import controlnet_aux.processor
-    return controlnet_aux
+_WEIGHT_FREE = {"canny": "CannyDetector", "lineart_standard": "LineartStandardDetector"}  # no download
+_ANNOTATORS_REPO = "lllyasviel/Annotators"  # where controlnet_aux's other detectors load weights from
+_LINE_KINDS = ("canny", "lineart", "softedge", "scribble", "mlsd")  # processor names that draw lines
 
 
 def _aux_detector(name: str):
     """A weight-free controlnet_aux detector by name; any other name is told what it needs instead."""
-    aux = _controlnet_aux()
+    with warnings.catch_warnings():  # mediapipe, timm and torch.jit notices, none about these detectors
+        warnings.simplefilter("ignore")
+        import controlnet_aux as aux
+        import controlnet_aux.processor
     if name in _WEIGHT_FREE:
         return getattr(aux, _WEIGHT_FREE[name])()
     offered = ", ".join(repr(n) for n in _WEIGHT_FREE)
@@ -73,9 +53,8 @@ def _aux_detector(name: str):
 
 
 def _check_options(detector: Any, options: dict[str, Any]) -> None:
-    """controlnet_aux's detectors take ``**kwargs`` (for deprecated names) and ignore what they do not
-    know, so a mistyped option (``low_treshold=1``) would run the defaults: each option must be a named
-    parameter of the detector. A detector that names none (``**options`` only) cannot be checked."""
+    """controlnet_aux's detectors take ``**kwargs`` and ignore what they do not know, so a mistyped option
+    (``low_treshold=1``) would run the defaults: each must be a named parameter (if the detector has any)."""
     try:
         parameters = inspect.signature(detector).parameters.values()
     except (TypeError, ValueError):  # a callable without a signature Python can read
@@ -91,35 +70,23 @@ def _check_options(detector: Any, options: dict[str, Any]) -> None:
 
 
 def aux_control_input(
-    detector: str | Any,
-    image: ImageInput,
-    height: int = 1024,
-    width: int = 1024,
-    **options: Any,
+    detector: str | Any, image: ImageInput, height: int = 1024, width: int = 1024, **options: Any
 ) -> ControlInput:
     """A control picture for the canny ControlNet made by a controlnet_aux detector instead of the
-    official filter, at the same size as :func:`.filters.control_input` prepares it.
-
-    The picture is cut to the control size's aspect ratio and scaled to it (768² for a 1024²
-    generation) and handed to the detector as 8-bit RGB, as users hand it pictures; the detector's
-    output (its own resolution, controlnet_aux's defaults unless ``options`` say otherwise) is made grey
-    and resized bilinearly to the control size.
+    official filter, at the size :func:`.filters.control_input` makes it (768² for 1024²): the detector
+    gets the 8-bit RGB picture at that size, and its output is made grey and resized to it.
 
     Args:
-        detector: ``"canny"`` or ``"lineart_standard"`` (controlnet_aux's line detectors that need no
-            weights), or a detector object (e.g. ``controlnet_aux.HEDdetector.from_pretrained(
-            "lllyasviel/Annotators")``); a name that needs weights says how to load it.
-        image: the picture (file, PIL image, array or tensor), or several: one control picture each.
+        detector: ``"canny"`` or ``"lineart_standard"`` (weight-free line detectors), or a detector
+            object (``controlnet_aux.HEDdetector.from_pretrained("lllyasviel/Annotators")`` ...); a name
+            that needs weights (ValueError) says how to load it.
+        image: the picture, or several: one control picture each.
         height, width: the generation's size.
-        **options: passed to the detector (e.g. ``low_threshold``, ``detect_resolution``); one it does
-            not take is refused by name.
+        **options: passed to the detector (``low_threshold``, ``detect_resolution`` ...); one it does not
+            take is refused by name (TypeError).
 
     Returns:
         A :class:`ControlInput` with a B×1×h×w tensor in [0, 1], what the canny ControlNet reads.
-
-    Raises:
-        ValueError: a name that needs weights, reads no released ControlNet's kind, or is unknown.
-        TypeError: an option the detector does not take.
     """
     if isinstance(detector, str):
         detector = _aux_detector(detector)
@@ -137,12 +104,9 @@ def aux_control_input(
 
 @dataclass(frozen=True)
 class EdgeAgreement:
-    """How two edge maps agree, each made black and white at a threshold.
-
-    ``iou``: edge pixels in both / edge pixels in either (1 = the same edges, 0 = none shared);
-    ``differing``: the fraction of all pixels that are an edge in one map only;
-    ``coverage_a``, ``coverage_b``: the fraction of pixels that are edges in each map.
-    """
+    """How two edge maps agree, each made black and white at a threshold: ``iou``, edge pixels in both /
+    in either (1: the same edges); ``differing``, the share of pixels that are an edge in one map only;
+    ``coverage_a``, ``coverage_b``, the share of pixels that are edges in each map."""
 
     iou: float
     differing: float
@@ -170,9 +134,6 @@ def edge_agreement(a: torch.Tensor, b: torch.Tensor, threshold: float = 0.5) -> 
     edges_a = _to_unit(a.detach().cpu(), "edge map a") > threshold
     edges_b = _to_unit(b.detach().cpu(), "edge map b") > threshold
     either = (edges_a | edges_b).sum().item()
-    return EdgeAgreement(
-        iou=(edges_a & edges_b).sum().item() / either if either else 1.0,
-        differing=(edges_a ^ edges_b).float().mean().item(),
-        coverage_a=edges_a.float().mean().item(),
-        coverage_b=edges_b.float().mean().item(),
-    )
+    iou = (edges_a & edges_b).sum().item() / either if either else 1.0
+    share = [m.float().mean().item() for m in (edges_a ^ edges_b, edges_a, edges_b)]
+    return EdgeAgreement(iou, *share)
