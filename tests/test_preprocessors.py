@@ -143,7 +143,8 @@ def test_the_same_edges_agree_on_either_scale():
     """An 8-bit edge map (0-255) and the same map in 0-1 are the same edges, not half of them."""
     edges = torch.zeros(1, 1, 8, 8)
     edges[..., 2, :] = 1
-    eight_bit = (edges * 255).to(torch.uint8)
+    edges[..., 3, :] = 0.4  # a soft edge (resized maps have them): below the 0.5 threshold on either scale
+    eight_bit = (edges * 255).round().to(torch.uint8)
     agreement = edge_agreement(eight_bit, edges)
     assert (agreement.iou, agreement.differing) == (1.0, 0.0)
     assert edge_agreement(eight_bit.numpy(), edges.numpy()).iou == 1.0
