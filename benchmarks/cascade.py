@@ -14,7 +14,7 @@ For each variant, batch and memory mode (``gpu``, ``model_offload``, ``group_off
 on fresh modules that share one copy of the weights:
 
 - **ours, official settings**: ``generation.text_to_image`` on ``models.Prior`` / ``models.Decoder``
-  bundles placed by ``devices.place``, with the official sampler (Stage B guidance 1.1 doubles Stage
+  bundles placed by ``devices._place``, with the official sampler (Stage B guidance 1.1 doubles Stage
   B's batch — the official code does the same);
 - **ours, diffusers' settings**: the same with ``DIFFUSERS_PRIOR`` / ``DIFFUSERS_DECODER`` (Stage B
   unguided): the same sampling work as diffusers' pipeline, so the ratio of the Stage C and Stage B
@@ -364,7 +364,7 @@ def diffusers_pipeline(
     setup: Setup, mode: str, compiled: bool, clock: StageClock
 ) -> Callable[[int, int], object]:
     """``StableCascadeCombinedPipeline`` on the same weights, placed by its own offloading methods
-    (on a CPU, like ``devices.place``, it stays where it is)."""
+    (on a CPU, like ``devices._place``, it stays where it is)."""
     from cascade_helpers.upstream import DDPMWuerstchenScheduler, StableCascadeCombinedPipeline
 
     s, dtype = setup, setup.dtype

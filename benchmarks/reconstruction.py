@@ -31,7 +31,8 @@ from cascade_helpers import reconstruction
 from cascade_helpers.checkpoints import config_dir
 from cascade_helpers.devices import pick_device, pick_dtype
 from cascade_helpers.effnet import EfficientNetEncoder, preprocess
-from cascade_helpers.loading import Decoder
+from cascade_helpers.models import Decoder
+from cascade_helpers.sampling import OFFICIAL_DECODER
 from cascade_helpers.sizes import stage_b_shape
 
 
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         pooled = torch.randn(1, 1, decoder.unet.config.clip_text_pooled_in_channels)
         autoencoder = reconstruction.Autoencoder(effnet, decoder, pooled)
         latents = reconstruction.encode(effnet, pictures, size=args.size)
-        settings = reconstruction.OFFICIAL_RECONSTRUCTION.with_(steps=args.steps)
+        settings = OFFICIAL_DECODER.with_(steps=args.steps)
         ours, bare = compare(
             lambda: reconstruction.decode(autoencoder, latents, settings=settings, batch_size=n),
             lambda: bare_decode(autoencoder, latents, args.size, args.steps),

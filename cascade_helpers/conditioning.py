@@ -96,7 +96,7 @@ def encode_text(
     """Prompts → Stage C/B text conditioning (float32, on the prior's device).
 
     Args:
-        prior: the loaded prior, or a text encoder alone (``loading.load_text_encoder``: Stage B needs no C).
+        prior: the loaded prior, or a text encoder alone (``loading._load_text_encoder``: Stage B needs no C).
         prompts: one prompt or a list; each padded, or cut with a :class:`PromptTruncatedWarning`, to 77 tokens.
         long_prompts: read prompts beyond 77 tokens in 77-token windows instead of cutting them.
 
@@ -118,7 +118,7 @@ def _clip_image_input(prior: Prior, images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_image_clip(prior: Prior, images: torch.Tensor) -> torch.Tensor:
+def _encode_image_clip(prior: Prior, images: torch.Tensor) -> torch.Tensor:
     """B×3×H×W pictures → ``clip_img`` conditioning; a ValueError without the image encoder.
 
     Args:

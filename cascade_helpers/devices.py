@@ -34,7 +34,7 @@ from torch import nn
 MemoryMode = Literal["gpu", "model_offload", "group_offload", "disk_offload", "sequential_offload", "auto"]
 _MEMORY_MODES: tuple[str, ...] = get_args(MemoryMode)
 
-#: every precision word the package accepts (``files.Precision`` values among them) → its dtype
+#: every precision word the package accepts (``files._Precision`` values among them) → its dtype
 _DTYPE_NAMES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
     "bfloat16": torch.bfloat16,

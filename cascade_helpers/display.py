@@ -18,7 +18,7 @@ import torch
 
 from .atomic import _claim_name, _temporary_name
 from .generation import Generation
-from .images import as_pil_list, image_grid
+from .images import _as_pil_list, image_grid
 from .models import Prior
 from .request import _per_picture
 from .stages import preview_stage_c
@@ -38,7 +38,7 @@ def show_images(images, titles: Sequence[str] | None = None, columns: int | None
     """
     import matplotlib.pyplot as plt
 
-    pictures = as_pil_list(images)
+    pictures = _as_pil_list(images)
     columns = columns or len(pictures)
     rows = -(-len(pictures) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(size * columns, size * rows), squeeze=False)

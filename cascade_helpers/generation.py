@@ -282,4 +282,5 @@ def controlnet_to_image(
         latents = _encode_picture(prior, init_image, request.height, request.width)
         latents = latents.repeat_interleave(request.num_images, 0)
     start = _Start(latents=latents, noise_level=init_noise, control=control)
-    return _generate(prior, decoder, request, _Watch(**watch), start, {})
+    extra = {} if init_image is None else {"init_noise": init_noise}  # as image_to_image keeps its strength
+    return _generate(prior, decoder, request, _Watch(**watch), start, extra)

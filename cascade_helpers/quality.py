@@ -10,10 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .sizes import _ENCODING, _LATENT_CHANNELS, check_size
-from .sizes import _stage_c_latent_size as latent_size
-
-DEFAULT_SIZE = 1024
+from .sizes import _ENCODING, _LATENT_CHANNELS, _stage_c_latent_size, check_size
 
 
 @dataclass(frozen=True)
@@ -24,10 +21,16 @@ class Quality:
     psnr: float
     ssim: float
 
+    @staticmethod
+    def mean(qualities: Sequence[Quality]) -> Quality:
+        """The mean PSNR and SSIM of several pictures (an infinite PSNR makes the mean infinite)."""
+        psnr, ssim = np.mean([(q.psnr, q.ssim) for q in qualities], axis=0)
+        return Quality(float(psnr), float(ssim))
+
 
 def quality(originals: torch.Tensor, reconstructions: torch.Tensor) -> list[Quality]:
-    """PSNR and SSIM per picture (B×3×H×W in [0, 1]) with scikit-image: data range 1, SSIM with the
-    Gaussian window of Wang et al. (σ = 1.5, population covariance), over the three colour channels.
+    """PSNR and SSIM per picture with scikit-image (data range 1; SSIM over the colour channels with the
+    Gaussian window of Wang et al.: σ 1.5, population covariance).
 
     Args:
         originals, reconstructions: B×3×H×W in [0, 1], the same shape.
@@ -43,34 +46,39 @@ def quality(originals: torch.Tensor, reconstructions: torch.Tensor) -> list[Qual
         )
     results = []
     for original, reconstruction in zip(originals, reconstructions, strict=True):
-        a = original.permute(1, 2, 0).double().cpu().numpy()
-        b = reconstruction.permute(1, 2, 0).double().cpu().numpy()
-        ssim = structural_similarity(
-            a,
-            b,
-            data_range=1.0,
-            channel_axis=-1,
-            gaussian_weights=True,
-            sigma=1.5,
-            use_sample_covariance=False,
-        )
+        a, b = (x.permute(1, 2, 0).double().cpu().numpy() for x in (original, reconstruction))
+        gaussian = {"gaussian_weights": True, "sigma": 1.5, "use_sample_covariance": False}
+        ssim = structural_similarity(a, b, data_range=1.0, channel_axis=-1, **gaussian)
         with np.errstate(divide="ignore"):  # identical pictures: PSNR is +inf, not worth a warning
             psnr = peak_signal_noise_ratio(a, b, data_range=1.0)
         results.append(Quality(float(psnr), float(ssim)))
     return results
 
 
-def mean_quality(qualities: Sequence[Quality]) -> Quality:
-    return Quality(float(np.mean([q.psnr for q in qualities])), float(np.mean([q.ssim for q in qualities])))
-
-
 @dataclass(frozen=True)
 class Compression:
-    """How much smaller the latents are than the picture they encode."""
+    """How much smaller the latents of an uint8 height×width picture are, stored as ``latent_dtype``
+    (``encode_folder``'s default: float16). The sides are checked as the encoder takes them (whole
+    multiples of 32, at least 64)."""
 
-    image_shape: tuple[int, int, int]  # 3×H×W, stored as uint8
-    latent_shape: tuple[int, int, int]  # 16×h×w
-    latent_dtype: torch.dtype
+    height: int = 1024
+    width: int = 1024
+    latent_dtype: torch.dtype = torch.float16
+
+    def __post_init__(self) -> None:
+        height, width = check_size(self.height, self.width, _ENCODING)
+        object.__setattr__(self, "height", height)  # frozen: set the checked ints this way
+        object.__setattr__(self, "width", width)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """3×H×W, stored as uint8."""
+        return 3, self.height, self.width
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """16×h×w: 16×24×24 for 1024²."""
+        return _LATENT_CHANNELS, *_stage_c_latent_size(self.height, self.width)
 
     @property
     def spatial(self) -> float:
@@ -96,29 +104,11 @@ class Compression:
         return self.image_bytes / self.latent_bytes
 
     def __str__(self) -> str:
-        image = "×".join(map(str, self.image_shape))
-        latent = "×".join(map(str, self.latent_shape))
-        dtype = str(self.latent_dtype).removeprefix("torch.")
+        image, latent = ("×".join(map(str, shape)) for shape in (self.image_shape, self.latent_shape))
         return (
             f"picture {image} (uint8): {self.image_bytes:,} bytes\n"
-            f"latents {latent} ({dtype}): {self.latent_bytes:,} bytes\n"
+            f"latents {latent} ({str(self.latent_dtype).removeprefix('torch.')}): {self.latent_bytes:,} bytes\n"
             f"spatial compression (side): {self.spatial:.2f}×\n"
             f"numbers: {self.values:.1f}× fewer\n"
             f"bytes: {self.bytes:.1f}× smaller"
         )
-
-
-def compression(
-    height: int = DEFAULT_SIZE, width: int = DEFAULT_SIZE, latent_dtype: torch.dtype = torch.float16
-) -> Compression:
-    """The compression of an uint8 picture of this size into latents stored as ``latent_dtype``.
-
-    Args:
-        height, width: the picture's sides in pixels (whole multiples of 32, at least 64).
-        latent_dtype: how the latents are stored (``encode_folder`` default: float16).
-
-    Returns:
-        The :class:`Compression`.
-    """
-    height, width = check_size(height, width, _ENCODING)
-    return Compression((3, height, width), (_LATENT_CHANNELS, *latent_size(height, width)), latent_dtype)

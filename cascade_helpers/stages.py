@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from .conditioning import TextEmbeddings, encode_image_clip, no_image
-from .controlnet.model import ControlOutputs, controlled_denoiser
+from .conditioning import TextEmbeddings, _encode_image_clip, no_image
+from .controlnet.model import ControlOutputs, _controlled_denoiser
 from .effnet import encode as effnet_encode
-from .images import ImageInput, image_to_tensor, resize_and_crop, scale_short_side
+from .images import ImageInput, _scale_short_side, image_to_tensor, resize_and_crop
 from .models import Decoder, Prior
 from .sampling import OFFICIAL_DECODER, OFFICIAL_PRIOR, StageSettings, _sample, _StepCallback, unet_denoiser
 from .sizes import _encoder_input_size, stage_b_shape
@@ -138,7 +138,7 @@ def generate_stage_c(
     denoiser = unet_denoiser(prior.unet, prior.dtype)
     if control is not None:
         cond["cnet"] = uncond["cnet"] = list(control)
-        denoiser = controlled_denoiser(prior.unet, prior.dtype)
+        denoiser = _controlled_denoiser(prior.unet, prior.dtype)
     label = "Stage C" if progress else False
     latents = _sample(
         denoiser, shape, cond, uncond, settings, prior.device, generator, x_init, callback, label
@@ -226,8 +226,8 @@ def _encode_picture(prior: Prior, image: ImageInput, height: int, width: int) ->
 def _variation_embeddings(prior: Prior, image: ImageInput) -> torch.Tensor:
     """A picture → its CLIP image embedding as the official image-variation example makes it: short side
     to 768 px, then CLIP's resize and centre crop (aspect ratio kept, whatever the output's)."""
-    picture = scale_short_side(image_to_tensor(image), _OFFICIAL_INPUT_SIDE)
-    return encode_image_clip(prior, picture[None])
+    picture = _scale_short_side(image_to_tensor(image), _OFFICIAL_INPUT_SIDE)
+    return _encode_image_clip(prior, picture[None])
 
 
 @torch.no_grad()

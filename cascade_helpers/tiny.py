@@ -29,7 +29,8 @@ import torch
 from . import files
 from .atomic import _atomic_files, _atomic_path, _save_safetensors
 from .checkpoints import _stage_a_to_official, _unet_to_official, config_dir
-from .controlnet import CONTROLNET_TYPES, TINY_BLOCKS, ControlNet, LargeBottleneck
+from .controlnet.kinds import CONTROLNET_TYPES, _fed_blocks
+from .controlnet.model import ControlNet
 from .devices import _DTYPE_NAMES
 from .effnet import EfficientNetEncoder
 from .files import Size, _Precision
@@ -222,20 +223,27 @@ def _write_image_encoder(models_dir: Path, precision: _Precision, seed: int = 6)
 
 # --- ControlNets ------------------------------------------------------------------------------------
 
-_TINY_LARGE_BOTTLENECK = LargeBottleneck(expand=64, hidden=32, blocks=2, out=48)
-
 
 def _write_controlnets(models_dir: Path, precision: _Precision = "bf16", seed: int = 7) -> list[Path]:
     """The released ControlNets (canny, inpainting, super-resolution) made for the tiny Stage C, with
-    the official key names: projections to the tiny width on ``TINY_BLOCKS`` and a narrow 'large'
-    bottleneck (:data:`_TINY_LARGE_BOTTLENECK`; the real one has 169 M parameters). The EfficientNet
-    bottleneck is torchvision's EfficientNetV2-S, whose shapes are fixed: about 54 MB a file in bf16.
-    The last projection layers get random weights instead of the official zeros, so the control shows."""
-    width = _tiny_prior_width()
+    the official key names and bottlenecks: projections to the tiny width on the official blocks the
+    tiny Stage C has (0 and 4 of its 8). The bottlenecks are the real ones, whose shapes are fixed:
+    EfficientNetV2-S, about 47 MB a file in bf16, and the super-resolution 'large' one, 346 MB. The last
+    projection layers get random weights instead of the official zeros, so the control shows.
+
+    Args:
+        models_dir: the models folder.
+        precision: the tensors' dtype, "bf16" or "fp32" (the file names are the same).
+        seed: seeds the first ControlNet's weights; each next one ``seed + 1``.
+
+    Returns:
+        The files written, ``controlnet/<name>.safetensors``.
+    """
+    unet = _tiny_unet("stage_c", seed)
     paths = []
-    for i, kind in enumerate(k for k in CONTROLNET_TYPES.values() if k.file is not None):
+    for i, kind in enumerate(CONTROLNET_TYPES.values()):
         torch.manual_seed(seed + i)
-        model = ControlNet(kind.c_in, width, TINY_BLOCKS, kind.bottleneck_mode, large=_TINY_LARGE_BOTTLENECK)
+        model = ControlNet(kind.c_in, _tiny_prior_width(), _fed_blocks(unet, kind), kind.bottleneck_mode)
         for projection in model.projections:
             projection[-1].reset_parameters()
         paths.append(models_dir / kind.file.path)

@@ -13,7 +13,8 @@ import PIL.Image
 import pytest
 import torch
 
-from cascade_helpers.controlnet import TINY_BLOCKS, ControlNet, control_features
+from cascade_helpers.controlnet.filters import control_features
+from cascade_helpers.controlnet.model import ControlNet
 from cascade_helpers.devices import pick_device
 from cascade_helpers.display import read_settings, save_generation
 from cascade_helpers.generation import controlnet_to_image, image_to_image, image_variation, text_to_image
@@ -155,10 +156,10 @@ def test_an_unknown_memory_mode_fails_before_loading(tiny_models, monkeypatch):
 
 @pytest.fixture(scope="module")
 def controlnet(tiny_pipeline):
-    """A small random ControlNet for the tiny Stage C (no file needed: 'simple' bottleneck)."""
+    """A random ControlNet for the tiny Stage C's blocks 0 and 4 (no file needed)."""
     torch.manual_seed(0)
     width = tiny_pipeline[0].unet.config.block_out_channels[0]
-    model = ControlNet(3, width, TINY_BLOCKS, "simple").eval()
+    model = ControlNet(3, width, (0, 4)).eval()
     for projection in model.projections:
         projection[-1].reset_parameters()  # the official zeros would make the control invisible
     return model

@@ -14,10 +14,12 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
-from cascade_helpers.controlnet import control_input, mask_tensor
+from cascade_helpers.controlnet.filters import control_input
 from cascade_helpers.generation import image_to_image, image_variation
-from cascade_helpers.images import batch_images, image_to_tensor, to_rgb
+from cascade_helpers.images import batch_images, image_to_tensor
 from cascade_helpers.stages import _encode_picture, _variation_embeddings
 
 EIGHT = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (48, 1))  # 48×64 grey gradient, 0..252
@@ -36,7 +38,6 @@ def test_a_16_bit_picture_is_scaled_not_clipped():
     picture = PIL.Image.fromarray(SIXTEEN)
     assert picture.mode == "I;16"
     _close(image_to_tensor(picture))  # was all white: every value above 255 clipped
-    assert np.array_equal(np.asarray(to_rgb(picture))[..., 0], EIGHT)
 
 
 def test_a_16_bit_png_file_in_either_byte_order(tmp_path):
@@ -175,7 +176,9 @@ def test_every_entry_point_reads_a_16_bit_picture_as_its_8_bit_twin(tiny_pipelin
     torch.testing.assert_close(_variation_embeddings(prior, sixteen), _variation_embeddings(prior, eight))
     canny = control_input("canny", sixteen, 512, 512).tensor
     assert torch.equal(canny, control_input("canny", eight, 512, 512).tensor)
-    assert torch.equal(mask_tensor(sixteen, 512, 512), mask_tensor(eight, 512, 512))  # was all True
+    black = np.zeros((48, 64, 3), np.uint8)
+    masks = [control_input("inpainting", black, 512, 512, mask=m).tensor[:, 3] for m in (sixteen, eight)]
+    assert torch.equal(*masks)  # was all True
     PIL.Image.fromarray(SIXTEEN).save(tmp_path / "16.png")  # reconstruction and training read files
     from_file = effnet_encode(prior.effnet, batch_images(tmp_path / "16.png", 512, 512), downscale=True)
     expected = effnet_encode(prior.effnet, batch_images(eight, 512, 512), downscale=True)
@@ -195,3 +198,89 @@ def test_every_entry_point_reads_a_16_bit_picture_as_its_8_bit_twin(tiny_pipelin
 def test_entry_points_refuse_a_0_to_255_float_picture(tiny_pipeline, call):
     with pytest.raises(ValueError, match="float pictures must hold 0-1 .*divide by 255"):
         call(*tiny_pipeline, RAMP * 255)
+
+
+# --- EXIF orientation: a phone's portrait is stored sideways ---------------------------------------------
+
+UPRIGHT = np.zeros((60, 40, 3), np.uint8)  # a portrait: 60 high, 40 wide
+UPRIGHT[:20, :20] = (255, 0, 0)  # red at the top left
+UPRIGHT[:, :, 2] = np.linspace(0, 255, 40, dtype=np.uint8)  # blue grows to the right
+
+
+@pytest.fixture
+def sideways(tmp_path):
+    """The portrait as a phone stores it: turned a quarter, with EXIF Orientation 6 ("rotate 90° to view")."""
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "portrait" / "phone.png"
+    path.parent.mkdir()
+    PIL.Image.fromarray(UPRIGHT).transpose(PIL.Image.Transpose.ROTATE_90).save(path, exif=exif)
+    assert PIL.Image.open(path).size == (60, 40)  # stored landscape
+    return path
+
+
+def test_a_sideways_picture_enters_upright(sideways):
+    expected = torch.from_numpy(UPRIGHT).permute(2, 0, 1).float() / 255
+    _close(image_to_tensor(sideways), expected)
+    with PIL.Image.open(sideways) as opened:
+        _close(image_to_tensor(opened), expected)  # a PIL picture opened by the user too
+    _close(batch_images(sideways, 60, 40)[0], expected)
+
+
+def test_every_entry_point_reads_a_sideways_picture_upright(tiny_pipeline, sideways):
+    """image-to-image, ControlNet pictures and masks, reconstruction and training buckets."""
+    from cascade_helpers.lora_training.data import find_training_images
+    from cascade_helpers.reconstruction import encode
+
+    prior, _ = tiny_pipeline
+    torch.testing.assert_close(
+        _encode_picture(prior, sideways, 512, 768), _encode_picture(prior, UPRIGHT, 512, 768)
+    )
+    canny = control_input("canny", sideways, 512, 768).tensor
+    assert torch.equal(canny, control_input("canny", UPRIGHT, 512, 768).tensor)
+    mask = control_input("inpainting", UPRIGHT, 512, 768, mask=sideways).tensor
+    assert torch.equal(mask, control_input("inpainting", UPRIGHT, 512, 768, mask=UPRIGHT).tensor)
+    torch.testing.assert_close(
+        encode(prior.effnet, sideways, size=(96, 64)), encode(prior.effnet, UPRIGHT, size=(96, 64))
+    )
+    (found,) = find_training_images(sideways.parent)
+    assert found.size == (60, 40)  # (height, width): the bucket of a portrait, from the header alone
+
+
+# --- memory: cut before scaling ---------------------------------------------------------------------------
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the most elements any torch operation returns while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                self.numel = max(self.numel, tensor.numel())
+        return out
+
+
+STRIP = np.random.default_rng(0).integers(0, 256, (8, 400, 3), dtype=np.uint8)  # 50:1, like 20000×20
+
+
+@pytest.mark.parametrize(
+    "prepare",
+    [
+        lambda prior: batch_images(STRIP, 384, 384),
+        lambda prior: control_input("canny", STRIP, 512, 512),
+        lambda prior: control_input("inpainting", STRIP, 512, 512, mask=STRIP[..., 0] > 127),
+        lambda prior: _encode_picture(prior, STRIP, 512, 512),
+    ],
+    ids=["batch_images", "canny control", "inpainting control and mask", "image-to-image"],
+)
+def test_a_long_strip_is_cut_before_it_is_scaled(tiny_pipeline, prepare):
+    """Scaled to cover 384² first, an 8×400 strip becomes 3×384×19200 (22 M values; a 20000×20 picture
+    at 1024² asked for 7 GB); cut first, nothing is larger than the EfficientNet's own activations."""
+    with _LargestTensor() as largest:
+        prepare(tiny_pipeline[0])
+    assert largest.numel < 2_000_000

@@ -258,7 +258,7 @@ def colab_rows() -> list[str]:
 
     small = files.STAGE_A.size + files.EFFNET.size + files.PREVIEWER.size
     rows = []
-    for variant, (stage_b, stage_c) in files.VARIANTS.items():
+    for variant, (stage_b, stage_c) in files._VARIANTS.items():
         big = {
             p: [
                 files.STAGE_C[stage_c][p],
@@ -268,7 +268,7 @@ def colab_rows() -> list[str]:
             ]
             for p in ("bf16", "fp32")
         }
-        fetched = files.essential_files("bf16") + [
+        fetched = files._essential_files("bf16") + [
             files.STAGE_B[stage_b]["bf16"],
             files.STAGE_C[stage_c]["bf16"],
         ]

@@ -13,21 +13,21 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
+import PIL.ImageDraw
 import pytest
 import torch
 from accelerate import init_empty_weights
 from safetensors.torch import save_file
 
-from cascade_helpers import controlnet as cn
 from cascade_helpers.checkpoints import _official_shapes, _TruncatedCheckpointError, _WrongCheckpointError
-from cascade_helpers.controlnet import (
-    OFFICIAL_BLOCKS,
-    TINY_BLOCKS,
-    ControlNet,
-    ControlNetNotReleasedError,
-    inject_controlnet,
-    resblock_order,
+from cascade_helpers.controlnet.filters import (
+    _canny_edges,
+    control_features,
+    control_input,
+    outpainting_canvas,
 )
+from cascade_helpers.controlnet.kinds import CONTROLNET_TYPES, load_controlnet
+from cascade_helpers.controlnet.model import ControlNet, inject_controlnet, resblock_order
 from cascade_helpers.file_checks import MissingModelFileError
 from cascade_helpers.loading import _load_unet
 from cascade_helpers.sampling import StageSettings
@@ -35,19 +35,20 @@ from cascade_helpers.tiny import _write_controlnets, _write_unet
 from tests.sparse import write_sparse_checkpoint
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "official_controlnet.json").read_text())
+OFFICIAL_BLOCKS = (0, 4, 8, 12, 51, 55, 59, 63)  # configs/inference/controlnet_c_3b_*.yaml
+FOUR_BLOCKS = (0, 2, 5, 7)  # of the tiny Stage C's 8 ResBlocks: the fixture's recordings
+TINY_FED = [0, 4]  # the official blocks the tiny Stage C has: what its ControlNets feed
 OFFICIAL_CONFIGS = {
-    "canny": dict(c_in=1, proj_blocks=OFFICIAL_BLOCKS),
-    "inpainting": dict(c_in=4, proj_blocks=OFFICIAL_BLOCKS),
-    "super_resolution": dict(c_in=16, proj_blocks=OFFICIAL_BLOCKS, bottleneck_mode="large"),
-    "face_identity": dict(c_in=512, proj_blocks=range(64), bottleneck_mode="simple"),
-    "effnet_rgb": dict(c_in=3, proj_blocks=OFFICIAL_BLOCKS),
+    "canny": dict(c_in=1, c_proj=2048, proj_blocks=OFFICIAL_BLOCKS),
+    "inpainting": dict(c_in=4, c_proj=2048, proj_blocks=OFFICIAL_BLOCKS),
+    "super_resolution": dict(c_in=16, c_proj=2048, proj_blocks=OFFICIAL_BLOCKS, bottleneck_mode="large"),
+    "effnet_rgb": dict(c_in=3, c_proj=2048, proj_blocks=OFFICIAL_BLOCKS),
 }
 OUTPUT_CASES = {
-    "effnet_c1": dict(c_in=1, c_proj=32, proj_blocks=TINY_BLOCKS),
+    "effnet_c1": dict(c_in=1, c_proj=32, proj_blocks=FOUR_BLOCKS),
     "effnet_c3": dict(c_in=3, c_proj=32, proj_blocks=[1, 3]),
-    "effnet_c4": dict(c_in=4, c_proj=32, proj_blocks=TINY_BLOCKS),
-    "simple_c16": dict(c_in=16, c_proj=32, proj_blocks=TINY_BLOCKS, bottleneck_mode="simple"),
-    "large_c16": dict(c_in=16, c_proj=32, proj_blocks=TINY_BLOCKS, bottleneck_mode="large"),  # official size
+    "effnet_c4": dict(c_in=4, c_proj=32, proj_blocks=FOUR_BLOCKS),
+    "large_c16": dict(c_in=16, c_proj=32, proj_blocks=FOUR_BLOCKS, bottleneck_mode="large"),  # official size
 }
 
 
@@ -94,8 +95,8 @@ def test_state_dict_is_the_official_one(name):
 @pytest.mark.parametrize("name", OUTPUT_CASES)
 @torch.no_grad()
 def test_outputs_equal_the_official_module(name):
-    """All three bottlenecks (EfficientNet with 1, 3 and 4 input channels: the replaced stem has no
-    padding), at the official 'large' size, give the official outputs for the same weights."""
+    """Both released bottlenecks (EfficientNet with 1, 3 and 4 input channels: the replaced stem has no
+    padding; 'large' at its official size) give the official outputs for the same weights."""
     with init_empty_weights(include_buffers=False):
         model = ControlNet(**OUTPUT_CASES[name])
     model.load_state_dict(_deterministic(model.state_dict()), strict=True, assign=True)
@@ -161,7 +162,7 @@ def test_each_block_gets_the_official_block_number(tiny_unet, block):
 @torch.no_grad()
 def test_a_list_of_controls_and_a_shorter_list_match_the_official_model(tiny_unet):
     injection = FIXTURE["stage_c_injection"]
-    controls = _official_controls(TINY_BLOCKS)
+    controls = _official_controls(FOUR_BLOCKS)
     for name, control in (("tiny_blocks", controls), ("short_list", controls[:3])):
         expected = torch.tensor(injection[name]).reshape(1, 16, 4, 4)
         torch.testing.assert_close(_run_unet(tiny_unet, control), expected, rtol=1e-4, atol=1e-5)
@@ -171,7 +172,7 @@ def test_a_list_of_controls_and_a_shorter_list_match_the_official_model(tiny_une
 @torch.no_grad()
 def test_zero_projections_leave_the_output_unchanged(tiny_unet):
     """A fresh ControlNet (the official init zeroes its output projections) changes nothing, bit for bit."""
-    controlnet = ControlNet(c_in=1, c_proj=32, proj_blocks=TINY_BLOCKS).eval()
+    controlnet = ControlNet(c_in=1, c_proj=32, proj_blocks=FOUR_BLOCKS).eval()
     features = controlnet(torch.rand(1, 1, 64, 64))
     assert all(f is None or not f.any() for f in features)
     assert torch.equal(_run_unet(tiny_unet, features), _run_unet(tiny_unet))
@@ -236,7 +237,7 @@ def test_gradient_checkpointing_reruns_blocks_with_the_same_control(tiny_unet):
         if checkpointing:
             tiny_unet.enable_gradient_checkpointing()
         controls = [
-            c.clone().requires_grad_() if c is not None else None for c in _official_controls(TINY_BLOCKS)
+            c.clone().requires_grad_() if c is not None else None for c in _official_controls(FOUR_BLOCKS)
         ]
         try:
             with (
@@ -261,8 +262,8 @@ def test_gradient_checkpointing_reruns_blocks_with_the_same_control(tiny_unet):
 def test_guided_step_with_controls_equals_the_official_sampler(tiny_unet):
     """One step of our sampler, the control features in both halves of the doubled guidance batch,
     gives the official gdf sampler's denoised estimate (guidance 4, rescale 0.7, shift 2)."""
-    from cascade_helpers.controlnet import controlled_denoiser
-    from cascade_helpers.sampling import sample
+    from cascade_helpers.controlnet.model import _controlled_denoiser
+    from cascade_helpers.sampling import _sample
 
     cond = {
         "clip_text": _randn(500, 2, 77, 32),
@@ -275,12 +276,12 @@ def test_guided_step_with_controls_equals_the_official_sampler(tiny_unet):
         "clip_img": torch.zeros(2, 1, 24),
     }
     cond["cnet"] = uncond["cnet"] = [
-        _randn(510 + i, 2, 32, 3, 3) if i in TINY_BLOCKS else None for i in range(8)
+        _randn(510 + i, 2, 32, 3, 3) if i in FOUR_BLOCKS else None for i in range(8)
     ]
     x_init = _randn(520, 2, 16, 4, 4)
     settings = StageSettings(steps=1, guidance=4.0, shift=2.0, guidance_rescale=0.7)
-    denoiser = controlled_denoiser(tiny_unet, torch.float32)
-    x0 = sample(
+    denoiser = _controlled_denoiser(tiny_unet, torch.float32)
+    x0 = _sample(
         denoiser,
         x_init.shape,
         cond,
@@ -292,7 +293,7 @@ def test_guided_step_with_controls_equals_the_official_sampler(tiny_unet):
     )
     expected = torch.tensor(FIXTURE["stage_c_injection"]["gdf_first_step_x0"]).reshape(x0.shape)
     torch.testing.assert_close(x0, expected, rtol=1e-4, atol=1e-3)  # x0 = (x - b·eps) / a, a = 0.01 at t = 1
-    without = sample(
+    without = _sample(
         denoiser,
         x_init.shape,
         {**cond, "cnet": None},
@@ -306,12 +307,12 @@ def test_guided_step_with_controls_equals_the_official_sampler(tiny_unet):
 
 
 def test_list_inputs_are_joined_per_block_like_gdf():
-    from cascade_helpers.sampling import _cat_inputs
+    from cascade_helpers.sampling import _cat
 
     a, b = torch.ones(1, 2, 2, 2), torch.zeros(1, 2, 2, 2)
-    joined = _cat_inputs({"cnet": [a, None, a]}, {"cnet": [b, b, None]})["cnet"]
+    joined = _cat([a, None, a], [b, b, None])
     assert torch.equal(joined[0], torch.cat([a, b])) and joined[1] is None and joined[2] is None
-    assert _cat_inputs({"cnet": None}, {"cnet": None}) == {"cnet": None}
+    assert _cat(None, None) is None
 
 
 # --- loading ------------------------------------------------------------------------------------------
@@ -329,35 +330,39 @@ def test_released_types_load_strictly_in_the_priors_dtype(controlnet_dir, tiny_p
     from safetensors.torch import load_file
 
     prior, _ = tiny_pipeline
-    model = cn.load_controlnet(controlnet_dir, name, prior)
-    assert model.proj_blocks == list(TINY_BLOCKS)
+    model = load_controlnet(controlnet_dir, name, prior)
+    assert model.proj_blocks == TINY_FED
     assert {p.dtype for p in model.parameters()} == {torch.float32}
-    saved = load_file(str(controlnet_dir / cn.CONTROLNET_TYPES[name].file.path))
+    saved = load_file(str(controlnet_dir / CONTROLNET_TYPES[name].file.path))
     state = model.state_dict()
     assert state.keys() == saved.keys()
     assert [k for k in saved if not torch.equal(state[k], saved[k].to(state[k].dtype))] == []
 
 
-def test_fp32_files_load_too(tmp_path, tiny_pipeline):
+def test_fp32_files_load_too(tmp_path, tiny_pipeline, controlnet_dir):
+    from safetensors.torch import load_file
+
     prior, _ = tiny_pipeline
-    _write_controlnets(tmp_path, "fp32")
-    path = tmp_path / "controlnet" / "super_resolution.safetensors"
-    assert cn.load_controlnet(path, "super_resolution", prior).c_in == 16
+    saved = load_file(str(controlnet_dir / "controlnet" / "canny.safetensors"))
+    path = tmp_path / "canny.safetensors"
+    save_file({k: v.float() if v.is_floating_point() else v for k, v in saved.items()}, str(path))
+    model = load_controlnet(path, "canny", prior)
+    assert torch.equal(model.backbone[0][0].weight, saved["backbone.0.0.weight"].float())
 
 
 def test_a_file_of_another_type_says_which_type_it_is(controlnet_dir, tiny_pipeline):
     prior, _ = tiny_pipeline
     with pytest.raises(_WrongCheckpointError, match="holds the canny ControlNet"):
-        cn.load_controlnet(controlnet_dir / "controlnet" / "canny.safetensors", "inpainting", prior)
+        load_controlnet(controlnet_dir / "controlnet" / "canny.safetensors", "inpainting", prior)
     with pytest.raises(_WrongCheckpointError, match="holds the super_resolution ControlNet"):
-        cn.load_controlnet(controlnet_dir / "controlnet" / "super_resolution.safetensors", "canny", prior)
+        load_controlnet(controlnet_dir / "controlnet" / "super_resolution.safetensors", "canny", prior)
 
 
 def test_a_stage_c_file_is_named_as_such(tmp_path, tiny_pipeline):
     prior, _ = tiny_pipeline
     path = _write_unet(tmp_path, "stage_c", "big", "bf16")
     with pytest.raises(_WrongCheckpointError, match="Stage C"):
-        cn.load_controlnet(path, "canny", prior)
+        load_controlnet(path, "canny", prior)
 
 
 def test_lite_stage_c_is_told_the_controlnets_need_the_big_one(tmp_path, tiny_pipeline):
@@ -371,29 +376,32 @@ def test_lite_stage_c_is_told_the_controlnets_need_the_big_one(tmp_path, tiny_pi
         lite = StableCascadeUNet.from_config(StableCascadeUNet.load_config(config_dir("stage_c", "lite")))
     prior = replace(tiny_pipeline[0], unet=lite, architecture="lite")
     with init_empty_weights(include_buffers=False):
-        shapes = {k: tuple(v.shape) for k, v in ControlNet(c_in=1).state_dict().items()}
+        shapes = {k: tuple(v.shape) for k, v in ControlNet(1, 2048, OFFICIAL_BLOCKS).state_dict().items()}
     path = write_sparse_checkpoint(tmp_path / "controlnet" / "canny.safetensors", shapes, "F32")
     with pytest.raises(_WrongCheckpointError, match=r"lite.*big Stage C"):
-        cn.load_controlnet(tmp_path, "canny", prior)
+        load_controlnet(tmp_path, "canny", prior)
     assert path.stat().st_size > 200_000_000  # the header of the real 218 MB file, no data written
 
 
 def test_missing_and_truncated_files_say_what_to_run(tmp_path, tiny_pipeline, controlnet_dir):
     prior, _ = tiny_pipeline
     with pytest.raises(MissingModelFileError, match="download_models.sh controlnet"):
-        cn.load_controlnet(tmp_path, "canny", prior)
+        load_controlnet(tmp_path, "canny", prior)
     cut = tmp_path / "controlnet" / "super_resolution.safetensors"
     cut.parent.mkdir()
-    cut.write_bytes((controlnet_dir / "controlnet" / "super_resolution.safetensors").read_bytes()[:5000])
+    with (controlnet_dir / "controlnet" / "super_resolution.safetensors").open("rb") as whole:
+        cut.write_bytes(whole.read(5000))
     with pytest.raises(_TruncatedCheckpointError, match="download_models.sh controlnet"):
-        cn.load_controlnet(tmp_path, "super_resolution", prior)
+        load_controlnet(tmp_path, "super_resolution", prior)
 
 
 def test_face_identity_was_never_released(tiny_pipeline):
-    with pytest.raises(ControlNetNotReleasedError, match="never"):
-        cn.load_controlnet("models", "face_identity", tiny_pipeline[0])
-    with pytest.raises(ControlNetNotReleasedError):
-        cn.control_input("face_identity", np.zeros((64, 64, 3), np.uint8))
+    with pytest.raises(ValueError, match="never published.*Released: canny, inpainting, super_resolution"):
+        load_controlnet("models", "face_identity", tiny_pipeline[0])
+    with pytest.raises(ValueError, match="never published"):
+        control_input("face_identity", np.zeros((64, 64, 3), np.uint8))
+    with pytest.raises(ValueError, match="unknown ControlNet 'cany': use one of canny"):
+        control_input("cany", np.zeros((64, 64, 3), np.uint8))
 
 
 # --- filters and masks --------------------------------------------------------------------------------
@@ -404,59 +412,81 @@ def test_canny_equals_the_official_filter():
     picture = torch.stack([(xx > 0.5).float(), ((xx - 0.4) ** 2 + (yy - 0.5) ** 2 < 0.08).float(), 0.3 * yy])[
         None
     ]
-    torch.testing.assert_close(cn.canny_edges(picture), _values(FIXTURE["canny"]))
+    torch.testing.assert_close(_canny_edges(picture), _values(FIXTURE["canny"]))
 
 
-def test_inpaint_control_whitens_the_masked_pixels_and_appends_the_mask():
-    images = torch.full((2, 3, 4, 4), 0.25)
-    mask = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
-    mask[..., 1:3, 2:] = True
-    control = cn.inpaint_control(images, mask)
-    assert control.shape == (2, 4, 4, 4)
-    assert control[:, :3, 1:3, 2:].eq(1).all() and control[:, :3, 0].eq(0.25).all()
-    assert torch.equal(control[:, 3:], mask.float().expand(2, -1, -1, -1))
+def _box(side: int, box: tuple[float, float, float, float]) -> PIL.Image.Image:
+    """A side×side mask, white inside ``box`` (left, top, right, bottom as fractions), drawn with PIL."""
+    mask = PIL.Image.new("L", (side, side))
+    PIL.ImageDraw.Draw(mask).rectangle([round(f * side) for f in box], fill=255)
+    return mask
 
 
-def test_masks_of_any_mode_and_size_become_the_same_bool_mask():
-    reference = cn.rectangle_mask(64, 64, (0.25, 0.5, 0.75, 1.0))
+def test_inpainting_control_whitens_the_masked_pixels_and_appends_the_mask():
+    """For a 512² generation the control is 384²: a grey picture and a mask of that size stay as they are."""
+    picture = np.full((384, 384, 3), 64, np.uint8)
+    mask = np.zeros((384, 384), bool)
+    mask[96:288, 192:] = True
+    control = control_input("inpainting", [picture, picture], 512, 512, mask=mask)
+    assert control.tensor.shape == (2, 4, 384, 384)
+    assert control.tensor[:, :3, 96:288, 192:].eq(1).all() and control.tensor[:, :3, :96].eq(64 / 255).all()
+    assert torch.equal(control.tensor[:, 3:], torch.from_numpy(mask).float().expand(2, 1, -1, -1))
+    assert torch.equal(control.preview, control.tensor[:, :3])
+
+
+def test_masks_of_any_mode_and_size_become_the_same_mask():
+    reference = PIL.Image.new("L", (384, 384))
+    PIL.ImageDraw.Draw(reference).rectangle((96, 192, 287, 383), fill=255)
     array = np.asarray(reference) > 127
     variants = [
         reference,
         reference.convert("1"),
-        reference.convert("RGB").resize((128, 128), PIL.Image.NEAREST),
+        reference.convert("RGB").resize((768, 768), PIL.Image.NEAREST),
+        PIL.Image.merge("LA", (reference, reference)),  # transparent where black: still "keep", not white
         array,
         torch.from_numpy(array).float(),
     ]
-    expected = torch.from_numpy(array)[None, None]
+    picture = np.zeros((384, 384, 3), np.uint8)
     for variant in variants:
-        mask = cn.mask_tensor(variant, 64, 64)
-        assert mask.dtype == torch.bool and torch.equal(mask, expected)
-    assert cn.mask_tensor(reference, 32, 32).sum() == 32 * 32 // 4
+        mask = control_input("inpainting", picture, 512, 512, mask=variant).tensor[0, 3]
+        assert torch.equal(mask, torch.from_numpy(array).float())
 
 
-def test_mask_helpers():
-    ellipse = np.asarray(cn.ellipse_mask(100, 200, (0.0, 0.0, 1.0, 1.0))) > 0
-    assert ellipse[50, 100] and not ellipse[0, 0] and abs(ellipse.mean() - np.pi / 4) < 0.02
-    border = np.asarray(cn.border_mask(100, 100, top=0.1, bottom=0.2, left=0.3, right=0.0)) > 0
-    assert border[:10].all() and border[80:].all() and border[:, :30].all() and not border[10:80, 30:].any()
-    canvas, mask = cn.outpainting_canvas(
+def test_a_mask_of_another_shape_covers_the_picture():
+    """A mask of another aspect ratio than the picture is stretched over it, then cut as the picture is:
+    the 36 % drawn is the 36 % used (cut on its own, its centre square would hold 22 %)."""
+    picture = np.zeros((384, 384, 3), np.uint8)
+    mask = np.zeros((192, 384), np.uint8)
+    mask[:, : round(0.36 * 384)] = 255  # the left 36 %
+    used = control_input("inpainting", picture, 512, 512, mask=mask).tensor[0, 3]
+    assert used.mean().item() == pytest.approx(0.36, abs=0.005)
+    wide = np.zeros((300, 600, 3), np.uint8)  # cut to its centre square: the mask follows the same cut
+    mask = np.zeros((100, 200), np.uint8)
+    mask[:, 100:] = 255  # the right half of the picture
+    used = control_input("inpainting", wide, 512, 512, mask=mask).tensor[0, 3]
+    assert used[:, :190].eq(0).all() and used[:, 194:].eq(1).all()
+
+
+def test_the_outpainting_canvas_and_its_mask():
+    canvas, mask = outpainting_canvas(
         np.full((50, 50, 3), 200, np.uint8), 100, 100, top=0.1, bottom=0.2, left=0.3, right=0.0
     )
-    pixels = np.asarray(canvas)
-    assert (pixels[10:80, 30:] == 200).all() and (pixels[np.asarray(mask) > 0] == 0).all()
+    pixels, border = np.asarray(canvas), np.asarray(mask) > 0
+    assert border[:10].all() and border[80:].all() and border[:, :30].all() and not border[10:80, 30:].any()
+    assert (pixels[10:80, 30:] == 200).all() and (pixels[border] == 0).all()
+    with pytest.raises(ValueError, match="leave no room"):
+        outpainting_canvas(np.zeros((8, 8, 3), np.uint8), 100, 100, top=0.5, bottom=0.5, left=0, right=0)
 
 
 def test_control_input_resizes_any_picture_to_the_control_size(tiny_pipeline):
     prior, _ = tiny_pipeline
     picture = np.random.default_rng(0).integers(0, 255, (300, 500, 3), np.uint8)
-    canny = cn.control_input("canny", picture, 1024, 1024)
+    canny = control_input("canny", picture, 1024, 1024)
     assert canny.tensor.shape == (1, 1, 768, 768) and canny.preview.shape == (1, 3, 768, 768)
-    inpaint = cn.control_input(
-        "inpainting", picture, 1024, 1536, mask=cn.rectangle_mask(10, 20, (0, 0, 0.5, 1))
-    )
+    inpaint = control_input("inpainting", picture, 1024, 1536, mask=_box(20, (0, 0, 0.5, 1)))
     assert inpaint.tensor.shape == (1, 4, 768, 1152)
     with pytest.raises(ValueError, match="needs a mask"):
-        cn.control_input("inpainting", picture)
+        control_input("inpainting", picture)
 
 
 @torch.no_grad()
@@ -468,7 +498,7 @@ def test_super_resolution_control_is_effnet_features_of_the_half_size_picture(ti
 
     prior, _ = tiny_pipeline
     small = torch.rand(3, 192, 192)
-    control = cn.control_input("super_resolution", small, 512, 512, prior=prior)
+    control = control_input("super_resolution", small, 512, 512, prior=prior)
     features = prior.effnet(TF.normalize(small[None], (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
     expected = F.interpolate(features, scale_factor=2, mode="nearest")
     scale = expected.abs().max().item()  # relative to the latents' scale
@@ -479,18 +509,34 @@ def test_super_resolution_control_is_effnet_features_of_the_half_size_picture(ti
 @torch.no_grad()
 def test_control_features_scale_with_strength_and_repeat_for_the_batch(controlnet_dir, tiny_pipeline):
     prior, _ = tiny_pipeline
-    model = cn.load_controlnet(controlnet_dir, "canny", prior)
+    model = load_controlnet(controlnet_dir, "canny", prior)
     control = torch.rand(1, 1, 64, 64)
     full, half = (
-        cn.control_features(model, control, 1.0, batch=3),
-        cn.control_features(model, control, 0.5, batch=3),
+        control_features(model, control, 1.0, batch=3),
+        control_features(model, control, 0.5, batch=3),
     )
-    assert len(full) == max(TINY_BLOCKS) + 1
-    for i in TINY_BLOCKS:
+    assert len(full) == max(TINY_FED) + 1
+    for i in TINY_FED:
         assert full[i].shape[0] == 3 and torch.equal(full[i][0], full[i][2])
         torch.testing.assert_close(half[i], full[i] * 0.5)
     with pytest.raises(ValueError, match="control_input"):
-        cn.control_features(model, torch.rand(1, 4, 64, 64))
+        control_features(model, torch.rand(1, 4, 64, 64))
+
+
+@torch.no_grad()
+def test_integer_and_nan_controls_are_refused(controlnet_dir, tiny_pipeline, tiny_unet):
+    """An int8 control would steer Stage C by its integer values, a NaN one to a black picture."""
+    prior, _ = tiny_pipeline
+    model = load_controlnet(controlnet_dir, "canny", prior)
+    for control in (torch.ones(1, 1, 64, 64, dtype=torch.int8), torch.full((1, 1, 64, 64), float("nan"))):
+        with pytest.raises(ValueError, match="must hold finite floats"):
+            control_features(model, control)
+    features = [torch.ones(1, 32, 3, 3, dtype=torch.int8)]
+    with (
+        pytest.raises(ValueError, match="torch.int8, not floating point"),
+        inject_controlnet(tiny_unet, features),
+    ):
+        pass
 
 
 # --- whole generations --------------------------------------------------------------------------------
@@ -503,24 +549,26 @@ def test_controlnet_to_image_follows_the_control_and_checks_the_batch(controlnet
     from cascade_helpers.generation import controlnet_to_image
 
     prior, decoder = tiny_pipeline
-    model = cn.load_controlnet(controlnet_dir, "inpainting", prior)
+    model = load_controlnet(controlnet_dir, "inpainting", prior)
     picture = np.full((64, 64, 3), 128, np.uint8)
-    control = cn.control_input(
-        "inpainting", picture, 512, 512, mask=cn.rectangle_mask(64, 64, (0, 0, 0.5, 0.5))
-    )
+    control = control_input("inpainting", picture, 512, 512, mask=_box(64, (0, 0, 0.5, 0.5)))
     prior_settings = StageSettings(steps=2, guidance=4.0, shift=2.0, guidance_rescale=0.7)
     decoder_settings = StageSettings(steps=1, guidance=1.1)
 
     def generate(strength: float, num_images: int = 2, batch: int = 2):
-        features = cn.control_features(model, control, strength, batch=batch)
+        features = control_features(model, control, strength, batch=batch)
         return controlnet_to_image(
             prior, decoder, features, "a cat", init_image=picture, init_noise=0.5, height=512, width=512,
             num_images=num_images, prior_settings=prior_settings, decoder_settings=decoder_settings,
+            callback=lambda step, *_: steps.append(step),
         )  # fmt: skip
 
-    controlled, free = generate(1.0), generate(0.0)
+    steps: list[int] = []
+    controlled = generate(1.0)
+    assert len(steps) == 1  # int(2 steps × 0.5)
+    free = generate(0.0)
     assert len(controlled.images) == 2 and controlled.images[0].size == (512, 512)
-    assert controlled.settings["prior"]["t_start"] == 0.5 and controlled.settings["prior"]["steps"] == 1
+    assert controlled.settings["init_noise"] == 0.5 and controlled.settings["prior"]["steps"] == 2  # as asked
     assert not torch.allclose(controlled.stage_c_latents, free.stage_c_latents)
     with pytest.raises(ValueError, match="batch=3"):
         generate(1.0, num_images=3, batch=2)
@@ -537,16 +585,14 @@ def test_the_init_picture_is_encoded_as_the_official_inpainting_example_does(con
     from cascade_helpers.generation import controlnet_to_image
 
     prior, decoder = tiny_pipeline
-    model = cn.load_controlnet(controlnet_dir, "inpainting", prior)
+    model = load_controlnet(controlnet_dir, "inpainting", prior)
     picture = (torch.rand(3, 6, 6, generator=torch.Generator().manual_seed(7)) * 255).byte()
     picture = TF.resize(picture, [300, 300], interpolation=InterpolationMode.BICUBIC).permute(1, 2, 0).numpy()
-    control = cn.control_input(
-        "inpainting", picture, 512, 512, mask=cn.rectangle_mask(64, 64, (0, 0, 0.5, 1))
-    )
+    control = control_input("inpainting", picture, 512, 512, mask=_box(64, (0, 0, 0.5, 1)))
 
     def generate(init_noise: float):
         return controlnet_to_image(
-            prior, decoder, cn.control_features(model, control, batch=2), "a cat", init_image=picture,
+            prior, decoder, control_features(model, control, batch=2), "a cat", init_image=picture,
             init_noise=init_noise, height=512, width=512, num_images=2,
             decoder_settings=StageSettings(steps=1, guidance=1.1),
         )  # fmt: skip

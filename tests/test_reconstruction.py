@@ -21,22 +21,13 @@ from cascade_helpers.conditioning import encode_text
 from cascade_helpers.effnet import EfficientNetEncoder
 from cascade_helpers.effnet import encode as effnet_encode
 from cascade_helpers.file_checks import MissingModelFileError
+from cascade_helpers.images import batch_images
 from cascade_helpers.loading import _load_effnet
-from cascade_helpers.reconstruction import (
-    OFFICIAL_RECONSTRUCTION,
-    Quality,
-    compression,
-    decode,
-    encode,
-    encode_folder,
-    image_size_for_latents,
-    latent_path,
-    latent_size,
-    load_autoencoder,
-    prepare_images,
-    quality,
-    read_latents,
-)
+from cascade_helpers.quality import Compression, Quality, quality
+from cascade_helpers.reconstruction import decode, encode, encode_folder, load_autoencoder, read_latents
+from cascade_helpers.sampling import OFFICIAL_DECODER
+from cascade_helpers.sizes import _image_size_for_latents as image_size_for_latents
+from cascade_helpers.sizes import _stage_c_latent_size as latent_size
 from cascade_helpers.tiny import _random_effnet, _write_previewer, _write_unet
 from tests.hub_cache import run_against_hub_cache
 from tests.recorded_weights import official_weights
@@ -180,28 +171,29 @@ def test_the_encoder_gives_these_sizes(encoder, image):
     assert encode(encoder, picture, size=image).shape == (1, 16, *SIZES[image])
 
 
-def test_prepare_accepts_pil_arrays_tensors_and_folders(tmp_path):
+def test_encode_accepts_pil_arrays_tensors_and_folders(tmp_path, encoder):
     PIL.Image.new("RGB", (300, 200), "red").save(tmp_path / "a.png")
     PIL.Image.new("L", (100, 100), 128).save(tmp_path / "b.jpg")
-    assert prepare_images(tmp_path, 64).shape == (2, 3, 64, 64)
+    assert encode(encoder, tmp_path, size=64).shape == (2, 16, 1, 1)
     mixed = [PIL.Image.new("RGBA", (80, 90)), np.zeros((70, 70, 3), np.uint8), torch.rand(3, 64, 64)]
-    assert prepare_images(mixed, (64, 96)).shape == (3, 3, 64, 96)
-    assert prepare_images(torch.rand(4, 3, 128, 128), 128).shape == (4, 3, 128, 128)
+    torch.testing.assert_close(
+        encode(encoder, mixed, size=(64, 96)), effnet_encode(encoder, batch_images(mixed, 64, 96))
+    )
+    assert encode(encoder, torch.rand(4, 3, 128, 128), size=128).shape == (4, 16, 3, 3)
 
 
-def test_prepare_keeps_own_size_cropped_to_multiples_of_32():
+def test_encode_keeps_own_size_cropped_to_multiples_of_32(encoder):
     picture = torch.rand(3, 100, 150)
-    prepared = prepare_images(picture, None)
-    assert prepared.shape == (1, 3, 96, 128)
-    torch.testing.assert_close(prepared[0], picture[:, 2:98, 11:139])  # the centre
+    encoded = encode(encoder, picture, size=None)
+    torch.testing.assert_close(encoded, effnet_encode(encoder, picture[None, :, 2:98, 11:139]))  # the centre
     with pytest.raises(ValueError, match="different sizes"):
-        prepare_images([torch.rand(3, 64, 64), torch.rand(3, 96, 64)], None)
+        encode(encoder, [torch.rand(3, 64, 64), torch.rand(3, 96, 64)], size=None)
 
 
 @pytest.mark.parametrize("size", [1000, (64, 100), 32])
-def test_sizes_must_be_multiples_of_32(size):
+def test_sizes_must_be_multiples_of_32(size, encoder):
     with pytest.raises(ValueError, match="multiple of 32"):
-        prepare_images(torch.rand(3, 64, 64), size)
+        encode(encoder, torch.rand(3, 64, 64), size=size)
 
 
 # --- the round trip on tiny models ----------------------------------------------------------------------
@@ -212,12 +204,12 @@ def autoencoder(tiny_models):
     return load_autoencoder(tiny_models, "big", dtype="fp32", device="cpu", keep_text_encoder=True)
 
 
-FAST = OFFICIAL_RECONSTRUCTION.with_(steps=2)
+FAST = OFFICIAL_DECODER.with_(steps=2)
 
 
 def test_round_trip_shapes(autoencoder):
     pictures = [PIL.Image.new("RGB", (200, 150), "blue"), np.full((50, 80, 3), 200, np.uint8)]
-    originals = prepare_images(pictures, (128, 192))
+    originals = batch_images(pictures, 128, 192)
     latents = encode(autoencoder.effnet, pictures, size=(128, 192))
     assert latents.shape == (2, 16, 3, 4)
     decoded = decode(autoencoder, latents, size=(128, 192), settings=FAST)
@@ -252,8 +244,11 @@ def test_captions_need_the_text_encoder(autoencoder):
 
 
 def test_official_reconstruction_settings():
-    """inference/reconstruct_images.ipynb: cfg 1.1, shift 1, 10 timesteps, t_start 1.0, gdf's cfg_rho 0.7."""
-    s = OFFICIAL_RECONSTRUCTION
+    """inference/reconstruct_images.ipynb: cfg 1.1, shift 1, 10 timesteps, t_start 1.0, gdf's cfg_rho 0.7:
+    text-to-image's Stage B settings, decode's default."""
+    import inspect
+
+    s = inspect.signature(decode).parameters["settings"].default
     assert (s.steps, s.guidance, s.shift, s.t_start, s.guidance_rescale, s.sampler) == (
         10,
         1.1,
@@ -282,9 +277,10 @@ def test_missing_files_are_listed_in_one_error(tmp_path):
 HUB_SCRIPT = """
 import json, sys, torch
 from cascade_helpers import reconstruction
+from cascade_helpers.sampling import OFFICIAL_DECODER
 autoencoder = reconstruction.load_autoencoder("stabilityai/stable-cascade", "big", dtype="bf16", device="cpu")
 latents = reconstruction.encode(autoencoder.effnet, torch.rand(1, 3, 128, 128), size=128)
-pictures = reconstruction.decode(autoencoder, latents, settings=reconstruction.OFFICIAL_RECONSTRUCTION.with_(steps=1))
+pictures = reconstruction.decode(autoencoder, latents, settings=OFFICIAL_DECODER.with_(steps=1))
 json.dump({"latents": list(latents.shape), "pictures": list(pictures.shape),
            "pooled": autoencoder.empty_pooled.flatten().tolist()}, sys.stdout)
 """
@@ -318,20 +314,18 @@ def test_psnr_and_ssim():
     shifted = quality(picture, picture + 0.1)[0]  # MSE 0.01 → 10·log10(1 / 0.01) = 20 dB
     assert shifted.psnr == pytest.approx(20.0, abs=1e-6)
     assert shifted.ssim < 1
-    assert reconstruction.mean_quality([Quality(10, 0.5), Quality(20, 0.7)]) == Quality(
-        15, pytest.approx(0.6)
-    )
+    assert Quality.mean([Quality(10, 0.5), Quality(20, 0.7)]) == Quality(15, pytest.approx(0.6))
 
 
 def test_compression_numbers():
-    c = compression()
+    c = Compression()
     assert c.spatial == pytest.approx(1024 / 24) and round(c.spatial, 2) == 42.67
     assert c.image_bytes == 3 * 1024 * 1024 == 3_145_728
     assert c.latent_bytes == 16 * 24 * 24 * 2 == 18_432
     assert c.bytes == pytest.approx(3_145_728 / 18_432)  # 170.67
     assert c.values == pytest.approx(3 * 1024 * 1024 / (16 * 24 * 24))  # 341.33
-    assert compression(latent_dtype=torch.float32).bytes == pytest.approx(3_145_728 / 36_864)  # 85.33
-    assert compression(1024, 1536).latent_shape == (16, 24, 36)
+    assert Compression(latent_dtype=torch.float32).bytes == pytest.approx(3_145_728 / 36_864)  # 85.33
+    assert Compression(1024, 1536).latent_shape == (16, 24, 36)
     assert "42.67×" in str(c)
 
 
@@ -365,8 +359,8 @@ def picture_folder(tmp_path) -> Path:
 
 def test_encode_folder_writes_one_file_per_picture(encoder, picture_folder, tmp_path):
     out = tmp_path / "latents"
-    result = encode_folder(encoder, picture_folder, out, size=64, batch_size=2, progress=False)
-    assert sorted(p.name for p in result.written) == [f"{i}.png.safetensors" for i in range(5)]
+    written = encode_folder(encoder, picture_folder, out, size=64, batch_size=2, progress=False)
+    assert sorted(p.name for p in written) == [f"{i}.png.safetensors" for i in range(5)]
     stored = read_latents(out / "3.png.safetensors")
     assert (stored.image_size, stored.source) == ((64, 64), "3.png")
     assert load_file(str(out / "3.png.safetensors"))["latents"].dtype == torch.float16
@@ -385,10 +379,9 @@ def test_encode_folder_resumes_where_it_stopped(encoder, picture_folder, tmp_pat
     before = {p: p.stat().st_mtime_ns for p in done}
 
     resumed = CountingEncoder(encoder)
-    result = encode_folder(resumed, picture_folder, out, size=64, batch_size=2, progress=False)
+    written = encode_folder(resumed, picture_folder, out, size=64, batch_size=2, progress=False)
     assert resumed.calls == 2  # pictures 2, 3 then 4: the first two are not encoded again
-    assert sorted(result.skipped) == done
-    assert [p.name for p in result.written] == [f"{i}.png.safetensors" for i in (2, 3, 4)]
+    assert [p.name for p in written] == [f"{i}.png.safetensors" for i in (2, 3, 4)]
     assert {p: p.stat().st_mtime_ns for p in done} == before
 
 
@@ -407,8 +400,7 @@ def test_an_interrupted_write_leaves_no_latents_file(encoder, picture_folder, tm
     assert not list(out.iterdir())  # no latents file, and the temporary one was removed
     monkeypatch.undo()
     (out / "4.png.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")  # damaged elsewhere
-    result = encode_folder(encoder, picture_folder, out, size=64, progress=False)
-    assert len(result.written) == 5 and not result.skipped
+    assert len(encode_folder(encoder, picture_folder, out, size=64, progress=False)) == 5
 
 
 def test_latents_from_elsewhere_decode_at_their_size(tmp_path):
@@ -420,17 +412,70 @@ def test_latents_from_elsewhere_decode_at_their_size(tmp_path):
         read_latents(tmp_path / "two.safetensors")
 
 
-def test_latent_path_keeps_the_suffix(tmp_path):
-    assert latent_path(Path("x/cat.png"), tmp_path) == tmp_path / "cat.png.safetensors"
-    assert latent_path(Path("cat.jpg"), tmp_path) != latent_path(Path("cat.png"), tmp_path)
+def test_latents_files_keep_the_pictures_suffix(encoder, tmp_path):
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for suffix in ("png", "jpg"):
+        PIL.Image.new("RGB", (64, 64), "red").save(folder / f"cat.{suffix}")
+    written = encode_folder(encoder, folder, tmp_path / "latents", size=64, progress=False)
+    assert sorted(p.name for p in written) == ["cat.jpg.safetensors", "cat.png.safetensors"]
 
 
 @pytest.mark.parametrize("size", [(1024.9, 1024), 1024.0, "64", (64,), (64, 64, 3)])
 def test_a_size_that_is_no_whole_number_pair_is_refused(size):
     with pytest.raises(ValueError, match="size must be|height=|width="):
-        prepare_images(np.zeros((96, 96, 3), np.uint8), size)
+        encode(_random_effnet(0), np.zeros((96, 96, 3), np.uint8), size=size)
 
 
 def test_compression_of_a_size_the_encoder_cannot_take_is_refused():
     with pytest.raises(ValueError, match="height=40"):
-        compression(40, 40)
+        Compression(40, 40)
+
+
+def test_a_new_size_or_an_edited_picture_is_encoded_again(encoder, picture_folder, tmp_path):
+    """What decides "already done" is the settings and the picture's bytes, not its name: latents of
+    another size, or of the picture before an edit, are never kept as if they were current."""
+    out = tmp_path / "latents"
+    encode_folder(encoder, picture_folder, out, size=64, progress=False)
+    encode_folder(encoder, picture_folder, out, size=96, progress=False)
+    assert read_latents(out / "0.png.safetensors").latents.shape == (16, 2, 2)  # 96 → 72 → 64: 2×2
+    edited = picture_folder / "3.png"
+    PIL.Image.fromarray(np.full((70, 90, 3), 250, np.uint8)).save(edited)  # the same name, other pixels
+    encode_folder(encoder, picture_folder, out, size=96, progress=False)
+    expected = encode(encoder, edited, size=96)[0]
+    torch.testing.assert_close(
+        read_latents(out / "3.png.safetensors").latents, expected, rtol=1e-3, atol=1e-3
+    )
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert not encode_folder(encoder, picture_folder, out, size=(96, 96), progress=False)  # the same size
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("batch_size", [-1, 0, 2.0, True])
+def test_a_batch_size_that_encodes_nothing_is_refused(encoder, picture_folder, tmp_path, batch_size):
+    with pytest.raises(ValueError, match="batch_size must be a whole number ≥ 1"):
+        encode_folder(encoder, picture_folder, tmp_path / "latents", size=64, batch_size=batch_size)
+    assert not (tmp_path / "latents").exists()
+    with pytest.raises(ValueError, match="batch_size must be a whole number ≥ 1"):
+        encode(encoder, picture_folder, size=64, batch_size=batch_size)
+
+
+def test_integer_or_nan_latents_are_refused(autoencoder, tmp_path):
+    """An int8 tensor would decode as its integer values, NaN latents as a black picture."""
+    for latents, message in (
+        (torch.ones(1, 16, 2, 2, dtype=torch.int8), "a float tensor, not torch.int8"),
+        (torch.full((16, 2, 2), float("nan")), "NaN or infinite"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            decode(autoencoder, latents, settings=FAST)
+        save_file({"latents": latents}, str(tmp_path / "bad.safetensors"))
+        with pytest.raises(ValueError, match=message):
+            read_latents(tmp_path / "bad.safetensors")
+
+
+def test_a_damaged_latents_file_is_named(tmp_path):
+    path = tmp_path / "cut.safetensors"
+    save_file({"latents": torch.randn(16, 4, 4)}, str(path))
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(ValueError, match="cut.safetensors is not a complete safetensors file"):
+        read_latents(path)

@@ -1,8 +1,5 @@
-"""The official ControlNet configs, what a ControlNet file holds, and loading one.
-
-:data:`CONTROLNET_TYPES` holds the official configs (``configs/inference/controlnet_c_3b_*.yaml``:
-checkpoint, filter, bottleneck, Stage C blocks) in one place. :func:`load_controlnet` checks a file
-before loading it: complete, the type asked for, and fitting this Stage C.
+"""The official configs of the three released ControlNets in one place (:data:`CONTROLNET_TYPES`:
+checkpoint, filter, bottleneck, Stage C blocks), and loading one, checked first (:func:`load_controlnet`).
 """
 
 from __future__ import annotations
@@ -11,220 +8,135 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+
+from torch import nn
 
 from .. import files
 from ..checkpoints import _TensorInfo, _WrongCheckpointError
 from ..file_checks import _check_present, _fetch_command, _inspect_file
 from ..files import ModelFile
 from ..models import Prior
-from .model import OFFICIAL_BLOCKS, BottleneckMode, ControlNet, LargeBottleneck
+from .model import ControlNet, resblock_order
 
-
-class ControlNetNotReleasedError(FileNotFoundError):
-    """The official code defines this ControlNet, but no checkpoint was ever published."""
-
-
-# --- the official configs ------------------------------------------------------------------------------
-
-Filter = Literal["canny", "inpaint", "super_resolution", "identity"]
-
-#: the same pattern for the tiny test Stage C (8 ResBlocks: 0-3 down, 4-7 up): first and last of each half
-TINY_BLOCKS = (0, 2, 5, 7)
+_OFFICIAL_BLOCKS = (0, 4, 8, 12, 51, 55, 59, 63)  # the big Stage C's ResBlocks the released ones feed
 
 
 @dataclass(frozen=True)
-class ControlNetType:
-    """One official ControlNet config (``configs/inference/controlnet_c_3b_*.yaml``): which checkpoint,
-    which bottleneck and input channels, which Stage C blocks, which filter with which settings."""
+class _ControlNetType:
+    """One official config (configs/inference/controlnet_c_3b_*.yaml): users pick it by name."""
 
     name: str
+    file: ModelFile
     description: str
-    file: ModelFile | None  # None: defined in the official code, never released
     c_in: int
-    bottleneck_mode: BottleneckMode
-    proj_blocks: tuple[int, ...]
-    filter: Filter
+    bottleneck_mode: str
+    filter: str
     filter_params: Mapping[str, float] = field(default_factory=dict)
+    proj_blocks: tuple[int, ...] = _OFFICIAL_BLOCKS
 
 
-CONTROLNET_TYPES: dict[str, ControlNetType] = {
-    "canny": ControlNetType(
-        "canny",
-        "follow the edges of a picture (OpenCV Canny)",
-        files._CONTROLNETS["canny"],
-        c_in=1,
-        bottleneck_mode="effnet",
-        proj_blocks=OFFICIAL_BLOCKS,
-        filter="canny",
-        filter_params={"resize": 224, "low": 100, "high": 200},
-    ),
-    "inpainting": ControlNetType(
-        "inpainting",
-        "repaint the masked part of a picture (inpainting, outpainting)",
-        files._CONTROLNETS["inpainting"],
-        c_in=4,
-        bottleneck_mode="effnet",
-        proj_blocks=OFFICIAL_BLOCKS,
-        filter="inpaint",
-    ),
-    "super_resolution": ControlNetType(
-        "super_resolution",
-        "EfficientNet features of the half-size picture → the full-size picture",
-        files._CONTROLNETS["super_resolution"],
-        c_in=16,
-        bottleneck_mode="large",
-        proj_blocks=OFFICIAL_BLOCKS,
-        filter="super_resolution",
-        filter_params={"scale_factor": 0.5},
-    ),
-    "face_identity": ControlNetType(
-        "face_identity",
-        "ArcFace identity vectors of detected faces (never released)",
-        None,
-        c_in=512,
-        bottleneck_mode="simple",
-        proj_blocks=tuple(range(64)),
-        filter="identity",
-    ),
-}
+CONTROLNET_TYPES: dict[str, _ControlNetType] = {
+    name: _ControlNetType(name, files._CONTROLNETS[name], *config)
+    for name, *config in [
+        ("canny", "follow the edges of a picture (OpenCV Canny)", 1, "effnet", "canny",
+         {"resize": 224, "low": 100, "high": 200}),
+        ("inpainting", "repaint the masked part of a picture (inpainting, outpainting)", 4, "effnet", "inpaint"),
+        ("super_resolution", "EfficientNet features of the half-size picture → the full-size one", 16, "large",
+         "super_resolution", {"scale_factor": 0.5}),
+    ]
+}  # fmt: skip
 
 
-def controlnet_type(kind: str | ControlNetType) -> ControlNetType:
-    if isinstance(kind, ControlNetType):
-        return kind
-    if kind not in CONTROLNET_TYPES:
-        raise KeyError(f"unknown ControlNet {kind!r}: use one of {', '.join(CONTROLNET_TYPES)}")
-    return CONTROLNET_TYPES[kind]
-
-
-def released_file(kind: ControlNetType) -> ModelFile:
-    if kind.file is None:
-        raise ControlNetNotReleasedError(
-            f"the {kind.name} ControlNet is defined in the official code, but its checkpoint was never "
-            f"published (it was uploaded to the Hub and deleted): there is nothing to load"
+def _controlnet_type(kind: str) -> _ControlNetType:
+    """A ControlNet by name; one message for a typo and for the never-released face_identity."""
+    if kind in CONTROLNET_TYPES:
+        return CONTROLNET_TYPES[kind]
+    released = ", ".join(CONTROLNET_TYPES)
+    if kind == "face_identity":
+        raise ValueError(
+            "the face_identity ControlNet is defined in the official code, but its checkpoint was never "
+            f"published (it was uploaded to the Hub and deleted): there is nothing to load. Released: {released}"
         )
-    return kind.file
+    raise ValueError(f"unknown ControlNet {kind!r}: use one of {released}")
 
 
-# --- reading a checkpoint ------------------------------------------------------------------------------
+def _fed_blocks(unet: nn.Module, kind: _ControlNetType) -> list[int]:
+    """The official blocks this Stage C has (the tiny one: 0, 4): one projection each in a file."""
+    count = len(resblock_order(unet))
+    return [block for block in kind.proj_blocks if block < count]
 
 
-@dataclass(frozen=True)
-class ControlNetShape:
-    """What a ControlNet file holds, read from its safetensors header."""
-
-    bottleneck_mode: BottleneckMode
-    c_in: int
-    c_proj: int
-    projections: int
-    large: LargeBottleneck | None = None
-
-    def matches(self, kind: ControlNetType) -> bool:
-        return (self.bottleneck_mode, self.c_in) == (kind.bottleneck_mode, kind.c_in)
-
-    def describe(self) -> str:
-        known = [k.name for k in CONTROLNET_TYPES.values() if self.matches(k)]
-        what = f"the {known[0]} ControlNet" if known else "an unknown ControlNet"
-        return f"{what} ({self.bottleneck_mode!r} bottleneck, {self.c_in} input channels)"
-
-
-def _count(tensors: Mapping[str, _TensorInfo], pattern: str) -> int:
-    return len({m.group(1) for key in tensors if (m := re.fullmatch(pattern, key))})
-
-
-def controlnet_shape(tensors: Mapping[str, _TensorInfo]) -> ControlNetShape:
-    """Bottleneck mode, input channels, projection width and count (and 'large' widths) of a file."""
+def _controlnet_shape(tensors: Mapping[str, _TensorInfo]) -> tuple[str, int, int, int]:
+    """Bottleneck, input channels, projection width and count from the header: what a file is."""
     try:
         c_proj = tensors["projections.0.2.weight"].shape[0]
-        projections = _count(tensors, r"projections\.(\d+)\.0\.weight")
+        projections = len({m[1] for k in tensors if (m := re.fullmatch(r"projections\.(\d+)\.0\.weight", k))})
         if "backbone.0.1.running_mean" in tensors:  # EfficientNet: stem convolution + BatchNorm
-            return ControlNetShape("effnet", tensors["backbone.0.0.weight"].shape[1], c_proj, projections)
-        first = tensors["backbone.0.weight"].shape
-        if "backbone.3.blocks.0.weight" in tensors:
-            blocks = _count(tensors, r"backbone\.(\d+)\.blocks\.0\.weight")
-            large = LargeBottleneck(
-                expand=first[0],
-                hidden=tensors["backbone.2.weight"].shape[0],
-                blocks=blocks,
-                out=tensors[f"backbone.{3 + blocks}.weight"].shape[0],
-            )
-            return ControlNetShape("large", first[1], c_proj, projections, large)
-        return ControlNetShape("simple", first[1], c_proj, projections)
+            return "effnet", tensors["backbone.0.0.weight"].shape[1], c_proj, projections
+        if "backbone.3.blocks.0.weight" in tensors:  # 1×1 convolutions, then residual blocks
+            return "large", tensors["backbone.0.weight"].shape[1], c_proj, projections
     except KeyError as missing:
         raise _WrongCheckpointError(f"not an official ControlNet checkpoint: no {missing} tensor") from None
+    raise _WrongCheckpointError("not a released ControlNet: its bottleneck is neither 'effnet' nor 'large'")
 
 
-# --- loading -------------------------------------------------------------------------------------------
-
-
-def _blocks_for(prior: Prior, kind: ControlNetType) -> tuple[int, ...]:
-    return TINY_BLOCKS if prior.architecture == "tiny" else kind.proj_blocks
-
-
-def _check_fits(path: Path, shape: ControlNetShape, kind: ControlNetType, prior: Prior, command: str) -> None:
-    if not shape.matches(kind):
+def _check_fits(
+    path: Path, tensors: Mapping[str, _TensorInfo], kind: _ControlNetType, prior: Prior, command: str
+) -> None:
+    """Another type, another Stage C width or block count: each named before loading, with what to do."""
+    bottleneck, c_in, c_proj, projections = _controlnet_shape(tensors)
+    if (bottleneck, c_in) != (kind.bottleneck_mode, kind.c_in):
+        known = [
+            k.name for k in CONTROLNET_TYPES.values() if (k.bottleneck_mode, k.c_in) == (bottleneck, c_in)
+        ]
         raise _WrongCheckpointError(
-            f"{path} holds {shape.describe()}, but the {kind.name} ControlNet was asked for "
-            f"({kind.bottleneck_mode!r} bottleneck, {kind.c_in} input channels). Load it as the type it is, "
-            f"or fetch the {kind.name} one with:\n  {command}"
+            f"{path} holds {f'the {known[0]}' if known else 'an unknown'} ControlNet ({bottleneck!r} bottleneck, "
+            f"{c_in} input channels), but the {kind.name} ControlNet was asked for ({kind.bottleneck_mode!r} "
+            f"bottleneck, {kind.c_in} input channels). Load it as the type it is, or fetch the {kind.name} one "
+            f"with:\n  {command}"
         )
     width = prior.unet.config.block_out_channels[0]
-    if shape.c_proj != width:
+    if c_proj != width:
         lite = " (Stage C lite)" if prior.architecture == "lite" else ""
         raise _WrongCheckpointError(
-            f"{path} projects to Stage C width {shape.c_proj}, but this prior{lite} has width {width}. The "
+            f"{path} projects to Stage C width {c_proj}, but this prior{lite} has width {width}. The "
             f"released ControlNets were trained for the big Stage C only: load_prior(models_dir, 'big')."
         )
-    blocks = _blocks_for(prior, kind)
-    if shape.projections != len(blocks):
+    if projections != len(blocks := _fed_blocks(prior.unet, kind)):
         raise _WrongCheckpointError(
-            f"{path} has {shape.projections} projections, but the {kind.name} config feeds "
-            f"{len(blocks)} Stage C blocks {list(blocks)}"
+            f"{path} has {projections} projections, but the {kind.name} config feeds {len(blocks)} blocks "
+            f"of this Stage C {blocks}"
         )
 
 
-def load_controlnet(source: str | Path, kind: str | ControlNetType, prior: Prior) -> ControlNet:
+def load_controlnet(source: str | Path, kind: str, prior: Prior) -> ControlNet:
     """A released ControlNet from a models folder (``controlnet/<name>.safetensors``) or a file, on the
-    prior's device in the prior's dtype. Checked first: the file is complete, it holds the ControlNet
-    type asked for, and it fits this Stage C (the released ones fit the big Stage C only).
+    prior's device in its dtype, checked first: a missing file (``MissingModelFileError``, with the
+    command that fetches it), a damaged one (``CheckpointError``), another type, or one for another Stage C
+    width or block count (``_WrongCheckpointError``: the released ones fit the big Stage C only).
 
     Args:
         source: a models folder, or the ControlNet's safetensors file itself.
-        kind: "canny", "inpainting" or "super_resolution" (a key of :data:`CONTROLNET_TYPES`), or a type.
-        prior: the loaded prior it will steer: its device, dtype, width and architecture.
+        kind: "canny", "inpainting" or "super_resolution" (a key of :data:`CONTROLNET_TYPES`).
+        prior: the loaded prior it will steer.
 
     Returns:
         The ControlNet in eval mode, gradients off.
-
-    Raises:
-        MissingModelFileError: the folder lacks the file (with the command that fetches it).
-        WrongCheckpointError: another ControlNet type, or one for another Stage C width or block count.
-        CheckpointError: the file is damaged or cut short.
-        ControlNetNotReleasedError: a type never published (face_identity).
-        KeyError: an unknown kind.
     """
     from accelerate import init_empty_weights
     from safetensors.torch import load_file
 
-    kind = controlnet_type(kind)
-    file = released_file(kind)
+    kind = _controlnet_type(kind)
     path = Path(source)
-    command = _fetch_command(path, [file]) if path.is_dir() else files.download_command([file])
+    command = _fetch_command(path, [kind.file]) if path.is_dir() else files.download_command([kind.file])
     if path.is_dir():
-        _check_present(path, [file])
-        path = path / file.path
+        _check_present(path, [kind.file])
+        path = path / kind.file.path
     info, _ = _inspect_file(path, "controlnet", None, lambda: command)
-    shape = controlnet_shape(info.tensors)
-    _check_fits(path, shape, kind, prior, command)
+    _check_fits(path, info.tensors, kind, prior, command)
+    width = prior.unet.config.block_out_channels[0]
     with init_empty_weights():
-        controlnet = ControlNet(
-            kind.c_in,
-            shape.c_proj,
-            _blocks_for(prior, kind),
-            kind.bottleneck_mode,
-            large=shape.large or LargeBottleneck(),
-        )
+        controlnet = ControlNet(kind.c_in, width, _fed_blocks(prior.unet, kind), kind.bottleneck_mode)
     state = {k: v.to(prior.dtype) if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
     controlnet.load_state_dict(state, strict=True, assign=True)
     return controlnet.to(prior.device).eval().requires_grad_(False)

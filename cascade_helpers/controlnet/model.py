@@ -1,9 +1,7 @@
-"""The official Stage C ControlNet module, and how its outputs reach diffusers' Stage C.
-
-:class:`ControlNet` has the official parameter names and shapes, so the released files load strictly.
-:func:`inject_controlnet` adds its outputs to a diffusers ``StableCascadeUNet`` with forward pre-hooks,
-giving the official Stage C's output; :func:`controlled_denoiser` is the sampler's denoiser with that
-hook, for the ``cnet`` input the official Stage C takes.
+"""The official Stage C ControlNet module (its parameter names: the released files load strictly), and
+:func:`inject_controlnet`, which adds its outputs to diffusers' Stage C (no ControlNet of its own) as the
+official Stage C adds its ``cnet``. ResBlocks are numbered in the order a forward pass runs them, down
+path then up path: the big Stage C has 64; the released ControlNets feed 0, 4, 8, 12, 51, 55, 59, 63.
 """
 
 from __future__ import annotations
@@ -11,8 +9,6 @@ from __future__ import annotations
 import contextlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torchvision
@@ -23,24 +19,13 @@ from ..effnet import _EFFNET_CHANNELS
 from ..float16 import _hidden_scale
 from ..sampling import Denoiser, unet_denoiser
 
-BottleneckMode = Literal["effnet", "simple", "large"]
 ControlOutputs = Sequence[torch.Tensor | None]
 
-EFFNET_STEM_CHANNELS = 24
-#: the Stage C ResBlocks the released ControlNets feed (of the big Stage C's 64)
-OFFICIAL_BLOCKS = (0, 4, 8, 12, 51, 55, 59, 63)
-
-
-@dataclass(frozen=True)
-class LargeBottleneck:
-    """Widths of the 'large' bottleneck (the super-resolution ControlNet's). The official code fixes
-    them (169 M parameters; 203 M with the projections, the released 814 MB float32 file); only the
-    tiny test models use smaller ones, with the same names."""
-
-    expand: int = 4096 * 4
-    hidden: int = 1024
-    blocks: int = 8
-    out: int = _EFFNET_CHANNELS
+_EFFNET_STEM_CHANNELS = 24
+# the 'large' bottleneck of the super-resolution ControlNet, as the official code fixes it (169 M
+# parameters; 203 M with the projections: the released 814 MB float32 file)
+_LARGE_EXPAND, _LARGE_HIDDEN, _LARGE_BLOCKS = 4096 * 4, 1024, 8
+_BOTTLENECKS = ("effnet", "large")
 
 
 class _LayerNorm2d(nn.LayerNorm):
@@ -50,97 +35,69 @@ class _LayerNorm2d(nn.LayerNorm):
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
-class CNetResBlock(nn.Module):
-    """The residual block of the 'large' bottleneck (official ``CNetResBlock``)."""
+class _CNetResBlock(nn.Module):
+    """The residual block of the 'large' bottleneck (official ``CNetResBlock``): its names are the file's."""
 
     def __init__(self, c: int) -> None:
         super().__init__()
-        self.blocks = nn.Sequential(
-            _LayerNorm2d(c),
-            nn.GELU(),
-            nn.Conv2d(c, c, kernel_size=3, padding=1),
-            _LayerNorm2d(c),
-            nn.GELU(),
-            nn.Conv2d(c, c, kernel_size=3, padding=1),
-        )
+        twice = [
+            layer for _ in range(2) for layer in (_LayerNorm2d(c), nn.GELU(), nn.Conv2d(c, c, 3, padding=1))
+        ]
+        self.blocks = nn.Sequential(*twice)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.blocks(x)
 
 
 def _effnet_backbone(c_in: int) -> nn.Module:
+    """torchvision's EfficientNetV2-S features with the official stem for ``c_in`` channels."""
     # weights=None: nothing is downloaded, every value comes from the ControlNet checkpoint
     backbone = torchvision.models.efficientnet_v2_s(weights=None).features
     if c_in != 3:  # the official replacement stem has no padding, unlike torchvision's
-        backbone[0][0] = nn.Conv2d(c_in, EFFNET_STEM_CHANNELS, kernel_size=3, stride=2, bias=False)
+        backbone[0][0] = nn.Conv2d(c_in, _EFFNET_STEM_CHANNELS, kernel_size=3, stride=2, bias=False)
     return backbone
 
 
-def _simple_backbone(c_in: int) -> nn.Module:
+def _large_backbone(c_in: int) -> nn.Module:
+    """The super-resolution ControlNet's bottleneck: 1×1 convolutions around eight residual blocks."""
     return nn.Sequential(
-        nn.Conv2d(c_in, c_in * 4, kernel_size=3, padding=1),
+        nn.Conv2d(c_in, _LARGE_EXPAND, kernel_size=1),
         nn.LeakyReLU(0.2, inplace=True),
-        nn.Conv2d(c_in * 4, c_in, kernel_size=3, padding=1),
-    )
-
-
-def _large_backbone(c_in: int, size: LargeBottleneck) -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(c_in, size.expand, kernel_size=1),
-        nn.LeakyReLU(0.2, inplace=True),
-        nn.Conv2d(size.expand, size.hidden, kernel_size=1),
-        *[CNetResBlock(size.hidden) for _ in range(size.blocks)],
-        nn.Conv2d(size.hidden, size.out, kernel_size=1),
+        nn.Conv2d(_LARGE_EXPAND, _LARGE_HIDDEN, kernel_size=1),
+        *[_CNetResBlock(_LARGE_HIDDEN) for _ in range(_LARGE_BLOCKS)],
+        nn.Conv2d(_LARGE_HIDDEN, _EFFNET_CHANNELS, kernel_size=1),
     )
 
 
 def _projection(channels: int, c_proj: int) -> nn.Sequential:
+    """One block's projection; its last layer starts at zero, as in official training."""
     projection = nn.Sequential(
         nn.Conv2d(channels, channels, kernel_size=1, bias=False),
         nn.LeakyReLU(0.2, inplace=True),
         nn.Conv2d(channels, c_proj, kernel_size=1, bias=False),
     )
-    nn.init.zeros_(projection[-1].weight)  # as in official training: a fresh ControlNet changes nothing
+    nn.init.zeros_(projection[-1].weight)  # a fresh ControlNet changes nothing
     return projection
 
 
 class ControlNet(nn.Module):
-    """The official Stage C ControlNet, with its parameter names and shapes.
-
-    ``c_in`` channels of control picture go through the bottleneck (``'effnet'``: EfficientNetV2-S
-    features, its stem replaced when ``c_in`` ≠ 3; ``'simple'``: two 3×3 convolutions; ``'large'``: 1×1
-    convolutions and residual blocks, sized by ``large``), then one projection to ``c_proj`` channels
-    (Stage C's width) per entry of ``proj_blocks``.
-
-    ``forward`` returns a list of length ``max(proj_blocks) + 1``: at each position in ``proj_blocks``
-    the projection for that Stage C ResBlock, at the bottleneck's resolution; None elsewhere.
-    """
+    """The official ControlNet: ``c_in`` channels through the bottleneck (``'effnet'``: EfficientNetV2-S,
+    canny's and inpainting's; ``'large'``: super-resolution's; the official ``'simple'`` one served only
+    the never-released face-identity ControlNet), then a projection to ``c_proj`` channels per entry of
+    ``proj_blocks``. ``forward`` returns ``max(proj_blocks) + 1`` entries, None where no block is fed."""
 
     def __init__(
-        self,
-        c_in: int = 3,
-        c_proj: int = 2048,
-        proj_blocks: Sequence[int] = OFFICIAL_BLOCKS,
-        bottleneck_mode: BottleneckMode = "effnet",
-        *,
-        large: LargeBottleneck = LargeBottleneck(),
+        self, c_in: int, c_proj: int, proj_blocks: Sequence[int], bottleneck_mode: str = "effnet"
     ) -> None:
         super().__init__()
         if not proj_blocks or min(proj_blocks) < 0:
             raise ValueError(f"proj_blocks must list ResBlock positions (0, 1, ...), not {proj_blocks!r}")
+        if bottleneck_mode not in _BOTTLENECKS:
+            raise ValueError(f"unknown bottleneck_mode {bottleneck_mode!r}: use 'effnet' or 'large'")
         self.c_in = c_in
         self.proj_blocks = list(proj_blocks)
-        if bottleneck_mode == "effnet":
-            self.backbone, channels = _effnet_backbone(c_in), _EFFNET_CHANNELS
-        elif bottleneck_mode == "simple":
-            self.backbone, channels = _simple_backbone(c_in), c_in
-        elif bottleneck_mode == "large":
-            self.backbone, channels = _large_backbone(c_in, large), large.out
-        else:
-            raise ValueError(
-                f"unknown bottleneck_mode {bottleneck_mode!r}: use 'effnet', 'simple' or 'large'"
-            )
-        self.projections = nn.ModuleList(_projection(channels, c_proj) for _ in self.proj_blocks)
+        self.backbone = _effnet_backbone(c_in) if bottleneck_mode == "effnet" else _large_backbone(c_in)
+        self.projections = nn.ModuleList(_projection(_EFFNET_CHANNELS, c_proj) for _ in self.proj_blocks)
 
     def forward(self, control_image: torch.Tensor) -> list[torch.Tensor | None]:
         features = self.backbone(control_image)
@@ -148,9 +105,6 @@ class ControlNet(nn.Module):
         for block, projection in zip(self.proj_blocks, self.projections, strict=True):
             outputs[block] = projection(features)
         return outputs
-
-
-# --- injection into diffusers' StableCascadeUNet -------------------------------------------------------
 
 
 def resblock_order(unet: nn.Module) -> list[nn.Module]:
@@ -168,9 +122,15 @@ def resblock_order(unet: nn.Module) -> list[nn.Module]:
 
 
 def _check_control_outputs(order: list[nn.Module], control_outputs: ControlOutputs) -> None:
+    """Controls that do not fit this Stage C are named before the UNet runs, not as a shape error inside it."""
     for position, control in enumerate(control_outputs):
         if control is None:
             continue
+        if not control.is_floating_point():  # int8 features would be added as their integer values
+            raise ValueError(
+                f"control features for ResBlock {position} are {control.dtype}, not floating point: pass "
+                "what the ControlNet returns (control_features)"
+            )
         if position >= len(order):
             raise ValueError(
                 f"control features for ResBlock {position}, but this Stage C has {len(order)} ResBlocks "
@@ -186,6 +146,7 @@ def _check_control_outputs(order: list[nn.Module], control_outputs: ControlOutpu
 
 
 def _add_control(x: torch.Tensor, control: torch.Tensor, position: int, scale: int) -> torch.Tensor:
+    """The official ``x + F.interpolate(cnet, x.shape[-2:])``, with the batch the call runs on checked."""
     if control.shape[0] not in (1, x.shape[0]):
         raise ValueError(
             f"control features for ResBlock {position} hold {control.shape[0]} pictures, but Stage C runs on "
@@ -200,25 +161,18 @@ def _add_control(x: torch.Tensor, control: torch.Tensor, position: int, scale: i
 def inject_controlnet(unet: nn.Module, control_outputs: ControlOutputs) -> Iterator[nn.Module]:
     """While open, every call of ``unet`` (a diffusers ``StableCascadeUNet``) adds
     ``control_outputs[i]`` to the input of its ResBlock ``i``, bilinearly resized to that block's size,
-    as the official Stage C does with its ``cnet`` argument. None entries, and positions past the end
-    of a shorter list, add nothing. The count starts again at every UNet call (a sampling loop calls it
-    many times); on leaving, the hooks are removed and the UNet is exactly as before.
-
-    Each ResBlock module knows its own position(s), so blocks that gradient checkpointing runs again
-    during the backward pass get the same control as in the forward pass: call ``backward`` inside the
-    context too.
+    as the official Stage C does with its ``cnet`` argument; None entries, and positions past the end of
+    a shorter list, add nothing. On leaving, the hooks are removed. Each ResBlock knows its position(s),
+    so gradient checkpointing's reruns get the same control: call ``backward`` inside the context too.
 
     Args:
         unet: Stage C's UNet.
         control_outputs: one entry per ResBlock position (:func:`resblock_order`): features
-            B×2048×h×w for the big Stage C (B: 1 or the batch the UNet runs on), or None.
+            B×2048×h×w for the big Stage C (B: 1 or the batch the UNet runs on), or None. Features for a
+            position this Stage C lacks, of another width, batch or dtype raise a ValueError.
 
     Yields:
         ``unet``, hooked.
-
-    Raises:
-        ValueError: features for a position this Stage C lacks, or of the wrong channel count (a
-            ControlNet for another Stage C width); on a call, features for another batch size.
     """
     order = resblock_order(unet)
     _check_control_outputs(order, control_outputs)
@@ -249,19 +203,8 @@ def inject_controlnet(unet: nn.Module, control_outputs: ControlOutputs) -> Itera
             handle.remove()
 
 
-def controlled_denoiser(unet: nn.Module, dtype: torch.dtype) -> Denoiser:
-    """:func:`cascade_helpers.sampling.unet_denoiser` that also takes a ``cnet`` input (ControlNet
-    features, the official Stage C's argument name) and adds it to the UNet's ResBlocks during the
-    call (:func:`inject_controlnet`).
-
-    Args:
-        unet: Stage C's UNet.
-        dtype: the dtype it was loaded in.
-
-    Returns:
-        The denoiser, ``denoiser(x, r, cnet=None, **inputs)``; without ``cnet`` it is plain
-        :func:`~cascade_helpers.sampling.unet_denoiser`.
-    """
+def _controlled_denoiser(unet: nn.Module, dtype: torch.dtype) -> Denoiser:
+    """The sampler joins cnet (the official name) into the guidance batch; this adds it."""
     denoise = unet_denoiser(unet, dtype)
 
     def controlled(

@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..atomic import _save_safetensors
-from ..conditioning import encode_image_clip, encode_text
+from ..conditioning import _encode_image_clip, encode_text
 from ..effnet import encode as effnet_encode
 from ..images import resize_and_crop
 from ..models import Prior
@@ -107,7 +107,7 @@ def _cache_images(
             # as official training encodes: already at the bucket size, ImageNet normalization only
             tensors = {"latents": effnet_encode(effnet, cropped[None], downscale=False)[0]}
             if with_image_embeds:
-                tensors["image_embeds"] = encode_image_clip(prior, cropped[None])[0]
+                tensors["image_embeds"] = _encode_image_clip(prior, cropped[None])[0]
             return tensors
 
         tensors = _load_or_compute(path, compute, report, "latents")

@@ -13,12 +13,11 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-import PIL.ExifTags
 import PIL.Image
 import torch
 
 from ..atomic import _atomic_path, _write_text
-from ..images import image_to_tensor, images_in_folder, scale_short_side
+from ..images import _images_in_folder, _scale_short_side, _upright_size, image_to_tensor
 from ..sizes import _DOWNSCALE, _STRIDE
 from .config import TrainingError
 
@@ -64,11 +63,9 @@ def _picture_size(path: Path) -> tuple[int, int]:
     """Why: the bucket comes from the header, as shown (EXIF orientation 5–8 turned): no decoding."""
     try:
         with PIL.Image.open(path) as opened:
-            width, height = opened.size
-            turned = opened.getexif().get(PIL.ExifTags.Base.Orientation) in (5, 6, 7, 8)
+            return _upright_size(opened)
     except _UNREADABLE as error:
         raise _unreadable(path, error) from error
-    return (height, width) if turned else (width, height)
 
 
 def _scaled_size(height: int, width: int, max_side: int | None) -> tuple[int, int]:
@@ -87,7 +84,7 @@ def _read_picture(path: Path, max_side: int | None = None) -> torch.Tensor:
     except _UNREADABLE as error:
         raise _unreadable(path, error) from error
     if max_side and min(picture.shape[-2:]) > max_side:
-        picture = scale_short_side(picture, max_side)
+        picture = _scale_short_side(picture, max_side)
     return picture
 
 
@@ -98,7 +95,7 @@ def _folder_images(
     if not folder.is_dir():
         raise TrainingError(f"no folder of training pictures at {folder}")
     found = []
-    for path in images_in_folder(folder):
+    for path in _images_in_folder(folder):
         width, height = _picture_size(path)
         if min(width, height) < min_image_size:
             skipped.append(f"{path} ({width}×{height})")

@@ -349,7 +349,7 @@ class LoraTrainer:
                 f"another training run is writing into {self.output_dir} (it holds {lock.lock_file}): wait until "
                 "it ends, or give this run another output_dir"
             ) from None
-        with held:  # what a killed run left: atomic.atomic_path's hidden temporaries (a kill -9 mid-save)
+        with held:  # what a killed run left: atomic._atomic_path's hidden temporaries (a kill -9 mid-save)
             for stale in (s for folder in _OWN_FOLDERS for s in (self.output_dir / folder).glob(".*.tmp")):
                 shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
             yield
