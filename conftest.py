@@ -25,6 +25,8 @@ NOTEBOOK_ENV = {
     "CASCADE_NUM_IMAGES": "2",
     "CASCADE_TRAIN_STEPS": "4",
     "CASCADE_TRAIN_RESOLUTION": "512",  # lora.ipynb: the smallest size validation pictures allow
+    "CASCADE_STAGE_C": "big",  # not "auto": the same sizes on every machine (tests/test_colab.py runs "auto")
+    "CASCADE_STAGE_B": "big",
     "HF_HUB_OFFLINE": "1",
     "MPLBACKEND": "Agg",
 }

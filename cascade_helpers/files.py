@@ -160,6 +160,55 @@ def _essential_files(precision: _Precision) -> list[ModelFile]:
     ]
 
 
+#: what each notebook reads with its default parameters, by registry name (the stages: at the sizes chosen)
+_NOTEBOOK_READS: dict[str, tuple[str, ...]] = {
+    "text_to_image": ("essential", "stage_b", "stage_c"),
+    "lora": ("essential", "stage_b", "stage_c", "lora"),
+    "controlnet": (
+        *("text_encoder_config", "text_encoder", "tokenizer", "stage_b", "stage_c"),
+        *("stage_a", "effnet", "previewer", "controlnet"),
+    ),
+    "reconstruct_images": (
+        "effnet",
+        "stage_b",
+        "stage_a",
+        "text_encoder_config",
+        "text_encoder",
+        "tokenizer",
+    ),
+}
+
+
+def notebook_files(
+    notebook: str, stage_c: Size = "big", stage_b: Size = "big", precision: _Precision = "bf16"
+) -> list[ModelFile]:
+    """The files a notebook reads, for its download cell: the registry decides, not a list in each notebook.
+
+    Args:
+        notebook: the notebook's name without ``.ipynb`` (``"text_to_image"``, ``"controlnet"``, ...).
+        stage_c, stage_b: the sizes chosen, ``"big"`` or ``"lite"`` (ignored where a notebook reads none).
+        precision: ``"bf16"`` (half the download; the loaders cast) or ``"fp32"``.
+
+    Returns:
+        The :class:`ModelFile` entries, each once, in the download script's order.
+    """
+    if notebook not in _NOTEBOOK_READS:
+        raise ValueError(f"unknown notebook {notebook!r}: use one of {', '.join(_NOTEBOOK_READS)}")
+    if precision not in _PRECISIONS:
+        raise ValueError(f"precision={precision!r}: use 'bf16' or 'fp32'")
+    stage_c, stage_b = _check_size(stage_c, "stage_c"), _check_size(stage_b, "stage_b")
+    by_name = {
+        "essential": _essential_files(precision),
+        "stage_c": [STAGE_C[stage_c][precision]],
+        "stage_b": [STAGE_B[stage_b][precision]],
+        "controlnet": list(_CONTROLNETS.values()),
+        "lora": [LORA_FERNANDO],
+        **{name: [weights[precision]] for name, weights in _WEIGHTS.items()},
+        **{name: [file] for name, file in _FILES.items()},
+    }
+    return list(dict.fromkeys(f for name in _NOTEBOOK_READS[notebook] for f in by_name[name]))
+
+
 def _all_files() -> list[ModelFile]:
     """Every entry of the registry once: what the tests check names, sizes and commands over."""
     stages = [

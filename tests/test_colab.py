@@ -34,19 +34,20 @@ SECRET = "hf_colab_secret_never_printed"
 TOKENIZER = {"tokenizer/merges.txt", "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json"}
 TOKENIZER |= {"tokenizer/vocab.json"}
 TEXT = {"text_encoder/config.json", "text_encoder/model.bf16.safetensors"} | TOKENIZER
-BIG_BIG = {"stage_b_bf16.safetensors", "stage_c_bf16.safetensors"}
-# What each notebook reads with its default parameters, written out from its load calls (not from its cells)
-READS = {
-    "text_to_image": ESSENTIAL["bfloat16"] | BIG_BIG,
-    "lora": ESSENTIAL["bfloat16"] | BIG_BIG | {"lora_fernando_10k.safetensors"},
-    "controlnet": TEXT
-    | BIG_BIG
-    | CONTROLNETS
-    | {"stage_a.safetensors", "effnet_encoder.safetensors"}
-    | {"previewer.safetensors"},
-    "reconstruct_images": TEXT
-    | {"stage_b_bf16.safetensors", "stage_a.safetensors", "effnet_encoder.safetensors"},
-}
+
+
+def reads(notebook: str, stage_c: str, stage_b: str) -> set[str]:
+    """What a notebook reads at these sizes, written out from its load calls (not from its cells)."""
+    stage_b_file = f"stage_b{'_lite' * (stage_b == 'lite')}_bf16.safetensors"
+    stages = {f"stage_c{'_lite' * (stage_c == 'lite')}_bf16.safetensors", stage_b_file}
+    decoding = {"stage_a.safetensors", "effnet_encoder.safetensors"}
+    return {
+        "text_to_image": ESSENTIAL["bfloat16"] | stages,
+        "lora": ESSENTIAL["bfloat16"] | stages | {"lora_fernando_10k.safetensors"},
+        "controlnet": TEXT | stages | CONTROLNETS | decoding | {"previewer.safetensors"},
+        "reconstruct_images": TEXT | {stage_b_file} | decoding,
+    }[notebook]
+
 
 USERDATA = f'''"""Colab's secrets API as the notebooks use it (google.colab.userdata)."""
 
@@ -78,7 +79,9 @@ get_ipython().register_magic_function(_pip, "line", "pip")
 """
 PROBE = """\
 import json
-print(json.dumps({"cwd": os.getcwd(), "models": str(MODELS_DIR.resolve()), "token": "HF_TOKEN" in os.environ}))
+stages = [globals().get("STAGE_C", "big"), globals().get("STAGE_B", "big")]  # "auto" resolved by the download cell
+print(json.dumps({"cwd": os.getcwd(), "models": str(MODELS_DIR.resolve()), "token": "HF_TOKEN" in os.environ,
+                  "stages": stages}))
 """
 
 
@@ -165,10 +168,17 @@ def test_setup_and_download_cells_in_a_simulated_colab(colab, hub, notebook):
     next(runs, None)  # the kernel shuts down
 
     assert probed(first[-1]) == probed(second[-1])
-    assert probed(first[-1]) == {"cwd": str(project), "models": str(project / "models"), "token": True}
+    stage_c, stage_b = probed(first[-1]).pop("stages")
+    assert probed(first[-1]) == {
+        "cwd": str(project),
+        "models": str(project / "models"),
+        "token": True,
+        "stages": [stage_c, stage_b],
+    }
+    assert {stage_c, stage_b} <= {"big", "lite"}  # "auto" became the planner's choice
     assert (project / "download_models.sh").is_file()
     assert not (project / project.name).exists()  # no clone inside the clone
-    assert_fetched(hub, project / "models", READS[notebook.stem])
+    assert_fetched(hub, project / "models", reads(notebook.stem, stage_c, stage_b))
     assert tree(content) == after_first and hub.fetched_paths() == []  # the second run changed nothing
     assert SECRET not in outputs(first + second)
     assert len(pips) == 1 and pip_calls.read_text().splitlines() == pips  # installed once, not again
@@ -256,15 +266,15 @@ def colab_rows() -> list[str]:
     weight, and what waits in RAM under model offload (all but Stage A, EfficientNet and previewer)."""
     from cascade_helpers import files
 
-    small = files.STAGE_A.size + files.EFFNET.size + files.PREVIEWER.size
+    small = files._FILES["stage_a"].size + files._FILES["effnet"].size + files._FILES["previewer"].size
     rows = []
     for variant, (stage_b, stage_c) in files._VARIANTS.items():
         big = {
             p: [
                 files.STAGE_C[stage_c][p],
                 files.STAGE_B[stage_b][p],
-                files.TEXT_ENCODER[p],
-                files.IMAGE_ENCODER[p],
+                files._WEIGHTS["text_encoder"][p],
+                files._WEIGHTS["image_encoder"][p],
             ]
             for p in ("bf16", "fp32")
         }
