@@ -85,11 +85,11 @@ print(json.dumps({"cwd": os.getcwd(), "models": str(MODELS_DIR.resolve()), "toke
 """
 
 
-def code_cells(notebook: Path) -> tuple[str, str, str]:
-    """Setup (the first code cell), parameters (tagged) and download (the cell after it) of a notebook."""
+def code_cells(notebook: Path) -> list[str]:
+    """Setup (the first code cell), the imports, parameters (tagged) and download (the cell after it)."""
     cells = [c for c in nbformat.read(notebook, as_version=4).cells if c.cell_type == "code"]
     parameters = next(i for i, c in enumerate(cells) if "parameters" in c.metadata.get("tags", []))
-    return cells[0].source, cells[parameters].source, cells[parameters + 1].source
+    return [c.source for c in cells[: parameters + 2]]
 
 
 def tree(folder: Path) -> dict[str, tuple[int, int]]:
@@ -188,11 +188,11 @@ def test_setup_and_download_cells_in_a_simulated_colab(colab, hub, notebook):
 def test_after_a_runtime_restart_setup_reuses_the_clone(colab):
     """A restarted kernel starts in /content again, where the clone already is: no second clone."""
     content, env, pip_calls = colab
-    setup, parameters, _ = code_cells(NOTEBOOKS[0])
+    setup, *imports_and_parameters, _ = code_cells(NOTEBOOKS[0])
     project = content / OWNER_NAME.split("/")[1]
     for _ in kernel(content, env, pip_calls, [setup]):
         (project / "marker").write_text("a file of the first session")
-    (cells,) = kernel(content, env, pip_calls, [setup, parameters, PROBE])
+    (cells,) = kernel(content, env, pip_calls, [setup, *imports_and_parameters, PROBE])
     assert probed(cells[-1])["cwd"] == str(project) and (project / "marker").exists()
     assert not (project / project.name).exists() and "fatal" not in outputs(cells)  # git was not asked again
 
