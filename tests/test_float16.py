@@ -19,7 +19,6 @@ import torch
 from cascade_helpers.atomic import _save_safetensors
 from cascade_helpers.checkpoints import _unet_to_official
 from cascade_helpers.controlnet.filters import control_features
-from cascade_helpers.controlnet.kinds import TINY_BLOCKS
 from cascade_helpers.controlnet.model import ControlNet
 from cascade_helpers.devices import UnsupportedPrecisionError
 from cascade_helpers.float8 import store_in_float8
@@ -200,13 +199,14 @@ def test_an_overflowing_stage_c_gives_nan_in_float16_and_finite_latents_rescaled
 
 def test_a_controlnet_feeding_the_last_group_is_rescaled_with_it(overflowing, decoder):
     torch.manual_seed(0)
-    controlnet = ControlNet(3, 32, TINY_BLOCKS, "simple")
+    fed = (0, 2, 5, 7)  # of the tiny Stage C's 8 ResBlocks: first and last of each half
+    controlnet = ControlNet(3, 32, fed, "effnet")
     for projection in controlnet.projections:
         projection[-1].reset_parameters()
     picture = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     control = control_features(controlnet, picture)
     control[7] = control[7] * 3e4 / control[7].abs().max()  # as large as the hidden state it joins
-    assert 7 in TINY_BLOCKS  # ResBlock 7: in the last group, as 59 and 63 of the big Stage C
+    assert 7 in fed  # ResBlock 7: in the last group, as 59 and 63 of the big Stage C
     reference_prior = load_prior(overflowing, dtype="fp32", device="cpu", **TEXT_ONLY)
     reference = controlnet_to_image(reference_prior, decoder, control, "a cat", **FAST).stage_c_latents
     without_7 = [None if i == 7 else c for i, c in enumerate(control)]
