@@ -78,3 +78,27 @@ def test_human_sizes():
     assert files._human_size(int(7.18 * files._GB)) == "7.18 GB"
     assert files._human_size(int(81.5 * files._MB)) == "81.5 MB"
     assert re.fullmatch(r"\d+ kB", files._human_size(1000))
+
+
+@pytest.mark.parametrize("stage_c, stage_b", [("big", "big"), ("lite", "big"), ("big", "lite")])
+def test_a_notebook_reads_its_chosen_stages_and_each_file_once(stage_c, stage_b):
+    needed = files.notebook_files("text_to_image", stage_c=stage_c, stage_b=stage_b)
+    assert needed[-2:] == [files.STAGE_B[stage_b]["bf16"], files.STAGE_C[stage_c]["bf16"]]
+    assert len(set(needed)) == len(needed) and files._essential_files("bf16") == needed[:-2]
+    controlnet = files.notebook_files("controlnet", precision="fp32")
+    assert files._WEIGHTS["text_encoder"]["fp32"] in controlnet and set(files._CONTROLNETS.values()) <= set(
+        controlnet
+    )
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (("text2image",), "unknown notebook 'text2image': use one of text_to_image, lora, controlnet"),
+        (("lora", "small"), "stage_c must be 'big' or 'lite', not 'small'"),
+        (("lora", "big", "big", "bfloat16"), "precision='bfloat16': use 'bf16' or 'fp32'"),
+    ],
+)
+def test_a_notebook_name_size_or_precision_mistyped_is_refused(arguments, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        files.notebook_files(*arguments)
