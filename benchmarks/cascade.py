@@ -76,6 +76,8 @@ from torch import nn
 from cascade_helpers.checkpoints import config_dir
 from cascade_helpers.devices import _MEMORY_MODES, _group_offload, _place, pick_dtype
 from cascade_helpers.files import _VARIANTS
+from cascade_helpers.float8 import store_in_float8
+from cascade_helpers.float16 import rescale_for_float16
 from cascade_helpers.generation import text_to_image
 from cascade_helpers.models import Decoder, Prior
 from cascade_helpers.sampling import DIFFUSERS_DECODER, DIFFUSERS_PRIOR, OFFICIAL_DECODER, OFFICIAL_PRIOR
@@ -303,6 +305,7 @@ class Setup:
     architectures: dict[str, str]  # stage_c, stage_b
     repeats: int
     parts: dict[str, Part] = field(default_factory=dict)  # text, stage_c, stage_b, stage_a
+    float8: bool = False  # ours: Stage C's and B's weights stored in float8, as load_prior(float8=True)
 
 
 def _compile(*unets: nn.Module) -> None:
@@ -320,6 +323,11 @@ def ours(
     s, dtype = setup, setup.dtype
     text_encoder, stage_c, stage_b = (s.parts[k].fresh(dtype) for k in ("text", "stage_c", "stage_b"))
     vqgan = s.parts["stage_a"].fresh(torch.float32)  # the loader keeps Stage A in float32
+    if dtype == torch.float16:  # as load_prior(dtype="fp16") does: the last group rescaled (calibrated)
+        rescale_for_float16(stage_c, device=s.device)
+    if s.float8:
+        store_in_float8(stage_c, dtype)
+        store_in_float8(stage_b, dtype)
     if compiled:
         _compile(stage_c, stage_b)
     for module, stage in ((text_encoder, "text encoding"), (stage_c, "Stage C"), (stage_b, "Stage B")):
@@ -634,7 +642,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per row (the fastest is shown)")
     parser.add_argument(
-        "--dtype", choices=("bf16", "fp32"), help="default: bf16 on GPUs that have it, else fp32"
+        "--dtype",
+        choices=("bf16", "fp16", "fp32"),
+        help="default: bf16 on GPUs that have it natively, fp16 on other GPUs, else fp32 (fp16: ours rescales "
+        "Stage C as load_prior does; diffusers' pipeline runs it as it is)",
+    )
+    parser.add_argument(
+        "--float8",
+        action="store_true",
+        help="ours: Stage C's and B's weights stored in float8 (load_prior(float8=True))",
     )
     parser.add_argument("--tiny", action="store_true", help="the tiny test models (a smoke run)")
     parser.add_argument(
@@ -655,7 +671,7 @@ def main(argv: list[str] | None = None) -> None:
 
     where = torch.cuda.get_device_name(device) if gpu else f"CPU (torch threads: {torch.get_num_threads()})"
     print(
-        f"Stable Cascade, prompt → pixels, on {where}: torch {torch.__version__}, diffusers {diffusers.__version__}, {dtype}"
+        f"Stable Cascade, prompt → pixels, on {where}: torch {torch.__version__}, diffusers {diffusers.__version__}, {dtype}{', float8 weights (ours)' if args.float8 else ''}"
     )
     if not gpu:
         print(
@@ -699,6 +715,7 @@ def main(argv: list[str] | None = None) -> None:
                 architectures,
                 args.repeats,
                 parts,
+                args.float8,
             )
             build_parts(setup, args.tiny)
             print(

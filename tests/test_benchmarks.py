@@ -67,6 +67,40 @@ def _bytes_on_meta(build, dtype_bytes: int) -> int:
     return sum(p.numel() for p in module.parameters()) * dtype_bytes
 
 
+def test_the_float16_and_float8_smoke_run_rescales_and_stores_as_the_loaders_do(
+    cascade_benchmark, capsys, monkeypatch
+):
+    """fp16: ours rescales Stage C (calibrated, as load_prior does); --float8: Stage C's and B's weights."""
+    calls = []
+    for name in ("rescale_for_float16", "store_in_float8"):
+        real = getattr(cascade_benchmark, name)
+        monkeypatch.setattr(
+            cascade_benchmark, name, lambda *a, _real=real, _n=name, **k: calls.append(_n) or _real(*a, **k)
+        )
+    threads = torch.get_num_threads()
+    try:
+        cascade_benchmark.main(
+            [
+                "--tiny",
+                "--dtype",
+                "fp16",
+                "--float8",
+                "--threads",
+                "1",
+                "--modes",
+                "gpu",
+                "--runs",
+                "ours-official",
+            ]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "torch.float16, float8 weights (ours)" in out
+    assert re.search(rf"^\| gpu \| ours, official settings \|( {NUMBER} \|){{9}}$", out, re.MULTILINE), out
+    assert calls[:3] == ["rescale_for_float16", "store_in_float8", "store_in_float8"]
+
+
 @pytest.mark.parametrize(
     "kind,architecture,published",
     [
