@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from cascade_helpers import files
 from cascade_helpers.checkpoints import _official_shapes
 from cascade_helpers.loading import _load_unet, load_prior
-from cascade_helpers.lora.adapters import LoraError, _lora_factors, set_lora_strength
+from cascade_helpers.lora.adapters import LoraError, _lora_factors, inject_lora, set_lora_strength
 from cascade_helpers.lora.formats import (
     _comfyui_state_dict,
     _official_factors,
@@ -337,6 +337,26 @@ def test_factors_keep_their_own_rank_and_alpha(fresh_prior):
     )
     (back,) = _lora_factors(prior.unet).values()
     assert (back.rank, back.alpha) == (2, 8.0)
+
+
+@pytest.mark.parametrize("to_disk", [False, True], ids=["group_offload", "disk_offload"])
+def test_a_group_offloaded_prior_is_refused_before_anything_changes(fresh_prior, tmp_path, to_disk):
+    """memory='group_offload' / 'disk_offload' (diffusers' group offloading, here onto the CPU): its hooks
+    move the weights they found at load, so a LoRA's would be left behind; refused by name, for
+    loading a LoRA file and for a fresh one (training)."""
+    from cascade_helpers.devices import _group_offload
+    from cascade_helpers.tiny import _write_official_lora
+
+    _write_tokenizer(tmp_path)
+    path = _write_official_lora(tmp_path)
+    prior = fresh_prior()
+    vocabulary = len(prior.tokenizer)
+    _group_offload(prior.unet, torch.device("cpu"), to_disk=to_disk)
+    with pytest.raises(LoraError, match="group_offload' or 'disk_offload'.*model_offload"):
+        load_lora(prior, path, new_tokens=NEW_TOKENS)
+    with pytest.raises(LoraError, match="group_offload"):
+        inject_lora(prior.unet)
+    assert len(prior.tokenizer) == vocabulary and not _lora_factors(prior.unet)
 
 
 def test_a_sequentially_offloaded_prior_is_refused_before_anything_changes(fresh_prior, tmp_path):

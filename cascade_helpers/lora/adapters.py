@@ -49,8 +49,14 @@ def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer) and _ADAPTER in m.lora_A}
 
 
+def _group_offloaded(module: nn.Module) -> bool:
+    """Why: diffusers' group offloading keeps its hooks in a registry on the module (``_diffusers_hook``)."""
+    registry = getattr(module, "_diffusers_hook", None)
+    return registry is not None and registry.get_hook("group_offloading") is not None
+
+
 def _refuse_unadaptable(model: nn.Module) -> None:
-    """Why: one LoRA per model (a second mixes in), none on streamed (meta) weights peft cannot reach."""
+    """Why: one LoRA per model (a second mixes in), none where offloading hooks would leave its weights behind."""
     from peft.tuners.lora import LoraLayer
 
     if any(p.device.type == "meta" for p in model.parameters()):
@@ -58,6 +64,12 @@ def _refuse_unadaptable(model: nn.Module) -> None:
             "this model was loaded with memory='sequential_offload', whose weights stream in layer by layer: "
             "a LoRA cannot be added to it. Load the prior with memory='model_offload' (one big model on the "
             "GPU at a time) or memory='gpu'"
+        )
+    if any(_group_offloaded(m) for m in model.modules()):
+        raise LoraError(
+            "this model was loaded with memory='group_offload' or 'disk_offload', whose hooks move only the "
+            "weights they found when the model loaded: a LoRA's would stay behind. Load the prior with "
+            "memory='model_offload' (one big model on the GPU at a time) or memory='gpu'"
         )
     if any(isinstance(m, LoraLayer) for m in model.modules()):
         raise LoraError(
