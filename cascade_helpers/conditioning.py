@@ -119,14 +119,8 @@ def _clip_image_input(prior: Prior, images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def _encode_image_clip(prior: Prior, images: torch.Tensor) -> torch.Tensor:
-    """B×3×H×W pictures → ``clip_img`` conditioning; a ValueError without the image encoder.
-
-    Args:
-        prior, images: a prior loaded with ``image_encoder=True``, and B×3×H×W in [0, 1], not yet prepared.
-
-    Returns:
-        B×1×768 (the encoder's projection width), float32, on the prior's device.
-    """
+    """B×3×H×W pictures in [0, 1] → ``clip_img`` conditioning (B×1×768, float32); a ValueError without the
+    image encoder."""
     image_encoder = prior.require("image_encoder", "a CLIP image embedding (image variation)")
     pixels = _clip_image_input(prior, images.to(prior.device)).to(prior.dtype)
     return image_encoder(pixel_values=pixels).image_embeds.unsqueeze(1).float()

@@ -230,15 +230,7 @@ def _write_controlnets(models_dir: Path, precision: _Precision = "bf16", seed: i
     tiny Stage C has (0 and 4 of its 8). The bottlenecks are the real ones, whose shapes are fixed:
     EfficientNetV2-S, about 47 MB a file in bf16, and the super-resolution 'large' one, 346 MB. The last
     projection layers get random weights instead of the official zeros, so the control shows.
-
-    Args:
-        models_dir: the models folder.
-        precision: the tensors' dtype, "bf16" or "fp32" (the file names are the same).
-        seed: seeds the first ControlNet's weights; each next one ``seed + 1``.
-
-    Returns:
-        The files written, ``controlnet/<name>.safetensors``.
-    """
+    ``seed`` seeds the first; each next one ``seed + 1``."""
     unet = _tiny_unet("stage_c", seed)
     paths = []
     for i, kind in enumerate(CONTROLNET_TYPES.values()):
