@@ -148,6 +148,16 @@ def measure(name: str, unet: nn.Module, dtype: torch.dtype, size: int, reference
     return row
 
 
+def float8_row(kind: str, architecture: str, size: int, reference: dict) -> dict:
+    """float8 storage with bfloat16 compute, on a build of its own (freed after)."""
+    unet = build(kind, architecture, torch.bfloat16)
+    store_in_float8(unet, torch.bfloat16)
+    row = measure("float8 storage, bfloat16 compute", unet, torch.bfloat16, size, reference)
+    del unet
+    gc.collect()
+    return row
+
+
 def stage_c_rows(architecture: str, scale: int, size: int, calibrate: bool, float16: bool) -> list[dict]:
     """float32 and rescaled; bfloat16, float16 and rescaled float16 (unless not ``float16``) on one
     model; the calibration; float8: four builds, each freed before the next."""
@@ -177,11 +187,7 @@ def stage_c_rows(architecture: str, scale: int, size: int, calibrate: bool, floa
         print(f"  calibration: {rows[-1]['calibration']}", flush=True)
         del unet
     gc.collect()
-    unet = build("stage_c", architecture, torch.bfloat16)
-    store_in_float8(unet, torch.bfloat16)
-    rows.append(measure("float8 storage, bfloat16 compute", unet, torch.bfloat16, size, reference))
-    del unet
-    gc.collect()
+    rows.append(float8_row("stage_c", architecture, size, reference))
     return rows
 
 
@@ -193,11 +199,7 @@ def stage_b_rows(architecture: str, size: int) -> list[dict]:
     rows = [reference, measure("bfloat16", unet, torch.bfloat16, size, reference)]
     del unet
     gc.collect()
-    unet = build("stage_b", architecture, torch.bfloat16)
-    store_in_float8(unet, torch.bfloat16)
-    rows.append(measure("float8 storage, bfloat16 compute", unet, torch.bfloat16, size, reference))
-    del unet
-    gc.collect()
+    rows.append(float8_row("stage_b", architecture, size, reference))
     return rows
 
 

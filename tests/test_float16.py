@@ -28,19 +28,12 @@ from cascade_helpers.loading import _load_unet, load_decoder, load_prior
 from cascade_helpers.lora.adapters import _lora_factors, _LoraFactors
 from cascade_helpers.lora.formats import _comfyui_state_dict, _official_factors
 from cascade_helpers.lora.load import _read_lora_file, load_lora
-from cascade_helpers.sampling import OFFICIAL_DECODER, OFFICIAL_PRIOR
 from cascade_helpers.stages import _NonFiniteLatentsError
 from cascade_helpers.tiny import _write_official_lora
 from cascade_helpers.upstream import _SDCascadeResBlock, _SDCascadeTimestepBlock
+from tests.tiny_run import TEXT_ONLY, fast
 
-TEXT_ONLY = {"image_encoder": False, "effnet": False, "previewer": False}
-FAST = {
-    "height": 512,
-    "width": 512,
-    "prior_settings": OFFICIAL_PRIOR.with_(steps=3),
-    "decoder_settings": OFFICIAL_DECODER.with_(steps=2),
-    "progress": False,
-}
+FAST = fast(3)  # 3 Stage C steps
 #: float16 against float32 after a sampling run: the plain tiny Stage C (no overflow) errs about as
 #: much in float16 (measured: see test_the_plain_model_errs_as_much_in_float16)
 FLOAT16_TOLERANCE = 2e-2

@@ -27,19 +27,13 @@ from cascade_helpers.loading import load_decoder, load_prior
 from cascade_helpers.lora.load import load_lora
 from cascade_helpers.lora_training.config import TrainingError
 from cascade_helpers.lora_training.trainer import LoraTrainer
-from cascade_helpers.sampling import OFFICIAL_DECODER, OFFICIAL_PRIOR
+from cascade_helpers.sampling import OFFICIAL_PRIOR
 from cascade_helpers.stages import _NonFiniteLatentsError, generate_stage_c
 from cascade_helpers.tiny import _write_official_lora
+from tests.tiny_run import TEXT_ONLY, fast
 
 ROOT = Path(__file__).resolve().parents[1]
-TEXT_ONLY = {"image_encoder": False, "effnet": False, "previewer": False}
-FAST = {
-    "height": 512,
-    "width": 512,
-    "prior_settings": OFFICIAL_PRIOR.with_(steps=2),
-    "decoder_settings": OFFICIAL_DECODER.with_(steps=2),
-    "progress": False,
-}
+FAST = fast(2)  # 2 Stage C steps
 
 
 def _kept(name: str, last: int) -> bool:
