@@ -1,14 +1,9 @@
 """Write a complete ``models/`` folder of tiny random models, in the formats of the real downloads.
 
-Every file the loader reads is here under its real name and in its real format: the official
-single files with the official key names (Stage C and B with ``attn.in_proj_weight``, Stage A with
-its ``vquantizer.codebook``), the EfficientNet encoder and previewer at full size (they are small),
-and the CLIP text encoder, tokenizer and image encoder saved the way ``transformers`` saves the real
-ones. Tests, CI and the notebooks load them through the same code as the real weights; only the
-shapes are smaller. A text-to-image run on them takes seconds on a CPU.
-
-The weights are random: pictures made with them are noise. They prove an install works before a
-20 GB download, nothing more.
+Every file has its real name, format and key names (the EfficientNet encoder and previewer are full
+size: they are small), so tests, CI and the notebooks load them through the same code as the real
+weights, in seconds on a CPU. The weights are random: pictures made with them are noise. They prove an
+install works before a 20 GB download, nothing more.
 
 Command line::
 
@@ -60,15 +55,11 @@ _TINY_WORDS = (  # noqa: SIM905 (a list literal takes a line per word)
 ).split()
 
 
-def _save_official(state: dict[str, torch.Tensor], path: Path, dtype: torch.dtype | None = None) -> None:
-    """A state dict as an official single file, floating tensors in ``dtype`` (atomically)."""
+def _save_official(state: dict[str, torch.Tensor], path: Path, dtype: torch.dtype | None = None) -> Path:
+    """A state dict as an official single file (floating tensors in ``dtype``), atomically: its path."""
     tensors = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in state.items()}
     _save_safetensors(path, tensors)
-
-
-def _tiny_prior_width() -> int:
-    """Stage C's width in the tiny config: what the tiny ControlNets and LoRA must match."""
-    return json.loads((config_dir("stage_c", "tiny") / "config.json").read_text())["block_out_channels"][0]
+    return path
 
 
 def _tiny_unet(kind: str, seed: int):
@@ -82,40 +73,27 @@ def _tiny_unet(kind: str, seed: int):
 def _write_unet(
     models_dir: Path, kind: str, size: Size, precision: _Precision, seed: int | None = None
 ) -> Path:
-    """A random tiny Stage C or B (``kind``) as the official single file
-    (``stage_c[_lite][_bf16].safetensors`` ...), so the loader's header checks and ``from_single_file``
-    run on it as on the released one. ``size`` names the file only (the weights are always the tiny
-    architecture); ``precision`` names it and sets the tensors' dtype; the seed defaults to what
-    :func:`write_tiny_models` uses."""
+    """The official single file, so the loader's checks run on it as on the released one; ``size`` only
+    names it (the weights are always tiny), the seed defaults to :func:`write_tiny_models`'s."""
     stage = files.STAGE_C if kind == "stage_c" else files.STAGE_B
     seed = {"stage_c": 0, "stage_b": 1}[kind] if seed is None else seed
-    path = models_dir / stage[size][precision].path
-    _save_official(
-        _unet_to_official(_tiny_unet(kind, seed).state_dict(), kind), path, _DTYPE_NAMES[precision]
-    )
-    return path
+    state = _unet_to_official(_tiny_unet(kind, seed).state_dict(), kind)
+    return _save_official(state, models_dir / stage[size][precision].path, _DTYPE_NAMES[precision])
 
 
 def _write_stage_a(models_dir: Path, seed: int = 2) -> Path:
-    """A random tiny Stage A as the official ``stage_a.safetensors`` (its ``vquantizer.codebook`` key)."""
+    """Official keys (``vquantizer.codebook``), so the loader's conversion runs as on the real file."""
     from .upstream import PaellaVQModel
 
     torch.manual_seed(seed)
     vqgan = PaellaVQModel.from_config(PaellaVQModel.load_config(config_dir("stage_a", "tiny")))
-    path = models_dir / files._FILES["stage_a"].path
-    _save_official(_stage_a_to_official(vqgan.state_dict()), path)
-    return path
+    return _save_official(_stage_a_to_official(vqgan.state_dict()), models_dir / files._FILES["stage_a"].path)
 
 
 @torch.no_grad()
 def _random_effnet(seed: int = 3) -> EfficientNetEncoder:
-    """The full-size encoder with random weights and latents of order 1.
-
-    Freshly initialized, its latents are ~1e-6: below the final BatchNorm's epsilon and subnormal in
-    float16, so tests comparing them and float16 latent files would see zeros. So the 1×1 convolution
-    is rescaled and the BatchNorm's running statistics are set from a batch of Gaussian noise, as
-    training sets them from data: on that input each latent channel has mean 0 and standard
-    deviation 1."""
+    """Random, but with latents of order 1: fresh ones are ~1e-6, below the BatchNorm's epsilon and
+    subnormal in float16 (zeros): the BatchNorm is calibrated on noise, as training calibrates it on data."""
     torch.manual_seed(seed)
     encoder = EfficientNetEncoder().eval()
     conv, norm = encoder.mapper
@@ -128,19 +106,10 @@ def _random_effnet(seed: int = 3) -> EfficientNetEncoder:
     return encoder
 
 
-def _write_effnet(models_dir: Path, seed: int = 3) -> Path:
-    """Full-size encoder (81 MB, as released) with random weights (:func:`_random_effnet`)."""
-    path = models_dir / files._FILES["effnet"].path
-    _save_official(_random_effnet(seed).state_dict(), path)
-    return path
-
-
 def _write_previewer(models_dir: Path, seed: int = 4) -> Path:
     """The full-size previewer (it is small) with random weights, as ``previewer.safetensors``."""
     torch.manual_seed(seed)
-    path = models_dir / files._FILES["previewer"].path
-    _save_official(Previewer().state_dict(), path)
-    return path
+    return _save_official(Previewer().state_dict(), models_dir / files._FILES["previewer"].path)
 
 
 def _write_tokenizer(models_dir: Path) -> Path:
@@ -187,8 +156,7 @@ def _text_encoder_config(vocab_size: int) -> CLIPTextConfig:
 
 
 def _write_text_encoder(models_dir: Path, precision: _Precision, seed: int = 5) -> Path:
-    """A tiny ``CLIPTextModelWithProjection`` (:func:`_text_encoder_config`). Write the tokenizer first:
-    the vocabulary size comes from it."""
+    """bigG's quirks (:func:`_text_encoder_config`), tiny; write the tokenizer first: its vocabulary size."""
     from transformers import CLIPTextModelWithProjection
 
     vocab_size = len(json.loads((models_dir / files._FILES["tokenizer"].path / "vocab.json").read_text()))
@@ -201,8 +169,7 @@ def _write_text_encoder(models_dir: Path, precision: _Precision, seed: int = 5) 
 
 
 def _write_image_encoder(models_dir: Path, precision: _Precision, seed: int = 6) -> Path:
-    """A tiny ``CLIPVisionModelWithProjection`` (32 px pictures, 24-wide embeddings) and its
-    ``feature_extractor/`` preprocessing config, saved as ``transformers`` saves the real ones."""
+    """The image encoder and its ``feature_extractor/``, saved as ``transformers`` saves the real ones."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     torch.manual_seed(seed)
@@ -221,42 +188,29 @@ def _write_image_encoder(models_dir: Path, precision: _Precision, seed: int = 6)
     return folder
 
 
-# --- ControlNets ------------------------------------------------------------------------------------
-
-
 def _write_controlnets(models_dir: Path, precision: _Precision = "bf16", seed: int = 7) -> list[Path]:
-    """The released ControlNets (canny, inpainting, super-resolution) made for the tiny Stage C, with
-    the official key names and bottlenecks: projections to the tiny width on the official blocks the
-    tiny Stage C has (0 and 4 of its 8). The bottlenecks are the real ones, whose shapes are fixed:
-    EfficientNetV2-S, about 47 MB a file in bf16, and the super-resolution 'large' one, 346 MB. The last
-    projection layers get random weights instead of the official zeros, so the control shows.
-    ``seed`` seeds the first; each next one ``seed + 1``."""
+    """The released three for the tiny Stage C: the real bottlenecks (fixed shapes: 47 MB a file in bf16,
+    super-resolution's 346 MB), random last projections (not the official zeros), so the control shows."""
     unet = _tiny_unet("stage_c", seed)
+    width = unet.config.block_out_channels[0]
     paths = []
     for i, kind in enumerate(CONTROLNET_TYPES.values()):
         torch.manual_seed(seed + i)
-        model = ControlNet(kind.c_in, _tiny_prior_width(), _fed_blocks(unet, kind), kind.bottleneck_mode)
+        model = ControlNet(kind.c_in, width, _fed_blocks(unet, kind), kind.bottleneck_mode)
         for projection in model.projections:
             projection[-1].reset_parameters()
-        paths.append(models_dir / kind.file.path)
-        _save_official(model.state_dict(), paths[-1], _DTYPE_NAMES[precision])
+        paths.append(_save_official(model.state_dict(), models_dir / kind.file.path, _DTYPE_NAMES[precision]))
     return paths
 
 
-# --- LoRA --------------------------------------------------------------------------------------------
-
-
 def _write_official_lora(models_dir: Path, seed: int = 7) -> Path:
-    """A tiny ``lora_fernando_10k.safetensors`` in the official format for the tiny Stage C: rank-4
-    ``weights.<i>.lora_down/up`` in the official order (per attention block: out_proj, then the
-    stacked q/k/v in_proj), and a ``[fernando]`` token delta at id = the tokenizer's size (the id the
-    official training gives the first new token). The official file's token width is bigG's 1280;
-    here it is the tiny text encoder's. Write the tokenizer first."""
+    """The official example LoRA's format for the tiny Stage C: rank 4, and the ``[fernando]`` token at
+    the id official training gives it (the tokenizer's size: write the tokenizer first)."""
     from .lora.formats import _official_lora_layout
 
     vocab_size = len(json.loads((models_dir / files._FILES["tokenizer"].path / "vocab.json").read_text()))
-    layout = _official_lora_layout(_tiny_unet("stage_c", seed))
-    width = _tiny_prior_width()
+    unet = _tiny_unet("stage_c", seed)
+    layout, width = _official_lora_layout(unet), unet.config.block_out_channels[0]
     generator = torch.Generator().manual_seed(seed)
     state = {}
     for i, names in enumerate(layout):
@@ -264,9 +218,7 @@ def _write_official_lora(models_dir: Path, seed: int = 7) -> Path:
         state[f"weights.{i}.lora_up"] = torch.randn(len(names) * width, 4, generator=generator)
     state["embeddings.embeddings"] = torch.randn(1, _TEXT_HIDDEN, generator=generator) * 0.05
     state["embeddings.indices"] = torch.tensor([vocab_size])
-    path = models_dir / files.LORA_FERNANDO.path
-    _save_official(state, path)
-    return path
+    return _save_official(state, models_dir / files.LORA_FERNANDO.path)
 
 
 def write_tiny_models(
@@ -280,20 +232,16 @@ def write_tiny_models(
     controlnets: bool = False,
     lora: bool = False,
 ) -> Path:
-    """Write the files ``bash download_models.sh essential <variant> <precision>`` would fetch, tiny
-    (and, with ``controlnets``, those of ``bash download_models.sh controlnet``).
+    """Write, tiny, the files ``bash download_models.sh essential <variant> <precision>`` would fetch.
 
     Args:
-        models_dir: the folder to fill (default ``outputs/tiny_models``); files there are replaced.
-        stage_c, stage_b: "big" or "lite": only the file names; the weights are always the tiny
-            architecture, which the loader accepts in either slot.
-        precision: "bf16" or "fp32": the file names and dtypes, as the download's precision word.
-        seed: the first model's seed; the others use fixed offsets from it (the writers' defaults
-            for seed 0).
-        both_stage_b: also write the other Stage B size's file (other weights): the reconstruction
-            notebook compares the two.
-        controlnets: also the ControlNets (``bash download_models.sh controlnet``), tiny.
-        lora: also the official example LoRA (``bash download_models.sh lora``), tiny.
+        models_dir: the folder to fill; files there are replaced.
+        stage_c, stage_b: "big" or "lite": the file names only (the weights are always tiny).
+        precision: "bf16" or "fp32": the file names and dtypes.
+        seed: the first model's seed; the others use fixed offsets from it.
+        both_stage_b: also the other Stage B size (other weights): the reconstruction notebook compares them.
+        controlnets: also the ControlNets (``bash download_models.sh controlnet``).
+        lora: also the official example LoRA (``bash download_models.sh lora``).
 
     Returns:
         ``models_dir``.
@@ -304,7 +252,7 @@ def write_tiny_models(
     if both_stage_b:
         _write_unet(models_dir, "stage_b", "lite" if stage_b == "big" else "big", precision, seed + 8)
     _write_stage_a(models_dir, seed + 2)
-    _write_effnet(models_dir, seed + 3)
+    _save_official(_random_effnet(seed + 3).state_dict(), models_dir / files._FILES["effnet"].path)
     _write_previewer(models_dir, seed + 4)
     _write_tokenizer(models_dir)
     _write_text_encoder(models_dir, precision, seed + 5)
@@ -317,8 +265,7 @@ def write_tiny_models(
 
 
 def _demo_picture(models_dir: str | Path, stage_b: Size = "big", stage_c: Size = "big") -> Path:
-    """Load the models in ``models_dir`` through the real loaders and save one 512² picture next to
-    them: the install check of ``python -m cascade_helpers.tiny --demo``."""
+    """The install check of ``--demo``: the models through the real loaders, one 512² picture saved."""
     from .generation import text_to_image
     from .loading import load_decoder, load_prior
 
