@@ -1,6 +1,5 @@
-"""What each ControlNet sees: the official filters (canny, inpainting, super-resolution), the
-outpainting canvas, and running a ControlNet once per generation. An inpainting mask is any
-black-and-white picture (white: regenerate), e.g. drawn with ``PIL.ImageDraw``."""
+"""What each ControlNet sees: the official filters (canny, inpainting, super-resolution), the outpainting
+canvas, and running a ControlNet once per generation."""
 
 from __future__ import annotations
 
@@ -24,8 +23,7 @@ from .model import ControlNet
 def outpainting_canvas(
     image: ImageInput, height: int, width: int, *, top: float, bottom: float, left: float, right: float
 ) -> tuple[PIL.Image.Image, PIL.Image.Image]:
-    """The picture shrunk into the middle of a black height×width canvas, as the official outpainting
-    example pastes it, and the mask of the borders around it.
+    """The picture shrunk onto a black canvas, as the official outpainting example pastes it, and the mask.
 
     Args:
         image: the picture; cut and scaled to fill the inner box.
@@ -50,22 +48,9 @@ def outpainting_canvas(
     return canvas, mask
 
 
-def _grey_mask(mask: ImageInput) -> torch.Tensor:
-    """A mask → 1×h×w, alpha dropped: transparent does not mean "regenerate" (alpha on white would)."""
-    if isinstance(mask, PIL.Image.Image) and mask.mode not in _WIDE_MODES:
-        mask = mask.convert("L")
-    return image_to_tensor(mask).mean(0, keepdim=True)
-
-
-def _mask_like(mask: torch.Tensor, picture: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """The mask stretched over its picture, then cut as it is (cut alone: 36 % drawn, 60 % used)."""
-    over_picture = TF.resize(mask, list(picture.shape[-2:]), antialias=True)
-    return resize_and_crop(over_picture, height, width) > 0.5
-
-
 @dataclass
 class ControlInput:
-    """What the ControlNet sees (``tensor``, B×c_in×h×w) and a picture of it to show (``preview``, B×3×h×w)."""
+    """What the ControlNet sees (``tensor``, B×c_in×h×w) and a picture of it (``preview``, B×3×h×w)."""
 
     tensor: torch.Tensor
     preview: torch.Tensor
@@ -91,24 +76,16 @@ def _canny_edges(
 
 def _inpaint_control(image: ImageInput, mask: ImageInput, size: tuple[int, int]) -> ControlInput:
     """The official InpaintFilter with the user's mask: masked pixels white, the mask appended."""
+    if isinstance(mask, PIL.Image.Image) and mask.mode not in _WIDE_MODES:
+        mask = mask.convert("L")  # alpha dropped: transparent does not mean "regenerate" (on white it would)
+    grey = image_to_tensor(mask).mean(0, keepdim=True)
     pictures = [image_to_tensor(p) for p in _picture_list(image)]
-    grey = _grey_mask(mask)
-    masks = torch.stack([_mask_like(grey, p, *size) for p in pictures])
+    # stretched over each picture, then cut as it is (cut alone: 36 % drawn, 60 % used)
+    stretched = [TF.resize(grey, list(p.shape[-2:]), antialias=True) for p in pictures]
+    masks = torch.stack([resize_and_crop(m, *size) > 0.5 for m in stretched])
     images = torch.stack([resize_and_crop(p, *size) for p in pictures])
     masked = torch.where(masks, torch.ones_like(images), images)
     return ControlInput(torch.cat([masked, masks.float()], dim=1), masked)
-
-
-@torch.no_grad()
-def _super_resolution_control(prior: Prior, half_size: torch.Tensor, scale_factor: float) -> ControlInput:
-    """The official SREffnetFilter from the half-size picture: its features, enlarged."""
-    encoder = prior.require("effnet", "super-resolution")
-    features = effnet_encode(encoder, half_size, downscale=False)
-    up = 1 / scale_factor
-    return ControlInput(
-        F.interpolate(features, scale_factor=up, mode="nearest"),
-        F.interpolate(half_size.float().cpu(), scale_factor=up, mode="nearest"),
-    )
 
 
 def _control_size(height: int, width: int) -> tuple[int, int]:
@@ -125,20 +102,19 @@ def control_input(
     mask: ImageInput | None = None,
     prior: Prior | None = None,
 ) -> ControlInput:
-    """Apply ``kind``'s official filter to one picture or several (any size: cut to the aspect ratio and
-    scaled) for a height×width generation, at its EfficientNet input size (768² for 1024²).
+    """Apply ``kind``'s official filter to one picture or several (cut to the aspect ratio, scaled) for a
+    height×width generation, at its EfficientNet input size (768² for 1024²).
 
     Args:
         kind: "canny", "inpainting" or "super_resolution" (a key of ``CONTROLNET_TYPES``).
-        image: what :func:`cascade_helpers.images.batch_images` takes; for super-resolution the
-            half-size picture.
+        image: what :func:`cascade_helpers.images.batch_images` takes (super-resolution: the half-size one).
         height, width: the generation's size.
-        mask: inpainting's: any black-and-white picture (white: regenerate), stretched over the picture
-            if its shape differs, then cut as the picture is (e.g. :func:`outpainting_canvas`'s).
+        mask: inpainting's: any black-and-white picture (white: regenerate; drawn with ``PIL.ImageDraw``,
+            :func:`outpainting_canvas`'s ...), stretched over the picture, then cut as it is.
         prior: super-resolution's: the loaded prior (its EfficientNet encoder).
 
     Returns:
-        :class:`ControlInput`: the ControlNet's input (B×c_in×h×w) and a picture of it to show.
+        :class:`ControlInput`.
     """
     kind = _controlnet_type(kind)
     size = _control_size(height, width)
@@ -157,8 +133,14 @@ def control_input(
         raise ValueError(
             "super-resolution needs the prior (its EfficientNet encoder): control_input(..., prior=prior)"
         )
-    half = [round(side * params["scale_factor"]) for side in size]
-    return _super_resolution_control(prior, batch_images(image, *half), params["scale_factor"])
+    # the official SREffnetFilter: the half-size picture's features, enlarged
+    half = batch_images(image, *[round(side * params["scale_factor"]) for side in size])
+    features = effnet_encode(prior.require("effnet", "super-resolution"), half, downscale=False)
+    up = 1 / params["scale_factor"]
+    return ControlInput(
+        F.interpolate(features, scale_factor=up, mode="nearest"),
+        F.interpolate(half.float().cpu(), scale_factor=up, mode="nearest"),
+    )
 
 
 def _control_tensor(controlnet: ControlNet, tensor: torch.Tensor) -> torch.Tensor:
@@ -179,8 +161,7 @@ def _control_tensor(controlnet: ControlNet, tensor: torch.Tensor) -> torch.Tenso
 def control_features(
     controlnet: ControlNet, control: ControlInput | torch.Tensor, strength: float = 1.0, batch: int = 1
 ) -> list[torch.Tensor | None]:
-    """Run the ControlNet once (as the official notebook does per generation) and scale its outputs by
-    ``strength``, repeated for ``batch`` pictures from one control picture.
+    """Run the ControlNet once, as the official notebook does per generation, its outputs scaled.
 
     Args:
         controlnet: the loaded ControlNet (:func:`load_controlnet`).

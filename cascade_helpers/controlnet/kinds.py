@@ -1,6 +1,4 @@
-"""The official configs of the three released ControlNets in one place (:data:`CONTROLNET_TYPES`:
-checkpoint, filter, bottleneck, Stage C blocks), and loading one, checked first (:func:`load_controlnet`).
-"""
+"""The three released ControlNets' official configs (:data:`CONTROLNET_TYPES`) and :func:`load_controlnet`."""
 
 from __future__ import annotations
 
@@ -110,13 +108,12 @@ def _check_fits(
 
 
 def load_controlnet(source: str | Path, kind: str, prior: Prior) -> ControlNet:
-    """A released ControlNet from a models folder (``controlnet/<name>.safetensors``) or a file, on the
-    prior's device in its dtype, checked first: a missing file (``MissingModelFileError``, with the
-    command that fetches it), a damaged one (``CheckpointError``), another type, or one for another Stage C
-    width or block count (``_WrongCheckpointError``: the released ones fit the big Stage C only).
+    """A released ControlNet on the prior's device in its dtype, its file checked first: missing
+    (``MissingModelFileError``, with the command that fetches it), damaged, of another type, or for another
+    Stage C (``CheckpointError``; the released ones fit the big Stage C only).
 
     Args:
-        source: a models folder, or the ControlNet's safetensors file itself.
+        source: a models folder (``controlnet/<name>.safetensors`` in it), or the file itself.
         kind: "canny", "inpainting" or "super_resolution" (a key of :data:`CONTROLNET_TYPES`).
         prior: the loaded prior it will steer.
 

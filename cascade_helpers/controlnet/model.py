@@ -1,8 +1,6 @@
-"""The official Stage C ControlNet module (its parameter names: the released files load strictly), and
-:func:`inject_controlnet`, which adds its outputs to diffusers' Stage C (no ControlNet of its own) as the
-official Stage C adds its ``cnet``. ResBlocks are numbered in the order a forward pass runs them, down
-path then up path: the big Stage C has 64; the released ControlNets feed 0, 4, 8, 12, 51, 55, 59, 63.
-"""
+"""The official Stage C ControlNet (its parameter names: the released files load strictly), and
+:func:`inject_controlnet`, which adds its outputs to diffusers' Stage C as the official one adds ``cnet``.
+ResBlocks are numbered in the order a forward pass runs them: the big Stage C has 64."""
 
 from __future__ import annotations
 
@@ -22,10 +20,6 @@ from ..sampling import Denoiser, unet_denoiser
 ControlOutputs = Sequence[torch.Tensor | None]
 
 _EFFNET_STEM_CHANNELS = 24
-# the 'large' bottleneck of the super-resolution ControlNet, as the official code fixes it (169 M
-# parameters; 203 M with the projections: the released 814 MB float32 file)
-_LARGE_EXPAND, _LARGE_HIDDEN, _LARGE_BLOCKS = 4096 * 4, 1024, 8
-_BOTTLENECKS = ("effnet", "large")
 
 
 class _LayerNorm2d(nn.LayerNorm):
@@ -50,8 +44,7 @@ class _CNetResBlock(nn.Module):
 
 
 def _effnet_backbone(c_in: int) -> nn.Module:
-    """torchvision's EfficientNetV2-S features with the official stem for ``c_in`` channels."""
-    # weights=None: nothing is downloaded, every value comes from the ControlNet checkpoint
+    """torchvision's EfficientNetV2-S, not downloaded (the checkpoint has every value), official stem."""
     backbone = torchvision.models.efficientnet_v2_s(weights=None).features
     if c_in != 3:  # the official replacement stem has no padding, unlike torchvision's
         backbone[0][0] = nn.Conv2d(c_in, _EFFNET_STEM_CHANNELS, kernel_size=3, stride=2, bias=False)
@@ -59,13 +52,13 @@ def _effnet_backbone(c_in: int) -> nn.Module:
 
 
 def _large_backbone(c_in: int) -> nn.Module:
-    """The super-resolution ControlNet's bottleneck: 1×1 convolutions around eight residual blocks."""
+    """Super-resolution's bottleneck, its sizes fixed by the official code (the 814 MB float32 file)."""
     return nn.Sequential(
-        nn.Conv2d(c_in, _LARGE_EXPAND, kernel_size=1),
+        nn.Conv2d(c_in, 4096 * 4, kernel_size=1),
         nn.LeakyReLU(0.2, inplace=True),
-        nn.Conv2d(_LARGE_EXPAND, _LARGE_HIDDEN, kernel_size=1),
-        *[_CNetResBlock(_LARGE_HIDDEN) for _ in range(_LARGE_BLOCKS)],
-        nn.Conv2d(_LARGE_HIDDEN, _EFFNET_CHANNELS, kernel_size=1),
+        nn.Conv2d(4096 * 4, 1024, kernel_size=1),
+        *[_CNetResBlock(1024) for _ in range(8)],
+        nn.Conv2d(1024, _EFFNET_CHANNELS, kernel_size=1),
     )
 
 
@@ -92,7 +85,7 @@ class ControlNet(nn.Module):
         super().__init__()
         if not proj_blocks or min(proj_blocks) < 0:
             raise ValueError(f"proj_blocks must list ResBlock positions (0, 1, ...), not {proj_blocks!r}")
-        if bottleneck_mode not in _BOTTLENECKS:
+        if bottleneck_mode not in ("effnet", "large"):
             raise ValueError(f"unknown bottleneck_mode {bottleneck_mode!r}: use 'effnet' or 'large'")
         self.c_in = c_in
         self.proj_blocks = list(proj_blocks)
@@ -122,7 +115,7 @@ def resblock_order(unet: nn.Module) -> list[nn.Module]:
 
 
 def _check_control_outputs(order: list[nn.Module], control_outputs: ControlOutputs) -> None:
-    """Controls that do not fit this Stage C are named before the UNet runs, not as a shape error inside it."""
+    """Controls that do not fit this Stage C are named before it runs, not met as a shape error inside."""
     for position, control in enumerate(control_outputs):
         if control is None:
             continue
@@ -159,17 +152,15 @@ def _add_control(x: torch.Tensor, control: torch.Tensor, position: int, scale: i
 
 @contextlib.contextmanager
 def inject_controlnet(unet: nn.Module, control_outputs: ControlOutputs) -> Iterator[nn.Module]:
-    """While open, every call of ``unet`` (a diffusers ``StableCascadeUNet``) adds
-    ``control_outputs[i]`` to the input of its ResBlock ``i``, bilinearly resized to that block's size,
-    as the official Stage C does with its ``cnet`` argument; None entries, and positions past the end of
-    a shorter list, add nothing. On leaving, the hooks are removed. Each ResBlock knows its position(s),
-    so gradient checkpointing's reruns get the same control: call ``backward`` inside the context too.
+    """While open, every call of ``unet`` adds ``control_outputs[i]``, bilinearly resized, to the input of
+    its ResBlock ``i``, as the official Stage C does with ``cnet``. Gradient checkpointing's reruns get the
+    same control, so call ``backward`` inside the context too.
 
     Args:
-        unet: Stage C's UNet.
-        control_outputs: one entry per ResBlock position (:func:`resblock_order`): features
-            B×2048×h×w for the big Stage C (B: 1 or the batch the UNet runs on), or None. Features for a
-            position this Stage C lacks, of another width, batch or dtype raise a ValueError.
+        unet: Stage C's UNet (diffusers' ``StableCascadeUNet``).
+        control_outputs: per ResBlock position (:func:`resblock_order`): B×2048×h×w features for the big
+            Stage C (B: 1 or the UNet's batch), or None (adds nothing; nor do positions past the end).
+            Features that do not fit this Stage C (position, width, batch, dtype) raise a ValueError.
 
     Yields:
         ``unet``, hooked.
