@@ -297,14 +297,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     stage_b, stage_c = files._VARIANTS[args.variant]
     precision = files._PRECISIONS_BY_WORD[args.precision]
+    extras = {name: getattr(args, name) or args.all for name in ("controlnets", "lora", "both_stage_b")}
     folder = write_tiny_models(
-        args.models_dir,
-        stage_c=stage_c,
-        stage_b=stage_b,
-        precision=precision,
-        controlnets=args.controlnets or args.all,
-        lora=args.lora or args.all,
-        both_stage_b=args.both_stage_b or args.all,
+        args.models_dir, stage_c=stage_c, stage_b=stage_b, precision=precision, **extras
     )
     print(f"tiny random models written to {folder}/")
     if args.demo:

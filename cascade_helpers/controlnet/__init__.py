@@ -1,3 +1,2 @@
-"""Stage C ControlNet, the official checkpoints on diffusers' UNet: :mod:`.model` (the module and
-``inject_controlnet``), :mod:`.kinds` (``CONTROLNET_TYPES``, ``load_controlnet``), :mod:`.filters`
-(``control_input``, ``control_features``), :mod:`.preprocessors` (controlnet_aux's detectors)."""
+"""Stage C ControlNet on diffusers' UNet: :mod:`.model` (the module, ``inject_controlnet``), :mod:`.kinds`
+(``load_controlnet``), :mod:`.filters` (``control_input``, ``control_features``), :mod:`.preprocessors`."""

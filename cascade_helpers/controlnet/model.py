@@ -19,8 +19,6 @@ from ..sampling import Denoiser, unet_denoiser
 
 ControlOutputs = Sequence[torch.Tensor | None]
 
-_EFFNET_STEM_CHANNELS = 24
-
 
 class _LayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channels of a B×C×H×W tensor (the official ``LayerNorm2d``)."""
@@ -47,7 +45,7 @@ def _effnet_backbone(c_in: int) -> nn.Module:
     """torchvision's EfficientNetV2-S, not downloaded (the checkpoint has every value), official stem."""
     backbone = torchvision.models.efficientnet_v2_s(weights=None).features
     if c_in != 3:  # the official replacement stem has no padding, unlike torchvision's
-        backbone[0][0] = nn.Conv2d(c_in, _EFFNET_STEM_CHANNELS, kernel_size=3, stride=2, bias=False)
+        backbone[0][0] = nn.Conv2d(c_in, backbone[0][0].out_channels, kernel_size=3, stride=2, bias=False)
     return backbone
 
 
@@ -75,9 +73,8 @@ def _projection(channels: int, c_proj: int) -> nn.Sequential:
 
 class ControlNet(nn.Module):
     """The official ControlNet: ``c_in`` channels through the bottleneck (``'effnet'``: EfficientNetV2-S,
-    canny's and inpainting's; ``'large'``: super-resolution's; the official ``'simple'`` one served only
-    the never-released face-identity ControlNet), then a projection to ``c_proj`` channels per entry of
-    ``proj_blocks``. ``forward`` returns ``max(proj_blocks) + 1`` entries, None where no block is fed."""
+    canny's and inpainting's; ``'large'``: super-resolution's), then a projection to ``c_proj`` channels per
+    entry of ``proj_blocks``. ``forward`` returns ``max(proj_blocks) + 1`` entries, None where none is fed."""
 
     def __init__(
         self, c_in: int, c_proj: int, proj_blocks: Sequence[int], bottleneck_mode: str = "effnet"

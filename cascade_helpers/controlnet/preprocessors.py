@@ -1,9 +1,5 @@
-"""controlnet_aux's detectors (what SD/SDXL users make control pictures with) as control pictures for the
-canny ControlNet, and :func:`edge_agreement`, a measure of how far their edges are from the official
-filter's (224 px, ``cv2.Canny(100, 200)``, resized back: what the canny ControlNet was trained on, and
-the default). Built here by name: the detectors that need no weights and draw lines, the one kind of
-picture a released Stable Cascade ControlNet reads; the others download weights from the Hub.
-"""
+"""controlnet_aux's detectors (what SD/SDXL users make control pictures with) for the canny ControlNet, and
+:func:`edge_agreement`: how far their edges are from the official filter's, which canny was trained on."""
 
 from __future__ import annotations
 
@@ -53,8 +49,7 @@ def _aux_detector(name: str):
 
 
 def _check_options(detector: Any, options: dict[str, Any]) -> None:
-    """controlnet_aux's detectors take ``**kwargs`` and ignore what they do not know, so a mistyped option
-    (``low_treshold=1``) would run the defaults: each must be a named parameter (if the detector has any)."""
+    """Detectors ignore ``**kwargs`` they do not know: a mistyped ``low_treshold=1`` would run defaults."""
     try:
         parameters = inspect.signature(detector).parameters.values()
     except (TypeError, ValueError):  # a callable without a signature Python can read
@@ -72,21 +67,18 @@ def _check_options(detector: Any, options: dict[str, Any]) -> None:
 def aux_control_input(
     detector: str | Any, image: ImageInput, height: int = 1024, width: int = 1024, **options: Any
 ) -> ControlInput:
-    """A control picture for the canny ControlNet made by a controlnet_aux detector instead of the
-    official filter, at the size :func:`.filters.control_input` makes it (768² for 1024²): the detector
-    gets the 8-bit RGB picture at that size, and its output is made grey and resized to it.
+    """A control picture for the canny ControlNet made by a controlnet_aux detector instead of the official
+    filter, at the size :func:`.filters.control_input` makes (768² for 1024²), made grey.
 
     Args:
-        detector: ``"canny"`` or ``"lineart_standard"`` (weight-free line detectors), or a detector
-            object (``controlnet_aux.HEDdetector.from_pretrained("lllyasviel/Annotators")`` ...); a name
-            that needs weights (ValueError) says how to load it.
+        detector: ``"canny"`` or ``"lineart_standard"`` (they need no weights), or a detector object
+            (``controlnet_aux.HEDdetector.from_pretrained("lllyasviel/Annotators")`` ...).
         image: the picture, or several: one control picture each.
         height, width: the generation's size.
-        **options: passed to the detector (``low_threshold``, ``detect_resolution`` ...); one it does not
-            take is refused by name (TypeError).
+        **options: passed to the detector (``low_threshold`` ...); one it does not take is a TypeError.
 
     Returns:
-        A :class:`ControlInput` with a B×1×h×w tensor in [0, 1], what the canny ControlNet reads.
+        A :class:`ControlInput` with a B×1×h×w tensor in [0, 1].
     """
     if isinstance(detector, str):
         detector = _aux_detector(detector)
@@ -115,11 +107,11 @@ class EdgeAgreement:
 
 
 def edge_agreement(a: torch.Tensor, b: torch.Tensor, threshold: float = 0.5) -> EdgeAgreement:
-    """Compare two edge maps of one picture (tensors or arrays of the same size).
+    """Compare two edge maps of one picture.
 
     Args:
-        a, b: the edge maps, e.g. ``control.tensor`` of two :class:`ControlInput`: floats in [0, 1],
-            or 0-255 integers (an 8-bit edge picture), read as pictures are (NaN and 0-255 floats refused).
+        a, b: same-size tensors or arrays (e.g. two ``ControlInput.tensor``): floats in [0, 1], or 0-255
+            integers, read as pictures are.
         threshold: a pixel is an edge above it, on the 0-1 scale (maps resized bilinearly have soft edges).
 
     Returns:
