@@ -1,6 +1,5 @@
-"""Showing pictures in a notebook: grids with titles, live previews during sampling, a live loss
-curve, and PNG files that remember how they were made. (The interactive generation panel is
-:mod:`cascade_helpers.panel`.)"""
+"""Showing pictures in a notebook: grids with titles, PNG files that remember how they were made, live
+previews during sampling and a live loss curve. (The generation panel is :mod:`cascade_helpers.panel`.)"""
 
 from __future__ import annotations
 
@@ -59,24 +58,20 @@ def _png_bytes(picture: PIL.Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-# --- PNG files with their settings -------------------------------------------------------------------
-
 #: the PNG text chunk holding a generation's settings as JSON (what :func:`read_settings` returns)
 _SETTINGS_CHUNK = "stable_cascade"
 
 
 def _next_number(folder: Path, prefix: str) -> int:
-    """One more than the highest run number of ``prefix`` in ``folder`` (the listing is matched with a
-    regular expression, so a prefix with glob characters such as ``[`` or ``*`` is taken literally)."""
+    """The next run number, from a regular expression (not a glob: ``[`` or ``*`` in a prefix are literal)."""
     numbered = re.compile(rf"{re.escape(prefix)}-(\d+)-.*\.png")
     numbers = [int(m.group(1)) for p in folder.iterdir() if (m := numbered.fullmatch(p.name))]
     return max(numbers, default=0) + 1
 
 
 def _claim_run(folder: Path, prefix: str, names: list[str], files: list[Path]) -> list[Path]:
-    """Give complete files the names of a run number free for all of them, atomically: two notebooks
-    saving into one folder never get the same names, and a name only ever holds a whole picture
-    (``os.link`` fails on a taken name where a rename would replace it; a lost race moves on)."""
+    """Two notebooks saving into one folder never get the same names, and a name only ever holds a whole
+    picture: ``os.link`` fails on a taken name where a rename would replace it; a lost race moves on."""
     number = 0
     while True:
         number = max(_next_number(folder, prefix), number + 1)
@@ -95,8 +90,8 @@ _NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, er
 
 
 def _link_new(file: Path, path: Path) -> None:
-    """``os.link``, or where the file system has no hard links (FAT, some network and cloud drives) an
-    exclusive claim of the name that the complete file then replaces."""
+    """File systems without hard links (FAT, some network and cloud drives) get an exclusive claim of the
+    name instead, which the complete file then replaces."""
     try:
         os.link(file, path)
     except OSError as error:
@@ -110,12 +105,8 @@ def _link_new(file: Path, path: Path) -> None:
 def _check_prefix(prefix: object) -> str:
     """A file-name prefix, not a path: ``"../x"`` would write outside the output folder."""
     separators = {"/", "\\", os.sep, os.altsep} - {None}
-    if (
-        not isinstance(prefix, str)
-        or prefix in ("", ".", "..")
-        or "\0" in prefix
-        or any(separator in prefix for separator in separators)
-    ):
+    bad = not isinstance(prefix, str) or prefix in ("", ".", "..") or "\0" in prefix
+    if bad or any(separator in prefix for separator in separators):
         raise ValueError(
             f"prefix={prefix!r}: the start of the file names must be a name without path separators "
             "('/' or '\\'); choose the folder with output_dir"
@@ -127,11 +118,9 @@ def save_generation(
     generation: Generation, output_dir: str | os.PathLike, prefix: str = "cascade"
 ) -> list[Path]:
     """Save every picture of a generation as ``<prefix>-<run>-seed<seed>-<index>.png`` in
-    ``output_dir``, with its settings (prompt, negative prompt, seed, size, each stage's steps,
-    guidance, shift, sampler, and its index in the batch) in the PNG's text metadata: the
-    ``stable_cascade`` chunk as JSON, each picture's own prompt also as the standard ``Description``.
-    A new run never overwrites an older one, even one another process saves into the same folder, and
-    a name never holds part of a picture: all are written under hidden names first and named at the end.
+    ``output_dir``, its settings (and index in the batch) as JSON in the PNG's ``stable_cascade`` text
+    chunk and its prompt as the standard ``Description``. A new run never overwrites an older one, even
+    from another process, and a name never holds part of a picture (written under hidden names first).
 
     Args:
         generation: what :func:`~cascade_helpers.generation.text_to_image` and friends return.
@@ -158,9 +147,8 @@ def save_generation(
     try:
         for index, picture in enumerate(generation.images):
             files.append(_temporary_name(folder / names[index].format(number=0)))
-            picture.save(
-                files[-1], format="PNG", pnginfo=_png_info(generation.settings, index, prompts[index])
-            )
+            info = _png_info(generation.settings, index, prompts[index])
+            picture.save(files[-1], format="PNG", pnginfo=info)
         return _claim_run(folder, prefix, names, files)
     finally:
         for file in files:
@@ -168,8 +156,7 @@ def save_generation(
 
 
 def _png_info(settings: dict, index: int, prompt: str) -> PIL.PngImagePlugin.PngInfo:
-    """One picture's PNG text chunks: the settings as JSON (with its index), its prompt as the standard
-    ``Description`` that image viewers show."""
+    """The prompt also as the standard ``Description``, which image viewers show."""
     info = PIL.PngImagePlugin.PngInfo()
     info.add_text(_SETTINGS_CHUNK, json.dumps({**settings, "index": index}))
     info.add_text("Description", str(prompt))
@@ -190,13 +177,9 @@ def read_settings(path: str | os.PathLike) -> dict:
         return json.loads(text[_SETTINGS_CHUNK])
 
 
-# --- live previews -----------------------------------------------------------------------------------
-
-
 class _InPlace:
-    """One output area below the running cell that each :meth:`show` replaces (an IPython display
-    handle: Jupyter, Colab and VS Code draw it in place, and it stays in the saved notebook).
-    Outside IPython it does nothing."""
+    """An IPython display handle redraws in place in Jupyter, Colab and VS Code, and stays in the saved
+    notebook; outside IPython this does nothing."""
 
     def __init__(self) -> None:
         self._handle = None
@@ -214,13 +197,9 @@ class _InPlace:
 
 
 class LivePreview:
-    """A per-step ``callback`` for :func:`~cascade_helpers.generation.text_to_image` and friends:
-    after every Stage C step it decodes the current denoised estimate with the previewer and redraws
-    one picture in place (a grid when several are generated), so you watch the picture form.
-
-    Without ``widget`` the picture appears below the running cell and is updated there (an IPython
-    display handle: works in Jupyter, Colab and VS Code, and stays in the saved notebook). With an
-    ``ipywidgets.Image`` it draws into that widget (the panel does). ``latest`` keeps the last preview.
+    """A per-step ``callback`` for :func:`~cascade_helpers.generation.text_to_image` and friends: after
+    every Stage C step the previewer decodes the denoised estimate and one picture (a grid for several)
+    is redrawn below the running cell, or into ``widget``. ``latest`` keeps the last preview.
 
     Args:
         prior: a prior loaded with ``previewer=True``.
@@ -245,15 +224,9 @@ class LivePreview:
             self._area.show(self.latest)
 
 
-# --- a live loss curve (LoRA training) ---------------------------------------------------------------
-
-
 class LiveLossPlot:
     """A training-loss curve that redraws in place in a notebook: pass it as ``on_step(step, loss)``.
-
-    Raw losses are noisy (each step draws its own noise level), so an exponential moving average is
-    drawn over them. ``history`` continues a resumed run's curve; ``every`` redraws less often.
-    Outside IPython it only collects the values.
+    Raw losses are noisy (each step draws its own noise level): a moving average is drawn over them.
 
     Args:
         history: (step, loss) pairs already done (``TrainingResult.losses``, ``trainer.losses``).
@@ -290,9 +263,8 @@ class LiveLossPlot:
         figure = Figure(figsize=(7, 3))
         ax = figure.subplots()
         ax.plot(self.steps, self.values, color="0.75", linewidth=1, label="loss")
-        ax.plot(
-            self.steps, self.smoothed(), color="C0", linewidth=2, label=f"moving average ({self.smoothing})"
-        )
+        average = f"moving average ({self.smoothing})"
+        ax.plot(self.steps, self.smoothed(), color="C0", linewidth=2, label=average)
         ax.set_xlabel("step")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_title(self.title)

@@ -1,13 +1,8 @@
-"""How the cascade fits this machine: what the machine has (:func:`describe_machine`), and a plan that
-says for each model where it lives, in which dtype, and what it takes on the GPU and in RAM
-(:func:`plan_memory`; ``memory="auto"`` loads by it; :func:`choose_variant` picks the sizes that fit).
-
-The weights' sizes are the published file sizes (:mod:`cascade_helpers.files`); what group offloading
-keeps on the GPU is computed from the shipped configs (two blocks, the next one arriving while this one
-computes, and the parameters outside the blocks). Activations, the allocator's cache and the
-libraries come on top as fixed allowances (``_WORKSPACE``, ``_RAM_RESERVE``): estimates, not
-measurements. The plan prefers speed: for each model the fastest mode (on the GPU, model offload,
-group offload, group offload from disk) that leaves the whole cascade room.
+"""How the cascade fits this machine: :func:`plan_memory` says for each model where it lives, in which
+dtype, and what it takes on the GPU and in RAM (``memory="auto"`` loads by it; :func:`choose_variant`
+picks the sizes that fit). Weights count at their published sizes; group offloading's GPU share comes
+from the shipped configs; activations and libraries are fixed allowances: estimates, not measurements.
+The plan takes, per model, the fastest mode that leaves the whole cascade room.
 """
 
 from __future__ import annotations
@@ -53,9 +48,8 @@ _SLOWNESS = {
 
 @dataclass(frozen=True)
 class Machine:
-    """What the planner needs to know of a machine, in bytes: its CUDA GPU (None: none), the GPU's
-    free memory, whether it has native bfloat16, the available RAM and the free disk (disk offload).
-    :func:`describe_machine` reads this one's; describe another to plan for it."""
+    """What the planner knows of a machine, in bytes (``gpu`` None: no CUDA GPU); build one to plan
+    for another machine."""
 
     gpu: str | None
     gpu_free: int = 0
@@ -70,15 +64,14 @@ class Machine:
 
 
 def describe_machine(device: str | torch.device | None = None) -> Machine:
-    """This machine's GPU, its free memory and native dtypes, the available RAM, and the free disk of
-    the temporary folder (where disk offload writes).
+    """This machine's GPU, free GPU memory, native bfloat16, available RAM and the temporary folder's
+    free disk (where disk offload writes).
 
     Args:
         device: the CUDA GPU to describe (default: the current one, if any); a CPU: ``gpu=None``.
 
     Returns:
-        A :class:`Machine` (``print`` it for one line). GPU memory this process's torch already holds
-        counts as free: the cascade's own models are planned together.
+        A :class:`Machine`; memory this process's torch already holds counts as free.
     """
     import psutil
 
@@ -92,8 +85,7 @@ def describe_machine(device: str | torch.device | None = None) -> Machine:
 
 @dataclass(frozen=True)
 class _Row:
-    """One model of a plan: where it lives, its dtype, its weights' bytes, and its bytes on the GPU
-    while it computes and in RAM while it waits."""
+    """One model of a plan: its weights' bytes, and its bytes on the GPU and in RAM."""
 
     model: str
     mode: str
@@ -105,9 +97,8 @@ class _Row:
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """Each model's place and dtype (:attr:`rows`), and what the cascade needs at its busiest moment
-    (:attr:`gpu` with the activations' allowance, :attr:`ram`, :attr:`disk`; bytes). ``print`` it for
-    the table; :attr:`variant` is the download script's word for its sizes (``"big-small"``)."""
+    """Each model's place and dtype (:attr:`rows`) and the bytes needed at the busiest moment; ``print``
+    it for the table. :attr:`variant` is the download script's word for its sizes (``"big-small"``)."""
 
     stage_c: Size
     stage_b: Size
@@ -126,7 +117,6 @@ class MemoryPlan:
         return (not m.gpu or self.gpu <= m.gpu_free) and self.ram <= m.ram and self.disk <= m.disk
 
     def _row(self, model: str) -> _Row:
-        """The plan of one model: what a loader places it by."""
         return next(row for row in self.rows if row.model == model)
 
     def __str__(self) -> str:
@@ -150,8 +140,8 @@ class MemoryPlan:
 
 @cache
 def _streamed_share(kind: str, size: Size) -> float:
-    """The share of a UNet's weights group offloading holds on the GPU: its two largest blocks (one
-    computing, the next arriving) and the parameters outside the blocks, from the shipped config."""
+    """Group offloading holds a UNet's two largest blocks (one computing, the next arriving) and what
+    lies outside the blocks on the GPU: that share of its weights, from the shipped config."""
     from accelerate import init_empty_weights
 
     from .upstream import StableCascadeUNet
@@ -165,7 +155,7 @@ def _streamed_share(kind: str, size: Size) -> float:
 
 
 def _row(model: str, mode: str, dtype: torch.dtype, stage_c: Size, stage_b: Size) -> _Row:
-    """What one model takes in one mode: all of it where it waits, a share where it streams from."""
+    """All of a model where it waits, a share where it streams from."""
     if model in _SMALL:
         size, dtype = files._FILES[_SMALL[model]].size, torch.float32  # as published and loaded
     else:
@@ -186,9 +176,8 @@ def _row(model: str, mode: str, dtype: torch.dtype, stage_c: Size, stage_b: Size
 
 
 def _needs(rows: tuple[_Row, ...], machine: Machine) -> tuple[int, int, int]:
-    """GPU, RAM and disk bytes at the busiest moment. GPU: the models that stay there, the largest of
-    those that visit, the allowance. RAM: in load order, what waits there and the model being read
-    (every model passes through RAM on its way to the GPU), the reserve."""
+    """GPU, RAM and disk bytes at the busiest moment: every model passes through RAM on its way to the
+    GPU, so RAM peaks at what waits there plus the model being read."""
     resident = sum(r.gpu for r in rows if r.mode == "gpu")
     visiting = max((r.gpu for r in rows if r.mode != "gpu"), default=0)
     waiting = peak = 0
@@ -200,8 +189,7 @@ def _needs(rows: tuple[_Row, ...], machine: Machine) -> tuple[int, int, int]:
 
 
 def _modes(model: str, memory: str, gpu: bool) -> tuple[str, ...]:
-    """The modes a plan may give a model. Group offloading streams the UNets' blocks; the CLIP encoders
-    (at most 1.4 GB) take turns on the GPU instead."""
+    """Group offloading streams the UNets' blocks; the CLIP encoders (≤ 1.4 GB) take turns instead."""
     if not gpu:
         return ("cpu",)
     if model in _SMALL:
@@ -213,17 +201,13 @@ def _modes(model: str, memory: str, gpu: bool) -> tuple[str, ...]:
 
 
 def _dtype_choices(machine: Machine, dtype: torch.dtype | None) -> list[tuple[torch.dtype, torch.dtype]]:
-    """(prior, decoder) dtypes to try: the caller's, else the per-model rule (the CLIP encoders run in
-    Stage C's dtype); a CPU short of RAM may halve it with bfloat16."""
+    """(prior, decoder) dtypes to try: a CPU short of RAM may halve a model with bfloat16."""
     if dtype is not None:
         return [(dtype, dtype)]
-    gpu, native = bool(machine.gpu), machine.native_bfloat16
-    prior = decoder = _default_dtype(gpu=gpu, native_bfloat16=native)
-    return (
-        [(prior, decoder)]
-        if gpu
-        else list(itertools.product((prior, torch.bfloat16), (decoder, torch.bfloat16)))
-    )
+    default = _default_dtype(gpu=bool(machine.gpu), native_bfloat16=machine.native_bfloat16)
+    if machine.gpu:
+        return [(default, default)]
+    return list(itertools.product((default, torch.bfloat16), repeat=2))
 
 
 def _plans(stage_c: Size, stage_b: Size, machine: Machine, dtype, memory: str, image_encoder: bool):
@@ -239,13 +223,13 @@ def _plans(stage_c: Size, stage_b: Size, machine: Machine, dtype, memory: str, i
 
 
 def _cost(plan: MemoryPlan) -> float:
-    """How slow a plan is, relatively: bytes moved per mode, and bfloat16 on a CPU (slower there)."""
+    """Bytes moved per mode, plus bfloat16 on a CPU (slower there): a relative slowness."""
     cpu_bf16 = sum(r.size for r in plan.rows if plan.machine.gpu is None and r.dtype == torch.bfloat16)
     return sum(_SLOWNESS[r.mode] * r.size for r in plan.rows) + cpu_bf16
 
 
 def _shortfall(plan: MemoryPlan) -> float:
-    """How far a plan is from fitting: the largest of its needs over what the machine has."""
+    """The largest of a plan's needs over what the machine has: how far it is from fitting."""
     m = plan.machine
     return max(plan.gpu / max(m.gpu_free, 1), plan.ram / max(m.ram, 1), plan.disk / max(m.disk, 1))
 
@@ -295,8 +279,8 @@ def plan_memory(
 def choose_variant(
     machine: Machine | None = None, *, dtype: torch.dtype | None = None, image_encoder: bool = True
 ) -> MemoryPlan:
-    """The largest sizes whose plan fits, Stage C first (it makes the picture; Stage B adds detail):
-    big-big, small-big (lite Stage B), big-small, small-small; without disk offload where any fits so.
+    """The largest sizes whose plan fits, Stage C first (it makes the picture; Stage B adds detail),
+    without disk offload where any fits so.
 
     Args:
         machine: what to plan for (default: this machine).
@@ -324,9 +308,8 @@ def choose_variant(
 
 
 def variant_table(machine: Machine | None = None, *, dtype: torch.dtype | None = None) -> str:
-    """What ``memory="auto"`` chooses for each variant on a machine, one Markdown row each (computed
-    from the published sizes): where Stage C, Stage B and the text encoder live, in which dtype, and
-    the GB on the GPU and in RAM at the busiest moment.
+    """What ``memory="auto"`` chooses for each variant on a machine, one Markdown row each, computed
+    from the published sizes.
 
     Args:
         machine: what to plan for (default: this machine).
@@ -343,12 +326,9 @@ def variant_table(machine: Machine | None = None, *, dtype: torch.dtype | None =
         except MemoryError:
             lines.append(f"| {word} | does not fit | | | | |")
             continue
-        where = [
-            f"{r.mode}, {str(r.dtype)[6:]}"
-            for m in ("Stage C", "Stage B", "text encoder")
-            for r in [plan._row(m)]
-        ]
-        lines.append(f"| {word} | {' | '.join(where)} | {plan.gpu / _GB:.1f} | {plan.ram / _GB:.1f} |")
+        rows = map(plan._row, ("Stage C", "Stage B", "text encoder"))
+        where = " | ".join(f"{r.mode}, {str(r.dtype)[6:]}" for r in rows)
+        lines.append(f"| {word} | {where} | {plan.gpu / _GB:.1f} | {plan.ram / _GB:.1f} |")
     return "\n".join(lines)
 
 
@@ -364,10 +344,8 @@ def _plan_for_load(
     image_encoder: bool = True,
     test_weights: bool = False,
 ) -> MemoryPlan:
-    """The plan a loader places its models by. With "auto" the prior's and the decoder's loads share
-    one: the last made on this device with the loader's own size (``known``: "stage_c", "stage_b", or
-    None for any), else a new one for ``sizes`` (the other size guessed from the folder), printed.
-    Tiny test weights (``test_weights``) are not planned from the released sizes: they go on the device."""
+    """With "auto" the prior's and decoder's loads share one plan: the last made on this device with
+    the loader's own size (``known``), else a new one, printed. Tiny test weights go on the device."""
     memory = "gpu" if test_weights and memory == "auto" else memory
     if memory == "auto":
         for where, asked, plan in reversed(_LOADED):

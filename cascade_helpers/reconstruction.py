@@ -1,15 +1,11 @@
-"""Stable Cascade as an image autoencoder: pictures → 16-channel Stage C latents → pictures, a tool for
-training your own models in that space: encode a data set once (:func:`encode_folder`), train on the
-latents, decode what your model produces (:func:`decode`). How good and how small: :mod:`.quality`.
+"""Stable Cascade as an image autoencoder: pictures → 16-channel Stage C latents → pictures. Encode a
+data set once (:func:`encode_folder`), train on the latents, decode what your model makes (:func:`decode`).
 
-Faithful to the official ``inference/reconstruct_images.ipynb``: pictures cut to the target's aspect
-ratio in the centre and scaled to it (its data loader's ``Resize`` + ``CenterCrop``), then the
-encoder's own preprocessing (:func:`cascade_helpers.effnet.preprocess`); Stage B with the official
-settings (``sampling.OFFICIAL_DECODER``: cfg 1.1, shift 1, 10 steps, rescale 0.7), the empty caption
-by default (the official notebook has its data set's captions; pass yours with ``captions``). We chose
-float32 for the encoder (it is small) and noise drawn on the CPU from the seed (42, as there): the same
-pictures on every device, not the official notebook's draw. Sides are multiples of 32: Stage A decodes
-4× its latents, and Stage B's (a quarter of the picture) divide by 8 for its three 2× downsamplings.
+As the official ``inference/reconstruct_images.ipynb``: pictures centre-cut to the target's aspect ratio
+and scaled (``Resize`` + ``CenterCrop``), Stage B at ``sampling.OFFICIAL_DECODER``, the empty caption
+unless ``captions`` are given. Our choices: the encoder in float32 (it is small), and noise drawn on the
+CPU from the seed (42, as there), so every device makes the same pictures. Sides are multiples of 32:
+Stage A decodes 4× its latents, and Stage B's (a quarter of the picture) pass three 2× downsamplings.
 """
 
 from __future__ import annotations
@@ -53,8 +49,8 @@ _ENCODED_WITH = "encoded_with"  # a latents file's metadata: the settings and th
 
 @dataclass
 class Autoencoder:
-    """The EfficientNet encoder, the decoder (Stage B + Stage A) and Stage B's text conditioning for
-    the empty caption, computed once at load time so the text encoder need not stay in memory."""
+    """The encoder, the decoder, and the empty caption's conditioning for Stage B, computed at load so
+    the text encoder need not stay in memory."""
 
     effnet: EfficientNetEncoder
     decoder: Decoder
@@ -63,7 +59,7 @@ class Autoencoder:
 
 
 def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
-    """One side or (height, width), checked as the encoder needs it (whole multiples of 32, ≥ 64)."""
+    """The encoder needs whole multiples of 32, at least 64."""
     size = (size, size) if values._is_whole(size) else size
     if not (isinstance(size, Sequence) and not isinstance(size, str) and len(size) == 2):
         raise ValueError(f"size must be one side or (height, width) in pixels, not {size!r}")
@@ -79,7 +75,7 @@ def _crop_to_stride(image: torch.Tensor) -> torch.Tensor:
 
 
 def _prepare(images: ImageInput | Sequence[ImageInput], size: int | tuple[int, int] | None) -> torch.Tensor:
-    """The encoder's pictures as one batch: all at ``size``, or at their own (equal) size."""
+    """One batch: all at ``size``, or at their own (equal) size."""
     if size is not None:
         return batch_images(images, *_pair(size))
     tensors = [_crop_to_stride(image_to_tensor(picture)) for picture in _picture_list(images)]
@@ -123,8 +119,8 @@ def load_autoencoder(
     device: str | torch.device | None = None,
     memory: MemoryMode = "gpu",
 ) -> Autoencoder:
-    """The EfficientNet encoder, Stage B and Stage A — no Stage C. Stage B's conditioning, the empty
-    caption's pooled CLIP embedding, is computed once here with the text encoder, then released (1.4 GB).
+    """The EfficientNet encoder, Stage B and Stage A — no Stage C. The empty caption's conditioning is
+    computed once here with the text encoder, which is then released (1.4 GB).
 
     Args:
         source: a models folder or the Hub repo ``stabilityai/stable-cascade``.
@@ -162,7 +158,7 @@ def available_stage_b(models_dir: str | Path) -> list[Size]:
 
 
 def _encode_batch(effnet: EfficientNetEncoder, batch: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Prepared pictures through the encoder ``batch_size`` at a time; the latents come back to the CPU."""
+    """Latents come back to the CPU batch by batch, so a data set never fills the GPU."""
     return torch.cat(
         [effnet_encode(effnet, chunk, downscale=True).cpu() for chunk in batch.split(batch_size)]
     )
@@ -180,9 +176,8 @@ def encode(
     Args:
         effnet: the encoder (``_load_effnet``, ``Autoencoder.effnet``).
         images: what :func:`cascade_helpers.images.batch_images` takes.
-        size: (height, width), or one side (multiples of 32): each picture cut to its aspect ratio in
-            the centre and scaled to it, as the official data loader does. None keeps the pictures' own
-            (equal) size, cut to multiples of 32.
+        size: (height, width) or one side (multiples of 32), each picture centre-cut to its aspect
+            ratio and scaled; None keeps the pictures' own (equal) size, cut to multiples of 32.
         batch_size: pictures through the encoder at once.
 
     Returns:
@@ -192,7 +187,7 @@ def encode(
 
 
 def _pooled(autoencoder: Autoencoder, captions: str | Sequence[str] | None, batch: int) -> torch.Tensor:
-    """Stage B's pooled text conditioning: the empty caption's unless captions are given (one or one each)."""
+    """Stage B's pooled text conditioning: the empty caption's, or one caption for all, or one each."""
     if captions is None:
         return autoencoder.empty_pooled.expand(batch, -1, -1)
     captions = [captions] * batch if isinstance(captions, str) else list(captions)
@@ -249,26 +244,19 @@ def decode(
     negative = autoencoder.empty_pooled.expand(len(latents), -1, -1)
     generator = torch.Generator("cpu").manual_seed(values._whole(seed, "seed", 0, 2**64 - 1))
     decoder, pictures = autoencoder.decoder, []
-    for chunk in (slice(start, start + batch_size) for start in range(0, len(latents), batch_size)):
-        stage_b = generate_stage_b(
-            decoder,
-            latents[chunk],
-            pooled[chunk],
-            negative[chunk],
-            (height, width),
-            settings,
-            generator=generator,
-        )
-        pictures.append(decode_stage_a(decoder, stage_b))
+    for start in range(0, len(latents), batch_size):
+        part = slice(start, start + batch_size)
+        conditions = (latents[part], pooled[part], negative[part], (height, width), settings)
+        pictures.append(decode_stage_a(decoder, generate_stage_b(decoder, *conditions, generator=generator)))
     return torch.cat(pictures)
 
 
 @dataclass
 class StoredLatents:
-    """One latents file: the latents, the picture size they encode, the picture's name."""
+    """One latents file: the latents, the (height, width) they encode, the picture's name."""
 
     latents: torch.Tensor  # 16×h×w, float32
-    image_size: tuple[int, int]  # (height, width)
+    image_size: tuple[int, int]
     source: str
 
 
@@ -362,10 +350,8 @@ def encode_folder(
     dtype: torch.dtype = torch.float16,
     progress: bool = True,
 ) -> list[Path]:
-    """Encode every picture in ``folder`` to ``out_dir/<name>.safetensors`` (key ``latents``, 16×h×w
-    in ``dtype``; metadata: source name, picture size, and what made them), each written atomically.
-    Resumable: a picture whose complete file was made with these settings from these bytes is skipped;
-    one edited since, or another ``size`` or ``dtype``, is encoded again.
+    """Encode every picture in ``folder`` to ``out_dir/<name>.safetensors`` (key ``latents``), each
+    written atomically. Resumable: a file made with these settings from these bytes is skipped.
 
     Args:
         effnet, folder, out_dir: the encoder, the pictures (not searched recursively), the latents.
@@ -374,15 +360,14 @@ def encode_folder(
         progress: False hides the progress bar.
 
     Returns:
-        The latents files written now (not those already done); a FileNotFoundError for no pictures.
+        The latents files written now; a FileNotFoundError for no pictures.
     """
     folder, out_dir, batch_size = Path(folder), Path(out_dir), _batch_size(batch_size)
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating torch dtype such as torch.float16, not {dtype!r}")
     pending, made_with = _pending(folder, out_dir, size, dtype)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    done = len(made_with) - len(pending)
+    written, done = [], len(made_with) - len(pending)
     with tqdm(
         total=len(made_with), initial=done, desc="Encoding", unit="picture", disable=not progress
     ) as bar:
