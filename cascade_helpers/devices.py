@@ -3,21 +3,17 @@
 Memory modes, each a library's hooks (:mod:`cascade_helpers.memory` plans which model gets which):
 
 - ``"gpu"``: the model lives on the GPU. Fastest; needs the most memory.
-- ``"model_offload"``: the model waits in CPU RAM and moves to the GPU when called, sending the big
-  model that ran before it back (accelerate's ``CpuOffload`` hook): one big model on the GPU at a time.
-- ``"group_offload"``: diffusers' group offloading: the UNets' blocks (the CLIP encoders' layers) move
-  to the GPU as they run, the next one over a CUDA stream while this one computes; the weights wait in
-  CPU RAM. Little GPU memory, much faster than ``sequential_offload``.
-- ``"disk_offload"``: the same, with the waiting weights on disk instead of in RAM (for machines with
-  little RAM, such as Colab's 12.7 GB).
+- ``"model_offload"``: the model waits in RAM and moves to the GPU when called, sending the big model
+  that ran before it back (accelerate's ``CpuOffload``): one big model on the GPU at a time.
+- ``"group_offload"``: diffusers' group offloading: blocks move to the GPU as they run, the next over a
+  CUDA stream while this one computes. Little GPU memory, much faster than ``sequential_offload``.
+- ``"disk_offload"``: the same, the waiting weights on disk instead of in RAM (Colab's 12.7 GB).
 - ``"sequential_offload"``: weights stream to the GPU layer by layer (accelerate's ``cpu_offload``).
 - ``"auto"``: :func:`cascade_helpers.memory.plan_memory` chooses for each model.
 
-Small models (previewer, EfficientNet, Stage A) always stay on the device.
-
-Precision: bfloat16 on GPUs that have it natively (Ampere and newer); on older GPUs (Colab's T4)
-float16 (Stage C through the rescale of :mod:`cascade_helpers.float16`, which keeps it from
-overflowing); float32 on CPUs and Apple GPUs.
+Small models (previewer, EfficientNet, Stage A) always stay on the device. Precision: bfloat16 on GPUs
+that have it natively (Ampere and newer), float16 on older ones (Colab's T4; Stage C rescaled by
+:mod:`cascade_helpers.float16`), float32 on CPUs and Apple GPUs.
 """
 
 from __future__ import annotations
@@ -50,8 +46,7 @@ class UnsupportedPrecisionError(ValueError):
 
 
 def _check_memory(memory: object) -> MemoryMode:
-    """``memory`` if it names a memory mode, else a ValueError listing them: checked before any
-    model is read, not after minutes of loading."""
+    """Checked before any model is read, not after minutes of loading."""
     if memory not in _MEMORY_MODES:
         raise ValueError(f"unknown memory mode {memory!r}: use one of {', '.join(_MEMORY_MODES)}")
     return memory  # type: ignore[return-value]
@@ -89,9 +84,8 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     """The device to compute on: the caller's choice, else CUDA, else Apple MPS, else CPU.
 
     Args:
-        device: anything ``torch.device`` accepts (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``), or
-            None / ``"auto"``: the best there is. A device this machine lacks, or a name torch does not
-            know, is refused with the list of the devices there are.
+        device: anything ``torch.device`` accepts (``"cuda:1"``, ``"mps"``), or None / ``"auto"``: the
+            best there is. One this machine lacks is refused with the list of those it has.
 
     Returns:
         The device, CUDA with its index (``"cuda"`` and ``"cuda:0"`` compare equal).
@@ -169,10 +163,9 @@ class _OneBigModelOnTheGpu(CpuOffload):
 
 
 def _group_offload(model: nn.Module, device: torch.device, *, to_disk: bool) -> None:
-    """diffusers' group offloading. The UNets go block by block (each block of their levels one group;
-    a whole level at diffusers' default would be 40 % of Stage C), other models layer by layer. Groups
-    are pinned as they move (``low_cpu_mem_usage``): RAM holds one copy of the weights, not two. On disk,
-    each model gets a folder of its own (diffusers reuses files it finds there), removed with it."""
+    """UNets go block by block (diffusers' default, a whole level, would be 40 % of Stage C), others
+    layer by layer; ``low_cpu_mem_usage`` pins groups as they move, so RAM holds one copy. On disk each
+    model gets its own folder (diffusers reuses files it finds there), removed with it."""
     from diffusers.hooks import apply_group_offloading
 
     from .upstream import StableCascadeUNet
@@ -194,8 +187,7 @@ def _group_offload(model: nn.Module, device: torch.device, *, to_disk: bool) -> 
 
 
 def _place(model: nn.Module, device: torch.device, memory: str = "gpu") -> nn.Module:
-    """Put ``model`` on ``device`` the way ``memory`` (a mode, not "auto") says; on the CPU every mode
-    is plain ``.to(device)`` (nothing to offload to). Returns ``model`` itself."""
+    """On the CPU every mode is plain ``.to(device)``: there is nothing to offload to."""
     _check_memory(memory)
     if device.type == "cpu" or memory == "gpu":
         return model.to(device)

@@ -21,10 +21,10 @@ A power of two scales every product and sum exactly, so in float32 the rescaled 
 same numbers (only weights pushed below float16's normal range by ÷ s lose bits in float16).
 
 The scale comes from one calibration pass at load (float32, layer by layer, so a float16 model needs
-no float32 copy): the largest |hidden| of the group times 16 (headroom for other prompts and sizes)
-must fit float16. Weights alone cannot say how large the hidden states grow; the pass is one forward
-(72 s for the big Stage C on a 2-core CPU; not measured on a GPU), so it is not cached. Outside the group nothing changes: a calibrated value
-there beyond float16's range refuses float16, naming the layer.
+no float32 copy): the group's largest |hidden| times 16 (headroom for other prompts and sizes) must fit
+float16. Weights alone cannot say how large hidden states grow, and the pass is one forward (72 s for
+the big Stage C on a 2-core CPU), so it is not cached. A value outside the group past float16's range
+refuses float16, naming the layer.
 
 ControlNet features added to the group's ResBlocks (59 and 63 of the big Stage C) go in divided by
 ``s``; LoRA factors on rescaled layers are scaled like the layers' weights, and read back unscaled.
@@ -94,9 +94,8 @@ def _changes(unet: nn.Module, last: int) -> Iterator[tuple[str, str]]:
 
 
 def _row_factors(module: nn.Module, change: str, scale: int) -> torch.Tensor:
-    """What the rescale multiplies each output row of ``module``'s weight by (the ``b`` rows only, for
-    a TimestepBlock's mapper, whose output is ``a`` then ``b``), shaped to multiply the weight (and a
-    LoRA up factor on it, which has as many dimensions)."""
+    """Per output row of the weight (a mapper's ``b`` half only: its output is ``a`` then ``b``), shaped
+    to multiply the weight or a LoRA up factor on it."""
     rows = torch.ones(module.weight.shape[0])
     rows[rows.shape[0] // 2 if change == "b half" else 0 :] = 1 / scale
     return rows.view(-1, *[1] * (module.weight.dim() - 1))
@@ -213,8 +212,7 @@ def rescale_for_float16(
 
     Raises:
         UnsupportedPrecisionError: not a Stage C the rescale covers, rescaled already, with a LoRA or
-            float8 weights, or a calibrated value outside the group past float16's limit (then float16
-            cannot work).
+            float8 weights, or overflowing float16 outside the group.
         ValueError: a scale that is not a power of two.
     """
     last = _group(unet)
@@ -228,8 +226,7 @@ def rescale_for_float16(
 
 
 def _hidden_scale(module: nn.Module) -> int:
-    """What a block's hidden state is divided by (1 outside a rescaled group): ControlNet features
-    added there must be divided too."""
+    """ControlNet features added to a rescaled block must be divided like its hidden state."""
     return getattr(module, _SCALE, 1)
 
 

@@ -2,18 +2,15 @@
 two, each layer cast up to the compute dtype only while it runs (as ComfyUI's ``--fp8_e4m3fn-unet``).
 ``load_prior(..., float8=True)`` / ``load_decoder(..., float8=True)``.
 
-Each weight tensor is multiplied by a power of two before the cast, so that its largest value lands
-near float8's largest (448), and divided by it again (exactly) when cast up. Why not the libraries:
-diffusers' layerwise casting (``enable_layerwise_casting``) casts without a scale, and Stable
-Cascade's weights (about 0.01) then fall among float8's subnormals, 2⁻⁹ apart: one call of the big
-Stage C erred 0.30 against float32 (``benchmarks/precision.py``, random weights, official init), 16
-times bfloat16's; torchao's scaled float8 would be a new dependency whose tensor subclasses the
-offload hooks and peft's LoRA layers must all handle. Biases stay in the compute dtype (few bytes),
-and so do the last up-block group and the upscaler feeding it (KBlueLeaf's advice: its hidden states
-are the largest, and the float16 rescale divides those weights), and a weight holding NaN or inf (a
-damaged file, which the NaN diagnosis then names: float8 would turn inf into 448).
-
-Random weights bound the arithmetic (``benchmarks/precision.py``), not the pictures' quality.
+Each weight tensor is multiplied by a power of two so that its largest value lands near float8's
+largest (448), and divided by it again (exactly) when cast up. Why not the libraries: diffusers'
+``enable_layerwise_casting`` casts without a scale, and Stable Cascade's weights (about 0.01) then fall
+among float8's subnormals: one call of the big Stage C erred 0.30 against float32, 16 times bfloat16's
+(``benchmarks/precision.py``, random weights: they bound the arithmetic, not picture quality); torchao
+would be a new dependency whose tensor subclasses the offload hooks and peft must all handle. Biases,
+the last up-block group and the upscaler feeding it (the largest hidden states; the float16 rescale
+divides those weights) stay in the compute dtype, as does a weight holding NaN or inf (a damaged file,
+which the NaN diagnosis then names: float8 would turn inf into 448).
 """
 
 from __future__ import annotations
@@ -29,8 +26,7 @@ _LAYERS = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
 
 def store_in_float8(unet: nn.Module, compute_dtype: torch.dtype) -> int:
     """Store ``unet``'s Linear and Conv weights in float8, each with a power-of-two scale, cast up to
-    ``compute_dtype`` per layer when it runs; the last up-block group and the upscaler feeding it stay
-    as they are.
+    ``compute_dtype`` per layer when it runs (the last up-block group and its upscaler stay).
 
     Args:
         unet: a Stage C or Stage B (diffusers ``StableCascadeUNet``), before it is placed or offloaded.
@@ -48,8 +44,7 @@ def store_in_float8(unet: nn.Module, compute_dtype: torch.dtype) -> int:
 
 
 def _last_group(last: int) -> tuple[str, ...]:
-    """Module name prefixes of the last up-block group and the upscalers around it: what float8 keeps
-    out, and what the float16 rescale covers (so a value there may pass float16's range)."""
+    """What float8 keeps out is what the float16 rescale covers (a value there may pass float16's range)."""
     return (
         f"up_blocks.{last}.",
         f"up_repeat_mappers.{last}.",
@@ -59,8 +54,8 @@ def _last_group(last: int) -> tuple[str, ...]:
 
 
 def _store(module: nn.Module, compute_dtype: torch.dtype) -> None:
-    """One layer's weight to scaled float8, and the hooks that swap the cast-up weight in for its call
-    (restored even when the call fails): the stored tensor is the parameter, so moves reach it."""
+    """The stored float8 tensor stays the parameter, so moves reach it; the cast-up weight is swapped in
+    per call and swapped back even when the call fails."""
     weight = module.weight.data
     peak = weight.abs().max().item()
     if not peak < math.inf:  # NaN or inf (float8 turns inf into 448): kept, for the NaN diagnosis to name
@@ -82,8 +77,7 @@ def _store(module: nn.Module, compute_dtype: torch.dtype) -> None:
 
 
 def _check_float8(float8: object, memory: str) -> None:
-    """Refuse, before any file is read, a flag that is not a bool and float8 with sequential offload
-    (accelerate streams each layer's stored weights itself; that pairing is untested)."""
+    """Before any file is read: accelerate's sequential offload streams stored weights itself (untested)."""
     if not isinstance(float8, bool):
         raise TypeError(f"float8={float8!r}: use True or False")
     if float8 and memory == "sequential_offload":

@@ -1,7 +1,6 @@
 """Getting pictures in and out: any PIL mode, file, array or tensor in; float tensors and PIL out.
-Inside the package an image is a float tensor in [0, 1], channels first (3×H×W, or B×3×H×W), and
-every picture enters through :func:`image_to_tensor` (a phone's portrait, stored sideways with EXIF
-Orientation 6, enters upright)."""
+Inside the package an image is a float tensor in [0, 1], channels first (3×H×W, or B×3×H×W), and every
+picture enters upright (EXIF) through :func:`image_to_tensor`."""
 
 from __future__ import annotations
 
@@ -215,8 +214,7 @@ def _scale_short_side(image: torch.Tensor, side: int) -> torch.Tensor:
 
 
 def batch_images(images: ImageInput | Sequence[ImageInput], height: int, width: int) -> torch.Tensor:
-    """One or several pictures → B×3×height×width, float32 in [0, 1], each cut and scaled by
-    :func:`resize_and_crop`.
+    """One or several pictures → B×3×height×width, float32 in [0, 1], each by :func:`resize_and_crop`.
 
     Args:
         images: a picture as :func:`image_to_tensor` takes it, a list of them, a folder (its pictures
@@ -231,12 +229,9 @@ def batch_images(images: ImageInput | Sequence[ImageInput], height: int, width: 
 
 def to_pil(images: torch.Tensor) -> list[PIL.Image.Image]:
     """B×3×H×W (or 3×H×W) in [0, 1] → PIL images (rounded to 8 bits, not truncated)."""
-    if images.dim() == 3:
-        images = images[None]
-    arrays = (
-        (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    )
-    return [PIL.Image.fromarray(a) for a in arrays]
+    images = images[None] if images.dim() == 3 else images
+    pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    return [PIL.Image.fromarray(a) for a in pixels.permute(0, 2, 3, 1).cpu().numpy()]
 
 
 def _as_pil_list(images) -> list[PIL.Image.Image]:

@@ -15,8 +15,7 @@ from .sizes import _ENCODING, _LATENT_CHANNELS, _stage_c_latent_size, check_size
 
 @dataclass(frozen=True)
 class Quality:
-    """Reconstruction quality of one picture: PSNR in dB (higher is better, ∞ for identical pictures)
-    and SSIM (1 for identical pictures)."""
+    """One picture's PSNR in dB (higher is better, ∞ when identical) and SSIM (1 when identical)."""
 
     psnr: float
     ssim: float
@@ -58,8 +57,7 @@ def quality(originals: torch.Tensor, reconstructions: torch.Tensor) -> list[Qual
 @dataclass(frozen=True)
 class Compression:
     """How much smaller the latents of an uint8 height×width picture are, stored as ``latent_dtype``
-    (``encode_folder``'s default: float16). The sides are checked as the encoder takes them (whole
-    multiples of 32, at least 64)."""
+    (``encode_folder``'s default: float16); sides as the encoder takes them (multiples of 32, ≥ 64)."""
 
     height: int = 1024
     width: int = 1024
