@@ -75,7 +75,6 @@ class _TensorInfo:
 class _CheckpointInfo:
     """A checked header: the model it holds (None: none we know) and its tensors."""
 
-    path: Path
     kind: str | None
     tensors: dict[str, _TensorInfo]
 
@@ -109,7 +108,7 @@ def _read_header(path: str | os.PathLike) -> _CheckpointInfo:
             ) from None
         raise CheckpointError(f"{path} is not a safetensors file ({error})") from None
     kind = next((kind for kind, (key, _) in _KINDS.items() if key in tensors), None)
-    return _CheckpointInfo(path, kind, tensors)
+    return _CheckpointInfo(kind, tensors)
 
 
 def _describe(info: _CheckpointInfo) -> str:

@@ -125,8 +125,7 @@ def download(
         *wanted: the script's words and/or registry entries.
         models_dir: where the files go (created if needed); an empty name is refused.
         dry_run: list the files and their published sizes; fetch nothing.
-        verify: re-hash the files there; one that differs from the Hub's checksum is fetched again (else a
-            file of the Hub's size is kept: it was verified when named).
+        verify: re-hash the files there, fetching again one that differs (else one of the Hub's size is kept).
 
     Returns:
         The local paths of the registry entries.
@@ -300,8 +299,7 @@ def _file_size(path: Path) -> int:
 
 
 def _digest(path: Path, entry: _Remote) -> str:
-    """``path``'s digest in the algorithm of the Hub's checksum: sha256 (64 hex digits, LFS files) or
-    the git blob sha1 (40: small files kept in git, read whole)."""
+    """The Hub's checksum is a sha256 (64 hex digits, LFS files) or a git blob sha1 (40: small files)."""
     if entry.size > 100 * files._MB:  # seconds to minutes: say what the pause is
         print(f"  checking {entry.path} against the Hub's checksum", flush=True)
     if len(entry.checksum) == 40:

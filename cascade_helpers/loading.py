@@ -9,6 +9,7 @@ Weights come from safetensors only: a pickled ``.bin`` can run code when loaded,
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -39,8 +40,6 @@ from .models import Decoder, Prior, TextEncoder, _ClipImageSettings
 from .previewer import Previewer
 
 _Placer = Callable[[nn.Module, str], nn.Module]
-
-# --- building blocks ---------------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -202,9 +201,6 @@ def _placer(device: torch.device, plan: MemoryPlan) -> _Placer:
     return place
 
 
-# --- the prior ---------------------------------------------------------------------------------------
-
-
 def load_prior(
     source: str | Path = "models",
     variant: Size = "big",
@@ -260,20 +256,16 @@ def load_prior(
     form = dtype or pick_dtype(None, device)  # which file form to read; the plan may cast it
     stage_c = _choose_precision_file(models_dir, files.STAGE_C[variant], form)
     text, image = (_choose_precision_file(models_dir, files._WEIGHTS[n], form) for n in files._WEIGHTS)
-    optional = {
-        "image_encoder": [files._FILES["image_encoder_config"], image, files._FILES["feature_extractor"]],
-        "effnet": [files._FILES["effnet"]],
-        "previewer": [files._FILES["previewer"]],
-    }
     needed = [files._FILES["text_encoder_config"], text, files._FILES["tokenizer"]]
-    needed += [f for part, part_files in optional.items() if wanted[part] for f in part_files]
+    if image_encoder:
+        needed += [files._FILES["image_encoder_config"], image, files._FILES["feature_extractor"]]
+    needed += [files._FILES[part] for part in ("effnet", "previewer") if wanted[part]]
     _check_present(models_dir, [stage_c, *needed], stage_b=stage_b, stage_c=variant)
-    fetch = lambda: _fetch_command(models_dir, [stage_c], stage_b, variant)  # noqa: E731
+    fetch = functools.partial(_fetch_command, models_dir, [stage_c], stage_b, variant)
     _, architecture = _inspect_file(models_dir / stage_c.path, "stage_c", variant, fetch)
     _check_files(models_dir, needed)  # everything else: encoders, configs, tokenizer
     sizes = {"stage_c": variant, "stage_b": stage_b or variant}
     dtype, place = _planned(memory, device, dtype, "Stage C", sizes, architecture, image_encoder)
-
     unet = _load_unet(models_dir / stage_c.path, "stage_c", architecture, dtype)
     text_encoder, tokenizer = _text_encoder(
         models_dir, dtype, text.precision == "bf16", local_files_only=True
@@ -364,9 +356,6 @@ def _prior_from_hub(
     )
 
 
-# --- the decoder -------------------------------------------------------------------------------------
-
-
 def load_decoder(
     source: str | Path = "models",
     variant: Size = "big",
@@ -402,12 +391,8 @@ def load_decoder(
     stage_b = _choose_precision_file(models_dir, files.STAGE_B[variant], form)
     stage_a = files._FILES["stage_a"]
     _check_present(models_dir, [stage_b, stage_a], stage_b=variant, stage_c=stage_c)
-    _, architecture = _inspect_file(
-        models_dir / stage_b.path,
-        "stage_b",
-        variant,
-        lambda: _fetch_command(models_dir, [stage_b], variant, stage_c),
-    )
+    fetch = functools.partial(_fetch_command, models_dir, [stage_b], variant, stage_c)
+    _, architecture = _inspect_file(models_dir / stage_b.path, "stage_b", variant, fetch)
     _, stage_a_architecture = _inspect_file(
         models_dir / stage_a.path, "stage_a", None, lambda: _fetch_command(models_dir, [stage_a])
     )
