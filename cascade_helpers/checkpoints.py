@@ -137,13 +137,7 @@ def _official_shapes(kind: str, architecture: _Architecture) -> dict[str, tuple[
 def _match_architecture(info: _CheckpointInfo) -> _Architecture | None:
     """The known architecture whose official keys and shapes equal the file's, if any."""
     found = {key: t.shape for key, t in info.tensors.items()}
-    for kind, architecture in _CONFIG_DIRS:
-        if kind == info.kind and _official_shapes(kind, architecture) == found:
-            return architecture
-    return None
-
-
-# --- key conversions --------------------------------------------------------------------------------
+    return next((a for k, a in _CONFIG_DIRS if k == info.kind and _official_shapes(k, a) == found), None)
 
 
 def _unet_to_official(state: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
@@ -154,9 +148,8 @@ def _unet_to_official(state: dict[str, torch.Tensor], kind: str) -> dict[str, to
         if ".to_k." in key or ".to_v." in key:
             continue
         if ".to_q." in key:
-            suffix = key.rsplit(".", 1)[1]  # weight / bias
             parts = [state[key.replace(".to_q.", f".to_{p}.")] for p in "qkv"]
-            official[key.replace(f"to_q.{suffix}", f"attn.in_proj_{suffix}")] = torch.cat(parts, dim=0)
+            official[key.replace(".to_q.", ".attn.in_proj_")] = torch.cat(parts, dim=0)  # weight / bias
         elif ".to_out.0." in key:
             official[key.replace(".to_out.0.", ".attn.out_proj.")] = value
         elif kind == "stage_b" and key.startswith("clip_txt_pooled_mapper."):

@@ -186,9 +186,8 @@ def _fetch_all(selected: Sequence[ModelFile], models_dir: Path, verify: bool) ->
     todo = [entry for entry in remote if entry not in kept]  # a full disk is found before the first byte
     needed = sum(max(entry.size - _file_size(_partial_path(models_dir, entry)), 0) for entry in todo)
     if needed > (free := shutil.disk_usage(models_dir).free):
-        short = (
-            f"{files._human_size(needed)} to fetch into {models_dir}/, {files._human_size(free)} free there"
-        )
+        need, have = files._human_size(needed), files._human_size(free)
+        short = f"{need} to fetch into {models_dir}/, {have} free there"
         more = f"Free {files._human_size(needed - free)} or choose a larger disk with --models-dir DIR"
         raise DownloadError(f"Not enough disk space: {short}. {more}; nothing was fetched.")
     print(f"{len(remote)} file(s) into {models_dir}/, {len(kept)} already complete", flush=True)

@@ -139,8 +139,6 @@ def _inspect_file(
     return info, architecture
 
 
-# --- every other file a loader reads -----------------------------------------------------------------
-
 #: what each single-file weight must hold, by path (the UNets and Stage A: by the loaders, with their size)
 _WEIGHT_KINDS: dict[str, str] = {
     files._FILES["effnet"].path: "effnet",

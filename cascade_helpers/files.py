@@ -146,14 +146,9 @@ LORA_FERNANDO = ModelFile(
 
 def _essential_files(precision: _Precision) -> list[ModelFile]:
     """The official script's three, plus the CLIP parts our notebooks need offline."""
-    f, w = _FILES, {name: weights[precision] for name, weights in _WEIGHTS.items()}
-    return [
-        *(f[name] for name in ("effnet", "stage_a", "previewer", "text_encoder_config")),
-        w["text_encoder"],
-        *(f[name] for name in ("tokenizer", "image_encoder_config")),
-        w["image_encoder"],
-        f["feature_extractor"],
-    ]
+    by_name = _FILES | {name: weights[precision] for name, weights in _WEIGHTS.items()}
+    names = ("effnet", "stage_a", "previewer", "text_encoder_config", "text_encoder", "tokenizer")
+    return [by_name[name] for name in (*names, "image_encoder_config", "image_encoder", "feature_extractor")]
 
 
 #: what each notebook reads with its default parameters, by registry name (the stages: at the sizes chosen)
@@ -207,14 +202,10 @@ def notebook_files(
 
 def _all_files() -> list[ModelFile]:
     """What the tests check names, sizes and commands over."""
-    stages = [
-        f for stage in (STAGE_C, STAGE_B) for by_precision in stage.values() for f in by_precision.values()
-    ]
+    stages = [f for by_precision in [*STAGE_C.values(), *STAGE_B.values()] for f in by_precision.values()]
     clip = [f for by_precision in _WEIGHTS.values() for f in by_precision.values()]
     return [*stages, *_FILES.values(), *clip, *_CONTROLNETS.values(), LORA_FERNANDO]
 
-
-# --- the command that fetches a set of files -------------------------------------------------------
 
 _PRECISION_WORDS: dict[_Precision, str] = {"bf16": "bfloat16", "fp32": "float32"}
 #: the download script's precision words → precisions: ``"bfloat16"`` → ``"bf16"``

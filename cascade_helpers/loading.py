@@ -90,12 +90,13 @@ def _load_strict(module: nn.Module, path: Path) -> nn.Module:
 
 
 def _clip(tower: str, where: Path | str, dtype: torch.dtype, bf16: bool, **options) -> nn.Module:
-    """A CLIP tower (``text_encoder``, ``image_encoder``) of a models folder or a Hub repo: same layout."""
+    """A CLIP tower (``text_encoder``, ``image_encoder``) of a models folder or a Hub repo: same layout,
+    bfloat16 weights as transformers' ``bf16`` variant."""
     from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 
     model_class = CLIPTextModelWithProjection if tower == "text_encoder" else CLIPVisionModelWithProjection
     model = model_class.from_pretrained(
-        where, subfolder=tower, dtype=dtype, variant=_variant(bf16), use_safetensors=True, **options
+        where, subfolder=tower, dtype=dtype, variant="bf16" if bf16 else None, use_safetensors=True, **options
     )
     return model.eval().requires_grad_(False)
 
@@ -106,11 +107,6 @@ def _text_encoder(where: Path | str, dtype: torch.dtype, bf16: bool, **options) 
 
     text_encoder = _clip("text_encoder", where, dtype, bf16, **options)
     return text_encoder, CLIPTokenizer.from_pretrained(where, subfolder="tokenizer", **options)
-
-
-def _variant(bf16: bool) -> str | None:
-    """The Hub repos and our folders keep bfloat16 weights as transformers' ``bf16`` variant."""
-    return "bf16" if bf16 else None
 
 
 def _read_clip_image_settings(folder: Path) -> _ClipImageSettings:
@@ -329,7 +325,7 @@ def _prior_from_hub(
     unet = StableCascadeUNet.from_pretrained(
         repo,
         subfolder="prior" if variant == "big" else "prior_lite",
-        variant=_variant(dtype == torch.bfloat16),
+        variant="bf16" if dtype == torch.bfloat16 else None,
         torch_dtype=dtype,
         use_safetensors=True,
     )
@@ -419,7 +415,7 @@ def _decoder_from_hub(
     unet = StableCascadeUNet.from_pretrained(
         repo,
         subfolder="decoder" if variant == "big" else "decoder_lite",
-        variant=_variant(dtype == torch.bfloat16),
+        variant="bf16" if dtype == torch.bfloat16 else None,
         torch_dtype=dtype,
         use_safetensors=True,
     )
@@ -433,9 +429,6 @@ def _decoder_from_hub(
         dtype,
         variant,
     )
-
-
-# --- the autoencoder's parts alone, for reconstruction: no Stage C, no image encoder -------------------
 
 
 def _load_effnet(
