@@ -148,7 +148,7 @@ def _explain_hub_failure(repo: str) -> Iterator[None]:
 
 
 def _hub_file(repo: str, file: ModelFile) -> Path:
-    """Through huggingface_hub's cache, like the diffusers folders."""
+    """One file of a Hub repo through huggingface_hub's cache, like the diffusers folders."""
     from huggingface_hub import hf_hub_download
 
     return Path(hf_hub_download(repo, file.path))
@@ -318,8 +318,6 @@ def _prior_from_hub(
     precision: dict[str, bool],
 ) -> Prior:
     """EfficientNet and previewer come from ``stabilityai/stable-cascade``: the prior repo has none."""
-    from huggingface_hub import snapshot_download
-
     from .upstream import StableCascadeUNet
 
     unet = StableCascadeUNet.from_pretrained(
@@ -330,11 +328,9 @@ def _prior_from_hub(
         use_safetensors=True,
     )
     text_encoder, tokenizer = _text_encoder(repo, dtype, dtype == torch.bfloat16)
-    extractor = files._FILES["feature_extractor"].path
     clip_image = None
     if wanted["image_encoder"]:
-        local = Path(snapshot_download(repo, allow_patterns=[extractor]))
-        clip_image = _read_clip_image_settings(local / "feature_extractor")
+        clip_image = _read_clip_image_settings(_hub_file(repo, files._FILES["feature_extractor"]).parent)
     return Prior(
         place(_fit_precision(unet.eval().requires_grad_(False), device, **precision), "Stage C"),
         place(text_encoder, "text encoder"),
