@@ -71,7 +71,7 @@ def _size_present(models_dir: Path, stage: dict[Size, dict[_Precision, ModelFile
 def _fetch_command(
     models_dir: Path, needed: list[ModelFile], stage_b: Size | None = None, stage_c: Size | None = None
 ) -> str:
-    """``--models-dir`` absolute (the command runs in the project folder, not in notebooks/), unless default."""
+    """``--models-dir`` absolute (the command runs in the project folder, not notebooks/), unless default."""
     command = files.download_command(needed, stage_b=stage_b, stage_c=stage_c)
     folder = models_dir.resolve()
     return command if folder == _SCRIPT_MODELS_DIR else f"{command} --models-dir {shlex.quote(str(folder))}"

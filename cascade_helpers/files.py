@@ -86,14 +86,6 @@ def _essential(path: str, megabytes: float, needed_by: str, repo: str = _REPO_DE
     return ModelFile(path, repo, int(megabytes * _MB), needed_by, "essential", **more)
 
 
-def _clip_weights(folder: str, repo: str, megabytes: dict[_Precision, float], needed_by: str) -> dict:
-    """The Hub repos keep float32 as ``model.safetensors``, bfloat16 as the variant ``model.bf16.safetensors``."""
-    names = {"bf16": "model.bf16.safetensors", "fp32": "model.safetensors"}
-    return {
-        p: _essential(f"{folder}/{names[p]}", mb, needed_by, repo, precision=p) for p, mb in megabytes.items()
-    }
-
-
 #: every other file of ``essential``, by what it is
 _FILES: dict[str, ModelFile] = {
     "effnet": _essential(
@@ -113,17 +105,16 @@ _FILES: dict[str, ModelFile] = {
         _REPO_PRIOR,
     ),
 }
-#: the CLIP towers, by precision: ``_WEIGHTS["text_encoder"]["bf16"]``
+#: the CLIP towers by precision (bf16: transformers' ``bf16`` variant): ``_WEIGHTS["text_encoder"]["bf16"]``
 _WEIGHTS: dict[str, dict[_Precision, ModelFile]] = {
-    "text_encoder": _clip_weights(
-        "text_encoder",
-        _REPO_DECODER,
-        {"bf16": 1390, "fp32": 2780},
-        "text conditioning (CLIP ViT-bigG/14 text)",
-    ),
-    "image_encoder": _clip_weights(
-        "image_encoder", _REPO_PRIOR, {"bf16": 608, "fp32": 1220}, "image variation (CLIP ViT-L/14 vision)"
-    ),
+    name: {
+        "bf16": _essential(f"{name}/model.bf16.safetensors", bf16, needed_by, repo, precision="bf16"),
+        "fp32": _essential(f"{name}/model.safetensors", fp32, needed_by, repo, precision="fp32"),
+    }
+    for name, repo, bf16, fp32, needed_by in (
+        ("text_encoder", _REPO_DECODER, 1390, 2780, "text conditioning (CLIP ViT-bigG/14 text)"),
+        ("image_encoder", _REPO_PRIOR, 608, 1220, "image variation (CLIP ViT-L/14 vision)"),
+    )
 }
 _CONTROLNETS: dict[str, ModelFile] = {
     name: ModelFile(

@@ -124,7 +124,7 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w-]*/[\w.-]+")
 
 
 def _is_local_folder(source: str | Path) -> bool:
-    """A string shaped like ``owner/name`` is a Hub repo unless such a folder exists; ``./x/y`` is a folder."""
+    """A string shaped like ``owner/name`` is a Hub repo unless such a folder exists (``./x/y`` is one)."""
     return isinstance(source, Path) or Path(source).is_dir() or not _HUB_ID.fullmatch(source)
 
 
