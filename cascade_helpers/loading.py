@@ -294,16 +294,14 @@ def _optional_parts(
 ) -> dict[str, Callable[[], nn.Module]]:
     """Read and placed on first use (``single_file``: where the official single files are, folder or Hub)."""
     loaders = {
-        "image_encoder": (image_encoder, "image encoder"),
-        "effnet": (
-            lambda: _load_strict(EfficientNetEncoder(), single_file(files._FILES["effnet"])),
-            "EfficientNet",
-        ),
-        "previewer": (lambda: _load_strict(Previewer(), single_file(files._FILES["previewer"])), "previewer"),
+        "image_encoder": image_encoder,
+        "effnet": lambda: _load_strict(EfficientNetEncoder(), single_file(files._FILES["effnet"])),
+        "previewer": lambda: _load_strict(Previewer(), single_file(files._FILES["previewer"])),
     }
+    names = {"image_encoder": "image encoder", "effnet": "EfficientNet", "previewer": "previewer"}
     return {
-        part: (lambda load=load, name=name: place(load(), name))
-        for part, (load, name) in loaders.items()
+        part: (lambda load=load, name=names[part]: place(load(), name))
+        for part, load in loaders.items()
         if wanted[part]
     }
 
