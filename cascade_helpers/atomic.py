@@ -1,14 +1,10 @@
 """Writing files so that a name never holds half a file: a temporary name first, then a rename.
 
-A ``kill -9``, a full disk or an exception in the middle of a save must not leave a truncated file
-under the final name, nor replace a good file from an earlier run with a broken one. Every file the
-package writes goes through :func:`atomic_path` (or the helpers below that use it): the content goes
-to a hidden temporary file in the same folder, and ``os.replace`` — atomic on one file system — gives
-it its final name only once it is complete. On failure the temporary file is removed and the final
-name keeps whatever it held before.
-
-:func:`claim_name` is the other half of "never overwrites": it creates a file that must not exist
-yet, atomically (``O_EXCL``), so two processes saving into one folder never pick the same name.
+A ``kill -9``, a full disk or an exception mid-save must not leave a truncated file under the final
+name, nor replace a good file from an earlier run with a broken one. Every file the package writes goes
+to a hidden temporary sibling first; ``os.replace`` (atomic on one file system) names it once complete.
+:func:`_claim_name` creates a file that must not exist yet (``O_EXCL``), so two processes saving into one
+folder never pick the same name.
 """
 
 from __future__ import annotations
@@ -25,23 +21,20 @@ import torch
 
 
 def _temporary_name(path: Path) -> Path:
-    """A hidden sibling of ``path``, unique per call (two writers never share one)."""
+    """Unique per call: two writers never share one."""
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
 
 
 @contextlib.contextmanager
 def _atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; write there. When the block ends without an error it
-    is renamed to ``path`` (replacing any file there); otherwise it is deleted and ``path`` is left
-    as it was. Works for files and for folders (a folder replaces an existing one)."""
+    """A temporary path to write, renamed to ``path`` on success (a folder replaces one), else deleted."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = _temporary_name(path)
     try:
         yield temporary
         if temporary.is_dir() and path.is_dir():
-            # a folder cannot be renamed over a non-empty one: move the old one aside first
-            old = _temporary_name(path)
+            old = _temporary_name(path)  # a folder cannot be renamed over a non-empty one
             os.replace(path, old)
             try:
                 os.replace(temporary, path)
@@ -60,10 +53,8 @@ def _atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def _atomic_files(folder: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside ``folder`` for a library that writes several files itself
-    (transformers' ``save_pretrained``). When the block ends without an error each file is renamed
-    into ``folder``, replacing one of the same name and keeping the others (a bf16 and a float32
-    text encoder share ``text_encoder/``): every file appears whole or not at all."""
+    """For ``save_pretrained``: each file is renamed into ``folder``, keeping its other files (a bf16 and a
+    float32 text encoder share ``text_encoder/``)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     temporary = _temporary_name(folder)
@@ -79,16 +70,11 @@ def _atomic_files(folder: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(temporary, ignore_errors=True)
 
 
-def _write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """``path.write_bytes(data)``, atomically."""
-    with _atomic_path(path) as temporary:
-        temporary.write_bytes(data)
-    return Path(path)
-
-
 def _write_text(path: str | os.PathLike, text: str) -> Path:
     """``path.write_text(text)`` in UTF-8, atomically."""
-    return _write_bytes(path, text.encode("utf-8"))
+    with _atomic_path(path) as temporary:
+        temporary.write_bytes(text.encode("utf-8"))
+    return Path(path)
 
 
 def _write_json(path: str | os.PathLike, value) -> Path:
@@ -99,8 +85,7 @@ def _write_json(path: str | os.PathLike, value) -> Path:
 def _save_safetensors(
     path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> Path:
-    """``safetensors.torch.save_file``, atomically; tensors are detached, moved to the CPU and made
-    contiguous first (what the format needs)."""
+    """``safetensors.torch.save_file``, atomically, from any tensors (it needs them contiguous on the CPU)."""
     from safetensors.torch import save_file
 
     prepared = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
@@ -110,8 +95,7 @@ def _save_safetensors(
 
 
 def _claim_name(path: str | os.PathLike) -> bool:
-    """Create ``path`` empty if no file has that name yet, atomically; False if one has. The caller
-    then owns the name and fills it through :func:`atomic_path`."""
+    """Owns the name (creating it empty) or returns False: two savers never pick the same one."""
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:

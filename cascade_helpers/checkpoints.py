@@ -1,14 +1,10 @@
 """What is inside an official single-file checkpoint, read from its safetensors header alone.
 
-The released files carry no metadata saying what they are, and a 7 GB file in the wrong slot only
-fails deep inside ``load_state_dict`` with a wall of size mismatches. ``safetensors.safe_open`` reads
-the header (a few kB, no tensor data) and refuses a cut or junk file itself; from the key names we tell
-which model a file holds, from its shapes which architecture (big, lite or our tiny test size), so the
-loader can say "this is a Stage C lite checkpoint, you asked for big" before touching the weights.
-
-The key conversions between the official names and diffusers' names live here too: diffusers
-converts the UNets itself (``from_single_file``); we only need the inverse for writing tiny models in
-the official format, and Stage A's one renamed key.
+The released files carry no metadata, and a 7 GB file in the wrong slot only fails deep inside
+``load_state_dict``. The header (a few kB) tells from its key names which model a file holds and from
+its shapes which architecture (big, lite or our tiny test size), before any weight is read. Also the
+official ↔ diffusers key conversions diffusers lacks: the UNets' inverse (to write tiny models), and
+Stage A's one renamed key.
 """
 
 from __future__ import annotations
@@ -25,8 +21,7 @@ from safetensors import SafetensorError, safe_open
 
 _Architecture = Literal["big", "lite", "tiny"]
 
-#: every kind of file we tell apart → (a key only its files have, checked in this order: Stage B also
-#: has ``clip_norm``...; its name in messages)
+#: kind → (a key only its files have, checked in this order; its name in messages)
 _KINDS: dict[str, tuple[str, str]] = {
     "stage_c": ("clip_txt_mapper.weight", "Stage C (prior)"),
     "stage_b": ("effnet_mapper.0.weight", "Stage B (decoder)"),
@@ -35,15 +30,12 @@ _KINDS: dict[str, tuple[str, str]] = {
     "previewer": ("blocks.0.weight", "previewer"),
     "controlnet": ("projections.0.0.weight", "Stage C ControlNet"),
     "lora": ("weights.0.lora_down", "Stage C LoRA (official format)"),
-    "text_encoder": (
-        "text_model.embeddings.token_embedding.weight",
-        "CLIP text encoder",
-    ),  # transformers' keys
+    "text_encoder": ("text_model.embeddings.token_embedding.weight", "CLIP text encoder"),
     "image_encoder": ("vision_model.embeddings.patch_embedding.weight", "CLIP image encoder"),
 }
 _KIND_NAMES = {kind: name for kind, (_, name) in _KINDS.items()}
 
-#: config folder shipped in ``cascade_helpers/configs`` for each (kind, architecture)
+#: the config folder in ``cascade_helpers/configs`` of each (kind, architecture)
 _CONFIG_DIRS: dict[tuple[str, _Architecture], str] = {
     ("stage_c", "big"): "prior",
     ("stage_c", "lite"): "prior_lite",
@@ -55,7 +47,7 @@ _CONFIG_DIRS: dict[tuple[str, _Architecture], str] = {
     ("stage_a", "tiny"): "stage_a_tiny",
 }
 
-# what safetensors says of a file that ends before (or runs past) the data its header announces
+# safetensors' words for a file shorter (or longer) than its header announces
 _INCOMPLETE = ("incomplete metadata", "header too small", "invalid header length")
 
 
@@ -64,16 +56,16 @@ class CheckpointError(ValueError):
 
 
 class _TruncatedCheckpointError(CheckpointError):
-    """The file ends before the data its header announces: an interrupted download."""
+    """An interrupted download: re-running it resumes, so the message says so."""
 
 
 class _WrongCheckpointError(CheckpointError):
-    """The file is complete but holds another model (or another size) than the one asked for."""
+    """A complete file of another model or size: a re-download would not help."""
 
 
 @dataclass(frozen=True)
 class _TensorInfo:
-    """A tensor's dtype and shape as the header states them: enough to tell an architecture."""
+    """What the header states of a tensor: enough to tell an architecture without reading it."""
 
     dtype: str
     shape: tuple[int, ...]
@@ -81,28 +73,27 @@ class _TensorInfo:
 
 @dataclass(frozen=True)
 class _CheckpointInfo:
-    """A checked header: which model it holds (None: none we know) and its tensors."""
+    """A checked header: the model it holds (None: none we know) and its tensors."""
 
-    path: Path
     kind: str | None
     tensors: dict[str, _TensorInfo]
 
 
 def config_dir(kind: str, architecture: str) -> Path:
-    """The local diffusers config folder for a known architecture (what makes loading offline).
+    """The shipped diffusers config folder of a known architecture: what makes loading offline.
 
     Args:
         kind: "stage_c", "stage_b" or "stage_a".
         architecture: "big", "lite" or "tiny" (Stage A: "big" or "tiny").
 
     Returns:
-        The folder inside ``cascade_helpers/configs`` holding its ``config.json``.
+        The folder holding its ``config.json``.
     """
     return Path(str(resources.files("cascade_helpers") / "configs" / _CONFIG_DIRS[(kind, architecture)]))
 
 
 def _read_header(path: str | os.PathLike) -> _CheckpointInfo:
-    """A file's header through ``safe_open`` (which checks it is complete), and the model it holds."""
+    """``safe_open`` reads the header only, and refuses a cut or junk file itself."""
     path = Path(path)
     try:
         with safe_open(path, "pt") as f:
@@ -117,11 +108,11 @@ def _read_header(path: str | os.PathLike) -> _CheckpointInfo:
             ) from None
         raise CheckpointError(f"{path} is not a safetensors file ({error})") from None
     kind = next((kind for kind, (key, _) in _KINDS.items() if key in tensors), None)
-    return _CheckpointInfo(path, kind, tensors)
+    return _CheckpointInfo(kind, tensors)
 
 
 def _describe(info: _CheckpointInfo) -> str:
-    """'a Stage C (prior) lite checkpoint' — for error messages."""
+    """'a Stage C (prior) lite checkpoint', for error messages."""
     if info.kind is None:
         return "no Stable Cascade checkpoint we know"
     architecture = _match_architecture(info) if (info.kind, "big") in _CONFIG_DIRS else None
@@ -130,8 +121,7 @@ def _describe(info: _CheckpointInfo) -> str:
 
 @cache
 def _official_shapes(kind: str, architecture: _Architecture) -> dict[str, tuple[int, ...]]:
-    """Key → shape of the official checkpoint of a known architecture, from our config (built on the
-    meta device, once per pair): what a released file must hold exactly."""
+    """What a released file must hold exactly, from our config on the meta device, once per pair."""
     from accelerate import init_empty_weights
 
     from .upstream import PaellaVQModel, StableCascadeUNet
@@ -145,29 +135,21 @@ def _official_shapes(kind: str, architecture: _Architecture) -> dict[str, tuple[
 
 
 def _match_architecture(info: _CheckpointInfo) -> _Architecture | None:
-    """The known architecture whose official key set and shapes equal the file's, if any."""
+    """The known architecture whose official keys and shapes equal the file's, if any."""
     found = {key: t.shape for key, t in info.tensors.items()}
-    for kind, architecture in _CONFIG_DIRS:
-        if kind == info.kind and _official_shapes(kind, architecture) == found:
-            return architecture
-    return None
-
-
-# --- key conversions --------------------------------------------------------------------------------
+    return next((a for k, a in _CONFIG_DIRS if k == info.kind and _official_shapes(k, a) == found), None)
 
 
 def _unet_to_official(state: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
-    """diffusers ``StableCascadeUNet`` keys → official Stage B/C keys, the inverse of diffusers' converter
-    (which has none): ``to_q/to_k/to_v`` stack into ``attn.in_proj_*``, ``to_out.0`` is
-    ``attn.out_proj``, and Stage B calls the pooled-text mapper ``clip_mapper``."""
+    """The inverse of diffusers' single-file converter (it has none): ``to_q/k/v`` stack into
+    ``attn.in_proj_*``, ``to_out.0`` is ``attn.out_proj``, Stage B's pooled-text mapper is ``clip_mapper``."""
     official: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if ".to_k." in key or ".to_v." in key:
             continue
         if ".to_q." in key:
-            suffix = key.rsplit(".", 1)[1]  # weight / bias
             parts = [state[key.replace(".to_q.", f".to_{p}.")] for p in "qkv"]
-            official[key.replace(f"to_q.{suffix}", f"attn.in_proj_{suffix}")] = torch.cat(parts, dim=0)
+            official[key.replace(".to_q.", ".attn.in_proj_")] = torch.cat(parts, dim=0)  # weight / bias
         elif ".to_out.0." in key:
             official[key.replace(".to_out.0.", ".attn.out_proj.")] = value
         elif kind == "stage_b" and key.startswith("clip_txt_pooled_mapper."):
@@ -181,11 +163,11 @@ _STAGE_A_RENAMES = {"vquantizer.codebook.weight": "vquantizer.embedding.weight"}
 
 
 def _stage_a_from_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Official Stage A keys → diffusers ``PaellaVQModel`` keys (only the codebook is named differently)."""
+    """diffusers has no single-file loader for Stage A; only the codebook is named differently."""
     return {_STAGE_A_RENAMES.get(key, key): value for key, value in state.items()}
 
 
 def _stage_a_to_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """diffusers ``PaellaVQModel`` keys → official Stage A keys, for the tiny writer."""
+    """For the tiny writer: files in the official format."""
     inverse = {v: k for k, v in _STAGE_A_RENAMES.items()}
     return {inverse.get(key, key): value for key, value in state.items()}

@@ -125,8 +125,7 @@ def download(
         *wanted: the script's words and/or registry entries.
         models_dir: where the files go (created if needed); an empty name is refused.
         dry_run: list the files and their published sizes; fetch nothing.
-        verify: re-hash the files there; one that differs from the Hub's checksum is fetched again (else a
-            file of the Hub's size is kept: it was verified when named).
+        verify: re-hash the files there, fetching again one that differs (else one of the Hub's size is kept).
 
     Returns:
         The local paths of the registry entries.
@@ -187,9 +186,8 @@ def _fetch_all(selected: Sequence[ModelFile], models_dir: Path, verify: bool) ->
     todo = [entry for entry in remote if entry not in kept]  # a full disk is found before the first byte
     needed = sum(max(entry.size - _file_size(_partial_path(models_dir, entry)), 0) for entry in todo)
     if needed > (free := shutil.disk_usage(models_dir).free):
-        short = (
-            f"{files._human_size(needed)} to fetch into {models_dir}/, {files._human_size(free)} free there"
-        )
+        need, have = files._human_size(needed), files._human_size(free)
+        short = f"{need} to fetch into {models_dir}/, {have} free there"
         more = f"Free {files._human_size(needed - free)} or choose a larger disk with --models-dir DIR"
         raise DownloadError(f"Not enough disk space: {short}. {more}; nothing was fetched.")
     print(f"{len(remote)} file(s) into {models_dir}/, {len(kept)} already complete", flush=True)
@@ -300,8 +298,7 @@ def _file_size(path: Path) -> int:
 
 
 def _digest(path: Path, entry: _Remote) -> str:
-    """``path``'s digest in the algorithm of the Hub's checksum: sha256 (64 hex digits, LFS files) or
-    the git blob sha1 (40: small files kept in git, read whole)."""
+    """The Hub's checksum is a sha256 (64 hex digits, LFS files) or a git blob sha1 (40: small files)."""
     if entry.size > 100 * files._MB:  # seconds to minutes: say what the pause is
         print(f"  checking {entry.path} against the Hub's checksum", flush=True)
     if len(entry.checksum) == 40:

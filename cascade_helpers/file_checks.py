@@ -1,13 +1,14 @@
 """Checks on a models folder before anything is read: which files are there, which form to use,
-whether each is complete and holds the right model — and, when not, the exact command that fixes it.
+whether each is complete and holds the right model.
 
 Every loader runs these first, so a missing, half-downloaded or misplaced file is named with the
-``bash download_models.sh ...`` line that fetches it, instead of failing deep inside a library. The
-command is built only when a check fails (``fetch``: a function that builds it).
+``bash download_models.sh ...`` line that fetches it (built only when a check fails: ``fetch``),
+instead of failing deep inside a library.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shlex
@@ -36,7 +37,7 @@ _REFETCH = (
     "The file is damaged: fetch it again (--verify re-hashes the files there and replaces what differs):"
 )
 
-#: where download_models.sh puts files when given no --models-dir (beside the script)
+#: where download_models.sh puts files without --models-dir
 _SCRIPT_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 
 
@@ -45,7 +46,7 @@ class MissingModelFileError(FileNotFoundError):
 
 
 def _is_present(models_dir: Path, file: ModelFile) -> bool:
-    """The file is there (a folder entry: the folder exists and is not empty); nothing is read."""
+    """A folder entry counts once it holds something; nothing is read."""
     path = models_dir / file.path
     return path.is_dir() and any(path.iterdir()) if file.folder else path.is_file()
 
@@ -53,19 +54,14 @@ def _is_present(models_dir: Path, file: ModelFile) -> bool:
 def _choose_precision_file(
     models_dir: Path, candidates: dict[_Precision, ModelFile], dtype: torch.dtype
 ) -> ModelFile:
-    """The form matching ``dtype`` (float32 wants fp32) if present, else the other form (cast on load);
-    with neither there, bf16: the download script's default, and half the download."""
-    wanted: _Precision = "fp32" if dtype == torch.float32 else "bf16"
-    other: _Precision = "bf16" if wanted == "fp32" else "fp32"
-    for precision in (wanted, other):
-        if _is_present(models_dir, candidates[precision]):
-            return candidates[precision]
-    return candidates["bf16"]
+    """The form of ``dtype`` if present, else the other (cast on load); with neither there, bf16: the
+    download script's default, and half the download."""
+    order: tuple[_Precision, ...] = ("fp32", "bf16") if dtype == torch.float32 else ("bf16", "fp32")
+    return next((candidates[p] for p in order if _is_present(models_dir, candidates[p])), candidates["bf16"])
 
 
 def _size_present(models_dir: Path, stage: dict[Size, dict[_Precision, ModelFile]]) -> Size | None:
-    """Which size of a stage (``files.STAGE_B``/``STAGE_C``) the folder holds, big first, so a command
-    for the other stage suggests a variant word that keeps it."""
+    """The size of a stage the folder holds (big first), so a command for the other keeps it."""
     for size, by_precision in stage.items():
         if any(_is_present(models_dir, f) for f in by_precision.values()):
             return size
@@ -75,8 +71,7 @@ def _size_present(models_dir: Path, stage: dict[Size, dict[_Precision, ModelFile
 def _fetch_command(
     models_dir: Path, needed: list[ModelFile], stage_b: Size | None = None, stage_c: Size | None = None
 ) -> str:
-    """``files.download_command`` for this folder: ``--models-dir`` (absolute: the command runs in the
-    project folder, not in notebooks/) unless it is the script's default."""
+    """``--models-dir`` absolute (the command runs in the project folder, not notebooks/), unless default."""
     command = files.download_command(needed, stage_b=stage_b, stage_c=stage_c)
     folder = models_dir.resolve()
     return command if folder == _SCRIPT_MODELS_DIR else f"{command} --models-dir {shlex.quote(str(folder))}"
@@ -85,8 +80,7 @@ def _fetch_command(
 def _check_present(
     models_dir: Path, needed: list[ModelFile], stage_b: Size | None = None, stage_c: Size | None = None
 ) -> None:
-    """One ``MissingModelFileError`` naming every missing file and the command that fetches them all
-    (``stage_b``/``stage_c``: the sizes the caller uses, for the variant word)."""
+    """One error naming every missing file, and one command for them all (in the caller's stage sizes)."""
     if models_dir.exists() and not models_dir.is_dir():
         raise NotADirectoryError(
             f"{models_dir} is a file, not a models folder: pass the folder download_models.sh filled "
@@ -106,7 +100,7 @@ def _check_present(
 
 
 def _read_checked(path: Path, fetch: Callable[[], str]) -> _CheckpointInfo:
-    """The header, or the reader's error completed with what to do and the command."""
+    """The reader's error, completed with what to do and the command."""
     try:
         return _read_header(path)
     except _TruncatedCheckpointError as error:
@@ -118,9 +112,8 @@ def _read_checked(path: Path, fetch: Callable[[], str]) -> _CheckpointInfo:
 def _inspect_file(
     path: Path, kind: str, size: Size | None, fetch: Callable[[], str]
 ) -> tuple[_CheckpointInfo, _Architecture | None]:
-    """Header checks: complete, the right model (``kind``), the right architecture (``size``; None checks
-    the kind only, Stage A's architecture is matched anyway). Tiny test weights fit any size slot.
-    Returns the header and the architecture found."""
+    """Complete, the right model, the right architecture (``size`` None: the kind only, but Stage A's is
+    matched). Tiny test weights fit any size slot."""
     info = _read_checked(path, fetch)
     expected = f"{_KIND_NAMES[kind]}" + (f" {size}" if size else "")
     if info.kind != kind:
@@ -146,10 +139,7 @@ def _inspect_file(
     return info, architecture
 
 
-# --- every other file a loader reads -----------------------------------------------------------------
-
-#: what each single-file weight of the registry must hold, by its path (the UNets and Stage A are
-#: checked with their architecture by the loaders themselves)
+#: what each single-file weight must hold, by path (the UNets and Stage A: by the loaders, with their size)
 _WEIGHT_KINDS: dict[str, str] = {
     files._FILES["effnet"].path: "effnet",
     files._FILES["previewer"].path: "previewer",
@@ -166,13 +156,12 @@ _TOKENIZER_NEEDS = (("vocab.json", "merges.txt"), ("tokenizer.json",))
 
 
 def _damaged(path: Path, what: str, fetch: Callable[[], str]) -> CheckpointError:
-    """The error for a damaged text file: what is wrong, and the command that fetches it again."""
+    """A damaged text file is fetched again with ``--verify``, which replaces what differs."""
     return CheckpointError(f"{path} {what}.\n{_REFETCH}\n  {fetch()} --verify")
 
 
 def _text_problem(path: Path, text: str) -> str | None:
-    """What makes a models folder's text file unusable (None: nothing): empty, NUL bytes, a BPE merges
-    line that is not a pair of tokens."""
+    """What makes a text file unusable (None: nothing), found before a tokenizer fails on it obscurely."""
     if not text.strip():
         return "is empty"
     if "\0" in text:
@@ -186,8 +175,7 @@ def _text_problem(path: Path, text: str) -> str | None:
 
 
 def _json_problem(text: str, keys: tuple[str, ...]) -> str | None:
-    """What makes a JSON file unusable for the loaders (None: nothing): not JSON, not an object, keys
-    missing."""
+    """What makes a JSON file unusable for the loaders (None: nothing)."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
@@ -199,7 +187,7 @@ def _json_problem(text: str, keys: tuple[str, ...]) -> str | None:
 
 
 def _check_text(path: Path, fetch: Callable[[], str], keys: tuple[str, ...] = ()) -> None:
-    """A text file of a models folder: UTF-8, not empty, and (``.json``) a JSON object with ``keys``."""
+    """A cut or overwritten text file is named here, not inside transformers."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -210,7 +198,7 @@ def _check_text(path: Path, fetch: Callable[[], str], keys: tuple[str, ...] = ()
 
 
 def _check_folder(path: Path, fetch: Callable[[], str]) -> None:
-    """A tokenizer folder: the files CLIP's tokenizer needs, each readable text."""
+    """A tokenizer folder needs its vocabulary files, each readable text."""
     names = {p.name for p in path.iterdir()}
     if not any(all(n in names for n in group) for group in _TOKENIZER_NEEDS):
         raise _damaged(path, f"lacks {' and '.join(_TOKENIZER_NEEDS[0])} (it holds {sorted(names)})", fetch)
@@ -220,16 +208,11 @@ def _check_folder(path: Path, fetch: Callable[[], str]) -> None:
 
 
 def _check_files(models_dir: Path, needed: list[ModelFile]) -> None:
-    """Every file of ``needed`` (known present) readable and holding what its slot needs, so a damaged
-    or misplaced one is named with its command instead of failing inside safetensors, json or
-    transformers: weights by their header, JSON by parsing it, folders file by file. The UNets and
-    Stage A are checked by the loaders with their size (:func:`_inspect_file`)."""
+    """A damaged or misplaced file (known present) is named with its command instead of failing inside
+    safetensors, json or transformers."""
     for file in needed:
         path = models_dir / file.path
-
-        def fetch(file: ModelFile = file) -> str:
-            return _fetch_command(models_dir, [file])
-
+        fetch = functools.partial(_fetch_command, models_dir, [file])
         if file.folder:
             _check_folder(path, fetch)
         elif file.path in _WEIGHT_KINDS:

@@ -1,13 +1,10 @@
 """The one registry of model files: where each lives on the Hub, where it lands locally, how big it is
 and what needs it.
 
-``download_models.sh``, the loader, the memory planner and every "file missing" error read this
-module, so a file name is written exactly once. Local paths mirror the Hub paths, which is what
-``huggingface_hub`` leaves in ``--models-dir`` and what the official configs expect for the
-top-level single files (``models/stage_c_bf16.safetensors`` ...).
-
-Sizes are the published ones (decimal units); downloads verify files against the Hub's checksums,
-these numbers are for ``--dry-run`` totals, the free-disk check and the memory planner.
+``download_models.sh``, the loaders, the memory planner and every "file missing" error read it, so a
+file name is written once. Local paths mirror the Hub paths (``models/stage_c_bf16.safetensors`` ...).
+Sizes are the published ones, in decimal units: for ``--dry-run`` totals, the free-disk check and the
+memory planner (downloads verify the Hub's checksums).
 """
 
 from __future__ import annotations
@@ -85,17 +82,8 @@ STAGE_B = _stage(
 
 
 def _essential(path: str, megabytes: float, needed_by: str, repo: str = _REPO_DECODER, **more) -> ModelFile:
-    """An entry of the ``essential`` word (most of them small, in ``stabilityai/stable-cascade``)."""
+    """Most of the ``essential`` word's files are small and in ``stabilityai/stable-cascade``."""
     return ModelFile(path, repo, int(megabytes * _MB), needed_by, "essential", **more)
-
-
-def _clip_weights(folder: str, repo: str, megabytes: dict[_Precision, float], needed_by: str) -> dict:
-    """A transformers model's weights in both forms, as the Hub repos keep them: ``model.safetensors``
-    (float32) and the ``bf16`` variant ``model.bf16.safetensors``."""
-    names = {"bf16": "model.bf16.safetensors", "fp32": "model.safetensors"}
-    return {
-        p: _essential(f"{folder}/{names[p]}", mb, needed_by, repo, precision=p) for p, mb in megabytes.items()
-    }
 
 
 #: every other file of ``essential``, by what it is
@@ -117,17 +105,16 @@ _FILES: dict[str, ModelFile] = {
         _REPO_PRIOR,
     ),
 }
-#: the CLIP towers, by precision: ``_WEIGHTS["text_encoder"]["bf16"]``
+#: the CLIP towers by precision (bf16: transformers' ``bf16`` variant): ``_WEIGHTS["text_encoder"]["bf16"]``
 _WEIGHTS: dict[str, dict[_Precision, ModelFile]] = {
-    "text_encoder": _clip_weights(
-        "text_encoder",
-        _REPO_DECODER,
-        {"bf16": 1390, "fp32": 2780},
-        "text conditioning (CLIP ViT-bigG/14 text)",
-    ),
-    "image_encoder": _clip_weights(
-        "image_encoder", _REPO_PRIOR, {"bf16": 608, "fp32": 1220}, "image variation (CLIP ViT-L/14 vision)"
-    ),
+    name: {
+        "bf16": _essential(f"{name}/model.bf16.safetensors", bf16, needed_by, repo, precision="bf16"),
+        "fp32": _essential(f"{name}/model.safetensors", fp32, needed_by, repo, precision="fp32"),
+    }
+    for name, repo, bf16, fp32, needed_by in (
+        ("text_encoder", _REPO_DECODER, 1390, 2780, "text conditioning (CLIP ViT-bigG/14 text)"),
+        ("image_encoder", _REPO_PRIOR, 608, 1220, "image variation (CLIP ViT-L/14 vision)"),
+    )
 }
 _CONTROLNETS: dict[str, ModelFile] = {
     name: ModelFile(
@@ -149,15 +136,10 @@ LORA_FERNANDO = ModelFile(
 
 
 def _essential_files(precision: _Precision) -> list[ModelFile]:
-    """What ``essential`` fetches: the official three plus the CLIP parts our notebooks need offline."""
-    f, w = _FILES, {name: weights[precision] for name, weights in _WEIGHTS.items()}
-    return [
-        *(f[name] for name in ("effnet", "stage_a", "previewer", "text_encoder_config")),
-        w["text_encoder"],
-        *(f[name] for name in ("tokenizer", "image_encoder_config")),
-        w["image_encoder"],
-        f["feature_extractor"],
-    ]
+    """The official script's three, plus the CLIP parts our notebooks need offline."""
+    by_name = _FILES | {name: weights[precision] for name, weights in _WEIGHTS.items()}
+    names = ("effnet", "stage_a", "previewer", "text_encoder_config", "text_encoder", "tokenizer")
+    return [by_name[name] for name in (*names, "image_encoder_config", "image_encoder", "feature_extractor")]
 
 
 #: what each notebook reads with its default parameters, by registry name (the stages: at the sizes chosen)
@@ -210,30 +192,25 @@ def notebook_files(
 
 
 def _all_files() -> list[ModelFile]:
-    """Every entry of the registry once: what the tests check names, sizes and commands over."""
-    stages = [
-        f for stage in (STAGE_C, STAGE_B) for by_precision in stage.values() for f in by_precision.values()
-    ]
+    """What the tests check names, sizes and commands over."""
+    stages = [f for by_precision in [*STAGE_C.values(), *STAGE_B.values()] for f in by_precision.values()]
     clip = [f for by_precision in _WEIGHTS.values() for f in by_precision.values()]
     return [*stages, *_FILES.values(), *clip, *_CONTROLNETS.values(), LORA_FERNANDO]
 
-
-# --- the command that fetches a set of files -------------------------------------------------------
 
 _PRECISION_WORDS: dict[_Precision, str] = {"bf16": "bfloat16", "fp32": "float32"}
 #: the download script's precision words → precisions: ``"bfloat16"`` → ``"bf16"``
 _PRECISIONS_BY_WORD: dict[str, _Precision] = {word: precision for precision, word in _PRECISION_WORDS.items()}
 _SIZE_WORDS: dict[Size, str] = {"big": "big", "lite": "small"}
 
-#: the official variant words (Stage B size, then Stage C size; lite is "small") → (Stage B, Stage C)
-_VARIANTS: dict[str, tuple[Size, Size]] = {
-    f"{_SIZE_WORDS[b]}-{_SIZE_WORDS[c]}": (b, c) for b in _SIZES for c in _SIZES
-}
-
 
 def _variant_word(stage_b: Size, stage_c: Size) -> str:
-    """The key of :data:`VARIANTS` for these sizes: ``("big", "lite")`` → ``"big-small"``."""
+    """The official script says "small" for lite: ``("big", "lite")`` → ``"big-small"``."""
     return f"{_SIZE_WORDS[stage_b]}-{_SIZE_WORDS[stage_c]}"
+
+
+#: the official variant words (Stage B size, then Stage C size) → (Stage B, Stage C)
+_VARIANTS: dict[str, tuple[Size, Size]] = {_variant_word(b, c): (b, c) for b in _SIZES for c in _SIZES}
 
 
 def _shell_prefix() -> str:
@@ -243,8 +220,7 @@ def _shell_prefix() -> str:
 
 
 def _variant_words(files: list[ModelFile], stage_b: Size | None, stage_c: Size | None) -> list[str]:
-    """The variant word for the stage files among ``files`` (none without any): the sizes they name,
-    the caller's for the stage they do not, else the same as the named one."""
+    """A missing Stage C file keeps the caller's Stage B in the word, else the named stage's size."""
     named = {f.group: f.stage_size for f in reversed(files) if f.stage_size}
     if not named:
         return []
@@ -260,14 +236,11 @@ def download_command(
 
     Args:
         files: the files to fetch (from this registry).
-        stage_b, stage_c: the sizes the caller uses ("big" or "lite"), for the stage the files do
-            not name, so a missing Stage C file suggests a variant word that keeps the user's Stage B.
-            Without them the other stage gets the same size as the named one.
+        stage_b, stage_c: the sizes the caller uses ("big" or "lite"), for the stage the files do not
+            name (without them: the named one's size).
 
     Returns:
-        The command line: ``essential``, a variant word, ``controlnet``, ``lora`` as the files need,
-        then ``float32`` when every file with a precision is fp32, else ``bfloat16`` (none if no file
-        has a precision).
+        The command line; ``float32`` when every file with a precision is fp32, else ``bfloat16`` (if any).
     """
     files = list(files)
     groups = {f.group for f in files}
@@ -280,14 +253,14 @@ def download_command(
 
 
 def _check_size(size: object, what: str = "variant") -> Size:
-    """``size`` if it is 'big' or 'lite', else a ValueError naming the argument ``what``."""
+    """A ValueError naming the argument ``what``, not a KeyError deep in the registry."""
     if size not in _SIZES:
         raise ValueError(f"{what} must be 'big' or 'lite', not {size!r}")
     return size  # type: ignore[return-value]
 
 
 def _human_size(nbytes: int) -> str:
-    """Bytes as people read them in messages: 7.18 GB, 81.5 MB, 4 kB."""
+    """For messages: 7.18 GB, 81.5 MB, 4 kB."""
     if nbytes >= _GB:
         return f"{nbytes / _GB:.2f} GB"
     return f"{nbytes / _MB:.1f} MB" if nbytes >= _MB else f"{nbytes / 1000:.0f} kB"

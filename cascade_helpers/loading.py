@@ -1,17 +1,15 @@
 """Load Stable Cascade from a local ``models/`` folder (offline) or from the Hub.
 
 A folder is laid out as ``download_models.sh`` leaves it: the official single files plus the CLIP
-folders of ``transformers``. Loading it opens no connection: the UNet configs ship in this package.
-Every file is checked before any weight is read (missing files with the command that fetches them, a
-cut download, a file holding another model or size); the prior's optional parts are read on first use.
-A Hub repo id (``stabilityai/stable-cascade-prior`` / ``stabilityai/stable-cascade``) loads the
-diffusers folders instead. Weights come from safetensors files only (``use_safetensors=True``): a
-pickled ``.bin`` can run code when loaded, and is never a fallback.
+folders of ``transformers``; the UNet configs ship in this package, so loading opens no connection.
+Every file is checked before any weight is read. A Hub repo id loads the diffusers folders instead.
+Weights come from safetensors only: a pickled ``.bin`` can run code when loaded, and is never a fallback.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -43,8 +41,6 @@ from .previewer import Previewer
 
 _Placer = Callable[[nn.Module, str], nn.Module]
 
-# --- building blocks ---------------------------------------------------------------------------------
-
 
 @contextlib.contextmanager
 def _quiet_diffusers() -> Iterator[None]:
@@ -60,8 +56,7 @@ def _quiet_diffusers() -> Iterator[None]:
 
 
 def _load_unet(path: Path, kind: str, architecture: _Architecture, dtype: torch.dtype) -> nn.Module:
-    """An official Stage B/C file (already checked) → diffusers ``StableCascadeUNet`` on the CPU, built
-    with our shipped config: diffusers would look the config up on the Hub."""
+    """With our shipped config: diffusers would look it up on the Hub."""
     from .upstream import StableCascadeUNet
 
     with _quiet_diffusers():
@@ -72,8 +67,7 @@ def _load_unet(path: Path, kind: str, architecture: _Architecture, dtype: torch.
 
 
 def _load_stage_a(path: Path, architecture: _Architecture) -> nn.Module:
-    """Official ``stage_a.safetensors`` → diffusers ``PaellaVQModel``, float32 (it is small, and the
-    official code never casts it), every key matched: diffusers has no single-file loader for it."""
+    """diffusers has no single-file loader for Stage A; float32: it is small, and never cast officially."""
     from accelerate import init_empty_weights
 
     from .upstream import PaellaVQModel
@@ -85,31 +79,38 @@ def _load_stage_a(path: Path, architecture: _Architecture) -> nn.Module:
 
 
 def _float32(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Floating tensors to float32; integer buffers (BatchNorm's ``num_batches_tracked``) untouched."""
+    """Integer buffers (BatchNorm's ``num_batches_tracked``) stay integers."""
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
 def _load_strict(module: nn.Module, path: Path) -> nn.Module:
-    """An official single file into one of our modules (EfficientNet, previewer), float32, every key
-    matched: they are not diffusers models."""
+    """EfficientNet and previewer are our modules, not diffusers models: float32, every key matched."""
     module.load_state_dict(_float32(load_file(str(path))), strict=True)
     return module.eval().requires_grad_(False)
 
 
-def _clip(model_class, where: Path | str, dtype: torch.dtype, **options) -> nn.Module:
-    """A transformers CLIP tower from safetensors only, frozen."""
-    model = model_class.from_pretrained(where, dtype=dtype, use_safetensors=True, **options)
+def _clip(tower: str, where: Path | str, dtype: torch.dtype, bf16: bool, **options) -> nn.Module:
+    """A CLIP tower (``text_encoder``, ``image_encoder``) of a models folder or a Hub repo: same layout,
+    bfloat16 weights as transformers' ``bf16`` variant."""
+    from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
+
+    model_class = CLIPTextModelWithProjection if tower == "text_encoder" else CLIPVisionModelWithProjection
+    model = model_class.from_pretrained(
+        where, subfolder=tower, dtype=dtype, variant="bf16" if bf16 else None, use_safetensors=True, **options
+    )
     return model.eval().requires_grad_(False)
 
 
-def _variant(bf16: bool) -> str | None:
-    """The Hub repos and our folders keep bfloat16 weights as transformers' ``bf16`` variant."""
-    return "bf16" if bf16 else None
+def _text_encoder(where: Path | str, dtype: torch.dtype, bf16: bool, **options) -> tuple[nn.Module, object]:
+    """The ``text_encoder/`` and ``tokenizer/`` folders: every models folder and Hub repo has both."""
+    from transformers import CLIPTokenizer
+
+    text_encoder = _clip("text_encoder", where, dtype, bf16, **options)
+    return text_encoder, CLIPTokenizer.from_pretrained(where, subfolder="tokenizer", **options)
 
 
 def _read_clip_image_settings(folder: Path) -> _ClipImageSettings:
-    """The image encoder's preprocessing from ``preprocessor_config.json``, in either layout
-    transformers writes (``size`` a number or a dict)."""
+    """transformers writes ``size`` as a number or a dict: both are read."""
     config = json.loads((folder / "preprocessor_config.json").read_text())
     size, crop = config.get("size", {}), config.get("crop_size", {})
     resize = size.get("shortest_edge", size.get("height", 224)) if isinstance(size, dict) else int(size)
@@ -123,8 +124,7 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w-]*/[\w.-]+")
 
 
 def _is_local_folder(source: str | Path) -> bool:
-    """A folder (existing or not) unless it is a string shaped like a Hub repo id (``owner/name``)
-    and no such folder exists here. ``./x/y`` or ``../models`` are always folders."""
+    """A string shaped like ``owner/name`` is a Hub repo unless such a folder exists (``./x/y`` is one)."""
     return isinstance(source, Path) or Path(source).is_dir() or not _HUB_ID.fullmatch(source)
 
 
@@ -148,22 +148,21 @@ def _explain_hub_failure(repo: str) -> Iterator[None]:
 
 
 def _hub_file(repo: str, file: ModelFile) -> Path:
-    """One single file of a Hub repo, through huggingface_hub's cache."""
+    """One file of a Hub repo through huggingface_hub's cache, like the diffusers folders."""
     from huggingface_hub import hf_hub_download
 
     return Path(hf_hub_download(repo, file.path))
 
 
 def _settings(memory: object, device: object, dtype: object, float8: object):
-    """What every loader checks first, before any file is read: memory mode, float8, device, and the
-    dtype asked for (None: the memory plan chooses)."""
+    """Every loader checks its settings before any file is read (dtype None: the memory plan chooses)."""
     memory, device = _check_memory(memory), pick_device(device)
     _check_float8(float8, memory)
     return memory, device, None if dtype is None else pick_dtype(dtype, device)
 
 
 def _fit_precision(unet: nn.Module, device: torch.device, rescale: bool, float8: bool) -> nn.Module:
-    """The float16 rescale and float8 storage, before the UNet is placed: both need it whole."""
+    """Before the UNet is placed: the float16 rescale and float8 storage both need it whole."""
     dtype = next(unet.parameters()).dtype
     if rescale and dtype == torch.float16:
         rescale_for_float16(unet, device=device)
@@ -181,8 +180,7 @@ def _planned(
     architecture: str,
     image_encoder: bool = True,
 ) -> tuple[torch.dtype, _Placer]:
-    """A bundle's dtype and placement from the memory plan for ``sizes`` (the bundle's own stage known,
-    the other guessed from the folder); tiny test weights are not planned: they go on the device."""
+    """The memory plan decides a bundle's dtype and placement; tiny test weights just go on the device."""
     known = "stage_c" if stage == "Stage C" else "stage_b"
     test = architecture == "tiny"
     plan = _plan_for_load(memory, device, dtype, sizes, known, image_encoder, test_weights=test)
@@ -190,16 +188,13 @@ def _planned(
 
 
 def _placer(device: torch.device, plan: MemoryPlan) -> _Placer:
-    """How each model of a bundle is placed: as the memory plan says."""
+    """Each model of a bundle is placed as the memory plan says."""
 
     def place(model: nn.Module, name: str) -> nn.Module:
         mode = plan._row(name).mode
         return _place(model, device, "gpu" if mode == "cpu" else mode)
 
     return place
-
-
-# --- the prior ---------------------------------------------------------------------------------------
 
 
 def load_prior(
@@ -216,39 +211,32 @@ def load_prior(
     float8: bool = False,
 ) -> Prior:
     """Stage C with its text encoder and tokenizer, and optionally the CLIP image encoder (image
-    variation), the EfficientNet encoder (image-to-image) and the previewer (live previews): their
-    files are checked now and read on first use.
+    variation), the EfficientNet encoder (image-to-image) and the previewer (live previews): checked
+    now, read on first use.
 
     Args:
-        source: a models folder (offline; default "models") or the Hub repo
-            ``stabilityai/stable-cascade-prior`` (its diffusers folders; EfficientNet and previewer
-            from ``stabilityai/stable-cascade``).
+        source: a models folder (offline) or the Hub repo ``stabilityai/stable-cascade-prior``
+            (EfficientNet and previewer then come from ``stabilityai/stable-cascade``).
         variant: Stage C's size, "big" (official, 3.6 B parameters) or "lite".
-        dtype: for Stage C and the CLIP encoders; None: as the memory plan chooses (bfloat16 on GPUs
-            that have it natively, float16 on older ones, float32 on CPUs). float16 rescales Stage C's
-            last block group on load (:mod:`cascade_helpers.float16`), which would overflow otherwise.
-            In a folder the weight files of that precision are read if present, else the other form,
-            cast on load.
+        dtype: for Stage C and the CLIP encoders; None: bfloat16 on GPUs that have it natively, float16
+            on older ones, float32 on CPUs. float16 rescales Stage C's last block group on load
+            (:mod:`cascade_helpers.float16`) against overflow. A folder's files of that precision are read
+            if present, else the other form, cast.
         device: "cpu", "cuda", "cuda:1", "mps" or None (the best there is).
-        memory: how Stage C and the CLIP encoders share the GPU (:mod:`cascade_helpers.devices`);
-            EfficientNet and previewer stay on ``device``.
-        image_encoder, effnet, previewer: make these optional parts available (all True by default);
-            without them image variation, image-to-image and ControlNet init pictures, and previews
-            fail with an error naming the flag.
-        allow_float16: True runs Stage C in float16 without the rescale (only to reproduce its black
-            pictures).
+        memory: how Stage C and the CLIP encoders share the GPU (:mod:`cascade_helpers.devices`).
+        image_encoder, effnet, previewer: False leaves that part out (what needs it fails naming the flag).
+        allow_float16: float16 without the rescale (only to reproduce its black pictures).
         float8: store Stage C's weights in float8 (:mod:`cascade_helpers.float8`): a byte a weight.
 
     Returns:
         The :class:`~cascade_helpers.models.Prior`.
 
     Raises:
-        MissingModelFileError: files are missing from the folder (named, with the command that fetches
-            them), or ``source`` is neither a folder nor a Hub repo that could be loaded.
-        CheckpointError: a file is damaged, cut short, or holds another model (or another size than
-            ``variant``), named with the command that fetches it again.
+        MissingModelFileError: files missing from the folder (named, with the command that fetches them),
+            or ``source`` is neither a folder nor a loadable Hub repo.
+        CheckpointError: a file is damaged, cut short, or holds another model or size (with the command).
         ValueError: an unknown variant, memory mode, device or dtype; float8 with sequential offload;
-            float16 for a Stage C the rescale cannot help (``UnsupportedPrecisionError``, saying why).
+            float16 where the rescale cannot help (``UnsupportedPrecisionError``, saying why).
     """
     variant = files._check_size(variant)
     memory, device, dtype = _settings(memory, device, dtype, float8)
@@ -264,29 +252,22 @@ def load_prior(
     form = dtype or pick_dtype(None, device)  # which file form to read; the plan may cast it
     stage_c = _choose_precision_file(models_dir, files.STAGE_C[variant], form)
     text, image = (_choose_precision_file(models_dir, files._WEIGHTS[n], form) for n in files._WEIGHTS)
-    optional = {
-        "image_encoder": [files._FILES["image_encoder_config"], image, files._FILES["feature_extractor"]],
-        "effnet": [files._FILES["effnet"]],
-        "previewer": [files._FILES["previewer"]],
-    }
     needed = [files._FILES["text_encoder_config"], text, files._FILES["tokenizer"]]
-    needed += [f for part, part_files in optional.items() if wanted[part] for f in part_files]
+    if image_encoder:
+        needed += [files._FILES["image_encoder_config"], image, files._FILES["feature_extractor"]]
+    needed += [files._FILES[part] for part in ("effnet", "previewer") if wanted[part]]
     _check_present(models_dir, [stage_c, *needed], stage_b=stage_b, stage_c=variant)
-    fetch = lambda: _fetch_command(models_dir, [stage_c], stage_b, variant)  # noqa: E731
+    fetch = functools.partial(_fetch_command, models_dir, [stage_c], stage_b, variant)
     _, architecture = _inspect_file(models_dir / stage_c.path, "stage_c", variant, fetch)
     _check_files(models_dir, needed)  # everything else: encoders, configs, tokenizer
     sizes = {"stage_c": variant, "stage_b": stage_b or variant}
     dtype, place = _planned(memory, device, dtype, "Stage C", sizes, architecture, image_encoder)
-
-    from transformers import CLIPVisionModelWithProjection
-
-    unet = _fit_precision(
-        _load_unet(models_dir / stage_c.path, "stage_c", architecture, dtype), device, **precision
+    unet = _load_unet(models_dir / stage_c.path, "stage_c", architecture, dtype)
+    text_encoder, tokenizer = _text_encoder(
+        models_dir, dtype, text.precision == "bf16", local_files_only=True
     )
-    text_encoder, tokenizer = _text_encoder_from_folder(models_dir, text, dtype)
-    folder_options = {"variant": _variant(image.precision == "bf16"), "local_files_only": True}
     return Prior(
-        place(unet, "Stage C"),
+        place(_fit_precision(unet, device, **precision), "Stage C"),
         place(text_encoder, "text encoder"),
         tokenizer,
         device,
@@ -297,7 +278,7 @@ def load_prior(
         _parts=_optional_parts(
             lambda file: models_dir / file.path,
             lambda: _clip(
-                CLIPVisionModelWithProjection, models_dir / "image_encoder", dtype, **folder_options
+                "image_encoder", models_dir, dtype, image.precision == "bf16", local_files_only=True
             ),
             wanted,
             place,
@@ -311,19 +292,16 @@ def _optional_parts(
     wanted: dict[str, bool],
     place: _Placer,
 ) -> dict[str, Callable[[], nn.Module]]:
-    """The wanted optional parts of a prior as functions that read and place them on first use
-    (``single_file``: where the official single files are, a folder or the Hub)."""
+    """Read and placed on first use (``single_file``: where the official single files are, folder or Hub)."""
     loaders = {
-        "image_encoder": (image_encoder, "image encoder"),
-        "effnet": (
-            lambda: _load_strict(EfficientNetEncoder(), single_file(files._FILES["effnet"])),
-            "EfficientNet",
-        ),
-        "previewer": (lambda: _load_strict(Previewer(), single_file(files._FILES["previewer"])), "previewer"),
+        "image_encoder": image_encoder,
+        "effnet": lambda: _load_strict(EfficientNetEncoder(), single_file(files._FILES["effnet"])),
+        "previewer": lambda: _load_strict(Previewer(), single_file(files._FILES["previewer"])),
     }
+    names = {"image_encoder": "image encoder", "effnet": "EfficientNet", "previewer": "previewer"}
     return {
-        part: (lambda load=load, name=name: place(load(), name))
-        for part, (load, name) in loaders.items()
+        part: (lambda load=load, name=names[part]: place(load(), name))
+        for part, load in loaders.items()
         if wanted[part]
     }
 
@@ -337,28 +315,20 @@ def _prior_from_hub(
     wanted: dict[str, bool],
     precision: dict[str, bool],
 ) -> Prior:
-    """The diffusers folders of ``stabilityai/stable-cascade-prior``; EfficientNet and previewer come
-    as the official single files from ``stabilityai/stable-cascade`` (the prior repo has none)."""
-    from huggingface_hub import snapshot_download
-    from transformers import CLIPVisionModelWithProjection
-
+    """EfficientNet and previewer come from ``stabilityai/stable-cascade``: the prior repo has none."""
     from .upstream import StableCascadeUNet
 
-    subfolder = "prior" if variant == "big" else "prior_lite"
     unet = StableCascadeUNet.from_pretrained(
         repo,
-        subfolder=subfolder,
-        variant=_variant(dtype == torch.bfloat16),
+        subfolder="prior" if variant == "big" else "prior_lite",
+        variant="bf16" if dtype == torch.bfloat16 else None,
         torch_dtype=dtype,
         use_safetensors=True,
     )
-    text_encoder, tokenizer = _text_encoder_from_hub(repo, dtype)
-    extractor = files._FILES["feature_extractor"].path
+    text_encoder, tokenizer = _text_encoder(repo, dtype, dtype == torch.bfloat16)
     clip_image = None
     if wanted["image_encoder"]:
-        local = Path(snapshot_download(repo, allow_patterns=[extractor]))
-        clip_image = _read_clip_image_settings(local / "feature_extractor")
-    hub_options = {"subfolder": "image_encoder", "variant": _variant(dtype == torch.bfloat16)}
+        clip_image = _read_clip_image_settings(_hub_file(repo, files._FILES["feature_extractor"]).parent)
     return Prior(
         place(_fit_precision(unet.eval().requires_grad_(False), device, **precision), "Stage C"),
         place(text_encoder, "text encoder"),
@@ -369,14 +339,11 @@ def _prior_from_hub(
         clip_image=clip_image,
         _parts=_optional_parts(
             lambda file: _hub_file(files._REPO_DECODER, file),
-            lambda: _clip(CLIPVisionModelWithProjection, repo, dtype, **hub_options),
+            lambda: _clip("image_encoder", repo, dtype, dtype == torch.bfloat16),
             wanted,
             place,
         ),
     )
-
-
-# --- the decoder -------------------------------------------------------------------------------------
 
 
 def load_decoder(
@@ -388,23 +355,18 @@ def load_decoder(
     memory: MemoryMode = "gpu",
     float8: bool = False,
 ) -> Decoder:
-    """Stage B (``variant`` big or lite) and Stage A. The decoder needs no text encoder of its own:
-    it is conditioned on the pooled prompt embedding the prior's text encoder already computed.
+    """Stage B and Stage A: no text encoder of their own, they take the prior's pooled prompt embedding.
 
     Args:
-        source: a models folder (offline; default "models") or the Hub repo ``stabilityai/stable-cascade``.
+        source: a models folder (offline) or the Hub repo ``stabilityai/stable-cascade``.
         variant: Stage B's size, "big" (official, 1.5 B parameters) or "lite".
-        dtype: Stage B's dtype; None: bfloat16 on GPUs that have it natively, float16 on older GPUs,
-            float32 elsewhere. Stage A always runs in float32.
-        device, memory: as for :func:`load_prior`; Stage A stays on ``device``.
-        float8: store Stage B's weights in float8, as for :func:`load_prior`.
+        dtype, device, memory, float8: as for :func:`load_prior`, for Stage B; Stage A runs in float32.
 
     Returns:
         The :class:`~cascade_helpers.models.Decoder`.
 
     Raises:
-        MissingModelFileError, CheckpointError, ValueError: as for
-            :func:`load_prior`, for Stage B's and Stage A's files.
+        MissingModelFileError, CheckpointError, ValueError: as for :func:`load_prior`.
     """
     variant = files._check_size(variant)
     memory, device, dtype = _settings(memory, device, dtype, float8)
@@ -419,24 +381,16 @@ def load_decoder(
     stage_b = _choose_precision_file(models_dir, files.STAGE_B[variant], form)
     stage_a = files._FILES["stage_a"]
     _check_present(models_dir, [stage_b, stage_a], stage_b=variant, stage_c=stage_c)
-    _, architecture = _inspect_file(
-        models_dir / stage_b.path,
-        "stage_b",
-        variant,
-        lambda: _fetch_command(models_dir, [stage_b], variant, stage_c),
-    )
+    fetch = functools.partial(_fetch_command, models_dir, [stage_b], variant, stage_c)
+    _, architecture = _inspect_file(models_dir / stage_b.path, "stage_b", variant, fetch)
     _, stage_a_architecture = _inspect_file(
         models_dir / stage_a.path, "stage_a", None, lambda: _fetch_command(models_dir, [stage_a])
     )
     sizes = {"stage_c": stage_c or variant, "stage_b": variant}
     dtype, place = _planned(memory, device, dtype, "Stage B", sizes, architecture)
+    unet = _load_unet(models_dir / stage_b.path, "stage_b", architecture, dtype)
     return Decoder(
-        place(
-            _fit_precision(
-                _load_unet(models_dir / stage_b.path, "stage_b", architecture, dtype), device, False, float8
-            ),
-            "Stage B",
-        ),
+        place(_fit_precision(unet, device, False, float8), "Stage B"),
         place(_load_stage_a(models_dir / stage_a.path, stage_a_architecture), "Stage A"),
         device,
         dtype,
@@ -449,13 +403,13 @@ def load_decoder(
 def _decoder_from_hub(
     repo: str, variant: Size, dtype: torch.dtype, device: torch.device, place: _Placer, float8: bool
 ) -> Decoder:
-    """The diffusers folders ``decoder``/``decoder_lite`` and ``vqgan`` of ``stabilityai/stable-cascade``."""
+    """Stage A is the repo's ``vqgan`` folder, in float32 like the official single file."""
     from .upstream import PaellaVQModel, StableCascadeUNet
 
     unet = StableCascadeUNet.from_pretrained(
         repo,
         subfolder="decoder" if variant == "big" else "decoder_lite",
-        variant=_variant(dtype == torch.bfloat16),
+        variant="bf16" if dtype == torch.bfloat16 else None,
         torch_dtype=dtype,
         use_safetensors=True,
     )
@@ -471,49 +425,10 @@ def _decoder_from_hub(
     )
 
 
-# --- the autoencoder's parts alone: EfficientNet encoder, CLIP text encoder -----------------------------
-# Reconstruction (images → Stage C latents → images) needs neither Stage C nor the image encoder: these
-# load the encoder and the text encoder by themselves, with the same checks as the bundles above.
-
-
-def _text_encoder_from_folder(
-    models_dir: Path, weights: ModelFile, dtype: torch.dtype
-) -> tuple[nn.Module, object]:
-    """The ``transformers`` folders ``text_encoder/`` and ``tokenizer/`` (already checked)."""
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
-
-    text_encoder = _clip(
-        CLIPTextModelWithProjection,
-        models_dir / "text_encoder",
-        dtype,
-        variant=_variant(weights.precision == "bf16"),
-        local_files_only=True,
-    )
-    tokenizer = CLIPTokenizer.from_pretrained(
-        models_dir / files._FILES["tokenizer"].path, local_files_only=True
-    )
-    return text_encoder, tokenizer
-
-
-def _text_encoder_from_hub(repo: str, dtype: torch.dtype) -> tuple[nn.Module, object]:
-    """The ``text_encoder/`` and ``tokenizer/`` folders of a Hub repo (both published repos have them)."""
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
-
-    text_encoder = _clip(
-        CLIPTextModelWithProjection,
-        repo,
-        dtype,
-        subfolder="text_encoder",
-        variant=_variant(dtype == torch.bfloat16),
-    )
-    return text_encoder, CLIPTokenizer.from_pretrained(repo, subfolder="tokenizer")
-
-
 def _load_effnet(
     source: str | Path = "models", *, device: str | torch.device | None = None
 ) -> EfficientNetEncoder:
-    """The EfficientNet encoder alone, float32, checked like the bundles' files: reconstruction needs
-    81 MB of it, not the 7 GB Stage C that ``load_prior`` brings."""
+    """Reconstruction needs this 81 MB, not the 7 GB Stage C that ``load_prior`` brings."""
     device = pick_device(device)
     if not _is_local_folder(source):
         with _explain_hub_failure(source):
@@ -531,20 +446,21 @@ def _load_text_encoder(
     device: str | torch.device | None = None,
     memory: MemoryMode = "gpu",
 ) -> TextEncoder:
-    """The CLIP text encoder and tokenizer alone (1.4 GB in bfloat16), checked like the bundles' files:
-    Stage B's conditioning for reconstruction, without Stage C."""
+    """Stage B's text conditioning for reconstruction (1.4 GB in bfloat16), without Stage C."""
     memory, device, dtype = _settings(memory, device, dtype, float8=False)
     alone = "model_offload" if memory == "auto" else memory  # alone it needs no plan: it takes turns
     plan = _plan_for_load(alone, device, dtype, {"stage_c": "big", "stage_b": "big"}, None)
     dtype = plan._row("text encoder").dtype
     if not _is_local_folder(source):
         with _explain_hub_failure(source):
-            text_encoder, tokenizer = _text_encoder_from_hub(source, dtype)
+            text_encoder, tokenizer = _text_encoder(source, dtype, dtype == torch.bfloat16)
     else:
         models_dir = Path(source)
         weights = _choose_precision_file(models_dir, files._WEIGHTS["text_encoder"], dtype)
         needed = [files._FILES["text_encoder_config"], weights, files._FILES["tokenizer"]]
         _check_present(models_dir, needed)
         _check_files(models_dir, needed)
-        text_encoder, tokenizer = _text_encoder_from_folder(models_dir, weights, dtype)
+        text_encoder, tokenizer = _text_encoder(
+            models_dir, dtype, weights.precision == "bf16", local_files_only=True
+        )
     return TextEncoder(_placer(device, plan)(text_encoder, "text encoder"), tokenizer, device, dtype)

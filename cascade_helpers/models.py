@@ -1,9 +1,7 @@
-"""The loaded model bundles the rest of the package works on: :class:`Prior`, :class:`Decoder` and
-:class:`TextEncoder` (and the CLIP image settings a prior carries).
+"""The loaded model bundles: :class:`Prior`, :class:`Decoder` and :class:`TextEncoder`.
 
-They live apart from :mod:`cascade_helpers.loading` so that code which *uses* loaded models
-(conditioning, generation, ControlNet, LoRA) depends on these plain records only, never on how the
-files were found and read.
+Apart from :mod:`cascade_helpers.loading`, so that code which *uses* loaded models depends on these
+plain records only, never on how the files were found and read.
 """
 
 from __future__ import annotations
@@ -21,7 +19,7 @@ from .previewer import Previewer
 
 @dataclass(frozen=True)
 class _ClipImageSettings:
-    """How the CLIP image encoder wants its input (read from ``feature_extractor/``)."""
+    """The CLIP image encoder's preprocessing, read from ``feature_extractor/``."""
 
     resize: int
     crop: tuple[int, int]
@@ -29,7 +27,6 @@ class _ClipImageSettings:
     std: tuple[float, float, float]
 
 
-#: the optional parts of a prior, as load_prior's flags name them
 _OPTIONAL_PARTS = {
     "image_encoder": "the CLIP image encoder",
     "effnet": "the EfficientNet encoder",
@@ -40,11 +37,9 @@ _OPTIONAL_PARTS = {
 @dataclass
 class Prior:
     """Stage C and what conditions it. ``device``/``dtype`` are where and how it computes: with
-    offloading the models' own ``.device`` says "cpu" between calls.
-
-    The optional parts (``image_encoder``, ``effnet``, ``previewer``) are read from their files the first
-    time they are used, so what a notebook never calls costs no memory; None when the prior was loaded
-    without them. ``stage_c_file`` is the file Stage C was read from (None from the Hub)."""
+    offloading the models' own ``.device`` says "cpu" between calls. The optional parts
+    (``image_encoder``, ``effnet``, ``previewer``) are read on first use; None when loaded without them.
+    ``stage_c_file``: the file Stage C was read from (None from the Hub)."""
 
     unet: nn.Module
     text_encoder: nn.Module
@@ -57,7 +52,7 @@ class Prior:
     _parts: dict[str, Callable[[], nn.Module] | nn.Module] = field(default_factory=dict, repr=False)
 
     def _part(self, name: str) -> nn.Module | None:
-        """An optional part, read by its loader on first use and kept."""
+        """Read on first use and kept: what a notebook never calls costs no memory."""
         part = self._parts.get(name)
         if part is not None and not isinstance(part, nn.Module):
             part = self._parts[name] = part()
@@ -76,11 +71,10 @@ class Prior:
         return self._part("previewer")
 
     def require(self, part: str, needed_for: str) -> nn.Module:
-        """The optional ``part`` (``"image_encoder"``, ``"effnet"`` or ``"previewer"``), read now if it
-        was not yet, or an error saying that ``needed_for`` needs it and how to load it.
+        """An optional part, read now if it was not yet.
 
         Args:
-            part: the attribute, named as ``load_prior``'s flag.
+            part: ``"image_encoder"``, ``"effnet"`` or ``"previewer"``, as ``load_prior``'s flag.
             needed_for: what the caller is doing, for the message (e.g. "image variation").
 
         Returns:

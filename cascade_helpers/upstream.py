@@ -1,20 +1,14 @@
 """Every import from diffusers' Stable Cascade code, in one place.
 
 diffusers marked the Stable Cascade pipelines deprecated (no fixes after 0.35.2) and moved Stage A
-(``PaellaVQModel``) under ``diffusers.pipelines.deprecated``. When a release moves or drops one of
-these names, this module is the only one to change, and ``tests/test_upstream.py`` says which name
-went missing instead of the notebooks failing somewhere in the middle.
-
-We use only the models and the scheduler: the pipelines are imported so that the test notices when
-they disappear (the notebooks, the tests and ``benchmarks/cascade.py`` compare against them, and users
-may still reach for them).
+(``PaellaVQModel``) under ``diffusers.pipelines.deprecated``. When a release moves or drops one of these
+names, only this module changes, and ``tests/test_upstream.py`` names what went missing.
 """
 
 from __future__ import annotations
 
 import importlib
 
-#: name -> module it is imported from, for every diffusers object this project relies on.
 _UPSTREAM_LOCATIONS: dict[str, str] = {
     "StableCascadeUNet": "diffusers.models.unets.unet_stable_cascade",
     "SDCascadeResBlock": "diffusers.models.unets.unet_stable_cascade",
@@ -29,7 +23,7 @@ _UPSTREAM_LOCATIONS: dict[str, str] = {
 
 
 def _load(name: str):
-    """The class from where diffusers keeps it, or an ImportError saying what to do when it moved."""
+    """A moved class fails at import with what to do, not somewhere in a notebook."""
     module_name = _UPSTREAM_LOCATIONS[name]
     try:
         return getattr(importlib.import_module(module_name), name)
