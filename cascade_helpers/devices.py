@@ -3,17 +3,17 @@
 Memory modes, each a library's hooks (:mod:`cascade_helpers.memory` plans which model gets which):
 
 - ``"gpu"``: the model lives on the GPU. Fastest; needs the most memory.
-- ``"model_offload"``: the model waits in RAM and moves to the GPU when called, sending the big model
-  that ran before it back (accelerate's ``CpuOffload``): one big model on the GPU at a time.
-- ``"group_offload"``: diffusers' group offloading: blocks move to the GPU as they run, the next over a
-  CUDA stream while this one computes. Little GPU memory, much faster than ``sequential_offload``.
-- ``"disk_offload"``: the same, the waiting weights on disk instead of in RAM (Colab's 12.7 GB).
+- ``"model_offload"``: the model waits in CPU RAM and moves to the GPU when called, sending the big
+  model that ran before it back: one big model on the GPU at a time.
+- ``"group_offload"``: diffusers' group offloading: the UNets' blocks (the CLIP encoders' layers) move
+  from CPU RAM to the GPU as they run, the next over a CUDA stream: much faster than sequential.
+- ``"disk_offload"``: the same, the weights waiting on disk instead (little RAM: Colab's 12.7 GB).
 - ``"sequential_offload"``: weights stream to the GPU layer by layer (accelerate's ``cpu_offload``).
 - ``"auto"``: :func:`cascade_helpers.memory.plan_memory` chooses for each model.
 
 Small models (previewer, EfficientNet, Stage A) always stay on the device. Precision: bfloat16 on GPUs
-that have it natively (Ampere and newer), float16 on older ones (Colab's T4; Stage C rescaled by
-:mod:`cascade_helpers.float16`), float32 on CPUs and Apple GPUs.
+that have it natively (Ampere and newer); float16 on older ones (Colab's T4; Stage C through the rescale
+of :mod:`cascade_helpers.float16`); float32 on CPUs and Apple GPUs.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import weakref
 from typing import Literal, get_args
 
 import torch
-from accelerate.hooks import CpuOffload
+from accelerate import cpu_offload
+from accelerate.hooks import CpuOffload, add_hook_to_module
 from torch import nn
 
 MemoryMode = Literal["gpu", "model_offload", "group_offload", "disk_offload", "sequential_offload", "auto"]
@@ -58,8 +59,7 @@ def _available_devices() -> list[str]:
     for kind in ("cuda", "xpu", "mps"):
         backend = getattr(torch, kind, None)
         if backend is not None and backend.is_available():
-            count = backend.device_count() if kind != "mps" else 1
-            found += [kind] if kind == "mps" else [f"{kind}:{i}" for i in range(count)]
+            found += [kind] if kind == "mps" else [f"{kind}:{i}" for i in range(backend.device_count())]
     return found
 
 
@@ -71,10 +71,9 @@ def _why_missing(device: torch.device) -> str | None:
     if backend is None or not hasattr(backend, "is_available"):
         return f"the package computes on cpu, cuda, mps or xpu, not {device.type}"
     if not backend.is_available():
-        built_without = device.type == "cuda" and torch.version.cuda is None and torch.version.hip is None
-        return (
-            "this torch was built without CUDA" if built_without else f"no {device.type} device is available"
-        )
+        if device.type == "cuda" and torch.version.cuda is None and torch.version.hip is None:
+            return "this torch was built without CUDA"
+        return f"no {device.type} device is available"
     if device.index is not None and device.index >= backend.device_count():
         return f"there is no {device.type} device number {device.index}"
     return None
@@ -84,8 +83,8 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     """The device to compute on: the caller's choice, else CUDA, else Apple MPS, else CPU.
 
     Args:
-        device: anything ``torch.device`` accepts (``"cuda:1"``, ``"mps"``), or None / ``"auto"``: the
-            best there is. One this machine lacks is refused with the list of those it has.
+        device: anything ``torch.device`` accepts (``"cpu"``, ``"cuda:1"``, ``"mps"``), or None / ``"auto"``:
+            the best there is. One this machine lacks is refused with the list of those there are.
 
     Returns:
         The device, CUDA with its index (``"cuda"`` and ``"cuda:0"`` compare equal).
@@ -127,8 +126,7 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
 
     Args:
         dtype: a ``torch.dtype``, a name ("bf16", "bfloat16", "fp32", "float32", "fp16", "float16"), or
-            None: bfloat16 on a GPU that has it natively, float16 on older GPUs (Stage C rescaled on
-            load), float32 on CPUs and Apple GPUs.
+            None: the device's default (the module docstring's rule).
         device: the device the model will compute on (from :func:`pick_device`).
 
     Returns:
@@ -148,9 +146,7 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
 
 
 class _OneBigModelOnTheGpu(CpuOffload):
-    """accelerate's model-offload hook offloads one fixed previous model; ours, whichever big model ran
-    last, so models called in any order (a second prompt, Stage B then the text encoder) take turns.
-    Its ``execution_device`` is what diffusers pipelines built from our models compute on."""
+    """accelerate's hook offloads one fixed model; ours whichever ran last, so models called in any order."""
 
     last: weakref.ref[nn.Module] | None = None  # one group per process: the prior's and decoder's models
 
@@ -163,9 +159,8 @@ class _OneBigModelOnTheGpu(CpuOffload):
 
 
 def _group_offload(model: nn.Module, device: torch.device, *, to_disk: bool) -> None:
-    """UNets go block by block (diffusers' default, a whole level, would be 40 % of Stage C), others
-    layer by layer; ``low_cpu_mem_usage`` pins groups as they move, so RAM holds one copy. On disk each
-    model gets its own folder (diffusers reuses files it finds there), removed with it."""
+    """UNets go block by block (a whole level, diffusers' default, is 40 % of Stage C); ``low_cpu_mem_usage``
+    pins as groups move, so RAM holds one copy. On disk a folder each: diffusers reuses files it finds."""
     from diffusers.hooks import apply_group_offloading
 
     from .upstream import StableCascadeUNet
@@ -192,13 +187,9 @@ def _place(model: nn.Module, device: torch.device, memory: str = "gpu") -> nn.Mo
     if device.type == "cpu" or memory == "gpu":
         return model.to(device)
     if memory == "model_offload":
-        from accelerate.hooks import add_hook_to_module
-
         add_hook_to_module(model, _OneBigModelOnTheGpu(execution_device=device))
     elif memory in ("group_offload", "disk_offload"):
         _group_offload(model, device, to_disk=memory == "disk_offload")
     else:
-        from accelerate import cpu_offload
-
         cpu_offload(model, execution_device=device)
     return model

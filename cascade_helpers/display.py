@@ -1,10 +1,11 @@
-"""Showing pictures in a notebook: grids with titles, PNG files that remember how they were made, live
-previews during sampling and a live loss curve. (The generation panel is :mod:`cascade_helpers.panel`.)"""
+"""Showing pictures in a notebook: titled grids, live previews during sampling, a live loss curve, and
+PNG files that remember how they were made (the interactive panel is :mod:`cascade_helpers.panel`)."""
 
 from __future__ import annotations
 
 import errno
 import io
+import itertools
 import json
 import os
 import re
@@ -24,7 +25,7 @@ from .stages import preview_stage_c
 
 
 def show_images(images, titles: Sequence[str] | None = None, columns: int | None = None, size: float = 4.0):
-    """Plot pictures with matplotlib, one titled panel each; returns the figure.
+    """Plot pictures with matplotlib, one titled panel each.
 
     Args:
         images: PIL images, or a B×3×H×W tensor in [0, 1].
@@ -62,19 +63,13 @@ def _png_bytes(picture: PIL.Image.Image) -> bytes:
 _SETTINGS_CHUNK = "stable_cascade"
 
 
-def _next_number(folder: Path, prefix: str) -> int:
-    """The next run number, from a regular expression (not a glob: ``[`` or ``*`` in a prefix are literal)."""
-    numbered = re.compile(rf"{re.escape(prefix)}-(\d+)-.*\.png")
-    numbers = [int(m.group(1)) for p in folder.iterdir() if (m := numbered.fullmatch(p.name))]
-    return max(numbers, default=0) + 1
-
-
 def _claim_run(folder: Path, prefix: str, names: list[str], files: list[Path]) -> list[Path]:
-    """Two notebooks saving into one folder never get the same names, and a name only ever holds a whole
-    picture: ``os.link`` fails on a taken name where a rename would replace it; a lost race moves on."""
-    number = 0
+    """``os.link`` fails on a taken name where a rename would replace it: concurrent runs never collide.
+    Run numbers by a regular expression: a glob would misread a prefix holding ``[`` or ``*``."""
+    numbered, number = re.compile(rf"{re.escape(prefix)}-(\d+)-.*\.png"), 0
     while True:
-        number = max(_next_number(folder, prefix), number + 1)
+        taken = [int(m.group(1)) for p in folder.iterdir() if (m := numbered.fullmatch(p.name))]
+        number = max(max(taken, default=0), number) + 1
         paths, linked = [folder / name.format(number=number) for name in names], []
         try:
             for file, path in zip(files, paths, strict=True):
@@ -90,8 +85,7 @@ _NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, er
 
 
 def _link_new(file: Path, path: Path) -> None:
-    """File systems without hard links (FAT, some network and cloud drives) get an exclusive claim of the
-    name instead, which the complete file then replaces."""
+    """FAT and some network and cloud drives have no hard links: claim the name, then replace it."""
     try:
         os.link(file, path)
     except OSError as error:
@@ -105,8 +99,8 @@ def _link_new(file: Path, path: Path) -> None:
 def _check_prefix(prefix: object) -> str:
     """A file-name prefix, not a path: ``"../x"`` would write outside the output folder."""
     separators = {"/", "\\", os.sep, os.altsep} - {None}
-    bad = not isinstance(prefix, str) or prefix in ("", ".", "..") or "\0" in prefix
-    if bad or any(separator in prefix for separator in separators):
+    odd = not isinstance(prefix, str) or prefix in ("", ".", "..") or "\0" in prefix
+    if odd or any(separator in prefix for separator in separators):
         raise ValueError(
             f"prefix={prefix!r}: the start of the file names must be a name without path separators "
             "('/' or '\\'); choose the folder with output_dir"
@@ -117,10 +111,9 @@ def _check_prefix(prefix: object) -> str:
 def save_generation(
     generation: Generation, output_dir: str | os.PathLike, prefix: str = "cascade"
 ) -> list[Path]:
-    """Save every picture of a generation as ``<prefix>-<run>-seed<seed>-<index>.png`` in
-    ``output_dir``, its settings (and index in the batch) as JSON in the PNG's ``stable_cascade`` text
-    chunk and its prompt as the standard ``Description``. A new run never overwrites an older one, even
-    from another process, and a name never holds part of a picture (written under hidden names first).
+    """Save every picture of a generation as ``<prefix>-<run>-seed<seed>-<index>.png`` in ``output_dir``,
+    its settings in the PNG (:func:`read_settings`). A run never overwrites another, even one another
+    process saves into the same folder, and a name never holds part of a picture.
 
     Args:
         generation: what :func:`~cascade_helpers.generation.text_to_image` and friends return.
@@ -147,21 +140,15 @@ def save_generation(
     try:
         for index, picture in enumerate(generation.images):
             files.append(_temporary_name(folder / names[index].format(number=0)))
-            info = _png_info(generation.settings, index, prompts[index])
+            info = PIL.PngImagePlugin.PngInfo()
+            info.add_text(_SETTINGS_CHUNK, json.dumps({**generation.settings, "index": index}))
+            info.add_text("Description", str(prompts[index]))  # the standard chunk image viewers show
+            info.add_text("Software", "cascade_helpers (Stable Cascade)")
             picture.save(files[-1], format="PNG", pnginfo=info)
         return _claim_run(folder, prefix, names, files)
     finally:
         for file in files:
             file.unlink(missing_ok=True)
-
-
-def _png_info(settings: dict, index: int, prompt: str) -> PIL.PngImagePlugin.PngInfo:
-    """The prompt also as the standard ``Description``, which image viewers show."""
-    info = PIL.PngImagePlugin.PngInfo()
-    info.add_text(_SETTINGS_CHUNK, json.dumps({**settings, "index": index}))
-    info.add_text("Description", str(prompt))
-    info.add_text("Software", "cascade_helpers (Stable Cascade)")
-    return info
 
 
 def read_settings(path: str | os.PathLike) -> dict:
@@ -178,11 +165,9 @@ def read_settings(path: str | os.PathLike) -> dict:
 
 
 class _InPlace:
-    """An IPython display handle redraws in place in Jupyter, Colab and VS Code, and stays in the saved
-    notebook; outside IPython this does nothing."""
+    """A display handle redraws in place in Jupyter, Colab and VS Code, and stays in the saved notebook."""
 
-    def __init__(self) -> None:
-        self._handle = None
+    _handle = None  # the first show() makes it
 
     def show(self, picture) -> None:
         from IPython import get_ipython
@@ -198,8 +183,8 @@ class _InPlace:
 
 class LivePreview:
     """A per-step ``callback`` for :func:`~cascade_helpers.generation.text_to_image` and friends: after
-    every Stage C step the previewer decodes the denoised estimate and one picture (a grid for several)
-    is redrawn below the running cell, or into ``widget``. ``latest`` keeps the last preview.
+    every Stage C step the previewer's picture (a grid for several) is redrawn in place below the
+    running cell, or into ``widget`` (the panel does). ``latest`` keeps the last preview.
 
     Args:
         prior: a prior loaded with ``previewer=True``.
@@ -208,9 +193,7 @@ class LivePreview:
     """
 
     def __init__(self, prior: Prior, widget=None, *, columns: int | None = None) -> None:
-        self.prior = prior
-        self.widget = widget
-        self.columns = columns
+        self.prior, self.widget, self.columns = prior, widget, columns
         self.latest: PIL.Image.Image | None = None
         self.updates = 0
         self._area = _InPlace()
@@ -225,8 +208,9 @@ class LivePreview:
 
 
 class LiveLossPlot:
-    """A training-loss curve that redraws in place in a notebook: pass it as ``on_step(step, loss)``.
-    Raw losses are noisy (each step draws its own noise level): a moving average is drawn over them.
+    """A training-loss curve that redraws in place in a notebook (outside IPython it only collects the
+    values): pass it as ``on_step(step, loss)``. Raw losses are noisy (each step draws its own noise
+    level), so an exponential moving average is drawn over them.
 
     Args:
         history: (step, loss) pairs already done (``TrainingResult.losses``, ``trainer.losses``).
@@ -250,11 +234,8 @@ class LiveLossPlot:
             self.redraw()
 
     def smoothed(self) -> list[float]:
-        averages, average = [], None
-        for value in self.values:
-            average = value if average is None else self.smoothing * average + (1 - self.smoothing) * value
-            averages.append(average)
-        return averages
+        weight = self.smoothing
+        return list(itertools.accumulate(self.values, lambda average, v: weight * average + (1 - weight) * v))
 
     def figure(self):
         """The curve as a matplotlib figure (not registered with pyplot, so never shown twice)."""

@@ -2,9 +2,9 @@
 
 Stage C's float16 pictures come out black (diffusers#6970, StableCascade#128, ComfyUI#2824): the hidden
 states of the last up-block group grow past float16's largest number, 65504. Their size does not
-matter to what follows, because ``clf`` starts with a LayerNorm. So the group's hidden state is
-divided by a power of two ``s`` and the weights change so that each block computes its old result
-divided by ``s`` (diffusers' ``StableCascadeUNet``, block for block as the official ``StageC``):
+matter to what follows, because ``clf`` starts with a LayerNorm. So the group's hidden state is divided
+by a power of two ``s``, and the weights change so that each block computes its old result ÷ s
+(diffusers' ``StableCascadeUNet``, block for block as the official ``StageC``):
 
 - the previous upscaler ends in a 1×1 convolution, whose output starts the group: weight and bias ÷ s;
 - ResBlock ``x + MLP(LN(depthwise(x)) ‖ skip)``: the depthwise bias ÷ s gives depthwise(x)/s, and
@@ -20,11 +20,11 @@ divided by ``s`` (diffusers' ``StableCascadeUNet``, block for block as the offic
 A power of two scales every product and sum exactly, so in float32 the rescaled UNet computes the
 same numbers (only weights pushed below float16's normal range by ÷ s lose bits in float16).
 
-The scale comes from one calibration pass at load (float32, layer by layer, so a float16 model needs
-no float32 copy): the group's largest |hidden| times 16 (headroom for other prompts and sizes) must fit
-float16. Weights alone cannot say how large hidden states grow, and the pass is one forward (72 s for
-the big Stage C on a 2-core CPU), so it is not cached. A value outside the group past float16's range
-refuses float16, naming the layer.
+Weights alone cannot say how large the hidden states grow, so the scale comes from one calibration
+pass at load (float32, layer by layer: a float16 model needs no float32 copy; 72 s for the big Stage C
+on a 2-core CPU, not cached): the group's largest |hidden| times 16 (headroom for other prompts and
+sizes) must fit float16. Outside the group nothing changes: a calibrated value there beyond float16's
+range refuses float16, naming the layer.
 
 ControlNet features added to the group's ResBlocks (59 and 63 of the big Stage C) go in divided by
 ``s``; LoRA factors on rescaled layers are scaled like the layers' weights, and read back unscaled.
@@ -94,8 +94,7 @@ def _changes(unet: nn.Module, last: int) -> Iterator[tuple[str, str]]:
 
 
 def _row_factors(module: nn.Module, change: str, scale: int) -> torch.Tensor:
-    """Per output row of the weight (a mapper's ``b`` half only: its output is ``a`` then ``b``), shaped
-    to multiply the weight or a LoRA up factor on it."""
+    """A TimestepBlock mapper's output is ``a`` then ``b``: only its ``b`` rows scale (LoRA factors too)."""
     rows = torch.ones(module.weight.shape[0])
     rows[rows.shape[0] // 2 if change == "b half" else 0 :] = 1 / scale
     return rows.view(-1, *[1] * (module.weight.dim() - 1))
@@ -115,14 +114,12 @@ def _rescale(unet: nn.Module, last: int, scale: int) -> None:
             rows = _row_factors(module, change, scale).to(module.weight.device, module.weight.dtype)
             module.weight.mul_(rows)
             module.bias.mul_(rows.flatten())
-    for block in unet.up_blocks[last]:
-        setattr(block, _SCALE, scale)
-    setattr(unet, _SCALE, scale)
+    for module in (*unet.up_blocks[last], unet):
+        setattr(module, _SCALE, scale)
 
 
 def _calibration_inputs(unet: nn.Module, device: torch.device) -> dict[str, torch.Tensor]:
-    """Noise at the size of a 1024² picture, random text embeddings and no image, at three noise levels:
-    what a sampling run feeds Stage C, seeded so that a load always picks the same scale."""
+    """What a 1024² sampling run feeds Stage C, seeded so that a load always picks the same scale."""
     config, batch = unet.config, len(_TIMES)
     generator = torch.Generator().manual_seed(0)
     inputs = {
@@ -137,8 +134,7 @@ def _calibration_inputs(unet: nn.Module, device: torch.device) -> dict[str, torc
 
 @torch.no_grad()
 def _largest_outputs(unet: nn.Module, device: torch.device) -> dict[str, float]:
-    """The largest |output| of every module over one pass in float32, in the order they finish, each
-    layer moved to ``device`` and cast up only while it runs: a float16 Stage C needs no float32 copy."""
+    """Each layer moves to ``device`` in float32 only while it runs: float16 Stage C needs no float32 copy."""
     largest: dict[str, float] = {}
     homes: dict[nn.Module, tuple[torch.device, torch.dtype]] = {}
 
@@ -198,9 +194,8 @@ def _choose_scale(largest: dict[str, float], last: int) -> int:
 def rescale_for_float16(
     unet: nn.Module, scale: int | None = None, *, device: str | torch.device | None = None
 ) -> int:
-    """Rescale Stage C's last block group in place so that it runs in float16 without overflowing,
-    computing the same function (the module docstring derives it). ``load_prior(dtype="float16")``
-    calls it; call it yourself on a diffusers ``StableCascadeUNet`` loaded in any dtype.
+    """Rescale Stage C's last block group in place so that float16 does not overflow, computing the same
+    function (derived in the module docstring). ``load_prior(dtype="float16")`` calls it.
 
     Args:
         unet: Stage C's UNet (big, lite or tiny), without a LoRA or float8 weights (add them after).
@@ -212,7 +207,7 @@ def rescale_for_float16(
 
     Raises:
         UnsupportedPrecisionError: not a Stage C the rescale covers, rescaled already, with a LoRA or
-            float8 weights, or overflowing float16 outside the group.
+            float8 weights, or a calibrated value outside the group past float16's limit.
         ValueError: a scale that is not a power of two.
     """
     last = _group(unet)
@@ -226,14 +221,13 @@ def rescale_for_float16(
 
 
 def _hidden_scale(module: nn.Module) -> int:
-    """ControlNet features added to a rescaled block must be divided like its hidden state."""
+    """ControlNet features added to a rescaled block must be divided as its hidden state is."""
     return getattr(module, _SCALE, 1)
 
 
 def _lora_rows(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Module name → the factors the rescale gave its weight's rows, for the LoRA up factors on it
-    (empty for a model not rescaled). LoRA on the other layers needs nothing: their inputs and outputs
-    keep their size, or (a depthwise convolution) a LoRA delta scales with its input as the layer does."""
+    """LoRA up factors on rescaled layers scale like their rows; other layers keep their inputs' and
+    outputs' size, or (a depthwise convolution) a LoRA delta scales with its input as the layer does."""
     scale = getattr(model, _SCALE, None)
     if scale is None:
         return {}

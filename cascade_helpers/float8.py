@@ -2,15 +2,16 @@
 two, each layer cast up to the compute dtype only while it runs (as ComfyUI's ``--fp8_e4m3fn-unet``).
 ``load_prior(..., float8=True)`` / ``load_decoder(..., float8=True)``.
 
-Each weight tensor is multiplied by a power of two so that its largest value lands near float8's
-largest (448), and divided by it again (exactly) when cast up. Why not the libraries: diffusers'
-``enable_layerwise_casting`` casts without a scale, and Stable Cascade's weights (about 0.01) then fall
-among float8's subnormals: one call of the big Stage C erred 0.30 against float32, 16 times bfloat16's
-(``benchmarks/precision.py``, random weights: they bound the arithmetic, not picture quality); torchao
-would be a new dependency whose tensor subclasses the offload hooks and peft must all handle. Biases,
-the last up-block group and the upscaler feeding it (the largest hidden states; the float16 rescale
-divides those weights) stay in the compute dtype, as does a weight holding NaN or inf (a damaged file,
-which the NaN diagnosis then names: float8 would turn inf into 448).
+Each weight tensor is multiplied by a power of two before the cast, so that its largest value lands
+near float8's largest (448), and divided by it again (exactly) when cast up. Why not the libraries:
+diffusers' layerwise casting (``enable_layerwise_casting``) casts without a scale, and Stable
+Cascade's weights (about 0.01) then fall among float8's subnormals, 2⁻⁹ apart: one call of the big
+Stage C erred 0.30 against float32, 16 times bfloat16's (``benchmarks/precision.py``; random weights,
+official init, bound the arithmetic, not the pictures' quality); torchao's scaled float8 would be a new
+dependency whose tensor subclasses the offload hooks and peft's LoRA layers must all handle. Biases
+stay in the compute dtype (few bytes), and so do the last up-block group and the upscaler feeding it
+(KBlueLeaf's advice: its hidden states are the largest, and the float16 rescale divides those
+weights), and a weight holding NaN or inf (a damaged file, which the NaN diagnosis then names).
 """
 
 from __future__ import annotations
@@ -25,8 +26,7 @@ _LAYERS = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
 
 
 def store_in_float8(unet: nn.Module, compute_dtype: torch.dtype) -> int:
-    """Store ``unet``'s Linear and Conv weights in float8, each with a power-of-two scale, cast up to
-    ``compute_dtype`` per layer when it runs (the last up-block group and its upscaler stay).
+    """Store most of ``unet``'s Linear and Conv weights in float8 (the module docstring says which and how).
 
     Args:
         unet: a Stage C or Stage B (diffusers ``StableCascadeUNet``), before it is placed or offloaded.
@@ -39,23 +39,17 @@ def store_in_float8(unet: nn.Module, compute_dtype: torch.dtype) -> int:
     for name, module in unet.named_modules():
         if isinstance(module, _LAYERS) and not name.startswith(kept):
             _store(module, compute_dtype)
-    tensors = [*unet.parameters(), *unet.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return sum(t.numel() * t.element_size() for t in (*unet.parameters(), *unet.buffers()))
 
 
 def _last_group(last: int) -> tuple[str, ...]:
     """What float8 keeps out is what the float16 rescale covers (a value there may pass float16's range)."""
-    return (
-        f"up_blocks.{last}.",
-        f"up_repeat_mappers.{last}.",
-        f"up_upscalers.{last - 1}.",
-        f"up_upscalers.{last}.",
-    )
+    upscalers = f"up_upscalers.{last - 1}.", f"up_upscalers.{last}."
+    return f"up_blocks.{last}.", f"up_repeat_mappers.{last}.", *upscalers
 
 
 def _store(module: nn.Module, compute_dtype: torch.dtype) -> None:
-    """The stored float8 tensor stays the parameter, so moves reach it; the cast-up weight is swapped in
-    per call and swapped back even when the call fails."""
+    """The stored float8 tensor stays the parameter, so moves reach it; the hook swaps it back on errors."""
     weight = module.weight.data
     peak = weight.abs().max().item()
     if not peak < math.inf:  # NaN or inf (float8 turns inf into 448): kept, for the NaN diagnosis to name
@@ -77,7 +71,7 @@ def _store(module: nn.Module, compute_dtype: torch.dtype) -> None:
 
 
 def _check_float8(float8: object, memory: str) -> None:
-    """Before any file is read: accelerate's sequential offload streams stored weights itself (untested)."""
+    """Before any file is read; accelerate's sequential offload streams stored weights itself (untested)."""
     if not isinstance(float8, bool):
         raise TypeError(f"float8={float8!r}: use True or False")
     if float8 and memory == "sequential_offload":

@@ -1,6 +1,6 @@
 """Getting pictures in and out: any PIL mode, file, array or tensor in; float tensors and PIL out.
-Inside the package an image is a float tensor in [0, 1], channels first (3×H×W, or B×3×H×W), and every
-picture enters upright (EXIF) through :func:`image_to_tensor`."""
+Inside the package an image is a float tensor in [0, 1], channels first (3×H×W, or B×3×H×W), and
+every picture enters through :func:`image_to_tensor`."""
 
 from __future__ import annotations
 
@@ -141,9 +141,8 @@ def _array_to_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"expected one picture (H×W, H×W×C or C×H×W with 1 to 4 channels), got shape {shape}"
         )
-    return _on_white(
-        _to_unit(raw, f"the picture ({type(image).__name__} of shape {shape}, dtype {image.dtype})")
-    )
+    what = f"the picture ({type(image).__name__} of shape {shape}, dtype {image.dtype})"
+    return _on_white(_to_unit(raw, what))
 
 
 def image_to_tensor(image: ImageInput) -> torch.Tensor:
@@ -170,14 +169,12 @@ def _images_in_folder(folder: str | os.PathLike) -> list[Path]:
 
 def _picture_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
     """Every function that takes "pictures" takes a folder, one picture, a list, or a B×C×H×W batch."""
-    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
-        pictures = list(images)
-    elif isinstance(images, (str, os.PathLike)) and Path(images).is_dir():
-        pictures = list(_images_in_folder(images))
-    elif isinstance(images, (str, os.PathLike)) or not isinstance(images, Sequence):
-        pictures = [images]
+    batch = isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4
+    path = isinstance(images, (str, os.PathLike))
+    if path and Path(images).is_dir():
+        pictures = _images_in_folder(images)
     else:
-        pictures = list(images)
+        pictures = list(images) if batch or (isinstance(images, Sequence) and not path) else [images]
     if not pictures:
         raise ValueError(
             f"no pictures in {images!r}: pass a picture, a list of pictures or a folder that holds some"
@@ -188,9 +185,8 @@ def _picture_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]
 def resize_and_crop(
     image: torch.Tensor, height: int, width: int, position: tuple[float, float] | None = None
 ) -> torch.Tensor:
-    """Cut the part of the picture that has height×width's aspect ratio, then scale it (bilinear,
-    antialiased) to height×width: no stretching, no borders, and nothing larger than the picture or the
-    result is made (scaled to cover 768² before the cut, a 20000×20 picture takes 7 GB).
+    """Cut the part with height×width's aspect ratio, then scale it (bilinear, antialiased): no stretching,
+    no borders, and nothing larger than picture or result is made (covering 768² first: 7 GB for 20000×20).
 
     Args:
         image: 3×H×W or B×3×H×W.
@@ -214,15 +210,14 @@ def _scale_short_side(image: torch.Tensor, side: int) -> torch.Tensor:
 
 
 def batch_images(images: ImageInput | Sequence[ImageInput], height: int, width: int) -> torch.Tensor:
-    """One or several pictures → B×3×height×width, float32 in [0, 1], each by :func:`resize_and_crop`.
+    """One or several pictures as one batch, each cut and scaled by :func:`resize_and_crop`.
 
     Args:
-        images: a picture as :func:`image_to_tensor` takes it, a list of them, a folder (its pictures
-            by name) or a B×C×H×W array or tensor.
+        images: a picture (as :func:`image_to_tensor` takes), a list, a folder or a B×C×H×W batch.
         height, width: the size of every picture in the batch, in pixels.
 
     Returns:
-        B×3×height×width on the CPU.
+        B×3×height×width, float32 in [0, 1], on the CPU.
     """
     return torch.stack([resize_and_crop(image_to_tensor(p), height, width) for p in _picture_list(images)])
 
@@ -239,16 +234,8 @@ def _as_pil_list(images) -> list[PIL.Image.Image]:
     return to_pil(images) if isinstance(images, torch.Tensor) else list(images)
 
 
-def _cell(picture: PIL.Image.Image | None, size: tuple[int, int]) -> PIL.Image.Image:
-    """make_image_grid sizes cells like the first picture, on black: the largest size, on white."""
-    cell = PIL.Image.new("RGB", size, "white")
-    if picture is not None:
-        cell.paste(picture.convert("RGB"))
-    return cell
-
-
 def image_grid(images, columns: int | None = None) -> PIL.Image.Image:
-    """Paste pictures into one grid image, row by row (``diffusers.utils.make_image_grid``).
+    """Paste pictures into one grid image, row by row.
 
     Args:
         images: PIL images, or a B×3×H×W (or 3×H×W) tensor in [0, 1].
@@ -257,13 +244,12 @@ def image_grid(images, columns: int | None = None) -> PIL.Image.Image:
     Returns:
         One RGB picture on white; each cell as large as the largest picture, pasted at its top left.
     """
-    from diffusers.utils import make_image_grid
-
     pictures = _as_pil_list(images)
     if not pictures:
         raise ValueError("no pictures to put in a grid")
     columns = len(pictures) if columns is None else values._whole(columns, "columns", 1, meaning="per row")
-    rows = -(-len(pictures) // columns)
-    size = (max(p.width for p in pictures), max(p.height for p in pictures))
-    cells = [_cell(p, size) for p in pictures] + [_cell(None, size)] * (rows * columns - len(pictures))
-    return make_image_grid(cells, rows, columns)
+    width, height = max(p.width for p in pictures), max(p.height for p in pictures)
+    grid = PIL.Image.new("RGB", (width * columns, height * -(-len(pictures) // columns)), "white")
+    for i, picture in enumerate(pictures):
+        grid.paste(picture.convert("RGB"), (i % columns * width, i // columns * height))
+    return grid

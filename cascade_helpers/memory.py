@@ -1,8 +1,10 @@
-"""How the cascade fits this machine: :func:`plan_memory` says for each model where it lives, in which
-dtype, and what it takes on the GPU and in RAM (``memory="auto"`` loads by it; :func:`choose_variant`
-picks the sizes that fit). Weights count at their published sizes; group offloading's GPU share comes
-from the shipped configs; activations and libraries are fixed allowances: estimates, not measurements.
-The plan takes, per model, the fastest mode that leaves the whole cascade room.
+"""How the cascade fits this machine: for each model where it lives, in which dtype, and what it takes on
+the GPU and in RAM (:func:`plan_memory`; ``memory="auto"`` loads by it).
+
+Weights count at their published file sizes; group offloading's share on the GPU is computed from the
+shipped configs. Activations and libraries come on top as fixed allowances (``_WORKSPACE``,
+``_RAM_RESERVE``): estimates, not measurements. A plan gives each model the fastest mode that leaves
+the whole cascade room.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import tempfile
 from dataclasses import dataclass
 from functools import cache
 
+import psutil
 import torch
 
 from . import files
@@ -21,14 +24,12 @@ from .devices import MemoryMode, _check_memory, _default_dtype, _native_bfloat16
 from .files import Size
 
 _GB = files._GB
-#: GPU memory kept free for activations (Stage B at 1024², batch 4, needs the most), the allocator's
-#: cache and kernels' workspaces: an allowance, not a measurement
+#: GPU memory kept for activations (Stage B at 1024², batch 4, needs the most) and caches: an allowance
 _WORKSPACE = 3 * _GB
 #: RAM for Python, torch and the notebook besides the weights: an allowance
 _RAM_RESERVE = 2 * _GB
-#: the share of a disk-offloaded UNet still resident in RAM: diffusers leaves a placeholder of each
-#: weight on the CPU, and not all of them are free pages (measured, big Stage C on the CPU: 3.7 GB of
-#: 8.0 GB held after placing, ``python benchmarks/cascade.py --ram``)
+#: the share of a disk-offloaded UNet still in RAM (diffusers leaves a placeholder per weight): measured,
+#: big Stage C on the CPU, 3.7 of 8.0 GB (``python benchmarks/cascade.py --ram``)
 _DISK_HELD = 0.5
 #: every model, in the order the loaders read them (the prior's optional parts on first use)
 _MODELS = ("Stage C", "text encoder", "Stage B", "Stage A", "image encoder", "EfficientNet", "previewer")
@@ -48,8 +49,7 @@ _SLOWNESS = {
 
 @dataclass(frozen=True)
 class Machine:
-    """What the planner knows of a machine, in bytes (``gpu`` None: no CUDA GPU); build one to plan
-    for another machine."""
+    """A machine as the planner sees it, in bytes (``gpu=None``: no GPU); describe another to plan for it."""
 
     gpu: str | None
     gpu_free: int = 0
@@ -64,17 +64,14 @@ class Machine:
 
 
 def describe_machine(device: str | torch.device | None = None) -> Machine:
-    """This machine's GPU, free GPU memory, native bfloat16, available RAM and the temporary folder's
-    free disk (where disk offload writes).
+    """This machine's GPU, RAM, and the free disk of the temporary folder (where disk offload writes).
 
     Args:
         device: the CUDA GPU to describe (default: the current one, if any); a CPU: ``gpu=None``.
 
     Returns:
-        A :class:`Machine`; memory this process's torch already holds counts as free.
+        A :class:`Machine`; GPU memory this process's torch holds counts as free (the cascade plans its own).
     """
-    import psutil
-
     ram, disk = psutil.virtual_memory().available, shutil.disk_usage(tempfile.gettempdir()).free
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type != "cuda":
@@ -85,7 +82,7 @@ def describe_machine(device: str | torch.device | None = None) -> Machine:
 
 @dataclass(frozen=True)
 class _Row:
-    """One model of a plan: its weights' bytes, and its bytes on the GPU and in RAM."""
+    """One model of a plan; ``gpu``: bytes there while it computes, ``ram``: while it waits."""
 
     model: str
     mode: str
@@ -97,8 +94,7 @@ class _Row:
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """Each model's place and dtype (:attr:`rows`) and the bytes needed at the busiest moment; ``print``
-    it for the table. :attr:`variant` is the download script's word for its sizes (``"big-small"``)."""
+    """Each model's place and dtype (:attr:`rows`), and the bytes needed at the busiest moment; print it."""
 
     stage_c: Size
     stage_b: Size
@@ -117,31 +113,29 @@ class MemoryPlan:
         return (not m.gpu or self.gpu <= m.gpu_free) and self.ram <= m.ram and self.disk <= m.disk
 
     def _row(self, model: str) -> _Row:
+        """The plan of one model: what a loader places it by."""
         return next(row for row in self.rows if row.model == model)
 
     def __str__(self) -> str:
         gb = lambda n: f"{n / _GB:.2f}"  # noqa: E731
+        rows = [
+            f"| {r.model} | {r.mode} | {str(r.dtype)[6:]} | {gb(r.gpu)} | {gb(r.ram)} |" for r in self.rows
+        ]
+        disk = f"; {gb(self.disk)} GB on disk" if self.disk else ""
         lines = [
             f"Memory plan: {self.stage_c} Stage C, {self.stage_b} Stage B ({self.variant}) on {self.machine}",
             "| model | where | dtype | GB on the GPU | GB in RAM |",
             "| --- | --- | --- | --- | --- |",
-            *(
-                f"| {r.model} | {r.mode} | {str(r.dtype)[6:]} | {gb(r.gpu)} | {gb(r.ram)} |"
-                for r in self.rows
-            ),
+            *rows,
             f"| busiest moment | | | {gb(self.gpu)} | {gb(self.ram)} |",
+            f"GPU with {gb(_WORKSPACE)} GB for activations{disk}; estimates, not measured",
         ]
-        disk = f"; {gb(self.disk)} GB on disk" if self.disk else ""
-        return (
-            "\n".join(lines)
-            + f"\nGPU with {gb(_WORKSPACE)} GB for activations{disk}; estimates, not measured"
-        )
+        return "\n".join(lines)
 
 
 @cache
 def _streamed_share(kind: str, size: Size) -> float:
-    """Group offloading holds a UNet's two largest blocks (one computing, the next arriving) and what
-    lies outside the blocks on the GPU: that share of its weights, from the shipped config."""
+    """Group offloading holds two blocks (one computing, one arriving) and what is outside the blocks."""
     from accelerate import init_empty_weights
 
     from .upstream import StableCascadeUNet
@@ -155,29 +149,22 @@ def _streamed_share(kind: str, size: Size) -> float:
 
 
 def _row(model: str, mode: str, dtype: torch.dtype, stage_c: Size, stage_b: Size) -> _Row:
-    """All of a model where it waits, a share where it streams from."""
+    """What one model takes in one mode: all of it where it waits, a share where it streams from."""
     if model in _SMALL:
         size, dtype = files._FILES[_SMALL[model]].size, torch.float32  # as published and loaded
     else:
-        by_precision = {
-            "Stage C": files.STAGE_C[stage_c],
-            "Stage B": files.STAGE_B[stage_b],
-            "text encoder": files._WEIGHTS["text_encoder"],
-            "image encoder": files._WEIGHTS["image_encoder"],
-        }[model]
+        unets = {"Stage C": files.STAGE_C[stage_c], "Stage B": files.STAGE_B[stage_b]}
+        by_precision = unets[model] if model in unets else files._WEIGHTS[model.replace(" ", "_")]
         size = by_precision["fp32" if dtype == torch.float32 else "bf16"].size
-    if mode in ("group_offload", "disk_offload"):
-        share = int(size * _streamed_share(_UNETS[model], stage_c if model == "Stage C" else stage_b))
-        return _Row(
-            model, mode, dtype, size, share, size if mode == "group_offload" else int(size * _DISK_HELD)
-        )
     gpu = size if mode in ("gpu", "model_offload") else 0
-    return _Row(model, mode, dtype, size, gpu, 0 if mode == "gpu" else size)
+    ram = 0 if mode == "gpu" else int(size * _DISK_HELD) if mode == "disk_offload" else size
+    if mode in ("group_offload", "disk_offload"):
+        gpu = int(size * _streamed_share(_UNETS[model], stage_c if model == "Stage C" else stage_b))
+    return _Row(model, mode, dtype, size, gpu, ram)
 
 
 def _needs(rows: tuple[_Row, ...], machine: Machine) -> tuple[int, int, int]:
-    """GPU, RAM and disk bytes at the busiest moment: every model passes through RAM on its way to the
-    GPU, so RAM peaks at what waits there plus the model being read."""
+    """Busiest-moment bytes; RAM peaks in load order, as every model passes through it to the GPU."""
     resident = sum(r.gpu for r in rows if r.mode == "gpu")
     visiting = max((r.gpu for r in rows if r.mode != "gpu"), default=0)
     waiting = peak = 0
@@ -189,7 +176,7 @@ def _needs(rows: tuple[_Row, ...], machine: Machine) -> tuple[int, int, int]:
 
 
 def _modes(model: str, memory: str, gpu: bool) -> tuple[str, ...]:
-    """Group offloading streams the UNets' blocks; the CLIP encoders (≤ 1.4 GB) take turns instead."""
+    """Only the UNets stream blocks; the CLIP encoders (at most 1.4 GB) take turns on the GPU instead."""
     if not gpu:
         return ("cpu",)
     if model in _SMALL:
@@ -201,7 +188,7 @@ def _modes(model: str, memory: str, gpu: bool) -> tuple[str, ...]:
 
 
 def _dtype_choices(machine: Machine, dtype: torch.dtype | None) -> list[tuple[torch.dtype, torch.dtype]]:
-    """(prior, decoder) dtypes to try: a CPU short of RAM may halve a model with bfloat16."""
+    """(prior, decoder) dtypes to try: a CPU short of RAM may halve either with bfloat16."""
     if dtype is not None:
         return [(dtype, dtype)]
     default = _default_dtype(gpu=bool(machine.gpu), native_bfloat16=machine.native_bfloat16)
@@ -223,13 +210,13 @@ def _plans(stage_c: Size, stage_b: Size, machine: Machine, dtype, memory: str, i
 
 
 def _cost(plan: MemoryPlan) -> float:
-    """Bytes moved per mode, plus bfloat16 on a CPU (slower there): a relative slowness."""
+    """Plans are ranked by bytes moved per mode, plus bfloat16 on a CPU (slower there)."""
     cpu_bf16 = sum(r.size for r in plan.rows if plan.machine.gpu is None and r.dtype == torch.bfloat16)
     return sum(_SLOWNESS[r.mode] * r.size for r in plan.rows) + cpu_bf16
 
 
 def _shortfall(plan: MemoryPlan) -> float:
-    """The largest of a plan's needs over what the machine has: how far it is from fitting."""
+    """The error names the plan nearest to fitting: the largest of its needs over what there is."""
     m = plan.machine
     return max(plan.gpu / max(m.gpu_free, 1), plan.ram / max(m.ram, 1), plan.disk / max(m.disk, 1))
 
@@ -248,8 +235,7 @@ def plan_memory(
     Args:
         stage_c, stage_b: the sizes, "big" or "lite".
         machine: what to plan for (default: :func:`describe_machine`, this machine).
-        dtype: one dtype for every big model (default: bfloat16 on GPUs that have it natively; on
-            others float16, Stage C float32; on a CPU float32, bfloat16 where RAM is short).
+        dtype: one dtype for every big model (default: ``pick_dtype``'s; a CPU short of RAM: bfloat16).
         memory: "auto" chooses a mode per model; another mode gives that mode's figures, fit or not.
         image_encoder: False leaves out the CLIP image encoder (``load_prior(image_encoder=False)``).
 
@@ -257,8 +243,7 @@ def plan_memory(
         The :class:`MemoryPlan`; ``print`` it for the table.
 
     Raises:
-        MemoryError: with ``memory="auto"``, nothing fits; the message names the smallest plan and
-            what it needs.
+        MemoryError: with ``memory="auto"``, nothing fits (the message names the smallest plan).
     """
     stage_c, stage_b = files._check_size(stage_c, "stage_c"), files._check_size(stage_b, "stage_b")
     memory, machine = _check_memory(memory), machine or describe_machine()
@@ -279,27 +264,24 @@ def plan_memory(
 def choose_variant(
     machine: Machine | None = None, *, dtype: torch.dtype | None = None, image_encoder: bool = True
 ) -> MemoryPlan:
-    """The largest sizes whose plan fits, Stage C first (it makes the picture; Stage B adds detail),
-    without disk offload where any fits so.
+    """The largest sizes whose plan fits, Stage C first (it makes the picture; Stage B adds detail):
+    big-big, small-big (lite Stage B), big-small, small-small; without disk offload where any fits so.
 
     Args:
         machine: what to plan for (default: this machine).
         dtype, image_encoder: as for :func:`plan_memory`.
 
     Returns:
-        The chosen :class:`MemoryPlan`: ``plan.stage_c``, ``plan.stage_b``, ``plan.variant`` (the word
-        for ``download_models.sh``).
+        The chosen :class:`MemoryPlan` (``plan.variant``: the word for ``download_models.sh``).
 
     Raises:
         MemoryError: not even the lite models fit (the message of :func:`plan_memory`).
     """
     machine = machine or describe_machine()
-    plans = []
+    plans, options = [], {"machine": machine, "dtype": dtype, "image_encoder": image_encoder}
     for stage_c, stage_b in (("big", "big"), ("big", "lite"), ("lite", "big"), ("lite", "lite")):
         try:
-            plans.append(
-                plan_memory(stage_c, stage_b, machine=machine, dtype=dtype, image_encoder=image_encoder)
-            )
+            plans.append(plan_memory(stage_c, stage_b, **options))
         except MemoryError as error:
             smallest_error = error
     if not plans:
@@ -308,8 +290,7 @@ def choose_variant(
 
 
 def variant_table(machine: Machine | None = None, *, dtype: torch.dtype | None = None) -> str:
-    """What ``memory="auto"`` chooses for each variant on a machine, one Markdown row each, computed
-    from the published sizes.
+    """Where ``memory="auto"`` puts Stage C, Stage B and the text encoder for each variant, as Markdown.
 
     Args:
         machine: what to plan for (default: this machine).
@@ -327,8 +308,8 @@ def variant_table(machine: Machine | None = None, *, dtype: torch.dtype | None =
             lines.append(f"| {word} | does not fit | | | | |")
             continue
         rows = map(plan._row, ("Stage C", "Stage B", "text encoder"))
-        where = " | ".join(f"{r.mode}, {str(r.dtype)[6:]}" for r in rows)
-        lines.append(f"| {word} | {where} | {plan.gpu / _GB:.1f} | {plan.ram / _GB:.1f} |")
+        where = [f"{r.mode}, {str(r.dtype)[6:]}" for r in rows]
+        lines.append(f"| {word} | {' | '.join(where)} | {plan.gpu / _GB:.1f} | {plan.ram / _GB:.1f} |")
     return "\n".join(lines)
 
 
@@ -344,16 +325,12 @@ def _plan_for_load(
     image_encoder: bool = True,
     test_weights: bool = False,
 ) -> MemoryPlan:
-    """With "auto" the prior's and decoder's loads share one plan: the last made on this device with
-    the loader's own size (``known``), else a new one, printed. Tiny test weights go on the device."""
+    """With "auto" the prior's and decoder's loads share one plan, so that the two fit together."""
     memory = "gpu" if test_weights and memory == "auto" else memory
     if memory == "auto":
+        key = (str(device), dtype)
         for where, asked, plan in reversed(_LOADED):
-            if (
-                where == str(device)
-                and asked == dtype
-                and (known is None or getattr(plan, known) == sizes[known])
-            ):
+            if (where, asked) == key and (known is None or getattr(plan, known) == sizes[known]):
                 return plan
     machine = describe_machine(device)
     plan = plan_memory(**sizes, machine=machine, dtype=dtype, memory=memory, image_encoder=image_encoder)

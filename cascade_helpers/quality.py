@@ -15,7 +15,7 @@ from .sizes import _ENCODING, _LATENT_CHANNELS, _stage_c_latent_size, check_size
 
 @dataclass(frozen=True)
 class Quality:
-    """One picture's PSNR in dB (higher is better, ∞ when identical) and SSIM (1 when identical)."""
+    """Reconstruction quality of one picture: PSNR in dB (higher is better; ∞: identical), SSIM (1: same)."""
 
     psnr: float
     ssim: float
@@ -57,7 +57,7 @@ def quality(originals: torch.Tensor, reconstructions: torch.Tensor) -> list[Qual
 @dataclass(frozen=True)
 class Compression:
     """How much smaller the latents of an uint8 height×width picture are, stored as ``latent_dtype``
-    (``encode_folder``'s default: float16); sides as the encoder takes them (multiples of 32, ≥ 64)."""
+    (``encode_folder``'s default). Sides as the encoder takes them: multiples of 32, at least 64."""
 
     height: int = 1024
     width: int = 1024
@@ -70,7 +70,6 @@ class Compression:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        """3×H×W, stored as uint8."""
         return 3, self.height, self.width
 
     @property

@@ -1,11 +1,12 @@
-"""Stable Cascade as an image autoencoder: pictures → 16-channel Stage C latents → pictures. Encode a
-data set once (:func:`encode_folder`), train on the latents, decode what your model makes (:func:`decode`).
+"""Stable Cascade as an image autoencoder: pictures → 16-channel Stage C latents → pictures, for training
+your own models in that space: encode a data set once (:func:`encode_folder`), train on the latents,
+decode what your model produces (:func:`decode`). How good and how small: :mod:`.quality`.
 
-As the official ``inference/reconstruct_images.ipynb``: pictures centre-cut to the target's aspect ratio
-and scaled (``Resize`` + ``CenterCrop``), Stage B at ``sampling.OFFICIAL_DECODER``, the empty caption
-unless ``captions`` are given. Our choices: the encoder in float32 (it is small), and noise drawn on the
-CPU from the seed (42, as there), so every device makes the same pictures. Sides are multiples of 32:
-Stage A decodes 4× its latents, and Stage B's (a quarter of the picture) pass three 2× downsamplings.
+As the official ``inference/reconstruct_images.ipynb``: pictures cut to the target's aspect ratio in the
+centre and scaled (``Resize`` + ``CenterCrop``), Stage B with ``sampling.OFFICIAL_DECODER``, the empty
+caption by default (pass yours with ``captions``). Ours: the encoder in float32 (it is small), noise drawn
+on the CPU from the seed (42): the same pictures on every device. Sides are multiples of 32: Stage A
+decodes 4× its latents, and Stage B's (a quarter of the picture) divide by 8 for its three downsamplings.
 """
 
 from __future__ import annotations
@@ -49,8 +50,7 @@ _ENCODED_WITH = "encoded_with"  # a latents file's metadata: the settings and th
 
 @dataclass
 class Autoencoder:
-    """The encoder, the decoder, and the empty caption's conditioning for Stage B, computed at load so
-    the text encoder need not stay in memory."""
+    """The encoder, the decoder, and the empty caption's conditioning, made at load: no text encoder kept."""
 
     effnet: EfficientNetEncoder
     decoder: Decoder
@@ -59,7 +59,7 @@ class Autoencoder:
 
 
 def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
-    """The encoder needs whole multiples of 32, at least 64."""
+    """One side or (height, width), checked as the encoder needs it (whole multiples of 32, ≥ 64)."""
     size = (size, size) if values._is_whole(size) else size
     if not (isinstance(size, Sequence) and not isinstance(size, str) and len(size) == 2):
         raise ValueError(f"size must be one side or (height, width) in pixels, not {size!r}")
@@ -75,7 +75,7 @@ def _crop_to_stride(image: torch.Tensor) -> torch.Tensor:
 
 
 def _prepare(images: ImageInput | Sequence[ImageInput], size: int | tuple[int, int] | None) -> torch.Tensor:
-    """One batch: all at ``size``, or at their own (equal) size."""
+    """The encoder's pictures as one batch: all at ``size``, or at their own (equal) size."""
     if size is not None:
         return batch_images(images, *_pair(size))
     tensors = [_crop_to_stride(image_to_tensor(picture)) for picture in _picture_list(images)]
@@ -95,18 +95,10 @@ def _batch_size(batch_size: object) -> int:
 
 def _check_files(models_dir: Path, stage_b: Size, dtype: torch.dtype) -> None:
     """One error naming every missing file (and one download command), before anything loads."""
-    weights, text_weights = (
-        _choose_precision_file(models_dir, f, dtype)
-        for f in (files.STAGE_B[stage_b], files._WEIGHTS["text_encoder"])
-    )
-    needed = [
-        weights,
-        files._FILES["stage_a"],
-        files._FILES["effnet"],
-        files._FILES["text_encoder_config"],
-        text_weights,
-        files._FILES["tokenizer"],
-    ]
+    weights = _choose_precision_file(models_dir, files.STAGE_B[stage_b], dtype)
+    text_weights = _choose_precision_file(models_dir, files._WEIGHTS["text_encoder"], dtype)
+    needed = [weights, *(files._FILES[name] for name in ("stage_a", "effnet", "text_encoder_config"))]
+    needed += [text_weights, files._FILES["tokenizer"]]
     _check_present(models_dir, needed, stage_b=stage_b, stage_c=_size_present(models_dir, files.STAGE_C))
 
 
@@ -119,8 +111,8 @@ def load_autoencoder(
     device: str | torch.device | None = None,
     memory: MemoryMode = "gpu",
 ) -> Autoencoder:
-    """The EfficientNet encoder, Stage B and Stage A — no Stage C. The empty caption's conditioning is
-    computed once here with the text encoder, which is then released (1.4 GB).
+    """The EfficientNet encoder, Stage B and Stage A — no Stage C. Stage B's conditioning, the empty
+    caption's pooled CLIP embedding, is computed once here with the text encoder, then released (1.4 GB).
 
     Args:
         source: a models folder or the Hub repo ``stabilityai/stable-cascade``.
@@ -158,10 +150,9 @@ def available_stage_b(models_dir: str | Path) -> list[Size]:
 
 
 def _encode_batch(effnet: EfficientNetEncoder, batch: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Latents come back to the CPU batch by batch, so a data set never fills the GPU."""
-    return torch.cat(
-        [effnet_encode(effnet, chunk, downscale=True).cpu() for chunk in batch.split(batch_size)]
-    )
+    """Prepared pictures through the encoder ``batch_size`` at a time; the latents come back to the CPU."""
+    chunks = batch.split(batch_size)
+    return torch.cat([effnet_encode(effnet, chunk, downscale=True).cpu() for chunk in chunks])
 
 
 def encode(
@@ -176,8 +167,8 @@ def encode(
     Args:
         effnet: the encoder (``_load_effnet``, ``Autoencoder.effnet``).
         images: what :func:`cascade_helpers.images.batch_images` takes.
-        size: (height, width) or one side (multiples of 32), each picture centre-cut to its aspect
-            ratio and scaled; None keeps the pictures' own (equal) size, cut to multiples of 32.
+        size: (height, width) or one side, multiples of 32: each picture cut to its aspect ratio in the
+            centre and scaled. None keeps the pictures' own (equal) size, cut to multiples of 32.
         batch_size: pictures through the encoder at once.
 
     Returns:
@@ -187,7 +178,7 @@ def encode(
 
 
 def _pooled(autoencoder: Autoencoder, captions: str | Sequence[str] | None, batch: int) -> torch.Tensor:
-    """Stage B's pooled text conditioning: the empty caption's, or one caption for all, or one each."""
+    """Stage B's pooled text conditioning: the empty caption's unless captions are given (one or one each)."""
     if captions is None:
         return autoencoder.empty_pooled.expand(batch, -1, -1)
     captions = [captions] * batch if isinstance(captions, str) else list(captions)
@@ -239,24 +230,24 @@ def decode(
     latents = _checked_latents(latents, "the latents")
     latents = latents[None] if latents.dim() == 3 else latents
     batch_size = _batch_size(batch_size)
-    height, width = _pair(_image_size_for_latents(*latents.shape[-2:]) if size is None else size)
+    size = _pair(_image_size_for_latents(*latents.shape[-2:]) if size is None else size)
     pooled = _pooled(autoencoder, captions, len(latents))
     negative = autoencoder.empty_pooled.expand(len(latents), -1, -1)
     generator = torch.Generator("cpu").manual_seed(values._whole(seed, "seed", 0, 2**64 - 1))
     decoder, pictures = autoencoder.decoder, []
-    for start in range(0, len(latents), batch_size):
-        part = slice(start, start + batch_size)
-        conditions = (latents[part], pooled[part], negative[part], (height, width), settings)
-        pictures.append(decode_stage_a(decoder, generate_stage_b(decoder, *conditions, generator=generator)))
+    chunks = [tensor.split(batch_size) for tensor in (latents, pooled, negative)]
+    for parts in zip(*chunks, strict=True):
+        stage_b = generate_stage_b(decoder, *parts, size, settings, generator=generator)
+        pictures.append(decode_stage_a(decoder, stage_b))
     return torch.cat(pictures)
 
 
 @dataclass
 class StoredLatents:
-    """One latents file: the latents, the (height, width) they encode, the picture's name."""
+    """One latents file: the latents, the picture size they encode, the picture's name."""
 
     latents: torch.Tensor  # 16×h×w, float32
-    image_size: tuple[int, int]
+    image_size: tuple[int, int]  # (height, width)
     source: str
 
 
@@ -297,18 +288,16 @@ def read_latents(path: str | Path) -> StoredLatents:
         path: the ``.safetensors`` file.
 
     Returns:
-        The :class:`StoredLatents`; their picture size from the file's metadata, else the smallest
-        that encodes to them.
+        The :class:`StoredLatents`; the picture size from the metadata, else the smallest encoding to them.
     """
     latents, metadata = _read_tensor(path)
     latents = _checked_latents(latents[0] if latents.dim() == 4 and len(latents) == 1 else latents, str(path))
     if latents.dim() != 3:
         raise ValueError(f"{path}: expected {_LATENT_CHANNELS}×h×w latents, got {tuple(latents.shape)}")
+    size = _image_size_for_latents(*latents.shape[-2:])  # unless the file says
     if {"height", "width"} <= metadata.keys():
-        image_size = (int(metadata["height"]), int(metadata["width"]))
-    else:
-        image_size = _image_size_for_latents(*latents.shape[-2:])
-    return StoredLatents(latents, image_size, metadata.get("source", Path(path).name))
+        size = (int(metadata["height"]), int(metadata["width"]))
+    return StoredLatents(latents, size, metadata.get("source", Path(path).name))
 
 
 def _is_encoded(path: Path, encoded_with: str) -> bool:
@@ -329,17 +318,6 @@ def _same_size_batches(paths: list[Path], size: int | tuple[int, int] | None):
         yield [p for p, _ in members], torch.stack([t for _, t in members])
 
 
-def _pending(
-    folder: Path, out_dir: Path, size: int | tuple[int, int] | None, dtype: torch.dtype
-) -> tuple[list[Path], dict[Path, str]]:
-    """The pictures of ``folder`` still to encode with these settings, and what every file records."""
-    pictures = _images_in_folder(folder)
-    if not pictures:
-        raise FileNotFoundError(f"no pictures in {folder} (looked for {', '.join(_IMAGE_SUFFIXES)})")
-    made_with = {p: _encoded_with(p, size, dtype) for p in pictures}
-    return [p for p in pictures if not _is_encoded(_latent_path(p, out_dir), made_with[p])], made_with
-
-
 def encode_folder(
     effnet: EfficientNetEncoder,
     folder: str | Path,
@@ -350,8 +328,9 @@ def encode_folder(
     dtype: torch.dtype = torch.float16,
     progress: bool = True,
 ) -> list[Path]:
-    """Encode every picture in ``folder`` to ``out_dir/<name>.safetensors`` (key ``latents``), each
-    written atomically. Resumable: a file made with these settings from these bytes is skipped.
+    """Encode every picture in ``folder`` to ``out_dir/<name>.safetensors`` (key ``latents``, 16×h×w),
+    each written atomically. Resumable: a picture whose complete file was made with these settings
+    from these bytes is skipped; one edited since, or another ``size`` or ``dtype``, is encoded again.
 
     Args:
         effnet, folder, out_dir: the encoder, the pictures (not searched recursively), the latents.
@@ -360,16 +339,20 @@ def encode_folder(
         progress: False hides the progress bar.
 
     Returns:
-        The latents files written now; a FileNotFoundError for no pictures.
+        The latents files written now (not those already done); a FileNotFoundError for no pictures.
     """
     folder, out_dir, batch_size = Path(folder), Path(out_dir), _batch_size(batch_size)
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating torch dtype such as torch.float16, not {dtype!r}")
-    pending, made_with = _pending(folder, out_dir, size, dtype)
+    pictures = _images_in_folder(folder)
+    if not pictures:
+        raise FileNotFoundError(f"no pictures in {folder} (looked for {', '.join(_IMAGE_SUFFIXES)})")
+    made_with = {p: _encoded_with(p, size, dtype) for p in pictures}
+    pending = [p for p in pictures if not _is_encoded(_latent_path(p, out_dir), made_with[p])]
     out_dir.mkdir(parents=True, exist_ok=True)
-    written, done = [], len(made_with) - len(pending)
+    written, done = [], len(pictures) - len(pending)
     with tqdm(
-        total=len(made_with), initial=done, desc="Encoding", unit="picture", disable=not progress
+        total=len(pictures), initial=done, desc="Encoding", unit="picture", disable=not progress
     ) as bar:
         for start in range(0, len(pending), batch_size):
             for paths, batch in _same_size_batches(pending[start : start + batch_size], size):
