@@ -1,9 +1,8 @@
 """Text-to-image, image variation, image-to-image and ControlNet pictures: Stage C, then B, then A.
 
-Each stage is a plain function over the loaded models (:mod:`cascade_helpers.stages`); the four entry
-points chain them for one :class:`~cascade_helpers.request.GenerationRequest` — the prompt, size, count,
-seed and both stages' settings they all share — and return the pictures with the latents of every
-stage and what each stage cost, so a notebook can show, save or re-decode them.
+The four entry points chain the stages (:mod:`cascade_helpers.stages`) for one
+:class:`~cascade_helpers.request.GenerationRequest` and return the pictures with every stage's latents
+and cost, so a notebook can show, save or re-decode them.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from .controlnet.model import ControlOutputs
 from .images import ImageInput, image_to_tensor, to_pil
 from .models import Decoder, Prior
 from .request import GenerationRequest, _make_request
-from .sampling import _StepCallback, diffuse, initial_noise
+from .sampling import diffuse, initial_noise
 from .sizes import stage_c_shape
 from .stages import _encode_picture, _variation_embeddings, decode_stage_a, generate_stage_b, generate_stage_c
 
@@ -57,8 +56,7 @@ class Generation:
 
 @contextlib.contextmanager
 def _measured(stage: str, device: torch.device, costs: dict[str, _StageCost]) -> Iterator[None]:
-    """Time one stage (after the GPU has finished its work) and, on a GPU, its peak allocation: the
-    per-stage cost a learner looks at before choosing a memory mode."""
+    """The per-stage cost (time after the GPU finished, peak allocation) a learner picks a memory mode by."""
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
@@ -69,16 +67,6 @@ def _measured(stage: str, device: torch.device, costs: dict[str, _StageCost]) ->
         torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) if cuda else None
     costs[stage] = _StageCost(time.perf_counter() - start, peak)
-
-
-@dataclass(frozen=True)
-class _Watch:
-    """How a caller watches the run (per-step callbacks of both stages, the progress bars): one object
-    through the layers instead of three arguments."""
-
-    callback: _StepCallback | None = None
-    decoder_callback: _StepCallback | None = None
-    progress: bool = True
 
 
 @dataclass(frozen=True)
@@ -99,8 +87,7 @@ def _generator(seed: int) -> torch.Generator:
 
 @torch.no_grad()
 def _text_conditioning(prior: Prior, request: GenerationRequest) -> tuple[TextEmbeddings, TextEmbeddings]:
-    """Every picture's prompt and negative prompt through the text encoder in one call (each
-    distinct text once, all of one length with ``long_prompts``), then one row per picture."""
+    """One encoder call for all pictures (each distinct text once), so every row has one length."""
     texts = list(dict.fromkeys(request.prompts + request.negative_prompts))
     encoded = encode_text(prior, texts, long_prompts=request.long_prompts)
     row = {text: i for i, text in enumerate(texts)}
@@ -116,11 +103,10 @@ def _stage_c(
     text: tuple[TextEmbeddings, TextEmbeddings],
     generator: torch.Generator,
     start: _Start,
-    watch: _Watch,
+    watch: dict[str, Any],
 ) -> torch.Tensor:
-    """Stage C for the request. From a picture's latents it is the official image-to-image start: the
-    latents noised on the unshifted schedule, then ``int(steps × noise_level)`` steps from that level
-    with the usual shift; with no step left, the latents as they are."""
+    """Stage C, from a picture's latents as official image-to-image starts: noised on the unshifted
+    schedule, then ``int(steps × noise_level)`` shifted steps (none left: the latents as they are)."""
     settings, x_init = request.prior_settings, None
     if start.latents is not None:
         steps = int(settings.steps * start.noise_level)
@@ -137,15 +123,14 @@ def _stage_c(
         "control": start.control,
     }
     return generate_stage_c(
-        prior, *text, shape, settings, callback=watch.callback, progress=watch.progress, **inputs
+        prior, *text, shape, settings, callback=watch["callback"], progress=watch["progress"], **inputs
     )
 
 
 def _generate(
-    prior: Prior, decoder: Decoder, request: GenerationRequest, watch: _Watch, start: _Start, extra: dict
+    prior: Prior, decoder: Decoder, request: GenerationRequest, watch: dict, start: _Start, extra: dict
 ) -> Generation:
-    """The chain every entry point shares: text, Stage C, Stage B, Stage A, each measured; the settings
-    are the request as asked (what :meth:`GenerationRequest.from_dict` rebuilds) and ``extra``."""
+    """The chain all four entry points share, each stage measured; settings ``from_dict`` rebuilds."""
     costs: dict[str, _StageCost] = {}
     generator = _generator(request.seed)
     with _measured("text encoder", prior.device, costs):
@@ -153,7 +138,7 @@ def _generate(
     with _measured("Stage C", prior.device, costs):
         stage_c_latents = _stage_c(prior, request, (text, negative), generator, start, watch)
     with _measured("Stage B", decoder.device, costs):
-        hooks = {"generator": generator, "callback": watch.decoder_callback, "progress": watch.progress}
+        hooks = {"generator": generator, "callback": watch["decoder_callback"], "progress": watch["progress"]}
         pooled, size = (text.pooled, negative.pooled), (request.height, request.width)
         stage_b_latents = generate_stage_b(
             decoder, stage_c_latents, *pooled, size, request.decoder_settings, **hooks
@@ -178,16 +163,15 @@ def text_to_image(
         prior, decoder: the loaded models (:func:`cascade_helpers.loading.load_prior` / ``load_decoder``).
         prompt: a prompt, a list of prompts (one group of pictures each), or a :class:`GenerationRequest`.
         negative_prompt: what guidance steers away from (a string, or one per prompt).
-        **options: any other :class:`GenerationRequest` field (``height``, ``num_images``, ``seed``,
-            ``long_prompts`` ...), and how to watch the run: ``callback(step, denoised, sample)`` after each
-            Stage C step (live previews), ``decoder_callback`` after each Stage B step, ``progress=False``
-            to hide both stages' tqdm bars (for a caller that shows its own: the panel).
+        **options: any other :class:`GenerationRequest` field (``height``, ``seed`` ...), and the run's
+            watchers: ``callback(step, denoised, sample)`` after each Stage C step (live previews),
+            ``decoder_callback`` after each Stage B step, ``progress=False`` to hide the tqdm bars.
 
     Returns:
         A :class:`Generation`: the pictures, both stages' latents, the settings and each stage's cost.
     """
     request, watch = _make_request(prompt, negative_prompt, **options)
-    return _generate(prior, decoder, request, _Watch(**watch), _Start(), {})
+    return _generate(prior, decoder, request, watch, _Start(), {})
 
 
 def image_variation(
@@ -198,8 +182,7 @@ def image_variation(
     negative_prompt: str | Sequence[str] = "",
     **options: Any,
 ) -> Generation:
-    """Variations of a picture: Stage C conditioned on its CLIP image embedding; no prompt needed (the
-    official example uses none).
+    """Variations of a picture: Stage C conditioned on its CLIP image embedding; no prompt needed.
 
     Args:
         image: the picture (file, PIL image, array or tensor).
@@ -210,7 +193,7 @@ def image_variation(
     """
     request, watch = _make_request(prompt, negative_prompt, **options)
     embeds = _variation_embeddings(prior, image).repeat_interleave(request.num_images, 0)
-    return _generate(prior, decoder, request, _Watch(**watch), _Start(image_embeds=embeds), {})
+    return _generate(prior, decoder, request, watch, _Start(image_embeds=embeds), {})
 
 
 def image_to_image(
@@ -242,7 +225,7 @@ def image_to_image(
     else:
         latents = _encode_picture(prior, image, request.height, request.width)
         start = _Start(latents=latents.repeat_interleave(request.num_images, 0), noise_level=strength)
-    return _generate(prior, decoder, request, _Watch(**watch), start, {"strength": strength})
+    return _generate(prior, decoder, request, watch, start, {"strength": strength})
 
 
 def controlnet_to_image(
@@ -260,10 +243,9 @@ def controlnet_to_image(
 
     Args:
         control: the ControlNet's outputs for ``num_images`` pictures (:func:`.controlnet.control_features`).
-        init_image: with it, Stage C starts from that picture's latents noised to ``init_noise``, as the
-            official inpainting and outpainting example does with noise level 1.0 (1 % of the picture's
-            signal survives; ``int(steps × init_noise)`` steps). Without it, pure noise (canny, SR).
-        init_noise: see ``init_image``; 0 keeps the picture's latents as they are.
+        init_image: Stage C starts from its latents noised to ``init_noise``, as official in- and
+            outpainting does at 1.0 (1 % of its signal survives); without it, pure noise (canny, SR).
+        init_noise: 0 keeps the picture's latents as they are; ``int(steps × init_noise)`` steps.
         prior, decoder, prompt, negative_prompt, **options: as for :func:`text_to_image`.
 
     Returns:
@@ -283,4 +265,4 @@ def controlnet_to_image(
         latents = latents.repeat_interleave(request.num_images, 0)
     start = _Start(latents=latents, noise_level=init_noise, control=control)
     extra = {} if init_image is None else {"init_noise": init_noise}  # as image_to_image keeps its strength
-    return _generate(prior, decoder, request, _Watch(**watch), start, extra)
+    return _generate(prior, decoder, request, watch, start, extra)
