@@ -45,8 +45,7 @@ class Generation:
     costs: dict[str, _StageCost] = field(default_factory=dict)  # stage → (seconds, peak GPU bytes or None)
 
     def cost_table(self) -> str:
-        """Seconds and peak GPU memory of each stage of this run, as one table (``print`` it). On a CPU
-        there is no allocator to ask: wall time only, and the table says so."""
+        """Each stage's seconds and peak GPU memory as one table to ``print`` (a CPU: wall time only)."""
         lines = [f"{'stage':<14}{'seconds':>9}  peak GPU memory"]
         for stage, (seconds, peak) in self.costs.items():
             memory = "CPU: wall time only" if peak is None else f"{peak / 2**30:.2f} GiB"
@@ -80,11 +79,6 @@ class _Start:
     control: ControlOutputs | None = None
 
 
-def _generator(seed: int) -> torch.Generator:
-    """A CPU generator: every noise draw on the CPU, so a seed gives the same picture on every device."""
-    return torch.Generator("cpu").manual_seed(seed)
-
-
 @torch.no_grad()
 def _text_conditioning(prior: Prior, request: GenerationRequest) -> tuple[TextEmbeddings, TextEmbeddings]:
     """One encoder call for all pictures (each distinct text once), so every row has one length."""
@@ -112,7 +106,8 @@ def _stage_c(
         steps = int(settings.steps * start.noise_level)
         if steps == 0:
             return start.latents
-        noise = initial_noise(start.latents.shape, _generator(request.seed + 1), prior.device)
+        noise_generator = torch.Generator("cpu").manual_seed(request.seed + 1)
+        noise = initial_noise(start.latents.shape, noise_generator, prior.device)
         settings = settings.with_(t_start=start.noise_level, steps=steps)
         x_init = diffuse(start.latents, start.noise_level, noise)
     shape = stage_c_shape(request.height, request.width, request.num_images)
@@ -132,7 +127,7 @@ def _generate(
 ) -> Generation:
     """The chain all four entry points share, each stage measured; settings ``from_dict`` rebuilds."""
     costs: dict[str, _StageCost] = {}
-    generator = _generator(request.seed)
+    generator = torch.Generator("cpu").manual_seed(request.seed)  # CPU noise: the same on every device
     with _measured("text encoder", prior.device, costs):
         text, negative = _text_conditioning(prior, request)
     with _measured("Stage C", prior.device, costs):

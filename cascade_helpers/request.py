@@ -1,6 +1,4 @@
-"""One generation request: the prompts, the picture size and count, the seed and both stages'
-sampler settings — what text-to-image, image variation, image-to-image and ControlNet pictures all
-take, checked once, before any model runs."""
+"""One generation request, what all four entry points take, checked once before any model runs."""
 
 from __future__ import annotations
 
@@ -137,8 +135,7 @@ class GenerationRequest:
         )
 
 
-#: what a saved request holds (JSON types) and how a message names each; newer fields are optional,
-#: so settings saved before them make the pictures they made then
+#: what a saved request holds (JSON types), named in messages; newer fields are optional (old PNGs)
 _SAVED: dict[str, tuple[type | tuple[type, ...], str]] = {
     "prompt": ((str, list), "a string or a list of strings"),
     "negative_prompt": ((str, list), "a string or a list of strings"),

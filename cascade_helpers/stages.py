@@ -19,8 +19,6 @@ from .models import Decoder, Prior
 from .sampling import OFFICIAL_DECODER, OFFICIAL_PRIOR, StageSettings, _sample, _StepCallback, unet_denoiser
 from .sizes import _encoder_input_size, stage_b_shape
 
-_OFFICIAL_INPUT_SIDE = 768  # the official examples scale input pictures to this short side first
-
 
 class _NonFiniteLatentsError(FloatingPointError):
     """Raised instead of black pictures, with the likely cause; catch it as ``FloatingPointError``."""
@@ -215,7 +213,7 @@ def _encode_picture(prior: Prior, image: ImageInput, height: int, width: int) ->
 @torch.no_grad()
 def _variation_embeddings(prior: Prior, image: ImageInput) -> torch.Tensor:
     """The official image variation's CLIP input: short side to 768 px first, whatever the output."""
-    picture = _scale_short_side(image_to_tensor(image), _OFFICIAL_INPUT_SIDE)
+    picture = _scale_short_side(image_to_tensor(image), 768)
     return _encode_image_clip(prior, picture[None])
 
 
