@@ -42,8 +42,7 @@ class PromptTruncatedWarning(UserWarning):
 
 
 def _warn_if_truncated(tokenizer, content: list[list[int]], window: int) -> None:
-    """Say which words a 77-token encoding drops, and that ``long_prompts`` keeps them: transformers'
-    own warning (about "indexing errors") is silenced where the prompt is tokenized, as it is wrong here."""
+    """Names the dropped words: transformers' own warning ("indexing errors", silenced) is wrong here."""
     limit = tokenizer.model_max_length
     for ids in content:
         if len(ids) > window:
@@ -57,8 +56,7 @@ def _warn_if_truncated(tokenizer, content: list[list[int]], window: int) -> None
 
 
 def _windows(tokenizer, prompts: list[str], long_prompts: bool):
-    """Every prompt as the same number of 77-token windows (start, up to 75 tokens, end, padding), one
-    row each, prompt after prompt; one window (the first 75 tokens) without ``long_prompts``."""
+    """One row per 77-token window, every prompt as many as the longest (one without ``long_prompts``)."""
     window = tokenizer.model_max_length - 2  # room for the start and end tokens
     content = [tokenizer(p, add_special_tokens=False, verbose=False).input_ids for p in prompts]
     if not long_prompts:

@@ -70,8 +70,7 @@ def _measured(stage: str, device: torch.device, costs: dict[str, _StageCost]) ->
 
 @dataclass(frozen=True)
 class _Start:
-    """Where Stage C starts besides the request: an image embedding (variation), a picture's latents
-    noised to ``noise_level`` (image-to-image, ControlNet init pictures), ControlNet features."""
+    """What the entry points add to the request's Stage C: variation, image-to-image, ControlNet."""
 
     image_embeds: torch.Tensor | None = None
     latents: torch.Tensor | None = None
@@ -99,8 +98,7 @@ def _stage_c(
     start: _Start,
     watch: dict[str, Any],
 ) -> torch.Tensor:
-    """Stage C, from a picture's latents as official image-to-image starts: noised on the unshifted
-    schedule, then ``int(steps × noise_level)`` shifted steps (none left: the latents as they are)."""
+    """From latents, official image-to-image: noised unshifted, then ``int(steps × noise_level)`` steps."""
     settings, x_init = request.prior_settings, None
     if start.latents is not None:
         steps = int(settings.steps * start.noise_level)

@@ -114,8 +114,7 @@ class GenerationPanel:
         return OFFICIAL_PRIOR.with_(**step), OFFICIAL_DECODER.with_(**step)
 
     def _use_preset_guidance(self, _change) -> None:
-        """Choosing a sampler loads its preset's guidance (diffusers' Stage B runs without guidance,
-        the official one with 1.1) and offers eta for DDIM only; the steps stay as the user set them."""
+        """Guidance follows the preset (diffusers' Stage B has none) and eta is DDIM's; steps stay."""
         prior, decoder = self._presets()
         self.guidance.value, self.decoder_guidance.value = prior.guidance, decoder.guidance
         self.eta.disabled = self.sampler.value != "ddim"

@@ -190,8 +190,7 @@ def _check_options(options: dict[str, Any], known: tuple[str, ...] = _REQUEST_FI
 def _make_request(
     prompt: str | Sequence[str] | GenerationRequest, negative_prompt: str | Sequence[str] = "", **options: Any
 ) -> tuple[GenerationRequest, dict[str, Any]]:
-    """What the four entry points accept (a prompt or list with options, or a ready request with options
-    that replace some of its fields) as one checked :class:`GenerationRequest`, and the watch options."""
+    """One place turns a prompt, or a ready request whose fields options replace, into a checked request."""
     _check_options(options, _REQUEST_FIELDS + tuple(_WATCH_OPTIONS))
     watch = {name: options.pop(name, default) for name, default in _WATCH_OPTIONS.items()}
     if isinstance(prompt, GenerationRequest):

@@ -63,9 +63,6 @@ def check_size(height: object, width: object, rule: _SideRule = _GENERATION) -> 
 
     Returns:
         ``(height, width)`` as ints.
-
-    Raises:
-        ValueError: a side that is not a whole number the rule accepts, named with the accepted range.
     """
     for name, side in (("height", height), ("width", width)):
         if not rule.accepts(side):
@@ -110,6 +107,5 @@ def stage_b_shape(height: int, width: int, batch: int) -> tuple[int, int, int, i
 
 
 def _image_size_for_latents(height: int, width: int) -> tuple[int, int]:
-    """The smallest picture size, in multiples of 32, whose Stage C latents have this grid: what
-    decoding produces when no size is given. 24×24 → 1024×1024, 24×36 → 1024×1536."""
+    """Decoding's size when none is given: the smallest with this grid (24×36 → 1024×1536)."""
     return math.ceil(height / _DOWNSCALE) * _STRIDE, math.ceil(width / _DOWNSCALE) * _STRIDE

@@ -32,8 +32,7 @@ def _check_finite(
     weight_files: Sequence[Path | None],
     inputs: Mapping[str, Sequence[torch.Tensor | None]],
 ) -> None:
-    """One cheap ``isfinite`` per stage result turns a black picture into an error naming its likely
-    cause; the diagnosis, which reads every weight, runs only when the check fails."""
+    """One cheap ``isfinite`` per stage; the diagnosis, which reads every weight, only when it fails."""
     if torch.isfinite(result).all():
         return
     bad = (~torch.isfinite(result)).sum().item()
@@ -203,8 +202,7 @@ def decode_stage_a(decoder: Decoder, latents: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def _encode_picture(prior: Prior, image: ImageInput, height: int, width: int) -> torch.Tensor:
-    """A picture cover-cropped straight to the encoder's input (768² for 1024²): the official 768 px
-    short side for 1024² outputs of its ratio, and latents that fit any other output too."""
+    """Cover-cropped straight to the encoder's input (768² for 1024²), so the latents fit any output."""
     encoder = prior.require("effnet", "encoding a picture (image-to-image, ControlNet init pictures)")
     pixels = resize_and_crop(image_to_tensor(image), *_encoder_input_size(height, width))
     return effnet_encode(encoder, pixels[None], downscale=False)
