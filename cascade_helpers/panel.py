@@ -119,20 +119,17 @@ class GenerationPanel:
         self.guidance.value, self.decoder_guidance.value = prior.guidance, decoder.guidance
         self.eta.disabled = self.sampler.value != "ddim"
 
-    def _settings(self) -> tuple[StageSettings, StageSettings]:
-        prior, decoder = self._presets()
-        return (
-            prior.with_(steps=self.steps.value, guidance=self.guidance.value),
-            decoder.with_(steps=self.decoder_steps.value, guidance=self.decoder_guidance.value),
-        )
-
     def generate(self) -> Generation:
         """Generate with the widgets' values, progress and previews in the panel only (no tqdm bars).
 
         Returns:
             The :class:`Generation`, also kept in ``last`` (and saved, with ``output_dir``).
         """
-        prior_settings, decoder_settings = self._settings()
+        prior_preset, decoder_preset = self._presets()
+        prior_settings = prior_preset.with_(steps=self.steps.value, guidance=self.guidance.value)
+        decoder_settings = decoder_preset.with_(
+            steps=self.decoder_steps.value, guidance=self.decoder_guidance.value
+        )
         preview = LivePreview(self.prior, self.preview)
         self.progress.max, self.progress.value = prior_settings.steps, 0
         self.decoder_progress.max, self.decoder_progress.value = decoder_settings.steps, 0

@@ -46,8 +46,7 @@ class StageSettings:
         guidance: classifier-free guidance scale, ≥ 0; ≤ 1 is off (official: 4 Stage C, 1.1 Stage B).
         shift: > 0; moves the schedule toward noise (official: 2 for Stage C, 1 for Stage B).
         guidance_rescale: the official ``cfg_rho``, 0 to 1 (official: 0.7 for both).
-        sampler: "official" (gdf's DDPM), "ddim" (gdf's DDIM, with ``eta``), "dpmpp_2m"
-            (DPM-Solver++(2M)) or "diffusers" (diffusers' scheduler: no shift, no rescale).
+        sampler: "official" (gdf's DDPM), "ddim" (gdf's DDIM), "dpmpp_2m" (DPM-Solver++(2M)) or "diffusers".
         t_start: the starting noise level in (0, 1]; 1 is pure noise, < 1 a partly noised latent.
         eta: the "ddim" sampler's share of fresh noise per step, 0 (deterministic) to 1 (= "official").
     """

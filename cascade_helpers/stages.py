@@ -98,8 +98,7 @@ def generate_stage_c(
 
     Args:
         prior: the loaded Stage C with its encoders.
-        text, negative: the prompts' and negative prompts' conditioning, B rows each, from one
-            ``encode_text`` call (so of one length with ``long_prompts``).
+        text, negative: the prompts' and negative prompts' conditioning, B rows each, of one length.
         shape, settings: B×16×h×w (:func:`cascade_helpers.sizes.stage_c_shape`), the sampler settings.
         generator: the CPU generator of the noise.
         image_embeds: CLIP image embeddings (B×1×768) for image variation; zeros without.
@@ -160,8 +159,7 @@ def generate_stage_b(
 
     Args:
         decoder, stage_c_latents: the loaded Stage B and Stage A, and B×16×h×w latents.
-        pooled, negative_pooled: the prompts' and negative prompts' pooled text embeddings (B×1×1280);
-            the unconditional branch also gets zero Stage C latents, as in the official code.
+        pooled, negative_pooled: the prompts' and negative prompts' pooled text embeddings (B×1×1280).
         image_size: (height, width) of the pictures.
         settings, generator, callback, progress: as for :func:`generate_stage_c`.
 
