@@ -109,15 +109,9 @@ def _stage_c(
         settings = settings.with_(t_start=start.noise_level, steps=steps)
         x_init = diffuse(start.latents, start.noise_level, noise)
     shape = stage_c_shape(request.height, request.width, request.num_images)
-    inputs = {
-        "generator": generator,
-        "image_embeds": start.image_embeds,
-        "x_init": x_init,
-        "control": start.control,
-    }
-    return generate_stage_c(
-        prior, *text, shape, settings, callback=watch["callback"], progress=watch["progress"], **inputs
-    )
+    hooks = {"generator": generator, "callback": watch["callback"], "progress": watch["progress"]}
+    inputs = {"image_embeds": start.image_embeds, "x_init": x_init, "control": start.control}
+    return generate_stage_c(prior, *text, shape, settings, **hooks, **inputs)
 
 
 def _generate(

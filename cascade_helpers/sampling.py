@@ -264,9 +264,8 @@ def _guided(
 
     def predict(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         pred, pred_uncond = denoiser(torch.cat([x, x]), torch.cat([r, r]), **doubled).chunk(2)
-        return classifier_free_guidance(
-            pred, pred_uncond, settings.guidance, settings.guidance_rescale
-        ).float()
+        guided = classifier_free_guidance(pred, pred_uncond, settings.guidance, settings.guidance_rescale)
+        return guided.float()
 
     return predict
 

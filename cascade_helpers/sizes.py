@@ -38,12 +38,8 @@ class _SideRule:
         return f"a multiple of {self.multiple} from {self.minimum}{upper}"
 
     def accepts(self, side: object) -> bool:
-        return (
-            _is_whole(side)
-            and side >= self.minimum
-            and (self.maximum is None or side <= self.maximum)
-            and side % self.multiple == 0
-        )
+        upper = math.inf if self.maximum is None else self.maximum
+        return _is_whole(side) and self.minimum <= side <= upper and side % self.multiple == 0
 
 
 #: text-to-image and friends: the sides Stage C and B were trained on
