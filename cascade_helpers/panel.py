@@ -51,8 +51,7 @@ class GenerationPanel:
     ) -> None:
         import ipywidgets as w
 
-        self.prior, self.decoder = prior, decoder
-        self.output_dir = output_dir
+        self.prior, self.decoder, self.output_dir = prior, decoder, output_dir
         self.last: Generation | None = None
         wide = w.Layout(width="95%")
         label = {"description_width": "120px"}  # "Stage B guidance" in full

@@ -192,9 +192,8 @@ def decode_stage_a(decoder: Decoder, latents: torch.Tensor) -> torch.Tensor:
     vqgan = decoder.vqgan
     scaled = latents.to(decoder.device, torch.float32) * vqgan.config.scale_factor
     pictures = vqgan.decode(scaled).sample
-    _check_finite(
-        pictures, "Stage A", vqgan, torch.float32, [decoder.stage_a_file], {"the Stage B latents": (latents,)}
-    )
+    inputs = {"the Stage B latents": (latents,)}
+    _check_finite(pictures, "Stage A", vqgan, torch.float32, [decoder.stage_a_file], inputs)
     return pictures.clamp(0, 1).float().cpu()
 
 
