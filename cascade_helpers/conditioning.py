@@ -92,7 +92,7 @@ def encode_text(
     """Prompts → Stage C/B text conditioning (float32, on the prior's device).
 
     Args:
-        prior: the loaded prior, or a text encoder alone (``loading._load_text_encoder``: Stage B needs no C).
+        prior: the loaded prior, or a text encoder alone (Stage B needs no Stage C).
         prompts: one prompt or a list, each padded or cut (:class:`PromptTruncatedWarning`) to 77 tokens.
         long_prompts: read prompts beyond 77 tokens in 77-token windows instead of cutting them.
 

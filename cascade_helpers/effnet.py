@@ -1,9 +1,7 @@
 """The EfficientNet encoder that turns pictures into Stage C latents (the "semantic compressor").
 
-It is torchvision's EfficientNetV2-S feature extractor followed by a 1×1 convolution to 16 channels
-and a BatchNorm without affine parameters, with the parameter names of the official
-``effnet_encoder.safetensors`` (``backbone.*`` and ``mapper.*``). All weights come from that file:
-torchvision's ImageNet weights are never downloaded.
+Its parameter names are those of the official ``effnet_encoder.safetensors`` (``backbone.*``,
+``mapper.*``), where all its weights come from: torchvision's ImageNet weights are never downloaded.
 
 :func:`encode` is the one way pictures become latents in this package, prepared either way the official
 code prepares them before ImageNet normalization: ``downscale=True`` scales a picture at its output size

@@ -197,8 +197,8 @@ def image_to_image(
 
     Args:
         image: the picture (file, PIL image, array or tensor), cover-cropped to the output's shape.
-        strength: the noise level the picture's Stage C latents are taken to before denoising (official
-            example: 0.8): 0 keeps the picture's encoding, 1 ignores it; ``int(steps × strength)`` steps.
+        strength: the noise level the picture's latents are taken to, 0 (keep) to 1 (ignore), official
+            0.8: ``int(steps × strength)`` steps run.
         prior, decoder, prompt, negative_prompt, **options: as for :func:`text_to_image`.
 
     Returns:
