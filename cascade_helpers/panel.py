@@ -32,8 +32,7 @@ class GenerationPanel:
     Args:
         prior, decoder: the loaded models.
         prompt: the prompt the panel opens with.
-        steps, guidance: Stage C's steps and guidance to start with (the official 20 and 4).
-        decoder_steps, decoder_guidance: Stage B's (the official 10 and 1.1).
+        steps, guidance, decoder_steps, decoder_guidance: Stage C's, then B's (official 20, 4, 10, 1.1).
         output_dir: where each result is saved; None keeps results in ``last`` only.
     """
 
