@@ -3,12 +3,10 @@
 Stage C reads three CLIP inputs: ``clip_text`` (the text encoder's last hidden state before its final
 layer norm, for prompts padded to 77 tokens), ``clip_text_pooled`` (the projected pooled embedding,
 B×1×1280) and ``clip_img`` (a CLIP ViT-L/14 image embedding, B×1×768, zeros without a picture); Stage B
-reads ``clip_text_pooled`` only. With ``long_prompts`` the tokens go through CLIP in windows of 75 (each
-with its start and end token, padded to 77), the windows' hidden states one after the other (Stage C's
-cross-attention reads any length), every prompt of a call as many windows as the longest (empty ones: the
-empty prompt's); the pooled embedding is the first window's: what the prompt's start gave before, the kind
-Stage B was trained on (a mean would mix in windows that are mostly padding). One window gives exactly
-the 77-token numbers.
+reads ``clip_text_pooled`` only. With ``long_prompts`` every prompt of a call goes through CLIP in as many
+77-token windows as the longest needs, their hidden states one after the other (Stage C's cross-attention
+reads any length); the pooled embedding is the first window's, the kind Stage B was trained on (a mean
+would mix in windows that are mostly padding). One window gives exactly the 77-token numbers.
 """
 
 from __future__ import annotations
@@ -44,8 +42,7 @@ class PromptTruncatedWarning(UserWarning):
 
 
 def _warn_if_truncated(tokenizer, content: list[list[int]], window: int) -> None:
-    """Say which words a 77-token encoding drops, and that ``long_prompts`` keeps them: transformers'
-    own warning (about "indexing errors") is silenced where the prompt is tokenized, as it is wrong here."""
+    """Names the dropped words: transformers' own warning ("indexing errors", silenced) is wrong here."""
     limit = tokenizer.model_max_length
     for ids in content:
         if len(ids) > window:
@@ -59,8 +56,7 @@ def _warn_if_truncated(tokenizer, content: list[list[int]], window: int) -> None
 
 
 def _windows(tokenizer, prompts: list[str], long_prompts: bool):
-    """Every prompt as the same number of 77-token windows (start, up to 75 tokens, end, padding), one
-    row each, prompt after prompt; one window (the first 75 tokens) without ``long_prompts``."""
+    """One row per 77-token window, every prompt as many as the longest (one without ``long_prompts``)."""
     window = tokenizer.model_max_length - 2  # room for the start and end tokens
     content = [tokenizer(p, add_special_tokens=False, verbose=False).input_ids for p in prompts]
     if not long_prompts:
@@ -96,8 +92,8 @@ def encode_text(
     """Prompts → Stage C/B text conditioning (float32, on the prior's device).
 
     Args:
-        prior: the loaded prior, or a text encoder alone (``loading._load_text_encoder``: Stage B needs no C).
-        prompts: one prompt or a list; each padded, or cut with a :class:`PromptTruncatedWarning`, to 77 tokens.
+        prior: the loaded prior, or a text encoder alone (Stage B needs no Stage C).
+        prompts: one prompt or a list, each padded or cut (:class:`PromptTruncatedWarning`) to 77 tokens.
         long_prompts: read prompts beyond 77 tokens in 77-token windows instead of cutting them.
 
     Returns:
@@ -106,24 +102,16 @@ def encode_text(
     return _text_conditioning(prior, prompts, long_prompts)
 
 
-def _clip_image_input(prior: Prior, images: torch.Tensor) -> torch.Tensor:
-    """B×3×H×W in [0, 1] → the image encoder's input: the official ``clip_preprocess`` (bicubic resize of
-    the short side, centre crop, CLIP normalization, sizes from ``feature_extractor/``). No antialiasing:
-    the official code pins torchvision 0.16, whose ``Resize`` does not antialias tensors, and Stage C's
-    image conditioning was trained on embeddings made that way (diffusers' pipeline goes through PIL,
-    which does)."""
-    settings = prior.clip_image
-    resized = TF.resize(images, settings.resize, interpolation=InterpolationMode.BICUBIC, antialias=False)
-    return TF.normalize(TF.center_crop(resized, list(settings.crop)), settings.mean, settings.std)
-
-
 @torch.no_grad()
 def _encode_image_clip(prior: Prior, images: torch.Tensor) -> torch.Tensor:
-    """B×3×H×W pictures in [0, 1] → ``clip_img`` conditioning (B×1×768, float32); a ValueError without the
-    image encoder."""
+    """The official ``clip_preprocess`` without antialiasing: its torchvision 0.16 did not antialias tensors,
+    and Stage C's image conditioning was trained on embeddings made so (diffusers' PIL path does)."""
     image_encoder = prior.require("image_encoder", "a CLIP image embedding (image variation)")
-    pixels = _clip_image_input(prior, images.to(prior.device)).to(prior.dtype)
-    return image_encoder(pixel_values=pixels).image_embeds.unsqueeze(1).float()
+    settings = prior.clip_image
+    images = images.to(prior.device)
+    resized = TF.resize(images, settings.resize, interpolation=InterpolationMode.BICUBIC, antialias=False)
+    pixels = TF.normalize(TF.center_crop(resized, list(settings.crop)), settings.mean, settings.std)
+    return image_encoder(pixel_values=pixels.to(prior.dtype)).image_embeds.unsqueeze(1).float()
 
 
 def no_image(prior: Prior, batch: int) -> torch.Tensor:

@@ -1,19 +1,13 @@
 """The EfficientNet encoder that turns pictures into Stage C latents (the "semantic compressor").
 
-It is torchvision's EfficientNetV2-S feature extractor followed by a 1×1 convolution to 16 channels
-and a BatchNorm without affine parameters, with the parameter names of the official
-``effnet_encoder.safetensors`` (``backbone.*`` and ``mapper.*``). All weights come from that file:
-torchvision's ImageNet weights are never downloaded.
+Its parameter names are those of the official ``effnet_encoder.safetensors`` (``backbone.*``,
+``mapper.*``), where all its weights come from: torchvision's ImageNet weights are never downloaded.
 
-:func:`encode` is the one way pictures become latents in this package. The official code prepares
-pictures in two ways before ImageNet normalization, and so does ``encode``:
-
-- ``downscale=True`` — the picture is at its output size and is scaled by 3/4 with nearest neighbour,
-  sides floored to multiples of 32 (the official reconstruction notebook and data loaders): a 1024²
-  picture becomes a 768² input and a 16×24×24 latent;
-- ``downscale=False`` — the caller already scaled the picture to the encoder's input size (the
-  official image-to-image, ControlNet and LoRA training code cover-crop it there, with bilinear
-  antialiasing: :func:`cascade_helpers.images.resize_and_crop`).
+:func:`encode` is the one way pictures become latents in this package, prepared either way the official
+code prepares them before ImageNet normalization: ``downscale=True`` scales a picture at its output size
+by 3/4 with nearest neighbour (the official reconstruction notebook and data loaders: 1024² → 768² →
+16×24×24); ``downscale=False`` takes one the caller already cover-cropped to the encoder's input size
+(official image-to-image, ControlNet and LoRA training: :func:`cascade_helpers.images.resize_and_crop`).
 """
 
 from __future__ import annotations
@@ -36,7 +30,6 @@ class EfficientNetEncoder(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        # weights=None: random init here, every value is replaced by load_state_dict.
         self.backbone = torchvision.models.efficientnet_v2_s(weights=None).features.eval()
         self.mapper = nn.Sequential(
             nn.Conv2d(_EFFNET_CHANNELS, _LATENT_CHANNELS, kernel_size=1, bias=False),
@@ -47,19 +40,12 @@ class EfficientNetEncoder(nn.Module):
         return self.mapper(self.backbone(images))
 
 
-def _normalize(images: torch.Tensor) -> torch.Tensor:
-    """ImageNet normalization (what the encoder was trained on): pictures in [0, 1] → its input."""
-    return TF.normalize(images, _IMAGENET_MEAN, _IMAGENET_STD)
-
-
 def preprocess(images: torch.Tensor, *, downscale: bool = True) -> torch.Tensor:
-    """Pictures in [0, 1] (B×3×H×W) → the encoder's input, as the official code prepares it (see the
-    module's docstring for ``downscale``).
+    """Pictures in [0, 1] → the encoder's input, ImageNet-normalized as the official code prepares it.
 
     Args:
         images: B×3×H×W in [0, 1].
-        downscale: True scales by 3/4 with nearest neighbour, sides floored to multiples of 32
-            (:func:`cascade_helpers.sizes.encoder_input_size`); False keeps the size.
+        downscale: True scales by 3/4 with nearest neighbour, sides floored to multiples of 32; False doesn't.
 
     Returns:
         ImageNet-normalized B×3×h×w, same dtype and device.
@@ -75,19 +61,17 @@ def preprocess(images: torch.Tensor, *, downscale: bool = True) -> torch.Tensor:
                 f"encoder: each side must be at least {_SMALLEST_ENCODABLE_SIDE} px"
             )
         images = TF.resize(images, list(size), interpolation=InterpolationMode.NEAREST)
-    return _normalize(images)
+    return TF.normalize(images, _IMAGENET_MEAN, _IMAGENET_STD)
 
 
 @torch.no_grad()
 def encode(encoder: EfficientNetEncoder, images: torch.Tensor, *, downscale: bool = True) -> torch.Tensor:
-    """Pictures (B×3×H×W in [0, 1]) → Stage C latents (B×16×h×w, float32), computed in float32 on
-    the encoder's device.
+    """Pictures → Stage C latents, computed in float32 on the encoder's device.
 
     Args:
         encoder: the loaded encoder (``load_prior(...).effnet`` or ``load_effnet``).
-        images: pictures in [0, 1], on any device.
-        downscale: True for pictures at their output size (official 3/4 nearest step), False for
-            pictures already at the encoder's input size.
+        images: B×3×H×W pictures in [0, 1], on any device.
+        downscale: True for pictures at their output size, False for ones at the encoder's input size.
 
     Returns:
         B×16×h×w latents, float32, on the encoder's device (h, w: the input's sides / 32).

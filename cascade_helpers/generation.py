@@ -1,9 +1,8 @@
 """Text-to-image, image variation, image-to-image and ControlNet pictures: Stage C, then B, then A.
 
-Each stage is a plain function over the loaded models (:mod:`cascade_helpers.stages`); the four entry
-points chain them for one :class:`~cascade_helpers.request.GenerationRequest` — the prompt, size, count,
-seed and both stages' settings they all share — and return the pictures with the latents of every
-stage and what each stage cost, so a notebook can show, save or re-decode them.
+The four entry points chain the stages (:mod:`cascade_helpers.stages`) for one
+:class:`~cascade_helpers.request.GenerationRequest` and return the pictures with every stage's latents
+and cost, so a notebook can show, save or re-decode them.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from .controlnet.model import ControlOutputs
 from .images import ImageInput, image_to_tensor, to_pil
 from .models import Decoder, Prior
 from .request import GenerationRequest, _make_request
-from .sampling import _StepCallback, diffuse, initial_noise
+from .sampling import diffuse, initial_noise
 from .sizes import stage_c_shape
 from .stages import _encode_picture, _variation_embeddings, decode_stage_a, generate_stage_b, generate_stage_c
 
@@ -46,8 +45,7 @@ class Generation:
     costs: dict[str, _StageCost] = field(default_factory=dict)  # stage → (seconds, peak GPU bytes or None)
 
     def cost_table(self) -> str:
-        """Seconds and peak GPU memory of each stage of this run, as one table (``print`` it). On a CPU
-        there is no allocator to ask: wall time only, and the table says so."""
+        """Each stage's seconds and peak GPU memory as one table to ``print`` (a CPU: wall time only)."""
         lines = [f"{'stage':<14}{'seconds':>9}  peak GPU memory"]
         for stage, (seconds, peak) in self.costs.items():
             memory = "CPU: wall time only" if peak is None else f"{peak / 2**30:.2f} GiB"
@@ -57,8 +55,7 @@ class Generation:
 
 @contextlib.contextmanager
 def _measured(stage: str, device: torch.device, costs: dict[str, _StageCost]) -> Iterator[None]:
-    """Time one stage (after the GPU has finished its work) and, on a GPU, its peak allocation: the
-    per-stage cost a learner looks at before choosing a memory mode."""
+    """The per-stage cost (time after the GPU finished, peak allocation) a learner picks a memory mode by."""
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
@@ -72,19 +69,8 @@ def _measured(stage: str, device: torch.device, costs: dict[str, _StageCost]) ->
 
 
 @dataclass(frozen=True)
-class _Watch:
-    """How a caller watches the run (per-step callbacks of both stages, the progress bars): one object
-    through the layers instead of three arguments."""
-
-    callback: _StepCallback | None = None
-    decoder_callback: _StepCallback | None = None
-    progress: bool = True
-
-
-@dataclass(frozen=True)
 class _Start:
-    """Where Stage C starts besides the request: an image embedding (variation), a picture's latents
-    noised to ``noise_level`` (image-to-image, ControlNet init pictures), ControlNet features."""
+    """What the entry points add to the request's Stage C: variation, image-to-image, ControlNet."""
 
     image_embeds: torch.Tensor | None = None
     latents: torch.Tensor | None = None
@@ -92,15 +78,9 @@ class _Start:
     control: ControlOutputs | None = None
 
 
-def _generator(seed: int) -> torch.Generator:
-    """A CPU generator: every noise draw on the CPU, so a seed gives the same picture on every device."""
-    return torch.Generator("cpu").manual_seed(seed)
-
-
 @torch.no_grad()
 def _text_conditioning(prior: Prior, request: GenerationRequest) -> tuple[TextEmbeddings, TextEmbeddings]:
-    """Every picture's prompt and negative prompt through the text encoder in one call (each
-    distinct text once, all of one length with ``long_prompts``), then one row per picture."""
+    """One encoder call for all pictures (each distinct text once), so every row has one length."""
     texts = list(dict.fromkeys(request.prompts + request.negative_prompts))
     encoded = encode_text(prior, texts, long_prompts=request.long_prompts)
     row = {text: i for i, text in enumerate(texts)}
@@ -116,44 +96,36 @@ def _stage_c(
     text: tuple[TextEmbeddings, TextEmbeddings],
     generator: torch.Generator,
     start: _Start,
-    watch: _Watch,
+    watch: dict[str, Any],
 ) -> torch.Tensor:
-    """Stage C for the request. From a picture's latents it is the official image-to-image start: the
-    latents noised on the unshifted schedule, then ``int(steps × noise_level)`` steps from that level
-    with the usual shift; with no step left, the latents as they are."""
+    """From latents, official image-to-image: noised unshifted, then ``int(steps × noise_level)`` steps."""
     settings, x_init = request.prior_settings, None
     if start.latents is not None:
         steps = int(settings.steps * start.noise_level)
         if steps == 0:
             return start.latents
-        noise = initial_noise(start.latents.shape, _generator(request.seed + 1), prior.device)
+        noise_generator = torch.Generator("cpu").manual_seed(request.seed + 1)
+        noise = initial_noise(start.latents.shape, noise_generator, prior.device)
         settings = settings.with_(t_start=start.noise_level, steps=steps)
         x_init = diffuse(start.latents, start.noise_level, noise)
     shape = stage_c_shape(request.height, request.width, request.num_images)
-    inputs = {
-        "generator": generator,
-        "image_embeds": start.image_embeds,
-        "x_init": x_init,
-        "control": start.control,
-    }
-    return generate_stage_c(
-        prior, *text, shape, settings, callback=watch.callback, progress=watch.progress, **inputs
-    )
+    hooks = {"generator": generator, "callback": watch["callback"], "progress": watch["progress"]}
+    inputs = {"image_embeds": start.image_embeds, "x_init": x_init, "control": start.control}
+    return generate_stage_c(prior, *text, shape, settings, **hooks, **inputs)
 
 
 def _generate(
-    prior: Prior, decoder: Decoder, request: GenerationRequest, watch: _Watch, start: _Start, extra: dict
+    prior: Prior, decoder: Decoder, request: GenerationRequest, watch: dict, start: _Start, extra: dict
 ) -> Generation:
-    """The chain every entry point shares: text, Stage C, Stage B, Stage A, each measured; the settings
-    are the request as asked (what :meth:`GenerationRequest.from_dict` rebuilds) and ``extra``."""
+    """The chain all four entry points share, each stage measured; settings ``from_dict`` rebuilds."""
     costs: dict[str, _StageCost] = {}
-    generator = _generator(request.seed)
+    generator = torch.Generator("cpu").manual_seed(request.seed)  # CPU noise: the same on every device
     with _measured("text encoder", prior.device, costs):
         text, negative = _text_conditioning(prior, request)
     with _measured("Stage C", prior.device, costs):
         stage_c_latents = _stage_c(prior, request, (text, negative), generator, start, watch)
     with _measured("Stage B", decoder.device, costs):
-        hooks = {"generator": generator, "callback": watch.decoder_callback, "progress": watch.progress}
+        hooks = {"generator": generator, "callback": watch["decoder_callback"], "progress": watch["progress"]}
         pooled, size = (text.pooled, negative.pooled), (request.height, request.width)
         stage_b_latents = generate_stage_b(
             decoder, stage_c_latents, *pooled, size, request.decoder_settings, **hooks
@@ -178,16 +150,15 @@ def text_to_image(
         prior, decoder: the loaded models (:func:`cascade_helpers.loading.load_prior` / ``load_decoder``).
         prompt: a prompt, a list of prompts (one group of pictures each), or a :class:`GenerationRequest`.
         negative_prompt: what guidance steers away from (a string, or one per prompt).
-        **options: any other :class:`GenerationRequest` field (``height``, ``num_images``, ``seed``,
-            ``long_prompts`` ...), and how to watch the run: ``callback(step, denoised, sample)`` after each
-            Stage C step (live previews), ``decoder_callback`` after each Stage B step, ``progress=False``
-            to hide both stages' tqdm bars (for a caller that shows its own: the panel).
+        **options: any other :class:`GenerationRequest` field (``height``, ``seed`` ...), and the run's
+            watchers: ``callback(step, denoised, sample)`` after each Stage C step (live previews),
+            ``decoder_callback`` after each Stage B step, ``progress=False`` to hide the tqdm bars.
 
     Returns:
         A :class:`Generation`: the pictures, both stages' latents, the settings and each stage's cost.
     """
     request, watch = _make_request(prompt, negative_prompt, **options)
-    return _generate(prior, decoder, request, _Watch(**watch), _Start(), {})
+    return _generate(prior, decoder, request, watch, _Start(), {})
 
 
 def image_variation(
@@ -198,8 +169,7 @@ def image_variation(
     negative_prompt: str | Sequence[str] = "",
     **options: Any,
 ) -> Generation:
-    """Variations of a picture: Stage C conditioned on its CLIP image embedding; no prompt needed (the
-    official example uses none).
+    """Variations of a picture: Stage C conditioned on its CLIP image embedding; no prompt needed.
 
     Args:
         image: the picture (file, PIL image, array or tensor).
@@ -210,7 +180,7 @@ def image_variation(
     """
     request, watch = _make_request(prompt, negative_prompt, **options)
     embeds = _variation_embeddings(prior, image).repeat_interleave(request.num_images, 0)
-    return _generate(prior, decoder, request, _Watch(**watch), _Start(image_embeds=embeds), {})
+    return _generate(prior, decoder, request, watch, _Start(image_embeds=embeds), {})
 
 
 def image_to_image(
@@ -227,8 +197,8 @@ def image_to_image(
 
     Args:
         image: the picture (file, PIL image, array or tensor), cover-cropped to the output's shape.
-        strength: the noise level the picture's Stage C latents are taken to before denoising (official
-            example: 0.8): 0 keeps the picture's encoding, 1 ignores it; ``int(steps × strength)`` steps.
+        strength: the noise level the picture's latents are taken to, 0 (keep) to 1 (ignore), official
+            0.8: ``int(steps × strength)`` steps run.
         prior, decoder, prompt, negative_prompt, **options: as for :func:`text_to_image`.
 
     Returns:
@@ -242,7 +212,7 @@ def image_to_image(
     else:
         latents = _encode_picture(prior, image, request.height, request.width)
         start = _Start(latents=latents.repeat_interleave(request.num_images, 0), noise_level=strength)
-    return _generate(prior, decoder, request, _Watch(**watch), start, {"strength": strength})
+    return _generate(prior, decoder, request, watch, start, {"strength": strength})
 
 
 def controlnet_to_image(
@@ -260,10 +230,9 @@ def controlnet_to_image(
 
     Args:
         control: the ControlNet's outputs for ``num_images`` pictures (:func:`.controlnet.control_features`).
-        init_image: with it, Stage C starts from that picture's latents noised to ``init_noise``, as the
-            official inpainting and outpainting example does with noise level 1.0 (1 % of the picture's
-            signal survives; ``int(steps × init_noise)`` steps). Without it, pure noise (canny, SR).
-        init_noise: see ``init_image``; 0 keeps the picture's latents as they are.
+        init_image: Stage C starts from its latents noised to ``init_noise``, as official in- and
+            outpainting does at 1.0 (1 % of its signal survives); without it, pure noise (canny, SR).
+        init_noise: 0 keeps the picture's latents as they are; ``int(steps × init_noise)`` steps.
         prior, decoder, prompt, negative_prompt, **options: as for :func:`text_to_image`.
 
     Returns:
@@ -283,4 +252,4 @@ def controlnet_to_image(
         latents = latents.repeat_interleave(request.num_images, 0)
     start = _Start(latents=latents, noise_level=init_noise, control=control)
     extra = {} if init_image is None else {"init_noise": init_noise}  # as image_to_image keeps its strength
-    return _generate(prior, decoder, request, _Watch(**watch), start, extra)
+    return _generate(prior, decoder, request, watch, start, extra)

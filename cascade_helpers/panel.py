@@ -22,11 +22,9 @@ _PANEL_SIZES = (
 
 
 class GenerationPanel:
-    """An ipywidgets panel for text-to-image: prompt, negative prompt, long prompts, the sampler (the
-    official DDPM, DDIM with its eta, DPM-Solver++(2M) — all on the official schedule — or diffusers'
-    preset), each stage's steps and guidance, seed, size and number of pictures, a Generate button, one
-    progress bar per stage, a live preview and the result grid. Each result is kept in ``last`` and, with
-    ``output_dir``, saved as PNGs with their settings (:func:`save_generation`).
+    """An ipywidgets panel for text-to-image: prompts, the sampler, each stage's steps and guidance, seed,
+    size and count, a Generate button, per-stage progress bars, a live preview and the result grid. Each
+    result is kept in ``last`` and, with ``output_dir``, saved as PNGs with their settings.
 
     Display it as the last expression of a cell. ``generate()`` is what the button calls; call it
     from code to script the panel (set the widgets' ``value`` first).
@@ -34,8 +32,7 @@ class GenerationPanel:
     Args:
         prior, decoder: the loaded models.
         prompt: the prompt the panel opens with.
-        steps, guidance: Stage C's steps and guidance to start with (the official 20 and 4).
-        decoder_steps, decoder_guidance: Stage B's (the official 10 and 1.1).
+        steps, guidance, decoder_steps, decoder_guidance: Stage C's, then B's (official 20, 4, 10, 1.1).
         output_dir: where each result is saved; None keeps results in ``last`` only.
     """
 
@@ -53,18 +50,15 @@ class GenerationPanel:
     ) -> None:
         import ipywidgets as w
 
-        self.prior, self.decoder = prior, decoder
-        self.output_dir = output_dir
+        self.prior, self.decoder, self.output_dir = prior, decoder, output_dir
         self.last: Generation | None = None
         wide = w.Layout(width="95%")
         label = {"description_width": "120px"}  # "Stage B guidance" in full
         self.prompt = w.Textarea(value=prompt, description="Prompt", layout=wide)
         self.negative_prompt = w.Text(description="Negative", layout=wide)
         self.long_prompts = w.Checkbox(description="Long prompts (beyond 77 tokens)", indent=False)
-        samplers = {"official (gdf DDPM)": "official", "DDIM": "ddim", "DPM-Solver++ 2M": "dpmpp_2m"}
-        self.sampler = w.ToggleButtons(
-            options=[*samplers.items(), ("diffusers", "diffusers")], description="Sampler"
-        )
+        samplers = [("official (gdf DDPM)", "official"), ("DDIM", "ddim"), ("DPM-Solver++ 2M", "dpmpp_2m")]
+        self.sampler = w.ToggleButtons(options=[*samplers, ("diffusers", "diffusers")], description="Sampler")
         self.eta = w.FloatSlider(
             value=0.0, min=0.0, max=1.0, step=0.05, description="DDIM eta", style=label, disabled=True
         )
@@ -85,9 +79,8 @@ class GenerationPanel:
         self.button = w.Button(description="Generate", button_style="primary", icon="play")
         self.progress = w.IntProgress(value=0, min=0, max=steps, description="Stage C")
         self.decoder_progress = w.IntProgress(value=0, min=0, max=decoder_steps, description="Stage B")
-        # a flex row stretches its items to the tallest one (the controls): without align_self a
-        # 192×192 preview was drawn 192×213 in JupyterLab; height auto keeps the picture's ratio
-        # when max_width shrinks a wide one
+        # a flex row stretches its items to the tallest (the controls): align_self keeps a preview
+        # 192×192 in JupyterLab, height auto its ratio when max_width shrinks a wide one
         picture = {"height": "auto", "align_self": "flex-start", "object_fit": "contain"}
         self.preview = w.Image(format="png", layout=w.Layout(max_width="384px", **picture))
         self.result = w.Image(format="png", layout=w.Layout(max_width="95%", **picture))
@@ -111,8 +104,7 @@ class GenerationPanel:
         display(self.widget)
 
     def _presets(self) -> tuple[StageSettings, StageSettings]:
-        """Both stages' presets for the chosen sampler: diffusers' own, or the official settings with
-        the official schedule's other steppers."""
+        """diffusers' own presets, or the official settings with the chosen step: what guidance resets to."""
         if self.sampler.value == "diffusers":
             return DIFFUSERS_PRIOR, DIFFUSERS_DECODER
         eta = self.eta.value if self.sampler.value == "ddim" else 0.0
@@ -120,28 +112,22 @@ class GenerationPanel:
         return OFFICIAL_PRIOR.with_(**step), OFFICIAL_DECODER.with_(**step)
 
     def _use_preset_guidance(self, _change) -> None:
-        """Choosing a sampler loads its preset's guidance (diffusers' Stage B runs without guidance,
-        the official one with 1.1) and offers eta for DDIM only; the steps stay as the user set them."""
+        """Guidance follows the preset (diffusers' Stage B has none) and eta is DDIM's; steps stay."""
         prior, decoder = self._presets()
         self.guidance.value, self.decoder_guidance.value = prior.guidance, decoder.guidance
         self.eta.disabled = self.sampler.value != "ddim"
 
-    def _settings(self) -> tuple[StageSettings, StageSettings]:
-        """The widgets' values as both stages' sampler settings (checked)."""
-        prior, decoder = self._presets()
-        return (
-            prior.with_(steps=self.steps.value, guidance=self.guidance.value),
-            decoder.with_(steps=self.decoder_steps.value, guidance=self.decoder_guidance.value),
-        )
-
     def generate(self) -> Generation:
-        """Generate with the current widget values, showing each stage's progress and the previews
-        in the panel (and nowhere else: the stages' own tqdm bars stay off).
+        """Generate with the widgets' values, progress and previews in the panel only (no tqdm bars).
 
         Returns:
             The :class:`Generation`, also kept in ``last`` (and saved, with ``output_dir``).
         """
-        prior_settings, decoder_settings = self._settings()
+        prior_preset, decoder_preset = self._presets()
+        prior_settings = prior_preset.with_(steps=self.steps.value, guidance=self.guidance.value)
+        decoder_settings = decoder_preset.with_(
+            steps=self.decoder_steps.value, guidance=self.decoder_guidance.value
+        )
         preview = LivePreview(self.prior, self.preview)
         self.progress.max, self.progress.value = prior_settings.steps, 0
         self.decoder_progress.max, self.decoder_progress.value = decoder_settings.steps, 0
@@ -154,12 +140,7 @@ class GenerationPanel:
             self.decoder_progress.value = step + 1
 
         height, width = self.size.value
-        request = {
-            "height": height,
-            "width": width,
-            "num_images": self.num_images.value,
-            "seed": self.seed.value,
-        }
+        request = dict(height=height, width=width, num_images=self.num_images.value, seed=self.seed.value)
         request |= {"prior_settings": prior_settings, "decoder_settings": decoder_settings}
         watch = {"callback": on_prior_step, "decoder_callback": on_decoder_step, "progress": False}
         prompts = (self.prompt.value, self.negative_prompt.value)
@@ -171,16 +152,16 @@ class GenerationPanel:
         self.status.value = f"seed {self.seed.value}, {width} × {height}"
         if self.output_dir is not None:
             paths = save_generation(result, self.output_dir)
-            self.status.value += f" — saved {', '.join(html.escape(p.name) for p in paths)} in {html.escape(str(self.output_dir))}"
+            names = ", ".join(html.escape(p.name) for p in paths)
+            self.status.value += f" — saved {names} in {html.escape(str(self.output_dir))}"
         return result
 
     def _on_click(self, _button) -> None:
-        """Errors go to the panel, where the user looks (a button callback's exception is otherwise
-        only logged to the browser console)."""
+        """Errors go to the panel: a button callback's exception is otherwise only in the browser console."""
         self.button.disabled = True
         try:
             self.generate()
-        except Exception as error:  # every error: shown in the panel, where the user looks
+        except Exception as error:
             self.status.value = f"<b style='color:#b00'>{html.escape(str(error))}</b>"
         finally:
             self.button.disabled = False

@@ -20,23 +20,16 @@ def _stage(layer: nn.Conv2d | nn.ConvTranspose2d) -> list[nn.Module]:
 
 
 class Previewer(nn.Module):
-    """Stage C latents (B×16×h×w) → RGB (B×3×8h×8w), values roughly in [0, 1].
-
-    Takes no arguments: the architecture is fixed by the released checkpoint.
-    """
+    """Stage C latents (B×16×h×w) → RGB (B×3×8h×8w), values roughly in [0, 1]."""
 
     def __init__(self) -> None:
         super().__init__()
         h = 512  # hidden width of the released previewer
-        layers: list[nn.Module] = []
-        layers += _stage(nn.Conv2d(_LATENT_CHANNELS, h, kernel_size=1))
+        layers = _stage(nn.Conv2d(_LATENT_CHANNELS, h, kernel_size=1))
         layers += _stage(nn.Conv2d(h, h, kernel_size=3, padding=1))
-        layers += _stage(nn.ConvTranspose2d(h, h // 2, kernel_size=2, stride=2))
-        layers += _stage(nn.Conv2d(h // 2, h // 2, kernel_size=3, padding=1))
-        layers += _stage(nn.ConvTranspose2d(h // 2, h // 4, kernel_size=2, stride=2))
-        layers += _stage(nn.Conv2d(h // 4, h // 4, kernel_size=3, padding=1))
-        layers += _stage(nn.ConvTranspose2d(h // 4, h // 4, kernel_size=2, stride=2))
-        layers += _stage(nn.Conv2d(h // 4, h // 4, kernel_size=3, padding=1))
+        for c_in, c_out in ((h, h // 2), (h // 2, h // 4), (h // 4, h // 4)):  # three 2× upsamplings
+            layers += _stage(nn.ConvTranspose2d(c_in, c_out, kernel_size=2, stride=2))
+            layers += _stage(nn.Conv2d(c_out, c_out, kernel_size=3, padding=1))
         layers.append(nn.Conv2d(h // 4, 3, kernel_size=1))
         self.blocks = nn.Sequential(*layers)
 

@@ -1,6 +1,4 @@
-"""One generation request: the prompts, the picture size and count, the seed and both stages'
-sampler settings — what text-to-image, image variation, image-to-image and ControlNet pictures all
-take, checked once, before any model runs."""
+"""One generation request, what all four entry points take, checked once before any model runs."""
 
 from __future__ import annotations
 
@@ -28,13 +26,12 @@ def _prompt_tuple(value: object, name: str) -> tuple[str, ...]:
 
 
 def _per_picture(prompts: Sequence[str], count: int) -> list[str]:
-    """The prompts take equal shares of the pictures, in order (``["a cat", "a dog"]`` for 4 pictures:
-    cat, cat, dog, dog): the diffusers habit, shared by the request and the PNGs' descriptions."""
+    """One rule for the request and the PNGs: equal shares in order (cat, cat, dog, dog), as diffusers."""
     return [prompts[i * len(prompts) // count] for i in range(count)]
 
 
 def _picture_count(num_images: object, prompts: int) -> int:
-    """``num_images`` checked against the prompts' count (each prompt gets the same number)."""
+    """Each prompt must get the same number of pictures."""
     count = prompts if num_images is None else num_images
     if not (values._is_whole(count) and 1 <= count <= _MAX_IMAGES):
         raise ValueError(f"num_images must be from 1 to {_MAX_IMAGES} (a whole number), not {count!r}")
@@ -48,21 +45,16 @@ def _picture_count(num_images: object, prompts: int) -> int:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """What every generation shares: the prompts, the picture size and count, the seed and both
-    stages' sampler settings. Validated on construction, so a bad value fails before any model runs.
+    """What every generation shares, validated on construction so a bad value fails before any model runs.
 
     Args:
-        prompt: the prompt, or a list of prompts (diffusers' habit): pictures are made for each
-            prompt in turn, ``num_images / len(prompt)`` each.
-        negative_prompt: what guidance steers away from; one string for all pictures, or a list as
-            long as ``prompt``'s.
+        prompt: the prompt, or a list of prompts, each in turn for ``num_images / len(prompt)`` pictures.
+        negative_prompt: what guidance steers away from; one for all pictures, or one per prompt.
         height, width: picture size in pixels, multiples of 128 from 512 to 2048.
-        num_images: how many pictures, 1 to 16; with a list of prompts a multiple of its length
-            (default: one per prompt).
+        num_images: how many pictures, 1 to 16, a multiple of the prompts' count (default: one each).
         seed: fixes all the noise: the same request gives the same pictures.
         prior_settings, decoder_settings: Stage C's and Stage B's sampler settings.
-        long_prompts: read prompts beyond CLIP's 77 tokens in 77-token windows instead of cutting
-            them (:func:`cascade_helpers.conditioning.encode_text`).
+        long_prompts: read prompts beyond CLIP's 77 tokens in 77-token windows instead of cutting them.
     """
 
     prompt: str | tuple[str, ...] = ""
@@ -93,12 +85,9 @@ class GenerationRequest:
         if not isinstance(self.long_prompts, bool):
             raise TypeError(f"long_prompts must be True or False, not {self.long_prompts!r}")
         set_ = object.__setattr__  # a frozen dataclass normalizing its own fields
-        set_(self, "prompt", self.prompt if isinstance(self.prompt, str) else prompts)
-        set_(
-            self,
-            "negative_prompt",
-            self.negative_prompt if isinstance(self.negative_prompt, str) else negatives,
-        )
+        for name, given in (("prompt", prompts), ("negative_prompt", negatives)):
+            if not isinstance(getattr(self, name), str):
+                set_(self, name, given)
         set_(self, "num_images", _picture_count(self.num_images, len(prompts)))
         height, width = check_size(self.height, self.width, _GENERATION)
         set_(self, "height", height)
@@ -130,10 +119,8 @@ class GenerationRequest:
 
     @classmethod
     def from_dict(cls, settings: dict) -> GenerationRequest:
-        """The request saved in a generation's settings (``Generation.settings``, or a PNG's through
-        :func:`cascade_helpers.display.read_settings`): the same request makes the same pictures. Keys
-        the request does not hold (the models' variants, the picture's index) are ignored; a missing or
-        edited field is named with the type it wants."""
+        """The request saved in ``Generation.settings`` or a PNG's (``display.read_settings``): the same
+        pictures again. Other keys are ignored; a missing or edited field is named with its type."""
         if not isinstance(settings, dict):
             raise TypeError(
                 f"settings must be a dict (what read_settings returns), not {type(settings).__name__}"
@@ -148,8 +135,7 @@ class GenerationRequest:
         )
 
 
-#: what a saved request holds (JSON types) and how a message names each; newer fields are optional,
-#: so settings saved before them make the pictures they made then
+#: what a saved request holds (JSON types), named in messages; newer fields are optional (old PNGs)
 _SAVED: dict[str, tuple[type | tuple[type, ...], str]] = {
     "prompt": ((str, list), "a string or a list of strings"),
     "negative_prompt": ((str, list), "a string or a list of strings"),
@@ -178,7 +164,7 @@ def _saved(settings: dict, name: str) -> Any:
 
 
 def _saved_stage(saved: dict, name: str) -> StageSettings:
-    """A stage's saved sampler settings as :class:`StageSettings`, an unknown or missing key named."""
+    """StageSettings' own TypeError does not say which stage's saved settings, nor the known keys."""
     try:
         return StageSettings(**saved)
     except TypeError as error:  # an unexpected or a missing keyword argument
@@ -204,8 +190,7 @@ def _check_options(options: dict[str, Any], known: tuple[str, ...] = _REQUEST_FI
 def _make_request(
     prompt: str | Sequence[str] | GenerationRequest, negative_prompt: str | Sequence[str] = "", **options: Any
 ) -> tuple[GenerationRequest, dict[str, Any]]:
-    """What the four entry points accept (a prompt or list with options, or a ready request with options
-    that replace some of its fields) as one checked :class:`GenerationRequest`, and the watch options."""
+    """One place turns a prompt, or a ready request whose fields options replace, into a checked request."""
     _check_options(options, _REQUEST_FIELDS + tuple(_WATCH_OPTIONS))
     watch = {name: options.pop(name, default) for name, default in _WATCH_OPTIONS.items()}
     if isinstance(prompt, GenerationRequest):

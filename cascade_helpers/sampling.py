@@ -2,18 +2,12 @@
 
 Every sampler but ``"diffusers"`` runs on the official schedule (a cosine logSNR schedule that ``shift``
 moves: + 2·log(1/shift), clamped), conditions the model on the cosine time of each logSNR, and guides
-as the official code does (classifier-free guidance, then the rescale ``guidance_rescale`` = ``cfg_rho``
-toward the conditional prediction's std); they differ in the step (:class:`StageSettings`): ``"official"``
-is gdf's ``DDPMSampler`` and ``"ddim"`` its ``DDIMSampler`` with ``eta`` (both return the last denoised
-estimate); ``"dpmpp_2m"`` is DPM-Solver++(2M) (Lu et al. 2022), deterministic and second order for fewer
-steps, returning the last sample over its signal scale (k-diffusion's convention: 1 % noise at the
-schedule's end). ``"diffusers"`` is the diffusers pipelines' ``DDPMWuerstchenScheduler``: no shift, no
-rescale, the time as conditioning. All start from any noise level (``t_start`` < 1) and call back after
-every step. The official loop's pieces are public so a notebook can write it out: :func:`schedule`,
+as the official code does (classifier-free guidance, then the ``cfg_rho`` rescale toward the conditional
+prediction's std); they differ in the step (:class:`StageSettings`). ``"dpmpp_2m"`` (Lu et al. 2022)
+returns the last sample over its signal scale (k-diffusion's convention), the others the last denoised
+estimate. The official loop's pieces are public so a notebook can write it out: :func:`schedule`,
 :func:`noise_condition`, :func:`classifier_free_guidance`, :func:`predict_clean`, :func:`ddpm_step`.
-
-Nothing here knows ControlNets or loading: list inputs (``cnet``) are joined for the guidance batch like
-any other, and the denoiser's builder decides what they mean.
+Nothing here knows ControlNets: list inputs (``cnet``) are joined for the guidance batch like any other.
 """
 
 from __future__ import annotations
@@ -44,21 +38,16 @@ _SAMPLERS = ("official", "ddim", "dpmpp_2m", "diffusers")
 
 @dataclass(frozen=True)
 class StageSettings:
-    """How one stage is sampled. Checked on construction: a NaN or infinite guidance, shift or
-    ``t_start`` would otherwise give black pictures without a word, and an unknown sampler name
-    would silently run another sampler than the saved settings claim.
-
-    ``guidance`` ≤ 1 turns classifier-free guidance off (one model call per step, as diffusers does
-    for ``guidance_scale`` ≤ 1). ``t_start`` < 1 starts from a partly noised latent.
+    """How one stage is sampled, checked on construction: a NaN guidance would otherwise give black
+    pictures without a word, an unknown sampler name run another sampler than the saved settings claim.
 
     Attributes:
         steps: denoising steps, 1 to 1000 (official: 20 for Stage C, 10 for Stage B).
-        guidance: classifier-free guidance scale, ≥ 0 (official: 4 for Stage C, 1.1 for Stage B).
+        guidance: classifier-free guidance scale, ≥ 0; ≤ 1 is off (official: 4 Stage C, 1.1 Stage B).
         shift: > 0; moves the schedule toward noise (official: 2 for Stage C, 1 for Stage B).
         guidance_rescale: the official ``cfg_rho``, 0 to 1 (official: 0.7 for both).
-        sampler: "official" (gdf's DDPM), "ddim" (gdf's DDIM, with ``eta``), "dpmpp_2m"
-            (DPM-Solver++(2M)) or "diffusers" (diffusers' scheduler: no shift, no rescale).
-        t_start: the starting noise level in (0, 1]; 1 is pure noise.
+        sampler: "official" (gdf's DDPM), "ddim" (gdf's DDIM), "dpmpp_2m" (DPM-Solver++(2M)) or "diffusers".
+        t_start: the starting noise level in (0, 1]; 1 is pure noise, < 1 a partly noised latent.
         eta: the "ddim" sampler's share of fresh noise per step, 0 (deterministic) to 1 (= "official").
     """
 
@@ -106,8 +95,7 @@ class StageSettings:
 
 
 def _check_sampler(sampler: object, shift: float, guidance_rescale: float, eta: object) -> None:
-    """A sampler name that is not known, or an option the chosen sampler has not got, would silently
-    run another sampler than the settings (and the PNGs they are saved in) claim."""
+    """An unknown sampler, or an option it has not got, would silently run another than the PNGs claim."""
     if sampler not in _SAMPLERS:
         close = difflib.get_close_matches(str(sampler).lower(), _SAMPLERS, n=1, cutoff=0.5)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -165,11 +153,6 @@ def _signal_noise_scales(log_snr_value: torch.Tensor) -> tuple[torch.Tensor, tor
     return a2.sqrt(), (1 - a2).sqrt()
 
 
-def _per_sample(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """One scale per latent (training's B times) broadcast over C×h×w; a single scale as it is."""
-    return value.reshape(-1, *[1] * (like.dim() - 1)) if value.dim() else value
-
-
 def diffuse(
     x0: torch.Tensor, t: float | torch.Tensor, noise: torch.Tensor, shift: float = 1.0
 ) -> torch.Tensor:
@@ -184,8 +167,9 @@ def diffuse(
         a·x0 + b·noise at that time's logSNR.
     """
     t = torch.as_tensor(t, dtype=torch.float32, device=x0.device)
-    a, b = _signal_noise_scales(log_snr(t, shift))
-    return _per_sample(a, x0) * x0 + _per_sample(b, x0) * noise
+    per_latent = (-1, *[1] * (x0.dim() - 1))  # one time per latent, broadcast over C×h×w
+    a, b = (scale.reshape(per_latent) for scale in _signal_noise_scales(log_snr(t, shift)))
+    return a * x0 + b * noise
 
 
 def schedule(settings: StageSettings) -> torch.Tensor:
@@ -258,8 +242,7 @@ def p2_loss_weight(log_snr_value: torch.Tensor) -> torch.Tensor:
 
 
 def _cat(cond: _Input | None, uncond: _Input | None) -> _Input | None:
-    """One input of the doubled guidance batch, conditional first; list inputs (a ControlNet's features
-    per ResBlock) entry by entry, None where either side has None, as the official sampler does."""
+    """The official sampler's doubled guidance batch: lists (ControlNet features) entry by entry."""
     if isinstance(cond, torch.Tensor):
         return torch.cat([cond, uncond])
     if cond is None or uncond is None:
@@ -274,17 +257,15 @@ def _guided(
     uncond: Mapping[str, _Input] | None,
     settings: StageSettings,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``predict(x, r)``: the float32 noise prediction every sampler steps with, guided as the official
-    sampler guides (conditional and unconditional in one doubled batch, then the rescale)."""
+    """The float32 noise prediction ``predict(x, r)`` every sampler steps with, guided as officially."""
     if not settings.guided:
         return lambda x, r: denoiser(x, r, **cond).float()
     doubled = {k: _cat(cond[k], uncond[k]) for k in cond}
 
     def predict(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         pred, pred_uncond = denoiser(torch.cat([x, x]), torch.cat([r, r]), **doubled).chunk(2)
-        return classifier_free_guidance(
-            pred, pred_uncond, settings.guidance, settings.guidance_rescale
-        ).float()
+        guided = classifier_free_guidance(pred, pred_uncond, settings.guidance, settings.guidance_rescale)
+        return guided.float()
 
     return predict
 
@@ -336,9 +317,7 @@ def _sample(
     callback: _StepCallback | None = None,
     progress: bool | str = True,
 ) -> torch.Tensor:
-    """The loop every stage samples with: ``settings.steps`` steps of ``settings.sampler`` from pure noise
-    (drawn from ``generator`` on the CPU) or ``x_init``, guided when ``settings.guidance`` > 1, with a
-    tqdm bar (``progress``: False or its label) and ``callback(step, denoised, sample)`` after each."""
+    """The loop both stages share, so every sampler gets the same guidance, progress bar and callback."""
     if settings.guided and uncond is None:
         raise ValueError("guidance needs unconditional inputs")
     if callback is not None and not callable(callback):  # else it fails only after the first step
@@ -367,9 +346,8 @@ def _ddim(predict, x, settings, generator) -> Iterator[tuple[torch.Tensor, torch
 
 
 def _dpmpp_2m(predict, x, settings, generator) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """DPM-Solver++(2M) in the variance-preserving form (x = a·x0 + b·noise, λ = logSNR / 2): each
-    step extrapolates the denoised estimate from this step's and the previous one's (the first step
-    is first order); deterministic, so ``generator`` is unused."""
+    """DPM-Solver++(2M), variance-preserving (x = a·x0 + b·noise, λ = logSNR / 2): each step extrapolates
+    x0 from this step's and the previous one's (the first is first order); deterministic."""
     log_snrs = schedule(settings).to(x.device)
     half = log_snrs / 2
     previous = None

@@ -5,11 +5,7 @@ each side 32×, so a 1024² picture becomes a 768² input and a 16×24×24 laten
 side, the "compression factor" the official code writes as ``ceil(side / 42.67)``. For the sides
 Stage C was trained on (multiples of 128) both formulas agree; we compute the latent grid from the
 encoder, so the text-to-image grid and an encoded picture's grid can never differ. Stage B works on
-Stage A's latents, 4× smaller than the picture.
-
-Three kinds of picture sizes are accepted, each a :class:`SideRule`: generation (multiples of 128
-from 512 to 2048, what the models were trained on), encoding and reconstruction (multiples of 32:
-what the encoder and Stage B's downsamplings need) and LoRA training resolutions.
+Stage A's latents, 4× smaller than the picture. Each task's accepted sides are a :class:`_SideRule`.
 """
 
 from __future__ import annotations
@@ -30,8 +26,7 @@ _SMALLEST_ENCODABLE_SIDE = math.ceil(_STRIDE / _DOWNSCALE)
 
 @dataclass(frozen=True)
 class _SideRule:
-    """Which picture sides a task accepts: whole multiples of ``multiple`` from ``minimum`` to
-    ``maximum`` (None: no upper limit); ``hint`` ends the error message."""
+    """One rule per task, so each names its accepted sides the same way (``maximum`` None: no limit)."""
 
     multiple: int
     minimum: int
@@ -43,12 +38,8 @@ class _SideRule:
         return f"a multiple of {self.multiple} from {self.minimum}{upper}"
 
     def accepts(self, side: object) -> bool:
-        return (
-            _is_whole(side)
-            and side >= self.minimum
-            and (self.maximum is None or side <= self.maximum)
-            and side % self.multiple == 0
-        )
+        upper = math.inf if self.maximum is None else self.maximum
+        return _is_whole(side) and self.minimum <= side <= upper and side % self.multiple == 0
 
 
 #: text-to-image and friends: the sides Stage C and B were trained on
@@ -64,14 +55,10 @@ def check_size(height: object, width: object, rule: _SideRule = _GENERATION) -> 
 
     Args:
         height, width: the picture's sides in pixels (whole numbers; a bool is refused).
-        rule: the sides the task accepts (default :data:`GENERATION`: multiples of 128 from 512 to
-            2048).
+        rule: the sides the task accepts (default: multiples of 128 from 512 to 2048).
 
     Returns:
         ``(height, width)`` as ints.
-
-    Raises:
-        ValueError: a side that is not a whole number the rule accepts, named with the accepted range.
     """
     for name, side in (("height", height), ("width", width)):
         if not rule.accepts(side):
@@ -85,26 +72,19 @@ def _encoder_input_size(height: int, width: int) -> tuple[int, int]:
 
 
 def _stage_c_latent_size(height: int, width: int) -> tuple[int, int]:
-    """Stage C's latent grid for a picture: the encoder's input divided by 32. 1024×1024 → 24×24,
-    1536×640 → 36×15."""
+    """Stage C's latent grid, the encoder's input / 32: 1024×1024 → 24×24, 1536×640 → 36×15."""
     input_height, input_width = _encoder_input_size(height, width)
     return input_height // _STRIDE, input_width // _STRIDE
-
-
-def _stage_b_latent_size(height: int, width: int) -> tuple[int, int]:
-    """Stage A's latent grid (what Stage B samples): 1024×1024 → 256×256."""
-    return math.ceil(height / _STAGE_A_COMPRESSION), math.ceil(width / _STAGE_A_COMPRESSION)
 
 
 def stage_c_shape(height: int, width: int, batch: int) -> tuple[int, int, int, int]:
     """B×16×h×w: the Stage C latents of ``batch`` pictures of height×width.
 
     Args:
-        height, width: the pictures' sides in pixels.
-        batch: the number of pictures, B.
+        height, width, batch: the pictures' sides in pixels, and their number B.
 
     Returns:
-        ``(B, 16, h, w)``.
+        ``(B, 16, h, w)``; 24×24 for 1024².
     """
     return (batch, _LATENT_CHANNELS, *_stage_c_latent_size(height, width))
 
@@ -113,16 +93,15 @@ def stage_b_shape(height: int, width: int, batch: int) -> tuple[int, int, int, i
     """B×4×H/4×W/4: the Stage A latents of ``batch`` pictures of height×width.
 
     Args:
-        height, width: the pictures' sides in pixels.
-        batch: the number of pictures, B.
+        height, width, batch: the pictures' sides in pixels, and their number B.
 
     Returns:
-        ``(B, 4, H/4, W/4)``, sides rounded up.
+        ``(B, 4, H/4, W/4)``, sides rounded up: 256×256 for 1024².
     """
-    return (batch, _STAGE_B_CHANNELS, *_stage_b_latent_size(height, width))
+    latent_side = math.ceil(height / _STAGE_A_COMPRESSION), math.ceil(width / _STAGE_A_COMPRESSION)
+    return (batch, _STAGE_B_CHANNELS, *latent_side)
 
 
 def _image_size_for_latents(height: int, width: int) -> tuple[int, int]:
-    """The smallest picture size, in multiples of 32, whose Stage C latents have this grid: what
-    decoding produces when no size is given. 24×24 → 1024×1024, 24×36 → 1024×1536."""
+    """Decoding's size when none is given: the smallest with this grid (24×36 → 1024×1536)."""
     return math.ceil(height / _DOWNSCALE) * _STRIDE, math.ceil(width / _DOWNSCALE) * _STRIDE

@@ -1,11 +1,7 @@
-"""The three stages as plain functions over the loaded models — Stage C (:func:`generate_stage_c`),
-Stage B (:func:`generate_stage_b`), Stage A (:func:`decode_stage_a`) — and the ways a picture enters
-them (its Stage C latents for image-to-image and ControlNet init pictures, its CLIP embedding for image
-variation) or is looked at early (:func:`preview_stage_c`). :mod:`cascade_helpers.generation` chains
-them; a notebook can call them one by one.
-
-Each stage checks its result once for NaN or infinities: a black picture is refused with its likely
-cause instead (a ``FloatingPointError``).
+"""The three stages as plain functions over the loaded models, which :mod:`cascade_helpers.generation`
+chains and a notebook can call one by one, and the ways a picture enters them (Stage C latents, a CLIP
+embedding). Each stage checks its result once: a black picture (NaN or infinities) is refused with its
+likely cause instead (a ``FloatingPointError``).
 """
 
 from __future__ import annotations
@@ -23,12 +19,9 @@ from .models import Decoder, Prior
 from .sampling import OFFICIAL_DECODER, OFFICIAL_PRIOR, StageSettings, _sample, _StepCallback, unet_denoiser
 from .sizes import _encoder_input_size, stage_b_shape
 
-_OFFICIAL_INPUT_SIDE = 768  # the official examples scale input pictures to this short side first
-
 
 class _NonFiniteLatentsError(FloatingPointError):
-    """A stage produced NaN or infinite values: raised instead of black pictures (catch it as
-    ``FloatingPointError``), with the likely cause in its message."""
+    """Raised instead of black pictures, with the likely cause; catch it as ``FloatingPointError``."""
 
 
 def _check_finite(
@@ -39,8 +32,7 @@ def _check_finite(
     weight_files: Sequence[Path | None],
     inputs: Mapping[str, Sequence[torch.Tensor | None]],
 ) -> None:
-    """One cheap ``isfinite`` per stage result turns a black picture into an error naming its likely
-    cause; the diagnosis, which reads every weight, runs only when the check fails."""
+    """One cheap ``isfinite`` per stage; the diagnosis, which reads every weight, only when it fails."""
     if torch.isfinite(result).all():
         return
     bad = (~torch.isfinite(result)).sum().item()
@@ -65,8 +57,7 @@ def _check_finite(
 def _model_causes(
     stage: str, model: torch.nn.Module, dtype: torch.dtype, weight_files: Sequence[Path]
 ) -> list[str]:
-    """What in the model itself explains NaN results: weights that hold them (a damaged file), or
-    float16, whose range Stage C's activations exceed."""
+    """The model's own NaN causes: weights that hold them (a damaged file), or float16's range."""
     causes = []
     broken = [
         n
@@ -107,16 +98,14 @@ def generate_stage_c(
 
     Args:
         prior: the loaded Stage C with its encoders.
-        text, negative: the prompts' and negative prompts' conditioning, B rows each, of one length
-            (``encode_text``: encode both in one call with ``long_prompts``).
+        text, negative: the prompts' and negative prompts' conditioning, B rows each, of one length.
         shape, settings: B×16×h×w (:func:`cascade_helpers.sizes.stage_c_shape`), the sampler settings.
-        generator: the random generator of the noise (drawn on the CPU).
+        generator: the CPU generator of the noise.
         image_embeds: CLIP image embeddings (B×1×768) for image variation; zeros without.
         x_init: the starting latents, already noised to ``settings.t_start`` (image-to-image).
         callback: ``callback(step, denoised, sample)`` after every step.
-        control: ControlNet features for the B pictures (:func:`.controlnet.control_features`); the
-            unconditional half of the guided batch gets the same, as in the official notebook.
-        progress: False hides the tqdm progress bar (for a caller that shows its own).
+        control: ControlNet features for the B pictures, the same for the unconditional half (official).
+        progress: False hides the tqdm progress bar.
 
     Returns:
         B×16×h×w latents, float32, on the prior's device (a ``FloatingPointError`` if not finite).
@@ -127,8 +116,7 @@ def generate_stage_c(
             f"{negative.hidden.shape[1]}: encode both in one encode_text call (long_prompts pads every prompt "
             "of a call to the same number of windows)"
         )
-    batch = shape[0]
-    zeros = no_image(prior, batch)
+    zeros = no_image(prior, shape[0])
     cond = {
         "clip_text": text.hidden,
         "clip_text_pooled": text.pooled,
@@ -171,8 +159,7 @@ def generate_stage_b(
 
     Args:
         decoder, stage_c_latents: the loaded Stage B and Stage A, and B×16×h×w latents.
-        pooled, negative_pooled: the prompts' and negative prompts' pooled text embeddings (B×1×1280);
-            the unconditional branch also gets zero Stage C latents, as in the official code.
+        pooled, negative_pooled: the prompts' and negative prompts' pooled text embeddings (B×1×1280).
         image_size: (height, width) of the pictures.
         settings, generator, callback, progress: as for :func:`generate_stage_c`.
 
@@ -205,18 +192,14 @@ def decode_stage_a(decoder: Decoder, latents: torch.Tensor) -> torch.Tensor:
     vqgan = decoder.vqgan
     scaled = latents.to(decoder.device, torch.float32) * vqgan.config.scale_factor
     pictures = vqgan.decode(scaled).sample
-    _check_finite(
-        pictures, "Stage A", vqgan, torch.float32, [decoder.stage_a_file], {"the Stage B latents": (latents,)}
-    )
+    inputs = {"the Stage B latents": (latents,)}
+    _check_finite(pictures, "Stage A", vqgan, torch.float32, [decoder.stage_a_file], inputs)
     return pictures.clamp(0, 1).float().cpu()
 
 
 @torch.no_grad()
 def _encode_picture(prior: Prior, image: ImageInput, height: int, width: int) -> torch.Tensor:
-    """A picture → the Stage C latents of a height×width generation, as the official image-to-image and
-    ControlNet examples prepare it: scaled (bilinear, antialiased) and centre-cropped straight to the
-    encoder's input (768² for 1024²). The official code scales to a 768 px short side whatever the output
-    and keeps the picture's aspect ratio: the same for 1024² outputs of that ratio; otherwise we crop."""
+    """Cover-cropped straight to the encoder's input (768² for 1024²), so the latents fit any output."""
     encoder = prior.require("effnet", "encoding a picture (image-to-image, ControlNet init pictures)")
     pixels = resize_and_crop(image_to_tensor(image), *_encoder_input_size(height, width))
     return effnet_encode(encoder, pixels[None], downscale=False)
@@ -224,9 +207,8 @@ def _encode_picture(prior: Prior, image: ImageInput, height: int, width: int) ->
 
 @torch.no_grad()
 def _variation_embeddings(prior: Prior, image: ImageInput) -> torch.Tensor:
-    """A picture → its CLIP image embedding as the official image-variation example makes it: short side
-    to 768 px, then CLIP's resize and centre crop (aspect ratio kept, whatever the output's)."""
-    picture = _scale_short_side(image_to_tensor(image), _OFFICIAL_INPUT_SIDE)
+    """The official image variation's CLIP input: short side to 768 px first, whatever the output."""
+    picture = _scale_short_side(image_to_tensor(image), 768)
     return _encode_image_clip(prior, picture[None])
 
 

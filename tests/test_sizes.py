@@ -22,7 +22,7 @@ def test_stage_c_grid_equals_the_official_formula_for_every_generation_size(side
 
 @pytest.mark.parametrize("side", GENERATION_SIDES)
 def test_stage_b_grid_equals_the_official_formula(side):
-    assert sizes._stage_b_latent_size(side, side) == (math.ceil(side / 4.0),) * 2
+    assert sizes.stage_b_shape(side, side, 1)[2:] == (math.ceil(side / 4.0),) * 2
 
 
 def test_the_grid_is_the_encoders_output_off_multiples_of_128():
