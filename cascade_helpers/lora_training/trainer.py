@@ -32,7 +32,6 @@ from .data import TrainingImage, _batch_schedule, find_training_images
 from .objective import _StageCObjective
 from .validation import _validation_pictures
 
-_LOCK = ".lock"
 _OWN_FOLDERS = ("", "checkpoints", "validation")  # what only the run holding the lock writes
 
 
@@ -96,15 +95,9 @@ def _check_placement(prior: Prior, precision: str, accelerator) -> None:
 
 @dataclass
 class TrainingResult:
-    """What :meth:`LoraTrainer.train` ends with.
-
-    Attributes:
-        step: the updates done so far (``config.steps`` when complete).
-        losses: (step, loss) of every update, resumed runs' included.
-        interrupted: True if Ctrl-C (on any process) stopped the run early.
-        checkpoint: the last checkpoint saved in this call, or None.
-        lora: the saved LoRA file when the run is complete, else None.
-    """
+    """What :meth:`LoraTrainer.train` ends with: ``step``, the updates done (``config.steps`` when complete);
+    ``losses``, (step, loss) of every update, resumed runs' included; ``interrupted``, whether Ctrl-C (on
+    any process) stopped it; ``checkpoint``, the last one this call saved; ``lora``, the file once complete."""
 
     step: int
     losses: list[tuple[int, float]]
@@ -338,7 +331,7 @@ class LoraTrainer:
         from filelock import FileLock, Timeout
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(self.output_dir / _LOCK)
+        lock = FileLock(self.output_dir / ".lock")
         try:
             held = lock.acquire(timeout=0)
         except Timeout:
