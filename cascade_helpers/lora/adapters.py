@@ -49,12 +49,6 @@ def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer) and _ADAPTER in m.lora_A}
 
 
-def _group_offloaded(module: nn.Module) -> bool:
-    """Why: diffusers' group offloading keeps its hooks in a registry on the module (``_diffusers_hook``)."""
-    registry = getattr(module, "_diffusers_hook", None)
-    return registry is not None and registry.get_hook("group_offloading") is not None
-
-
 def _refuse_unadaptable(model: nn.Module) -> None:
     """Why: one LoRA per model (a second mixes in), none where offloading hooks would leave its weights behind."""
     from peft.tuners.lora import LoraLayer
@@ -65,7 +59,8 @@ def _refuse_unadaptable(model: nn.Module) -> None:
             "a LoRA cannot be added to it. Load the prior with memory='model_offload' (one big model on the "
             "GPU at a time) or memory='gpu'"
         )
-    if any(_group_offloaded(m) for m in model.modules()):
+    registries = [getattr(m, "_diffusers_hook", None) for m in model.modules()]  # diffusers' hooks
+    if any(r is not None and r.get_hook("group_offloading") is not None for r in registries):
         raise LoraError(
             "this model was loaded with memory='group_offload' or 'disk_offload', whose hooks move only the "
             "weights they found when the model loaded: a LoRA's would stay behind. Load the prior with "
@@ -79,22 +74,20 @@ def _refuse_unadaptable(model: nn.Module) -> None:
 
 
 def inject_lora(model: nn.Module, rank: int = 4, alpha: float = 1.0, targets=ATTENTION_TARGETS) -> list[str]:
-    """Add a fresh, trainable LoRA (peft's init: B = 0, so the model is unchanged) to the modules
-    ``targets`` names (a regex matched against full module names, or a list of name suffixes).
-    Defaults are the official config's: attention only, rank 4, alpha 1. The LoRA weights are float32
-    even on a bfloat16 model (small updates would round away in bfloat16).
+    """Add a fresh, trainable LoRA (peft's init: B = 0, so the model is unchanged), as the official
+    config does by default. Its weights are float32 even on a bfloat16 model (small updates would round away).
 
     Args:
         model: the model to adapt (Stage C's UNet).
         rank: the LoRA rank (official: 4).
         alpha: the LoRA alpha; the update is scaled by alpha / rank (official: 1).
-        targets: the modules to adapt; default :data:`ATTENTION_TARGETS` (attention q, k, v, out).
+        targets: a regex matched against full module names, or a list of name suffixes (official: attention).
 
     Returns:
         The names of the adapted modules.
 
     Raises:
-        LoraError: the model already carries a LoRA, or was loaded with sequential offload.
+        LoraError: the model already carries a LoRA, or was loaded with sequential or group offload.
     """
     from peft import LoraConfig, inject_adapter_in_model
     from peft.tuners.tuners_utils import cast_adapter_dtype
@@ -160,8 +153,8 @@ def _lora_factors(model: nn.Module) -> dict[str, _LoraFactors]:
 
 
 def set_lora_strength(model, strength: float) -> None:
-    """Scale the LoRA's effect: 0 is the model without it, 1 as trained. Works on a UNet, a text
-    encoder or a whole ``Prior`` (both). Learned token embeddings are not scaled (they are new words).
+    """Scale the LoRA's effect: 0 is the model without it, 1 as trained. Learned token embeddings are
+    not scaled (they are new words).
 
     Args:
         model: a UNet, a text encoder or a prior.

@@ -103,11 +103,6 @@ def _comfyui_key(diffusers_name: str) -> str:
     return re.sub(r"\.attention\.to_out\.0$", ".attention.attn.out_proj", name).replace(".", "_")
 
 
-def _weight_modules(model: nn.Module) -> list[str]:
-    """Why: the modules a ComfyUI/kohya entry can name (its LoRA adapts a weight matrix)."""
-    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-
-
 def _factor_tensors(factors: Mapping[str, _LoraFactors], base, parts: tuple[str, ...]) -> dict:
     """Why: both formats that name modules store down, up and alpha (0-d) under each module's key base."""
     state = {}
@@ -149,14 +144,12 @@ def _comfyui_state_dict(factors: Mapping[str, _LoraFactors], prefix: str = _COMF
 def _comfyui_names(unet: nn.Module, text_encoder: nn.Module) -> dict[str, tuple[str, str]]:
     """Why: each key base a ComfyUI/kohya file may use → (model, module), both prefixes, both UNet names."""
     names: dict[str, tuple[str, str]] = {}
-    for name in _weight_modules(unet):
-        for prefix in _UNET_PREFIXES:
-            names[prefix + _comfyui_key(name)] = ("unet", name)
-            names.setdefault(prefix + name.replace(".", "_"), ("unet", name))
-    for name in _weight_modules(text_encoder):
-        names |= {
-            prefix + name.replace(".", "_"): ("text_encoder", name) for prefix in _TEXT_ENCODER_PREFIXES
-        }
+    models = (("unet", unet, _UNET_PREFIXES), ("text_encoder", text_encoder, _TEXT_ENCODER_PREFIXES))
+    for kind, model, prefixes in models:
+        for name in (n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))):
+            for prefix in prefixes:  # the text encoder's names are the same either way
+                names[prefix + _comfyui_key(name)] = (kind, name)
+                names.setdefault(prefix + name.replace(".", "_"), (kind, name))
     return names
 
 
@@ -166,26 +159,21 @@ def _comfyui_factors(
     """Why: ComfyUI/kohya keys → (UNet, text-encoder) factors; unknown modules are named together."""
     names, read = _comfyui_names(unet, text_encoder), _read_factors(state_dict, _COMFY_PARTS, 2)
     unknown = [base for base in read if base not in names]
+    examples = ", ".join(unknown[:3])
+    if unknown and all(re.search(r"_(down|up)_blocks_\d+_\d+_", name) for name in unknown):
+        raise LoraError(  # a Stage C LoRA of another size needs another fix than one of another model
+            f"{len(unknown)} LoRA modules do not exist in the loaded Stage C ({examples}, ...): the LoRA was made "
+            "for a Stage C of another size (big has 24 layers per inner level, lite 12). Load the matching variant."
+        )
     if unknown:
-        raise LoraError(_unknown_modules_message(unknown))
+        raise LoraError(
+            f"{len(unknown)} LoRA modules are not Stable Cascade Stage C modules ({examples}, ...): "
+            "this LoRA was made for another model (an SD 1.5 / SDXL LoRA, or a Stage B LoRA?)"
+        )
     factors: dict[str, dict[str, _LoraFactors]] = {"unet": {}, "text_encoder": {}}
     for base, f in read.items():
         factors[names[base][0]][names[base][1]] = f
     return factors["unet"], factors["text_encoder"]
-
-
-def _unknown_modules_message(unknown: list[str]) -> str:
-    """Why: a Stage C LoRA of another size and a LoRA of another model need different fixes."""
-    examples = ", ".join(unknown[:3])
-    if all(re.search(r"_(down|up)_blocks_\d+_\d+_", name) for name in unknown):
-        return (
-            f"{len(unknown)} LoRA modules do not exist in the loaded Stage C ({examples}, ...): the LoRA was made "
-            "for a Stage C of another size (big has 24 layers per inner level, lite 12). Load the matching variant."
-        )
-    return (
-        f"{len(unknown)} LoRA modules are not Stable Cascade Stage C modules ({examples}, ...): "
-        "this LoRA was made for another model (an SD 1.5 / SDXL LoRA, or a Stage B LoRA?)"
-    )
 
 
 def _save_comfyui(

@@ -139,27 +139,23 @@ def load_lora(
     new_tokens: Sequence[tuple[str, str | None]] = (),
     allow_existing_tokens: bool = False,
 ) -> LoadedLora:
-    """Apply a LoRA file (or state dict) in any of the three formats to a loaded prior: UNet
-    modules, text-encoder modules and new tokens. All or nothing: everything is checked before the
-    prior changes, and a failure midway is undone, so a corrected retry works.
+    """Apply a LoRA file (or state dict) of any of the three formats to a loaded prior, all or nothing:
+    everything is checked before the prior changes, and a failure midway is undone.
 
     Args:
         prior: the loaded prior (``memory="gpu"`` or ``"model_offload"``).
         source: a ``.safetensors`` file, or its state dict.
         strength: the LoRA's weight (0 off, 1 as trained; any finite number).
-        new_tokens: for official files only (they store deltas, not the tokens): ``(token, regex of the
-            tokens whose mean row starts it, or None)`` in the order of the official config's
-            ``train_tokens``, e.g. ``[("[fernando]", "^dog</w>")]`` for the example.
-        allow_existing_tokens: let a new token be a word the tokenizer already has (``"cat"``): it
-            takes that word over in every prompt. Refused by default.
+        new_tokens: official files only (they store deltas, not tokens): the official config's ``train_tokens``,
+            ``(token, regex of the words whose mean row starts it, or None)``: ``[("[fernando]", "^dog</w>")]``.
+        allow_existing_tokens: let a new token be a word the tokenizer has (``"cat"``): it takes it over.
 
     Returns:
         What was applied.
 
     Raises:
         LoraError: a LoRA for another model or size, a second LoRA, a prior loaded with sequential
-            offload, a file or values damaged, cut or foreign, a token already a word (without
-            ``allow_existing_tokens``), or ``new_tokens`` for a file that is not official.
+            offload, a damaged or foreign file, a token already a word, ``new_tokens`` for another format.
         FileNotFoundError: no file at ``source`` (for the official example, with the command to fetch it).
         ValueError: a strength that is not a finite number.
     """
@@ -191,8 +187,7 @@ def load_lora(
 def load_comfyui_embedding(
     prior, path: str | Path, token: str, *, allow_existing_tokens: bool = False
 ) -> None:
-    """Add a one-vector ComfyUI / A1111 textual-inversion embedding (key ``clip_g``, or a file with a
-    single tensor) as the new token ``token``.
+    """Add a one-vector ComfyUI / A1111 textual-inversion embedding (key ``clip_g``, or a lone tensor) as ``token``.
 
     Args:
         prior: the loaded prior.

@@ -1,11 +1,9 @@
 """Checkpoint folders, written into a hidden temporary folder and renamed (``step-NNNNNN`` is always
-complete), with SHA-256 checksums written last (a damaged one is found before anything loads, and the one
-before it used), the latest few kept. They hold safetensors and JSON only, so one someone sent cannot run
-code: hence not accelerate's ``save_state``/``load_state`` and ``ProjectConfiguration(total_limit=...)``,
-which unpickle with ``weights_only=False``, write in place and delete old checkpoints before the new one
-is complete. ``state.safetensors``: ``weights.<name>``, ``ema.<i>``, AdamW's ``optimizer.<i>.<name>``,
-``generators``; ``progress.json``: step, losses, AdamW's groups, EMA updates; ``config.json``: the
-settings. The schedule follows from the settings and the step: a resume honours a changed one."""
+complete), SHA-256 checksums written last (a damaged one is found before anything loads), the latest few
+kept. Safetensors and JSON only, so one someone sent cannot run code: not accelerate's ``save_state``,
+which unpickles, writes in place and deletes old checkpoints before the new one is complete.
+``state.safetensors``: ``weights.<name>``, ``ema.<i>``, AdamW's ``optimizer.<i>.<name>``, ``generators``;
+``progress.json``: step, losses, AdamW's groups, EMA updates; ``config.json``: the settings."""
 
 from __future__ import annotations
 

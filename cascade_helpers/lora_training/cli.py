@@ -14,11 +14,10 @@ _INTERRUPTED = 130
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``accelerate launch -m cascade_helpers.lora_training --config run.json`` (``argv``, default: the
-    command line's): the same training on every GPU accelerate starts, each with its share of the batches.
-    Exit status 0 when complete, 130 when Ctrl-C stopped it (a checkpoint is saved: run the same command to
-    continue), 1 when the settings or data are refused (``error: ...`` on stderr), 2 for a config file
-    that cannot be read or is not JSON (argparse's usage error, as for a bad argument)."""
+    """The same training on every GPU accelerate starts (``argv`` default: the command line's), each with its
+    share of the batches. Exit status 0 when complete, 130 when Ctrl-C stopped it (a checkpoint is saved: run
+    the same command to continue), 1 when the settings or data are refused (``error: ...`` on stderr), 2 for
+    a config file that cannot be read or is not JSON (argparse's usage error)."""
     from .. import lora_training
 
     parser = argparse.ArgumentParser(

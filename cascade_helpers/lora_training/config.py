@@ -91,13 +91,11 @@ class TrainingError(ValueError):
 
 @dataclass
 class LoraTrainingConfig:
-    """Everything a run needs; checked on construction (an error names the setting), saved with every
-    checkpoint and as JSON for ``accelerate launch``; README's LoRA section describes every setting.
-    ``steps`` counts optimizer updates of ``batch_size × gradient_accumulation`` pictures per GPU;
-    ``resolution`` is the side the buckets are made for (area resolution²), also the validation size;
-    ``new_tokens`` are ``(token, regex)`` pairs as the official ``train_tokens`` (``[("[chelsea]",
-    "^cat</w>")]``); ``repeats`` maps folders of ``images`` to extra passes per epoch (0 = once, 1 = twice),
-    as a dict or a list of ``(folder, repeats)``."""
+    """Everything a run needs (README's LoRA section describes every setting). ``steps`` counts optimizer
+    updates of ``batch_size × gradient_accumulation`` pictures per GPU; ``resolution`` is the buckets' side
+    (area resolution²) and the validation size; ``new_tokens`` are ``(token, regex)`` pairs as the official
+    ``train_tokens`` (``[("[chelsea]", "^cat</w>")]``); ``repeats`` maps folders of ``images`` to extra
+    passes per epoch (0 = once, 1 = twice), as a dict or a list of ``(folder, repeats)``."""
 
     images: str | list[str]
     output_dir: str
@@ -259,8 +257,7 @@ class LoraTrainingConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> LoraTrainingConfig:
-        """Read settings saved by :meth:`save` (or written by hand); a file missing or not JSON, or settings
-        :meth:`from_settings` refuses, raise a ``TrainingError`` naming the file."""
+        """Read settings saved by :meth:`save` (or by hand); ``TrainingError`` names a bad or missing file."""
         return cls.from_settings(_read_settings(path), str(path))
 
 

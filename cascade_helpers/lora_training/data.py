@@ -59,15 +59,6 @@ def _unreadable(path: Path, error: Exception) -> TrainingError:
     )
 
 
-def _picture_size(path: Path) -> tuple[int, int]:
-    """Why: the bucket comes from the header, as shown (EXIF orientation 5–8 turned): no decoding."""
-    try:
-        with PIL.Image.open(path) as opened:
-            return _upright_size(opened)
-    except _UNREADABLE as error:
-        raise _unreadable(path, error) from error
-
-
 def _scaled_size(height: int, width: int, max_side: int | None) -> tuple[int, int]:
     """Why: the size :func:`_read_picture` gives (torchvision's resize), without decoding."""
     short, long = min(height, width), max(height, width)
@@ -96,7 +87,11 @@ def _folder_images(
         raise TrainingError(f"no folder of training pictures at {folder}")
     found = []
     for path in _images_in_folder(folder):
-        width, height = _picture_size(path)
+        try:  # the size from the header, as shown (EXIF orientation applied): no decoding
+            with PIL.Image.open(path) as opened:
+                width, height = _upright_size(opened)
+        except _UNREADABLE as error:
+            raise _unreadable(path, error) from error
         if min(width, height) < min_image_size:
             skipped.append(f"{path} ({width}×{height})")
         else:

@@ -32,7 +32,6 @@ from .data import TrainingImage, _batch_schedule, find_training_images
 from .objective import _StageCObjective
 from .validation import _validation_pictures
 
-_LOCK = ".lock"
 _OWN_FOLDERS = ("", "checkpoints", "validation")  # what only the run holding the lock writes
 
 
@@ -96,15 +95,9 @@ def _check_placement(prior: Prior, precision: str, accelerator) -> None:
 
 @dataclass
 class TrainingResult:
-    """What :meth:`LoraTrainer.train` ends with.
-
-    Attributes:
-        step: the updates done so far (``config.steps`` when complete).
-        losses: (step, loss) of every update, resumed runs' included.
-        interrupted: True if Ctrl-C (on any process) stopped the run early.
-        checkpoint: the last checkpoint saved in this call, or None.
-        lora: the saved LoRA file when the run is complete, else None.
-    """
+    """What :meth:`LoraTrainer.train` ends with: ``step``, the updates done (``config.steps`` when complete);
+    ``losses``, (step, loss) of every update, resumed runs' included; ``interrupted``, whether Ctrl-C (on
+    any process) stopped it; ``checkpoint``, the last one this call saved; ``lora``, the file once complete."""
 
     step: int
     losses: list[tuple[int, float]]
@@ -115,7 +108,7 @@ class TrainingResult:
 
 class LoraTrainer:
     """Trains a LoRA (and new tokens) on ``prior`` in place: :meth:`prepare` (caches; optional), then
-    :meth:`train` (resumes from the latest checkpoint). Validation uses the previewer without ``decoder``.
+    :meth:`train` (resumes from the latest checkpoint).
 
     Args:
         prior: the Stage C to train, loaded with ``memory="gpu"``.
@@ -124,8 +117,8 @@ class LoraTrainer:
         accelerator: an ``accelerate.Accelerator`` (default: one on the prior's device).
 
     Raises:
-        TrainingError: a prior the run cannot train (where it is, its dtype, a LoRA or the new tokens
-            it has, a part the settings need), before anything is encoded or changed.
+        TrainingError: a prior the run cannot train (device, dtype, a LoRA or the new tokens it has, a
+            missing part), before anything is encoded.
     """
 
     def __init__(
@@ -162,8 +155,8 @@ class LoraTrainer:
             raise TrainingError(f"cannot train on this prior: {error}") from error
 
     def prepare(self) -> CacheReport:
-        """Find the pictures, cache their features (the main process computes, the others read), add the
-        LoRA and new tokens (both or neither), hand the optimizer to accelerate. Idempotent.
+        """Find the pictures, cache their features, add the LoRA and new tokens, hand the optimizer to
+        accelerate. Idempotent.
 
         Returns:
             What was computed and what came from the caches.
@@ -279,15 +272,12 @@ class LoraTrainer:
         on_step: Callable[[int, float], None] | None = None,
         on_validation: Callable[[int, list[PIL.Image.Image], list[str]], None] | None = None,
     ) -> TrainingResult:
-        """Train up to ``config.steps`` updates from the latest checkpoint, holding a lock on
-        ``output_dir`` (a second run there is refused). Ctrl-C saves a checkpoint and returns
-        (``interrupted``); a loss that is no longer finite stops the run, the last checkpoint kept.
+        """Train up to ``config.steps`` updates from the latest checkpoint, holding a lock on ``output_dir``.
+        Ctrl-C saves a checkpoint and returns (``interrupted``); a non-finite loss stops the run.
 
         Args:
-            on_step: ``on_step(step, loss)`` after each update, on the main process (a live loss
-                curve: :class:`cascade_helpers.display.LiveLossPlot`).
-            on_validation: ``on_validation(step, pictures, prompts)`` after each validation, on the
-                main process.
+            on_step: ``on_step(step, loss)`` after each update, on the main process (e.g. ``LiveLossPlot``).
+            on_validation: ``on_validation(step, pictures, prompts)`` after each validation, on the main process.
 
         Returns:
             A :class:`TrainingResult`; when complete, the LoRA is saved (:meth:`save`).
@@ -341,7 +331,7 @@ class LoraTrainer:
         from filelock import FileLock, Timeout
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(self.output_dir / _LOCK)
+        lock = FileLock(self.output_dir / ".lock")
         try:
             held = lock.acquire(timeout=0)
         except Timeout:
@@ -385,8 +375,8 @@ class LoraTrainer:
 
     def export_comfyui(self, path: str | Path, prefix: str = _COMFYUI_PREFIX) -> list[Path]:
         """Write the LoRA in ComfyUI/kohya keys, each learned token as a ComfyUI embedding
-        (``<stem>_embeddings/<token without brackets>.safetensors``: write ``embedding:<name>`` for
-        ``[name]``; ComfyUI pools the prompt at the end token, the official model at the new token).
+        ``<stem>_embeddings/<name>.safetensors`` for ``[name]`` (prompt ``embedding:<name>``; ComfyUI pools
+        the prompt at the end token, the official model at the new token).
 
         Args:
             path: the LoRA's ``.safetensors`` file.
@@ -414,9 +404,8 @@ class LoraTrainer:
     def validate(
         self, on_validation: Callable[[int, list[PIL.Image.Image], list[str]], None] | None = None
     ) -> list[PIL.Image.Image]:
-        """Pictures of the validation prompts with the weights being trained (EMA ones if on), saved
-        as ``validation/step-NNNNNN.png`` (and ``step-NNNNNN-<name>.png`` per named prompt); through
-        the decoder when there is one, else the previewer."""
+        """Pictures of the validation prompts with the trained weights (EMA ones if on), through the decoder
+        if given, else the previewer; saved as ``validation/step-NNNNNN[-<name>].png``."""
         self.accelerator.wait_for_everyone()
         pictures: list[PIL.Image.Image] = []
         if self.accelerator.is_main_process:
