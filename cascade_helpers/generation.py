@@ -21,7 +21,7 @@ from .conditioning import TextEmbeddings, encode_text
 from .controlnet.model import ControlOutputs
 from .images import ImageInput, image_to_tensor, to_pil
 from .models import Decoder, Prior
-from .request import GenerationRequest, _make_request
+from .request import GenerationRequest, _make_request, _Watch
 from .sampling import diffuse, initial_noise
 from .sizes import stage_c_shape
 from .stages import _encode_picture, _variation_embeddings, decode_stage_a, generate_stage_b, generate_stage_c
@@ -96,7 +96,7 @@ def _stage_c(
     text: tuple[TextEmbeddings, TextEmbeddings],
     generator: torch.Generator,
     start: _Start,
-    watch: dict[str, Any],
+    watch: _Watch,
 ) -> torch.Tensor:
     """From latents, official image-to-image: noised unshifted, then ``int(steps × noise_level)`` steps."""
     settings, x_init = request.prior_settings, None
@@ -115,7 +115,7 @@ def _stage_c(
 
 
 def _generate(
-    prior: Prior, decoder: Decoder, request: GenerationRequest, watch: dict, start: _Start, extra: dict
+    prior: Prior, decoder: Decoder, request: GenerationRequest, watch: _Watch, start: _Start, extra: dict
 ) -> Generation:
     """The chain all four entry points share, each stage measured; settings ``from_dict`` rebuilds."""
     costs: dict[str, _StageCost] = {}

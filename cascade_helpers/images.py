@@ -235,7 +235,8 @@ def _as_pil_list(images) -> list[PIL.Image.Image]:
 
 
 def image_grid(images, columns: int | None = None) -> PIL.Image.Image:
-    """Paste pictures into one grid image, row by row.
+    """Paste pictures into one grid image, row by row (ours: diffusers' ``make_image_grid`` sizes every
+    cell like the first picture, on black).
 
     Args:
         images: PIL images, or a B×3×H×W (or 3×H×W) tensor in [0, 1].

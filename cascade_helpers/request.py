@@ -6,10 +6,10 @@ import dataclasses
 import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 from . import values
-from .sampling import OFFICIAL_DECODER, OFFICIAL_PRIOR, StageSettings
+from .sampling import OFFICIAL_DECODER, OFFICIAL_PRIOR, StageSettings, _StepCallback
 from .sizes import _GENERATION, check_size
 
 _MAX_IMAGES = 16
@@ -173,8 +173,17 @@ def _saved_stage(saved: dict, name: str) -> StageSettings:
 
 
 _REQUEST_FIELDS = tuple(f.name for f in dataclasses.fields(GenerationRequest))
-#: what a generation call takes besides the request: how the caller watches the run (never saved)
-_WATCH_OPTIONS = {"callback": None, "decoder_callback": None, "progress": True}
+
+
+class _Watch(TypedDict):
+    """How a caller watches the run (never saved): one typed value through the layers, not three."""
+
+    callback: _StepCallback | None
+    decoder_callback: _StepCallback | None
+    progress: bool
+
+
+_WATCH_OPTIONS: _Watch = {"callback": None, "decoder_callback": None, "progress": True}
 
 
 def _check_options(options: dict[str, Any], known: tuple[str, ...] = _REQUEST_FIELDS) -> dict[str, Any]:
@@ -189,10 +198,10 @@ def _check_options(options: dict[str, Any], known: tuple[str, ...] = _REQUEST_FI
 
 def _make_request(
     prompt: str | Sequence[str] | GenerationRequest, negative_prompt: str | Sequence[str] = "", **options: Any
-) -> tuple[GenerationRequest, dict[str, Any]]:
+) -> tuple[GenerationRequest, _Watch]:
     """One place turns a prompt, or a ready request whose fields options replace, into a checked request."""
     _check_options(options, _REQUEST_FIELDS + tuple(_WATCH_OPTIONS))
-    watch = {name: options.pop(name, default) for name, default in _WATCH_OPTIONS.items()}
+    watch = _Watch(**{name: options.pop(name, default) for name, default in _WATCH_OPTIONS.items()})
     if isinstance(prompt, GenerationRequest):
         if negative_prompt != "":
             options["negative_prompt"] = negative_prompt

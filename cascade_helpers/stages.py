@@ -199,7 +199,9 @@ def decode_stage_a(decoder: Decoder, latents: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def _encode_picture(prior: Prior, image: ImageInput, height: int, width: int) -> torch.Tensor:
-    """Cover-cropped straight to the encoder's input (768² for 1024²), so the latents fit any output."""
+    """Cover-cropped straight to the encoder's input (768² for 1024²), so the latents fit any output:
+    the official code scales to a 768 px short side and keeps the picture's ratio (the same only for
+    outputs of that ratio)."""
     encoder = prior.require("effnet", "encoding a picture (image-to-image, ControlNet init pictures)")
     pixels = resize_and_crop(image_to_tensor(image), *_encoder_input_size(height, width))
     return effnet_encode(encoder, pixels[None], downscale=False)
